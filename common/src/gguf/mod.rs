@@ -1,0 +1,14 @@
+//! GGUF container access: the header, metadata and tensor descriptors are parsed with
+//! `gguf-rs-lib`; tensor bytes are read later, one tensor at a time, with positioned reads.
+//!
+//! # Layout
+//! - [`file`]: [`GgufFile`], an opened and validated GGUF file, and its tensor descriptors.
+//! - [`config`]: [`ModelConfig`], the typed model configuration parsed from the metadata.
+//! - [`meta`]: typed getters over raw GGUF metadata values.
+
+pub mod config;
+pub mod file;
+pub mod meta;
+
+pub use config::{Architecture, ModelConfig, RopeStyle};
+pub use file::{GgufFile, TensorDesc};

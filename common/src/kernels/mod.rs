@@ -1,0 +1,19 @@
+//! CPU kernels for quantized matrix-vector and matrix-matrix products.
+//!
+//! candle 0.11's CPU dot products for Q4_1 are scalar, and its prefill is one dot product per
+//! row and column. These kernels follow llama.cpp's scheme instead: activations are quantized
+//! once per call to 8-bit blocks of 32, then each weight row is dotted with AVX2 integer
+//! arithmetic (`maddubs`), chosen at run time, with a scalar fallback that tests compare with.
+//! Work is split over rayon's pool: by output rows for one token, by tokens for many.
+//!
+//! # Layout
+//! - [`blocks`]: the GGUF block formats and activation quantization.
+//! - [`dot`]: per-format dot products, scalar and AVX2.
+//! - [`matmul`]: the threaded product `y = x · Wᵀ` over raw GGUF bytes.
+
+pub mod blocks;
+pub mod dot;
+pub mod matmul;
+
+pub use blocks::{QuantKind, BLOCK};
+pub use matmul::{matmul, QuantizedActs};

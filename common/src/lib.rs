@@ -1,0 +1,24 @@
+//! Shared runtime of the cluster: GGUF loading, the model stage runtime, the tokenizer,
+//! chat templates, sampling and errors.
+//!
+//! # Layout
+//! - [`gguf`]: parse GGUF files into a typed [`gguf::ModelConfig`] and tensor descriptors.
+//! - [`model`]: [`model::Stage`], the forward pass for a [`model::LayerRange`], and the
+//!   per-session [`model::KvCache`].
+//! - [`kernels`]: SIMD CPU kernels for quantized products.
+//! - [`tokenizer`]: the tokenizer from GGUF metadata, chat templates, streaming decode.
+//! - [`sampling`]: greedy, temperature, top-k, top-p, seeded.
+//! - [`stop`]: stop strings over streamed text.
+//! - [`generate`]: a local chain of stages and the generation loop.
+//! - [`error`]: [`Error`], this crate's one error type.
+
+pub mod error;
+pub mod gguf;
+pub mod kernels;
+pub mod model;
+
+pub use error::{Error, Result};
+pub mod generate;
+pub mod sampling;
+pub mod stop;
+pub mod tokenizer;

@@ -1,0 +1,102 @@
+//! One transformer block: RMSNorm, grouped-query attention with RoPE, RMSNorm, SwiGLU.
+
+use candle_core::{Device, Tensor};
+
+use super::attention::{attention, AttnShape};
+use super::kv_cache::KvCache;
+use super::linear::{load_vector, MultiLinear, QLinear};
+use super::rope::Rope;
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, ModelConfig};
+
+/// Weights of one block.
+#[derive(Debug)]
+pub struct Block {
+    attn_norm: Tensor,
+    qkv: MultiLinear,
+    o: QLinear,
+    ffn_norm: Tensor,
+    gate_up: MultiLinear,
+    down: QLinear,
+    shape: AttnShape,
+    eps: f32,
+}
+
+impl Block {
+    /// The GGUF tensor names of block `i` (biases included when present).
+    pub fn tensor_names(file: &GgufFile, i: u32) -> Vec<String> {
+        let p = format!("blk.{i}.");
+        let mut names: Vec<String> = [
+            "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+            "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
+        ]
+        .iter()
+        .map(|s| format!("{p}{s}"))
+        .collect();
+        for b in ["attn_q.bias", "attn_k.bias", "attn_v.bias"] {
+            let n = format!("{p}{b}");
+            if file.tensor(&n).is_some() {
+                names.push(n);
+            }
+        }
+        names
+    }
+
+    /// Loads block `i` onto `device`.
+    pub fn load(file: &GgufFile, cfg: &ModelConfig, i: u32, device: &Device) -> Result<Self> {
+        let n = |s: &str| format!("blk.{i}.{s}");
+        let (h, q, kv, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
+        let (qn, kn, vn) = (n("attn_q.weight"), n("attn_k.weight"), n("attn_v.weight"));
+        let (qb, kb, vb) = (n("attn_q.bias"), n("attn_k.bias"), n("attn_v.bias"));
+        let qkv = MultiLinear::load(
+            file,
+            &[&qn, &kn, &vn],
+            &[q, kv, kv],
+            h,
+            Some(&[&qb, &kb, &vb]),
+            device,
+        )?;
+        let (gn, un) = (n("ffn_gate.weight"), n("ffn_up.weight"));
+        Ok(Block {
+            attn_norm: load_vector(file, &n("attn_norm.weight"), h, device)?,
+            qkv,
+            o: QLinear::load(file, &n("attn_output.weight"), h, q, device)?,
+            ffn_norm: load_vector(file, &n("ffn_norm.weight"), h, device)?,
+            gate_up: MultiLinear::load(file, &[&gn, &un], &[f, f], h, None, device)?,
+            down: QLinear::load(file, &n("ffn_down.weight"), h, f, device)?,
+            shape: AttnShape { heads: cfg.n_heads, kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim },
+            eps: cfg.rms_eps as f32,
+        })
+    }
+
+    /// Bytes held by the block's weights.
+    pub fn nbytes(&self) -> usize {
+        (self.attn_norm.elem_count() + self.ffn_norm.elem_count()) * 4
+            + self.qkv.nbytes()
+            + self.o.nbytes()
+            + self.gate_up.nbytes()
+            + self.down.nbytes()
+    }
+
+    /// Runs the block on `x: [n, hidden]` at positions `start..start+n`, writing this
+    /// block's keys and values into layer `li` of `cache` (already reserved).
+    pub fn forward(&self, x: &Tensor, cache: &mut KvCache, li: usize, start: usize, rope: &Rope) -> Result<Tensor> {
+        let s = self.shape;
+        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps)?;
+        let parts = self.qkv.forward(&h)?;
+        let [q, k, v] = <[Tensor; 3]>::try_from(parts)
+            .map_err(|_| Error::InvalidInput("qkv projection did not split in three".into()))?;
+        let q = rope.apply(&q, s.heads, start)?;
+        let k = rope.apply(&k, s.kv_heads, start)?;
+        cache.write(li, start, &k, &v)?;
+        let (kc, vc) = cache.buffers(li)?;
+        let a = attention(&q, kc, vc, s, start)?;
+        let x = (x + self.o.forward(&a)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, self.eps)?;
+        let parts = self.gate_up.forward(&h)?;
+        let [g, u] = <[Tensor; 2]>::try_from(parts)
+            .map_err(|_| Error::InvalidInput("gate/up projection did not split in two".into()))?;
+        let act = (candle_nn::ops::silu(&g)? * u)?;
+        Ok((x + self.down.forward(&act)?)?)
+    }
+}

@@ -1,0 +1,266 @@
+//! [`QLinear`]: a linear layer over a quantized GGUF weight.
+//!
+//! On CUDA (and for formats without a fast CPU path) it is candle's `QMatMul`. On CPU, for
+//! Q4_0, Q4_1 and Q8_0, it runs [`crate::kernels`] directly over the `QTensor`'s raw blocks.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Shape, Tensor};
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::kernels::{self, QuantKind};
+
+/// A quantized `y = x · Wᵀ (+ b)` with `W: [out, in]`.
+#[derive(Debug, Clone)]
+pub struct QLinear {
+    weight: Arc<QTensor>,
+    generic: QMatMul,
+    fast: Option<QuantKind>,
+    out_features: usize,
+    in_features: usize,
+    bias: Option<Tensor>,
+}
+
+/// Reads one tensor of the file onto `device` as a `QTensor`.
+pub fn load_qtensor(file: &GgufFile, name: &str, device: &Device) -> Result<QTensor> {
+    let desc = file.require(name)?;
+    let dtype = desc.ggml_dtype()?;
+    let bytes = file.read_bytes(desc)?;
+    qtensor_from_bytes(name, dtype, &bytes, desc.dims.clone(), device)
+}
+
+fn qtensor_from_bytes(
+    name: &str,
+    dtype: candle_core::quantized::GgmlDType,
+    bytes: &[u8],
+    dims: Vec<usize>,
+    device: &Device,
+) -> Result<QTensor> {
+    let elems: usize = dims.iter().product();
+    let bs = dtype.block_size();
+    if elems % bs != 0 || bytes.len() != elems / bs * dtype.type_size() {
+        return Err(Error::BadTensor {
+            tensor: name.to_string(),
+            reason: format!("{} bytes do not hold {dims:?} of {dtype:?}", bytes.len()),
+        });
+    }
+    Ok(qtensor_from_ggml(dtype, bytes, dims, device)?)
+}
+
+/// Reads a 1-D f32 tensor (norm weights, biases) onto `device`.
+pub fn load_vector(file: &GgufFile, name: &str, len: usize, device: &Device) -> Result<Tensor> {
+    let q = load_qtensor(file, name, device)?;
+    if q.shape().dims() != [len] {
+        return Err(Error::BadTensor {
+            tensor: name.into(),
+            reason: format!("shape {:?}, expected [{len}]", q.shape().dims()),
+        });
+    }
+    Ok(q.dequantize(device)?)
+}
+
+impl QLinear {
+    /// Wraps a `[out, in]` quantized weight.
+    pub fn new(name: &str, weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.shape().dims2().map_err(|_| Error::BadTensor {
+            tensor: name.into(),
+            reason: format!("expected a matrix, found shape {:?}", weight.shape().dims()),
+        })?;
+        let fast = match weight.device() {
+            Device::Cpu => QuantKind::from_ggml(weight.dtype()),
+            _ => None,
+        };
+        let generic = QMatMul::from_arc(weight.clone())?;
+        Ok(QLinear { weight, generic, fast, out_features, in_features, bias })
+    }
+
+    /// Loads `name` from the file, checking it is `[out, in]`.
+    pub fn load(file: &GgufFile, name: &str, out: usize, inp: usize, device: &Device) -> Result<Self> {
+        Self::load_fused(file, &[name], &[out], inp, device)?
+            .ok_or_else(|| Error::BadTensor { tensor: name.into(), reason: "cannot be loaded".into() })
+    }
+
+    /// Loads several `[out_i, in]` weights as one `[Σ out_i, in]` matrix, so that one product
+    /// (and one activation quantization) serves them all. `None` when their types differ.
+    pub fn load_fused(
+        file: &GgufFile,
+        names: &[&str],
+        outs: &[usize],
+        inp: usize,
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        let mut dtype = None;
+        let mut bytes = Vec::new();
+        for (name, &out) in names.iter().zip(outs) {
+            let desc = file.require(name)?;
+            if desc.dims != [out, inp] {
+                return Err(Error::BadTensor {
+                    tensor: name.to_string(),
+                    reason: format!("shape {:?}, expected [{out}, {inp}]", desc.dims),
+                });
+            }
+            let dt = desc.ggml_dtype()?;
+            if dtype.is_some_and(|d| d != dt) {
+                return Ok(None);
+            }
+            dtype = Some(dt);
+            if names.len() == 1 {
+                bytes = file.read_bytes(desc)?;
+            } else {
+                bytes.extend_from_slice(&file.read_bytes(desc)?);
+            }
+        }
+        let Some(dtype) = dtype else { return Ok(None) };
+        let total: usize = outs.iter().sum();
+        let label = names.join("+");
+        let q = qtensor_from_bytes(&label, dtype, &bytes, vec![total, inp], device)?;
+        drop(bytes);
+        Ok(Some(Self::new(&label, Arc::new(q), None)?))
+    }
+
+    /// Adds a bias `[out]`.
+    pub fn with_bias(mut self, bias: Tensor) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Bytes held by the weight (and bias).
+    pub fn nbytes(&self) -> usize {
+        self.weight.storage_size_in_bytes() + self.bias.as_ref().map_or(0, |b| b.elem_count() * 4)
+    }
+
+    /// The shared weight (for tied embeddings).
+    pub fn weight(&self) -> &Arc<QTensor> {
+        &self.weight
+    }
+
+    /// `x: [n, in]` -> `[n, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match self.fast {
+            Some(kind) => x.contiguous()?.apply_op1_no_bwd(&FastMatMul {
+                weight: &self.weight,
+                kind,
+                rows: self.out_features,
+                k: self.in_features,
+            })?,
+            None => self.generic.forward(x)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct FastMatMul<'a> {
+    weight: &'a QTensor,
+    kind: QuantKind,
+    rows: usize,
+    k: usize,
+}
+
+impl CustomOp1 for FastMatMul<'_> {
+    fn name(&self) -> &'static str {
+        "fast-qmatmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("fast-qmatmul needs a contiguous input".into()))?;
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&self.k) {
+            candle_core::bail!("fast-qmatmul: input {dims:?} does not end in {}", self.k);
+        }
+        let n = x.len() / self.k;
+        let w = self.weight.data()?;
+        let mut out = vec![0f32; n * self.rows];
+        kernels::matmul(self.kind, &w, self.rows, self.k, x, &mut out);
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = self.rows;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// Several projections of the same input (q/k/v, or gate/up): one fused product when the
+/// weights share a type, separate ones otherwise.
+#[derive(Debug, Clone)]
+pub enum MultiLinear {
+    /// One `[Σ out_i, in]` matrix whose output is split by width.
+    Fused(QLinear, Vec<usize>),
+    /// One matrix per output.
+    Split(Vec<QLinear>),
+}
+
+impl MultiLinear {
+    /// Loads `names` (each `[out_i, in]`), with optional biases named by `bias_names`.
+    pub fn load(
+        file: &GgufFile,
+        names: &[&str],
+        outs: &[usize],
+        inp: usize,
+        bias_names: Option<&[&str]>,
+        device: &Device,
+    ) -> Result<Self> {
+        let biases = match bias_names {
+            Some(bn) if bn.iter().all(|b| file.tensor(b).is_some()) => Some(
+                bn.iter()
+                    .zip(outs)
+                    .map(|(b, &o)| load_vector(file, b, o, device))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            _ => None,
+        };
+        if let Some(fused) = QLinear::load_fused(file, names, outs, inp, device)? {
+            let fused = match &biases {
+                Some(b) => fused.with_bias(Tensor::cat(b, 0)?),
+                None => fused,
+            };
+            return Ok(MultiLinear::Fused(fused, outs.to_vec()));
+        }
+        let mut parts = Vec::with_capacity(names.len());
+        for (i, (name, &out)) in names.iter().zip(outs).enumerate() {
+            let l = QLinear::load(file, name, out, inp, device)?;
+            parts.push(match &biases {
+                Some(b) => l.with_bias(b[i].clone()),
+                None => l,
+            });
+        }
+        Ok(MultiLinear::Split(parts))
+    }
+
+    /// `x: [n, in]` -> one `[n, out_i]` per projection.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            MultiLinear::Fused(l, outs) => {
+                let y = l.forward(x)?;
+                let mut at = 0;
+                let mut parts = Vec::with_capacity(outs.len());
+                for &o in outs {
+                    parts.push(y.narrow(1, at, o)?);
+                    at += o;
+                }
+                Ok(parts)
+            }
+            MultiLinear::Split(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// Bytes held.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            MultiLinear::Fused(l, _) => l.nbytes(),
+            MultiLinear::Split(ls) => ls.iter().map(QLinear::nbytes).sum(),
+        }
+    }
+}

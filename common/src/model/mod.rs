@@ -1,0 +1,22 @@
+//! The model stage runtime: the llama-family forward pass, split by layer range.
+//!
+//! # Layout
+//! - [`layer_range`]: [`LayerRange`], which blocks a stage owns.
+//! - [`stage`]: [`Stage`], a loaded slice with `embed`, `forward` (its blocks) and `head`.
+//! - [`block`]: one transformer block.
+//! - [`linear`]: quantized linear layers, fused where the weights allow.
+//! - [`attention`]: causal grouped-query attention against a KV cache.
+//! - [`rope`]: rotary position embeddings.
+//! - [`kv_cache`]: [`KvCache`], one session's keys and values on one stage, bounded.
+
+pub mod attention;
+pub mod block;
+pub mod kv_cache;
+pub mod layer_range;
+pub mod linear;
+pub mod rope;
+pub mod stage;
+
+pub use kv_cache::KvCache;
+pub use layer_range::LayerRange;
+pub use stage::Stage;

@@ -1,0 +1,112 @@
+//! Rotary position embeddings with llama.cpp's frequencies, applied at arbitrary positions.
+
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+
+use crate::error::Result;
+use crate::gguf::RopeStyle;
+
+/// Precomputed cos/sin tables for positions `0..max_pos`.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    style: RopeStyle,
+    half: usize,
+    cos: Tensor,
+    sin: Tensor,
+    /// Host copies for the CPU fast path (`[max_pos * half]`), empty on other devices.
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
+}
+
+impl Rope {
+    /// Tables for heads of `head_dim` with base `base`, up to `max_pos` positions.
+    pub fn new(style: RopeStyle, head_dim: usize, base: f32, max_pos: usize, device: &Device) -> Result<Self> {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        for p in 0..max_pos {
+            for i in 0..half {
+                let theta = f64::from(base).powf(-2.0 * i as f64 / head_dim as f64);
+                let a = p as f64 * theta;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let cos_t = Tensor::from_slice(&cos, (max_pos, half), device)?;
+        let sin_t = Tensor::from_slice(&sin, (max_pos, half), device)?;
+        let (cos_host, sin_host) = if device.is_cpu() { (cos, sin) } else { (Vec::new(), Vec::new()) };
+        Ok(Rope { style, half, cos: cos_t, sin: sin_t, cos_host, sin_host })
+    }
+
+    /// Rotates `x: [n, heads * head_dim]` whose rows sit at positions `start..start + n`.
+    pub fn apply(&self, x: &Tensor, heads: usize, start: usize) -> Result<Tensor> {
+        let (n, width) = x.dims2()?;
+        if x.device().is_cpu() && !self.cos_host.is_empty() {
+            let op = RopeCpu { rope: self, heads, start };
+            return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
+        }
+        let hd = width / heads;
+        let cos = self.cos.narrow(0, start, n)?;
+        let sin = self.sin.narrow(0, start, n)?;
+        let xs = x.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+        let y = match self.style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&xs, &cos, &sin)?,
+            RopeStyle::Halves => candle_nn::rotary_emb::rope(&xs, &cos, &sin)?,
+        };
+        Ok(y.squeeze(0)?.transpose(0, 1)?.reshape((n, width))?)
+    }
+}
+
+struct RopeCpu<'a> {
+    rope: &'a Rope,
+    heads: usize,
+    start: usize,
+}
+
+impl CustomOp1 for RopeCpu<'_> {
+    fn name(&self) -> &'static str {
+        "rope-cpu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("rope needs a contiguous input".into()))?;
+        let x = &storage.as_slice::<f32>()?[a..b];
+        let (n, width) = layout.shape().dims2()?;
+        let half = self.rope.half;
+        let hd = 2 * half;
+        if width != self.heads * hd {
+            candle_core::bail!("rope: width {width} is not {} heads of {hd}", self.heads);
+        }
+        if (self.start + n) * half > self.rope.cos_host.len() {
+            candle_core::bail!("rope: position {} is past the table", self.start + n);
+        }
+        let mut out = vec![0f32; x.len()];
+        for t in 0..n {
+            let p = self.start + t;
+            let cos = &self.rope.cos_host[p * half..(p + 1) * half];
+            let sin = &self.rope.sin_host[p * half..(p + 1) * half];
+            for h in 0..self.heads {
+                let o = t * width + h * hd;
+                let (xi, yo) = (&x[o..o + hd], &mut out[o..o + hd]);
+                match self.rope.style {
+                    RopeStyle::Interleaved => {
+                        for i in 0..half {
+                            let (x0, x1) = (xi[2 * i], xi[2 * i + 1]);
+                            yo[2 * i] = x0 * cos[i] - x1 * sin[i];
+                            yo[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
+                        }
+                    }
+                    RopeStyle::Halves => {
+                        for i in 0..half {
+                            let (x0, x1) = (xi[i], xi[i + half]);
+                            yo[i] = x0 * cos[i] - x1 * sin[i];
+                            yo[i + half] = x0 * sin[i] + x1 * cos[i];
+                        }
+                    }
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}

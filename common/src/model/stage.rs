@@ -1,0 +1,229 @@
+//! [`Stage`]: the slice of a model that one node runs, built for a [`LayerRange`].
+//!
+//! A stage reads and holds only its own tensors: its blocks, plus `token_embd` on the first
+//! stage, plus `output_norm` and `output` (or the tied `token_embd`) on the last. Forward is
+//! split into [`Stage::embed`], [`Stage::forward`] over the blocks, and [`Stage::head`].
+
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
+
+use super::block::Block;
+use super::kv_cache::KvCache;
+use super::layer_range::LayerRange;
+use super::linear::{load_qtensor, load_vector, QLinear};
+use super::rope::Rope;
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, ModelConfig};
+
+const EMBD: &str = "token_embd.weight";
+const OUT: &str = "output.weight";
+const OUT_NORM: &str = "output_norm.weight";
+
+#[derive(Debug)]
+struct Head {
+    norm: Tensor,
+    output: QLinear,
+}
+
+/// A loaded model slice.
+#[derive(Debug)]
+pub struct Stage {
+    cfg: ModelConfig,
+    range: LayerRange,
+    device: Device,
+    vocab: usize,
+    max_ctx: usize,
+    embedding: Option<Arc<QTensor>>,
+    blocks: Vec<Block>,
+    head: Option<Head>,
+    rope: Rope,
+    tensor_names: Vec<String>,
+}
+
+impl Stage {
+    /// Loads the tensors of `range` from `file` onto `device`. Sessions of this stage may
+    /// hold up to `max_ctx` tokens (at most the model's context length).
+    pub fn load(file: &GgufFile, range: LayerRange, device: &Device, max_ctx: usize) -> Result<Self> {
+        Self::load_with_progress(file, range, device, max_ctx, |_, _| {})
+    }
+
+    /// As [`Stage::load`], calling `progress(done, total)` after each block.
+    pub fn load_with_progress(
+        file: &GgufFile,
+        range: LayerRange,
+        device: &Device,
+        max_ctx: usize,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        let cfg = file.config()?;
+        let range = range.check(cfg.n_layers)?;
+        if max_ctx == 0 || max_ctx > cfg.context_length {
+            return Err(Error::Config(format!(
+                "max context {max_ctx} must be in 1..={} (the model's context length)",
+                cfg.context_length
+            )));
+        }
+        let first = range.is_first();
+        let last = range.is_last(cfg.n_layers);
+        let embd_desc = file.require(EMBD)?;
+        let vocab = match embd_desc.dims.as_slice() {
+            [v, h] if *h == cfg.hidden => *v,
+            d => {
+                return Err(Error::BadTensor {
+                    tensor: EMBD.into(),
+                    reason: format!("shape {d:?}, expected [vocab, {}]", cfg.hidden),
+                })
+            }
+        };
+        if let Some(v) = cfg.vocab_size {
+            if v != vocab {
+                return Err(Error::BadTensor {
+                    tensor: EMBD.into(),
+                    reason: format!("{vocab} rows, but the metadata says vocab_size {v}"),
+                });
+            }
+        }
+
+        let mut tensor_names = Vec::new();
+        let tied = file.tensor(OUT).is_none();
+        let embedding = if first || (last && tied) {
+            tensor_names.push(EMBD.to_string());
+            Some(Arc::new(load_qtensor(file, EMBD, device)?))
+        } else {
+            None
+        };
+
+        let mut blocks = Vec::with_capacity(range.len());
+        for (done, i) in range.iter().enumerate() {
+            tensor_names.extend(Block::tensor_names(file, i));
+            blocks.push(Block::load(file, &cfg, i, device)?);
+            progress(done + 1, range.len());
+        }
+
+        let head = if last {
+            tensor_names.push(OUT_NORM.to_string());
+            let norm = load_vector(file, OUT_NORM, cfg.hidden, device)?;
+            let output = match (&embedding, tied) {
+                (Some(e), true) => QLinear::new(EMBD, e.clone(), None)?,
+                _ => {
+                    tensor_names.push(OUT.to_string());
+                    QLinear::load(file, OUT, vocab, cfg.hidden, device)?
+                }
+            };
+            Some(Head { norm, output })
+        } else {
+            None
+        };
+        // A last stage that is not first keeps the tied embedding only as its head.
+        let embedding = if first { embedding } else { None };
+
+        let rope = Rope::new(cfg.rope_style, cfg.head_dim, cfg.rope_base, max_ctx, device)?;
+        Ok(Stage { cfg, range, device: device.clone(), vocab, max_ctx, embedding, blocks, head, rope, tensor_names })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The blocks this stage runs.
+    pub fn range(&self) -> LayerRange {
+        self.range
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// The most tokens a session may hold.
+    pub fn max_ctx(&self) -> usize {
+        self.max_ctx
+    }
+
+    /// Whether this stage embeds tokens.
+    pub fn is_first(&self) -> bool {
+        self.embedding.is_some()
+    }
+
+    /// Whether this stage produces logits.
+    pub fn is_last(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// Names of the GGUF tensors this stage read.
+    pub fn tensor_names(&self) -> &[String] {
+        &self.tensor_names
+    }
+
+    /// Bytes held by this stage's weights (each shared tensor once).
+    pub fn weight_bytes(&self) -> usize {
+        let embd = self.embedding.as_ref().map_or(0, |e| e.storage_size_in_bytes());
+        let blocks: usize = self.blocks.iter().map(Block::nbytes).sum();
+        let head = self.head.as_ref().map_or(0, |h| {
+            let tied_and_counted = self.embedding.as_ref().is_some_and(|e| Arc::ptr_eq(e, h.output.weight()));
+            h.norm.elem_count() * 4 + if tied_and_counted { 0 } else { h.output.nbytes() }
+        });
+        embd + blocks + head
+    }
+
+    /// A new, empty KV cache for one session, bounded by `max_ctx` tokens.
+    pub fn new_cache(&self, max_ctx: usize) -> Result<KvCache> {
+        if max_ctx > self.max_ctx {
+            return Err(Error::Config(format!("session context {max_ctx} exceeds the stage's {}", self.max_ctx)));
+        }
+        KvCache::new(self.blocks.len(), self.cfg.kv_dim(), max_ctx, &self.device)
+    }
+
+    /// Token ids -> `[n, hidden]` hidden states. First stage only.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let e = self
+            .embedding
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput(format!("stage {} has no embedding", self.range)))?;
+        if tokens.is_empty() {
+            return Err(Error::InvalidInput("no tokens to embed".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(Error::InvalidInput(format!("token id {bad} is outside the vocabulary of {}", self.vocab)));
+        }
+        let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
+        Ok(e.embedding(&ids)?)
+    }
+
+    /// Runs this stage's blocks on `x: [n, hidden]`, whose rows are the session's tokens at
+    /// positions `start..start+n`; `cache` must hold exactly `start` tokens.
+    pub fn forward(&self, x: &Tensor, cache: &mut KvCache, start: usize) -> Result<Tensor> {
+        let (n, h) = x.dims2().map_err(|_| Error::InvalidInput(format!("activations of shape {:?}", x.dims())))?;
+        if h != self.cfg.hidden || n == 0 {
+            return Err(Error::InvalidInput(format!("activations [{n}, {h}], expected [n>0, {}]", self.cfg.hidden)));
+        }
+        if cache.len() != start {
+            return Err(Error::PositionMismatch { cached: cache.len(), start });
+        }
+        cache.reserve(n)?;
+        let mut x = x.to_device(&self.device)?;
+        for (li, b) in self.blocks.iter().enumerate() {
+            x = b.forward(&x, cache, li, start, &self.rope)?;
+        }
+        cache.advance(n);
+        Ok(x)
+    }
+
+    /// `[n, hidden]` -> `[n, vocab]` logits. Last stage only.
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput(format!("stage {} has no head", self.range)))?;
+        let x = candle_nn::ops::rms_norm(x, &h.norm, self.cfg.rms_eps as f32)?;
+        h.output.forward(&x)
+    }
+}

@@ -1,0 +1,145 @@
+//! Token sampling: greedy, temperature, top-k, top-p, a seed that makes runs reproducible.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+
+/// Validated sampling parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches `top_p` (1.0: all).
+    pub top_p: f32,
+    /// Seed of the random stream; the same seed gives the same tokens.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        // Greedy, so that outputs are reproducible unless asked otherwise.
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+    }
+}
+
+impl SamplingParams {
+    /// Checks ranges: temperature in [0, 100], top_p in (0, 1].
+    pub fn validate(self) -> Result<Self> {
+        if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
+            return Err(Error::Config(format!("temperature {} is not in [0, 100]", self.temperature)));
+        }
+        if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Config(format!("top_p {} is not in (0, 1]", self.top_p)));
+        }
+        Ok(self)
+    }
+}
+
+/// Picks tokens from logits.
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+/// Index of the largest value (the first one on ties, as llama.cpp).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+impl Sampler {
+    /// A sampler with its own random stream.
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        let params = params.validate()?;
+        Ok(Sampler { rng: StdRng::seed_from_u64(params.seed), params })
+    }
+
+    /// Picks the next token.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        if logits.is_empty() {
+            return Err(Error::InvalidInput("no logits to sample from".into()));
+        }
+        if logits.iter().any(|v| v.is_nan()) {
+            return Err(Error::InvalidInput("logits contain NaN".into()));
+        }
+        let p = &self.params;
+        if p.temperature == 0.0 || p.top_k == 1 {
+            return Ok(argmax(logits));
+        }
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f32> = cand.iter().map(|&(_, v)| ((v - max) / p.temperature).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= sum);
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, &x) in probs.iter().enumerate() {
+                acc += x;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            let s: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= s);
+        }
+        let r: f32 = self.rng.gen();
+        let mut acc = 0.0;
+        for (i, &x) in probs.iter().enumerate() {
+            acc += x;
+            if r < acc {
+                return Ok(cand[i].0);
+            }
+        }
+        Ok(cand[probs.len() - 1].0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_seeded_and_filtered() -> Result<()> {
+        let logits = [0.1, 3.0, 2.9, -1.0, 3.0];
+        assert_eq!(Sampler::new(SamplingParams::default())?.sample(&logits)?, 1);
+        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 42 };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p.clone())?;
+            (0..50).map(|_| s.sample(&logits)).collect::<Result<_>>()?
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(p.clone())?;
+            (0..50).map(|_| s.sample(&logits)).collect::<Result<_>>()?
+        };
+        assert_eq!(a, b);
+        assert!(a.iter().any(|&t| t != a[0]), "temperature 1 should vary");
+        let mut k2 = Sampler::new(SamplingParams { top_k: 2, ..p.clone() })?;
+        for _ in 0..50 {
+            assert!([1, 4].contains(&k2.sample(&logits)?));
+        }
+        let mut tp = Sampler::new(SamplingParams { top_p: 0.01, ..p })?;
+        for _ in 0..20 {
+            assert_eq!(tp.sample(&logits)?, 1);
+        }
+        assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplingParams::default())?.sample(&[f32::NAN]).is_err());
+        Ok(())
+    }
+}

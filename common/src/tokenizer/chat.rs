@@ -1,0 +1,82 @@
+//! Chat templates from `tokenizer.chat_template`, rendered with minijinja.
+
+use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// One chat message, as in OpenAI's API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant`...
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with `role` and `content`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+}
+
+/// A compiled chat template.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
+    Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; `bos` and `eos` are the texts of those tokens.
+    pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| Error::Template(format!("cannot parse: {e}")))?;
+        Ok(ChatTemplate { env, bos: bos.to_string(), eos: eos.to_string() })
+    }
+
+    /// Renders the conversation, ending with the assistant's prompt when asked.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        if messages.is_empty() {
+            return Err(Error::Template("no messages".into()));
+        }
+        let tmpl = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        tmpl.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos,
+            eos_token => self.eos,
+        })
+        .map_err(|e| Error::Template(format!("cannot render: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_and_reports_errors() -> Result<()> {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+            "<s>",
+            "</s>",
+        )?;
+        let out = t.render(&[ChatMessage::new("user", " hi ")], true)?;
+        assert_eq!(out, "<user>hi<assistant>");
+        assert!(t.render(&[], true).is_err());
+        let t = ChatTemplate::new("{{ raise_exception('nope') }}", "", "")?;
+        assert!(matches!(t.render(&[ChatMessage::new("user", "x")], true), Err(Error::Template(_))));
+        assert!(ChatTemplate::new("{% for %}", "", "").is_err());
+        Ok(())
+    }
+}
