@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::model::{KvCache, LayerRange, Stage};
+use crate::model::{KvCache, KvDtype, LayerRange, Stage};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::tokenizer::TextTokenizer;
@@ -20,6 +20,7 @@ pub const PREFILL_CHUNK: usize = 256;
 #[derive(Debug)]
 pub struct LocalPipeline {
     stages: Vec<Stage>,
+    kv_dtype: KvDtype,
 }
 
 /// One session's caches, one per stage.
@@ -55,12 +56,18 @@ impl LocalPipeline {
             return Err(Error::BadLayerRange(format!("ranges end at {next}, the model has {n_layers} layers")));
         }
         let stages = ranges.iter().map(|r| Stage::load(file, *r, device, max_ctx)).collect::<Result<_>>()?;
-        Ok(LocalPipeline { stages })
+        Ok(LocalPipeline { stages, kv_dtype: KvDtype::default() })
     }
 
     /// Wraps stages already loaded (first to last).
     pub fn from_stages(stages: Vec<Stage>) -> Self {
-        LocalPipeline { stages }
+        LocalPipeline { stages, kv_dtype: KvDtype::default() }
+    }
+
+    /// Sessions store keys and values as `dtype`.
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
+        self.kv_dtype = dtype;
+        self
     }
 
     /// The stages.
@@ -88,7 +95,7 @@ impl LocalPipeline {
 
     /// A new session bounded by `max_ctx` tokens.
     pub fn session(&self, max_ctx: usize) -> Result<LocalSession> {
-        Ok(LocalSession { caches: self.stages.iter().map(|s| s.new_cache(max_ctx)).collect::<Result<_>>()? })
+        Ok(LocalSession { caches: self.stages.iter().map(|s| s.new_cache(max_ctx, self.kv_dtype)).collect::<Result<_>>()? })
     }
 
     /// Runs `tokens` through every stage; returns the last stage's logits for every row

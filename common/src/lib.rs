@@ -10,8 +10,10 @@
 //! - [`sampling`]: greedy, temperature, top-k, top-p, seeded.
 //! - [`stop`]: stop strings over streamed text.
 //! - [`generate`]: a local chain of stages and the generation loop.
+//! - [`device`]: `cpu` / `cuda:N` device names and the CPU thread pool.
 //! - [`error`]: [`Error`], this crate's one error type.
 
+pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod kernels;

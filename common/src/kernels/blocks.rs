@@ -39,7 +39,7 @@ impl QuantKind {
 }
 
 /// One block of 32 quantized activations: `x ≈ d * qs`, with `s = d * Σ qs` kept for
-/// formats that carry a min (Q4_1). Scales stay in f32: these never leave the process.
+/// formats that carry a min (Q4_1). Scales are f16-exact values held as f32.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(16))]
 pub struct ActBlock {
@@ -62,21 +62,23 @@ pub(crate) fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
-/// Quantizes `x` (a multiple of 32 long) into `out`, one block per 32 values.
+/// Quantizes `x` (a multiple of 32 long) into `out`, one block per 32 values, rounding as
+/// llama.cpp does (ties to even, scales stored through f16) so both engines see the same
+/// integers.
 pub fn quantize_acts(x: &[f32], out: &mut [ActBlock]) {
     debug_assert_eq!(x.len(), out.len() * BLOCK);
     for (chunk, blk) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in blk.qs.iter_mut().zip(chunk) {
-            let r = (v * id).round() as i32;
+            let r = (v * id).round_ties_even() as i32;
             *q = r.clamp(-127, 127) as i8;
             sum += i32::from(*q);
         }
-        blk.d = d;
-        blk.s = d * sum as f32;
+        blk.d = f16::from_f32(d).to_f32();
+        blk.s = f16::from_f32(d * sum as f32).to_f32();
     }
 }
 

@@ -4,6 +4,7 @@
 //! score row per head); other devices use candle ops. Tests check the two agree.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use half::f16;
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -37,8 +38,10 @@ pub fn attention_generic(q: &Tensor, k: &Tensor, v: &Tensor, s: AttnShape, start
     // [n, heads, hd] -> [kv, group * n, hd]
     let q = q.reshape((n, s.kv_heads, group, hd))?.permute((1, 2, 0, 3))?.contiguous()?;
     let q = q.reshape((s.kv_heads, group * n, hd))?;
-    let k = k.narrow(0, 0, total)?.reshape((total, s.kv_heads, hd))?.transpose(0, 1)?.contiguous()?;
-    let v = v.narrow(0, 0, total)?.reshape((total, s.kv_heads, hd))?.transpose(0, 1)?.contiguous()?;
+    let kv = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.narrow(0, 0, total)?.to_dtype(DType::F32)?.reshape((total, s.kv_heads, hd))?.transpose(0, 1)?.contiguous()?)
+    };
+    let (k, v) = (kv(k)?, kv(v)?);
     let scale = 1.0 / (hd as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?; // [kv, group*n, total]
     let scores = if n > 1 {
@@ -61,11 +64,11 @@ struct AttnCpu {
     start: usize,
 }
 
-fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     let (a, b) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("attention: {what} is not contiguous")))?;
-    Ok(&s.as_slice::<f32>()?[a..b])
+    Ok(&s.as_slice::<T>()?[a..b])
 }
 
 impl CustomOp3 for AttnCpu {
@@ -82,10 +85,49 @@ impl CustomOp3 for AttnCpu {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let q = cpu_slice::<f32>(qs, ql, "q")?;
+        match (ks, vs) {
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => {
+                let (k, v) = (cpu_slice::<f16>(ks, kl, "k")?, cpu_slice::<f16>(vs, vl, "v")?);
+                self.run(q, ql, k, v)
+            }
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (k, v) = (cpu_slice::<f32>(ks, kl, "k")?, cpu_slice::<f32>(vs, vl, "v")?);
+                self.run(q, ql, k, v)
+            }
+            _ => candle_core::bail!("attention: the cache must be f16 or f32"),
+        }
+    }
+}
+
+/// Cached key/value element: f16 or f32. `round` mirrors how llama.cpp rounds the operand
+/// that meets a cached row (to f16 for an f16 cache; unchanged for f32).
+trait KvElem: Copy + Send + Sync {
+    fn f32(self) -> f32;
+    fn round(x: f32) -> f32;
+}
+
+impl KvElem for f16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    fn round(x: f32) -> f32 {
+        f16::from_f32(x).to_f32()
+    }
+}
+
+impl KvElem for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+    fn round(x: f32) -> f32 {
+        x
+    }
+}
+
+impl AttnCpu {
+    fn run<T: KvElem>(&self, q: &[f32], ql: &Layout, k: &[T], v: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = self.shape;
-        let q = cpu_slice(qs, ql, "q")?;
-        let k = cpu_slice(ks, kl, "k")?;
-        let v = cpu_slice(vs, vl, "v")?;
         let (n, width) = ql.shape().dims2()?;
         let hd = s.head_dim;
         let kvw = s.kv_heads * hd;
@@ -97,31 +139,40 @@ impl CustomOp3 for AttnCpu {
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0f32; n * width];
         // One task per (token, head): each writes its own hd-wide slice of `out`.
+        // One task per (token, head): each writes its own hd-wide slice of `out`. The numerics
+        // are llama.cpp's CPU path (no flash attention): for an f16 cache the query is rounded
+        // to f16 like the keys, and the probabilities like the values; softmax in f32 with a
+        // wide sum; accumulation in f32.
         out.par_chunks_mut(hd).enumerate().for_each_init(
-            || vec![0f32; total],
-            |scores, (idx, o)| {
+            || (vec![0f32; hd], vec![0f32; hd], vec![0f32; total]),
+            |(qh, row, scores), (idx, o)| {
                 let (t, h) = (idx / s.heads, idx % s.heads);
                 let kvh = h / group;
-                let qv = &q[t * width + h * hd..t * width + (h + 1) * hd];
+                for (d, &x) in qh.iter_mut().zip(&q[t * width + h * hd..t * width + (h + 1) * hd]) {
+                    *d = T::round(x);
+                }
                 let upto = self.start + t + 1;
                 let mut max = f32::NEG_INFINITY;
                 for (j, sc) in scores[..upto].iter_mut().enumerate() {
-                    let kr = &k[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
-                    *sc = dot(qv, kr) * scale;
+                    let base = j * kvw + kvh * hd;
+                    for (d, x) in row.iter_mut().zip(&k[base..base + hd]) {
+                        *d = x.f32();
+                    }
+                    *sc = dot(qh, row) * scale;
                     max = max.max(*sc);
                 }
-                let mut sum = 0f32;
+                let mut sum = 0f64;
                 for sc in scores[..upto].iter_mut() {
                     *sc = (*sc - max).exp();
-                    sum += *sc;
+                    sum += f64::from(*sc);
                 }
-                let inv = 1.0 / sum;
+                let inv = (1.0 / sum) as f32;
                 o.fill(0.0);
                 for (j, &p) in scores[..upto].iter().enumerate() {
-                    let vr = &v[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
-                    let w = p * inv;
-                    for (oi, vi) in o.iter_mut().zip(vr) {
-                        *oi += w * vi;
+                    let w = T::round(p * inv);
+                    let base = j * kvw + kvh * hd;
+                    for (oi, vi) in o.iter_mut().zip(&v[base..base + hd]) {
+                        *oi += w * vi.f32();
                     }
                 }
             },

@@ -3,7 +3,8 @@
 //! The cache belongs to the session, not to the weights, so any number of sessions share a
 //! stage. It grows in fixed chunks up to the session's maximum context and never past it:
 //! going further is [`Error::ContextOverflow`]. Rows are written in place; the only copies
-//! are the chunk-wise regrowths.
+//! are the chunk-wise regrowths. Keys and values are stored as f16 by default, as llama.cpp
+//! does (half the memory of f32), or as f32 when asked.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -11,6 +12,38 @@ use crate::error::{Error, Result};
 
 /// Rows added per regrowth.
 pub const CHUNK: usize = 256;
+
+/// Storage type of cached keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// Half precision: half the memory; llama.cpp's default.
+    #[default]
+    F16,
+    /// Single precision.
+    F32,
+}
+
+impl KvDtype {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            KvDtype::F16 => DType::F16,
+            KvDtype::F32 => DType::F32,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f16" => Ok(KvDtype::F16),
+            "f32" => Ok(KvDtype::F32),
+            _ => Err(Error::Config(format!("KV cache type `{s}` is not f16 or f32"))),
+        }
+    }
+}
 
 #[derive(Debug)]
 struct LayerKv {
@@ -26,16 +59,25 @@ pub struct KvCache {
     capacity: usize,
     max_ctx: usize,
     kv_dim: usize,
+    dtype: DType,
     device: Device,
 }
 
 impl KvCache {
     /// An empty cache for `n_layers` blocks of width `kv_dim`, bounded by `max_ctx` tokens.
-    pub fn new(n_layers: usize, kv_dim: usize, max_ctx: usize, device: &Device) -> Result<Self> {
+    pub fn new(n_layers: usize, kv_dim: usize, max_ctx: usize, dtype: KvDtype, device: &Device) -> Result<Self> {
         if max_ctx == 0 {
             return Err(Error::Config("max context must be at least 1".into()));
         }
-        let mut c = KvCache { layers: Vec::new(), len: 0, capacity: 0, max_ctx, kv_dim, device: device.clone() };
+        let mut c = KvCache {
+            layers: Vec::new(),
+            len: 0,
+            capacity: 0,
+            max_ctx,
+            kv_dim,
+            dtype: dtype.dtype(),
+            device: device.clone(),
+        };
         c.layers = (0..n_layers)
             .map(|_| c.alloc(0).map(|(k, v)| LayerKv { k, v }))
             .collect::<Result<_>>()?;
@@ -43,7 +85,7 @@ impl KvCache {
     }
 
     fn alloc(&self, rows: usize) -> Result<(Tensor, Tensor)> {
-        let z = || Tensor::zeros((rows, self.kv_dim), DType::F32, &self.device);
+        let z = || Tensor::zeros((rows, self.kv_dim), self.dtype, &self.device);
         Ok((z()?, z()?))
     }
 
@@ -64,7 +106,7 @@ impl KvCache {
 
     /// Bytes held on the device.
     pub fn nbytes(&self) -> usize {
-        self.layers.len() * 2 * self.capacity * self.kv_dim * DType::F32.size_in_bytes()
+        self.layers.len() * 2 * self.capacity * self.kv_dim * self.dtype.size_in_bytes()
     }
 
     /// Makes room for `n` more tokens, or fails without changing anything.
@@ -94,8 +136,8 @@ impl KvCache {
     /// Writes `k`, `v: [n, kv_dim]` of layer `i` at rows `start..start+n` (reserved before).
     pub fn write(&mut self, i: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let l = self.layer(i)?;
-        l.k.slice_set(&k.contiguous()?, 0, start)?;
-        l.v.slice_set(&v.contiguous()?, 0, start)?;
+        l.k.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 0, start)?;
+        l.v.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 0, start)?;
         Ok(())
     }
 
@@ -128,18 +170,18 @@ mod tests {
 
     #[test]
     fn grows_in_chunks_and_refuses_past_max() -> Result<()> {
-        let mut c = KvCache::new(2, 8, 300, &Device::Cpu)?;
+        let mut c = KvCache::new(2, 8, 300, KvDtype::F16, &Device::Cpu)?;
         assert_eq!(c.nbytes(), 0);
         c.reserve(10)?;
-        assert_eq!(c.nbytes(), 2 * 2 * CHUNK * 8 * 4);
+        assert_eq!(c.nbytes(), 2 * 2 * CHUNK * 8 * 2);
         let k = Tensor::ones((10, 8), DType::F32, &Device::Cpu)?;
         c.write(0, 0, &k, &k)?;
         c.write(1, 0, &k, &k)?;
         c.advance(10);
         c.reserve(250)?; // regrows to the bound, 300, keeping the rows
-        assert_eq!(c.nbytes(), 2 * 2 * 300 * 8 * 4);
+        assert_eq!(c.nbytes(), 2 * 2 * 300 * 8 * 2);
         let (k0, _) = c.buffers(0)?;
-        assert_eq!(k0.narrow(0, 0, 10)?.sum_all()?.to_scalar::<f32>()?, 80.0);
+        assert_eq!(k0.narrow(0, 0, 10)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?, 80.0);
         assert!(matches!(c.reserve(291), Err(Error::ContextOverflow { needed: 301, max: 300 })));
         assert_eq!(c.len(), 10);
         Ok(())

@@ -17,6 +17,6 @@ pub mod linear;
 pub mod rope;
 pub mod stage;
 
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvDtype};
 pub use layer_range::LayerRange;
 pub use stage::Stage;

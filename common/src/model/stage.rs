@@ -10,7 +10,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 use super::block::Block;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvDtype};
 use super::layer_range::LayerRange;
 use super::linear::{load_qtensor, load_vector, QLinear};
 use super::rope::Rope;
@@ -175,11 +175,11 @@ impl Stage {
     }
 
     /// A new, empty KV cache for one session, bounded by `max_ctx` tokens.
-    pub fn new_cache(&self, max_ctx: usize) -> Result<KvCache> {
+    pub fn new_cache(&self, max_ctx: usize, dtype: KvDtype) -> Result<KvCache> {
         if max_ctx > self.max_ctx {
             return Err(Error::Config(format!("session context {max_ctx} exceeds the stage's {}", self.max_ctx)));
         }
-        KvCache::new(self.blocks.len(), self.cfg.kv_dim(), max_ctx, &self.device)
+        KvCache::new(self.blocks.len(), self.cfg.kv_dim(), max_ctx, dtype, &self.device)
     }
 
     /// Token ids -> `[n, hidden]` hidden states. First stage only.
