@@ -64,9 +64,9 @@ pub fn init_threads(threads: Option<usize>) -> Result<usize> {
     if n == 0 {
         return Err(Error::Config("threads must be at least 1".into()));
     }
-    // An error here means the pool was already built, which is fine.
+    // An error here means rayon's pool (used by candle's own CPU ops) was already built.
     let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
-    Ok(rayon::current_num_threads())
+    Ok(crate::kernels::pool::init(n))
 }
 
 #[cfg(test)]

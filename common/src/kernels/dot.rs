@@ -8,9 +8,6 @@ use std::sync::OnceLock;
 
 use super::blocks::{f16_at, ActBlock, QuantKind};
 
-/// A dot-product kernel: (weight row bytes, activation blocks) -> f32.
-pub type DotFn = fn(&[u8], &[ActBlock]) -> f32;
-
 /// Scalar reference for every kind.
 pub fn dot_scalar(kind: QuantKind, row: &[u8], acts: &[ActBlock]) -> f32 {
     let bb = kind.block_bytes();
@@ -47,30 +44,65 @@ pub fn dot_scalar(kind: QuantKind, row: &[u8], acts: &[ActBlock]) -> f32 {
     acc
 }
 
-fn scalar_q4_0(row: &[u8], acts: &[ActBlock]) -> f32 {
-    dot_scalar(QuantKind::Q4_0, row, acts)
-}
-fn scalar_q4_1(row: &[u8], acts: &[ActBlock]) -> f32 {
-    dot_scalar(QuantKind::Q4_1, row, acts)
-}
-fn scalar_q8_0(row: &[u8], acts: &[ActBlock]) -> f32 {
-    dot_scalar(QuantKind::Q8_0, row, acts)
+/// A row kernel: `out[i] = dot(row row0 + i of weight, acts)` for every `i` of `out`, rows
+/// being `row_bytes` apart.
+pub type RowsFn = fn(&[u8], usize, &[ActBlock], &mut [f32], usize);
+
+fn rows_scalar(kind: QuantKind, w: &[u8], row_bytes: usize, acts: &[ActBlock], out: &mut [f32], row0: usize) {
+    for (i, y) in out.iter_mut().enumerate() {
+        let r = row0 + i;
+        *y = dot_scalar(kind, &w[r * row_bytes..(r + 1) * row_bytes], acts);
+    }
 }
 
-/// The fastest kernel this CPU supports for `kind`, detected once.
-pub fn best(kind: QuantKind) -> DotFn {
-    static TABLE: OnceLock<[DotFn; 3]> = OnceLock::new();
-    let t = TABLE.get_or_init(|| {
+fn scalar_q4_0(w: &[u8], rb: usize, a: &[ActBlock], o: &mut [f32], r0: usize) {
+    rows_scalar(QuantKind::Q4_0, w, rb, a, o, r0)
+}
+fn scalar_q4_1(w: &[u8], rb: usize, a: &[ActBlock], o: &mut [f32], r0: usize) {
+    rows_scalar(QuantKind::Q4_1, w, rb, a, o, r0)
+}
+fn scalar_q8_0(w: &[u8], rb: usize, a: &[ActBlock], o: &mut [f32], r0: usize) {
+    rows_scalar(QuantKind::Q8_0, w, rb, a, o, r0)
+}
+
+/// Whether the AVX2 kernels can run here.
+pub fn has_avx2() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return [avx2::q4_0 as DotFn, avx2::q4_1, avx2::q8_0];
+        {
+            std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
         }
-        [scalar_q4_0 as DotFn, scalar_q4_1, scalar_q8_0]
-    });
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// The fastest row kernel this CPU supports for `kind`, detected once.
+pub fn best(kind: QuantKind) -> RowsFn {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        return match kind {
+            QuantKind::Q4_0 => avx2::q4_0,
+            QuantKind::Q4_1 => avx2::q4_1,
+            QuantKind::Q8_0 => avx2::q8_0,
+        };
+    }
     match kind {
-        QuantKind::Q4_0 => t[0],
-        QuantKind::Q4_1 => t[1],
-        QuantKind::Q8_0 => t[2],
+        QuantKind::Q4_0 => scalar_q4_0,
+        QuantKind::Q4_1 => scalar_q4_1,
+        QuantKind::Q8_0 => scalar_q8_0,
+    }
+}
+
+/// The scalar row kernel (the reference in tests).
+pub fn scalar(kind: QuantKind) -> RowsFn {
+    match kind {
+        QuantKind::Q4_0 => scalar_q4_0,
+        QuantKind::Q4_1 => scalar_q4_1,
+        QuantKind::Q8_0 => scalar_q8_0,
     }
 }
 
@@ -78,39 +110,50 @@ pub fn best(kind: QuantKind) -> DotFn {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{f16_at, ActBlock};
+    use super::ActBlock;
 
-    // Safe wrappers: `best` hands these out only after detecting avx2 and fma.
-    pub fn q4_0(row: &[u8], acts: &[ActBlock]) -> f32 {
-        assert!(row.len() >= acts.len() * 18);
-        // SAFETY: avx2+fma were detected before this fn was selected; lengths checked above.
-        unsafe { q4_0_impl(row, acts) }
+    fn check(w: &[u8], row_bytes: usize, acts: &[ActBlock], out: &[f32], row0: usize, bb: usize) {
+        assert!(row_bytes >= acts.len() * bb);
+        assert!(w.len() >= (row0 + out.len()) * row_bytes);
     }
-    pub fn q4_1(row: &[u8], acts: &[ActBlock]) -> f32 {
-        assert!(row.len() >= acts.len() * 20);
-        // SAFETY: as above.
-        unsafe { q4_1_impl(row, acts) }
+
+    // Safe wrappers: `best` hands these out only after detecting avx2, fma and f16c, and the
+    // bounds are checked here once per call.
+    pub fn q4_0(w: &[u8], rb: usize, a: &[ActBlock], o: &mut [f32], r0: usize) {
+        check(w, rb, a, o, r0, 18);
+        // SAFETY: features detected by `best`; every read is within the checked bounds.
+        unsafe { q4_0_rows(w, rb, a, o, r0) }
     }
-    pub fn q8_0(row: &[u8], acts: &[ActBlock]) -> f32 {
-        assert!(row.len() >= acts.len() * 34);
+    pub fn q4_1(w: &[u8], rb: usize, a: &[ActBlock], o: &mut [f32], r0: usize) {
+        check(w, rb, a, o, r0, 20);
         // SAFETY: as above.
-        unsafe { q8_0_impl(row, acts) }
+        unsafe { q4_1_rows(w, rb, a, o, r0) }
+    }
+    pub fn q8_0(w: &[u8], rb: usize, a: &[ActBlock], o: &mut [f32], r0: usize) {
+        check(w, rb, a, o, r0, 34);
+        // SAFETY: as above.
+        unsafe { q8_0_rows(w, rb, a, o, r0) }
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
     }
 
+    /// Two adjacent f16 at `p` as f32 lanes 0 and 1.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16x2(p: *const u8) -> __m128 {
+        _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
+    }
+
     /// 16 bytes of packed nibbles -> 32 bytes: low nibbles in lanes 0..16, high in 16..32.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn nibbles(p: *const u8) -> __m256i {
         let t = _mm_loadu_si128(p as *const __m128i);
         let both = _mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
@@ -119,63 +162,98 @@ mod avx2 {
 
     /// Σ (unsigned a[i] * signed b[i]) as 8 f32 lanes.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256 {
         let p16 = _mm256_maddubs_epi16(a, b);
-        let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-        _mm256_cvtepi32_ps(p32)
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
     }
 
     /// Σ (signed a[i] * signed b[i]) as 8 f32 lanes.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_ss(a: __m256i, b: __m256i) -> __m256 {
-        let ax = _mm256_sign_epi8(a, a);
-        let sb = _mm256_sign_epi8(b, a);
-        dot_us(ax, sb)
+        dot_us(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn q4_1_impl(row: &[u8], acts: &[ActBlock]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        let p = row.as_ptr();
-        for (i, a) in acts.iter().enumerate() {
-            let b = p.add(i * 20);
-            let d = f16_at(row, i * 20);
-            let m = f16_at(row, i * 20 + 2);
-            mins += m * a.s;
-            let qx = nibbles(b.add(4));
-            let qy = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot_us(qx, qy), acc);
-        }
-        hsum(acc) + mins
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn acts_q(a: &ActBlock) -> __m256i {
+        _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn q4_0_impl(row: &[u8], acts: &[ActBlock]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let p = row.as_ptr();
-        for (i, a) in acts.iter().enumerate() {
-            let d = f16_at(row, i * 18);
-            let qx = _mm256_sub_epi8(nibbles(p.add(i * 18 + 2)), _mm256_set1_epi8(8));
-            let qy = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot_ss(qx, qy), acc);
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_rows(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f32], row0: usize) {
+        for (i, y) in out.iter_mut().enumerate() {
+            let p = w.as_ptr().add((row0 + i) * rb);
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut mins = _mm_setzero_ps();
+            let mut k = 0;
+            while k + 1 < acts.len() {
+                let (a0, a1) = (&acts[k], &acts[k + 1]);
+                let (b0, b1) = (p.add(k * 20), p.add(k * 20 + 20));
+                let (dm0, dm1) = (f16x2(b0), f16x2(b1));
+                // lanes: [d*ad, m*as]
+                mins = _mm_fmadd_ps(dm0, _mm_setr_ps(a0.d, a0.s, 0.0, 0.0), mins);
+                mins = _mm_fmadd_ps(dm1, _mm_setr_ps(a1.d, a1.s, 0.0, 0.0), mins);
+                let s0 = _mm256_set1_ps(_mm_cvtss_f32(dm0) * a0.d);
+                let s1 = _mm256_set1_ps(_mm_cvtss_f32(dm1) * a1.d);
+                acc0 = _mm256_fmadd_ps(s0, dot_us(nibbles(b0.add(4)), acts_q(a0)), acc0);
+                acc1 = _mm256_fmadd_ps(s1, dot_us(nibbles(b1.add(4)), acts_q(a1)), acc1);
+                k += 2;
+            }
+            if k < acts.len() {
+                let a0 = &acts[k];
+                let b0 = p.add(k * 20);
+                let dm0 = f16x2(b0);
+                mins = _mm_fmadd_ps(dm0, _mm_setr_ps(a0.d, a0.s, 0.0, 0.0), mins);
+                let s0 = _mm256_set1_ps(_mm_cvtss_f32(dm0) * a0.d);
+                acc0 = _mm256_fmadd_ps(s0, dot_us(nibbles(b0.add(4)), acts_q(a0)), acc0);
+            }
+            // lane 1 of `mins` holds Σ m * s; lane 0 (Σ d * ad) is not needed.
+            let m = _mm_cvtss_f32(_mm_shuffle_ps(mins, mins, 1));
+            *y = hsum(_mm256_add_ps(acc0, acc1)) + m;
         }
-        hsum(acc)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn q8_0_impl(row: &[u8], acts: &[ActBlock]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let p = row.as_ptr();
-        for (i, a) in acts.iter().enumerate() {
-            let d = f16_at(row, i * 34);
-            let qx = _mm256_loadu_si256(p.add(i * 34 + 2) as *const __m256i);
-            let qy = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot_ss(qx, qy), acc);
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_0_rows(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f32], row0: usize) {
+        for (i, y) in out.iter_mut().enumerate() {
+            let p = w.as_ptr().add((row0 + i) * rb);
+            let mut acc = _mm256_setzero_ps();
+            for (k, a) in acts.iter().enumerate() {
+                let b = p.add(k * 18);
+                let d = _mm_cvtss_f32(f16x2(b));
+                let qx = _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot_ss(qx, acts_q(a)), acc);
+            }
+            *y = hsum(acc);
         }
-        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_rows(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f32], row0: usize) {
+        for (i, y) in out.iter_mut().enumerate() {
+            let p = w.as_ptr().add((row0 + i) * rb);
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut k = 0;
+            while k + 1 < acts.len() {
+                let (b0, b1) = (p.add(k * 34), p.add(k * 34 + 34));
+                let d0 = _mm_cvtss_f32(f16x2(b0)) * acts[k].d;
+                let d1 = _mm_cvtss_f32(f16x2(b1)) * acts[k + 1].d;
+                let q0 = _mm256_loadu_si256(b0.add(2) as *const __m256i);
+                let q1 = _mm256_loadu_si256(b1.add(2) as *const __m256i);
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), dot_ss(q0, acts_q(&acts[k])), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1), dot_ss(q1, acts_q(&acts[k + 1])), acc1);
+                k += 2;
+            }
+            if k < acts.len() {
+                let b0 = p.add(k * 34);
+                let d0 = _mm_cvtss_f32(f16x2(b0)) * acts[k].d;
+                let q0 = _mm256_loadu_si256(b0.add(2) as *const __m256i);
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), dot_ss(q0, acts_q(&acts[k])), acc0);
+            }
+            *y = hsum(_mm256_add_ps(acc0, acc1));
+        }
     }
 }
 
@@ -210,7 +288,10 @@ mod tests {
                 let x: Vec<f32> = (0..blocks * BLOCK).map(|_| rng.gen_range(-2.0..2.0)).collect();
                 let mut acts = vec![ActBlock::default(); blocks];
                 quantize_acts(&x, &mut acts);
-                let fast = best(kind)(&row, &acts);
+                let rb = row.len();
+                let mut fast = [0f32];
+                best(kind)(&row, rb, &acts, &mut fast, 0);
+                let fast = fast[0];
                 let slow = dot_scalar(kind, &row, &acts);
                 assert!((fast - slow).abs() <= 1e-4 * (1.0 + slow.abs()), "{kind:?} {fast} {slow}");
                 let mut w = vec![0f32; blocks * BLOCK];

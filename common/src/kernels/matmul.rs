@@ -1,9 +1,8 @@
-//! `y = x · Wᵀ` for a quantized `W` held as raw GGUF bytes, threaded with rayon.
-
-use rayon::prelude::*;
+//! `y = x · Wᵀ` for a quantized `W` held as raw GGUF bytes, threaded on [`super::pool`].
 
 use super::blocks::{quantize_acts, ActBlock, QuantKind, BLOCK};
 use super::dot::best;
+use super::pool::{global, parallel_chunks_mut};
 
 /// Activations quantized once per call and shared by every weight row.
 #[derive(Debug, Default)]
@@ -18,10 +17,7 @@ impl QuantizedActs {
         let k_blocks = k / BLOCK;
         let mut blocks = vec![ActBlock::default(); x.len() / BLOCK];
         if x.len() >= 4 * k {
-            blocks
-                .par_chunks_mut(k_blocks)
-                .zip(x.par_chunks(k))
-                .for_each(|(o, xi)| quantize_acts(xi, o));
+            parallel_chunks_mut(&mut blocks, k_blocks, |t, o| quantize_acts(&x[t * k..(t + 1) * k], o));
         } else {
             quantize_acts(x, &mut blocks);
         }
@@ -44,40 +40,30 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
     let n = x.len() / k;
     debug_assert_eq!(out.len(), n * rows);
     let acts = QuantizedActs::new(x, k);
-    let dot = best(kind);
-    let threads = rayon::current_num_threads().max(1);
+    let rows_fn = best(kind);
+    let threads = global().threads();
 
     if n < 2 * threads {
         // Few tokens: split the weight rows, so every thread streams its share of W once.
         let chunk = rows.div_ceil(threads * 4).max(16);
         for t in 0..n {
             let a = acts.row(t);
-            out[t * rows..(t + 1) * rows]
-                .par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(c, o)| {
-                    let r0 = c * chunk;
-                    for (i, y) in o.iter_mut().enumerate() {
-                        let r = r0 + i;
-                        *y = dot(&weight[r * row_bytes..(r + 1) * row_bytes], a);
-                    }
-                });
+            parallel_chunks_mut(&mut out[t * rows..(t + 1) * rows], chunk, |c, o| {
+                rows_fn(weight, row_bytes, a, o, c * chunk);
+            });
         }
     } else {
-        // Many tokens (prefill): split the tokens; each weight row is read once per group
-        // and dotted with every token of the group while it is hot in L1.
-        const GROUP: usize = 4;
-        let per_task = n.div_ceil(threads).max(GROUP);
-        out.par_chunks_mut(per_task * rows).enumerate().for_each(|(c, o)| {
+        // Many tokens (prefill): split the tokens; each block of 16 weight rows is dotted with
+        // every token of the task while it is hot in L1.
+        const ROWS: usize = 16;
+        let per_task = n.div_ceil(threads * 2).max(1);
+        parallel_chunks_mut(out, per_task * rows, |c, o| {
             let t0 = c * per_task;
             let nt = o.len() / rows;
-            for g in (0..nt).step_by(GROUP) {
-                let ge = (g + GROUP).min(nt);
-                for r in 0..rows {
-                    let w = &weight[r * row_bytes..(r + 1) * row_bytes];
-                    for t in g..ge {
-                        o[t * rows + r] = dot(w, acts.row(t0 + t));
-                    }
+            for r0 in (0..rows).step_by(ROWS) {
+                let r1 = (r0 + ROWS).min(rows);
+                for t in 0..nt {
+                    rows_fn(weight, row_bytes, acts.row(t0 + t), &mut o[t * rows + r0..t * rows + r1], r0);
                 }
             }
         });

@@ -4,16 +4,19 @@
 //! row and column. These kernels follow llama.cpp's scheme instead: activations are quantized
 //! once per call to 8-bit blocks of 32, then each weight row is dotted with AVX2 integer
 //! arithmetic (`maddubs`), chosen at run time, with a scalar fallback that tests compare with.
-//! Work is split over rayon's pool: by output rows for one token, by tokens for many.
+//! Work is split over [`pool`], a small spinning pool: by output rows for one token, by
+//! tokens for many.
 //!
 //! # Layout
 //! - [`blocks`]: the GGUF block formats and activation quantization.
 //! - [`dot`]: per-format dot products, scalar and AVX2.
 //! - [`matmul`]: the threaded product `y = x · Wᵀ` over raw GGUF bytes.
+//! - [`pool`]: the thread pool.
 
 pub mod blocks;
 pub mod dot;
 pub mod matmul;
+pub mod pool;
 
 pub use blocks::{QuantKind, BLOCK};
 pub use matmul::{matmul, QuantizedActs};

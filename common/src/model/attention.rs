@@ -5,7 +5,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use half::f16;
-use rayon::prelude::*;
+
+use crate::kernels::pool::parallel_chunks_mut;
 
 use crate::error::Result;
 
@@ -143,9 +144,8 @@ impl AttnCpu {
         // are llama.cpp's CPU path (no flash attention): for an f16 cache the query is rounded
         // to f16 like the keys, and the probabilities like the values; softmax in f32 with a
         // wide sum; accumulation in f32.
-        out.par_chunks_mut(hd).enumerate().for_each_init(
-            || (vec![0f32; hd], vec![0f32; hd], vec![0f32; total]),
-            |(qh, row, scores), (idx, o)| {
+        parallel_chunks_mut(&mut out, hd, |idx, o| {
+                let (mut qh, mut row, mut scores) = (vec![0f32; hd], vec![0f32; hd], vec![0f32; total]);
                 let (t, h) = (idx / s.heads, idx % s.heads);
                 let kvh = h / group;
                 for (d, &x) in qh.iter_mut().zip(&q[t * width + h * hd..t * width + (h + 1) * hd]) {
@@ -158,7 +158,7 @@ impl AttnCpu {
                     for (d, x) in row.iter_mut().zip(&k[base..base + hd]) {
                         *d = x.f32();
                     }
-                    *sc = dot(qh, row) * scale;
+                    *sc = dot(&qh, &row) * scale;
                     max = max.max(*sc);
                 }
                 let mut sum = 0f64;
