@@ -3,5 +3,7 @@
 //! # Layout
 //! - [`generate_cmd`]: `shard-node generate`, single-process generation over the same stage
 //!   code the cluster runs.
+//! - [`bench_cmd`]: `shard-node bench`, prompt and decode speed for `scripts/bench-cpu.sh`.
 
+pub mod bench_cmd;
 pub mod generate_cmd;

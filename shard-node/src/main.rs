@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use common::device::DeviceSpec;
 use common::sampling::SamplingParams;
+use shard_node::bench_cmd::{self, BenchOptions};
 use shard_node::generate_cmd::{self, GenerateOptions};
 
 #[derive(Parser, Debug)]
@@ -58,6 +59,30 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         max_ctx: usize,
     },
+    /// Time prompt processing and decode (JSON lines on stdout).
+    Bench {
+        /// GGUF model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt length in tokens.
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Decode steps.
+        #[arg(long, default_value_t = 128)]
+        gen_tokens: usize,
+        /// cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Repetitions.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Chain stages split at these layers, e.g. `--split 15`.
+        #[arg(long, value_delimiter = ',')]
+        split: Vec<u32>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,5 +102,8 @@ fn main() -> anyhow::Result<()> {
             split,
             max_ctx,
         }),
+        Command::Bench { model, prompt_tokens, gen_tokens, device, threads, runs, split } => {
+            bench_cmd::run(&BenchOptions { model, prompt_tokens, gen_tokens, device, threads, runs, split })
+        }
     }
 }

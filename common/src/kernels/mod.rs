@@ -12,11 +12,13 @@
 //! - [`dot`]: per-format dot products, scalar and AVX2.
 //! - [`matmul`]: the threaded product `y = x · Wᵀ` over raw GGUF bytes.
 //! - [`pool`]: the thread pool.
+//! - [`vec`]: f16/f32 `dot` and `axpy` for attention.
 
 pub mod blocks;
 pub mod dot;
 pub mod matmul;
 pub mod pool;
+pub mod vec;
 
 pub use blocks::{QuantKind, BLOCK};
 pub use matmul::{matmul, QuantizedActs};

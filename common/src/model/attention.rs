@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use half::f16;
 
 use crate::kernels::pool::parallel_chunks_mut;
+use crate::kernels::vec::KvElem;
 
 use crate::error::Result;
 
@@ -101,31 +102,6 @@ impl CustomOp3 for AttnCpu {
     }
 }
 
-/// Cached key/value element: f16 or f32. `round` mirrors how llama.cpp rounds the operand
-/// that meets a cached row (to f16 for an f16 cache; unchanged for f32).
-trait KvElem: Copy + Send + Sync {
-    fn f32(self) -> f32;
-    fn round(x: f32) -> f32;
-}
-
-impl KvElem for f16 {
-    fn f32(self) -> f32 {
-        self.to_f32()
-    }
-    fn round(x: f32) -> f32 {
-        f16::from_f32(x).to_f32()
-    }
-}
-
-impl KvElem for f32 {
-    fn f32(self) -> f32 {
-        self
-    }
-    fn round(x: f32) -> f32 {
-        x
-    }
-}
-
 impl AttnCpu {
     fn run<T: KvElem>(&self, q: &[f32], ql: &Layout, k: &[T], v: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = self.shape;
@@ -139,61 +115,34 @@ impl AttnCpu {
         let group = s.heads / s.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0f32; n * width];
-        // One task per (token, head): each writes its own hd-wide slice of `out`.
-        // One task per (token, head): each writes its own hd-wide slice of `out`. The numerics
-        // are llama.cpp's CPU path (no flash attention): for an f16 cache the query is rounded
-        // to f16 like the keys, and the probabilities like the values; softmax in f32 with a
-        // wide sum; accumulation in f32.
+        // One task per (token, head): each writes its own hd-wide slice of `out`. The rounding
+        // follows llama.cpp's CPU path (no flash attention): for an f16 cache the query is
+        // rounded to f16 like the keys, and the probabilities like the values; softmax in f32
+        // with a wide sum; accumulation in f32.
         parallel_chunks_mut(&mut out, hd, |idx, o| {
-                let (mut qh, mut row, mut scores) = (vec![0f32; hd], vec![0f32; hd], vec![0f32; total]);
-                let (t, h) = (idx / s.heads, idx % s.heads);
-                let kvh = h / group;
-                for (d, &x) in qh.iter_mut().zip(&q[t * width + h * hd..t * width + (h + 1) * hd]) {
-                    *d = T::round(x);
-                }
-                let upto = self.start + t + 1;
-                let mut max = f32::NEG_INFINITY;
-                for (j, sc) in scores[..upto].iter_mut().enumerate() {
-                    let base = j * kvw + kvh * hd;
-                    for (d, x) in row.iter_mut().zip(&k[base..base + hd]) {
-                        *d = x.f32();
-                    }
-                    *sc = dot(&qh, &row) * scale;
-                    max = max.max(*sc);
-                }
-                let mut sum = 0f64;
-                for sc in scores[..upto].iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += f64::from(*sc);
-                }
-                let inv = (1.0 / sum) as f32;
-                o.fill(0.0);
-                for (j, &p) in scores[..upto].iter().enumerate() {
-                    let w = T::round(p * inv);
-                    let base = j * kvw + kvh * hd;
-                    for (oi, vi) in o.iter_mut().zip(&v[base..base + hd]) {
-                        *oi += w * vi.f32();
-                    }
-                }
-            },
-        );
+            let (t, h) = (idx / s.heads, idx % s.heads);
+            let kvh = h / group;
+            let qh: Vec<f32> = q[t * width + h * hd..t * width + (h + 1) * hd].iter().map(|&x| T::round(x)).collect();
+            let upto = self.start + t + 1;
+            let mut scores = vec![0f32; upto];
+            let mut max = f32::NEG_INFINITY;
+            for (j, sc) in scores.iter_mut().enumerate() {
+                let base = j * kvw + kvh * hd;
+                *sc = T::dot(&qh, &k[base..base + hd]) * scale;
+                max = max.max(*sc);
+            }
+            let mut sum = 0f64;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += f64::from(*sc);
+            }
+            let inv = (1.0 / sum) as f32;
+            o.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                let base = j * kvw + kvh * hd;
+                T::axpy(o, T::round(p * inv), &v[base..base + hd]);
+            }
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, width))))
     }
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorize without fast-math.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
 }

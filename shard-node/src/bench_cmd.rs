@@ -1,0 +1,91 @@
+//! `shard-node bench`: prompt and decode speed of the stage runtime, timed the way
+//! `scripts/bench_llama_cpp.py` times llama.cpp, for side-by-side figures.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use common::device::{init_threads, DeviceSpec};
+use common::generate::LocalPipeline;
+use common::gguf::GgufFile;
+use common::model::LayerRange;
+use common::sampling::argmax;
+use common::tokenizer::TextTokenizer;
+
+/// The text both engines tokenize; its first `prompt_tokens` ids are the prompt.
+pub const BENCH_TEXT: &str = "The history of computing is a story of ideas, machines and people. \
+From the abacus to mechanical calculators, from punched cards to vacuum tubes, every generation \
+built on the last. Transistors replaced tubes, integrated circuits packed thousands and then \
+billions of transistors onto a chip, and software grew from hand-written machine code to \
+compilers, operating systems, networks and the web. Today, language models run on clusters of \
+accelerators, and the engineering questions are about memory, bandwidth and reliability: how \
+to split a model across devices, how to move activations quickly, and how to make sure that \
+nothing is leaked when a client disappears. This benchmark text is long enough to give a prompt \
+of a few hundred tokens, so that prompt processing can be timed on a realistic batch.";
+
+/// Options of `bench`.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The GGUF file.
+    pub model: PathBuf,
+    /// Prompt length.
+    pub prompt_tokens: usize,
+    /// Decode steps.
+    pub gen_tokens: usize,
+    /// Where to run.
+    pub device: DeviceSpec,
+    /// CPU threads.
+    pub threads: Option<usize>,
+    /// Repetitions (the best is reported, each is printed).
+    pub runs: usize,
+    /// Layer boundaries for a multi-stage chain.
+    pub split: Vec<u32>,
+}
+
+/// Runs the benchmark and prints one JSON line per run to stdout.
+pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
+    let threads = init_threads(o.threads)?;
+    let device = o.device.open()?;
+    let file = GgufFile::open(&o.model)?;
+    let cfg = file.config()?;
+    let tok = TextTokenizer::from_gguf(&file)?;
+    let mut ids = tok.encode(BENCH_TEXT)?;
+    while ids.len() < o.prompt_tokens {
+        ids.extend(tok.encode(BENCH_TEXT)?);
+    }
+    ids.truncate(o.prompt_tokens);
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    for c in o.split.iter().copied().chain([cfg.n_layers as u32]) {
+        ranges.push(LayerRange::new(start, c)?);
+        start = c;
+    }
+    let max_ctx = (o.prompt_tokens + o.gen_tokens + 1).min(cfg.context_length);
+    let pipe = LocalPipeline::load(&file, &ranges, &device, max_ctx)?;
+    // Warm-up: one short pass, as llama.cpp's own first eval pays page faults too.
+    {
+        let mut s = pipe.session(max_ctx)?;
+        let l = pipe.prefill(&mut s, &ids[..ids.len().min(16)])?;
+        pipe.decode(&mut s, argmax(&l))?;
+    }
+    for run in 0..o.runs {
+        let mut s = pipe.session(max_ctx)?;
+        let t0 = Instant::now();
+        let mut logits = pipe.prefill(&mut s, &ids)?;
+        let prefill = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for _ in 0..o.gen_tokens {
+            let next = argmax(&logits);
+            logits = pipe.decode(&mut s, next)?;
+        }
+        let decode = t1.elapsed().as_secs_f64();
+        println!(
+            "{{\"engine\":\"shard-node\",\"run\":{run},\"threads\":{threads},\"stages\":{},\"prompt_tokens\":{},\"prompt_tok_s\":{:.2},\"gen_tokens\":{},\"decode_tok_s\":{:.2}}}",
+            ranges.len(),
+            ids.len(),
+            ids.len() as f64 / prefill,
+            o.gen_tokens,
+            o.gen_tokens as f64 / decode
+        );
+    }
+    Ok(())
+}
