@@ -181,37 +181,45 @@ mod avx2 {
         _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)
     }
 
+    /// One Q4_1 block's contribution: `acc += d·ad · Σ q·qa`, and `m·s` returned.
+    #[inline(always)]
+    unsafe fn q4_1_block(b: *const u8, a: &ActBlock, qa: __m256i, acc: &mut __m256) -> f32 {
+        let dm = f16x2(b);
+        let d = _mm_cvtss_f32(dm);
+        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let s = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_set1_ps(a.d));
+        *acc = _mm256_fmadd_ps(s, dot_us(nibbles(b.add(4)), qa), *acc);
+        m * a.s
+    }
+
+    // Per row: one accumulator, blocks in order, and the min term summed in scalar f32, the
+    // same order of operations as llama.cpp's AVX2 kernel, so both engines get identical
+    // sums. Two rows run interleaved to hide the FMA latency without changing that order.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q4_1_rows(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f32], row0: usize) {
-        for (i, y) in out.iter_mut().enumerate() {
-            let p = w.as_ptr().add((row0 + i) * rb);
+        let mut pairs = out.chunks_exact_mut(2);
+        let mut r = row0;
+        for pair in &mut pairs {
+            let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut mins = _mm_setzero_ps();
-            let mut k = 0;
-            while k + 1 < acts.len() {
-                let (a0, a1) = (&acts[k], &acts[k + 1]);
-                let (b0, b1) = (p.add(k * 20), p.add(k * 20 + 20));
-                let (dm0, dm1) = (f16x2(b0), f16x2(b1));
-                // lanes: [d*ad, m*as]
-                mins = _mm_fmadd_ps(dm0, _mm_setr_ps(a0.d, a0.s, 0.0, 0.0), mins);
-                mins = _mm_fmadd_ps(dm1, _mm_setr_ps(a1.d, a1.s, 0.0, 0.0), mins);
-                let s0 = _mm256_set1_ps(_mm_cvtss_f32(dm0) * a0.d);
-                let s1 = _mm256_set1_ps(_mm_cvtss_f32(dm1) * a1.d);
-                acc0 = _mm256_fmadd_ps(s0, dot_us(nibbles(b0.add(4)), acts_q(a0)), acc0);
-                acc1 = _mm256_fmadd_ps(s1, dot_us(nibbles(b1.add(4)), acts_q(a1)), acc1);
-                k += 2;
+            let (mut mins0, mut mins1) = (0f32, 0f32);
+            for (k, a) in acts.iter().enumerate() {
+                let qa = acts_q(a);
+                mins0 += q4_1_block(p0.add(k * 20), a, qa, &mut acc0);
+                mins1 += q4_1_block(p1.add(k * 20), a, qa, &mut acc1);
             }
-            if k < acts.len() {
-                let a0 = &acts[k];
-                let b0 = p.add(k * 20);
-                let dm0 = f16x2(b0);
-                mins = _mm_fmadd_ps(dm0, _mm_setr_ps(a0.d, a0.s, 0.0, 0.0), mins);
-                let s0 = _mm256_set1_ps(_mm_cvtss_f32(dm0) * a0.d);
-                acc0 = _mm256_fmadd_ps(s0, dot_us(nibbles(b0.add(4)), acts_q(a0)), acc0);
+            pair[0] = hsum(acc0) + mins0;
+            pair[1] = hsum(acc1) + mins1;
+            r += 2;
+        }
+        for y in pairs.into_remainder() {
+            let p = w.as_ptr().add(r * rb);
+            let mut acc = _mm256_setzero_ps();
+            let mut mins = 0f32;
+            for (k, a) in acts.iter().enumerate() {
+                mins += q4_1_block(p.add(k * 20), a, acts_q(a), &mut acc);
             }
-            // lane 1 of `mins` holds Σ m * s; lane 0 (Σ d * ad) is not needed.
-            let m = _mm_cvtss_f32(_mm_shuffle_ps(mins, mins, 1));
-            *y = hsum(_mm256_add_ps(acc0, acc1)) + m;
+            *y = hsum(acc) + mins;
         }
     }
 
@@ -230,29 +238,36 @@ mod avx2 {
         }
     }
 
+    #[inline(always)]
+    unsafe fn q8_0_block(b: *const u8, a: &ActBlock, qa: __m256i, acc: &mut __m256) {
+        let d = _mm256_set1_ps(_mm_cvtss_f32(f16x2(b)) * a.d);
+        let q = _mm256_loadu_si256(b.add(2) as *const __m256i);
+        *acc = _mm256_fmadd_ps(d, dot_ss(q, qa), *acc);
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q8_0_rows(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f32], row0: usize) {
-        for (i, y) in out.iter_mut().enumerate() {
-            let p = w.as_ptr().add((row0 + i) * rb);
+        let mut pairs = out.chunks_exact_mut(2);
+        let mut r = row0;
+        for pair in &mut pairs {
+            let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut k = 0;
-            while k + 1 < acts.len() {
-                let (b0, b1) = (p.add(k * 34), p.add(k * 34 + 34));
-                let d0 = _mm_cvtss_f32(f16x2(b0)) * acts[k].d;
-                let d1 = _mm_cvtss_f32(f16x2(b1)) * acts[k + 1].d;
-                let q0 = _mm256_loadu_si256(b0.add(2) as *const __m256i);
-                let q1 = _mm256_loadu_si256(b1.add(2) as *const __m256i);
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), dot_ss(q0, acts_q(&acts[k])), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1), dot_ss(q1, acts_q(&acts[k + 1])), acc1);
-                k += 2;
+            for (k, a) in acts.iter().enumerate() {
+                let qa = acts_q(a);
+                q8_0_block(p0.add(k * 34), a, qa, &mut acc0);
+                q8_0_block(p1.add(k * 34), a, qa, &mut acc1);
             }
-            if k < acts.len() {
-                let b0 = p.add(k * 34);
-                let d0 = _mm_cvtss_f32(f16x2(b0)) * acts[k].d;
-                let q0 = _mm256_loadu_si256(b0.add(2) as *const __m256i);
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), dot_ss(q0, acts_q(&acts[k])), acc0);
+            pair[0] = hsum(acc0);
+            pair[1] = hsum(acc1);
+            r += 2;
+        }
+        for y in pairs.into_remainder() {
+            let p = w.as_ptr().add(r * rb);
+            let mut acc = _mm256_setzero_ps();
+            for (k, a) in acts.iter().enumerate() {
+                q8_0_block(p.add(k * 34), a, acts_q(a), &mut acc);
             }
-            *y = hsum(_mm256_add_ps(acc0, acc1));
+            *y = hsum(acc);
         }
     }
 }
