@@ -65,7 +65,9 @@ pub fn init_threads(threads: Option<usize>) -> Result<usize> {
         return Err(Error::Config("threads must be at least 1".into()));
     }
     // An error here means rayon's pool (used by candle's own CPU ops) was already built.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
     Ok(crate::kernels::pool::init(n))
 }
 
@@ -76,7 +78,10 @@ mod tests {
     #[test]
     fn parses_devices() {
         assert_eq!("cpu".parse::<DeviceSpec>().ok(), Some(DeviceSpec::Cpu));
-        assert_eq!("cuda:3".parse::<DeviceSpec>().ok(), Some(DeviceSpec::Cuda(3)));
+        assert_eq!(
+            "cuda:3".parse::<DeviceSpec>().ok(),
+            Some(DeviceSpec::Cuda(3))
+        );
         assert!("gpu".parse::<DeviceSpec>().is_err());
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
     }

@@ -43,25 +43,43 @@ impl LocalSession {
 
 impl LocalPipeline {
     /// Loads one stage per range; the ranges must cover the model in order.
-    pub fn load(file: &GgufFile, ranges: &[LayerRange], device: &Device, max_ctx: usize) -> Result<Self> {
+    pub fn load(
+        file: &GgufFile,
+        ranges: &[LayerRange],
+        device: &Device,
+        max_ctx: usize,
+    ) -> Result<Self> {
         let n_layers = file.config()?.n_layers;
         let mut next = 0;
         for r in ranges {
             if r.start() != next {
-                return Err(Error::BadLayerRange(format!("{r} does not start at layer {next}")));
+                return Err(Error::BadLayerRange(format!(
+                    "{r} does not start at layer {next}"
+                )));
             }
             next = r.end();
         }
         if next as usize != n_layers {
-            return Err(Error::BadLayerRange(format!("ranges end at {next}, the model has {n_layers} layers")));
+            return Err(Error::BadLayerRange(format!(
+                "ranges end at {next}, the model has {n_layers} layers"
+            )));
         }
-        let stages = ranges.iter().map(|r| Stage::load(file, *r, device, max_ctx)).collect::<Result<_>>()?;
-        Ok(LocalPipeline { stages, kv_dtype: KvDtype::default() })
+        let stages = ranges
+            .iter()
+            .map(|r| Stage::load(file, *r, device, max_ctx))
+            .collect::<Result<_>>()?;
+        Ok(LocalPipeline {
+            stages,
+            kv_dtype: KvDtype::default(),
+        })
     }
 
     /// Wraps stages already loaded (first to last).
     pub fn from_stages(stages: Vec<Stage>) -> Self {
-        LocalPipeline { stages, kv_dtype: KvDtype::default() }
+        LocalPipeline {
+            stages,
+            kv_dtype: KvDtype::default(),
+        }
     }
 
     /// Sessions store keys and values as `dtype`.
@@ -76,11 +94,15 @@ impl LocalPipeline {
     }
 
     fn first(&self) -> Result<&Stage> {
-        self.stages.first().ok_or_else(|| Error::Config("empty pipeline".into()))
+        self.stages
+            .first()
+            .ok_or_else(|| Error::Config("empty pipeline".into()))
     }
 
     fn last(&self) -> Result<&Stage> {
-        self.stages.last().ok_or_else(|| Error::Config("empty pipeline".into()))
+        self.stages
+            .last()
+            .ok_or_else(|| Error::Config("empty pipeline".into()))
     }
 
     /// The most tokens a session may hold.
@@ -95,7 +117,13 @@ impl LocalPipeline {
 
     /// A new session bounded by `max_ctx` tokens.
     pub fn session(&self, max_ctx: usize) -> Result<LocalSession> {
-        Ok(LocalSession { caches: self.stages.iter().map(|s| s.new_cache(max_ctx, self.kv_dtype)).collect::<Result<_>>()? })
+        Ok(LocalSession {
+            caches: self
+                .stages
+                .iter()
+                .map(|s| s.new_cache(max_ctx, self.kv_dtype))
+                .collect::<Result<_>>()?,
+        })
     }
 
     /// Runs `tokens` through every stage; returns the last stage's logits for every row
@@ -123,7 +151,10 @@ impl LocalPipeline {
 
     /// One decode step.
     pub fn decode(&self, sess: &mut LocalSession, token: u32) -> Result<Vec<f32>> {
-        Ok(self.logits(sess, &[token], false)?.squeeze(0)?.to_vec1::<f32>()?)
+        Ok(self
+            .logits(sess, &[token], false)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?)
     }
 }
 
@@ -188,7 +219,10 @@ pub fn generate(
         return Err(Error::InvalidInput("the prompt is empty".into()));
     }
     if prompt.len() + params.max_tokens > max_ctx {
-        return Err(Error::ContextOverflow { needed: prompt.len() + params.max_tokens, max: max_ctx });
+        return Err(Error::ContextOverflow {
+            needed: prompt.len() + params.max_tokens,
+            max: max_ctx,
+        });
     }
     let mut sampler = Sampler::new(params.sampling.clone())?;
     let mut stops = StopMatcher::new(&params.stop);
@@ -233,5 +267,12 @@ pub fn generate(
         text.push_str(&rest);
         on_text(&rest);
     }
-    Ok(Generation { prompt_tokens: prompt.len(), tokens, text, finish, prefill, decode: t1.elapsed() })
+    Ok(Generation {
+        prompt_tokens: prompt.len(),
+        tokens,
+        text,
+        finish,
+        prefill,
+        decode: t1.elapsed(),
+    })
 }

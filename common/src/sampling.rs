@@ -21,7 +21,12 @@ pub struct SamplingParams {
 impl Default for SamplingParams {
     fn default() -> Self {
         // Greedy, so that outputs are reproducible unless asked otherwise.
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -29,10 +34,16 @@ impl SamplingParams {
     /// Checks ranges: temperature in [0, 100], top_p in (0, 1].
     pub fn validate(self) -> Result<Self> {
         if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
-            return Err(Error::Config(format!("temperature {} is not in [0, 100]", self.temperature)));
+            return Err(Error::Config(format!(
+                "temperature {} is not in [0, 100]",
+                self.temperature
+            )));
         }
         if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Config(format!("top_p {} is not in (0, 1]", self.top_p)));
+            return Err(Error::Config(format!(
+                "top_p {} is not in (0, 1]",
+                self.top_p
+            )));
         }
         Ok(self)
     }
@@ -60,7 +71,10 @@ impl Sampler {
     /// A sampler with its own random stream.
     pub fn new(params: SamplingParams) -> Result<Self> {
         let params = params.validate()?;
-        Ok(Sampler { rng: StdRng::seed_from_u64(params.seed), params })
+        Ok(Sampler {
+            rng: StdRng::seed_from_u64(params.seed),
+            params,
+        })
     }
 
     /// Picks the next token.
@@ -75,13 +89,20 @@ impl Sampler {
         if p.temperature == 0.0 || p.top_k == 1 {
             return Ok(argmax(logits));
         }
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i as u32, v))
+            .collect();
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 {
             cand.truncate(p.top_k);
         }
         let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|&(_, v)| ((v - max) / p.temperature).exp()).collect();
+        let mut probs: Vec<f32> = cand
+            .iter()
+            .map(|&(_, v)| ((v - max) / p.temperature).exp())
+            .collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= sum);
         if p.top_p < 1.0 {
@@ -118,7 +139,12 @@ mod tests {
     fn greedy_seeded_and_filtered() -> Result<()> {
         let logits = [0.1, 3.0, 2.9, -1.0, 3.0];
         assert_eq!(Sampler::new(SamplingParams::default())?.sample(&logits)?, 1);
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 42 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 42,
+        };
         let a: Vec<u32> = {
             let mut s = Sampler::new(p.clone())?;
             (0..50).map(|_| s.sample(&logits)).collect::<Result<_>>()?
@@ -129,7 +155,10 @@ mod tests {
         };
         assert_eq!(a, b);
         assert!(a.iter().any(|&t| t != a[0]), "temperature 1 should vary");
-        let mut k2 = Sampler::new(SamplingParams { top_k: 2, ..p.clone() })?;
+        let mut k2 = Sampler::new(SamplingParams {
+            top_k: 2,
+            ..p.clone()
+        })?;
         for _ in 0..50 {
             assert!([1, 4].contains(&k2.sample(&logits)?));
         }
@@ -137,9 +166,19 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(tp.sample(&logits)?, 1);
         }
-        assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
-        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
-        assert!(Sampler::new(SamplingParams::default())?.sample(&[f32::NAN]).is_err());
+        assert!(Sampler::new(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams::default())?
+            .sample(&[f32::NAN])
+            .is_err());
         Ok(())
     }
 }

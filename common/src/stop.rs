@@ -12,7 +12,10 @@ pub struct StopMatcher {
 impl StopMatcher {
     /// Matches `stops` (empty strings are ignored).
     pub fn new(stops: &[String]) -> Self {
-        StopMatcher { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), ..Default::default() }
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            ..Default::default()
+        }
     }
 
     /// Adds a piece; returns the text that is safe to release, and whether a stop string
@@ -22,7 +25,12 @@ impl StopMatcher {
             return (String::new(), true);
         }
         self.pending.push_str(piece);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let out = self.pending[..at].to_string();
             self.pending.clear();
             self.hit = true;

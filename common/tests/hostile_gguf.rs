@@ -45,13 +45,20 @@ impl Gguf {
     }
     fn f32_tensor(self, name: &str, dims: &[u64]) -> Self {
         let n: u64 = dims.iter().product();
-        let data = (0..n).flat_map(|i| ((i % 7) as f32 * 0.01).to_le_bytes()).collect();
+        let data = (0..n)
+            .flat_map(|i| ((i % 7) as f32 * 0.01).to_le_bytes())
+            .collect();
         self.tensor(name, dims, 0, data)
     }
     fn bytes(&self) -> Vec<u8> {
         let mut b = b"GGUF".to_vec();
         b.extend_from_slice(&3u32.to_le_bytes());
-        b.extend_from_slice(&self.tensor_count_override.unwrap_or(self.tensors.len() as u64).to_le_bytes());
+        b.extend_from_slice(
+            &self
+                .tensor_count_override
+                .unwrap_or(self.tensors.len() as u64)
+                .to_le_bytes(),
+        );
         b.extend_from_slice(&(self.kv.len() as u64).to_le_bytes());
         for (k, ty, v) in &self.kv {
             b.extend(s(k));
@@ -69,12 +76,12 @@ impl Gguf {
             b.extend_from_slice(&offset.to_le_bytes());
             offset += (data.len() as u64).div_ceil(32) * 32;
         }
-        while b.len() % 32 != 0 {
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
         for (_, _, _, data) in &self.tensors {
             b.extend_from_slice(data);
-            while b.len() % 32 != 0 {
+            while !b.len().is_multiple_of(32) {
                 b.push(0);
             }
         }
@@ -128,55 +135,100 @@ fn the_tiny_model_loads_and_runs() -> anyhow::Result<()> {
     let x = stage.embed(&[1, 2, 3])?;
     let y = stage.forward(&x, &mut cache, 0)?;
     assert_eq!(stage.head(&y)?.dims(), [3, 32]);
-    assert!(matches!(stage.embed(&[32]), Err(Error::InvalidInput(_))), "token id past the vocabulary");
-    assert!(matches!(stage.forward(&x, &mut cache, 0), Err(Error::PositionMismatch { .. })));
+    assert!(
+        matches!(stage.embed(&[32]), Err(Error::InvalidInput(_))),
+        "token id past the vocabulary"
+    );
+    assert!(matches!(
+        stage.forward(&x, &mut cache, 0),
+        Err(Error::PositionMismatch { .. })
+    ));
     let long = stage.embed(&vec![1; 62])?;
-    assert!(matches!(stage.forward(&long, &mut cache, 3), Err(Error::ContextOverflow { needed: 65, max: 64 })));
+    assert!(matches!(
+        stage.forward(&long, &mut cache, 3),
+        Err(Error::ContextOverflow {
+            needed: 65,
+            max: 64
+        })
+    ));
     Ok(())
 }
 
 #[test]
 fn each_defect_is_a_clear_error() {
     let check = |bytes: Vec<u8>, what: &str, ok: &dyn Fn(&Error) -> bool| {
-        let e = load(&bytes).err().unwrap_or_else(|| panic!("{what}: loaded"));
+        let e = load(&bytes)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: loaded"));
         assert!(ok(&e), "{what}: unexpected error {e}");
         assert!(!e.to_string().is_empty());
     };
     let mut bad_magic = tiny().bytes();
     bad_magic[..4].copy_from_slice(b"GGUX");
-    check(bad_magic, "bad magic", &|e| matches!(e, Error::Gguf(m) if m.to_lowercase().contains("magic")));
+    check(
+        bad_magic,
+        "bad magic",
+        &|e| matches!(e, Error::Gguf(m) if m.to_lowercase().contains("magic")),
+    );
     let full = tiny().bytes();
-    check(full[..20].to_vec(), "truncated header", &|e| matches!(e, Error::Gguf(_)));
-    check(full[..300].to_vec(), "truncated metadata", &|e| matches!(e, Error::Gguf(_)));
-    check(full[..full.len() - 100].to_vec(), "truncated data", &|e| matches!(e, Error::Gguf(_)));
-    let absurd = Gguf { tensor_count_override: Some(u64::MAX), ..tiny() };
-    check(absurd.bytes(), "absurd tensor count", &|e| matches!(e, Error::Gguf(_)));
+    check(full[..20].to_vec(), "truncated header", &|e| {
+        matches!(e, Error::Gguf(_))
+    });
+    check(full[..300].to_vec(), "truncated metadata", &|e| {
+        matches!(e, Error::Gguf(_))
+    });
+    check(full[..full.len() - 100].to_vec(), "truncated data", &|e| {
+        matches!(e, Error::Gguf(_))
+    });
+    let absurd = Gguf {
+        tensor_count_override: Some(u64::MAX),
+        ..tiny()
+    };
+    check(absurd.bytes(), "absurd tensor count", &|e| {
+        matches!(e, Error::Gguf(_))
+    });
     let mut huge_string = tiny().bytes();
     // the first key's length field sits right after the 24-byte header
     huge_string[24..32].copy_from_slice(&(1u64 << 60).to_le_bytes());
-    check(huge_string, "absurd string length", &|e| matches!(e, Error::Gguf(_)));
+    check(huge_string, "absurd string length", &|e| {
+        matches!(e, Error::Gguf(_))
+    });
     check(
-        tiny().remove("general.architecture").str("general.architecture", "gptj").bytes(),
+        tiny()
+            .remove("general.architecture")
+            .str("general.architecture", "gptj")
+            .bytes(),
         "unsupported architecture",
         &|e| matches!(e, Error::UnsupportedArchitecture(a) if a == "gptj"),
     );
-    check(tiny().remove("llama.block_count").bytes(), "missing key", &|e| {
-        matches!(e, Error::MissingKey(k) if k == "llama.block_count")
-    });
     check(
-        tiny().remove("llama.embedding_length").u32("llama.embedding_length", u32::MAX).bytes(),
+        tiny().remove("llama.block_count").bytes(),
+        "missing key",
+        &|e| matches!(e, Error::MissingKey(k) if k == "llama.block_count"),
+    );
+    check(
+        tiny()
+            .remove("llama.embedding_length")
+            .u32("llama.embedding_length", u32::MAX)
+            .bytes(),
         "absurd size",
         &|e| matches!(e, Error::BadKey { key, .. } if key == "llama.embedding_length"),
     );
     check(
-        tiny().remove("llama.attention.head_count_kv").u32("llama.attention.head_count_kv", 3).bytes(),
+        tiny()
+            .remove("llama.attention.head_count_kv")
+            .u32("llama.attention.head_count_kv", 3)
+            .bytes(),
         "kv heads that do not divide heads",
         &|e| matches!(e, Error::BadKey { .. }),
     );
     let mut unsupported = tiny();
-    unsupported.tensors.retain(|t| t.0 != "blk.0.ffn_down.weight");
+    unsupported
+        .tensors
+        .retain(|t| t.0 != "blk.0.ffn_down.weight");
     // IQ2_XXS (type 16): 66 bytes per 256 values
-    let unsupported = unsupported.tensor("blk.0.ffn_down.weight", &[256, 16], 16, vec![0u8; 66 * 16]);
+    let unsupported =
+        unsupported.tensor("blk.0.ffn_down.weight", &[256, 16], 16, vec![0u8; 66 * 16]);
     check(unsupported.bytes(), "unsupported quant type", &|e| {
         matches!(e, Error::UnsupportedQuant { tensor, .. } if tensor == "blk.0.ffn_down.weight")
             || matches!(e, Error::BadTensor { tensor, .. } if tensor == "blk.0.ffn_down.weight")
@@ -184,12 +236,18 @@ fn each_defect_is_a_clear_error() {
     let mut wrong_shape = tiny();
     wrong_shape.tensors.retain(|t| t.0 != "blk.0.attn_q.weight");
     let wrong_shape = wrong_shape.f32_tensor("blk.0.attn_q.weight", &[64, 32]);
-    check(wrong_shape.bytes(), "wrong tensor shape", &|e| {
-        matches!(e, Error::BadTensor { tensor, .. } if tensor.contains("attn_q"))
-    });
+    check(
+        wrong_shape.bytes(),
+        "wrong tensor shape",
+        &|e| matches!(e, Error::BadTensor { tensor, .. } if tensor.contains("attn_q")),
+    );
     let mut missing = tiny();
     missing.tensors.retain(|t| t.0 != "blk.0.ffn_up.weight");
-    check(missing.bytes(), "missing tensor", &|e| matches!(e, Error::BadTensor { tensor, .. } if tensor == "blk.0.ffn_up.weight"));
+    check(
+        missing.bytes(),
+        "missing tensor",
+        &|e| matches!(e, Error::BadTensor { tensor, .. } if tensor == "blk.0.ffn_up.weight"),
+    );
 }
 
 #[test]

@@ -52,9 +52,17 @@ pub fn run(o: &GenerateOptions) -> anyhow::Result<()> {
     }
     let max_ctx = o.max_ctx.min(cfg.context_length);
     let pipe = LocalPipeline::load(&file, &ranges, &device, max_ctx)?;
-    let text = if o.chat { tok.apply_chat_template(&[ChatMessage::new("user", o.prompt.clone())])? } else { o.prompt.clone() };
+    let text = if o.chat {
+        tok.apply_chat_template(&[ChatMessage::new("user", o.prompt.clone())])?
+    } else {
+        o.prompt.clone()
+    };
     let prompt = tok.encode(&text)?;
-    let params = GenerateParams { max_tokens: o.max_tokens, sampling: o.sampling.clone(), stop: o.stop.clone() };
+    let params = GenerateParams {
+        max_tokens: o.max_tokens,
+        sampling: o.sampling.clone(),
+        stop: o.stop.clone(),
+    };
     let mut out = std::io::stdout().lock();
     let g = generate(&pipe, &tok, &prompt, &params, |piece| {
         let _ = out.write_all(piece.as_bytes());

@@ -1,27 +1,48 @@
 //! `shard-node`: the command line of a shard node.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use common::device::DeviceSpec;
 use common::sampling::SamplingParams;
 use shard_node::bench_cmd::{self, BenchOptions};
 use shard_node::generate_cmd::{self, GenerateOptions};
 
 #[derive(Parser, Debug)]
-#[command(name = "shard-node", version, about = "A shard node of the inference cluster")]
+#[command(
+    name = "shard-node",
+    version,
+    about = "A shard node of the inference cluster"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Which model, where, and how it is cut into stages.
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// GGUF model file.
+    #[arg(long)]
+    model: PathBuf,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Chain stages split at these layers, e.g. `--split 10,20`.
+    #[arg(long, value_delimiter = ',')]
+    split: Vec<u32>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Generate text in one process, with the same stage code the cluster runs.
     Generate {
-        /// GGUF model file.
-        #[arg(long)]
-        model: PathBuf,
+        #[command(flatten)]
+        m: ModelArgs,
         /// Prompt text.
         #[arg(long)]
         prompt: String,
@@ -46,64 +67,80 @@ enum Command {
         /// Stop string (repeatable).
         #[arg(long)]
         stop: Vec<String>,
-        /// cpu or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Chain stages split at these layers, e.g. `--split 10,20`.
-        #[arg(long, value_delimiter = ',')]
-        split: Vec<u32>,
         /// Context bound of the session.
         #[arg(long, default_value_t = 2048)]
         max_ctx: usize,
     },
     /// Time prompt processing and decode (JSON lines on stdout).
     Bench {
-        /// GGUF model file.
-        #[arg(long)]
-        model: PathBuf,
+        #[command(flatten)]
+        m: ModelArgs,
         /// Prompt length in tokens.
         #[arg(long, default_value_t = 128)]
         prompt_tokens: usize,
         /// Decode steps.
         #[arg(long, default_value_t = 128)]
         gen_tokens: usize,
-        /// cpu or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
         /// Repetitions.
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Chain stages split at these layers, e.g. `--split 15`.
-        #[arg(long, value_delimiter = ',')]
-        split: Vec<u32>,
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Our errors carry their causes in their messages: one line, no backtrace.
+            eprintln!("shard-node: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate {
-            model, prompt, chat, max_tokens, temperature, top_k, top_p, seed, stop, device, threads, split, max_ctx,
-        } => generate_cmd::run(&GenerateOptions {
-            model,
+            m,
             prompt,
             chat,
             max_tokens,
-            sampling: SamplingParams { temperature, top_k, top_p, seed },
+            temperature,
+            top_k,
+            top_p,
+            seed,
             stop,
-            device,
-            threads,
-            split,
+            max_ctx,
+        } => generate_cmd::run(&GenerateOptions {
+            model: m.model,
+            prompt,
+            chat,
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            },
+            stop,
+            device: m.device,
+            threads: m.threads,
+            split: m.split,
             max_ctx,
         }),
-        Command::Bench { model, prompt_tokens, gen_tokens, device, threads, runs, split } => {
-            bench_cmd::run(&BenchOptions { model, prompt_tokens, gen_tokens, device, threads, runs, split })
-        }
+        Command::Bench {
+            m,
+            prompt_tokens,
+            gen_tokens,
+            runs,
+        } => bench_cmd::run(&BenchOptions {
+            model: m.model,
+            prompt_tokens,
+            gen_tokens,
+            device: m.device,
+            threads: m.threads,
+            runs,
+            split: m.split,
+        }),
     }
 }

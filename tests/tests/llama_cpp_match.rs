@@ -53,16 +53,30 @@ fn tokenizer_and_greedy_ids_match_llama_cpp() -> anyhow::Result<()> {
     assert!(reference.cases.len() >= 6 && reference.cases.iter().filter(|c| c.chat).count() >= 2);
     let file = GgufFile::open(default_model())?;
     let tok = TextTokenizer::from_gguf(&file)?;
-    assert_eq!(tok.eog_ids().iter().copied().collect::<Vec<_>>(), reference.eog_ids, "end-of-generation set");
+    assert_eq!(
+        tok.eog_ids().iter().copied().collect::<Vec<_>>(),
+        reference.eog_ids,
+        "end-of-generation set"
+    );
     let cfg = file.config()?;
-    let pipe = LocalPipeline::load(&file, &[LayerRange::full(cfg.n_layers)?], &candle_core::Device::Cpu, 1024)?;
+    let pipe = LocalPipeline::load(
+        &file,
+        &[LayerRange::full(cfg.n_layers)?],
+        &candle_core::Device::Cpu,
+        1024,
+    )?;
 
     let mut compared_free = 0;
     let mut compared_forced = 0;
     for case in &reference.cases {
         let text = if case.chat {
-            let rendered = tok.apply_chat_template(&[ChatMessage::new("user", case.prompt.clone())])?;
-            assert_eq!(rendered, case.rendered, "chat template rendering for {:?}", case.prompt);
+            let rendered =
+                tok.apply_chat_template(&[ChatMessage::new("user", case.prompt.clone())])?;
+            assert_eq!(
+                rendered, case.rendered,
+                "chat template rendering for {:?}",
+                case.prompt
+            );
             rendered
         } else {
             case.prompt.clone()
@@ -78,7 +92,11 @@ fn tokenizer_and_greedy_ids_match_llama_cpp() -> anyhow::Result<()> {
                 break;
             }
             let got = argmax(&logits);
-            assert_eq!(got, want, "{:?}: step {step} (llama.cpp margin {margin})", case.prompt);
+            assert_eq!(
+                got, want,
+                "{:?}: step {step} (llama.cpp margin {margin})",
+                case.prompt
+            );
             compared_free += 1;
             if tok.is_eog(got) {
                 break;
@@ -91,7 +109,12 @@ fn tokenizer_and_greedy_ids_match_llama_cpp() -> anyhow::Result<()> {
         let mut logits = pipe.prefill(&mut sess, &ids)?;
         for (step, (&want, &margin)) in case.generated_ids.iter().zip(&case.margins).enumerate() {
             if margin >= NEAR_TIE {
-                assert_eq!(argmax(&logits), want, "{:?}: forced step {step} (margin {margin})", case.prompt);
+                assert_eq!(
+                    argmax(&logits),
+                    want,
+                    "{:?}: forced step {step} (margin {margin})",
+                    case.prompt
+                );
                 compared_forced += 1;
             }
             if tok.is_eog(want) {
@@ -101,6 +124,9 @@ fn tokenizer_and_greedy_ids_match_llama_cpp() -> anyhow::Result<()> {
         }
     }
     eprintln!("compared {compared_free} free-running and {compared_forced} teacher-forced steps");
-    assert!(compared_free >= 60 && compared_forced >= 150, "too few steps compared");
+    assert!(
+        compared_free >= 60 && compared_forced >= 150,
+        "too few steps compared"
+    );
     Ok(())
 }

@@ -17,7 +17,11 @@ fn three_stages_equal_one() -> anyhow::Result<()> {
     let one = LocalPipeline::load(&file, &[LayerRange::new(0, 30)?], &Device::Cpu, 512)?;
     let three = LocalPipeline::load(
         &file,
-        &[LayerRange::new(0, 10)?, LayerRange::new(10, 20)?, LayerRange::new(20, 30)?],
+        &[
+            LayerRange::new(0, 10)?,
+            LayerRange::new(10, 20)?,
+            LayerRange::new(20, 30)?,
+        ],
         &Device::Cpu,
         512,
     )?;
@@ -26,7 +30,8 @@ fn three_stages_equal_one() -> anyhow::Result<()> {
     assert!(!three.stages()[1].is_first() && !three.stages()[1].is_last());
     assert!(three.stages()[2].is_last());
 
-    let ids = tok.encode("Split invariance: the same model, cut in three, must give the same numbers.")?;
+    let ids =
+        tok.encode("Split invariance: the same model, cut in three, must give the same numbers.")?;
     let (mut s1, mut s3) = (one.session(512)?, three.session(512)?);
     let a = one.logits(&mut s1, &ids, true)?;
     let b = three.logits(&mut s3, &ids, true)?;

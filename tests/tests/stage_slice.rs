@@ -24,8 +24,15 @@ fn middle_stage_holds_exactly_its_blocks() -> anyhow::Result<()> {
         .collect();
     assert_eq!(names, want, "tensors of blocks 10..20 and nothing else");
     assert!(!names.contains("token_embd.weight") && !names.contains("output_norm.weight"));
-    let sum: u64 = names.iter().map(|n| file.require(n).map(|d| d.nbytes)).sum::<Result<u64, _>>()?;
-    assert_eq!(stage.weight_bytes() as u64, sum, "attributed bytes equal the tensors' sizes");
+    let sum: u64 = names
+        .iter()
+        .map(|n| file.require(n).map(|d| d.nbytes))
+        .sum::<Result<u64, _>>()?;
+    assert_eq!(
+        stage.weight_bytes() as u64,
+        sum,
+        "attributed bytes equal the tensors' sizes"
+    );
     assert!(!stage.is_first() && !stage.is_last());
     assert!(stage.embed(&[1]).is_err(), "a middle stage cannot embed");
     Ok(())
@@ -35,7 +42,10 @@ fn middle_stage_holds_exactly_its_blocks() -> anyhow::Result<()> {
 fn first_and_last_stages_add_embedding_and_head() -> anyhow::Result<()> {
     let file = GgufFile::open(default_model())?;
     let first = Stage::load(&file, LayerRange::new(0, 1)?, &Device::Cpu, 256)?;
-    assert!(first.tensor_names().iter().any(|n| n == "token_embd.weight"));
+    assert!(first
+        .tensor_names()
+        .iter()
+        .any(|n| n == "token_embd.weight"));
     assert!(first.is_first() && !first.is_last());
     let last = Stage::load(&file, LayerRange::new(29, 30)?, &Device::Cpu, 256)?;
     // SmolLM2 has no output.weight: the head is the tied token_embd.
@@ -43,7 +53,10 @@ fn first_and_last_stages_add_embedding_and_head() -> anyhow::Result<()> {
     let names: BTreeSet<&str> = last.tensor_names().iter().map(String::as_str).collect();
     assert!(names.contains("token_embd.weight") && names.contains("output_norm.weight"));
     assert!(last.is_last() && !last.is_first());
-    let sum: u64 = names.iter().map(|n| file.require(n).map(|d| d.nbytes)).sum::<Result<u64, _>>()?;
+    let sum: u64 = names
+        .iter()
+        .map(|n| file.require(n).map(|d| d.nbytes))
+        .sum::<Result<u64, _>>()?;
     assert_eq!(last.weight_bytes() as u64, sum);
     Ok(())
 }

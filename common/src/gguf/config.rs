@@ -133,7 +133,10 @@ impl TryFrom<&Metadata> for ModelConfig {
             None => None,
         };
 
-        let bad = |k: &str, reason: String| Error::BadKey { key: key(k), reason };
+        let bad = |k: &str, reason: String| Error::BadKey {
+            key: key(k),
+            reason,
+        };
         if hidden % n_heads != 0 {
             return Err(bad(
                 "attention.head_count",
@@ -156,17 +159,29 @@ impl TryFrom<&Metadata> for ModelConfig {
             }
         }
         if head_dim % 2 != 0 {
-            return Err(bad("attention.head_count", format!("head width {head_dim} is odd")));
+            return Err(bad(
+                "attention.head_count",
+                format!("head width {head_dim} is odd"),
+            ));
         }
         if !(rms_eps.is_finite() && rms_eps > 0.0 && rms_eps < 1.0) {
-            return Err(bad("attention.layer_norm_rms_epsilon", format!("{rms_eps} is not in (0, 1)")));
+            return Err(bad(
+                "attention.layer_norm_rms_epsilon",
+                format!("{rms_eps} is not in (0, 1)"),
+            ));
         }
         if !(rope_base.is_finite() && rope_base > 1.0) {
-            return Err(bad("rope.freq_base", format!("{rope_base} is not a usable base")));
+            return Err(bad(
+                "rope.freq_base",
+                format!("{rope_base} is not a usable base"),
+            ));
         }
         if let Some(scaling) = meta.opt_str(&key("rope.scaling.type"))? {
             if scaling != "none" {
-                return Err(bad("rope.scaling.type", format!("RoPE scaling `{scaling}` is not supported")));
+                return Err(bad(
+                    "rope.scaling.type",
+                    format!("RoPE scaling `{scaling}` is not supported"),
+                ));
             }
         }
 

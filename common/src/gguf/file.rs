@@ -42,7 +42,10 @@ impl TensorDesc {
 
     /// The storage type, or an error naming the tensor and its unsupported type.
     pub fn ggml_dtype(&self) -> Result<GgmlDType> {
-        self.dtype.clone().map_err(|dtype| Error::UnsupportedQuant { tensor: self.name.clone(), dtype })
+        self.dtype.clone().map_err(|dtype| Error::UnsupportedQuant {
+            tensor: self.name.clone(),
+            dtype,
+        })
     }
 }
 
@@ -79,7 +82,10 @@ impl GgufFile {
     /// byte range lies inside the file. Nothing of the tensor data is read.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| Error::Io { path: path.clone(), source };
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
         let file = File::open(&path).map_err(io)?;
         let reader = GGUFFileReader::new(BufReader::new(file.try_clone().map_err(io)?))
             .map_err(|e| Error::Gguf(format!("{}: {e}", path.display())))?;
@@ -107,11 +113,22 @@ impl GgufFile {
                 .map_err(|_| Error::Gguf(format!("tensor `{name}` has an absurd dimension")))?;
             tensors.insert(
                 name.clone(),
-                TensorDesc { name, dims, dtype: to_ggml(info.tensor_type()), offset, nbytes },
+                TensorDesc {
+                    name,
+                    dims,
+                    dtype: to_ggml(info.tensor_type()),
+                    offset,
+                    nbytes,
+                },
             );
         }
         let metadata = reader.metadata().clone();
-        Ok(GgufFile { path, file, metadata, tensors })
+        Ok(GgufFile {
+            path,
+            file,
+            metadata,
+            tensors,
+        })
     }
 
     /// The file's path.
@@ -161,7 +178,10 @@ impl GgufFile {
         let mut buf = vec![0u8; len];
         self.file
             .read_exact_at(&mut buf, desc.offset)
-            .map_err(|source| Error::Io { path: self.path.clone(), source })?;
+            .map_err(|source| Error::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         Ok(buf)
     }
 }

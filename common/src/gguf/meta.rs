@@ -9,7 +9,10 @@ use crate::error::{Error, Result};
 pub struct Meta<'a>(pub &'a Metadata);
 
 fn bad(key: &str, reason: impl Into<String>) -> Error {
-    Error::BadKey { key: key.to_string(), reason: reason.into() }
+    Error::BadKey {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
 }
 
 impl<'a> Meta<'a> {
@@ -23,7 +26,10 @@ impl<'a> Meta<'a> {
         match self.get(key) {
             None => Err(Error::MissingKey(key.to_string())),
             Some(MetadataValue::String(s)) => Ok(s.as_str()),
-            Some(v) => Err(bad(key, format!("expected a string, found {}", type_name(v)))),
+            Some(v) => Err(bad(
+                key,
+                format!("expected a string, found {}", type_name(v)),
+            )),
         }
     }
 
@@ -37,8 +43,15 @@ impl<'a> Meta<'a> {
 
     /// A required non-negative integer of any width.
     pub fn u64(&self, key: &str) -> Result<u64> {
-        let v = self.get(key).ok_or_else(|| Error::MissingKey(key.to_string()))?;
-        as_u64(v).ok_or_else(|| bad(key, format!("expected a non-negative integer, found {}", show(v))))
+        let v = self
+            .get(key)
+            .ok_or_else(|| Error::MissingKey(key.to_string()))?;
+        as_u64(v).ok_or_else(|| {
+            bad(
+                key,
+                format!("expected a non-negative integer, found {}", show(v)),
+            )
+        })
     }
 
     /// An optional non-negative integer.
@@ -75,7 +88,10 @@ impl<'a> Meta<'a> {
         match self.get(key) {
             None => Err(Error::MissingKey(key.to_string())),
             Some(MetadataValue::Array(a)) => Ok(a.values.as_slice()),
-            Some(v) => Err(bad(key, format!("expected an array, found {}", type_name(v)))),
+            Some(v) => Err(bad(
+                key,
+                format!("expected an array, found {}", type_name(v)),
+            )),
         }
     }
 
@@ -86,7 +102,10 @@ impl<'a> Meta<'a> {
             .enumerate()
             .map(|(i, v)| match v {
                 MetadataValue::String(s) => Ok(s.as_str()),
-                v => Err(bad(key, format!("element {i} is {}, not a string", type_name(v)))),
+                v => Err(bad(
+                    key,
+                    format!("element {i} is {}, not a string", type_name(v)),
+                )),
             })
             .collect()
     }
@@ -100,9 +119,12 @@ impl<'a> Meta<'a> {
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                as_f64(v)
-                    .map(|x| x as f32)
-                    .ok_or_else(|| bad(key, format!("element {i} is {}, not a number", type_name(v))))
+                as_f64(v).map(|x| x as f32).ok_or_else(|| {
+                    bad(
+                        key,
+                        format!("element {i} is {}, not a number", type_name(v)),
+                    )
+                })
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
@@ -118,7 +140,10 @@ impl<'a> Meta<'a> {
             .enumerate()
             .map(|(i, v)| {
                 as_i64(v).ok_or_else(|| {
-                    bad(key, format!("element {i} is {}, not an integer", type_name(v)))
+                    bad(
+                        key,
+                        format!("element {i} is {}, not an integer", type_name(v)),
+                    )
                 })
             })
             .collect::<Result<Vec<_>>>()

@@ -53,7 +53,11 @@ pub struct ActBlock {
 
 impl Default for ActBlock {
     fn default() -> Self {
-        ActBlock { d: 0.0, s: 0.0, qs: [0; BLOCK] }
+        ActBlock {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; BLOCK],
+        }
     }
 }
 

@@ -48,7 +48,14 @@ pub fn dot_scalar(kind: QuantKind, row: &[u8], acts: &[ActBlock]) -> f32 {
 /// being `row_bytes` apart.
 pub type RowsFn = fn(&[u8], usize, &[ActBlock], &mut [f32], usize);
 
-fn rows_scalar(kind: QuantKind, w: &[u8], row_bytes: usize, acts: &[ActBlock], out: &mut [f32], row0: usize) {
+fn rows_scalar(
+    kind: QuantKind,
+    w: &[u8],
+    row_bytes: usize,
+    acts: &[ActBlock],
+    out: &mut [f32],
+    row0: usize,
+) {
     for (i, y) in out.iter_mut().enumerate() {
         let r = row0 + i;
         *y = dot_scalar(kind, &w[r * row_bytes..(r + 1) * row_bytes], acts);
@@ -300,7 +307,9 @@ mod tests {
         for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
             for blocks in [1usize, 3, 18, 48] {
                 let row = random_row(kind, blocks, &mut rng);
-                let x: Vec<f32> = (0..blocks * BLOCK).map(|_| rng.gen_range(-2.0..2.0)).collect();
+                let x: Vec<f32> = (0..blocks * BLOCK)
+                    .map(|_| rng.gen_range(-2.0..2.0))
+                    .collect();
                 let mut acts = vec![ActBlock::default(); blocks];
                 quantize_acts(&x, &mut acts);
                 let rb = row.len();
@@ -308,12 +317,18 @@ mod tests {
                 best(kind)(&row, rb, &acts, &mut fast, 0);
                 let fast = fast[0];
                 let slow = dot_scalar(kind, &row, &acts);
-                assert!((fast - slow).abs() <= 1e-4 * (1.0 + slow.abs()), "{kind:?} {fast} {slow}");
+                assert!(
+                    (fast - slow).abs() <= 1e-4 * (1.0 + slow.abs()),
+                    "{kind:?} {fast} {slow}"
+                );
                 let mut w = vec![0f32; blocks * BLOCK];
                 dequantize_row(kind, &row, &mut w);
                 let exact: f32 = w.iter().zip(&x).map(|(a, b)| a * b).sum();
                 let tol = 0.02 * w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum::<f32>() + 1e-3;
-                assert!((fast - exact).abs() <= tol, "{kind:?} {fast} vs {exact} (tol {tol})");
+                assert!(
+                    (fast - exact).abs() <= tol,
+                    "{kind:?} {fast} vs {exact} (tol {tol})"
+                );
             }
         }
     }

@@ -17,7 +17,9 @@ impl QuantizedActs {
         let k_blocks = k / BLOCK;
         let mut blocks = vec![ActBlock::default(); x.len() / BLOCK];
         if x.len() >= 4 * k {
-            parallel_chunks_mut(&mut blocks, k_blocks, |t, o| quantize_acts(&x[t * k..(t + 1) * k], o));
+            parallel_chunks_mut(&mut blocks, k_blocks, |t, o| {
+                quantize_acts(&x[t * k..(t + 1) * k], o)
+            });
         } else {
             quantize_acts(x, &mut blocks);
         }
@@ -63,7 +65,13 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
             for r0 in (0..rows).step_by(ROWS) {
                 let r1 = (r0 + ROWS).min(rows);
                 for t in 0..nt {
-                    rows_fn(weight, row_bytes, acts.row(t0 + t), &mut o[t * rows + r0..t * rows + r1], r0);
+                    rows_fn(
+                        weight,
+                        row_bytes,
+                        acts.row(t0 + t),
+                        &mut o[t * rows + r0..t * rows + r1],
+                        r0,
+                    );
                 }
             }
         });
@@ -95,7 +103,11 @@ mod tests {
         }
         let mut w = vec![0f32; rows * k];
         for r in 0..rows {
-            dequantize_row(kind, &weight[r * row_bytes..(r + 1) * row_bytes], &mut w[r * k..(r + 1) * k]);
+            dequantize_row(
+                kind,
+                &weight[r * row_bytes..(r + 1) * row_bytes],
+                &mut w[r * k..(r + 1) * k],
+            );
         }
         for n in [1usize, 3, 9, 17] {
             let x: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
@@ -104,7 +116,10 @@ mod tests {
             for t in 0..n {
                 for r in 0..rows {
                     let exact: f32 = (0..k).map(|j| x[t * k + j] * w[r * k + j]).sum();
-                    assert!((out[t * rows + r] - exact).abs() < 0.05, "n={n} t={t} r={r}");
+                    assert!(
+                        (out[t * rows + r] - exact).abs() < 0.05,
+                        "n={n} t={t} r={r}"
+                    );
                 }
             }
         }

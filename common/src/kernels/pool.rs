@@ -50,7 +50,9 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("threads", &self.threads).finish()
+        f.debug_struct("Pool")
+            .field("threads", &self.threads)
+            .finish()
     }
 }
 
@@ -90,7 +92,11 @@ impl Pool {
                 .spawn(move || worker(&s, w))
                 .expect("cannot spawn a kernel thread");
         }
-        Pool { shared, driver: Mutex::new(()), threads }
+        Pool {
+            shared,
+            driver: Mutex::new(()),
+            threads,
+        }
     }
 
     /// Threads working on each loop, the caller included.
@@ -110,14 +116,24 @@ impl Pool {
                 return;
             }
         };
-        let job = Job { f, n, next: AtomicUsize::new(0) };
+        let job = Job {
+            f,
+            n,
+            next: AtomicUsize::new(0),
+        };
         // SAFETY: workers dereference this pointer only between seeing the new epoch and
         // storing it in `finished`; we wait for every worker's `finished` below before `job`
         // goes out of scope, so the pointer never outlives the borrow it erases.
         let ptr = &job as *const Job<'_> as *mut Job<'static>;
         self.shared.job.store(ptr, Ordering::Release);
         let epoch = self.shared.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        if *self.shared.sleepers.lock().unwrap_or_else(|e| e.into_inner()) > 0 {
+        if *self
+            .shared
+            .sleepers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            > 0
+        {
             self.shared.wake.notify_all();
         }
         job.work();
@@ -126,7 +142,9 @@ impl Pool {
                 std::hint::spin_loop();
             }
         }
-        self.shared.job.store(std::ptr::null_mut(), Ordering::Release);
+        self.shared
+            .job
+            .store(std::ptr::null_mut(), Ordering::Release);
         drop(guard);
     }
 }
@@ -145,9 +163,8 @@ fn worker(s: &Shared, w: usize) {
                 return;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 != 0 {
-                std::hint::spin_loop();
-            } else if start.elapsed() < SPIN {
+            // Read the clock only every 64 spins.
+            if !spins.is_multiple_of(64) || start.elapsed() < SPIN {
                 std::hint::spin_loop();
             } else if start.elapsed() < SPIN * 4 {
                 std::thread::yield_now();
@@ -181,7 +198,11 @@ pub fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
 }
 
 /// Splits `out` into chunks of `chunk` and runs `f(chunk_index, chunk)` on the global pool.
-pub fn parallel_chunks_mut<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+pub fn parallel_chunks_mut<T: Send>(
+    out: &mut [T],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
     let chunk = chunk.max(1);
     let len = out.len();
     let n = len.div_ceil(chunk);
@@ -227,7 +248,9 @@ mod tests {
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         }
         let mut v = vec![0usize; 103];
-        parallel_chunks_mut(&mut v, 10, |c, part| part.iter_mut().for_each(|x| *x += c + 1));
+        parallel_chunks_mut(&mut v, 10, |c, part| {
+            part.iter_mut().for_each(|x| *x += c + 1)
+        });
         assert!(v.iter().enumerate().all(|(i, &x)| x == i / 10 + 1));
     }
 }

@@ -98,7 +98,11 @@ mod x86 {
         let n = a.len() / 8 * 8;
         let mut acc = _mm256_setzero_ps();
         for i in (0..n).step_by(8) {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), load_f16(b.as_ptr().add(i)), acc);
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                load_f16(b.as_ptr().add(i)),
+                acc,
+            );
         }
         let mut s = hsum(acc);
         for i in n..a.len() {
@@ -113,7 +117,10 @@ mod x86 {
         let wv = _mm256_set1_ps(w);
         for i in (0..n).step_by(8) {
             let p = o.as_mut_ptr().add(i);
-            _mm256_storeu_ps(p, _mm256_fmadd_ps(wv, load_f16(v.as_ptr().add(i)), _mm256_loadu_ps(p)));
+            _mm256_storeu_ps(
+                p,
+                _mm256_fmadd_ps(wv, load_f16(v.as_ptr().add(i)), _mm256_loadu_ps(p)),
+            );
         }
         for i in n..o.len() {
             o[i] += w * v[i].to_f32();
@@ -125,7 +132,11 @@ mod x86 {
         let n = a.len() / 8 * 8;
         let mut acc = _mm256_setzero_ps();
         for i in (0..n).step_by(8) {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc);
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+                acc,
+            );
         }
         let mut s = hsum(acc);
         for i in n..a.len() {
@@ -140,7 +151,10 @@ mod x86 {
         let wv = _mm256_set1_ps(w);
         for i in (0..n).step_by(8) {
             let p = o.as_mut_ptr().add(i);
-            _mm256_storeu_ps(p, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.as_ptr().add(i)), _mm256_loadu_ps(p)));
+            _mm256_storeu_ps(
+                p,
+                _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.as_ptr().add(i)), _mm256_loadu_ps(p)),
+            );
         }
         for i in n..o.len() {
             o[i] += w * v[i];
@@ -156,7 +170,9 @@ mod tests {
     fn simd_matches_scalar() {
         for n in [1usize, 7, 8, 64, 67] {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            let b16: Vec<f16> = (0..n).map(|i| f16::from_f32((i as f32 * 0.11).cos())).collect();
+            let b16: Vec<f16> = (0..n)
+                .map(|i| f16::from_f32((i as f32 * 0.11).cos()))
+                .collect();
             let b32: Vec<f32> = b16.iter().map(|x| x.to_f32()).collect();
             let want: f32 = a.iter().zip(&b32).map(|(x, y)| x * y).sum();
             assert!((f16::dot(&a, &b16) - want).abs() < 1e-4);

@@ -27,8 +27,15 @@ impl Block {
     pub fn tensor_names(file: &GgufFile, i: u32) -> Vec<String> {
         let p = format!("blk.{i}.");
         let mut names: Vec<String> = [
-            "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-            "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
+            "attn_norm.weight",
+            "attn_q.weight",
+            "attn_k.weight",
+            "attn_v.weight",
+            "attn_output.weight",
+            "ffn_norm.weight",
+            "ffn_gate.weight",
+            "ffn_up.weight",
+            "ffn_down.weight",
         ]
         .iter()
         .map(|s| format!("{p}{s}"))
@@ -64,7 +71,11 @@ impl Block {
             ffn_norm: load_vector(file, &n("ffn_norm.weight"), h, device)?,
             gate_up: MultiLinear::load(file, &[&gn, &un], &[f, f], h, None, device)?,
             down: QLinear::load(file, &n("ffn_down.weight"), h, f, device)?,
-            shape: AttnShape { heads: cfg.n_heads, kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim },
+            shape: AttnShape {
+                heads: cfg.n_heads,
+                kv_heads: cfg.n_kv_heads,
+                head_dim: cfg.head_dim,
+            },
             eps: cfg.rms_eps as f32,
         })
     }
@@ -80,7 +91,14 @@ impl Block {
 
     /// Runs the block on `x: [n, hidden]` at positions `start..start+n`, writing this
     /// block's keys and values into layer `li` of `cache` (already reserved).
-    pub fn forward(&self, x: &Tensor, cache: &mut KvCache, li: usize, start: usize, rope: &Rope) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        li: usize,
+        start: usize,
+        rope: &Rope,
+    ) -> Result<Tensor> {
         let s = self.shape;
         let h = candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps)?;
         let parts = self.qkv.forward(&h)?;

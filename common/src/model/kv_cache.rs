@@ -40,7 +40,9 @@ impl std::str::FromStr for KvDtype {
         match s {
             "f16" => Ok(KvDtype::F16),
             "f32" => Ok(KvDtype::F32),
-            _ => Err(Error::Config(format!("KV cache type `{s}` is not f16 or f32"))),
+            _ => Err(Error::Config(format!(
+                "KV cache type `{s}` is not f16 or f32"
+            ))),
         }
     }
 }
@@ -65,7 +67,13 @@ pub struct KvCache {
 
 impl KvCache {
     /// An empty cache for `n_layers` blocks of width `kv_dim`, bounded by `max_ctx` tokens.
-    pub fn new(n_layers: usize, kv_dim: usize, max_ctx: usize, dtype: KvDtype, device: &Device) -> Result<Self> {
+    pub fn new(
+        n_layers: usize,
+        kv_dim: usize,
+        max_ctx: usize,
+        dtype: KvDtype,
+        device: &Device,
+    ) -> Result<Self> {
         if max_ctx == 0 {
             return Err(Error::Config("max context must be at least 1".into()));
         }
@@ -113,12 +121,18 @@ impl KvCache {
     pub fn reserve(&mut self, n: usize) -> Result<()> {
         let needed = self.len + n;
         if needed > self.max_ctx {
-            return Err(Error::ContextOverflow { needed, max: self.max_ctx });
+            return Err(Error::ContextOverflow {
+                needed,
+                max: self.max_ctx,
+            });
         }
         if needed <= self.capacity {
             return Ok(());
         }
-        let cap = needed.div_ceil(CHUNK).saturating_mul(CHUNK).min(self.max_ctx);
+        let cap = needed
+            .div_ceil(CHUNK)
+            .saturating_mul(CHUNK)
+            .min(self.max_ctx);
         let mut grown = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             let (k, v) = self.alloc(cap)?;
@@ -181,8 +195,20 @@ mod tests {
         c.reserve(250)?; // regrows to the bound, 300, keeping the rows
         assert_eq!(c.nbytes(), 2 * 2 * 300 * 8 * 2);
         let (k0, _) = c.buffers(0)?;
-        assert_eq!(k0.narrow(0, 0, 10)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?, 80.0);
-        assert!(matches!(c.reserve(291), Err(Error::ContextOverflow { needed: 301, max: 300 })));
+        assert_eq!(
+            k0.narrow(0, 0, 10)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?,
+            80.0
+        );
+        assert!(matches!(
+            c.reserve(291),
+            Err(Error::ContextOverflow {
+                needed: 301,
+                max: 300
+            })
+        ));
         assert_eq!(c.len(), 10);
         Ok(())
     }

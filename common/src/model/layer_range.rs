@@ -22,14 +22,17 @@ impl LayerRange {
 
     /// The whole model.
     pub fn full(n_layers: usize) -> Result<Self> {
-        let end = u32::try_from(n_layers).map_err(|_| Error::BadLayerRange(format!("{n_layers} layers")))?;
+        let end = u32::try_from(n_layers)
+            .map_err(|_| Error::BadLayerRange(format!("{n_layers} layers")))?;
         Self::new(0, end)
     }
 
     /// Checks that the range lies within a model of `n_layers` blocks.
     pub fn check(self, n_layers: usize) -> Result<Self> {
         if self.end as usize > n_layers {
-            return Err(Error::BadLayerRange(format!("{self} goes past the model's {n_layers} layers")));
+            return Err(Error::BadLayerRange(format!(
+                "{self} goes past the model's {n_layers} layers"
+            )));
         }
         Ok(self)
     }
@@ -85,7 +88,9 @@ impl std::str::FromStr for LayerRange {
             .split_once("..")
             .ok_or_else(|| Error::BadLayerRange(format!("`{s}` is not START..END")))?;
         let parse = |v: &str| {
-            v.trim().parse::<u32>().map_err(|_| Error::BadLayerRange(format!("`{s}` is not START..END")))
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| Error::BadLayerRange(format!("`{s}` is not START..END")))
         };
         Self::new(parse(a)?, parse(b)?)
     }

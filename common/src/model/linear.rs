@@ -40,7 +40,7 @@ fn qtensor_from_bytes(
 ) -> Result<QTensor> {
     let elems: usize = dims.iter().product();
     let bs = dtype.block_size();
-    if elems % bs != 0 || bytes.len() != elems / bs * dtype.type_size() {
+    if !elems.is_multiple_of(bs) || bytes.len() != elems / bs * dtype.type_size() {
         return Err(Error::BadTensor {
             tensor: name.to_string(),
             reason: format!("{} bytes do not hold {dims:?} of {dtype:?}", bytes.len()),
@@ -73,13 +73,28 @@ impl QLinear {
             _ => None,
         };
         let generic = QMatMul::from_arc(weight.clone())?;
-        Ok(QLinear { weight, generic, fast, out_features, in_features, bias })
+        Ok(QLinear {
+            weight,
+            generic,
+            fast,
+            out_features,
+            in_features,
+            bias,
+        })
     }
 
     /// Loads `name` from the file, checking it is `[out, in]`.
-    pub fn load(file: &GgufFile, name: &str, out: usize, inp: usize, device: &Device) -> Result<Self> {
-        Self::load_fused(file, &[name], &[out], inp, device)?
-            .ok_or_else(|| Error::BadTensor { tensor: name.into(), reason: "cannot be loaded".into() })
+    pub fn load(
+        file: &GgufFile,
+        name: &str,
+        out: usize,
+        inp: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::load_fused(file, &[name], &[out], inp, device)?.ok_or_else(|| Error::BadTensor {
+            tensor: name.into(),
+            reason: "cannot be loaded".into(),
+        })
     }
 
     /// Loads several `[out_i, in]` weights as one `[Σ out_i, in]` matrix, so that one product
@@ -171,10 +186,14 @@ impl CustomOp1 for FastMatMul<'_> {
         "fast-qmatmul"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("fast-qmatmul needs a contiguous input".into()))?;
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("fast-qmatmul needs a contiguous input".into())
+        })?;
         let x = &storage.as_slice::<f32>()?[start..end];
         let dims = layout.shape().dims();
         if dims.last() != Some(&self.k) {

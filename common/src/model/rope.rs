@@ -19,7 +19,13 @@ pub struct Rope {
 
 impl Rope {
     /// Tables for heads of `head_dim` with base `base`, up to `max_pos` positions.
-    pub fn new(style: RopeStyle, head_dim: usize, base: f32, max_pos: usize, device: &Device) -> Result<Self> {
+    pub fn new(
+        style: RopeStyle,
+        head_dim: usize,
+        base: f32,
+        max_pos: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_pos * half);
         let mut sin = Vec::with_capacity(max_pos * half);
@@ -33,21 +39,40 @@ impl Rope {
         }
         let cos_t = Tensor::from_slice(&cos, (max_pos, half), device)?;
         let sin_t = Tensor::from_slice(&sin, (max_pos, half), device)?;
-        let (cos_host, sin_host) = if device.is_cpu() { (cos, sin) } else { (Vec::new(), Vec::new()) };
-        Ok(Rope { style, half, cos: cos_t, sin: sin_t, cos_host, sin_host })
+        let (cos_host, sin_host) = if device.is_cpu() {
+            (cos, sin)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok(Rope {
+            style,
+            half,
+            cos: cos_t,
+            sin: sin_t,
+            cos_host,
+            sin_host,
+        })
     }
 
     /// Rotates `x: [n, heads * head_dim]` whose rows sit at positions `start..start + n`.
     pub fn apply(&self, x: &Tensor, heads: usize, start: usize) -> Result<Tensor> {
         let (n, width) = x.dims2()?;
         if x.device().is_cpu() && !self.cos_host.is_empty() {
-            let op = RopeCpu { rope: self, heads, start };
+            let op = RopeCpu {
+                rope: self,
+                heads,
+                start,
+            };
             return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
         }
         let hd = width / heads;
         let cos = self.cos.narrow(0, start, n)?;
         let sin = self.sin.narrow(0, start, n)?;
-        let xs = x.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+        let xs = x
+            .reshape((n, heads, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .unsqueeze(0)?;
         let y = match self.style {
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&xs, &cos, &sin)?,
             RopeStyle::Halves => candle_nn::rotary_emb::rope(&xs, &cos, &sin)?,
@@ -67,7 +92,11 @@ impl CustomOp1 for RopeCpu<'_> {
         "rope-cpu"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (a, b) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("rope needs a contiguous input".into()))?;

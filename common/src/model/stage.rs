@@ -45,7 +45,12 @@ pub struct Stage {
 impl Stage {
     /// Loads the tensors of `range` from `file` onto `device`. Sessions of this stage may
     /// hold up to `max_ctx` tokens (at most the model's context length).
-    pub fn load(file: &GgufFile, range: LayerRange, device: &Device, max_ctx: usize) -> Result<Self> {
+    pub fn load(
+        file: &GgufFile,
+        range: LayerRange,
+        device: &Device,
+        max_ctx: usize,
+    ) -> Result<Self> {
         Self::load_with_progress(file, range, device, max_ctx, |_, _| {})
     }
 
@@ -120,7 +125,18 @@ impl Stage {
         let embedding = if first { embedding } else { None };
 
         let rope = Rope::new(cfg.rope_style, cfg.head_dim, cfg.rope_base, max_ctx, device)?;
-        Ok(Stage { cfg, range, device: device.clone(), vocab, max_ctx, embedding, blocks, head, rope, tensor_names })
+        Ok(Stage {
+            cfg,
+            range,
+            device: device.clone(),
+            vocab,
+            max_ctx,
+            embedding,
+            blocks,
+            head,
+            rope,
+            tensor_names,
+        })
     }
 
     /// The model configuration.
@@ -165,11 +181,22 @@ impl Stage {
 
     /// Bytes held by this stage's weights (each shared tensor once).
     pub fn weight_bytes(&self) -> usize {
-        let embd = self.embedding.as_ref().map_or(0, |e| e.storage_size_in_bytes());
+        let embd = self
+            .embedding
+            .as_ref()
+            .map_or(0, |e| e.storage_size_in_bytes());
         let blocks: usize = self.blocks.iter().map(Block::nbytes).sum();
         let head = self.head.as_ref().map_or(0, |h| {
-            let tied_and_counted = self.embedding.as_ref().is_some_and(|e| Arc::ptr_eq(e, h.output.weight()));
-            h.norm.elem_count() * 4 + if tied_and_counted { 0 } else { h.output.nbytes() }
+            let tied_and_counted = self
+                .embedding
+                .as_ref()
+                .is_some_and(|e| Arc::ptr_eq(e, h.output.weight()));
+            h.norm.elem_count() * 4
+                + if tied_and_counted {
+                    0
+                } else {
+                    h.output.nbytes()
+                }
         });
         embd + blocks + head
     }
@@ -177,9 +204,18 @@ impl Stage {
     /// A new, empty KV cache for one session, bounded by `max_ctx` tokens.
     pub fn new_cache(&self, max_ctx: usize, dtype: KvDtype) -> Result<KvCache> {
         if max_ctx > self.max_ctx {
-            return Err(Error::Config(format!("session context {max_ctx} exceeds the stage's {}", self.max_ctx)));
+            return Err(Error::Config(format!(
+                "session context {max_ctx} exceeds the stage's {}",
+                self.max_ctx
+            )));
         }
-        KvCache::new(self.blocks.len(), self.cfg.kv_dim(), max_ctx, dtype, &self.device)
+        KvCache::new(
+            self.blocks.len(),
+            self.cfg.kv_dim(),
+            max_ctx,
+            dtype,
+            &self.device,
+        )
     }
 
     /// Token ids -> `[n, hidden]` hidden states. First stage only.
@@ -192,7 +228,10 @@ impl Stage {
             return Err(Error::InvalidInput("no tokens to embed".into()));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
-            return Err(Error::InvalidInput(format!("token id {bad} is outside the vocabulary of {}", self.vocab)));
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab
+            )));
         }
         let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
         Ok(e.embedding(&ids)?)
@@ -201,12 +240,20 @@ impl Stage {
     /// Runs this stage's blocks on `x: [n, hidden]`, whose rows are the session's tokens at
     /// positions `start..start+n`; `cache` must hold exactly `start` tokens.
     pub fn forward(&self, x: &Tensor, cache: &mut KvCache, start: usize) -> Result<Tensor> {
-        let (n, h) = x.dims2().map_err(|_| Error::InvalidInput(format!("activations of shape {:?}", x.dims())))?;
+        let (n, h) = x
+            .dims2()
+            .map_err(|_| Error::InvalidInput(format!("activations of shape {:?}", x.dims())))?;
         if h != self.cfg.hidden || n == 0 {
-            return Err(Error::InvalidInput(format!("activations [{n}, {h}], expected [n>0, {}]", self.cfg.hidden)));
+            return Err(Error::InvalidInput(format!(
+                "activations [{n}, {h}], expected [n>0, {}]",
+                self.cfg.hidden
+            )));
         }
         if cache.len() != start {
-            return Err(Error::PositionMismatch { cached: cache.len(), start });
+            return Err(Error::PositionMismatch {
+                cached: cache.len(),
+                start,
+            });
         }
         cache.reserve(n)?;
         let mut x = x.to_device(&self.device)?;

@@ -10,8 +10,8 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::BPE;
-use tokenizers::normalizers::{Prepend, Replace};
 use tokenizers::normalizers::{unicode::NFC, NormalizerWrapper, Sequence as NormSequence};
+use tokenizers::normalizers::{Prepend, Replace};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -36,9 +36,13 @@ fn tk(e: impl std::fmt::Display) -> Error {
 }
 
 fn split(regex: &str) -> Result<PreTokenizerWrapper> {
-    Ok(Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(tk)?
-        .into())
+    Ok(Split::new(
+        SplitPattern::Regex(regex.to_string()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(tk)?
+    .into())
 }
 
 /// The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre`.
@@ -48,16 +52,23 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<(Option<NormalizerWrapper>, PreTokeni
     Ok(match pre {
         "default" | "gpt2" | "gpt-2" => (None, byte_level_regex.into()),
         // Digits one by one, then GPT-2's regex (llama.cpp groups these pre-tokenizers).
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
-            (None, Sequence::new(vec![Digits::new(true).into(), byte_level_regex.into()]).into())
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => (
+            None,
+            Sequence::new(vec![Digits::new(true).into(), byte_level_regex.into()]).into(),
+        ),
+        "llama3" | "llama-bpe" | "smaug-bpe" | "lfm2" => (
+            None,
+            Sequence::new(vec![split(REGEX_LLAMA3)?, byte_level_plain.into()]).into(),
+        ),
+        "qwen2" | "deepseek-r1-qwen" => (
+            Some(NFC.into()),
+            Sequence::new(vec![split(REGEX_QWEN2)?, byte_level_plain.into()]).into(),
+        ),
+        other => {
+            return Err(Error::Tokenizer(format!(
+                "unsupported pre-tokenizer `{other}`"
+            )))
         }
-        "llama3" | "llama-bpe" | "smaug-bpe" | "lfm2" => {
-            (None, Sequence::new(vec![split(REGEX_LLAMA3)?, byte_level_plain.into()]).into())
-        }
-        "qwen2" | "deepseek-r1-qwen" => {
-            (Some(NFC.into()), Sequence::new(vec![split(REGEX_QWEN2)?, byte_level_plain.into()]).into())
-        }
-        other => return Err(Error::Tokenizer(format!("unsupported pre-tokenizer `{other}`"))),
     })
 }
 
@@ -80,7 +91,12 @@ fn spm_merges(tokens: &[&str], scores: &[f32]) -> Vec<(String, String)> {
         for (cut, _) in piece.char_indices().skip(1) {
             let (a, b) = piece.split_at(cut);
             if index.contains_key(a) && index.contains_key(b) {
-                merges.push((scores.get(id).copied().unwrap_or(0.0), id, a.to_string(), b.to_string()));
+                merges.push((
+                    scores.get(id).copied().unwrap_or(0.0),
+                    id,
+                    a.to_string(),
+                    b.to_string(),
+                ));
             }
         }
     }
@@ -96,21 +112,33 @@ pub fn build(meta: &Meta<'_>) -> Result<Tokenizer> {
     if tokens.is_empty() {
         return Err(Error::Tokenizer("the vocabulary is empty".into()));
     }
-    let vocab: tokenizers::models::bpe::Vocab =
-        tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
     let types = meta.opt_i64_array("tokenizer.ggml.token_type")?;
     if let Some(t) = &types {
         if t.len() != tokens.len() {
-            return Err(Error::Tokenizer(format!("{} token types for {} tokens", t.len(), tokens.len())));
+            return Err(Error::Tokenizer(format!(
+                "{} token types for {} tokens",
+                t.len(),
+                tokens.len()
+            )));
         }
     }
-    let unk = meta.opt_u64("tokenizer.ggml.unknown_token_id")?.and_then(|i| tokens.get(i as usize));
+    let unk = meta
+        .opt_u64("tokenizer.ggml.unknown_token_id")?
+        .and_then(|i| tokens.get(i as usize));
 
     let mut tokenizer = match model {
         "gpt2" => {
             let pre = meta.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
             let (normalizer, pre_tok) = gpt2_pre_tokenizer(pre)?;
-            let bpe = BPE::builder().vocab_and_merges(vocab, gpt2_merges(meta)?).build().map_err(tk)?;
+            let bpe = BPE::builder()
+                .vocab_and_merges(vocab, gpt2_merges(meta)?)
+                .build()
+                .map_err(tk)?;
             let mut t = Tokenizer::new(bpe);
             if let Some(n) = normalizer {
                 t.with_normalizer(Some(n)).map_err(tk)?;
@@ -120,20 +148,28 @@ pub fn build(meta: &Meta<'_>) -> Result<Tokenizer> {
             t
         }
         "llama" => {
-            let scores = meta.opt_f32_array("tokenizer.ggml.scores")?.unwrap_or_default();
+            let scores = meta
+                .opt_f32_array("tokenizer.ggml.scores")?
+                .unwrap_or_default();
             let merges = spm_merges(&tokens, &scores);
-            let mut b = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+            let mut b = BPE::builder()
+                .vocab_and_merges(vocab, merges)
+                .byte_fallback(true)
+                .fuse_unk(true);
             if let Some(u) = unk {
                 b = b.unk_token(u.to_string());
             }
             let mut t = Tokenizer::new(b.build().map_err(tk)?);
-            let add_space = meta.opt_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+            let add_space = meta
+                .opt_bool("tokenizer.ggml.add_space_prefix")?
+                .unwrap_or(true);
             let mut norms: Vec<NormalizerWrapper> = Vec::new();
             if add_space {
                 norms.push(Prepend::new("▁".into()).into());
             }
             norms.push(Replace::new(" ", "▁").map_err(tk)?.into());
-            t.with_normalizer(Some(NormSequence::new(norms))).map_err(tk)?;
+            t.with_normalizer(Some(NormSequence::new(norms)))
+                .map_err(tk)?;
             let mut decs: Vec<DecoderWrapper> = vec![
                 tokenizers::decoders::DecoderWrapper::Replace(Replace::new("▁", " ").map_err(tk)?),
                 ByteFallback::new().into(),
@@ -145,7 +181,11 @@ pub fn build(meta: &Meta<'_>) -> Result<Tokenizer> {
             t.with_decoder(Some(DecoderSequence::new(decs)));
             t
         }
-        other => return Err(Error::Tokenizer(format!("unsupported tokenizer model `{other}`"))),
+        other => {
+            return Err(Error::Tokenizer(format!(
+                "unsupported tokenizer model `{other}`"
+            )))
+        }
     };
 
     if let Some(types) = &types {

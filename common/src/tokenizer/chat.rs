@@ -17,7 +17,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with `role` and `content`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -41,7 +44,11 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Template(format!("cannot parse: {e}")))?;
-        Ok(ChatTemplate { env, bos: bos.to_string(), eos: eos.to_string() })
+        Ok(ChatTemplate {
+            env,
+            bos: bos.to_string(),
+            eos: eos.to_string(),
+        })
     }
 
     /// Renders the conversation, ending with the assistant's prompt when asked.
@@ -49,7 +56,10 @@ impl ChatTemplate {
         if messages.is_empty() {
             return Err(Error::Template("no messages".into()));
         }
-        let tmpl = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -75,7 +85,10 @@ mod tests {
         assert_eq!(out, "<user>hi<assistant>");
         assert!(t.render(&[], true).is_err());
         let t = ChatTemplate::new("{{ raise_exception('nope') }}", "", "")?;
-        assert!(matches!(t.render(&[ChatMessage::new("user", "x")], true), Err(Error::Template(_))));
+        assert!(matches!(
+            t.render(&[ChatMessage::new("user", "x")], true),
+            Err(Error::Template(_))
+        ));
         assert!(ChatTemplate::new("{% for %}", "", "").is_err());
         Ok(())
     }

@@ -21,9 +21,24 @@ use crate::gguf::GgufFile;
 
 /// Token texts llama.cpp treats as end of generation when the vocabulary has them.
 const EOG_TEXTS: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
-    "_<EOT>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<|fim_pad|>", "<fim-pad>", "<PAD>",
-    "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+    "<｜end▁of▁sentence｜>",
+    "<|fim_pad|>",
+    "<fim-pad>",
+    "<PAD>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+    "<|file_sep|>",
 ];
 
 /// Metadata keys whose ids end generation.
@@ -59,13 +74,19 @@ impl TextTokenizer {
             Ok(match meta.opt_u64(key)? {
                 Some(v) if (v as usize) < vocab_size => Some(v as u32),
                 Some(v) => {
-                    return Err(Error::BadKey { key: key.into(), reason: format!("id {v} is outside the vocabulary") })
+                    return Err(Error::BadKey {
+                        key: key.into(),
+                        reason: format!("id {v} is outside the vocabulary"),
+                    })
                 }
                 None => None,
             })
         };
         let bos = id("tokenizer.ggml.bos_token_id")?;
-        let add_bos = meta.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false) && bos.is_some();
+        let add_bos = meta
+            .opt_bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(false)
+            && bos.is_some();
         let mut eog = BTreeSet::new();
         for k in EOG_KEYS {
             eog.extend(id(k)?);
@@ -77,15 +98,29 @@ impl TextTokenizer {
         }
         let text = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize)).map_or("", |s| *s);
         let chat = match meta.opt_str("tokenizer.chat_template")? {
-            Some(src) => Some(ChatTemplate::new(src, text(bos), text(id("tokenizer.ggml.eos_token_id")?))?),
+            Some(src) => Some(ChatTemplate::new(
+                src,
+                text(bos),
+                text(id("tokenizer.ggml.eos_token_id")?),
+            )?),
             None => None,
         };
-        Ok(TextTokenizer { inner, bos, add_bos, eog, chat, vocab_size })
+        Ok(TextTokenizer {
+            inner,
+            bos,
+            add_bos,
+            eog,
+            chat,
+            vocab_size,
+        })
     }
 
     /// Text to ids, with BOS when the model asks for it, special tokens parsed.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if self.add_bos {
             ids.extend(self.bos);
@@ -96,7 +131,9 @@ impl TextTokenizer {
 
     /// Ids to text, control tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// Whether `id` ends generation.

@@ -16,7 +16,12 @@ pub struct TextStream<'a> {
 
 impl<'a> TextStream<'a> {
     pub(super) fn new(tok: &'a TextTokenizer) -> Self {
-        TextStream { tok, ids: Vec::new(), prefix: 0, read: 0 }
+        TextStream {
+            tok,
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+        }
     }
 
     /// Adds one id; returns the text that became complete, if any.
