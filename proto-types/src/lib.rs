@@ -1,3 +1,27 @@
-//! Wire types and tarpc service traits of the shard-node protocol.
+//! Wire types and the tarpc service of the shard-node protocol. Nothing here depends on
+//! candle: these are plain data, converted to domain types at the edges.
 //!
-//! Arrives with issue 3; this crate is a placeholder in the workspace layout.
+//! # Layout
+//! - [`ids`]: newtypes that cross the wire (`SessionId`, `PlanEpoch`, `LeaseId`, `WireLayerRange`).
+//! - [`tensor`]: [`WireTensor`], activations as f16/bf16/f32 bytes plus a shape, validated.
+//! - [`messages`]: request and reply types of each call.
+//! - [`error`]: [`ShardError`], a stable code plus a detail string.
+//! - [`service`]: the [`ShardNode`] tarpc service.
+//! - [`limits`]: the protocol version and frame size limit.
+//!
+//! bincode encodes enum variants by position: only ever append variants, and bump
+//! [`PROTOCOL_VERSION`] when a message changes.
+
+pub mod error;
+pub mod ids;
+pub mod limits;
+pub mod messages;
+pub mod service;
+pub mod tensor;
+
+pub use error::{ErrorCode, ShardError};
+pub use ids::{LeaseId, PlanEpoch, SessionId, WireLayerRange};
+pub use limits::{MAX_FRAME_BYTES, PROTOCOL_VERSION};
+pub use messages::*;
+pub use service::{ShardNode, ShardNodeClient};
+pub use tensor::{WireDType, WireTensor};

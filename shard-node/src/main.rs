@@ -71,6 +71,27 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         max_ctx: usize,
     },
+    /// Serve a slice of a model over tarpc (prints `listening on ADDR` once bound).
+    Serve {
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+        /// Directory the coordinator's model names are looked up in.
+        #[arg(long, default_value = "models")]
+        models_dir: PathBuf,
+        /// Most bytes of weights and caches this node may hold.
+        #[arg(long)]
+        memory_limit: Option<u64>,
+        /// Most sessions at once.
+        #[arg(long, default_value_t = 64)]
+        max_sessions: usize,
+        /// CPU threads for the kernels (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Time prompt processing and decode (JSON lines on stdout).
     Bench {
         #[command(flatten)]
@@ -127,6 +148,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads: m.threads,
             split: m.split,
             max_ctx,
+        }),
+        Command::Serve {
+            listen,
+            device,
+            models_dir,
+            memory_limit,
+            max_sessions,
+            threads,
+        } => shard_node::serve_cmd::run(shard_node::serve_cmd::ServeOptions {
+            listen,
+            device,
+            models_dir,
+            memory_limit,
+            max_sessions,
+            threads,
         }),
         Command::Bench {
             m,

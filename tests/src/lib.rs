@@ -24,3 +24,91 @@ pub fn default_model() -> PathBuf {
     );
     p
 }
+
+/// The workspace's `shard-node` binary, next to the test executable's `deps/` folder.
+pub fn shard_node_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let bin = dir.join("shard-node");
+    assert!(
+        bin.exists(),
+        "{} is missing: run through `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+/// A real `shard-node serve` process on a free port; killed (SIGKILL) on drop.
+pub struct ShardProcess {
+    child: std::process::Child,
+    /// Where it listens.
+    pub addr: String,
+}
+
+impl ShardProcess {
+    /// Starts a node serving `models_dir` and waits for its address.
+    pub fn spawn(models_dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(shard_node_bin())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--threads",
+                "1",
+                "--models-dir",
+            ])
+            .arg(models_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .ok_or_else(|| anyhow::anyhow!("unexpected first line {line:?}"))?
+            .to_string();
+        Ok(ShardProcess { child, addr })
+    }
+
+    /// SIGKILL now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ShardProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Connects and handshakes as a test client.
+pub async fn connect(
+    addr: &str,
+) -> anyhow::Result<(proto_types::ShardNodeClient, proto_types::HelloAck)> {
+    use tarpc::tokio_serde::formats::Bincode;
+    let mut t = tarpc::serde_transport::tcp::connect(addr, Bincode::default);
+    t.config_mut()
+        .max_frame_length(proto_types::MAX_FRAME_BYTES);
+    let client =
+        proto_types::ShardNodeClient::new(tarpc::client::Config::default(), t.await?).spawn();
+    let hello = proto_types::Hello {
+        protocol_version: proto_types::PROTOCOL_VERSION,
+        client: "test".into(),
+    };
+    let ack = client.handshake(tarpc::context::current(), hello).await??;
+    Ok((client, ack))
+}

@@ -1,0 +1,191 @@
+//! Requests and replies of the [`crate::ShardNode`] calls.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{LeaseId, PlanEpoch, SessionId, WireLayerRange};
+use crate::tensor::WireTensor;
+
+/// First call of a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must equal [`crate::PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// Who is calling (for logs), e.g. `coordinator@host`.
+    pub client: String,
+}
+
+/// The node's answer to [`Hello`]: the lease every buffer of this client will belong to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// The node's protocol version.
+    pub protocol_version: u32,
+    /// The client's lease.
+    pub lease: LeaseId,
+    /// Renew at least this often, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// The lease expires after this long without a heartbeat, in milliseconds.
+    pub lease_ttl_ms: u64,
+}
+
+/// What a node is and has.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeDescription {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Bytes the node may still use (its limit minus what it holds).
+    pub free_bytes: u64,
+    /// Bytes the node may use in all.
+    pub total_bytes: u64,
+    /// Feature words, e.g. `f16-activations`.
+    pub capabilities: Vec<String>,
+    /// Model files (names) available in its models directory.
+    pub models: Vec<String>,
+}
+
+/// Load a slice of a model for a plan epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadSlice {
+    /// File name inside the node's models directory (no path).
+    pub model: String,
+    /// Expected sha256 of the file, lowercase hex.
+    pub sha256: String,
+    /// Blocks to hold.
+    pub layers: WireLayerRange,
+    /// The plan epoch this slice serves.
+    pub epoch: PlanEpoch,
+    /// Most tokens any session may hold.
+    pub max_ctx: u32,
+}
+
+/// A loaded slice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceInfo {
+    /// The epoch it serves.
+    pub epoch: PlanEpoch,
+    /// Blocks held.
+    pub layers: WireLayerRange,
+    /// Bytes held by its weights.
+    pub weight_bytes: u64,
+    /// Whether it embeds tokens.
+    pub first: bool,
+    /// Whether it produces logits.
+    pub last: bool,
+}
+
+/// Sampling parameters, for the last stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireSampling {
+    /// 0: greedy.
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: u32,
+    /// 1: off.
+    pub top_p: f32,
+    /// Random seed.
+    pub seed: u64,
+}
+
+/// Open a session on this node's slice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenSession {
+    /// The session.
+    pub session: SessionId,
+    /// The slice's epoch.
+    pub epoch: PlanEpoch,
+    /// The session's context bound.
+    pub max_ctx: u32,
+    /// Where this stage sends its activations; `None` on the last stage.
+    pub next: Option<String>,
+    /// How the last stage picks tokens.
+    pub sampling: WireSampling,
+}
+
+/// Input of one session's forward step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StageInput {
+    /// Token ids, for the first stage.
+    Tokens(Vec<u32>),
+    /// Hidden states `[n, hidden]`, for the others.
+    Hidden(WireTensor),
+}
+
+/// One session's tokens at positions `start..start+n`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardItem {
+    /// The session.
+    pub session: SessionId,
+    /// Position of the first row.
+    pub start: u32,
+    /// The rows.
+    pub input: StageInput,
+    /// Return the last row's logits too (they are large: only when asked).
+    pub want_logits: bool,
+}
+
+/// A forward step for one or more sessions (decode steps of many sessions batch together).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardRequest {
+    /// The plan epoch the caller believes in; a mismatch is refused.
+    pub epoch: PlanEpoch,
+    /// One item per session.
+    pub items: Vec<ForwardItem>,
+}
+
+/// What the last stage returns for one item, passed back along the chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardOutput {
+    /// The session.
+    pub session: SessionId,
+    /// The token sampled after the item's last row.
+    pub token: u32,
+    /// The last row's logits, when asked for.
+    pub logits: Option<WireTensor>,
+}
+
+/// Reply to [`ForwardRequest`], one output per item, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardReply {
+    /// Outputs.
+    pub outputs: Vec<ForwardOutput>,
+}
+
+/// Reply to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    /// The lease.
+    pub lease: LeaseId,
+    /// Milliseconds until it expires without another heartbeat.
+    pub expires_in_ms: u64,
+}
+
+/// Bytes one lease holds, by kind.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LeaseBytes {
+    /// The lease.
+    pub lease: Option<LeaseId>,
+    /// Weights of committed slices.
+    pub weights: u64,
+    /// KV caches.
+    pub kv_cache: u64,
+    /// Activations in flight.
+    pub activations: u64,
+    /// Slices prepared but not committed.
+    pub prepared: u64,
+}
+
+/// A node's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The epoch served.
+    pub epoch: Option<PlanEpoch>,
+    /// Blocks held.
+    pub layers: Option<WireLayerRange>,
+    /// Open sessions.
+    pub sessions: u32,
+    /// Bytes held, per lease.
+    pub leases: Vec<LeaseBytes>,
+    /// Device (or process) bytes in use.
+    pub used_bytes: u64,
+    /// Bytes the node may use in all.
+    pub total_bytes: u64,
+}

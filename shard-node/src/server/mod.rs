@@ -1,0 +1,83 @@
+//! `shard-node serve`: the tarpc server.
+//!
+//! # Layout
+//! - [`state`]: [`Node`], the slice, sessions and leases.
+//! - [`service`]: the `ShardNode` calls of one connection.
+//! - [`compute`]: the thread forward passes run on.
+//! - [`peer`]: the client side, for the next stage.
+//! - [`wire`]: wire <-> domain conversions.
+
+pub mod compute;
+pub mod peer;
+pub mod service;
+pub mod state;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use proto_types::{ShardNode, MAX_FRAME_BYTES};
+use tarpc::server::{BaseChannel, Channel};
+use tarpc::tokio_serde::formats::Bincode;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use state::{Node, NodeConfig};
+
+/// Listens on `listen`, calls `on_bound` with the bound address, and serves until `shutdown`.
+pub async fn serve(
+    node: Arc<Node>,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+    on_bound: impl FnOnce(SocketAddr),
+) -> std::io::Result<()> {
+    let mut listener = tarpc::serde_transport::tcp::listen(listen, Bincode::default).await?;
+    listener.config_mut().max_frame_length(MAX_FRAME_BYTES);
+    on_bound(listener.local_addr());
+    let tracker = TaskTracker::new();
+    loop {
+        let transport = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            t = listener.next() => match t {
+                Some(Ok(t)) => t,
+                Some(Err(e)) => {
+                    // One bad connection never ends the accept loop.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+                None => break,
+            },
+        };
+        let peer = transport
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let conn = service::Conn {
+            node: node.clone(),
+            lease: Arc::new(Mutex::new(None)),
+        };
+        let lease = conn.lease.clone();
+        let node = node.clone();
+        let token = shutdown.clone();
+        tracker.spawn(async move {
+            let requests = BaseChannel::with_defaults(transport)
+                .execute(conn.serve())
+                .for_each(|f| async {
+                    tokio::spawn(f);
+                });
+            tokio::select! {
+                _ = requests => {}
+                _ = token.cancelled() => {}
+            }
+            // The connection is gone: whatever its lease owns goes with it.
+            if let Some(l) = *state::lock(&lease) {
+                node.release_lease(l, &format!("connection from {peer} closed"));
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}

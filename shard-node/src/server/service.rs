@@ -1,0 +1,370 @@
+//! The [`ShardNode`] implementation of one connection.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use common::gguf::GgufFile;
+use common::model::Stage;
+use common::sampling::Sampler;
+use proto_types::*;
+use tarpc::context::Context;
+
+use super::peer::connect;
+use super::state::{lock, Node, Session, Slice};
+use super::wire::{candle_err, layer_range, sampling, shard_err, to_tensor, to_wire, wire_range};
+
+/// Wire type of activations sent to the next stage (f32 keeps the cluster's output identical
+/// to single-process generation).
+pub const ACTIVATION_DTYPE: WireDType = WireDType::F32;
+
+/// One connection: the node plus the lease its handshake was granted.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// The node.
+    pub node: Arc<Node>,
+    /// Set by `handshake`.
+    pub lease: Arc<Mutex<Option<LeaseId>>>,
+}
+
+fn err(code: ErrorCode, d: impl Into<String>) -> ShardError {
+    ShardError::new(code, d)
+}
+
+impl Conn {
+    fn lease(&self) -> Result<LeaseId, ShardError> {
+        lock(&self.lease).ok_or_else(|| err(ErrorCode::VersionMismatch, "handshake first"))
+    }
+}
+
+fn valid_model_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && !name.contains('\\') && name != ".." && name != "."
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+enum Step {
+    Done(ForwardOutput),
+    Next(ForwardItem, (String, ShardNodeClient)),
+}
+
+impl ShardNode for Conn {
+    async fn handshake(self, _: Context, hello: Hello) -> Result<HelloAck, ShardError> {
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(err(
+                ErrorCode::VersionMismatch,
+                format!(
+                    "protocol {} is not this node's {PROTOCOL_VERSION}",
+                    hello.protocol_version
+                ),
+            ));
+        }
+        let mut slot = lock(&self.lease);
+        if let Some(l) = *slot {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("this connection already holds lease {l}"),
+            ));
+        }
+        let lease = self.node.grant_lease(hello.client);
+        *slot = Some(lease);
+        Ok(HelloAck {
+            protocol_version: PROTOCOL_VERSION,
+            lease,
+            heartbeat_interval_ms: self.node.cfg.heartbeat_interval.as_millis() as u64,
+            lease_ttl_ms: self.node.cfg.lease_ttl.as_millis() as u64,
+        })
+    }
+
+    async fn describe(self, _: Context) -> NodeDescription {
+        let total = self.node.cfg.memory_limit.unwrap_or(u64::MAX);
+        let models = std::fs::read_dir(&self.node.cfg.models_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.ends_with(".gguf"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        NodeDescription {
+            device: self.node.cfg.device.to_string(),
+            free_bytes: total.saturating_sub(self.node.used_bytes()),
+            total_bytes: total,
+            capabilities: vec![
+                "f32-activations".into(),
+                "f16-activations".into(),
+                "bf16-activations".into(),
+            ],
+            models,
+        }
+    }
+
+    async fn load_slice(self, _: Context, req: LoadSlice) -> Result<SliceInfo, ShardError> {
+        self.lease()?;
+        if !valid_model_name(&req.model) {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("model name `{}` is not a plain file name", req.model),
+            ));
+        }
+        let range = layer_range(req.layers)?;
+        let path = self.node.cfg.models_dir.join(&req.model);
+        let device = self.node.device.clone();
+        let limit = self.node.cfg.memory_limit;
+        let max_ctx = req.max_ctx as usize;
+        let want_sha = req.sha256.to_lowercase();
+        let model = req.model.clone();
+        let stage = self
+            .node
+            .compute
+            .run(move || -> Result<Stage, ShardError> {
+                let sha = sha256_file(&path).map_err(|e| {
+                    err(
+                        ErrorCode::ModelUnavailable,
+                        format!("{}: {e}", path.display()),
+                    )
+                })?;
+                if sha != want_sha {
+                    return Err(err(
+                        ErrorCode::ModelUnavailable,
+                        format!("{model}: sha256 is {sha}, not {want_sha}"),
+                    ));
+                }
+                let file = GgufFile::open(&path).map_err(shard_err)?;
+                let stage = Stage::load(&file, range, &device, max_ctx).map_err(shard_err)?;
+                if let Some(limit) = limit {
+                    if stage.weight_bytes() as u64 > limit {
+                        return Err(err(
+                            ErrorCode::ResourceExhausted,
+                            format!(
+                                "slice {range} needs {} bytes, the limit is {limit}",
+                                stage.weight_bytes()
+                            ),
+                        ));
+                    }
+                }
+                Ok(stage)
+            })
+            .await
+            .ok_or_else(|| err(ErrorCode::Internal, "compute thread is gone"))??;
+        let info = SliceInfo {
+            epoch: req.epoch,
+            layers: wire_range(stage.range()),
+            weight_bytes: stage.weight_bytes() as u64,
+            first: stage.is_first(),
+            last: stage.is_last(),
+        };
+        tracing::info!(epoch = %req.epoch, layers = %stage.range(), bytes = info.weight_bytes, "slice loaded");
+        self.node.set_slice(Some(Arc::new(Slice {
+            epoch: req.epoch,
+            model: req.model,
+            stage,
+        })));
+        Ok(info)
+    }
+
+    async fn unload_slice(self, _: Context, epoch: PlanEpoch) -> Result<(), ShardError> {
+        self.lease()?;
+        self.node.slice_for(epoch)?;
+        self.node.set_slice(None);
+        tracing::info!(%epoch, "slice unloaded");
+        Ok(())
+    }
+
+    async fn open_session(self, _: Context, req: OpenSession) -> Result<(), ShardError> {
+        let lease = self.lease()?;
+        let slice = self.node.slice_for(req.epoch)?;
+        let params = sampling(&req.sampling)?;
+        let sampler = Sampler::new(params).map_err(shard_err)?;
+        let cache = slice
+            .stage
+            .new_cache(req.max_ctx as usize, Default::default())
+            .map_err(shard_err)?;
+        let next = match (&req.next, slice.stage.is_last()) {
+            (Some(addr), false) => Some((addr.clone(), connect(addr).await?)),
+            (None, true) => None,
+            (Some(_), true) => {
+                return Err(err(
+                    ErrorCode::InvalidArgument,
+                    "the last stage has no next stage",
+                ))
+            }
+            (None, false) => {
+                return Err(err(
+                    ErrorCode::InvalidArgument,
+                    "this stage needs a next stage",
+                ))
+            }
+        };
+        self.node.add_session(
+            req.session,
+            Session {
+                lease,
+                epoch: req.epoch,
+                slice,
+                cache,
+                next,
+                sampler,
+            },
+        )
+    }
+
+    async fn close_session(self, _: Context, session: SessionId) -> Result<(), ShardError> {
+        self.lease()?;
+        let bytes = self.node.remove_session(session)?;
+        tracing::debug!(%session, bytes, "session closed");
+        Ok(())
+    }
+
+    async fn forward(self, ctx: Context, req: ForwardRequest) -> Result<ForwardReply, ShardError> {
+        let slice = self.node.slice_for(req.epoch)?;
+        if req.items.is_empty() {
+            return Err(err(ErrorCode::InvalidArgument, "no items"));
+        }
+        let mut outputs: Vec<Option<ForwardOutput>> = Vec::with_capacity(req.items.len());
+        let mut onward: Vec<(usize, ForwardItem)> = Vec::new();
+        let mut next: Option<(String, ShardNodeClient)> = None;
+        for item in req.items {
+            let sess = self.node.session(item.session)?;
+            let slice = slice.clone();
+            let step = self
+                .node
+                .compute
+                .run(move || -> Result<Step, ShardError> {
+                    let mut s = lock(&sess);
+                    if s.epoch != slice.epoch {
+                        return Err(err(
+                            ErrorCode::EpochMismatch,
+                            format!("session is on epoch {}", s.epoch),
+                        ));
+                    }
+                    let stage = &slice.stage;
+                    let x = match &item.input {
+                        StageInput::Tokens(t) => stage.embed(t).map_err(shard_err)?,
+                        StageInput::Hidden(w) => to_tensor(w, stage.device())?,
+                    };
+                    let start = item.start as usize;
+                    let y = stage.forward(&x, &mut s.cache, start).map_err(shard_err)?;
+                    if stage.is_last() {
+                        let n = y.dim(0).map_err(candle_err)?;
+                        let logits = stage
+                            .head(&y.narrow(0, n - 1, 1).map_err(candle_err)?)
+                            .map_err(shard_err)?
+                            .squeeze(0)
+                            .map_err(candle_err)?;
+                        let v = logits.to_vec1::<f32>().map_err(candle_err)?;
+                        let token = s.sampler.sample(&v).map_err(shard_err)?;
+                        let logits = if item.want_logits {
+                            Some(to_wire(&logits, WireDType::F32)?)
+                        } else {
+                            None
+                        };
+                        Ok(Step::Done(ForwardOutput {
+                            session: item.session,
+                            token,
+                            logits,
+                        }))
+                    } else {
+                        let hop = s
+                            .next
+                            .clone()
+                            .ok_or_else(|| err(ErrorCode::Internal, "no next stage"))?;
+                        let hidden = to_wire(&y, ACTIVATION_DTYPE)?;
+                        Ok(Step::Next(
+                            ForwardItem {
+                                input: StageInput::Hidden(hidden),
+                                ..item
+                            },
+                            hop,
+                        ))
+                    }
+                })
+                .await
+                .ok_or_else(|| err(ErrorCode::Internal, "compute thread is gone"))??;
+            match step {
+                Step::Done(o) => outputs.push(Some(o)),
+                Step::Next(item, hop) => {
+                    if let Some((addr, _)) = &next {
+                        if *addr != hop.0 {
+                            return Err(err(
+                                ErrorCode::InvalidArgument,
+                                "items go to different next stages",
+                            ));
+                        }
+                    } else {
+                        next = Some(hop);
+                    }
+                    onward.push((outputs.len(), item));
+                    outputs.push(None);
+                }
+            }
+        }
+        if let Some((addr, client)) = next {
+            let idx: Vec<usize> = onward.iter().map(|(i, _)| *i).collect();
+            let items = onward.into_iter().map(|(_, it)| it).collect();
+            let reply = client
+                .forward(
+                    ctx,
+                    ForwardRequest {
+                        epoch: req.epoch,
+                        items,
+                    },
+                )
+                .await
+                .map_err(|e| err(ErrorCode::Downstream, format!("next stage {addr}: {e}")))??;
+            if reply.outputs.len() != idx.len() {
+                return Err(err(
+                    ErrorCode::Downstream,
+                    format!("next stage {addr} returned a short reply"),
+                ));
+            }
+            for (i, o) in idx.into_iter().zip(reply.outputs) {
+                outputs[i] = Some(o);
+            }
+        }
+        Ok(ForwardReply {
+            outputs: outputs.into_iter().flatten().collect(),
+        })
+    }
+
+    async fn heartbeat(self, _: Context, lease: LeaseId) -> Result<LeaseStatus, ShardError> {
+        let ttl = self.node.renew(lease)?;
+        Ok(LeaseStatus {
+            lease,
+            expires_in_ms: ttl.as_millis() as u64,
+        })
+    }
+
+    async fn status(self, _: Context) -> NodeStatus {
+        let slice = self.node.slice();
+        let weights = slice.as_ref().map_or(0, |s| s.stage.weight_bytes() as u64);
+        NodeStatus {
+            epoch: slice.as_ref().map(|s| s.epoch),
+            layers: slice.as_ref().map(|s| wire_range(s.stage.range())),
+            sessions: self.node.session_count() as u32,
+            leases: self
+                .node
+                .lease_bytes()
+                .into_iter()
+                .map(|(l, kv)| LeaseBytes {
+                    lease: Some(l),
+                    kv_cache: kv,
+                    ..Default::default()
+                })
+                .chain(std::iter::once(LeaseBytes {
+                    lease: None,
+                    weights,
+                    ..Default::default()
+                }))
+                .collect(),
+            used_bytes: self.node.used_bytes(),
+            total_bytes: self.node.cfg.memory_limit.unwrap_or(u64::MAX),
+        }
+    }
+}

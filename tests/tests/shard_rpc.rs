@@ -1,0 +1,218 @@
+//! Three real `shard-node serve` processes chained over tarpc, driven by a test client:
+//! activations go stage to stage, the last stage samples, and greedy output equals the
+//! single-process pipeline. Closing the client's connection frees its sessions.
+
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use common::device::init_threads;
+use common::generate::LocalPipeline;
+use common::gguf::GgufFile;
+use common::model::LayerRange;
+use common::sampling::argmax;
+use common::tokenizer::TextTokenizer;
+use integration_tests::{connect, default_model, ShardProcess};
+use proto_types::*;
+use tarpc::context;
+
+fn ctx() -> context::Context {
+    let mut c = context::current();
+    c.deadline = Instant::now() + Duration::from_secs(60);
+    c
+}
+
+/// The error code of a call that must fail.
+fn code<T: std::fmt::Debug>(r: Result<T, ShardError>) -> ErrorCode {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e.code,
+    }
+}
+
+fn sha256(path: &std::path::Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new("sha256sum").arg(path).output()?;
+    Ok(String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::Result<()> {
+    let model = default_model();
+    let models_dir = model
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("model has no folder"))?;
+    let name = model
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let sha = sha256(&model)?;
+    let nodes: Vec<ShardProcess> = (0..3)
+        .map(|_| ShardProcess::spawn(models_dir, &[]))
+        .collect::<Result<_, _>>()?;
+    let ranges = [(0, 10), (10, 20), (20, 30)];
+    let epoch = PlanEpoch(1);
+    let mut clients = Vec::new();
+    for (node, &(start, end)) in nodes.iter().zip(&ranges) {
+        let (c, ack) = connect(&node.addr).await?;
+        assert_eq!(ack.protocol_version, PROTOCOL_VERSION);
+        let info = c
+            .load_slice(
+                ctx(),
+                LoadSlice {
+                    model: name.clone(),
+                    sha256: sha.clone(),
+                    layers: WireLayerRange { start, end },
+                    epoch,
+                    max_ctx: 512,
+                },
+            )
+            .await??;
+        assert_eq!((info.first, info.last), (start == 0, end == 30));
+        clients.push(c);
+    }
+
+    // Bad input gets typed errors, not panics.
+    let wrong_sha = LoadSlice {
+        model: name.clone(),
+        sha256: "00".repeat(32),
+        layers: WireLayerRange { start: 0, end: 10 },
+        epoch: PlanEpoch(9),
+        max_ctx: 512,
+    };
+    assert_eq!(
+        code(clients[0].load_slice(ctx(), wrong_sha).await?),
+        ErrorCode::ModelUnavailable
+    );
+    let escape = LoadSlice {
+        model: "../etc/passwd".into(),
+        ..default_load()
+    };
+    assert_eq!(
+        code(clients[0].load_slice(ctx(), escape).await?),
+        ErrorCode::InvalidArgument
+    );
+    let stale = ForwardRequest {
+        epoch: PlanEpoch(7),
+        items: vec![],
+    };
+    assert_eq!(
+        code(clients[0].forward(ctx(), stale).await?),
+        ErrorCode::EpochMismatch
+    );
+    let unknown = ForwardRequest {
+        epoch,
+        items: vec![ForwardItem {
+            session: SessionId(404),
+            start: 0,
+            input: StageInput::Tokens(vec![1]),
+            want_logits: false,
+        }],
+    };
+    assert_eq!(
+        code(clients[0].forward(ctx(), unknown).await?),
+        ErrorCode::UnknownSession
+    );
+    assert_eq!(
+        code(clients[0].heartbeat(ctx(), LeaseId(999)).await?),
+        ErrorCode::UnknownLease
+    );
+
+    // Open the session last stage first, each stage pointing at the next.
+    let session = SessionId(1);
+    let greedy = WireSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+    };
+    for i in (0..3).rev() {
+        let next = (i < 2).then(|| nodes[i + 1].addr.clone());
+        let req = OpenSession {
+            session,
+            epoch,
+            max_ctx: 512,
+            next,
+            sampling: greedy.clone(),
+        };
+        clients[i].open_session(ctx(), req).await??;
+    }
+
+    let file = GgufFile::open(&model)?;
+    let tok = TextTokenizer::from_gguf(&file)?;
+    let prompt = tok.encode("The three primary colors are")?;
+    let mut got = Vec::new();
+    let mut start = 0u32;
+    let mut input = prompt.clone();
+    for _ in 0..24 {
+        let req = ForwardRequest {
+            epoch,
+            items: vec![ForwardItem {
+                session,
+                start,
+                input: StageInput::Tokens(input.clone()),
+                want_logits: false,
+            }],
+        };
+        let reply = clients[0].forward(ctx(), req).await??;
+        let t = reply.outputs[0].token;
+        start += input.len() as u32;
+        got.push(t);
+        input = vec![t];
+    }
+
+    init_threads(Some(1))?;
+    let pipe = LocalPipeline::load(&file, &[LayerRange::full(30)?], &Device::Cpu, 512)?;
+    let mut s = pipe.session(512)?;
+    let mut logits = pipe.prefill(&mut s, &prompt)?;
+    let mut want = Vec::new();
+    for _ in 0..24 {
+        let t = argmax(&logits);
+        want.push(t);
+        logits = pipe.decode(&mut s, t)?;
+    }
+    assert_eq!(
+        got,
+        want,
+        "cluster: {:?}\nlocal: {:?}",
+        tok.decode(&got)?,
+        tok.decode(&want)?
+    );
+
+    let st = clients[1].status(ctx()).await?;
+    assert_eq!(st.sessions, 1);
+    assert!(st.leases.iter().any(|l| l.kv_cache > 0));
+
+    // Dropping the client's connections frees its sessions on every node.
+    drop(clients);
+    for node in &nodes {
+        let (c, _) = connect(&node.addr).await?;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let st = c.status(ctx()).await?;
+            if st.sessions == 0 && st.leases.iter().all(|l| l.kv_cache == 0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sessions not freed on {}: {st:?}",
+                node.addr
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+fn default_load() -> LoadSlice {
+    LoadSlice {
+        model: String::new(),
+        sha256: String::new(),
+        layers: WireLayerRange { start: 0, end: 1 },
+        epoch: PlanEpoch(1),
+        max_ctx: 16,
+    }
+}
