@@ -1,3 +1,19 @@
-//! The coordinator: planner, scheduler, OpenAI-compatible HTTP API and 2PC driver.
+//! The coordinator: planner, generation driver and OpenAI-compatible HTTP API.
 //!
-//! Arrives with issue 3; this crate is a placeholder in the workspace layout.
+//! # Layout
+//! - [`plan`]: layers split across nodes by free memory.
+//! - [`cluster`]: connections to the shard nodes, loading the plan, heartbeats.
+//! - [`engine`]: one generation: sessions on every stage, prefill, decode, cleanup.
+//! - [`http`]: the axum routes.
+//! - [`error`]: [`CoordError`].
+
+pub mod cluster;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod plan;
+
+pub use error::{CoordError, Result};
+
+/// Requests served at once; more get 429.
+pub const MAX_IN_FLIGHT: usize = 64;

@@ -1,6 +1,116 @@
-//! `coordinator`: the cluster coordinator (planner, HTTP API); arrives with issue 3.
+//! `coordinator`: plans a model over shard nodes and serves the OpenAI API.
 
-fn main() {
-    eprintln!("coordinator: not implemented yet; see README.md");
-    std::process::exit(2);
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use common::gguf::GgufFile;
+use common::tokenizer::TextTokenizer;
+use coordinator::cluster::Cluster;
+use coordinator::http::{router, AppState};
+use proto_types::PlanEpoch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Coordinator of the inference cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Plan the model over the nodes and serve HTTP (prints `listening on ADDR`).
+    Serve {
+        /// HTTP listen address; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// GGUF model file (the nodes must have the same file in their models directory).
+        #[arg(long)]
+        model: PathBuf,
+        /// Shard node addresses, first stage first.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// Context bound of each session.
+        #[arg(long, default_value_t = 2048)]
+        max_ctx: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coordinator: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(Cli::parse())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("coordinator: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let Command::Serve {
+        http,
+        model,
+        nodes,
+        max_ctx,
+    } = cli.command;
+    let file = GgufFile::open(&model)?;
+    let tok = Arc::new(TextTokenizer::from_gguf(&file)?);
+    let max_ctx = max_ctx.min(file.config()?.context_length);
+    let cluster = Arc::new(Cluster::start(&nodes, &model, max_ctx, PlanEpoch(1)).await?);
+    let shutdown = CancellationToken::new();
+    cluster.spawn_heartbeats(Duration::from_secs(1), shutdown.clone());
+    let model_id = model
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("model")
+        .to_string();
+    let state = Arc::new(AppState {
+        cluster,
+        tok,
+        model_id,
+        admission: Arc::new(tokio::sync::Semaphore::new(coordinator::MAX_IN_FLIGHT)),
+        requests: AtomicU64::new(0),
+        tokens: AtomicU64::new(0),
+    });
+    let listener = tokio::net::TcpListener::bind(http).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {}", listener.local_addr()?)?;
+        out.flush()?;
+    }
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        stop.cancel();
+    });
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
 }

@@ -1,0 +1,192 @@
+//! The generation driver: one task per request opens a session on every stage, prefills in
+//! chunks, decodes token by token, streams text out, and closes the session on every stage
+//! when it ends for any reason, the client going away included.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::generate::{FinishReason, PREFILL_CHUNK};
+use common::sampling::SamplingParams;
+use common::stop::StopMatcher;
+use common::tokenizer::TextTokenizer;
+use proto_types::*;
+use tokio::sync::mpsc;
+
+use crate::cluster::{ctx, rpc, Cluster};
+use crate::error::{CoordError, Result};
+
+/// What a request asks for, already tokenized.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    /// Prompt ids.
+    pub prompt: Vec<u32>,
+    /// Most new tokens.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stop: Vec<String>,
+}
+
+/// What the driver streams back.
+#[derive(Debug)]
+pub enum GenEvent {
+    /// A piece of text.
+    Text(String),
+    /// The end.
+    Done {
+        /// Why.
+        finish: FinishReason,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Generated tokens.
+        completion_tokens: usize,
+    },
+    /// A failure; nothing follows.
+    Error(CoordError),
+}
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Closes the session on every stage when dropped.
+struct SessionGuard {
+    cluster: Arc<Cluster>,
+    session: SessionId,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let (c, s) = (self.cluster.clone(), self.session);
+        tokio::spawn(async move {
+            for n in &c.nodes {
+                // An unknown session is fine: it may never have been opened there.
+                let _ = n.client.close_session(ctx(5), s).await;
+            }
+        });
+    }
+}
+
+/// Starts generating; events arrive on the returned channel. Dropping the receiver stops the
+/// generation and frees the session on every stage.
+pub fn start(
+    cluster: Arc<Cluster>,
+    tok: Arc<TextTokenizer>,
+    req: GenRequest,
+) -> mpsc::Receiver<GenEvent> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        if let Err(e) = run(cluster, &tok, req, &tx).await {
+            let _ = tx.send(GenEvent::Error(e)).await;
+        }
+    });
+    rx
+}
+
+async fn run(
+    cluster: Arc<Cluster>,
+    tok: &TextTokenizer,
+    req: GenRequest,
+    tx: &mpsc::Sender<GenEvent>,
+) -> Result<()> {
+    let session = SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed));
+    let _guard = SessionGuard {
+        cluster: cluster.clone(),
+        session,
+    };
+    let s = &req.sampling;
+    let sampling = WireSampling {
+        temperature: s.temperature,
+        top_k: s.top_k as u32,
+        top_p: s.top_p,
+        seed: s.seed,
+    };
+    let max_ctx = (req.prompt.len() + req.max_tokens).min(cluster.max_ctx) as u32;
+    let n = cluster.nodes.len();
+    for i in (0..n).rev() {
+        let node = &cluster.nodes[i];
+        let next = (i + 1 < n).then(|| cluster.nodes[i + 1].addr.clone());
+        let open = OpenSession {
+            session,
+            epoch: cluster.epoch,
+            max_ctx,
+            next,
+            sampling: sampling.clone(),
+        };
+        rpc(&node.addr, node.client.open_session(ctx(10), open).await)?;
+    }
+    let first = &cluster.nodes[0];
+    let step = |start: usize, ids: Vec<u32>| {
+        let item = ForwardItem {
+            session,
+            start: start as u32,
+            input: StageInput::Tokens(ids),
+            want_logits: false,
+        };
+        first.client.forward(
+            ctx(120),
+            ForwardRequest {
+                epoch: cluster.epoch,
+                items: vec![item],
+            },
+        )
+    };
+    let mut pos = 0;
+    let mut next = 0;
+    for chunk in req.prompt.chunks(PREFILL_CHUNK) {
+        let reply = rpc(&first.addr, step(pos, chunk.to_vec()).await)?;
+        next = reply
+            .outputs
+            .first()
+            .map(|o| o.token)
+            .ok_or_else(|| CoordError::NodeDown {
+                addr: first.addr.clone(),
+                detail: "empty reply".into(),
+            })?;
+        pos += chunk.len();
+    }
+    let mut stops = StopMatcher::new(&req.stop);
+    let mut stream = tok.stream();
+    let mut generated = 0;
+    let mut finish = FinishReason::Length;
+    while generated < req.max_tokens {
+        if tok.is_eog(next) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        generated += 1;
+        if let Some(piece) = stream.push(next)? {
+            let (out, hit) = stops.push(&piece);
+            if !out.is_empty() && tx.send(GenEvent::Text(out)).await.is_err() {
+                return Ok(()); // the client went away: the guard frees the session
+            }
+            if hit {
+                finish = FinishReason::Stop;
+                break;
+            }
+        }
+        if generated == req.max_tokens {
+            break;
+        }
+        let reply = rpc(&first.addr, step(pos, vec![next]).await)?;
+        pos += 1;
+        next = reply.outputs.first().map(|o| o.token).unwrap_or(next);
+    }
+    if !stops.hit() {
+        let mut tail = String::new();
+        if let Some(p) = stream.finish()? {
+            tail.push_str(&stops.push(&p).0);
+        }
+        tail.push_str(&stops.flush());
+        if !tail.is_empty() {
+            let _ = tx.send(GenEvent::Text(tail)).await;
+        }
+    }
+    let _ = tx
+        .send(GenEvent::Done {
+            finish,
+            prompt_tokens: req.prompt.len(),
+            completion_tokens: generated,
+        })
+        .await;
+    Ok(())
+}

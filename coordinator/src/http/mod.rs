@@ -1,0 +1,357 @@
+//! The OpenAI-compatible HTTP API (axum).
+//!
+//! # Layout
+//! - [`openai`]: request and response shapes.
+//! - this module: routes, handlers, errors, SSE.
+
+pub mod openai;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use common::generate::FinishReason;
+use common::sampling::SamplingParams;
+use common::tokenizer::TextTokenizer;
+use futures::Stream;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use crate::cluster::Cluster;
+use crate::engine::{self, GenEvent, GenRequest};
+use crate::error::CoordError;
+use openai::*;
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    /// The nodes.
+    pub cluster: Arc<Cluster>,
+    /// The tokenizer.
+    pub tok: Arc<TextTokenizer>,
+    /// The model id reported.
+    pub model_id: String,
+    /// Admission: one permit per running request.
+    pub admission: Arc<Semaphore>,
+    /// Requests served, for /metrics.
+    pub requests: AtomicU64,
+    /// Tokens generated, for /metrics.
+    pub tokens: AtomicU64,
+}
+
+/// The router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/v1/cluster", get(cluster))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// An error as OpenAI's JSON.
+pub struct ApiError(StatusCode, String, &'static str);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: self.1,
+                kind: self.2.into(),
+                param: None,
+                code: None,
+            },
+        };
+        (self.0, Json(body)).into_response()
+    }
+}
+
+impl From<CoordError> for ApiError {
+    fn from(e: CoordError) -> Self {
+        match &e {
+            CoordError::BadRequest(_) => ApiError(
+                StatusCode::BAD_REQUEST,
+                e.to_string(),
+                "invalid_request_error",
+            ),
+            CoordError::Busy(_) => ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                e.to_string(),
+                "rate_limit_error",
+            ),
+            CoordError::Shard { err, .. }
+                if err.code == proto_types::ErrorCode::ResourceExhausted =>
+            {
+                ApiError(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    e.to_string(),
+                    "rate_limit_error",
+                )
+            }
+            CoordError::NodeDown { .. } | CoordError::Shard { .. } => ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                e.to_string(),
+                "server_error",
+            ),
+            _ => ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+                "server_error",
+            ),
+        }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into(), "invalid_request_error")
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn gen_request(st: &AppState, prompt: &str, c: &Common) -> Result<GenRequest, ApiError> {
+    let ids = st.tok.encode(prompt).map_err(|e| bad(e.to_string()))?;
+    if ids.is_empty() {
+        return Err(bad("the prompt is empty"));
+    }
+    let max_tokens = c.max_tokens.unwrap_or(16) as usize;
+    if ids.len() + max_tokens > st.cluster.max_ctx {
+        return Err(bad(format!(
+            "the prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds the context of {} tokens",
+            ids.len(),
+            st.cluster.max_ctx
+        )));
+    }
+    let sampling = SamplingParams {
+        temperature: c.temperature.unwrap_or(1.0),
+        top_k: c.top_k.unwrap_or(0) as usize,
+        top_p: c.top_p.unwrap_or(1.0),
+        seed: c.seed.unwrap_or(0),
+    }
+    .validate()
+    .map_err(|e| bad(e.to_string()))?;
+    Ok(GenRequest {
+        prompt: ids,
+        max_tokens,
+        sampling,
+        stop: c.stop.clone().map(Stop::into_vec).unwrap_or_default(),
+    })
+}
+
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let g = gen_request(&st, &req.prompt, &req.common)?;
+    serve(st, g, req.common.stream, false).await
+}
+
+async fn chat(
+    State(st): State<Arc<AppState>>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let prompt = st
+        .tok
+        .apply_chat_template(&req.messages)
+        .map_err(|e| bad(e.to_string()))?;
+    let g = gen_request(&st, &prompt, &req.common)?;
+    serve(st, g, req.common.stream, true).await
+}
+
+fn chunk(
+    chat: bool,
+    id: &str,
+    model: &str,
+    text: Option<&str>,
+    finish: Option<FinishReason>,
+) -> Value {
+    let f = finish.map(FinishReason::as_str);
+    if chat {
+        let delta = text.map_or(json!({}), |t| json!({"role": "assistant", "content": t}));
+        json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": f}]})
+    } else {
+        json!({"id": id, "object": "text_completion", "created": now(), "model": model,
+               "choices": [{"index": 0, "text": text.unwrap_or(""), "finish_reason": f}]})
+    }
+}
+
+async fn serve(
+    st: Arc<AppState>,
+    g: GenRequest,
+    stream: bool,
+    chat: bool,
+) -> Result<Response, ApiError> {
+    let permit = st
+        .admission
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::from(CoordError::Busy("too many requests in flight".into())))?;
+    st.requests.fetch_add(1, Ordering::Relaxed);
+    let id = format!(
+        "{}-{}",
+        if chat { "chatcmpl" } else { "cmpl" },
+        st.requests.load(Ordering::Relaxed)
+    );
+    let mut rx = engine::start(st.cluster.clone(), st.tok.clone(), g);
+    if stream {
+        let model = st.model_id.clone();
+        let s = async_stream(move |tx| async move {
+            let _permit = permit;
+            while let Some(ev) = rx.recv().await {
+                let ev = match ev {
+                    GenEvent::Text(t) => {
+                        st.tokens.fetch_add(1, Ordering::Relaxed);
+                        Event::default().data(chunk(chat, &id, &model, Some(&t), None).to_string())
+                    }
+                    GenEvent::Done {
+                        finish,
+                        prompt_tokens,
+                        completion_tokens,
+                    } => {
+                        let mut c = chunk(chat, &id, &model, None, Some(finish));
+                        c["usage"] = json!(Usage {
+                            prompt_tokens,
+                            completion_tokens,
+                            total_tokens: prompt_tokens + completion_tokens
+                        });
+                        let _ = tx.send(Event::default().data(c.to_string())).await;
+                        let _ = tx.send(Event::default().data("[DONE]")).await;
+                        return;
+                    }
+                    GenEvent::Error(e) => {
+                        let ApiError(code, message, kind) = ApiError::from(e);
+                        let body = json!({"error": {"message": message, "type": kind, "code": code.as_u16()}});
+                        let _ = tx
+                            .send(Event::default().event("error").data(body.to_string()))
+                            .await;
+                        return;
+                    }
+                };
+                if tx.send(ev).await.is_err() {
+                    return; // client gone: dropping `rx` stops the generation
+                }
+            }
+        });
+        return Ok(Sse::new(s).into_response());
+    }
+    let _permit = permit;
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenEvent::Text(t) => text.push_str(&t),
+            GenEvent::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                st.tokens
+                    .fetch_add(completion_tokens as u64, Ordering::Relaxed);
+                let usage = Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                    total_tokens: prompt_tokens + completion_tokens,
+                };
+                let choice = if chat {
+                    json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.as_str()})
+                } else {
+                    json!({"index": 0, "text": text, "finish_reason": finish.as_str()})
+                };
+                let obj = if chat {
+                    "chat.completion"
+                } else {
+                    "text_completion"
+                };
+                return Ok(Json(
+                    json!({"id": id, "object": obj, "created": now(), "model": st.model_id,
+                                      "choices": [choice], "usage": usage}),
+                )
+                .into_response());
+            }
+            GenEvent::Error(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "generation ended without a result".into(),
+        "server_error",
+    ))
+}
+
+/// A stream fed by a task through a channel.
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let task = tokio::spawn(f(tx));
+    let guard = AbortOnDrop(task);
+    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), move |e| {
+        let _ = &guard;
+        Ok(e)
+    })
+}
+
+/// Aborts the feeding task when the response stream is dropped (the client went away).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(
+        json!({"object": "list", "data": [{"id": st.model_id, "object": "model", "owned_by": "llm-cluster"}]}),
+    )
+}
+
+async fn cluster(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let mut nodes = Vec::new();
+    for n in &st.cluster.nodes {
+        let status = n.client.status(crate::cluster::ctx(2)).await.ok();
+        nodes.push(json!({
+            "address": n.addr, "device": n.device,
+            "layers": [n.range.start(), n.range.end()],
+            "weight_bytes": n.weight_bytes,
+            "up": status.is_some(),
+            "used_bytes": status.as_ref().map(|s| s.used_bytes),
+            "sessions": status.as_ref().map(|s| s.sessions),
+        }));
+    }
+    Json(json!({"epoch": st.cluster.epoch.0, "nodes": nodes}))
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> String {
+    format!(
+        "# TYPE coordinator_requests_total counter\ncoordinator_requests_total {}\n\
+         # TYPE coordinator_generated_tokens_total counter\ncoordinator_generated_tokens_total {}\n\
+         # TYPE coordinator_requests_in_flight gauge\ncoordinator_requests_in_flight {}\n",
+        st.requests.load(Ordering::Relaxed),
+        st.tokens.load(Ordering::Relaxed),
+        st.admission_in_flight(),
+    )
+}
+
+impl AppState {
+    fn admission_in_flight(&self) -> usize {
+        crate::MAX_IN_FLIGHT.saturating_sub(self.admission.available_permits())
+    }
+}
