@@ -5,7 +5,7 @@
 //! - [`cluster`]: connections to the shard nodes, loading the plan, heartbeats.
 //! - [`engine`]: one generation: sessions on every stage, prefill, decode, cleanup.
 //! - [`http`]: the axum routes.
-//! - [`error`]: [`CoordError`].
+//! - [`error`]: the crate's error, [`CoordError`].
 
 pub mod cluster;
 pub mod engine;

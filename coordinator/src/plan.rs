@@ -26,12 +26,10 @@ pub fn split(
     let mut counts: Vec<usize> = free
         .iter()
         .map(|&f| {
-            if total == 0 {
-                1
-            } else {
-                ((u128::from(f) * n as u128) / total) as usize
-            }
-            .max(1)
+            (u128::from(f) * n as u128)
+                .checked_div(total)
+                .map_or(1, |c| c as usize)
+                .max(1)
         })
         .collect();
     // Fix rounding: add to the nodes with most free memory, take from those with most layers.

@@ -112,3 +112,110 @@ pub async fn connect(
     let ack = client.handshake(tarpc::context::current(), hello).await??;
     Ok((client, ack))
 }
+
+/// The workspace's `coordinator` binary.
+pub fn coordinator_bin() -> PathBuf {
+    shard_node_bin().with_file_name("coordinator")
+}
+
+/// A real `coordinator serve` process on a free HTTP port; killed (SIGKILL) on drop.
+pub struct CoordinatorProcess {
+    child: std::process::Child,
+    /// `http://ADDR`.
+    pub url: String,
+}
+
+impl CoordinatorProcess {
+    /// Starts a coordinator over `nodes` and waits until it serves.
+    pub fn spawn(model: &std::path::Path, nodes: &[&ShardProcess]) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let list: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+        let mut child = std::process::Command::new(coordinator_bin())
+            .args([
+                "serve",
+                "--http",
+                "127.0.0.1:0",
+                "--max-ctx",
+                "1024",
+                "--model",
+            ])
+            .arg(model)
+            .arg("--nodes")
+            .arg(list.join(","))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .ok_or_else(|| anyhow::anyhow!("coordinator did not start: {line:?}"))?
+            .to_string();
+        Ok(CoordinatorProcess {
+            child,
+            url: format!("http://{addr}"),
+        })
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl` a JSON body to `url`; returns (status, body). `-N` streams.
+pub fn curl_post(url: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sN",
+            "-m",
+            "120",
+            "-H",
+            "content-type: application/json",
+            "-w",
+            "\n%{http_code}",
+            "-d",
+            body,
+            url,
+        ])
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    let (body, code) = text
+        .rsplit_once('\n')
+        .ok_or_else(|| anyhow::anyhow!("no status from curl"))?;
+    Ok((code.trim().parse()?, body.to_string()))
+}
+
+/// The text of an OpenAI SSE stream: `data:` chunks concatenated until `[DONE]`; errors if
+/// the stream carried an error event or never finished.
+pub fn sse_text(body: &str) -> anyhow::Result<String> {
+    let mut text = String::new();
+    let mut done = false;
+    for line in body.lines() {
+        if line.starts_with("event: error") {
+            anyhow::bail!("error event: {body}");
+        }
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(data)?;
+        let c = &v["choices"][0];
+        if let Some(t) = c["text"].as_str().or(c["delta"]["content"].as_str()) {
+            text.push_str(t);
+        }
+    }
+    anyhow::ensure!(done, "stream did not end with [DONE]: {body}");
+    Ok(text)
+}

@@ -1,0 +1,139 @@
+//! The whole product through HTTP: 3 shard-node processes plus the coordinator, on port 0.
+//! Greedy output equals single-process `shard-node generate`; 8 concurrent streams each equal
+//! their sequential output; malformed requests get 400; kill -9 of a node mid-stream ends the
+//! stream with an error while the coordinator keeps answering /health.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use integration_tests::{
+    curl_post, default_model, shard_node_bin, sse_text, CoordinatorProcess, ShardProcess,
+};
+
+fn generate(model: &std::path::Path, prompt: &str, n: u32) -> anyhow::Result<String> {
+    let out = Command::new(shard_node_bin())
+        .args([
+            "generate",
+            "--threads",
+            "1",
+            "--max-tokens",
+            &n.to_string(),
+            "--prompt",
+            prompt,
+            "--model",
+        ])
+        .arg(model)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    Ok(text.strip_suffix('\n').unwrap_or(&text).to_string())
+}
+
+fn completion(url: &str, prompt: &str, n: u32, stream: bool) -> anyhow::Result<String> {
+    let body =
+        serde_json::json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": stream});
+    let (code, text) = curl_post(&format!("{url}/v1/completions"), &body.to_string())?;
+    anyhow::ensure!(code == 200, "status {code}: {text}");
+    if stream {
+        sse_text(&text)
+    } else {
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        anyhow::ensure!(
+            v["usage"]["completion_tokens"].as_u64().is_some(),
+            "no usage: {text}"
+        );
+        Ok(v["choices"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+}
+
+#[test]
+fn cluster_serves_openai_api() -> anyhow::Result<()> {
+    let model = default_model();
+    let dir = model.parent().ok_or_else(|| anyhow::anyhow!("no folder"))?;
+    let mut nodes: Vec<ShardProcess> = (0..3)
+        .map(|_| ShardProcess::spawn(dir, &[]))
+        .collect::<Result<_, _>>()?;
+    let coord = CoordinatorProcess::spawn(&model, &nodes.iter().collect::<Vec<_>>())?;
+    let url = coord.url.clone();
+
+    // Identical to single-process generation.
+    let prompt = "The capital of France is";
+    let want = generate(&model, prompt, 24)?;
+    assert_eq!(completion(&url, prompt, 24, false)?, want);
+    assert_eq!(completion(&url, prompt, 24, true)?, want);
+
+    // Chat, streamed.
+    let chat = serde_json::json!({"messages": [{"role": "user", "content": "What is 2+2?"}],
+                                  "max_tokens": 16, "temperature": 0, "stream": true});
+    let (code, body) = curl_post(&format!("{url}/v1/chat/completions"), &chat.to_string())?;
+    assert_eq!(code, 200);
+    assert!(!sse_text(&body)?.is_empty());
+
+    // 8 concurrent streams, each equal to its sequential output.
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("Here is fact number {i} about the ocean:"))
+        .collect();
+    let sequential: Vec<String> = prompts
+        .iter()
+        .map(|p| completion(&url, p, 12, true))
+        .collect::<anyhow::Result<_>>()?;
+    let concurrent = std::thread::scope(|s| -> anyhow::Result<Vec<String>> {
+        let hs: Vec<_> = prompts
+            .iter()
+            .map(|p| s.spawn(|| completion(&url, p, 12, true)))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("thread panicked"))
+                    .and_then(|r| r)
+            })
+            .collect()
+    })?;
+    assert_eq!(concurrent, sequential);
+
+    // Malformed requests: 400 with OpenAI's error shape.
+    for bad in [
+        r#"{"prompt": 5}"#,
+        "not json",
+        r#"{"prompt":"x","max_tokens":100000}"#,
+        r#"{"prompt":"x","temperature":-1}"#,
+    ] {
+        let (code, body) = curl_post(&format!("{url}/v1/completions"), bad)?;
+        assert_eq!(code, 400, "{bad} -> {body}");
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+
+    // kill -9 of a node mid-stream: the stream ends with an error event, /health stays up.
+    let long = serde_json::json!({"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 400, "temperature": 0, "stream": true});
+    let u = format!("{url}/v1/completions");
+    let started = Instant::now();
+    let (body, ()) = std::thread::scope(|s| {
+        let h = s.spawn(|| curl_post(&u, &long.to_string()));
+        std::thread::sleep(Duration::from_millis(700));
+        nodes[1].kill();
+        (h.join(), ())
+    });
+    let (code, body) = body.map_err(|_| anyhow::anyhow!("thread panicked"))??;
+    assert_eq!(code, 200, "the stream had started");
+    assert!(
+        body.contains("event: error") && body.contains("503"),
+        "no error event: {body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let health = Command::new("curl")
+        .args(["-s", "-m", "5", &format!("{url}/health")])
+        .output()?;
+    assert!(String::from_utf8(health.stdout)?.contains("ok"));
+    let (code, body) = curl_post(&u, r#"{"prompt":"hi","max_tokens":4}"#)?;
+    assert_eq!(code, 503, "a request while a stage is down: {body}");
+    Ok(())
+}
