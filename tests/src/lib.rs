@@ -42,6 +42,32 @@ pub fn shard_node_bin() -> PathBuf {
     bin
 }
 
+/// Starts `cmd` and waits for its first stdout line, `listening on ADDR`.
+fn spawn_listening(
+    mut cmd: std::process::Command,
+) -> anyhow::Result<(std::process::Child, String)> {
+    use std::io::BufRead;
+    let mut child = cmd
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    match line.trim().strip_prefix("listening on ") {
+        Some(addr) => Ok((child, addr.to_string())),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("{cmd:?} did not start: {line:?}")
+        }
+    }
+}
+
 /// A real `shard-node serve` process on a free port; killed (SIGKILL) on drop.
 pub struct ShardProcess {
     child: std::process::Child,
@@ -52,33 +78,18 @@ pub struct ShardProcess {
 impl ShardProcess {
     /// Starts a node serving `models_dir` and waits for its address.
     pub fn spawn(models_dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<Self> {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(shard_node_bin())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--threads",
-                "1",
-                "--models-dir",
-            ])
-            .arg(models_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .ok_or_else(|| anyhow::anyhow!("unexpected first line {line:?}"))?
-            .to_string();
+        let mut cmd = std::process::Command::new(shard_node_bin());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--models-dir",
+        ])
+        .arg(models_dir)
+        .args(extra);
+        let (child, addr) = spawn_listening(cmd)?;
         Ok(ShardProcess { child, addr })
     }
 
@@ -128,35 +139,20 @@ pub struct CoordinatorProcess {
 impl CoordinatorProcess {
     /// Starts a coordinator over `nodes` and waits until it serves.
     pub fn spawn(model: &std::path::Path, nodes: &[&ShardProcess]) -> anyhow::Result<Self> {
-        use std::io::BufRead;
         let list: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
-        let mut child = std::process::Command::new(coordinator_bin())
-            .args([
-                "serve",
-                "--http",
-                "127.0.0.1:0",
-                "--max-ctx",
-                "1024",
-                "--model",
-            ])
-            .arg(model)
-            .arg("--nodes")
-            .arg(list.join(","))
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .ok_or_else(|| anyhow::anyhow!("coordinator did not start: {line:?}"))?
-            .to_string();
+        let mut cmd = std::process::Command::new(coordinator_bin());
+        cmd.args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--max-ctx",
+            "1024",
+            "--model",
+        ])
+        .arg(model)
+        .arg("--nodes")
+        .arg(list.join(","));
+        let (child, addr) = spawn_listening(cmd)?;
         Ok(CoordinatorProcess {
             child,
             url: format!("http://{addr}"),
