@@ -5,6 +5,7 @@
 //! - [`cluster`]: connections to the shard nodes, loading the plan, heartbeats.
 //! - [`engine`]: one generation: sessions on every stage, prefill, decode, cleanup.
 //! - [`http`]: the axum routes.
+//! - [`up`]: `coordinator up`, a local cluster in one command.
 //! - [`error`]: the crate's error, [`CoordError`].
 
 pub mod cluster;
@@ -12,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod http;
 pub mod plan;
+pub mod up;
 
 pub use error::{CoordError, Result};
 

@@ -44,6 +44,24 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         max_ctx: usize,
     },
+    /// Start a local cluster: fetch the default model if missing, start shard nodes, serve.
+    Up {
+        /// Number of shard nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// HTTP listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// GGUF model file (default: the default model under models/, fetched if missing).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Kernel threads per node.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Context bound of each session.
+        #[arg(long, default_value_t = 2048)]
+        max_ctx: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,12 +91,48 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let Command::Serve {
-        http,
-        model,
-        nodes,
-        max_ctx,
-    } = cli.command;
+    match cli.command {
+        Command::Serve {
+            http,
+            model,
+            nodes,
+            max_ctx,
+        } => serve(http, model, nodes, max_ctx).await,
+        Command::Up {
+            nodes,
+            http,
+            model,
+            threads,
+            max_ctx,
+        } => {
+            if nodes == 0 {
+                anyhow::bail!("--nodes must be at least 1");
+            }
+            let model = coordinator::up::ensure_model(model)?;
+            let dir = model
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
+            // Kept alive until serve returns; dropping it kills the nodes.
+            let local = coordinator::up::start_nodes(nodes, &dir, threads)?;
+            eprintln!(
+                "coordinator: started {} shard nodes: {}",
+                nodes,
+                local.addrs.join(", ")
+            );
+            let r = serve(http, model, local.addrs.clone(), max_ctx).await;
+            drop(local);
+            r
+        }
+    }
+}
+
+async fn serve(
+    http: SocketAddr,
+    model: PathBuf,
+    nodes: Vec<String>,
+    max_ctx: usize,
+) -> anyhow::Result<()> {
     let file = GgufFile::open(&model)?;
     let tok = Arc::new(TextTokenizer::from_gguf(&file)?);
     let max_ctx = max_ctx.min(file.config()?.context_length);
