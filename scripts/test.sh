@@ -7,4 +7,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 command -v cargo >/dev/null || { echo "test: cargo is needed (https://rustup.rs)" >&2; exit 1; }
 scripts/fetch-model.sh >/dev/null
+# the official OpenAI client, which tests/tests/openai_client.rs drives
+python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai \
+  || { echo "test: could not install the python openai package" >&2; exit 1; }
 cargo test --release --workspace "$@"

@@ -1,0 +1,34 @@
+//! The official Python `openai` client parses our SSE and JSON (scripts/test.sh installs it).
+
+use std::process::Command;
+
+use integration_tests::{default_model, workspace_root, CoordinatorProcess, ShardProcess};
+
+#[test]
+fn python_openai_client_reads_the_api() -> anyhow::Result<()> {
+    let model = default_model();
+    let dir = model.parent().ok_or_else(|| anyhow::anyhow!("no folder"))?;
+    let nodes: Vec<ShardProcess> = (0..2)
+        .map(|_| ShardProcess::spawn(dir, &[]))
+        .collect::<Result<_, _>>()?;
+    let coord = CoordinatorProcess::spawn(&model, &nodes.iter().collect::<Vec<_>>())?;
+    let out = Command::new("python3")
+        .arg(workspace_root().join("tests/openai_client.py"))
+        .arg(&coord.url)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "the openai client failed (is `pip install openai` done? scripts/test.sh does it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["streamed"], v["plain"], "SSE and JSON give the same text");
+    assert!(
+        v["plain"].as_str().is_some_and(|t| t.starts_with(" Paris")),
+        "{v}"
+    );
+    assert_eq!(v["usage"], 12);
+    assert!(v["chat"].as_str().is_some_and(|t| !t.is_empty()));
+    assert_eq!(v["bad_status"], 400);
+    Ok(())
+}
