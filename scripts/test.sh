@@ -10,4 +10,7 @@ scripts/fetch-model.sh >/dev/null
 # the official OpenAI client, which tests/tests/openai_client.rs drives
 python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai \
   || { echo "test: could not install the python openai package" >&2; exit 1; }
+# the cross-process tests start the real binaries: build them first (`cargo test` alone
+# builds only the binaries of packages that have their own integration tests)
+cargo build --release --workspace --bins
 cargo test --release --workspace "$@"
