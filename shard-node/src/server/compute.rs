@@ -31,7 +31,8 @@ impl Compute {
         })
     }
 
-    /// Runs `f` on the compute thread and awaits its result; `None` if the thread is gone.
+    /// Runs `f` on the compute thread and awaits its result; `None` if the thread is gone or
+    /// `f` panicked.
     pub async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
@@ -51,5 +52,18 @@ impl Drop for Compute {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_job_does_not_stop_the_thread() {
+        let c = Compute::start().expect("thread");
+        assert_eq!(c.run(|| 2 + 2).await, Some(4));
+        assert_eq!(c.run(|| -> i32 { panic!("boom") }).await, None);
+        assert_eq!(c.run(|| 5).await, Some(5));
     }
 }
