@@ -22,7 +22,13 @@ impl Compute {
             .name("compute".into())
             .spawn(move || {
                 for job in rx {
-                    job();
+                    // A panicking job fails its own request (its reply channel drops) and
+                    // must not take the thread, and every later request, with it.
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        tracing::error!(
+                            "a compute job panicked; the request failed, the node goes on"
+                        );
+                    }
                 }
             })?;
         Ok(Compute {
