@@ -8,7 +8,6 @@ use common::gguf::GgufFile;
 use common::model::LayerRange;
 use proto_types::*;
 use tarpc::context::Context;
-use tarpc::tokio_serde::formats::Bincode;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{CoordError, Result};
@@ -51,30 +50,18 @@ pub fn ctx(secs: u64) -> Context {
 
 /// Connects and handshakes.
 pub async fn connect(addr: &str) -> Result<(ShardNodeClient, HelloAck)> {
-    let down = |d: String| CoordError::NodeDown {
-        addr: addr.to_string(),
-        detail: d,
-    };
-    let mut t = tarpc::serde_transport::tcp::connect(addr, Bincode::default);
-    t.config_mut().max_frame_length(MAX_FRAME_BYTES);
-    let t = tokio::time::timeout(Duration::from_secs(5), t)
+    proto_types::connect(addr, "coordinator", Duration::from_secs(5))
         .await
-        .map_err(|_| down("connect timed out".into()))?
-        .map_err(|e| down(e.to_string()))?;
-    let client = ShardNodeClient::new(tarpc::client::Config::default(), t).spawn();
-    let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        client: "coordinator".into(),
-    };
-    let ack = client
-        .handshake(ctx(10), hello)
-        .await
-        .map_err(|e| down(e.to_string()))?
-        .map_err(|err| CoordError::Shard {
-            addr: addr.to_string(),
-            err,
-        })?;
-    Ok((client, ack))
+        .map_err(|e| match e {
+            ConnectError::Refused(err) => CoordError::Shard {
+                addr: addr.to_string(),
+                err,
+            },
+            ConnectError::Transport(detail) => CoordError::NodeDown {
+                addr: addr.to_string(),
+                detail,
+            },
+        })
 }
 
 /// Maps an RPC outcome to the coordinator's error.

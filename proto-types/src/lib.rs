@@ -8,10 +8,12 @@
 //! - [`error`]: [`ShardError`], a stable code plus a detail string.
 //! - [`service`]: the [`ShardNode`] tarpc service.
 //! - [`limits`]: the protocol version and frame size limit.
+//! - [`connect`]: the client side: TCP, frame limit, handshake.
 //!
 //! bincode encodes enum variants by position: only ever append variants, and bump
 //! [`PROTOCOL_VERSION`] when a message changes.
 
+pub mod connect;
 pub mod error;
 pub mod ids;
 pub mod limits;
@@ -19,6 +21,7 @@ pub mod messages;
 pub mod service;
 pub mod tensor;
 
+pub use connect::{connect, ConnectError};
 pub use error::{ErrorCode, ShardError};
 pub use ids::{LeaseId, PlanEpoch, SessionId, WireLayerRange};
 pub use limits::{MAX_FRAME_BYTES, PROTOCOL_VERSION};

@@ -110,18 +110,7 @@ impl Drop for ShardProcess {
 pub async fn connect(
     addr: &str,
 ) -> anyhow::Result<(proto_types::ShardNodeClient, proto_types::HelloAck)> {
-    use tarpc::tokio_serde::formats::Bincode;
-    let mut t = tarpc::serde_transport::tcp::connect(addr, Bincode::default);
-    t.config_mut()
-        .max_frame_length(proto_types::MAX_FRAME_BYTES);
-    let client =
-        proto_types::ShardNodeClient::new(tarpc::client::Config::default(), t.await?).spawn();
-    let hello = proto_types::Hello {
-        protocol_version: proto_types::PROTOCOL_VERSION,
-        client: "test".into(),
-    };
-    let ack = client.handshake(tarpc::context::current(), hello).await??;
-    Ok((client, ack))
+    Ok(proto_types::connect(addr, "test", std::time::Duration::from_secs(5)).await?)
 }
 
 /// The workspace's `coordinator` binary.
