@@ -53,12 +53,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
         ids.extend(tok.encode(BENCH_TEXT)?);
     }
     ids.truncate(o.prompt_tokens);
-    let mut ranges = Vec::new();
-    let mut start = 0;
-    for c in o.split.iter().copied().chain([cfg.n_layers as u32]) {
-        ranges.push(LayerRange::new(start, c)?);
-        start = c;
-    }
+    let ranges = LayerRange::from_cuts(&o.split, cfg.n_layers)?;
     let max_ctx = (o.prompt_tokens + o.gen_tokens + 1).min(cfg.context_length);
     let pipe = LocalPipeline::load(&file, &ranges, &device, max_ctx)?;
     // Warm-up: one short pass, as llama.cpp's own first eval pays page faults too.

@@ -42,14 +42,7 @@ pub fn run(o: &GenerateOptions) -> anyhow::Result<()> {
     let file = GgufFile::open(&o.model)?;
     let cfg = file.config()?;
     let tok = TextTokenizer::from_gguf(&file)?;
-    let mut cuts: Vec<u32> = o.split.clone();
-    cuts.push(cfg.n_layers as u32);
-    let mut ranges = Vec::new();
-    let mut start = 0;
-    for c in cuts {
-        ranges.push(LayerRange::new(start, c)?);
-        start = c;
-    }
+    let ranges = LayerRange::from_cuts(&o.split, cfg.n_layers)?;
     let max_ctx = o.max_ctx.min(cfg.context_length);
     let pipe = LocalPipeline::load(&file, &ranges, &device, max_ctx)?;
     let text = if o.chat {

@@ -27,6 +27,20 @@ impl LayerRange {
         Self::new(0, end)
     }
 
+    /// Consecutive stages cut at `cuts` (ascending), covering `[0, n_layers)`:
+    /// `from_cuts(&[10, 20], 30)` is `[0,10) [10,20) [20,30)`.
+    pub fn from_cuts(cuts: &[u32], n_layers: usize) -> Result<Vec<Self>> {
+        let end = u32::try_from(n_layers)
+            .map_err(|_| Error::BadLayerRange(format!("{n_layers} layers")))?;
+        let mut start = 0;
+        let mut ranges = Vec::with_capacity(cuts.len() + 1);
+        for &c in cuts.iter().chain([end].iter()) {
+            ranges.push(Self::new(start, c)?.check(n_layers)?);
+            start = c;
+        }
+        Ok(ranges)
+    }
+
     /// Checks that the range lies within a model of `n_layers` blocks.
     pub fn check(self, n_layers: usize) -> Result<Self> {
         if self.end as usize > n_layers {
@@ -110,5 +124,13 @@ mod tests {
         assert!(r.check(15).is_err());
         assert!("10-20".parse::<LayerRange>().is_err());
         assert!(r.is_last(20) && !r.is_first());
+        let cut = LayerRange::from_cuts(&[10, 20], 30).expect("valid cuts");
+        assert_eq!(
+            cut.iter().map(|r| (r.start(), r.end())).collect::<Vec<_>>(),
+            [(0, 10), (10, 20), (20, 30)]
+        );
+        assert_eq!(LayerRange::from_cuts(&[], 30).expect("no cuts").len(), 1);
+        assert!(LayerRange::from_cuts(&[20, 10], 30).is_err());
+        assert!(LayerRange::from_cuts(&[40], 30).is_err());
     }
 }
