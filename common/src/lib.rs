@@ -23,4 +23,5 @@ pub use error::{Error, Result};
 pub mod generate;
 pub mod sampling;
 pub mod stop;
+pub mod telemetry;
 pub mod tokenizer;

@@ -1,7 +1,7 @@
 //! [`Cluster`]: the connected shard nodes, the plan they serve, and their heartbeats.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use common::gguf::GgufFile;
@@ -13,21 +13,58 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{CoordError, Result};
 use crate::plan;
 
-/// One node of the plan.
+/// A live connection to a node: the client and the coordinator's lease on it.
 #[derive(Debug, Clone)]
+struct Link {
+    client: ShardNodeClient,
+    lease: LeaseId,
+}
+
+/// One node of the plan. Its link is dropped when the node stops answering and restored,
+/// slice reloaded, once it is back.
+#[derive(Debug)]
 pub struct StageNode {
     /// Its address.
     pub addr: String,
-    /// The client.
-    pub client: ShardNodeClient,
-    /// The coordinator's lease on it.
-    pub lease: LeaseId,
     /// Its device.
     pub device: String,
     /// Blocks it holds.
     pub range: LayerRange,
     /// Bytes of its weights.
     pub weight_bytes: u64,
+    link: RwLock<Option<Link>>,
+}
+
+impl StageNode {
+    /// The client, or `NodeDown` while the node is away.
+    pub fn client(&self) -> Result<ShardNodeClient> {
+        self.link()
+            .map(|l| l.client)
+            .ok_or_else(|| CoordError::NodeDown {
+                addr: self.addr.clone(),
+                detail: "not connected; reconnecting".into(),
+            })
+    }
+
+    /// Whether the node is connected.
+    pub fn is_up(&self) -> bool {
+        self.link().is_some()
+    }
+
+    fn link(&self) -> Option<Link> {
+        self.link.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_link(&self, l: Option<Link>) {
+        *self.link.write().unwrap_or_else(|e| e.into_inner()) = l;
+    }
+}
+
+/// What every node is asked to load: the model file by name and hash.
+#[derive(Debug, Clone)]
+struct ModelRef {
+    name: String,
+    sha256: String,
 }
 
 /// The nodes serving one plan epoch, first stage first.
@@ -39,6 +76,7 @@ pub struct Cluster {
     pub epoch: PlanEpoch,
     /// Context bound of every session.
     pub max_ctx: usize,
+    model: ModelRef,
 }
 
 /// A context with a deadline `secs` from now.
@@ -144,51 +182,110 @@ impl Cluster {
         let free: Vec<u64> = conns.iter().map(|c| c.3.free_bytes).collect();
         let ranges = plan::split(&layers, &free, embd, head)?;
         tracing::info!(?ranges, n_layers = cfg.n_layers, "plan");
+        let model = ModelRef { name, sha256: sha };
         let mut nodes = Vec::new();
         for ((addr, client, lease, d), range) in conns.into_iter().zip(ranges) {
-            let req = LoadSlice {
-                model: name.clone(),
-                sha256: sha.clone(),
-                layers: WireLayerRange {
-                    start: range.start(),
-                    end: range.end(),
-                },
-                epoch,
-                max_ctx: max_ctx as u32,
-            };
-            let info = rpc(&addr, client.load_slice(ctx(600), req).await)?;
+            let info = load(&addr, &client, &model, range, epoch, max_ctx).await?;
             nodes.push(StageNode {
                 addr,
-                client,
-                lease,
                 device: d.device,
                 range,
                 weight_bytes: info.weight_bytes,
+                link: RwLock::new(Some(Link { client, lease })),
             });
         }
         Ok(Cluster {
             nodes,
             epoch,
             max_ctx,
+            model,
         })
     }
 
-    /// Renews every lease each `interval` until `stop`.
+    /// Watches every node until `stop`: renews its lease each `interval`; when it stops
+    /// answering, marks it down (requests then fail fast with 503) and keeps trying to
+    /// reconnect; once it is back, reloads its slice and marks it up.
     pub fn spawn_heartbeats(self: &Arc<Self>, interval: Duration, stop: CancellationToken) {
-        let c = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
-                for n in &c.nodes {
-                    if let Err(e) = rpc(&n.addr, n.client.heartbeat(ctx(2), n.lease).await) {
-                        tracing::warn!("heartbeat: {e}");
+        for i in 0..self.nodes.len() {
+            let c = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
                     }
+                    c.watch(i).await;
                 }
-            }
-        });
+            });
+        }
     }
+
+    async fn watch(&self, i: usize) {
+        let n = &self.nodes[i];
+        match n.link() {
+            Some(l) => match l.client.heartbeat(ctx(2), l.lease).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.code != ErrorCode::UnknownLease => {
+                    tracing::warn!(addr = %n.addr, "heartbeat: {e}")
+                }
+                r => {
+                    let why = match r {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    tracing::warn!(addr = %n.addr, "node down: {why}");
+                    n.set_link(None);
+                }
+            },
+            None => match self.reattach(n).await {
+                Ok(()) => {
+                    tracing::info!(addr = %n.addr, layers = %n.range, "node back, slice reloaded")
+                }
+                Err(e) => tracing::debug!(addr = %n.addr, "still down: {e}"),
+            },
+        }
+    }
+
+    async fn reattach(&self, n: &StageNode) -> Result<()> {
+        let (client, ack) = connect(&n.addr).await?;
+        load(
+            &n.addr,
+            &client,
+            &self.model,
+            n.range,
+            self.epoch,
+            self.max_ctx,
+        )
+        .await?;
+        n.set_link(Some(Link {
+            client,
+            lease: ack.lease,
+        }));
+        Ok(())
+    }
+}
+
+async fn load(
+    addr: &str,
+    client: &ShardNodeClient,
+    model: &ModelRef,
+    range: LayerRange,
+    epoch: PlanEpoch,
+    max_ctx: usize,
+) -> Result<SliceInfo> {
+    let req = LoadSlice {
+        model: model.name.clone(),
+        sha256: model.sha256.clone(),
+        layers: WireLayerRange {
+            start: range.start(),
+            end: range.end(),
+        },
+        epoch,
+        max_ctx: max_ctx as u32,
+    };
+    rpc(addr, client.load_slice(ctx(600), req).await)
 }

@@ -26,6 +26,8 @@ pub struct GenRequest {
     pub sampling: SamplingParams,
     /// Stop strings.
     pub stop: Vec<String>,
+    /// Go on past end-of-generation tokens.
+    pub ignore_eos: bool,
 }
 
 /// What the driver streams back.
@@ -59,8 +61,11 @@ impl Drop for SessionGuard {
         let (c, s) = (self.cluster.clone(), self.session);
         tokio::spawn(async move {
             for n in &c.nodes {
-                // An unknown session is fine: it may never have been opened there.
-                let _ = n.client.close_session(ctx(5), s).await;
+                // An unknown session is fine: it may never have been opened there. A node
+                // that is down has lost the session already.
+                if let Ok(client) = n.client() {
+                    let _ = client.close_session(ctx(5), s).await;
+                }
             }
         });
     }
@@ -112,36 +117,14 @@ async fn run(
             next,
             sampling: sampling.clone(),
         };
-        rpc(&node.addr, node.client.open_session(ctx(10), open).await)?;
+        rpc(&node.addr, node.client()?.open_session(ctx(10), open).await)?;
     }
-    let first = &cluster.nodes[0];
-    let step = |start: usize, ids: Vec<u32>| {
-        let item = ForwardItem {
-            session,
-            start: start as u32,
-            input: StageInput::Tokens(ids),
-            want_logits: false,
-        };
-        first.client.forward(
-            ctx(120),
-            ForwardRequest {
-                epoch: cluster.epoch,
-                items: vec![item],
-            },
-        )
-    };
+    let client = cluster.nodes[0].client()?;
+    // One step of this session through the whole pipeline; the last stage's sampled token.
     let mut pos = 0;
     let mut next = 0;
     for chunk in req.prompt.chunks(PREFILL_CHUNK) {
-        let reply = rpc(&first.addr, step(pos, chunk.to_vec()).await)?;
-        next = reply
-            .outputs
-            .first()
-            .map(|o| o.token)
-            .ok_or_else(|| CoordError::NodeDown {
-                addr: first.addr.clone(),
-                detail: "empty reply".into(),
-            })?;
+        next = step(&cluster, &client, session, pos, chunk.to_vec()).await?;
         pos += chunk.len();
     }
     let mut stops = StopMatcher::new(&req.stop);
@@ -149,7 +132,7 @@ async fn run(
     let mut generated = 0;
     let mut finish = FinishReason::Length;
     while generated < req.max_tokens {
-        if tok.is_eog(next) {
+        if tok.is_eog(next) && !req.ignore_eos {
             finish = FinishReason::Stop;
             break;
         }
@@ -167,9 +150,8 @@ async fn run(
         if generated == req.max_tokens {
             break;
         }
-        let reply = rpc(&first.addr, step(pos, vec![next]).await)?;
+        next = step(&cluster, &client, session, pos, vec![next]).await?;
         pos += 1;
-        next = reply.outputs.first().map(|o| o.token).unwrap_or(next);
     }
     if !stops.hit() {
         let mut tail = String::new();
@@ -189,4 +171,38 @@ async fn run(
         })
         .await;
     Ok(())
+}
+
+/// One step of `session` through the whole pipeline: `ids` at positions from `start`; returns
+/// the token the last stage sampled.
+async fn step(
+    cluster: &Cluster,
+    client: &ShardNodeClient,
+    session: SessionId,
+    start: usize,
+    ids: Vec<u32>,
+) -> Result<u32> {
+    let addr = &cluster.nodes[0].addr;
+    let item = ForwardItem {
+        session,
+        start: start as u32,
+        input: StageInput::Tokens(ids),
+        want_logits: false,
+    };
+    let req = ForwardRequest {
+        epoch: cluster.epoch,
+        items: vec![item],
+    };
+    let reply = rpc(addr, client.forward(ctx(120), req).await)?;
+    match reply.outputs.into_iter().next() {
+        Some(Ok(o)) => Ok(o.token),
+        Some(Err(err)) => Err(CoordError::Shard {
+            addr: addr.clone(),
+            err,
+        }),
+        None => Err(CoordError::NodeDown {
+            addr: addr.clone(),
+            detail: "empty reply".into(),
+        }),
+    }
 }

@@ -79,6 +79,9 @@ pub fn start_nodes(n: usize, models_dir: &Path, threads: usize) -> Result<LocalN
                 "127.0.0.1:0",
                 "--threads",
                 &threads.to_string(),
+                // Ends with this process, even on SIGKILL, when no Drop runs.
+                "--parent-pid",
+                &std::process::id().to_string(),
                 "--models-dir",
             ])
             .arg(models_dir)

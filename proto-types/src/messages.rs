@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::ShardError;
 use crate::ids::{LeaseId, PlanEpoch, SessionId, WireLayerRange};
 use crate::tensor::WireTensor;
 
@@ -145,8 +146,9 @@ pub struct ForwardOutput {
 /// Reply to [`ForwardRequest`], one output per item, in order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ForwardReply {
-    /// Outputs.
-    pub outputs: Vec<ForwardOutput>,
+    /// One outcome per item, in the request's order. An item fails alone (its session's
+    /// context is full, say) without failing the others it was batched with.
+    pub outputs: Vec<Result<ForwardOutput, ShardError>>,
 }
 
 /// Reply to a heartbeat.

@@ -91,6 +91,13 @@ enum Command {
         /// CPU threads for the kernels (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Serve Prometheus metrics over HTTP here (`GET /metrics`).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
+        /// Shut down once this process is no longer our parent (set by `coordinator up`, so
+        /// that its nodes end with it even when it is killed).
+        #[arg(long)]
+        parent_pid: Option<u32>,
     },
     /// Time prompt processing and decode (JSON lines on stdout).
     Bench {
@@ -156,6 +163,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             memory_limit,
             max_sessions,
             threads,
+            metrics_listen,
+            parent_pid,
         } => shard_node::serve_cmd::run(shard_node::serve_cmd::ServeOptions {
             listen,
             device,
@@ -163,6 +172,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             memory_limit,
             max_sessions,
             threads,
+            metrics_listen,
+            parent_pid,
         }),
         Command::Bench {
             m,

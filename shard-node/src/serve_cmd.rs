@@ -9,8 +9,7 @@ use std::time::Duration;
 use common::device::{init_threads, DeviceSpec};
 use tokio_util::sync::CancellationToken;
 
-use crate::server::compute::Compute;
-use crate::server::{serve, Node, NodeConfig};
+use crate::server::{metrics, relay, serve, Node, NodeConfig};
 
 /// Options of `serve`.
 #[derive(Debug, Clone)]
@@ -27,16 +26,15 @@ pub struct ServeOptions {
     pub max_sessions: usize,
     /// Kernel threads.
     pub threads: Option<usize>,
+    /// Prometheus metrics address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Stop when this process is no longer the parent.
+    pub parent_pid: Option<u32>,
 }
 
 /// Serves until ctrl-c or SIGTERM.
 pub fn run(o: ServeOptions) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    common::telemetry::init_logging();
     if o.max_sessions == 0 {
         anyhow::bail!("--max-sessions must be at least 1");
     }
@@ -50,7 +48,8 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_secs(1),
         lease_ttl: Duration::from_secs(5),
     };
-    let node = Arc::new(Node::new(cfg, device, Compute::start()?));
+    let (node, onward) = Node::new(cfg, device)?;
+    let node = Arc::new(node);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -74,6 +73,46 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
             tracing::info!("shutting down");
             signals.cancel();
         });
+        tokio::spawn(relay::run(onward, node.peers.clone()));
+        if let Some(pid) = o.parent_pid {
+            let orphaned = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                loop {
+                    tick.tick().await;
+                    if std::os::unix::process::parent_id() != pid {
+                        orphaned.cancel();
+                        tracing::warn!("parent {pid} is gone; shutting down");
+                        break;
+                    }
+                }
+            });
+        }
+        if let Some(addr) = o.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            let bound = listener.local_addr()?;
+            tracing::info!(addr = %bound, "metrics listening");
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "metrics on {bound}");
+            let _ = out.flush();
+            let n = node.clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let n = n.clone();
+                    async move { metrics::render(&n) }
+                }),
+            );
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::warn!("metrics server: {e}");
+                }
+            });
+        }
         serve(node, o.listen, shutdown, |addr| {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "listening on {addr}");

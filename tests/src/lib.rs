@@ -42,10 +42,11 @@ pub fn shard_node_bin() -> PathBuf {
     bin
 }
 
-/// Starts `cmd` and waits for its first stdout line, `listening on ADDR`.
+/// Starts `cmd` and reads its stdout up to the line `listening on ADDR`; earlier lines of the
+/// form `NAME on ADDR` (such as `metrics on ADDR`) are returned too.
 fn spawn_listening(
     mut cmd: std::process::Command,
-) -> anyhow::Result<(std::process::Child, String)> {
+) -> anyhow::Result<(std::process::Child, String, Vec<(String, String)>)> {
     use std::io::BufRead;
     let mut child = cmd
         .env("RUST_LOG", "warn")
@@ -56,14 +57,25 @@ fn spawn_listening(
         .stdout
         .take()
         .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    match line.trim().strip_prefix("listening on ") {
-        Some(addr) => Ok((child, addr.to_string())),
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("{cmd:?} did not start: {line:?}")
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut others = Vec::new();
+    loop {
+        let line = match lines.next() {
+            Some(Ok(l)) => l,
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("{cmd:?} did not start")
+            }
+        };
+        match line.trim().split_once(" on ") {
+            Some(("listening", addr)) => return Ok((child, addr.to_string(), others)),
+            Some((name, addr)) => others.push((name.to_string(), addr.to_string())),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("{cmd:?} did not start: {line:?}")
+            }
         }
     }
 }
@@ -73,24 +85,43 @@ pub struct ShardProcess {
     child: std::process::Child,
     /// Where it listens.
     pub addr: String,
+    /// Where it serves metrics, when started with `--metrics-listen`.
+    pub metrics: Option<String>,
 }
 
 impl ShardProcess {
-    /// Starts a node serving `models_dir` and waits for its address.
+    /// Starts a node serving `models_dir` on a free port and waits for its address.
     pub fn spawn(models_dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn_at("127.0.0.1:0", models_dir, extra)
+    }
+
+    /// Starts a node listening on `listen` (to restart one on the address it had).
+    pub fn spawn_at(
+        listen: &str,
+        models_dir: &std::path::Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut cmd = std::process::Command::new(shard_node_bin());
         cmd.args([
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--threads",
             "1",
             "--models-dir",
         ])
         .arg(models_dir)
         .args(extra);
-        let (child, addr) = spawn_listening(cmd)?;
-        Ok(ShardProcess { child, addr })
+        let (child, addr, others) = spawn_listening(cmd)?;
+        let metrics = others
+            .into_iter()
+            .find(|(name, _)| name == "metrics")
+            .map(|(_, a)| a);
+        Ok(ShardProcess {
+            child,
+            addr,
+            metrics,
+        })
     }
 
     /// SIGKILL now.
@@ -141,7 +172,7 @@ impl CoordinatorProcess {
         .arg(model)
         .arg("--nodes")
         .arg(list.join(","));
-        let (child, addr) = spawn_listening(cmd)?;
+        let (child, addr, _) = spawn_listening(cmd)?;
         Ok(CoordinatorProcess {
             child,
             url: format!("http://{addr}"),

@@ -58,7 +58,16 @@ fn cluster_serves_openai_api() -> anyhow::Result<()> {
     let model = default_model();
     let dir = model.parent().ok_or_else(|| anyhow::anyhow!("no folder"))?;
     let mut nodes: Vec<ShardProcess> = (0..3)
-        .map(|_| ShardProcess::spawn(dir, &[]))
+        .map(|i| {
+            ShardProcess::spawn(
+                dir,
+                if i == 0 {
+                    &["--metrics-listen", "127.0.0.1:0"]
+                } else {
+                    &[]
+                },
+            )
+        })
         .collect::<Result<_, _>>()?;
     let coord = CoordinatorProcess::spawn(&model, &nodes.iter().collect::<Vec<_>>())?;
     let url = coord.url.clone();
@@ -99,6 +108,33 @@ fn cluster_serves_openai_api() -> anyhow::Result<()> {
     })?;
     assert_eq!(concurrent, sequential);
 
+    // The first stage batched those streams' steps: fewer passes than session steps.
+    let metrics_url = format!(
+        "http://{}/metrics",
+        nodes[0].metrics.clone().unwrap_or_default()
+    );
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5", &metrics_url])
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    let metric = |name: &str| -> anyhow::Result<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .ok_or_else(|| anyhow::anyhow!("no {name} in {text}"))?
+            .trim()
+            .parse()
+            .map_err(Into::into)
+    };
+    let (batches, items) = (
+        metric("shard_forward_batches_total")?,
+        metric("shard_forward_items_total")?,
+    );
+    assert!(
+        batches > 0 && items > batches,
+        "batches {batches}, items {items}"
+    );
+    assert_eq!(metric("shard_plan_epoch")?, 1);
+
     // Malformed requests: 400 with OpenAI's error shape.
     for bad in [
         r#"{"prompt": 5}"#,
@@ -135,5 +171,24 @@ fn cluster_serves_openai_api() -> anyhow::Result<()> {
     assert!(String::from_utf8(health.stdout)?.contains("ok"));
     let (code, body) = curl_post(&u, r#"{"prompt":"hi","max_tokens":4}"#)?;
     assert_eq!(code, 503, "a request while a stage is down: {body}");
+
+    // The node comes back on its address: the coordinator reconnects, reloads its slice and
+    // serves again, with the same output.
+    let addr = nodes[1].addr.clone();
+    nodes[1] = ShardProcess::spawn_at(&addr, dir, &[])?;
+    let back = Instant::now();
+    loop {
+        match completion(&url, prompt, 24, false) {
+            Ok(text) => {
+                assert_eq!(text, want);
+                break;
+            }
+            Err(e) => assert!(
+                back.elapsed() < Duration::from_secs(30),
+                "not serving 30 s after the node came back: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
     Ok(())
 }

@@ -112,8 +112,10 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
             want_logits: false,
         }],
     };
+    let reply = clients[0].forward(ctx(), unknown).await??;
+    assert_eq!(reply.outputs.len(), 1);
     assert_eq!(
-        code(clients[0].forward(ctx(), unknown).await?),
+        code(reply.outputs.into_iter().next().expect("one outcome")),
         ErrorCode::UnknownSession
     );
     assert_eq!(
@@ -121,47 +123,67 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
         ErrorCode::UnknownLease
     );
 
-    // Open the session last stage first, each stage pointing at the next.
-    let session = SessionId(1);
+    // Open two sessions, last stage first, each stage pointing at the next.
+    let sessions = [SessionId(1), SessionId(2)];
     let greedy = WireSampling {
         temperature: 0.0,
         top_k: 0,
         top_p: 1.0,
         seed: 0,
     };
-    for i in (0..3).rev() {
-        let next = (i < 2).then(|| nodes[i + 1].addr.clone());
-        let req = OpenSession {
-            session,
-            epoch,
-            max_ctx: 512,
-            next,
-            sampling: greedy.clone(),
-        };
-        clients[i].open_session(ctx(), req).await??;
+    for session in sessions {
+        for i in (0..3).rev() {
+            let next = (i < 2).then(|| nodes[i + 1].addr.clone());
+            let req = OpenSession {
+                session,
+                epoch,
+                max_ctx: 512,
+                next,
+                sampling: greedy.clone(),
+            };
+            clients[i].open_session(ctx(), req).await??;
+        }
     }
 
     let file = GgufFile::open(&model)?;
     let tok = TextTokenizer::from_gguf(&file)?;
     let prompt = tok.encode("The three primary colors are")?;
-    let mut got = Vec::new();
+    // Both sessions step together in one request (one batch on every stage); a third item,
+    // for a session that does not exist, fails alone.
+    let mut got = [Vec::new(), Vec::new()];
     let mut start = 0u32;
     let mut input = prompt.clone();
-    for _ in 0..24 {
-        let req = ForwardRequest {
-            epoch,
-            items: vec![ForwardItem {
-                session,
-                start,
-                input: StageInput::Tokens(input.clone()),
-                want_logits: false,
-            }],
+    for step in 0..24 {
+        let item = |session| ForwardItem {
+            session,
+            start,
+            input: StageInput::Tokens(input.clone()),
+            want_logits: false,
         };
-        let reply = clients[0].forward(ctx(), req).await??;
-        let t = reply.outputs[0].token;
+        let mut items: Vec<ForwardItem> = sessions.iter().map(|&s| item(s)).collect();
+        if step == 0 {
+            items.push(item(SessionId(404)));
+        }
+        let reply = clients[0]
+            .forward(ctx(), ForwardRequest { epoch, items })
+            .await??;
+        let mut outs = reply.outputs.into_iter();
+        for g in &mut got {
+            g.push(
+                outs.next()
+                    .ok_or_else(|| anyhow::anyhow!("short reply"))??
+                    .token,
+            );
+        }
+        if step == 0 {
+            let third = outs
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("no third outcome"))?;
+            assert_eq!(code(third), ErrorCode::UnknownSession);
+        }
+        assert_eq!(got[0].last(), got[1].last(), "same prompt, same token");
         start += input.len() as u32;
-        got.push(t);
-        input = vec![t];
+        input = vec![got[0][step]];
     }
 
     init_threads(Some(1))?;
@@ -175,15 +197,15 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
         logits = pipe.decode(&mut s, t)?;
     }
     assert_eq!(
-        got,
+        got[0],
         want,
         "cluster: {:?}\nlocal: {:?}",
-        tok.decode(&got)?,
+        tok.decode(&got[0])?,
         tok.decode(&want)?
     );
 
     let st = clients[1].status(ctx()).await?;
-    assert_eq!(st.sessions, 1);
+    assert_eq!(st.sessions, 2);
     assert!(st.leases.iter().any(|l| l.kv_cache > 0));
 
     // Dropping the client's connections frees its sessions on every node.

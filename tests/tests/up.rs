@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use integration_tests::{coordinator_bin, curl_post, default_model};
 
-#[test]
-fn up_serves_and_ctrl_c_stops_the_nodes() -> anyhow::Result<()> {
+/// Starts `coordinator up`; returns it, its nodes' addresses and its HTTP address.
+fn up() -> anyhow::Result<(std::process::Child, Vec<String>, String)> {
     let model = default_model();
     let mut child = Command::new(coordinator_bin())
         .args(["up", "--nodes", "2", "--http", "127.0.0.1:0", "--model"])
@@ -41,7 +41,28 @@ fn up_serves_and_ctrl_c_stops_the_nodes() -> anyhow::Result<()> {
     let addr = line
         .trim()
         .strip_prefix("listening on ")
-        .ok_or_else(|| anyhow::anyhow!("{line:?}"))?;
+        .ok_or_else(|| anyhow::anyhow!("{line:?}"))?
+        .to_string();
+    Ok((child, nodes, addr))
+}
+
+/// Waits until nothing listens on any of `nodes`.
+fn nodes_gone(nodes: &[String], within: Duration) {
+    let deadline = Instant::now() + within;
+    for n in nodes {
+        while std::net::TcpStream::connect(n).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "shard node {n} outlived the coordinator"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn up_serves_and_ctrl_c_stops_the_nodes() -> anyhow::Result<()> {
+    let (mut child, nodes, addr) = up()?;
     let (code, body) = curl_post(
         &format!("http://{addr}/v1/completions"),
         r#"{"prompt":"Hello","max_tokens":4,"temperature":0}"#,
@@ -59,11 +80,15 @@ fn up_serves_and_ctrl_c_stops_the_nodes() -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    for n in &nodes {
-        assert!(
-            std::net::TcpStream::connect(n).is_err(),
-            "shard node {n} outlived the coordinator"
-        );
-    }
+    nodes_gone(&nodes, Duration::from_secs(1));
+    Ok(())
+}
+
+#[test]
+fn nodes_end_when_the_coordinator_is_killed() -> anyhow::Result<()> {
+    let (mut child, nodes, _) = up()?;
+    child.kill()?; // SIGKILL: no Drop, no signal handler runs
+    child.wait()?;
+    nodes_gone(&nodes, Duration::from_secs(5));
     Ok(())
 }

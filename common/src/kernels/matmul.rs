@@ -31,6 +31,10 @@ impl QuantizedActs {
     }
 }
 
+/// Up to this many tokens, the weight rows are split among threads (W streamed once);
+/// above it, the tokens are.
+const SMALL_BATCH: usize = 32;
+
 /// Computes `out[t][r] = Σ_j x[t][j] · W[r][j]` for `n = x.len() / k` tokens.
 ///
 /// `weight` is `rows` rows of `k / 32` blocks of `kind`; `out` is `n × rows`, row-major.
@@ -45,19 +49,43 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
     let rows_fn = best(kind);
     let threads = global().threads();
 
-    if n < 2 * threads {
-        // Few tokens: split the weight rows, so every thread streams its share of W once.
+    const ROWS: usize = 16;
+    if n == 1 {
+        // One token (decode): split the weight rows, so every thread streams its share of W
+        // once.
         let chunk = rows.div_ceil(threads * 4).max(16);
-        for t in 0..n {
-            let a = acts.row(t);
-            parallel_chunks_mut(&mut out[t * rows..(t + 1) * rows], chunk, |c, o| {
-                rows_fn(weight, row_bytes, a, o, c * chunk);
-            });
+        parallel_chunks_mut(out, chunk, |c, o| {
+            rows_fn(weight, row_bytes, acts.row(0), o, c * chunk);
+        });
+    } else if n <= SMALL_BATCH {
+        // A few tokens (batched decode steps of several sessions): still split the weight
+        // rows, and dot each block of 16 rows with every token while it is hot in L1, so W is
+        // streamed once for all of them. Each task fills a rows-major block; one transpose at
+        // the end.
+        let chunk = rows.div_ceil(threads * 4).max(ROWS);
+        let mut by_row = vec![0f32; rows * n];
+        parallel_chunks_mut(&mut by_row, chunk * n, |c, o| {
+            let r0 = c * chunk;
+            let nr = o.len() / n;
+            let mut tmp = [0f32; ROWS];
+            for rb in (0..nr).step_by(ROWS) {
+                let w = (nr - rb).min(ROWS);
+                for t in 0..n {
+                    rows_fn(weight, row_bytes, acts.row(t), &mut tmp[..w], r0 + rb);
+                    for (i, &v) in tmp[..w].iter().enumerate() {
+                        o[(rb + i) * n + t] = v;
+                    }
+                }
+            }
+        });
+        for (r, col) in by_row.chunks_exact(n).enumerate() {
+            for (t, &v) in col.iter().enumerate() {
+                out[t * rows + r] = v;
+            }
         }
     } else {
         // Many tokens (prefill): split the tokens; each block of 16 weight rows is dotted with
         // every token of the task while it is hot in L1.
-        const ROWS: usize = 16;
         let per_task = n.div_ceil(threads * 2).max(1);
         parallel_chunks_mut(out, per_task * rows, |c, o| {
             let t0 = c * per_task;
@@ -109,11 +137,15 @@ mod tests {
                 &mut w[r * k..(r + 1) * k],
             );
         }
-        for n in [1usize, 3, 9, 17] {
+        for n in [1usize, 3, 9, 17, 40] {
             let x: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let mut out = vec![0f32; n * rows];
             matmul(kind, &weight, rows, k, &x, &mut out);
             for t in 0..n {
+                // Every path gives each token, bit for bit, what it gets alone.
+                let mut alone = vec![0f32; rows];
+                matmul(kind, &weight, rows, k, &x[t * k..(t + 1) * k], &mut alone);
+                assert_eq!(&out[t * rows..(t + 1) * rows], &alone[..], "n={n} t={t}");
                 for r in 0..rows {
                     let exact: f32 = (0..k).map(|j| x[t * k + j] * w[r * k + j]).sum();
                     assert!(

@@ -89,14 +89,15 @@ impl Block {
             + self.down.nbytes()
     }
 
-    /// Runs the block on `x: [n, hidden]` at positions `start..start+n`, writing this
-    /// block's keys and values into layer `li` of `cache` (already reserved).
+    /// Runs the block on `x: [Σ len, hidden]`, whose rows are the segments' tokens one
+    /// segment after the other, writing each segment's keys and values into layer `li` of its
+    /// own cache (already reserved). The projections run once over all rows; attention runs per
+    /// segment against its own cache.
     pub fn forward(
         &self,
         x: &Tensor,
-        cache: &mut KvCache,
+        segs: &mut [Segment<'_>],
         li: usize,
-        start: usize,
         rope: &Rope,
     ) -> Result<Tensor> {
         let s = self.shape;
@@ -104,11 +105,21 @@ impl Block {
         let parts = self.qkv.forward(&h)?;
         let [q, k, v] = <[Tensor; 3]>::try_from(parts)
             .map_err(|_| Error::InvalidInput("qkv projection did not split in three".into()))?;
-        let q = rope.apply(&q, s.heads, start)?;
-        let k = rope.apply(&k, s.kv_heads, start)?;
-        cache.write(li, start, &k, &v)?;
-        let (kc, vc) = cache.buffers(li)?;
-        let a = attention(&q, kc, vc, s, start)?;
+        let mut outs = Vec::with_capacity(segs.len());
+        let mut at = 0;
+        for seg in segs.iter_mut() {
+            let rows = |t: &Tensor| t.narrow(0, at, seg.len);
+            let q = rope.apply(&rows(&q)?, s.heads, seg.start)?;
+            let k = rope.apply(&rows(&k)?, s.kv_heads, seg.start)?;
+            seg.cache.write(li, seg.start, &k, &rows(&v)?)?;
+            let (kc, vc) = seg.cache.buffers(li)?;
+            outs.push(attention(&q, kc, vc, s, seg.start)?);
+            at += seg.len;
+        }
+        let a = match outs.len() {
+            1 => outs.remove(0),
+            _ => Tensor::cat(&outs, 0)?,
+        };
         let x = (x + self.o.forward(&a)?)?;
         let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, self.eps)?;
         let parts = self.gate_up.forward(&h)?;
@@ -117,4 +128,15 @@ impl Block {
         let act = (candle_nn::ops::silu(&g)? * u)?;
         Ok((x + self.down.forward(&act)?)?)
     }
+}
+
+/// One session's rows in a forward pass: `len` tokens at positions `start..start+len`.
+#[derive(Debug)]
+pub struct Segment<'a> {
+    /// The session's cache on this stage.
+    pub cache: &'a mut KvCache,
+    /// Position of the first row.
+    pub start: usize,
+    /// Rows.
+    pub len: usize,
 }

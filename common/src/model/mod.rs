@@ -17,6 +17,7 @@ pub mod linear;
 pub mod rope;
 pub mod stage;
 
+pub use block::Segment;
 pub use kv_cache::{KvCache, KvDtype};
 pub use layer_range::LayerRange;
 pub use stage::Stage;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
-use super::block::Block;
+use super::block::{Block, Segment};
 use super::kv_cache::{KvCache, KvDtype};
 use super::layer_range::LayerRange;
 use super::linear::{load_qtensor, load_vector, QLinear};
@@ -240,6 +240,15 @@ impl Stage {
     /// Runs this stage's blocks on `x: [n, hidden]`, whose rows are the session's tokens at
     /// positions `start..start+n`; `cache` must hold exactly `start` tokens.
     pub fn forward(&self, x: &Tensor, cache: &mut KvCache, start: usize) -> Result<Tensor> {
+        let len = x.dims().first().copied().unwrap_or(0);
+        self.forward_batch(x, &mut [Segment { cache, start, len }])
+    }
+
+    /// Runs this stage's blocks on several sessions at once (continuous batching): `x` holds
+    /// the rows of every segment, one segment after the other. Each segment's cache must hold
+    /// exactly `start` tokens. Row for row the result is the one [`Stage::forward`] gives for
+    /// that session alone. On an error no cache has advanced.
+    pub fn forward_batch(&self, x: &Tensor, segs: &mut [Segment<'_>]) -> Result<Tensor> {
         let (n, h) = x
             .dims2()
             .map_err(|_| Error::InvalidInput(format!("activations of shape {:?}", x.dims())))?;
@@ -249,18 +258,28 @@ impl Stage {
                 self.cfg.hidden
             )));
         }
-        if cache.len() != start {
-            return Err(Error::PositionMismatch {
-                cached: cache.len(),
-                start,
-            });
+        let rows: usize = segs.iter().map(|s| s.len).sum();
+        if rows != n || segs.iter().any(|s| s.len == 0) {
+            return Err(Error::InvalidInput(format!(
+                "{n} activation rows for segments of {rows}"
+            )));
         }
-        cache.reserve(n)?;
+        for s in segs.iter_mut() {
+            if s.cache.len() != s.start {
+                return Err(Error::PositionMismatch {
+                    cached: s.cache.len(),
+                    start: s.start,
+                });
+            }
+            s.cache.reserve(s.len)?;
+        }
         let mut x = x.to_device(&self.device)?;
         for (li, b) in self.blocks.iter().enumerate() {
-            x = b.forward(&x, cache, li, start, &self.rope)?;
+            x = b.forward(&x, segs, li, &self.rope)?;
         }
-        cache.advance(n);
+        for s in segs.iter_mut() {
+            s.cache.advance(s.len);
+        }
         Ok(x)
     }
 

@@ -148,6 +148,7 @@ fn gen_request(st: &AppState, prompt: &str, c: &Common) -> Result<GenRequest, Ap
         max_tokens,
         sampling,
         stop: c.stop.clone().map(Stop::into_vec).unwrap_or_default(),
+        ignore_eos: c.ignore_eos,
     })
 }
 
@@ -326,7 +327,10 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
 async fn cluster(State(st): State<Arc<AppState>>) -> Json<Value> {
     let mut nodes = Vec::new();
     for n in &st.cluster.nodes {
-        let status = n.client.status(crate::cluster::ctx(2)).await.ok();
+        let status = match n.client() {
+            Ok(c) => c.status(crate::cluster::ctx(2)).await.ok(),
+            Err(_) => None,
+        };
         nodes.push(json!({
             "address": n.addr, "device": n.device,
             "layers": [n.range.start(), n.range.end()],

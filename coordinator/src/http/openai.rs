@@ -42,6 +42,10 @@ pub struct Common {
     pub stream: bool,
     /// Stop strings.
     pub stop: Option<Stop>,
+    /// Not an OpenAI field (vLLM has it): keep generating past end-of-generation tokens, up
+    /// to `max_tokens`. For benchmarks.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `POST /v1/completions`.

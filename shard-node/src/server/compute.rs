@@ -3,30 +3,96 @@
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use std::collections::VecDeque;
+use std::sync::Arc;
+
 use tokio::sync::oneshot;
+
+use super::batch::{self, Onward, Pending, MAX_BATCH_ROWS};
+use super::metrics::Metrics;
+
+/// `first` plus every forward step already queued that fits beside it; other work, and steps
+/// that must wait for another pass, keep their order in `deferred`.
+fn gather(
+    first: Pending,
+    rx: &mpsc::Receiver<Work>,
+    deferred: &mut VecDeque<Work>,
+) -> Vec<Pending> {
+    let mut rows = first.rows();
+    let mut batch = vec![first];
+    let mut later = VecDeque::new();
+    let mut take = |w: Work, batch: &mut Vec<Pending>, later: &mut VecDeque<Work>| match w {
+        Work::Forward(p) if rows + p.rows() <= MAX_BATCH_ROWS && p.joins(batch) => {
+            rows += p.rows();
+            batch.push(p);
+        }
+        w => later.push_back(w),
+    };
+    while let Some(w) = deferred.pop_front() {
+        take(w, &mut batch, &mut later);
+    }
+    while let Ok(w) = rx.try_recv() {
+        take(w, &mut batch, &mut later);
+    }
+    *deferred = later;
+    batch
+}
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A dedicated thread that runs closures in order.
+enum Work {
+    Job(Job),
+    Forward(Pending),
+}
+
+/// A dedicated thread that runs closures in order, and forward steps in batches: every step
+/// queued while the thread was busy joins the next pass (see [`super::batch`]).
 #[derive(Debug)]
 pub struct Compute {
-    tx: Option<mpsc::Sender<Job>>,
+    tx: Option<mpsc::Sender<Work>>,
     thread: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for Work {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Work::Job(_) => "Job",
+            Work::Forward(_) => "Forward",
+        })
+    }
+}
+
 impl Compute {
-    /// Starts the thread.
-    pub fn start() -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
+    /// Starts the thread. Activations for a next stage go to `onward`.
+    pub fn start(
+        onward: tokio::sync::mpsc::UnboundedSender<Onward>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Work>();
         let thread = std::thread::Builder::new()
             .name("compute".into())
             .spawn(move || {
-                for job in rx {
-                    // A panicking job fails its own request (its reply channel drops) and
+                let mut deferred: VecDeque<Work> = VecDeque::new();
+                loop {
+                    let work = match deferred.pop_front() {
+                        Some(w) => w,
+                        None => match rx.recv() {
+                            Ok(w) => w,
+                            Err(_) => break,
+                        },
+                    };
+                    let run = || match work {
+                        Work::Job(job) => job(),
+                        Work::Forward(first) => {
+                            let batch = gather(first, &rx, &mut deferred);
+                            batch::execute(batch, &onward, &metrics)
+                        }
+                    };
+                    // A panicking job fails its own requests (their reply channels drop) and
                     // must not take the thread, and every later request, with it.
-                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
                         tracing::error!(
-                            "a compute job panicked; the request failed, the node goes on"
+                            "a compute job panicked; its requests failed, the node goes on"
                         );
                     }
                 }
@@ -35,6 +101,14 @@ impl Compute {
             tx: Some(tx),
             thread: Some(thread),
         })
+    }
+
+    /// Queues a forward step; it runs in the next batch it fits in.
+    pub fn submit(&self, p: Pending) {
+        if let Some(tx) = &self.tx {
+            // If the thread is gone the step drops, and its requester hears so.
+            let _ = tx.send(Work::Forward(p));
+        }
     }
 
     /// Runs `f` on the compute thread and awaits its result; `None` if the thread is gone or
@@ -47,7 +121,7 @@ impl Compute {
         let job: Job = Box::new(move || {
             let _ = tx.send(f());
         });
-        self.tx.as_ref()?.send(job).ok()?;
+        self.tx.as_ref()?.send(Work::Job(job)).ok()?;
         rx.await.ok()
     }
 }
@@ -67,7 +141,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_job_does_not_stop_the_thread() {
-        let c = Compute::start().expect("thread");
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let c = Compute::start(tx, Default::default()).expect("thread");
         assert_eq!(c.run(|| 2 + 2).await, Some(4));
         assert_eq!(c.run(|| -> i32 { panic!("boom") }).await, None);
         assert_eq!(c.run(|| 5).await, Some(5));

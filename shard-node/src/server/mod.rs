@@ -4,11 +4,17 @@
 //! - [`state`]: [`Node`], the slice, sessions and leases.
 //! - [`service`]: the `ShardNode` calls of one connection.
 //! - [`compute`]: the thread forward passes run on.
-//! - [`peer`]: the client side, for the next stage.
+//! - [`batch`]: continuous batching of session steps into one forward pass.
+//! - [`relay`]: sends a batch's activations on to the next stage.
+//! - [`peer`]: pooled client connections to next stages.
+//! - [`metrics`]: counters, served as Prometheus text.
 //! - [`wire`]: wire <-> domain conversions.
 
+pub mod batch;
 pub mod compute;
+pub mod metrics;
 pub mod peer;
+pub mod relay;
 pub mod service;
 pub mod state;
 pub mod wire;

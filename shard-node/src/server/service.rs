@@ -1,5 +1,6 @@
 //! The [`ShardNode`] implementation of one connection.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -8,14 +9,11 @@ use common::model::Stage;
 use common::sampling::Sampler;
 use proto_types::*;
 use tarpc::context::Context;
+use tokio::sync::oneshot;
 
-use super::peer::connect;
+use super::batch::Pending;
 use super::state::{lock, Node, Session, Slice};
-use super::wire::{candle_err, layer_range, sampling, shard_err, to_tensor, to_wire, wire_range};
-
-/// Wire type of activations sent to the next stage (f32 keeps the cluster's output identical
-/// to single-process generation).
-pub const ACTIVATION_DTYPE: WireDType = WireDType::F32;
+use super::wire::{layer_range, sampling, shard_err, wire_range};
 
 /// One connection: the node plus the lease its handshake was granted.
 #[derive(Debug, Clone)]
@@ -47,11 +45,6 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut h = sha2::Sha256::new();
     std::io::copy(&mut f, &mut h)?;
     Ok(hex::encode(h.finalize()))
-}
-
-enum Step {
-    Done(ForwardOutput),
-    Next(ForwardItem, (String, ShardNodeClient)),
 }
 
 impl ShardNode for Conn {
@@ -187,7 +180,11 @@ impl ShardNode for Conn {
             .new_cache(req.max_ctx as usize, Default::default())
             .map_err(shard_err)?;
         let next = match (&req.next, slice.stage.is_last()) {
-            (Some(addr), false) => Some((addr.clone(), connect(addr).await?)),
+            (Some(addr), false) => {
+                // Fail now, not at the first step, if the next stage cannot be reached.
+                self.node.peers.get(addr).await?;
+                Some(addr.clone())
+            }
             (None, true) => None,
             (Some(_), true) => {
                 return Err(err(
@@ -227,110 +224,41 @@ impl ShardNode for Conn {
         if req.items.is_empty() {
             return Err(err(ErrorCode::InvalidArgument, "no items"));
         }
-        let mut outputs: Vec<Option<ForwardOutput>> = Vec::with_capacity(req.items.len());
-        let mut onward: Vec<(usize, ForwardItem)> = Vec::new();
-        let mut next: Option<(String, ShardNodeClient)> = None;
+        let mut seen = HashSet::new();
+        let mut waits = Vec::with_capacity(req.items.len());
         for item in req.items {
-            let sess = self.node.session(item.session)?;
-            let slice = slice.clone();
-            let step = self
-                .node
-                .compute
-                .run(move || -> Result<Step, ShardError> {
-                    let mut s = lock(&sess);
-                    if s.epoch != slice.epoch {
-                        return Err(err(
-                            ErrorCode::EpochMismatch,
-                            format!("session is on epoch {}", s.epoch),
-                        ));
-                    }
-                    let stage = &slice.stage;
-                    let x = match &item.input {
-                        StageInput::Tokens(t) => stage.embed(t).map_err(shard_err)?,
-                        StageInput::Hidden(w) => to_tensor(w, stage.device())?,
-                    };
-                    let start = item.start as usize;
-                    let y = stage.forward(&x, &mut s.cache, start).map_err(shard_err)?;
-                    if stage.is_last() {
-                        let n = y.dim(0).map_err(candle_err)?;
-                        let logits = stage
-                            .head(&y.narrow(0, n - 1, 1).map_err(candle_err)?)
-                            .map_err(shard_err)?
-                            .squeeze(0)
-                            .map_err(candle_err)?;
-                        let v = logits.to_vec1::<f32>().map_err(candle_err)?;
-                        let token = s.sampler.sample(&v).map_err(shard_err)?;
-                        let logits = if item.want_logits {
-                            Some(to_wire(&logits, WireDType::F32)?)
-                        } else {
-                            None
-                        };
-                        Ok(Step::Done(ForwardOutput {
-                            session: item.session,
-                            token,
-                            logits,
-                        }))
-                    } else {
-                        let hop = s
-                            .next
-                            .clone()
-                            .ok_or_else(|| err(ErrorCode::Internal, "no next stage"))?;
-                        let hidden = to_wire(&y, ACTIVATION_DTYPE)?;
-                        Ok(Step::Next(
-                            ForwardItem {
-                                input: StageInput::Hidden(hidden),
-                                ..item
-                            },
-                            hop,
-                        ))
-                    }
-                })
-                .await
-                .ok_or_else(|| err(ErrorCode::Internal, "compute thread is gone"))??;
-            match step {
-                Step::Done(o) => outputs.push(Some(o)),
-                Step::Next(item, hop) => {
-                    if let Some((addr, _)) = &next {
-                        if *addr != hop.0 {
-                            return Err(err(
-                                ErrorCode::InvalidArgument,
-                                "items go to different next stages",
-                            ));
-                        }
-                    } else {
-                        next = Some(hop);
-                    }
-                    onward.push((outputs.len(), item));
-                    outputs.push(None);
+            let (reply, rx) = oneshot::channel();
+            waits.push(rx);
+            if !seen.insert(item.session) {
+                let _ = reply.send(Err(err(
+                    ErrorCode::InvalidArgument,
+                    format!("session {} appears twice in one request", item.session),
+                )));
+                continue;
+            }
+            match self.node.session(item.session) {
+                Ok(session) => self.node.compute.submit(Pending {
+                    item,
+                    session,
+                    slice: slice.clone(),
+                    ctx,
+                    reply,
+                }),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
                 }
             }
         }
-        if let Some((addr, client)) = next {
-            let idx: Vec<usize> = onward.iter().map(|(i, _)| *i).collect();
-            let items = onward.into_iter().map(|(_, it)| it).collect();
-            let reply = client
-                .forward(
-                    ctx,
-                    ForwardRequest {
-                        epoch: req.epoch,
-                        items,
-                    },
-                )
-                .await
-                .map_err(|e| err(ErrorCode::Downstream, format!("next stage {addr}: {e}")))??;
-            if reply.outputs.len() != idx.len() {
-                return Err(err(
-                    ErrorCode::Downstream,
-                    format!("next stage {addr} returned a short reply"),
-                ));
-            }
-            for (i, o) in idx.into_iter().zip(reply.outputs) {
-                outputs[i] = Some(o);
-            }
+        let mut outputs = Vec::with_capacity(waits.len());
+        for rx in waits {
+            outputs.push(rx.await.unwrap_or_else(|_| {
+                Err(err(
+                    ErrorCode::Internal,
+                    "the step was dropped (compute failed)",
+                ))
+            }));
         }
-        Ok(ForwardReply {
-            outputs: outputs.into_iter().flatten().collect(),
-        })
+        Ok(ForwardReply { outputs })
     }
 
     async fn heartbeat(self, _: Context, lease: LeaseId) -> Result<LeaseStatus, ShardError> {

@@ -10,9 +10,13 @@ use candle_core::Device;
 use common::device::DeviceSpec;
 use common::model::{KvCache, Stage};
 use common::sampling::Sampler;
-use proto_types::{ErrorCode, LeaseId, PlanEpoch, SessionId, ShardError, ShardNodeClient};
+use proto_types::{ErrorCode, LeaseId, PlanEpoch, SessionId, ShardError};
+use tokio::sync::mpsc;
 
+use super::batch::Onward;
 use super::compute::Compute;
+use super::metrics::Metrics;
+use super::peer::PeerPool;
 
 /// Typed node configuration.
 #[derive(Debug, Clone)]
@@ -53,8 +57,8 @@ pub struct Session {
     pub slice: Arc<Slice>,
     /// Its keys and values.
     pub cache: KvCache,
-    /// The next stage, if any.
-    pub next: Option<(String, ShardNodeClient)>,
+    /// The next stage's address, if any.
+    pub next: Option<String>,
     /// The last stage's sampler.
     pub sampler: Sampler,
 }
@@ -74,6 +78,10 @@ pub struct Node {
     pub device: Device,
     /// The compute thread.
     pub compute: Compute,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Connections to next stages.
+    pub peers: Arc<PeerPool>,
     slice: Mutex<Option<Arc<Slice>>>,
     sessions: Mutex<HashMap<SessionId, Arc<Mutex<Session>>>>,
     leases: Mutex<HashMap<LeaseId, Lease>>,
@@ -86,17 +94,31 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Node {
-    /// A node with nothing loaded.
-    pub fn new(cfg: NodeConfig, device: Device, compute: Compute) -> Self {
-        Node {
+    /// A node with nothing loaded, and the receiving end of its compute thread's onward
+    /// traffic (to be run by [`super::relay::run`]).
+    pub fn new(
+        cfg: NodeConfig,
+        device: Device,
+    ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Onward>)> {
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let node = Node {
             cfg,
             device,
-            compute,
+            compute: Compute::start(tx, metrics.clone())?,
+            metrics,
+            peers: Arc::new(PeerPool::default()),
             slice: Mutex::new(None),
             sessions: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
             next_lease: AtomicU64::new(1),
-        }
+        };
+        Ok((node, rx))
+    }
+
+    /// Live leases.
+    pub fn lease_count(&self) -> usize {
+        lock(&self.leases).len()
     }
 
     /// A new lease for a client.
@@ -144,6 +166,9 @@ impl Node {
                 true
             }
         });
+        self.metrics
+            .leases_released
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(%lease, client, why, sessions = n, bytes = freed, "lease released");
         freed
     }

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Cluster benchmark on loopback: real shard-node and coordinator processes, driven over HTTP.
+
+  python3 scripts/bench_cluster.py --bin-dir target/release --model models/X.gguf \
+      [--threads 2] [--runs 3] [--tokens 128] [--streams 1,4,16]
+
+For 1, 2 and 3 stages it measures single-stream decode tok/s (time between the first and last
+streamed token, so prefill is excluded). With 1 stage it also measures aggregate tok/s with
+1, 4 and 16 concurrent streams (completion tokens over wall time). Prints JSON lines.
+`ignore_eos` keeps every stream generating exactly --tokens tokens.
+"""
+import argparse, json, os, subprocess, sys, threading, time, urllib.request
+
+PROMPT = "Write a long story about a lighthouse keeper who finds a map in a bottle."
+
+
+def spawn(cmd):
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         env={**os.environ, "RUST_LOG": "warn"})
+    for line in p.stdout:
+        if line.startswith("listening on "):
+            return p, line.split(" on ", 1)[1].strip()
+    raise RuntimeError(f"{cmd[0]} did not start")
+
+
+def post(url, body, stream):
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    return urllib.request.urlopen(req, timeout=600)
+
+
+def stream_times(url, tokens):
+    """Streams one completion; returns (chunk arrival times, completion tokens)."""
+    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    times = []
+    with post(url + "/v1/completions", body, True) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                ev = json.loads(line[6:])
+                if ev.get("choices") and ev["choices"][0].get("text"):
+                    times.append(time.perf_counter())
+    return times
+
+
+def complete(url, tokens, out, i):
+    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    with post(url + "/v1/completions", body, False) as r:
+        out[i] = json.loads(r.read())["usage"]["completion_tokens"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin-dir", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--streams", default="1,4,16")
+    ap.add_argument("--stages", default="1,2,3")
+    a = ap.parse_args()
+    shard = os.path.join(a.bin_dir, "shard-node")
+    coord = os.path.join(a.bin_dir, "coordinator")
+    models_dir = os.path.dirname(os.path.abspath(a.model))
+    for stages in [int(s) for s in a.stages.split(",")]:
+        procs = []
+        try:
+            addrs = []
+            for _ in range(stages):
+                p, addr = spawn([shard, "serve", "--listen", "127.0.0.1:0", "--threads",
+                                 str(a.threads), "--models-dir", models_dir])
+                procs.append(p)
+                addrs.append(addr)
+            p, http = spawn([coord, "serve", "--http", "127.0.0.1:0", "--max-ctx", "2048",
+                             "--model", a.model, "--nodes", ",".join(addrs)])
+            procs.append(p)
+            url = "http://" + http
+            stream_times(url, 16)  # warm-up
+            rates = []
+            for _ in range(a.runs):
+                t = stream_times(url, a.tokens)
+                rates.append((len(t) - 1) / (t[-1] - t[0]))
+            print(json.dumps({"bench": "decode", "stages": stages, "threads": a.threads,
+                              "tokens": a.tokens, "tok_s": rates,
+                              "mean": sum(rates) / len(rates)}), flush=True)
+            if stages == 1:
+                for n in [int(s) for s in a.streams.split(",")]:
+                    out = [0] * n
+                    th = [threading.Thread(target=complete, args=(url, a.tokens, out, i))
+                          for i in range(n)]
+                    t0 = time.perf_counter()
+                    for x in th:
+                        x.start()
+                    for x in th:
+                        x.join()
+                    dt = time.perf_counter() - t0
+                    print(json.dumps({"bench": "aggregate", "streams": n, "stages": stages,
+                                      "threads": a.threads, "tokens": sum(out),
+                                      "seconds": dt, "tok_s": sum(out) / dt}), flush=True)
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

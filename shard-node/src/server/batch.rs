@@ -1,0 +1,251 @@
+//! Continuous batching: the session steps queued while the compute thread was busy run as one
+//! forward pass, so the weights are read once for all of them.
+//!
+//! Every step is checked on its own first (session epoch, position, context bound, input), and
+//! one that fails is answered alone. The rest run through [`Stage::forward_batch`]. On the last
+//! stage each step's token is sampled with its session's sampler; on other stages the
+//! activations go on to the next stage as one [`Onward`] request per address.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::Tensor;
+use common::model::Segment;
+use proto_types::*;
+use tarpc::context::Context;
+use tokio::sync::{mpsc, oneshot};
+
+use super::metrics::Metrics;
+use super::state::{lock, Session, Slice};
+use super::wire::{candle_err, shard_err, to_tensor, to_wire};
+
+/// Wire type of activations sent to the next stage (f32 keeps the cluster's output identical
+/// to single-process generation).
+pub const ACTIVATION_DTYPE: WireDType = WireDType::F32;
+
+/// Most token rows in one batch: a prefill chunk plus many decode steps.
+pub const MAX_BATCH_ROWS: usize = 512;
+
+/// Where an item's outcome goes.
+pub type Reply = oneshot::Sender<Result<ForwardOutput, ShardError>>;
+
+/// One session step waiting for the compute thread.
+#[derive(Debug)]
+pub struct Pending {
+    /// The step.
+    pub item: ForwardItem,
+    /// Its session.
+    pub session: Arc<Mutex<Session>>,
+    /// The slice the request named.
+    pub slice: Arc<Slice>,
+    /// The caller's context (deadline, trace).
+    pub ctx: Context,
+    /// Where the outcome goes.
+    pub reply: Reply,
+}
+
+impl Pending {
+    /// Token rows of the step.
+    pub fn rows(&self) -> usize {
+        match &self.item.input {
+            StageInput::Tokens(t) => t.len(),
+            StageInput::Hidden(w) => w.shape.first().map_or(0, |&d| d as usize),
+        }
+    }
+
+    /// Whether `other` may run in the same pass: same slice, another session.
+    pub fn joins(&self, batch: &[Pending]) -> bool {
+        batch
+            .iter()
+            .all(|p| Arc::ptr_eq(&p.slice, &self.slice) && !Arc::ptr_eq(&p.session, &self.session))
+    }
+}
+
+/// Steps going on to one next stage.
+#[derive(Debug)]
+pub struct Onward {
+    /// Its address.
+    pub addr: String,
+    /// The plan epoch.
+    pub epoch: PlanEpoch,
+    /// Deadline and trace of the first step.
+    pub ctx: Context,
+    /// The steps with their activations, and where each outcome goes.
+    pub items: Vec<(ForwardItem, Reply)>,
+}
+
+fn err(code: ErrorCode, d: impl Into<String>) -> ShardError {
+    ShardError::new(code, d)
+}
+
+/// Checks one step and builds its input rows; reserves its cache.
+fn admit(p: &Pending) -> Result<Tensor, ShardError> {
+    let stage = &p.slice.stage;
+    let mut s = lock(&p.session);
+    if s.epoch != p.slice.epoch {
+        return Err(err(
+            ErrorCode::EpochMismatch,
+            format!("session is on epoch {}", s.epoch),
+        ));
+    }
+    if s.cache.len() != p.item.start as usize {
+        return Err(shard_err(common::Error::PositionMismatch {
+            cached: s.cache.len(),
+            start: p.item.start as usize,
+        }));
+    }
+    let x = match &p.item.input {
+        StageInput::Tokens(t) => stage.embed(t).map_err(shard_err)?,
+        StageInput::Hidden(w) => to_tensor(w, stage.device())?,
+    };
+    match x.dims() {
+        [n, h] if *n > 0 && *h == stage.config().hidden => {}
+        d => {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "activations {d:?}, expected [n>0, {}]",
+                    stage.config().hidden
+                ),
+            ))
+        }
+    }
+    s.cache
+        .reserve(x.dim(0).map_err(candle_err)?)
+        .map_err(shard_err)?;
+    Ok(x)
+}
+
+/// Runs one batch (all on one slice, each session once) and routes every outcome.
+pub fn execute(batch: Vec<Pending>, onward: &mpsc::UnboundedSender<Onward>, metrics: &Metrics) {
+    let mut ok: Vec<(Pending, Tensor)> = Vec::with_capacity(batch.len());
+    for p in batch {
+        match admit(&p) {
+            Ok(x) => ok.push((p, x)),
+            Err(e) => {
+                metrics
+                    .item_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = p.reply.send(Err(e));
+            }
+        }
+    }
+    if ok.is_empty() {
+        return;
+    }
+    let rows: usize = ok.iter().map(|(_, x)| x.dims()[0]).sum();
+    metrics.batch(ok.len(), rows);
+    let (pendings, xs): (Vec<Pending>, Vec<Tensor>) = ok.into_iter().unzip();
+    match run(&pendings, &xs) {
+        Ok(outs) => {
+            let mut groups: HashMap<String, Onward> = HashMap::new();
+            for (p, out) in pendings.into_iter().zip(outs) {
+                match out {
+                    Out::Done(o) => {
+                        let _ = p.reply.send(Ok(o));
+                    }
+                    Out::Next(addr, hidden) => {
+                        let g = groups.entry(addr.clone()).or_insert_with(|| Onward {
+                            addr,
+                            epoch: p.slice.epoch,
+                            ctx: p.ctx,
+                            items: Vec::new(),
+                        });
+                        g.ctx.deadline = g.ctx.deadline.min(p.ctx.deadline);
+                        let item = ForwardItem {
+                            input: StageInput::Hidden(hidden),
+                            ..p.item
+                        };
+                        g.items.push((item, p.reply));
+                    }
+                }
+            }
+            for g in groups.into_values() {
+                if let Err(mpsc::error::SendError(g)) = onward.send(g) {
+                    for (_, reply) in g.items {
+                        let _ = reply.send(Err(err(ErrorCode::Internal, "the relay is gone")));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            metrics
+                .item_errors
+                .fetch_add(pendings.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            for p in pendings {
+                let _ = p.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+enum Out {
+    Done(ForwardOutput),
+    Next(String, WireTensor),
+}
+
+fn run(pendings: &[Pending], xs: &[Tensor]) -> Result<Vec<Out>, ShardError> {
+    let stage = &pendings[0].slice.stage;
+    let x = match xs {
+        [x] => x.clone(),
+        _ => Tensor::cat(xs, 0).map_err(candle_err)?,
+    };
+    // Each session once per batch (see `Pending::joins`), so these locks cannot deadlock.
+    let mut guards: Vec<_> = pendings.iter().map(|p| lock(&p.session)).collect();
+    let mut segs: Vec<Segment<'_>> = guards
+        .iter_mut()
+        .zip(pendings.iter().zip(xs))
+        .map(|(g, (p, x))| Segment {
+            cache: &mut g.cache,
+            start: p.item.start as usize,
+            len: x.dims()[0],
+        })
+        .collect();
+    let y = stage.forward_batch(&x, &mut segs).map_err(shard_err)?;
+    drop(segs);
+    let lens: Vec<usize> = xs.iter().map(|x| x.dims()[0]).collect();
+    if stage.is_last() {
+        let mut last = Vec::with_capacity(lens.len());
+        let mut at = 0u32;
+        for &n in &lens {
+            at += n as u32;
+            last.push(at - 1);
+        }
+        let idx = Tensor::new(last.as_slice(), y.device()).map_err(candle_err)?;
+        let logits = stage
+            .head(&y.index_select(&idx, 0).map_err(candle_err)?)
+            .map_err(shard_err)?;
+        let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(candle_err)?;
+        let mut outs = Vec::with_capacity(rows.len());
+        for (i, (v, g)) in rows.iter().zip(guards.iter_mut()).enumerate() {
+            let token = g.sampler.sample(v).map_err(shard_err)?;
+            let logits = if pendings[i].item.want_logits {
+                Some(to_wire(
+                    &logits.get(i).map_err(candle_err)?,
+                    WireDType::F32,
+                )?)
+            } else {
+                None
+            };
+            outs.push(Out::Done(ForwardOutput {
+                session: pendings[i].item.session,
+                token,
+                logits,
+            }));
+        }
+        Ok(outs)
+    } else {
+        let mut outs = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for (&n, g) in lens.iter().zip(&guards) {
+            let addr = g
+                .next
+                .clone()
+                .ok_or_else(|| err(ErrorCode::Internal, "no next stage"))?;
+            let h = y.narrow(0, at, n).map_err(candle_err)?;
+            outs.push(Out::Next(addr, to_wire(&h, ACTIVATION_DTYPE)?));
+            at += n;
+        }
+        Ok(outs)
+    }
+}
