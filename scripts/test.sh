@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: fetch the default model, then build and run every
-# test in release mode (model tests need real speed). CI calls this through .ci/run.
+# test in the `ci` profile (release optimizations without LTO: the model tests need real
+# speed, and LTO linking of every test binary took most of the time). CI calls this through
+# .ci/run.
 #   scripts/test.sh [extra cargo test args]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,5 +14,5 @@ python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai 
   || { echo "test: could not install the python openai package" >&2; exit 1; }
 # the cross-process tests start the real binaries: build them first (`cargo test` alone
 # builds only the binaries of packages that have their own integration tests)
-cargo build --release --workspace --bins
-cargo test --release --workspace "$@"
+cargo build --profile ci --workspace --bins
+cargo test --profile ci --workspace "$@"

@@ -17,6 +17,7 @@ pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod kernels;
+pub mod memory;
 pub mod model;
 
 pub use error::{Error, Result};

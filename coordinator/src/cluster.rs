@@ -76,6 +76,8 @@ pub struct Cluster {
     pub epoch: PlanEpoch,
     /// Context bound of every session.
     pub max_ctx: usize,
+    /// How often leases are renewed: the shortest interval the nodes asked for.
+    pub heartbeat: Duration,
     model: ModelRef,
 }
 
@@ -167,6 +169,7 @@ impl Cluster {
             .to_string();
         let sha = sha256_file(model)?;
         let mut conns = Vec::new();
+        let mut heartbeat = Duration::from_secs(1);
         for addr in addrs {
             let (client, ack) = connect(addr).await?;
             let d = client
@@ -176,6 +179,7 @@ impl Cluster {
                     addr: addr.clone(),
                     detail: e.to_string(),
                 })?;
+            heartbeat = heartbeat.min(Duration::from_millis(ack.heartbeat_interval_ms.max(10)));
             conns.push((addr.clone(), client, ack.lease, d));
         }
         let (layers, embd, head) = layer_bytes(&file)?;
@@ -198,14 +202,16 @@ impl Cluster {
             nodes,
             epoch,
             max_ctx,
+            heartbeat,
             model,
         })
     }
 
-    /// Watches every node until `stop`: renews its lease each `interval`; when it stops
+    /// Watches every node until `stop`: renews its lease each [`Cluster::heartbeat`]; when it stops
     /// answering, marks it down (requests then fail fast with 503) and keeps trying to
     /// reconnect; once it is back, reloads its slice and marks it up.
-    pub fn spawn_heartbeats(self: &Arc<Self>, interval: Duration, stop: CancellationToken) {
+    pub fn spawn_heartbeats(self: &Arc<Self>, stop: CancellationToken) {
+        let interval = self.heartbeat;
         for i in 0..self.nodes.len() {
             let c = self.clone();
             let stop = stop.clone();

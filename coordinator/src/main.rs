@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use common::gguf::GgufFile;
@@ -133,7 +132,7 @@ async fn serve(
     let max_ctx = max_ctx.min(file.config()?.context_length);
     let cluster = Arc::new(Cluster::start(&nodes, &model, max_ctx, PlanEpoch(1)).await?);
     let shutdown = CancellationToken::new();
-    cluster.spawn_heartbeats(Duration::from_secs(1), shutdown.clone());
+    cluster.spawn_heartbeats(shutdown.clone());
     let model_id = model
         .file_stem()
         .and_then(|s| s.to_str())

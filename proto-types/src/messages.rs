@@ -163,19 +163,21 @@ pub struct LeaseStatus {
 /// Bytes one lease holds, by kind.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LeaseBytes {
-    /// The lease.
+    /// The lease (`None`: held outside every lease, which should never be more than 0).
     pub lease: Option<LeaseId>,
+    /// The client that holds it.
+    pub client: String,
     /// Weights of committed slices.
     pub weights: u64,
     /// KV caches.
     pub kv_cache: u64,
-    /// Activations in flight.
+    /// Activations queued, computing or on their way to the next stage.
     pub activations: u64,
     /// Slices prepared but not committed.
     pub prepared: u64,
 }
 
-/// A node's state.
+/// A node's state and memory, from its own accounting and from outside it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
     /// The epoch served.
@@ -184,10 +186,23 @@ pub struct NodeStatus {
     pub layers: Option<WireLayerRange>,
     /// Open sessions.
     pub sessions: u32,
-    /// Bytes held, per lease.
+    /// Live leases and what each holds.
     pub leases: Vec<LeaseBytes>,
-    /// Device (or process) bytes in use.
-    pub used_bytes: u64,
-    /// Bytes the node may use in all.
-    pub total_bytes: u64,
+    /// Sum of every lease's bytes.
+    pub attributed_bytes: u64,
+    /// The node's memory limit, if any.
+    pub memory_limit: Option<u64>,
+    /// Device total bytes (CUDA: the driver's; CPU: the host's).
+    pub device_total_bytes: u64,
+    /// Device free bytes (CUDA: the driver's; CPU: the host's available memory).
+    pub device_free_bytes: u64,
+    /// The process's resident set.
+    pub process_rss_bytes: u64,
+    /// The runtime's own bytes, measured at start-up before any slice (CPU: resident set;
+    /// CUDA: device bytes in use).
+    pub baseline_bytes: u64,
+    /// In use minus attributed minus baseline (CPU: resident set; CUDA: device bytes in use).
+    /// Near 0 when every buffer is accounted for; it may dip below 0 by what the runtime
+    /// gave back after start-up.
+    pub unattributed_bytes: i64,
 }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use common::device::DeviceSpec;
@@ -94,6 +95,18 @@ enum Command {
         /// Serve Prometheus metrics over HTTP here (`GET /metrics`).
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Heartbeat interval advertised to clients, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        heartbeat_ms: u64,
+        /// A lease not renewed for this long is released with everything it holds.
+        #[arg(long, default_value_t = 5000)]
+        lease_ttl_ms: u64,
+        /// A session with no step for this long is closed.
+        #[arg(long, default_value_t = 300)]
+        session_idle_secs: u64,
+        /// Do not hand freed heap memory back to the OS (to measure what that changes).
+        #[arg(long)]
+        no_malloc_trim: bool,
         /// Shut down once this process is no longer our parent (set by `coordinator up`, so
         /// that its nodes end with it even when it is killed).
         #[arg(long)]
@@ -165,6 +178,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             metrics_listen,
             parent_pid,
+            heartbeat_ms,
+            lease_ttl_ms,
+            session_idle_secs,
+            no_malloc_trim,
         } => shard_node::serve_cmd::run(shard_node::serve_cmd::ServeOptions {
             listen,
             device,
@@ -174,6 +191,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             metrics_listen,
             parent_pid,
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            lease_ttl: Duration::from_millis(lease_ttl_ms),
+            session_idle: Duration::from_secs(session_idle_secs),
+            trim: !no_malloc_trim,
         }),
         Command::Bench {
             m,

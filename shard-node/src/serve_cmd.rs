@@ -30,14 +30,19 @@ pub struct ServeOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Stop when this process is no longer the parent.
     pub parent_pid: Option<u32>,
+    /// Advertised heartbeat interval.
+    pub heartbeat: Duration,
+    /// Lease TTL.
+    pub lease_ttl: Duration,
+    /// Idle session timeout.
+    pub session_idle: Duration,
+    /// `malloc_trim` after frees.
+    pub trim: bool,
 }
 
 /// Serves until ctrl-c or SIGTERM.
 pub fn run(o: ServeOptions) -> anyhow::Result<()> {
     common::telemetry::init_logging();
-    if o.max_sessions == 0 {
-        anyhow::bail!("--max-sessions must be at least 1");
-    }
     init_threads(o.threads)?;
     let device = o.device.open()?;
     let cfg = NodeConfig {
@@ -45,9 +50,12 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
         device: o.device,
         memory_limit: o.memory_limit,
         max_sessions: o.max_sessions,
-        heartbeat_interval: Duration::from_secs(1),
-        lease_ttl: Duration::from_secs(5),
+        heartbeat_interval: o.heartbeat,
+        lease_ttl: o.lease_ttl,
+        session_idle: o.session_idle,
+        trim: o.trim,
     };
+    cfg.validate().map_err(anyhow::Error::msg)?;
     let (node, onward) = Node::new(cfg, device)?;
     let node = Arc::new(node);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -180,6 +180,19 @@ impl CoordinatorProcess {
     }
 }
 
+impl CoordinatorProcess {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for CoordinatorProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -234,4 +247,63 @@ pub fn sse_text(body: &str) -> anyhow::Result<String> {
     }
     anyhow::ensure!(done, "stream did not end with [DONE]: {body}");
     Ok(text)
+}
+
+/// A node's status, over a fresh connection (whose lease goes when it closes).
+pub async fn node_status(addr: &str) -> anyhow::Result<proto_types::NodeStatus> {
+    let (c, _) = connect(addr).await?;
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    Ok(c.status(ctx).await?)
+}
+
+/// KV cache bytes over every lease of a status.
+pub fn kv_bytes(s: &proto_types::NodeStatus) -> u64 {
+    s.leases.iter().map(|l| l.kv_cache).sum()
+}
+
+/// Polls `addr`'s status until `done` holds, for at most `within`; returns the last status
+/// and how long it took, or fails with the last status.
+pub async fn wait_status(
+    addr: &str,
+    within: std::time::Duration,
+    done: impl Fn(&proto_types::NodeStatus) -> bool,
+) -> anyhow::Result<(proto_types::NodeStatus, std::time::Duration)> {
+    let start = std::time::Instant::now();
+    loop {
+        let s = node_status(addr).await?;
+        if done(&s) {
+            return Ok((s, start.elapsed()));
+        }
+        anyhow::ensure!(
+            start.elapsed() < within,
+            "{addr}: not reached within {within:?}: {s:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `curl` a streamed completion in the background (a child process to kill or let time out).
+pub fn curl_stream(
+    url: &str,
+    max_tokens: u32,
+    max_secs: f32,
+) -> std::io::Result<std::process::Child> {
+    let body = format!(
+        r#"{{"prompt":"Count slowly: 1, 2, 3,","max_tokens":{max_tokens},"temperature":0,"stream":true,"ignore_eos":true}}"#
+    );
+    std::process::Command::new("curl")
+        .args([
+            "-sN",
+            "-m",
+            &max_secs.to_string(),
+            "-H",
+            "content-type: application/json",
+            "-d",
+        ])
+        .arg(body)
+        .arg(format!("{url}/v1/completions"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
 }

@@ -37,6 +37,8 @@ struct Shared {
     job: AtomicPtr<Job<'static>>,
     finished: Vec<AtomicU64>,
     shutdown: AtomicBool,
+    /// Set by [`Pool::rest`]: skip the spinning and sleep until the next loop.
+    resting: AtomicBool,
     sleepers: Mutex<usize>,
     wake: Condvar,
 }
@@ -82,6 +84,7 @@ impl Pool {
             job: AtomicPtr::new(std::ptr::null_mut()),
             finished: (1..threads).map(|_| AtomicU64::new(0)).collect(),
             shutdown: AtomicBool::new(false),
+            resting: AtomicBool::new(false),
             sleepers: Mutex::new(0),
             wake: Condvar::new(),
         });
@@ -102,6 +105,14 @@ impl Pool {
     /// Threads working on each loop, the caller included.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Sends the workers to sleep now rather than after spinning: for a caller that knows no
+    /// loop follows soon (a node whose forward pass is done and whose next input comes over
+    /// the network). Spinning then would only take cores from the processes it waits on. The
+    /// next [`Pool::run`] wakes them.
+    pub fn rest(&self) {
+        self.shared.resting.store(true, Ordering::Relaxed);
     }
 
     /// Calls `f(i)` for every `i` in `0..n`, spread over the pool; returns when all are done.
@@ -125,6 +136,7 @@ impl Pool {
         // storing it in `finished`; we wait for every worker's `finished` below before `job`
         // goes out of scope, so the pointer never outlives the borrow it erases.
         let ptr = &job as *const Job<'_> as *mut Job<'static>;
+        self.shared.resting.store(false, Ordering::Relaxed);
         self.shared.job.store(ptr, Ordering::Release);
         let epoch = self.shared.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         if *self
@@ -164,9 +176,10 @@ fn worker(s: &Shared, w: usize) {
             }
             spins = spins.wrapping_add(1);
             // Read the clock only every 64 spins.
-            if !spins.is_multiple_of(64) || start.elapsed() < SPIN {
+            let resting = s.resting.load(Ordering::Relaxed);
+            if !resting && (!spins.is_multiple_of(64) || start.elapsed() < SPIN) {
                 std::hint::spin_loop();
-            } else if start.elapsed() < SPIN * 4 {
+            } else if !resting && start.elapsed() < SPIN * 4 {
                 std::thread::yield_now();
             } else {
                 let mut sleepers = s.sleepers.lock().unwrap_or_else(|e| e.into_inner());

@@ -117,6 +117,11 @@ impl KvCache {
         self.layers.len() * 2 * self.capacity * self.kv_dim * self.dtype.size_in_bytes()
     }
 
+    /// Bytes it would hold at its maximum context.
+    pub fn max_nbytes(&self) -> usize {
+        self.layers.len() * 2 * self.max_ctx * self.kv_dim * self.dtype.size_in_bytes()
+    }
+
     /// Makes room for `n` more tokens, or fails without changing anything.
     pub fn reserve(&mut self, n: usize) -> Result<()> {
         let needed = self.len + n;

@@ -324,34 +324,100 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     )
 }
 
-async fn cluster(State(st): State<Arc<AppState>>) -> Json<Value> {
-    let mut nodes = Vec::new();
-    for n in &st.cluster.nodes {
-        let status = match n.client() {
+/// Every node's status, asked concurrently; `None` for a node that is down.
+async fn statuses(st: &AppState) -> Vec<Option<proto_types::NodeStatus>> {
+    futures::future::join_all(st.cluster.nodes.iter().map(|n| async move {
+        match n.client() {
             Ok(c) => c.status(crate::cluster::ctx(2)).await.ok(),
             Err(_) => None,
-        };
+        }
+    }))
+    .await
+}
+
+fn kind_sum(s: &proto_types::NodeStatus, f: impl Fn(&proto_types::LeaseBytes) -> u64) -> u64 {
+    s.leases.iter().map(f).sum()
+}
+
+async fn cluster(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let mut nodes = Vec::new();
+    for (n, status) in st.cluster.nodes.iter().zip(statuses(&st).await) {
+        let memory = status.as_ref().map(|s| {
+            json!({
+                "attributed_bytes": s.attributed_bytes,
+                "weights_bytes": kind_sum(s, |l| l.weights),
+                "prepared_bytes": kind_sum(s, |l| l.prepared),
+                "kv_cache_bytes": kind_sum(s, |l| l.kv_cache),
+                "activation_bytes": kind_sum(s, |l| l.activations),
+                "memory_limit": s.memory_limit,
+                "device_total_bytes": s.device_total_bytes,
+                "device_free_bytes": s.device_free_bytes,
+                "process_rss_bytes": s.process_rss_bytes,
+                "baseline_bytes": s.baseline_bytes,
+                "unattributed_bytes": s.unattributed_bytes,
+                "leases": s.leases.iter().map(|l| json!({
+                    "lease": l.lease.map(|l| l.0), "client": l.client,
+                    "weights": l.weights, "prepared": l.prepared,
+                    "kv_cache": l.kv_cache, "activations": l.activations,
+                })).collect::<Vec<_>>(),
+            })
+        });
         nodes.push(json!({
             "address": n.addr, "device": n.device,
             "layers": [n.range.start(), n.range.end()],
             "weight_bytes": n.weight_bytes,
             "up": status.is_some(),
-            "used_bytes": status.as_ref().map(|s| s.used_bytes),
+            "epoch": status.as_ref().and_then(|s| s.epoch.map(|e| e.0)),
             "sessions": status.as_ref().map(|s| s.sessions),
+            "memory": memory,
         }));
     }
     Json(json!({"epoch": st.cluster.epoch.0, "nodes": nodes}))
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> String {
-    format!(
+    use std::fmt::Write;
+    let mut out = format!(
         "# TYPE coordinator_requests_total counter\ncoordinator_requests_total {}\n\
          # TYPE coordinator_generated_tokens_total counter\ncoordinator_generated_tokens_total {}\n\
-         # TYPE coordinator_requests_in_flight gauge\ncoordinator_requests_in_flight {}\n",
+         # TYPE coordinator_requests_in_flight gauge\ncoordinator_requests_in_flight {}\n\
+         # TYPE coordinator_plan_epoch gauge\ncoordinator_plan_epoch {}\n",
         st.requests.load(Ordering::Relaxed),
         st.tokens.load(Ordering::Relaxed),
         st.admission_in_flight(),
-    )
+        st.cluster.epoch.0,
+    );
+    let all = statuses(&st).await;
+    let gauges: [(&str, fn(&proto_types::NodeStatus) -> i64); 8] = [
+        ("sessions", |s| s.sessions as i64),
+        ("attributed_bytes", |s| s.attributed_bytes as i64),
+        ("weights_bytes", |s| kind_sum(s, |l| l.weights) as i64),
+        ("kv_cache_bytes", |s| kind_sum(s, |l| l.kv_cache) as i64),
+        ("activation_bytes", |s| {
+            kind_sum(s, |l| l.activations) as i64
+        }),
+        ("process_rss_bytes", |s| s.process_rss_bytes as i64),
+        ("device_free_bytes", |s| s.device_free_bytes as i64),
+        ("unattributed_bytes", |s| s.unattributed_bytes),
+    ];
+    let _ = writeln!(out, "# TYPE cluster_node_up gauge");
+    for (n, s) in st.cluster.nodes.iter().zip(&all) {
+        let _ = writeln!(
+            out,
+            "cluster_node_up{{node=\"{}\"}} {}",
+            n.addr,
+            s.is_some() as u8
+        );
+    }
+    for (name, f) in gauges {
+        let _ = writeln!(out, "# TYPE cluster_node_{name} gauge");
+        for (n, s) in st.cluster.nodes.iter().zip(&all) {
+            if let Some(s) = s {
+                let _ = writeln!(out, "cluster_node_{name}{{node=\"{}\"}} {}", n.addr, f(s));
+            }
+        }
+    }
+    out
 }
 
 impl AppState {

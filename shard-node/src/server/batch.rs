@@ -15,6 +15,7 @@ use proto_types::*;
 use tarpc::context::Context;
 use tokio::sync::{mpsc, oneshot};
 
+use super::lease::Charge;
 use super::metrics::Metrics;
 use super::state::{lock, Session, Slice};
 use super::wire::{candle_err, shard_err, to_tensor, to_wire};
@@ -42,6 +43,8 @@ pub struct Pending {
     pub ctx: Context,
     /// Where the outcome goes.
     pub reply: Reply,
+    /// The input's bytes, charged to the sender's lease until the step has run.
+    pub charge: Charge,
 }
 
 impl Pending {

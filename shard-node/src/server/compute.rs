@@ -5,18 +5,30 @@ use std::thread::JoinHandle;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::kernels::pool;
 
 use tokio::sync::oneshot;
 
 use super::batch::{self, Onward, Pending, MAX_BATCH_ROWS};
 use super::metrics::Metrics;
 
+/// How long a pass may wait for the steps it expects (see [`gather`]).
+const GATHER_WINDOW: Duration = Duration::from_millis(2);
+
 /// `first` plus every forward step already queued that fits beside it; other work, and steps
 /// that must wait for another pass, keep their order in `deferred`.
+///
+/// When fewer steps are queued than the last pass ran (`expect`), it waits up to
+/// [`GATHER_WINDOW`] for the rest: the sessions of the last pass send their next steps as soon
+/// as its replies reach them, and without the wait the first of them would run alone and the
+/// others in the pass after. One session alone never waits.
 fn gather(
     first: Pending,
     rx: &mpsc::Receiver<Work>,
     deferred: &mut VecDeque<Work>,
+    expect: usize,
 ) -> Vec<Pending> {
     let mut rows = first.rows();
     let mut batch = vec![first];
@@ -33,6 +45,14 @@ fn gather(
     }
     while let Ok(w) = rx.try_recv() {
         take(w, &mut batch, &mut later);
+    }
+    let until = Instant::now() + GATHER_WINDOW;
+    while batch.len() < expect && later.is_empty() {
+        let left = until.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(w) => take(w, &mut batch, &mut later),
+            Err(_) => break,
+        }
     }
     *deferred = later;
     batch
@@ -73,18 +93,28 @@ impl Compute {
             .name("compute".into())
             .spawn(move || {
                 let mut deferred: VecDeque<Work> = VecDeque::new();
+                let mut last_pass = 0;
                 loop {
                     let work = match deferred.pop_front() {
                         Some(w) => w,
-                        None => match rx.recv() {
+                        None => match rx.try_recv() {
                             Ok(w) => w,
-                            Err(_) => break,
+                            Err(_) => {
+                                // Nothing queued: the next input comes over the network, so
+                                // the kernel threads sleep instead of spinning.
+                                pool::global().rest();
+                                match rx.recv() {
+                                    Ok(w) => w,
+                                    Err(_) => break,
+                                }
+                            }
                         },
                     };
                     let run = || match work {
                         Work::Job(job) => job(),
                         Work::Forward(first) => {
-                            let batch = gather(first, &rx, &mut deferred);
+                            let batch = gather(first, &rx, &mut deferred, last_pass);
+                            last_pass = batch.len();
                             batch::execute(batch, &onward, &metrics)
                         }
                     };

@@ -3,6 +3,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::accounting::report;
 use super::state::Node;
 
 /// Counters updated by the compute thread and the service.
@@ -40,14 +41,14 @@ fn line(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
 pub fn render(node: &Node) -> String {
     let m = &node.metrics;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let r = report(node);
     let mut out = String::new();
-    let weights = node.slice().map_or(0, |s| s.stage.weight_bytes() as u64);
     let epoch = node.slice().map_or(0, |s| s.epoch.0);
     line(
         &mut out,
         "shard_plan_epoch",
         "gauge",
-        "Plan epoch of the loaded slice (0: none).",
+        "Plan epoch of the served slice (0: none).",
         epoch,
     );
     line(
@@ -62,29 +63,69 @@ pub fn render(node: &Node) -> String {
         "shard_leases",
         "gauge",
         "Live leases.",
-        node.lease_count() as u64,
+        node.leases.len() as u64,
     );
     line(
         &mut out,
-        "shard_weight_bytes",
+        "shard_attributed_bytes",
         "gauge",
-        "Bytes of loaded weights.",
-        weights,
+        "Bytes held by leases, all kinds.",
+        r.attributed,
     );
     line(
         &mut out,
-        "shard_kv_cache_bytes",
+        "shard_device_total_bytes",
         "gauge",
-        "Bytes of KV caches.",
-        node.kv_bytes(),
+        "Device total bytes (CPU: host memory).",
+        r.device_total,
     );
     line(
         &mut out,
-        "shard_used_bytes",
+        "shard_device_free_bytes",
         "gauge",
-        "Bytes the node accounts for.",
-        node.used_bytes(),
+        "Device free bytes (CPU: host available memory).",
+        r.device_free,
     );
+    line(
+        &mut out,
+        "shard_process_rss_bytes",
+        "gauge",
+        "Resident set of the node process.",
+        r.rss,
+    );
+    line(
+        &mut out,
+        "shard_baseline_bytes",
+        "gauge",
+        "The runtime's own bytes at start-up.",
+        r.baseline,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shard_unattributed_bytes In use less attributed less baseline.\n# TYPE shard_unattributed_bytes gauge\nshard_unattributed_bytes {}",
+        r.unattributed
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shard_lease_bytes Bytes held by one lease, by kind.\n# TYPE shard_lease_bytes gauge"
+    );
+    for h in &r.held {
+        let lease = h
+            .lease
+            .map_or_else(|| "none".to_string(), |l| l.0.to_string());
+        for (kind, v) in [
+            ("weights", h.weights),
+            ("prepared", h.prepared),
+            ("kv_cache", h.kv_cache),
+            ("activations", h.activations),
+        ] {
+            let _ = writeln!(
+                out,
+                "shard_lease_bytes{{lease=\"{lease}\",client=\"{}\",kind=\"{kind}\"}} {v}",
+                h.client.replace(['"', '\\', '\n'], "_")
+            );
+        }
+    }
     line(
         &mut out,
         "shard_forward_batches_total",

@@ -1,7 +1,10 @@
 //! `shard-node serve`: the tarpc server.
 //!
 //! # Layout
-//! - [`state`]: [`Node`], the slice, sessions and leases.
+//! - [`state`]: [`Node`], the slices and sessions, each owned by a lease.
+//! - [`lease`]: the lease table, TTLs and activation charges.
+//! - [`accounting`]: the memory report (per lease and kind; device; unattributed).
+//! - [`trim`]: giving freed heap memory back to the OS.
 //! - [`service`]: the `ShardNode` calls of one connection.
 //! - [`compute`]: the thread forward passes run on.
 //! - [`batch`]: continuous batching of session steps into one forward pass.
@@ -10,13 +13,16 @@
 //! - [`metrics`]: counters, served as Prometheus text.
 //! - [`wire`]: wire <-> domain conversions.
 
+pub mod accounting;
 pub mod batch;
 pub mod compute;
+pub mod lease;
 pub mod metrics;
 pub mod peer;
 pub mod relay;
 pub mod service;
 pub mod state;
+pub mod trim;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -42,6 +48,19 @@ pub async fn serve(
     listener.config_mut().max_frame_length(MAX_FRAME_BYTES);
     on_bound(listener.local_addr());
     let tracker = TaskTracker::new();
+    // The reaper: expired leases, idle sessions, and handing freed memory back.
+    let reaper = node.clone();
+    let stop = shutdown.clone();
+    let every = (node.cfg.lease_ttl / 4).min(std::time::Duration::from_millis(250));
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => reaper.reap(),
+            }
+        }
+    });
     loop {
         let transport = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -11,6 +11,7 @@ use proto_types::*;
 use tarpc::context::Context;
 use tokio::sync::oneshot;
 
+use super::accounting::report;
 use super::batch::Pending;
 use super::state::{lock, Node, Session, Slice};
 use super::wire::{layer_range, sampling, shard_err, wire_range};
@@ -65,7 +66,7 @@ impl ShardNode for Conn {
                 format!("this connection already holds lease {l}"),
             ));
         }
-        let lease = self.node.grant_lease(hello.client);
+        let lease = self.node.leases.grant(hello.client);
         *slot = Some(lease);
         Ok(HelloAck {
             protocol_version: PROTOCOL_VERSION,
@@ -76,7 +77,7 @@ impl ShardNode for Conn {
     }
 
     async fn describe(self, _: Context) -> NodeDescription {
-        let total = self.node.cfg.memory_limit.unwrap_or(u64::MAX);
+        let (free_bytes, total_bytes) = self.node.free_bytes();
         let models = std::fs::read_dir(&self.node.cfg.models_dir)
             .map(|d| {
                 d.filter_map(|e| e.ok())
@@ -87,8 +88,8 @@ impl ShardNode for Conn {
             .unwrap_or_default();
         NodeDescription {
             device: self.node.cfg.device.to_string(),
-            free_bytes: total.saturating_sub(self.node.used_bytes()),
-            total_bytes: total,
+            free_bytes,
+            total_bytes,
             capabilities: vec![
                 "f32-activations".into(),
                 "f16-activations".into(),
@@ -154,19 +155,23 @@ impl ShardNode for Conn {
             last: stage.is_last(),
         };
         tracing::info!(epoch = %req.epoch, layers = %stage.range(), bytes = info.weight_bytes, "slice loaded");
-        self.node.set_slice(Some(Arc::new(Slice {
-            epoch: req.epoch,
-            model: req.model,
-            stage,
-        })));
+        let lease = self.lease()?;
+        self.node.put_slice(
+            lease,
+            Slice {
+                epoch: req.epoch,
+                model: req.model,
+                stage,
+            },
+            true,
+        )?;
         Ok(info)
     }
 
     async fn unload_slice(self, _: Context, epoch: PlanEpoch) -> Result<(), ShardError> {
         self.lease()?;
-        self.node.slice_for(epoch)?;
-        self.node.set_slice(None);
-        tracing::info!(%epoch, "slice unloaded");
+        let bytes = self.node.drop_slice(epoch)?;
+        tracing::info!(%epoch, bytes, "slice unloaded");
         Ok(())
     }
 
@@ -205,21 +210,25 @@ impl ShardNode for Conn {
                 lease,
                 epoch: req.epoch,
                 slice,
+                max_kv_bytes: cache.max_nbytes() as u64,
                 cache,
                 next,
                 sampler,
+                last_used: std::time::Instant::now(),
             },
         )
     }
 
     async fn close_session(self, _: Context, session: SessionId) -> Result<(), ShardError> {
         self.lease()?;
-        let bytes = self.node.remove_session(session)?;
+        let lease = self.lease()?;
+        let bytes = self.node.remove_session(session, lease)?;
         tracing::debug!(%session, bytes, "session closed");
         Ok(())
     }
 
     async fn forward(self, ctx: Context, req: ForwardRequest) -> Result<ForwardReply, ShardError> {
+        let lease = self.lease()?;
         let slice = self.node.slice_for(req.epoch)?;
         if req.items.is_empty() {
             return Err(err(ErrorCode::InvalidArgument, "no items"));
@@ -236,13 +245,22 @@ impl ShardNode for Conn {
                 )));
                 continue;
             }
-            match self.node.session(item.session) {
-                Ok(session) => self.node.compute.submit(Pending {
+            let bytes = match &item.input {
+                StageInput::Tokens(t) => t.len() as u64 * 4,
+                StageInput::Hidden(w) => w.data.len() as u64,
+            };
+            let queued = self
+                .node
+                .session(item.session)
+                .and_then(|s| Ok((s, self.node.leases.charge(lease, bytes)?)));
+            match queued {
+                Ok((session, charge)) => self.node.compute.submit(Pending {
                     item,
                     session,
                     slice: slice.clone(),
                     ctx,
                     reply,
+                    charge,
                 }),
                 Err(e) => {
                     let _ = reply.send(Err(e));
@@ -262,7 +280,7 @@ impl ShardNode for Conn {
     }
 
     async fn heartbeat(self, _: Context, lease: LeaseId) -> Result<LeaseStatus, ShardError> {
-        let ttl = self.node.renew(lease)?;
+        let ttl = self.node.leases.renew(lease)?;
         Ok(LeaseStatus {
             lease,
             expires_in_ms: ttl.as_millis() as u64,
@@ -271,28 +289,30 @@ impl ShardNode for Conn {
 
     async fn status(self, _: Context) -> NodeStatus {
         let slice = self.node.slice();
-        let weights = slice.as_ref().map_or(0, |s| s.stage.weight_bytes() as u64);
+        let r = report(&self.node);
         NodeStatus {
             epoch: slice.as_ref().map(|s| s.epoch),
             layers: slice.as_ref().map(|s| wire_range(s.stage.range())),
             sessions: self.node.session_count() as u32,
-            leases: self
-                .node
-                .lease_bytes()
+            leases: r
+                .held
                 .into_iter()
-                .map(|(l, kv)| LeaseBytes {
-                    lease: Some(l),
-                    kv_cache: kv,
-                    ..Default::default()
+                .map(|h| LeaseBytes {
+                    lease: h.lease,
+                    client: h.client,
+                    weights: h.weights,
+                    kv_cache: h.kv_cache,
+                    activations: h.activations,
+                    prepared: h.prepared,
                 })
-                .chain(std::iter::once(LeaseBytes {
-                    lease: None,
-                    weights,
-                    ..Default::default()
-                }))
                 .collect(),
-            used_bytes: self.node.used_bytes(),
-            total_bytes: self.node.cfg.memory_limit.unwrap_or(u64::MAX),
+            attributed_bytes: r.attributed,
+            memory_limit: self.node.cfg.memory_limit,
+            device_total_bytes: r.device_total,
+            device_free_bytes: r.device_free,
+            process_rss_bytes: r.rss,
+            baseline_bytes: r.baseline,
+            unattributed_bytes: r.unattributed,
         }
     }
 }

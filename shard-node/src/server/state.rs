@@ -1,8 +1,8 @@
-//! [`Node`]: what a shard node holds: its slice, its sessions and its leases.
+//! [`Node`]: what a shard node holds (slices, sessions) and who owns each of them (leases).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::batch::Onward;
 use super::compute::Compute;
+use super::lease::Leases;
 use super::metrics::Metrics;
 use super::peer::PeerPool;
 
@@ -33,6 +34,29 @@ pub struct NodeConfig {
     pub heartbeat_interval: Duration,
     /// Lease time-to-live.
     pub lease_ttl: Duration,
+    /// A session with no step for this long is closed.
+    pub session_idle: Duration,
+    /// Hand freed heap memory back to the OS (`malloc_trim`) after frees.
+    pub trim: bool,
+}
+
+impl NodeConfig {
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_sessions == 0 {
+            return Err("--max-sessions must be at least 1".into());
+        }
+        if self.heartbeat_interval.is_zero() || self.lease_ttl <= self.heartbeat_interval {
+            return Err(format!(
+                "the lease TTL ({:?}) must be longer than the heartbeat interval ({:?}), which must not be 0",
+                self.lease_ttl, self.heartbeat_interval
+            ));
+        }
+        if self.session_idle.is_zero() {
+            return Err("--session-idle-secs must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 /// A loaded slice.
@@ -44,6 +68,15 @@ pub struct Slice {
     pub model: String,
     /// The stage.
     pub stage: Stage,
+}
+
+/// A slice with its owner.
+#[derive(Debug)]
+struct SliceEntry {
+    slice: Arc<Slice>,
+    lease: LeaseId,
+    /// Serving (committed), or prepared and waiting for a commit.
+    committed: bool,
 }
 
 /// One session's state on this node.
@@ -61,12 +94,34 @@ pub struct Session {
     pub next: Option<String>,
     /// The last stage's sampler.
     pub sampler: Sampler,
+    /// Its most bytes of KV cache (reserved against the memory limit when opened).
+    pub max_kv_bytes: u64,
+    /// When it last ran a step.
+    pub last_used: Instant,
 }
 
-#[derive(Debug)]
-struct Lease {
-    client: String,
-    renewed: Instant,
+/// Bytes one lease holds, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    /// The lease (`None`: the node's own, outside every lease).
+    pub lease: Option<LeaseId>,
+    /// Its client.
+    pub client: String,
+    /// Committed slices.
+    pub weights: u64,
+    /// Prepared, uncommitted slices.
+    pub prepared: u64,
+    /// KV caches.
+    pub kv_cache: u64,
+    /// Activations queued, computing or relayed.
+    pub activations: u64,
+}
+
+impl Held {
+    /// All kinds.
+    pub fn total(&self) -> u64 {
+        self.weights + self.prepared + self.kv_cache + self.activations
+    }
 }
 
 /// Shared state of the node.
@@ -82,15 +137,23 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// Connections to next stages.
     pub peers: Arc<PeerPool>,
-    slice: Mutex<Option<Arc<Slice>>>,
+    /// Owners.
+    pub leases: Leases,
+    /// Bytes in use at start-up, before any slice: the runtime's own baseline (see
+    /// [`common::memory::in_use`]).
+    pub baseline: u64,
+    slices: Mutex<HashMap<PlanEpoch, SliceEntry>>,
     sessions: Mutex<HashMap<SessionId, Arc<Mutex<Session>>>>,
-    leases: Mutex<HashMap<LeaseId, Lease>>,
-    next_lease: AtomicU64,
+    freed: AtomicBool,
 }
 
 /// Locks a mutex, recovering from poisoning (a panic elsewhere must not wedge the node).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn err(code: ErrorCode, d: impl Into<String>) -> ShardError {
+    ShardError::new(code, d)
 }
 
 impl Node {
@@ -102,106 +165,203 @@ impl Node {
     ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Onward>)> {
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::unbounded_channel();
+        let baseline = common::memory::in_use(&device);
         let node = Node {
+            baseline,
+            leases: Leases::new(cfg.lease_ttl),
             cfg,
             device,
             compute: Compute::start(tx, metrics.clone())?,
             metrics,
             peers: Arc::new(PeerPool::default()),
-            slice: Mutex::new(None),
+            slices: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
-            leases: Mutex::new(HashMap::new()),
-            next_lease: AtomicU64::new(1),
+            freed: AtomicBool::new(false),
         };
         Ok((node, rx))
     }
 
-    /// Live leases.
-    pub fn lease_count(&self) -> usize {
-        lock(&self.leases).len()
-    }
-
-    /// A new lease for a client.
-    pub fn grant_lease(&self, client: String) -> LeaseId {
-        let id = LeaseId(self.next_lease.fetch_add(1, Ordering::Relaxed));
-        lock(&self.leases).insert(
-            id,
-            Lease {
-                client,
-                renewed: Instant::now(),
-            },
-        );
-        id
-    }
-
-    /// Renews a lease; unknown leases are an error.
-    pub fn renew(&self, lease: LeaseId) -> Result<Duration, ShardError> {
-        match lock(&self.leases).get_mut(&lease) {
-            Some(l) => {
-                l.renewed = Instant::now();
-                Ok(self.cfg.lease_ttl)
-            }
-            None => Err(ShardError::new(
-                ErrorCode::UnknownLease,
-                format!("lease {lease} is unknown or expired"),
-            )),
-        }
-    }
-
-    /// Ends a lease and frees every session it owns; returns the bytes freed.
+    /// Ends `lease` and frees everything it owns: its sessions and its slices. Returns the
+    /// bytes freed (an unknown lease frees nothing).
     pub fn release_lease(&self, lease: LeaseId, why: &str) -> u64 {
-        let client = lock(&self.leases)
-            .remove(&lease)
-            .map(|l| l.client)
-            .unwrap_or_default();
-        let mut freed = 0u64;
+        let client = self.leases.remove(lease).unwrap_or_default();
+        let mut kv = 0u64;
         let mut n = 0;
         lock(&self.sessions).retain(|_, s| {
             let s = lock(s);
             if s.lease == lease {
-                freed += s.cache.nbytes() as u64;
+                kv += s.cache.nbytes() as u64;
                 n += 1;
                 false
             } else {
                 true
             }
         });
-        self.metrics
-            .leases_released
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(%lease, client, why, sessions = n, bytes = freed, "lease released");
-        freed
+        let mut weights = 0u64;
+        lock(&self.slices).retain(|_, e| {
+            if e.lease == lease {
+                weights += e.slice.stage.weight_bytes() as u64;
+                false
+            } else {
+                true
+            }
+        });
+        self.metrics.leases_released.fetch_add(1, Ordering::Relaxed);
+        self.freed.store(true, Ordering::Relaxed);
+        tracing::info!(%lease, client, why, sessions = n, kv_bytes = kv, weight_bytes = weights, "lease released");
+        kv + weights
     }
 
-    /// The current slice, checked against `epoch`.
-    pub fn slice_for(&self, epoch: PlanEpoch) -> Result<Arc<Slice>, ShardError> {
-        match lock(&self.slice).as_ref() {
-            Some(s) if s.epoch == epoch => Ok(s.clone()),
-            Some(s) => Err(ShardError::new(
-                ErrorCode::EpochMismatch,
-                format!("this node serves epoch {}, not {epoch}", s.epoch),
-            )),
-            None => Err(ShardError::new(ErrorCode::NoSlice, "no slice is loaded")),
+    /// Releases leases past their TTL and closes sessions idle too long; trims the heap if
+    /// anything was freed since the last call. Run periodically.
+    pub fn reap(&self) {
+        for lease in self.leases.expired() {
+            self.release_lease(lease, "no heartbeat within the TTL");
+        }
+        let idle = self.cfg.session_idle;
+        let now = Instant::now();
+        let mut closed = Vec::new();
+        lock(&self.sessions).retain(|&id, s| {
+            let s = lock(s);
+            let keep = now.duration_since(s.last_used) <= idle;
+            if !keep {
+                closed.push((id, s.cache.nbytes()));
+            }
+            keep
+        });
+        for (id, bytes) in closed {
+            self.freed.store(true, Ordering::Relaxed);
+            tracing::info!(session = %id, bytes, "idle session closed");
+        }
+        if self.freed.swap(false, Ordering::Relaxed) && self.cfg.trim {
+            super::trim::release_free_memory();
         }
     }
 
-    /// The current slice, if any.
+    /// The committed slice, checked against `epoch`.
+    pub fn slice_for(&self, epoch: PlanEpoch) -> Result<Arc<Slice>, ShardError> {
+        match self.slice() {
+            Some(s) if s.epoch == epoch => Ok(s),
+            Some(s) => Err(err(
+                ErrorCode::EpochMismatch,
+                format!("this node serves epoch {}, not {epoch}", s.epoch),
+            )),
+            None => Err(err(ErrorCode::NoSlice, "no slice is loaded")),
+        }
+    }
+
+    /// The committed slice (the newest, if more than one), if any.
     pub fn slice(&self) -> Option<Arc<Slice>> {
-        lock(&self.slice).clone()
+        lock(&self.slices)
+            .values()
+            .filter(|e| e.committed)
+            .max_by_key(|e| e.slice.epoch)
+            .map(|e| e.slice.clone())
     }
 
-    /// Installs a slice (the old one is freed once its sessions are gone).
-    pub fn set_slice(&self, slice: Option<Arc<Slice>>) {
-        *lock(&self.slice) = slice;
+    /// Installs a slice owned by `lease`, prepared or committed. A committed slice replaces
+    /// every other committed one, and the sessions of older epochs are closed.
+    pub fn put_slice(
+        &self,
+        lease: LeaseId,
+        slice: Slice,
+        committed: bool,
+    ) -> Result<(), ShardError> {
+        self.leases.check(lease)?;
+        let epoch = slice.epoch;
+        let mut slices = lock(&self.slices);
+        slices.insert(
+            epoch,
+            SliceEntry {
+                slice: Arc::new(slice),
+                lease,
+                committed: false,
+            },
+        );
+        drop(slices);
+        if committed {
+            self.commit(epoch)?;
+        }
+        Ok(())
     }
 
-    /// Bytes held by weights and caches.
-    pub fn used_bytes(&self) -> u64 {
-        let w = self.slice().map_or(0, |s| s.stage.weight_bytes() as u64);
-        w + self.kv_bytes()
+    /// Makes the prepared slice of `epoch` the served one; frees older slices and the sessions
+    /// that ran on them.
+    pub fn commit(&self, epoch: PlanEpoch) -> Result<(), ShardError> {
+        let mut slices = lock(&self.slices);
+        if !slices.contains_key(&epoch) {
+            return Err(err(
+                ErrorCode::NoSlice,
+                format!("no slice is prepared for epoch {epoch}"),
+            ));
+        }
+        slices.retain(|&e, s| e >= epoch || !s.committed);
+        if let Some(s) = slices.get_mut(&epoch) {
+            s.committed = true;
+        }
+        drop(slices);
+        lock(&self.sessions).retain(|_, s| lock(s).epoch >= epoch);
+        self.freed.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
-    /// Bytes held by KV caches.
+    /// Drops the slice of `epoch` (prepared or committed) and its sessions; returns its bytes.
+    pub fn drop_slice(&self, epoch: PlanEpoch) -> Result<u64, ShardError> {
+        let e = lock(&self.slices).remove(&epoch).ok_or_else(|| {
+            err(
+                ErrorCode::EpochMismatch,
+                format!("no slice of epoch {epoch}"),
+            )
+        })?;
+        lock(&self.sessions).retain(|_, s| lock(s).epoch != epoch);
+        self.freed.store(true, Ordering::Relaxed);
+        Ok(e.slice.stage.weight_bytes() as u64)
+    }
+
+    /// Bytes held for each lease, by kind (every live lease, even if it holds nothing).
+    pub fn held(&self) -> Vec<Held> {
+        let mut m: HashMap<LeaseId, Held> = self
+            .leases
+            .list()
+            .into_iter()
+            .map(|(id, client, activations)| {
+                let h = Held {
+                    lease: Some(id),
+                    client,
+                    activations,
+                    ..Default::default()
+                };
+                (id, h)
+            })
+            .collect();
+        let mut orphan = Held::default();
+        for e in lock(&self.slices).values() {
+            let h = m.get_mut(&e.lease).unwrap_or(&mut orphan);
+            let b = e.slice.stage.weight_bytes() as u64;
+            if e.committed {
+                h.weights += b;
+            } else {
+                h.prepared += b;
+            }
+        }
+        for s in lock(&self.sessions).values() {
+            let s = lock(s);
+            m.get_mut(&s.lease).unwrap_or(&mut orphan).kv_cache += s.cache.nbytes() as u64;
+        }
+        let mut v: Vec<Held> = m.into_values().collect();
+        v.sort_by_key(|h| h.lease);
+        if orphan.total() > 0 {
+            v.push(orphan);
+        }
+        v
+    }
+
+    /// Bytes attributed to leases (all kinds).
+    pub fn attributed_bytes(&self) -> u64 {
+        self.held().iter().map(Held::total).sum()
+    }
+
+    /// Bytes of KV caches.
     pub fn kv_bytes(&self) -> u64 {
         lock(&self.sessions)
             .values()
@@ -209,17 +369,53 @@ impl Node {
             .sum()
     }
 
-    /// Adds a session, within the session bound.
+    /// What the memory limit must leave room for: slices plus every session's most KV bytes.
+    fn reserved_bytes(&self) -> u64 {
+        let w: u64 = lock(&self.slices)
+            .values()
+            .map(|e| e.slice.stage.weight_bytes() as u64)
+            .sum();
+        let kv: u64 = lock(&self.sessions)
+            .values()
+            .map(|s| lock(s).max_kv_bytes)
+            .sum();
+        w + kv
+    }
+
+    /// Free bytes for the planner: the limit (or the device's total) less what is reserved.
+    pub fn free_bytes(&self) -> (u64, u64) {
+        let (dev_free, dev_total) =
+            common::memory::device_memory(&self.device).unwrap_or((u64::MAX, u64::MAX));
+        match self.cfg.memory_limit {
+            Some(limit) => (limit.saturating_sub(self.reserved_bytes()), limit),
+            None => (dev_free, dev_total),
+        }
+    }
+
+    /// Adds a session, within the session bound and the memory limit.
     pub fn add_session(&self, id: SessionId, s: Session) -> Result<(), ShardError> {
+        self.leases.check(s.lease)?;
+        if let Some(limit) = self.cfg.memory_limit {
+            let reserved = self.reserved_bytes();
+            if reserved + s.max_kv_bytes > limit {
+                return Err(err(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "a session of {} KV bytes does not fit: {reserved} of {limit} bytes are reserved",
+                        s.max_kv_bytes
+                    ),
+                ));
+            }
+        }
         let mut sessions = lock(&self.sessions);
         if sessions.contains_key(&id) {
-            return Err(ShardError::new(
+            return Err(err(
                 ErrorCode::InvalidArgument,
                 format!("session {id} is already open"),
             ));
         }
         if sessions.len() >= self.cfg.max_sessions {
-            return Err(ShardError::new(
+            return Err(err(
                 ErrorCode::ResourceExhausted,
                 format!("{} sessions are open, the limit", sessions.len()),
             ));
@@ -231,39 +427,36 @@ impl Node {
     /// A session by id.
     pub fn session(&self, id: SessionId) -> Result<Arc<Mutex<Session>>, ShardError> {
         lock(&self.sessions).get(&id).cloned().ok_or_else(|| {
-            ShardError::new(
+            err(
                 ErrorCode::UnknownSession,
                 format!("session {id} is not open"),
             )
         })
     }
 
-    /// Removes a session; its cache is freed when the last reference goes.
-    pub fn remove_session(&self, id: SessionId) -> Result<u64, ShardError> {
-        let s = lock(&self.sessions).remove(&id).ok_or_else(|| {
-            ShardError::new(
+    /// Removes a session owned by `lease`; its cache is freed when the last reference goes.
+    pub fn remove_session(&self, id: SessionId, lease: LeaseId) -> Result<u64, ShardError> {
+        let mut sessions = lock(&self.sessions);
+        let owner = sessions.get(&id).map(|s| lock(s).lease);
+        match owner {
+            None => Err(err(
                 ErrorCode::UnknownSession,
                 format!("session {id} is not open"),
-            )
-        })?;
-        let bytes = lock(&s).cache.nbytes() as u64;
-        Ok(bytes)
+            )),
+            Some(o) if o != lease => Err(err(
+                ErrorCode::UnknownSession,
+                format!("session {id} is not open under lease {lease}"),
+            )),
+            Some(_) => {
+                let s = sessions.remove(&id).map(|s| lock(&s).cache.nbytes() as u64);
+                self.freed.store(true, Ordering::Relaxed);
+                Ok(s.unwrap_or(0))
+            }
+        }
     }
 
     /// Open sessions.
     pub fn session_count(&self) -> usize {
         lock(&self.sessions).len()
-    }
-
-    /// Sessions per lease, with their cache bytes.
-    pub fn lease_bytes(&self) -> Vec<(LeaseId, u64)> {
-        let mut m: HashMap<LeaseId, u64> = lock(&self.leases).keys().map(|&l| (l, 0)).collect();
-        for s in lock(&self.sessions).values() {
-            let s = lock(s);
-            *m.entry(s.lease).or_default() += s.cache.nbytes() as u64;
-        }
-        let mut v: Vec<_> = m.into_iter().collect();
-        v.sort();
-        v
     }
 }

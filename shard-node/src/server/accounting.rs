@@ -1,0 +1,40 @@
+//! The node's memory report: what each lease holds, and what the device or process has in
+//! use as seen from outside the node's bookkeeping.
+
+use super::state::{Held, Node};
+
+/// One snapshot.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Per lease, by kind.
+    pub held: Vec<Held>,
+    /// Sum of `held`.
+    pub attributed: u64,
+    /// Device total bytes.
+    pub device_total: u64,
+    /// Device free bytes.
+    pub device_free: u64,
+    /// Resident set of the process.
+    pub rss: u64,
+    /// The runtime's own bytes at start-up.
+    pub baseline: u64,
+    /// In use less attributed less baseline.
+    pub unattributed: i64,
+}
+
+/// Takes a snapshot.
+pub fn report(node: &Node) -> Report {
+    let held = node.held();
+    let attributed: u64 = held.iter().map(Held::total).sum();
+    let (device_free, device_total) = common::memory::device_memory(&node.device).unwrap_or((0, 0));
+    let in_use = common::memory::in_use(&node.device);
+    Report {
+        held,
+        attributed,
+        device_total,
+        device_free,
+        rss: common::memory::process_rss().unwrap_or(0),
+        baseline: node.baseline,
+        unattributed: in_use as i64 - attributed as i64 - node.baseline as i64,
+    }
+}

@@ -1,0 +1,19 @@
+//! Giving freed heap memory back to the OS.
+//!
+//! glibc's malloc keeps freed blocks below its mmap threshold (128 KiB, and it rises
+//! dynamically up to 32 MiB after large frees) in its arenas. A KV cache chunk of one layer is
+//! ~100 KiB, so a closed session's cache stays resident in the process even though nothing
+//! uses it, the host-side twin of a caching allocator pinning its peak. `malloc_trim(0)`
+//! returns the free pages of every arena to the OS; the node calls it (from its reaper, at
+//! most a few times a second) after anything was freed. docs/memory.md has the measurements.
+#![allow(unsafe_code)]
+
+/// Returns free heap pages to the OS (glibc); a no-op elsewhere.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and trims the allocator's own free lists; it has no
+    // preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
