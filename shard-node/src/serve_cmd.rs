@@ -42,6 +42,9 @@ pub struct ServeOptions {
 
 /// Serves until ctrl-c or SIGTERM.
 pub fn run(o: ServeOptions) -> anyhow::Result<()> {
+    if o.trim {
+        crate::server::trim::configure_allocator();
+    }
     common::telemetry::init_logging();
     init_threads(o.threads)?;
     let device = o.device.open()?;

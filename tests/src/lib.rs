@@ -307,3 +307,21 @@ pub fn curl_stream(
         .stderr(std::process::Stdio::null())
         .spawn()
 }
+
+/// Renews `lease` every 400 ms while `client` lives (tests whose work outlasts a short TTL).
+pub fn keep_alive(client: proto_types::ShardNodeClient, lease: proto_types::LeaseId) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+            let mut ctx = tarpc::context::current();
+            ctx.deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            match client.heartbeat(ctx, lease).await {
+                Ok(Ok(_)) => {}
+                other => {
+                    eprintln!("keep_alive of {lease}: {other:?}");
+                    return;
+                }
+            }
+        }
+    });
+}

@@ -5,7 +5,10 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::*;
+use integration_tests::{
+    connect, curl_post, curl_stream, default_model, keep_alive, kv_bytes, node_status, wait_status,
+    CoordinatorProcess, ShardProcess,
+};
 use proto_types::*;
 
 /// Node flags for these tests: a short lease TTL, so expiry is quick to observe.
@@ -17,6 +20,22 @@ fn ctx() -> tarpc::context::Context {
     let mut c = tarpc::context::current();
     c.deadline = Instant::now() + Duration::from_secs(60);
     c
+}
+
+/// A greedy session on a node that is the last (or only) stage.
+fn last_stage_session(session: SessionId, epoch: PlanEpoch, max_ctx: u32) -> OpenSession {
+    OpenSession {
+        session,
+        epoch,
+        max_ctx,
+        next: None,
+        sampling: WireSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        },
+    }
 }
 
 fn models_dir() -> anyhow::Result<std::path::PathBuf> {
@@ -66,9 +85,18 @@ async fn back_to(addr: &str, baseline: i64, within: Duration) -> anyhow::Result<
 async fn coordinator_crash_frees_everything_on_every_node() -> anyhow::Result<()> {
     let model = default_model();
     let ns = nodes(2)?;
-    // Before any coordinator: the node runtime alone.
+    // Warm-up: a first coordinator serves a few requests and goes. What the nodes keep after
+    // that (their kernel threads, code pages) is the baseline.
+    {
+        let coord = CoordinatorProcess::spawn(&model, &ns.iter().collect::<Vec<_>>())?;
+        for _ in 0..3 {
+            complete(&coord.url, "Warm up with a few words", 8)?;
+        }
+    }
     let mut idle = Vec::new();
     for n in &ns {
+        wait_status(&n.addr, Duration::from_secs(2), |s| s.attributed_bytes == 0).await?;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         idle.push(rss(&node_status(&n.addr).await?));
     }
     for hang in [true, false] {
@@ -166,7 +194,8 @@ async fn reload_ten_times_returns_to_baseline() -> anyhow::Result<()> {
         .next()
         .unwrap_or_default()
         .to_string();
-    let (c, _) = connect(addr).await?;
+    let (c, ack) = connect(addr).await?;
+    keep_alive(c.clone(), ack.lease);
     let mut baseline = None;
     for i in 1..=10u64 {
         let epoch = PlanEpoch(i);
@@ -179,19 +208,8 @@ async fn reload_ten_times_returns_to_baseline() -> anyhow::Result<()> {
         };
         c.load_slice(ctx(), load).await??;
         let session = SessionId(i);
-        let open = OpenSession {
-            session,
-            epoch,
-            max_ctx: 512,
-            next: None,
-            sampling: WireSampling {
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-                seed: 0,
-            },
-        };
-        c.open_session(ctx(), open).await??;
+        c.open_session(ctx(), last_stage_session(session, epoch, 512))
+            .await??;
         let item = ForwardItem {
             session,
             start: 0,
@@ -209,7 +227,10 @@ async fn reload_ten_times_returns_to_baseline() -> anyhow::Result<()> {
             .await??;
         assert!(reply.outputs[0].is_ok());
         let s = node_status(addr).await?;
-        assert!(kv_bytes(&s) > 0 && s.attributed_bytes > kv_bytes(&s));
+        assert!(
+            kv_bytes(&s) > 0 && s.attributed_bytes > kv_bytes(&s),
+            "{reply:?} {s:?}"
+        );
         c.close_session(ctx(), session).await??;
         c.unload_slice(ctx(), epoch).await??;
         let s = node_status(addr).await?;
@@ -334,23 +355,60 @@ async fn unknown_and_stale_ids_get_typed_errors() -> anyhow::Result<()> {
         a.forward(ctx(), stale).await?.err().map(|e| e.code),
         Some(ErrorCode::NoSlice)
     );
-    let open = OpenSession {
-        session: SessionId(1),
-        epoch: PlanEpoch(1),
-        max_ctx: 16,
-        next: None,
-        sampling: WireSampling {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        },
-    };
+    let open = last_stage_session(SessionId(1), PlanEpoch(1), 16);
     assert_eq!(
         code(b.open_session(ctx(), open).await?),
         Some(ErrorCode::NoSlice)
     );
     // Still serving.
     assert!(node_status(addr).await?.leases.len() >= 2);
+    Ok(())
+}
+
+/// Bounds: a node's session bound gives the API's 429; an idle session expires; the
+/// coordinator reports every node's memory in `/v1/cluster` and `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounds_idle_expiry_and_cluster_report() -> anyhow::Result<()> {
+    let dir = models_dir()?;
+    let flags = [
+        &NODE_FLAGS[..],
+        &["--max-sessions", "1", "--session-idle-secs", "1"],
+    ]
+    .concat();
+    let ns = vec![ShardProcess::spawn(&dir, &flags)?];
+    let coord = CoordinatorProcess::spawn(&default_model(), &ns.iter().collect::<Vec<_>>())?;
+    let mut first = curl_stream(&coord.url, 400, 60.0)?;
+    wait_status(&ns[0].addr, Duration::from_secs(20), |s| kv_bytes(s) > 0).await?;
+    let body = r#"{"prompt":"Hello","max_tokens":4}"#;
+    let (code, text) = curl_post(&format!("{}/v1/completions", coord.url), body)?;
+    assert_eq!(code, 429, "one session is the bound: {text}");
+    // The coordinator's view of the node's memory while the first stream runs.
+    let out = Command::new("curl")
+        .args(["-s", &format!("{}/v1/cluster", coord.url)])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mem = &v["nodes"][0]["memory"];
+    assert!(mem["kv_cache_bytes"].as_u64() > Some(0), "{v}");
+    assert!(mem["weights_bytes"].as_u64() > Some(0), "{v}");
+    assert!(mem["process_rss_bytes"].as_u64() > Some(0), "{v}");
+    let out = Command::new("curl")
+        .args(["-s", &format!("{}/metrics", coord.url)])
+        .output()?;
+    let metrics = String::from_utf8(out.stdout)?;
+    assert!(metrics.contains(&format!(
+        "cluster_node_kv_cache_bytes{{node=\"{}\"}}",
+        ns[0].addr
+    )));
+    first.kill()?;
+    first.wait()?;
+    // A session opened and left idle is closed after --session-idle-secs.
+    let (c, ack) = connect(&ns[0].addr).await?;
+    keep_alive(c.clone(), ack.lease);
+    wait_status(&ns[0].addr, Duration::from_secs(2), |s| s.sessions == 0).await?;
+    c.open_session(ctx(), last_stage_session(SessionId(77), PlanEpoch(1), 64))
+        .await??;
+    assert_eq!(node_status(&ns[0].addr).await?.sessions, 1);
+    let (_, t) = wait_status(&ns[0].addr, Duration::from_secs(3), |s| s.sessions == 0).await?;
+    eprintln!("idle session closed after {t:?}");
     Ok(())
 }

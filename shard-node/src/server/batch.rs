@@ -7,7 +7,8 @@
 //! activations go on to the next stage as one [`Onward`] request per address.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use candle_core::Tensor;
 use common::model::Segment;
@@ -17,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::lease::Charge;
 use super::metrics::Metrics;
-use super::state::{lock, Session, Slice};
+use super::state::{lock, now_ms, SessionEntry, Slice};
 use super::wire::{candle_err, shard_err, to_tensor, to_wire};
 
 /// Wire type of activations sent to the next stage (f32 keeps the cluster's output identical
@@ -36,7 +37,7 @@ pub struct Pending {
     /// The step.
     pub item: ForwardItem,
     /// Its session.
-    pub session: Arc<Mutex<Session>>,
+    pub session: Arc<SessionEntry>,
     /// The slice the request named.
     pub slice: Arc<Slice>,
     /// The caller's context (deadline, trace).
@@ -54,6 +55,14 @@ impl Pending {
             StageInput::Tokens(t) => t.len(),
             StageInput::Hidden(w) => w.shape.first().map_or(0, |&d| d as usize),
         }
+    }
+
+    /// Answers the step: its charge is given back first, so that whoever reads the reply
+    /// finds the bytes already returned.
+    pub fn finish(self, r: Result<ForwardOutput, ShardError>) {
+        let Pending { reply, charge, .. } = self;
+        drop(charge);
+        let _ = reply.send(r);
     }
 
     /// Whether `other` may run in the same pass: same slice, another session.
@@ -84,13 +93,13 @@ fn err(code: ErrorCode, d: impl Into<String>) -> ShardError {
 /// Checks one step and builds its input rows; reserves its cache.
 fn admit(p: &Pending) -> Result<Tensor, ShardError> {
     let stage = &p.slice.stage;
-    let mut s = lock(&p.session);
-    if s.epoch != p.slice.epoch {
+    if p.session.epoch != p.slice.epoch {
         return Err(err(
             ErrorCode::EpochMismatch,
-            format!("session is on epoch {}", s.epoch),
+            format!("session is on epoch {}", p.session.epoch),
         ));
     }
+    let mut s = lock(&p.session.state);
     if s.cache.len() != p.item.start as usize {
         return Err(shard_err(common::Error::PositionMismatch {
             cached: s.cache.len(),
@@ -116,6 +125,9 @@ fn admit(p: &Pending) -> Result<Tensor, ShardError> {
     s.cache
         .reserve(x.dim(0).map_err(candle_err)?)
         .map_err(shard_err)?;
+    let e = &p.session;
+    e.kv_bytes.store(s.cache.nbytes() as u64, Ordering::Relaxed);
+    e.last_used_ms.store(now_ms(), Ordering::Relaxed);
     Ok(x)
 }
 
@@ -129,7 +141,7 @@ pub fn execute(batch: Vec<Pending>, onward: &mpsc::UnboundedSender<Onward>, metr
                 metrics
                     .item_errors
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = p.reply.send(Err(e));
+                p.finish(Err(e));
             }
         }
     }
@@ -144,22 +156,30 @@ pub fn execute(batch: Vec<Pending>, onward: &mpsc::UnboundedSender<Onward>, metr
             let mut groups: HashMap<String, Onward> = HashMap::new();
             for (p, out) in pendings.into_iter().zip(outs) {
                 match out {
-                    Out::Done(o) => {
-                        let _ = p.reply.send(Ok(o));
-                    }
+                    Out::Done(o) => p.finish(Ok(o)),
                     Out::Next(addr, hidden) => {
+                        // The activations going on are the next stage's to account for.
+                        let Pending {
+                            item,
+                            slice,
+                            ctx,
+                            reply,
+                            charge,
+                            ..
+                        } = p;
+                        drop(charge);
                         let g = groups.entry(addr.clone()).or_insert_with(|| Onward {
                             addr,
-                            epoch: p.slice.epoch,
-                            ctx: p.ctx,
+                            epoch: slice.epoch,
+                            ctx,
                             items: Vec::new(),
                         });
-                        g.ctx.deadline = g.ctx.deadline.min(p.ctx.deadline);
+                        g.ctx.deadline = g.ctx.deadline.min(ctx.deadline);
                         let item = ForwardItem {
                             input: StageInput::Hidden(hidden),
-                            ..p.item
+                            ..item
                         };
-                        g.items.push((item, p.reply));
+                        g.items.push((item, reply));
                     }
                 }
             }
@@ -176,7 +196,7 @@ pub fn execute(batch: Vec<Pending>, onward: &mpsc::UnboundedSender<Onward>, metr
                 .item_errors
                 .fetch_add(pendings.len() as u64, std::sync::atomic::Ordering::Relaxed);
             for p in pendings {
-                let _ = p.reply.send(Err(e.clone()));
+                p.finish(Err(e.clone()));
             }
         }
     }
@@ -194,7 +214,7 @@ fn run(pendings: &[Pending], xs: &[Tensor]) -> Result<Vec<Out>, ShardError> {
         _ => Tensor::cat(xs, 0).map_err(candle_err)?,
     };
     // Each session once per batch (see `Pending::joins`), so these locks cannot deadlock.
-    let mut guards: Vec<_> = pendings.iter().map(|p| lock(&p.session)).collect();
+    let mut guards: Vec<_> = pendings.iter().map(|p| lock(&p.session.state)).collect();
     let mut segs: Vec<Segment<'_>> = guards
         .iter_mut()
         .zip(pendings.iter().zip(xs))

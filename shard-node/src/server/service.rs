@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use super::accounting::report;
 use super::batch::Pending;
-use super::state::{lock, Node, Session, Slice};
+use super::state::{lock, now_ms, Node, Session, SessionEntry, Slice};
 use super::wire::{layer_range, sampling, shard_err, wire_range};
 
 /// One connection: the node plus the lease its handshake was granted.
@@ -206,15 +206,18 @@ impl ShardNode for Conn {
         };
         self.node.add_session(
             req.session,
-            Session {
+            SessionEntry {
                 lease,
                 epoch: req.epoch,
-                slice,
                 max_kv_bytes: cache.max_nbytes() as u64,
-                cache,
-                next,
-                sampler,
-                last_used: std::time::Instant::now(),
+                kv_bytes: Default::default(),
+                last_used_ms: now_ms().into(),
+                state: Mutex::new(Session {
+                    slice,
+                    cache,
+                    next,
+                    sampler,
+                }),
             },
         )
     }

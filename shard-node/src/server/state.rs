@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -79,13 +79,9 @@ struct SliceEntry {
     committed: bool,
 }
 
-/// One session's state on this node.
+/// One session's state on this node, locked by the compute thread while a step runs.
 #[derive(Debug)]
 pub struct Session {
-    /// Owner.
-    pub lease: LeaseId,
-    /// The slice's epoch it runs on.
-    pub epoch: PlanEpoch,
     /// The slice it runs on.
     pub slice: Arc<Slice>,
     /// Its keys and values.
@@ -94,10 +90,24 @@ pub struct Session {
     pub next: Option<String>,
     /// The last stage's sampler.
     pub sampler: Sampler,
+}
+
+/// A session with what accounting and expiry read without taking its lock (which a forward
+/// pass holds for as long as it runs).
+#[derive(Debug)]
+pub struct SessionEntry {
+    /// Owner.
+    pub lease: LeaseId,
+    /// The slice's epoch it runs on.
+    pub epoch: PlanEpoch,
     /// Its most bytes of KV cache (reserved against the memory limit when opened).
     pub max_kv_bytes: u64,
-    /// When it last ran a step.
-    pub last_used: Instant,
+    /// Bytes its cache holds now (updated by the compute thread).
+    pub kv_bytes: AtomicU64,
+    /// When it last ran a step, in [`now_ms`].
+    pub last_used_ms: AtomicU64,
+    /// The state.
+    pub state: Mutex<Session>,
 }
 
 /// Bytes one lease holds, by kind.
@@ -143,8 +153,18 @@ pub struct Node {
     /// [`common::memory::in_use`]).
     pub baseline: u64,
     slices: Mutex<HashMap<PlanEpoch, SliceEntry>>,
-    sessions: Mutex<HashMap<SessionId, Arc<Mutex<Session>>>>,
+    sessions: Mutex<HashMap<SessionId, Arc<SessionEntry>>>,
     freed: AtomicBool,
+    trim_until: Mutex<Option<Instant>>,
+}
+
+/// How long after a free the reaper keeps handing memory back.
+const TRIM_WINDOW: Duration = Duration::from_secs(2);
+
+/// Milliseconds since the first call (the clock of [`SessionEntry::last_used_ms`]).
+pub fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// Locks a mutex, recovering from poisoning (a panic elsewhere must not wedge the node).
@@ -177,6 +197,7 @@ impl Node {
             slices: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             freed: AtomicBool::new(false),
+            trim_until: Mutex::new(None),
         };
         Ok((node, rx))
     }
@@ -188,9 +209,8 @@ impl Node {
         let mut kv = 0u64;
         let mut n = 0;
         lock(&self.sessions).retain(|_, s| {
-            let s = lock(s);
             if s.lease == lease {
-                kv += s.cache.nbytes() as u64;
+                kv += s.kv_bytes.load(Ordering::Relaxed);
                 n += 1;
                 false
             } else {
@@ -218,14 +238,14 @@ impl Node {
         for lease in self.leases.expired() {
             self.release_lease(lease, "no heartbeat within the TTL");
         }
-        let idle = self.cfg.session_idle;
+        let idle = self.cfg.session_idle.as_millis() as u64;
         let now = Instant::now();
+        let now_ms = now_ms();
         let mut closed = Vec::new();
         lock(&self.sessions).retain(|&id, s| {
-            let s = lock(s);
-            let keep = now.duration_since(s.last_used) <= idle;
+            let keep = now_ms.saturating_sub(s.last_used_ms.load(Ordering::Relaxed)) <= idle;
             if !keep {
-                closed.push((id, s.cache.nbytes()));
+                closed.push((id, s.kv_bytes.load(Ordering::Relaxed)));
             }
             keep
         });
@@ -233,8 +253,19 @@ impl Node {
             self.freed.store(true, Ordering::Relaxed);
             tracing::info!(session = %id, bytes, "idle session closed");
         }
-        if self.freed.swap(false, Ordering::Relaxed) && self.cfg.trim {
-            super::trim::release_free_memory();
+        // What was removed here may still be in use for a moment (a batch in flight holds
+        // its sessions and slice), so trim for a while after each free, not just once.
+        let mut until = lock(&self.trim_until);
+        if self.freed.swap(false, Ordering::Relaxed) {
+            *until = Some(now + TRIM_WINDOW);
+        }
+        match *until {
+            Some(t) if now <= t => {
+                if self.cfg.trim {
+                    super::trim::release_free_memory();
+                }
+            }
+            _ => *until = None,
         }
     }
 
@@ -300,7 +331,7 @@ impl Node {
             s.committed = true;
         }
         drop(slices);
-        lock(&self.sessions).retain(|_, s| lock(s).epoch >= epoch);
+        lock(&self.sessions).retain(|_, s| s.epoch >= epoch);
         self.freed.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -313,7 +344,7 @@ impl Node {
                 format!("no slice of epoch {epoch}"),
             )
         })?;
-        lock(&self.sessions).retain(|_, s| lock(s).epoch != epoch);
+        lock(&self.sessions).retain(|_, s| s.epoch != epoch);
         self.freed.store(true, Ordering::Relaxed);
         Ok(e.slice.stage.weight_bytes() as u64)
     }
@@ -345,8 +376,8 @@ impl Node {
             }
         }
         for s in lock(&self.sessions).values() {
-            let s = lock(s);
-            m.get_mut(&s.lease).unwrap_or(&mut orphan).kv_cache += s.cache.nbytes() as u64;
+            m.get_mut(&s.lease).unwrap_or(&mut orphan).kv_cache +=
+                s.kv_bytes.load(Ordering::Relaxed);
         }
         let mut v: Vec<Held> = m.into_values().collect();
         v.sort_by_key(|h| h.lease);
@@ -365,7 +396,7 @@ impl Node {
     pub fn kv_bytes(&self) -> u64 {
         lock(&self.sessions)
             .values()
-            .map(|s| lock(s).cache.nbytes() as u64)
+            .map(|s| s.kv_bytes.load(Ordering::Relaxed))
             .sum()
     }
 
@@ -375,10 +406,7 @@ impl Node {
             .values()
             .map(|e| e.slice.stage.weight_bytes() as u64)
             .sum();
-        let kv: u64 = lock(&self.sessions)
-            .values()
-            .map(|s| lock(s).max_kv_bytes)
-            .sum();
+        let kv: u64 = lock(&self.sessions).values().map(|s| s.max_kv_bytes).sum();
         w + kv
     }
 
@@ -393,7 +421,7 @@ impl Node {
     }
 
     /// Adds a session, within the session bound and the memory limit.
-    pub fn add_session(&self, id: SessionId, s: Session) -> Result<(), ShardError> {
+    pub fn add_session(&self, id: SessionId, s: SessionEntry) -> Result<(), ShardError> {
         self.leases.check(s.lease)?;
         if let Some(limit) = self.cfg.memory_limit {
             let reserved = self.reserved_bytes();
@@ -420,12 +448,12 @@ impl Node {
                 format!("{} sessions are open, the limit", sessions.len()),
             ));
         }
-        sessions.insert(id, Arc::new(Mutex::new(s)));
+        sessions.insert(id, Arc::new(s));
         Ok(())
     }
 
     /// A session by id.
-    pub fn session(&self, id: SessionId) -> Result<Arc<Mutex<Session>>, ShardError> {
+    pub fn session(&self, id: SessionId) -> Result<Arc<SessionEntry>, ShardError> {
         lock(&self.sessions).get(&id).cloned().ok_or_else(|| {
             err(
                 ErrorCode::UnknownSession,
@@ -437,7 +465,7 @@ impl Node {
     /// Removes a session owned by `lease`; its cache is freed when the last reference goes.
     pub fn remove_session(&self, id: SessionId, lease: LeaseId) -> Result<u64, ShardError> {
         let mut sessions = lock(&self.sessions);
-        let owner = sessions.get(&id).map(|s| lock(s).lease);
+        let owner = sessions.get(&id).map(|s| s.lease);
         match owner {
             None => Err(err(
                 ErrorCode::UnknownSession,
@@ -448,7 +476,9 @@ impl Node {
                 format!("session {id} is not open under lease {lease}"),
             )),
             Some(_) => {
-                let s = sessions.remove(&id).map(|s| lock(&s).cache.nbytes() as u64);
+                let s = sessions
+                    .remove(&id)
+                    .map(|s| s.kv_bytes.load(Ordering::Relaxed));
                 self.freed.store(true, Ordering::Relaxed);
                 Ok(s.unwrap_or(0))
             }

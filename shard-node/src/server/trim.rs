@@ -8,6 +8,21 @@
 //! most a few times a second) after anything was freed. docs/memory.md has the measurements.
 #![allow(unsafe_code)]
 
+/// Fixes glibc's thresholds at start-up (call before any thread starts): allocations of
+/// 128 KiB and more are mapped on their own and unmapped when freed, and a heap whose free
+/// top grows past 512 KiB is shrunk on the spot. glibc otherwise raises both thresholds
+/// after the first large free (up to 32 and 64 MiB), and `malloc_trim` never shrinks the
+/// top of a thread's arena, so a burst of sessions left ~45 MiB resident for good (measured:
+/// docs/memory.md).
+pub fn configure_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called once, at start-up.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 10);
+    }
+}
+
 /// Returns free heap pages to the OS (glibc); a no-op elsewhere.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
