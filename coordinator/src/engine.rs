@@ -50,24 +50,37 @@ pub enum GenEvent {
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
-/// Closes the session on every stage when dropped.
+/// Closes the session on every stage: awaited by [`SessionGuard::close`] when a request ends,
+/// spawned from `Drop` when it is cut short (an error, or the client going away).
 struct SessionGuard {
     cluster: Arc<Cluster>,
     session: SessionId,
+    open: bool,
+}
+
+async fn close_everywhere(c: Arc<Cluster>, s: SessionId) {
+    for n in &c.nodes {
+        // An unknown session is fine: it may never have been opened there. A node that is
+        // down has lost the session already.
+        if let Ok(client) = n.client() {
+            let _ = client.close_session(ctx(5), s).await;
+        }
+    }
+}
+
+impl SessionGuard {
+    /// Closes the session now, so that it is gone before the caller answers.
+    async fn close(mut self) {
+        self.open = false;
+        close_everywhere(self.cluster.clone(), self.session).await;
+    }
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        let (c, s) = (self.cluster.clone(), self.session);
-        tokio::spawn(async move {
-            for n in &c.nodes {
-                // An unknown session is fine: it may never have been opened there. A node
-                // that is down has lost the session already.
-                if let Ok(client) = n.client() {
-                    let _ = client.close_session(ctx(5), s).await;
-                }
-            }
-        });
+        if self.open {
+            tokio::spawn(close_everywhere(self.cluster.clone(), self.session));
+        }
     }
 }
 
@@ -94,9 +107,10 @@ async fn run(
     tx: &mpsc::Sender<GenEvent>,
 ) -> Result<()> {
     let session = SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed));
-    let _guard = SessionGuard {
+    let guard = SessionGuard {
         cluster: cluster.clone(),
         session,
+        open: true,
     };
     let s = &req.sampling;
     let sampling = WireSampling {
@@ -163,6 +177,7 @@ async fn run(
             let _ = tx.send(GenEvent::Text(tail)).await;
         }
     }
+    guard.close().await;
     let _ = tx
         .send(GenEvent::Done {
             finish,

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use common::device::DeviceSpec;
@@ -73,45 +72,7 @@ enum Command {
         max_ctx: usize,
     },
     /// Serve a slice of a model over tarpc (prints `listening on ADDR` once bound).
-    Serve {
-        /// Address to listen on; port 0 picks a free port.
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        listen: std::net::SocketAddr,
-        /// cpu or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
-        /// Directory the coordinator's model names are looked up in.
-        #[arg(long, default_value = "models")]
-        models_dir: PathBuf,
-        /// Most bytes of weights and caches this node may hold.
-        #[arg(long)]
-        memory_limit: Option<u64>,
-        /// Most sessions at once.
-        #[arg(long, default_value_t = 64)]
-        max_sessions: usize,
-        /// CPU threads for the kernels (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Serve Prometheus metrics over HTTP here (`GET /metrics`).
-        #[arg(long)]
-        metrics_listen: Option<std::net::SocketAddr>,
-        /// Heartbeat interval advertised to clients, in milliseconds.
-        #[arg(long, default_value_t = 1000)]
-        heartbeat_ms: u64,
-        /// A lease not renewed for this long is released with everything it holds.
-        #[arg(long, default_value_t = 5000)]
-        lease_ttl_ms: u64,
-        /// A session with no step for this long is closed.
-        #[arg(long, default_value_t = 300)]
-        session_idle_secs: u64,
-        /// Do not hand freed heap memory back to the OS (to measure what that changes).
-        #[arg(long)]
-        no_malloc_trim: bool,
-        /// Shut down once this process is no longer our parent (set by `coordinator up`, so
-        /// that its nodes end with it even when it is killed).
-        #[arg(long)]
-        parent_pid: Option<u32>,
-    },
+    Serve(shard_node::serve_cmd::ServeOptions),
     /// Time prompt processing and decode (JSON lines on stdout).
     Bench {
         #[command(flatten)]
@@ -169,33 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             split: m.split,
             max_ctx,
         }),
-        Command::Serve {
-            listen,
-            device,
-            models_dir,
-            memory_limit,
-            max_sessions,
-            threads,
-            metrics_listen,
-            parent_pid,
-            heartbeat_ms,
-            lease_ttl_ms,
-            session_idle_secs,
-            no_malloc_trim,
-        } => shard_node::serve_cmd::run(shard_node::serve_cmd::ServeOptions {
-            listen,
-            device,
-            models_dir,
-            memory_limit,
-            max_sessions,
-            threads,
-            metrics_listen,
-            parent_pid,
-            heartbeat: Duration::from_millis(heartbeat_ms),
-            lease_ttl: Duration::from_millis(lease_ttl_ms),
-            session_idle: Duration::from_secs(session_idle_secs),
-            trim: !no_malloc_trim,
-        }),
+        Command::Serve(o) => shard_node::serve_cmd::run(o),
         Command::Bench {
             m,
             prompt_tokens,

@@ -12,37 +12,50 @@ use tokio_util::sync::CancellationToken;
 use crate::server::{metrics, relay, serve, Node, NodeConfig};
 
 /// Options of `serve`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ServeOptions {
-    /// Listen address.
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
-    /// Device.
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
-    /// Models directory.
+    /// Directory the coordinator's model names are looked up in.
+    #[arg(long, default_value = "models")]
     pub models_dir: PathBuf,
-    /// Memory limit in bytes.
+    /// Most bytes of weights and caches this node may hold.
+    #[arg(long)]
     pub memory_limit: Option<u64>,
-    /// Session bound.
+    /// Most sessions at once.
+    #[arg(long, default_value_t = 64)]
     pub max_sessions: usize,
-    /// Kernel threads.
+    /// CPU threads for the kernels (default: all cores).
+    #[arg(long)]
     pub threads: Option<usize>,
-    /// Prometheus metrics address.
+    /// Serve Prometheus metrics over HTTP here (`GET /metrics`).
+    #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
-    /// Stop when this process is no longer the parent.
+    /// Heartbeat interval advertised to clients, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// A lease not renewed for this long is released with everything it holds.
+    #[arg(long, default_value_t = 5000)]
+    pub lease_ttl_ms: u64,
+    /// A session with no step for this long is closed.
+    #[arg(long, default_value_t = 300)]
+    pub session_idle_secs: u64,
+    /// Do not hand freed heap memory back to the OS (to measure what that changes).
+    #[arg(long)]
+    pub no_malloc_trim: bool,
+    /// Shut down once this process is no longer our parent (set by `coordinator up`, so
+    /// that its nodes end with it even when it is killed).
+    #[arg(long)]
     pub parent_pid: Option<u32>,
-    /// Advertised heartbeat interval.
-    pub heartbeat: Duration,
-    /// Lease TTL.
-    pub lease_ttl: Duration,
-    /// Idle session timeout.
-    pub session_idle: Duration,
-    /// `malloc_trim` after frees.
-    pub trim: bool,
 }
 
 /// Serves until ctrl-c or SIGTERM.
 pub fn run(o: ServeOptions) -> anyhow::Result<()> {
-    if o.trim {
+    if !o.no_malloc_trim {
         crate::server::trim::configure_allocator();
     }
     common::telemetry::init_logging();
@@ -53,10 +66,10 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
         device: o.device,
         memory_limit: o.memory_limit,
         max_sessions: o.max_sessions,
-        heartbeat_interval: o.heartbeat,
-        lease_ttl: o.lease_ttl,
-        session_idle: o.session_idle,
-        trim: o.trim,
+        heartbeat_interval: Duration::from_millis(o.heartbeat_ms),
+        lease_ttl: Duration::from_millis(o.lease_ttl_ms),
+        session_idle: Duration::from_secs(o.session_idle_secs),
+        trim: !o.no_malloc_trim,
     };
     cfg.validate().map_err(anyhow::Error::msg)?;
     let (node, onward) = Node::new(cfg, device)?;

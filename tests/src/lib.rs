@@ -308,7 +308,8 @@ pub fn curl_stream(
         .spawn()
 }
 
-/// Renews `lease` every 400 ms while `client` lives (tests whose work outlasts a short TTL).
+/// Renews `lease` every 400 ms until a heartbeat fails (tests whose work outlasts a short
+/// TTL). It holds a clone of `client`, so the connection stays open while it runs.
 pub fn keep_alive(client: proto_types::ShardNodeClient, lease: proto_types::LeaseId) {
     tokio::spawn(async move {
         loop {

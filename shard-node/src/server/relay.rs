@@ -6,7 +6,7 @@ use std::sync::Arc;
 use proto_types::*;
 use tokio::sync::mpsc;
 
-use super::batch::Onward;
+use super::batch::{Onward, Reply};
 use super::peer::PeerPool;
 
 /// Relays until the compute thread (the only sender) is gone.
@@ -18,45 +18,42 @@ pub async fn run(mut rx: mpsc::UnboundedReceiver<Onward>, peers: Arc<PeerPool>) 
 }
 
 async fn deliver(o: Onward, peers: &PeerPool) {
-    let fail = |items: Vec<(ForwardItem, super::batch::Reply)>, e: ShardError| {
-        for (_, reply) in items {
-            let _ = reply.send(Err(e.clone()));
-        }
-    };
-    let client = match peers.get(&o.addr).await {
-        Ok(c) => c,
-        Err(e) => return fail(o.items, e),
-    };
-    let (items, replies): (Vec<ForwardItem>, Vec<_>) = o.items.into_iter().unzip();
+    let (items, replies): (Vec<ForwardItem>, Vec<Reply>) = o.items.into_iter().unzip();
     let n = items.len();
-    let req = ForwardRequest {
-        epoch: o.epoch,
-        items,
-    };
     let down =
         |d: String| ShardError::new(ErrorCode::Downstream, format!("next stage {}: {d}", o.addr));
-    match client.forward(o.ctx, req).await {
-        Ok(Ok(reply)) if reply.outputs.len() == n => {
-            for (out, r) in reply.outputs.into_iter().zip(replies) {
-                let _ = r.send(out);
+    let outcomes = match peers.get(&o.addr).await {
+        Err(e) => Err(e),
+        Ok(client) => match client
+            .forward(
+                o.ctx,
+                ForwardRequest {
+                    epoch: o.epoch,
+                    items,
+                },
+            )
+            .await
+        {
+            Ok(Ok(reply)) if reply.outputs.len() == n => Ok(reply.outputs),
+            Ok(Ok(reply)) => Err(down(format!(
+                "{} outcomes for {n} items",
+                reply.outputs.len()
+            ))),
+            Ok(Err(e)) => Err(e),
+            Err(e) => {
+                // The transport failed: the peer may be gone or restarted; reconnect next time.
+                peers.forget(&o.addr);
+                Err(down(e.to_string()))
             }
-        }
-        Ok(Ok(reply)) => {
-            let e = down(format!("{} outcomes for {n} items", reply.outputs.len()));
-            replies
-                .into_iter()
-                .for_each(|r| drop(r.send(Err(e.clone()))));
-        }
-        Ok(Err(e)) => replies
+        },
+    };
+    match outcomes {
+        Ok(outs) => outs
+            .into_iter()
+            .zip(replies)
+            .for_each(|(out, r)| drop(r.send(out))),
+        Err(e) => replies
             .into_iter()
             .for_each(|r| drop(r.send(Err(e.clone())))),
-        Err(e) => {
-            // The transport failed: the peer may be gone or restarted; reconnect next time.
-            peers.forget(&o.addr);
-            let e = down(e.to_string());
-            replies
-                .into_iter()
-                .for_each(|r| drop(r.send(Err(e.clone()))));
-        }
     }
 }

@@ -387,19 +387,6 @@ impl Node {
         v
     }
 
-    /// Bytes attributed to leases (all kinds).
-    pub fn attributed_bytes(&self) -> u64 {
-        self.held().iter().map(Held::total).sum()
-    }
-
-    /// Bytes of KV caches.
-    pub fn kv_bytes(&self) -> u64 {
-        lock(&self.sessions)
-            .values()
-            .map(|s| s.kv_bytes.load(Ordering::Relaxed))
-            .sum()
-    }
-
     /// What the memory limit must leave room for: slices plus every session's most KV bytes.
     fn reserved_bytes(&self) -> u64 {
         let w: u64 = lock(&self.slices)
