@@ -9,6 +9,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 command -v cargo >/dev/null || { echo "test: cargo is needed (https://rustup.rs)" >&2; exit 1; }
 scripts/fetch-model.sh >/dev/null
+# etcd (the 2PC tests start a real one) and protoc (etcd-client's build compiles its protos)
+scripts/setup.sh
 # the official OpenAI client, which tests/tests/openai_client.rs drives
 python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai \
   || { echo "test: could not install the python openai package" >&2; exit 1; }

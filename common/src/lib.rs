@@ -11,6 +11,7 @@
 //! - [`stop`]: stop strings over streamed text.
 //! - [`generate`]: a local chain of stages and the generation loop.
 //! - [`device`]: `cpu` / `cuda:N` device names and the CPU thread pool.
+//! - [`registry`]: the cluster's state in etcd (membership, plan, 2PC decisions, drains).
 //! - [`error`]: [`Error`], this crate's one error type.
 
 pub mod device;
@@ -19,6 +20,7 @@ pub mod gguf;
 pub mod kernels;
 pub mod memory;
 pub mod model;
+pub mod registry;
 
 pub use error::{Error, Result};
 pub mod generate;

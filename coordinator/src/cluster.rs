@@ -1,11 +1,12 @@
 //! [`Cluster`]: the connected shard nodes, the plan they serve, and their heartbeats.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use common::gguf::GgufFile;
 use common::model::LayerRange;
+use proto_types::registry::{PlanRecord, StageRecord};
 use proto_types::*;
 use tarpc::context::Context;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,8 @@ struct Link {
 /// slice reloaded, once it is back.
 #[derive(Debug)]
 pub struct StageNode {
+    /// Its id in etcd (clusters with static membership have none).
+    pub id: Option<String>,
     /// Its address.
     pub addr: String,
     /// Its device.
@@ -60,11 +63,104 @@ impl StageNode {
     }
 }
 
-/// What every node is asked to load: the model file by name and hash.
+/// The model every node is asked to load: the file by name and hash, and what the planner
+/// needs to know of it.
 #[derive(Debug, Clone)]
-struct ModelRef {
-    name: String,
-    sha256: String,
+pub struct ModelRef {
+    /// File name (no path).
+    pub name: String,
+    /// sha256, hex.
+    pub sha256: String,
+    /// Weight bytes of each layer.
+    pub layer_bytes: Vec<u64>,
+    /// Bytes the first stage holds besides its layers (the embedding).
+    pub first_extra: u64,
+    /// Bytes the last stage holds besides its layers (norm and head).
+    pub last_extra: u64,
+}
+
+impl ModelRef {
+    /// Reads the file's descriptors and hashes it.
+    pub fn inspect(model: &Path) -> Result<Self> {
+        let file = GgufFile::open(model)?;
+        let name = model
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| CoordError::BadRequest(format!("{} has no file name", model.display())))?
+            .to_string();
+        let (layer_bytes, first_extra, last_extra) = layer_bytes(&file)?;
+        Ok(ModelRef {
+            name,
+            sha256: sha256_file(model)?,
+            layer_bytes,
+            first_extra,
+            last_extra,
+        })
+    }
+
+    /// Splits the layers over nodes that can hold `capacity` bytes each.
+    pub fn split(&self, capacity: &[u64]) -> Result<Vec<LayerRange>> {
+        plan::split(&self.layer_bytes, capacity, self.first_extra, self.last_extra)
+    }
+}
+
+/// A handshaken connection to a node, before it is given a stage.
+#[derive(Debug)]
+pub struct NodeConn {
+    /// Its id in etcd, if any.
+    pub id: Option<String>,
+    /// Its address.
+    pub addr: String,
+    /// The client.
+    pub client: ShardNodeClient,
+    /// The coordinator's lease on it.
+    pub lease: LeaseId,
+    /// The heartbeat interval it asked for.
+    pub heartbeat: Duration,
+    /// What it is and has.
+    pub desc: NodeDescription,
+}
+
+impl NodeConn {
+    /// Connects, handshakes and asks the node to describe itself.
+    pub async fn open(id: Option<String>, addr: &str) -> Result<Self> {
+        let (client, ack) = connect(addr).await?;
+        let desc = client
+            .describe(ctx(10))
+            .await
+            .map_err(|e| CoordError::NodeDown {
+                addr: addr.to_string(),
+                detail: e.to_string(),
+            })?;
+        Ok(NodeConn {
+            id,
+            addr: addr.to_string(),
+            client,
+            lease: ack.lease,
+            heartbeat: Duration::from_millis(ack.heartbeat_interval_ms.max(10)),
+            desc,
+        })
+    }
+
+    /// What the node could hold once a new plan commits: its free bytes plus those of the
+    /// slice it serves now.
+    pub fn capacity(&self) -> u64 {
+        self.desc.free_bytes.saturating_add(self.desc.serving_bytes)
+    }
+
+    /// The [`LoadSlice`] of `range` for `epoch`.
+    pub fn load_req(model: &ModelRef, range: LayerRange, epoch: PlanEpoch, max_ctx: usize) -> LoadSlice {
+        LoadSlice {
+            model: model.name.clone(),
+            sha256: model.sha256.clone(),
+            layers: WireLayerRange {
+                start: range.start(),
+                end: range.end(),
+            },
+            epoch,
+            max_ctx: max_ctx as u32,
+        }
+    }
 }
 
 /// The nodes serving one plan epoch, first stage first.
@@ -78,7 +174,8 @@ pub struct Cluster {
     pub max_ctx: usize,
     /// How often leases are renewed: the shortest interval the nodes asked for.
     pub heartbeat: Duration,
-    model: ModelRef,
+    /// The model.
+    pub model: Arc<ModelRef>,
 }
 
 /// A context with a deadline `secs` from now.
@@ -153,67 +250,123 @@ fn layer_bytes(file: &GgufFile) -> Result<(Vec<u64>, u64, u64)> {
 }
 
 impl Cluster {
-    /// Connects to `addrs`, plans the model over them by free memory, and loads the slices.
-    pub async fn start(
-        addrs: &[String],
-        model: &Path,
+    /// The cluster of connected nodes given their stages (their slices loaded or committed).
+    pub fn assemble(
+        stages: Vec<(NodeConn, LayerRange, SliceInfo)>,
+        model: Arc<ModelRef>,
         max_ctx: usize,
         epoch: PlanEpoch,
-    ) -> Result<Self> {
-        let file = GgufFile::open(model)?;
-        let cfg = file.config()?;
-        let name = model
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| CoordError::BadRequest(format!("{} has no file name", model.display())))?
-            .to_string();
-        let sha = sha256_file(model)?;
-        let mut conns = Vec::new();
-        let mut heartbeat = Duration::from_secs(1);
-        for addr in addrs {
-            let (client, ack) = connect(addr).await?;
-            let d = client
-                .describe(ctx(10))
-                .await
-                .map_err(|e| CoordError::NodeDown {
-                    addr: addr.clone(),
-                    detail: e.to_string(),
-                })?;
-            heartbeat = heartbeat.min(Duration::from_millis(ack.heartbeat_interval_ms.max(10)));
-            conns.push((addr.clone(), client, ack.lease, d));
-        }
-        let (layers, embd, head) = layer_bytes(&file)?;
-        let free: Vec<u64> = conns.iter().map(|c| c.3.free_bytes).collect();
-        let ranges = plan::split(&layers, &free, embd, head)?;
-        tracing::info!(?ranges, n_layers = cfg.n_layers, "plan");
-        let model = ModelRef { name, sha256: sha };
-        let mut nodes = Vec::new();
-        for ((addr, client, lease, d), range) in conns.into_iter().zip(ranges) {
-            let info = load(&addr, &client, &model, range, epoch, max_ctx).await?;
-            nodes.push(StageNode {
-                addr,
-                device: d.device,
+    ) -> Self {
+        let heartbeat = stages
+            .iter()
+            .map(|s| s.0.heartbeat)
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1));
+        let nodes = stages
+            .into_iter()
+            .map(|(c, range, info)| StageNode {
+                id: c.id,
+                addr: c.addr,
+                device: c.desc.device,
                 range,
                 weight_bytes: info.weight_bytes,
-                link: RwLock::new(Some(Link { client, lease })),
-            });
-        }
-        Ok(Cluster {
+                link: RwLock::new(Some(Link {
+                    client: c.client,
+                    lease: c.lease,
+                })),
+            })
+            .collect();
+        Cluster {
             nodes,
             epoch,
             max_ctx,
             heartbeat,
             model,
-        })
+        }
+    }
+
+    /// Static membership: connects to `addrs`, plans the model over them by free memory, and
+    /// loads the slices.
+    pub async fn start(
+        addrs: &[String],
+        model: Arc<ModelRef>,
+        max_ctx: usize,
+        epoch: PlanEpoch,
+    ) -> Result<Self> {
+        let mut conns = Vec::new();
+        for addr in addrs {
+            conns.push(NodeConn::open(None, addr).await?);
+        }
+        let free: Vec<u64> = conns.iter().map(|c| c.desc.free_bytes).collect();
+        let ranges = model.split(&free)?;
+        tracing::info!(?ranges, "plan");
+        let mut stages = Vec::new();
+        for (c, range) in conns.into_iter().zip(ranges) {
+            let info = load(&c.addr, &c.client, &model, range, epoch, max_ctx).await?;
+            stages.push((c, range, info));
+        }
+        Ok(Self::assemble(stages, model, max_ctx, epoch))
+    }
+
+    /// Serves a committed plan (from etcd): connects to its nodes; a node that does not hold
+    /// its slice yet loads it (one that holds it, prepared or committed, reuses it).
+    pub async fn attach(plan: &PlanRecord, model: Arc<ModelRef>) -> Result<Self> {
+        if plan.model != model.name || plan.sha256 != model.sha256 {
+            return Err(CoordError::Plan(format!(
+                "plan {} serves {} ({}), but this coordinator has {} ({})",
+                plan.epoch, plan.model, plan.sha256, model.name, model.sha256
+            )));
+        }
+        if plan.stages.last().map(|s| s.end as usize) != Some(model.layer_bytes.len()) {
+            return Err(CoordError::Plan(format!(
+                "plan {} does not cover the model's {} layers",
+                plan.epoch,
+                model.layer_bytes.len()
+            )));
+        }
+        let max_ctx = plan.max_ctx as usize;
+        let stages = futures::future::try_join_all(plan.stages.iter().map(|s| {
+            let model = model.clone();
+            async move {
+                let range = stage_range(s)?;
+                let c = NodeConn::open(Some(s.node.clone()), &s.addr).await?;
+                let info = load(&c.addr, &c.client, &model, range, plan.epoch, max_ctx).await?;
+                Ok::<_, CoordError>((c, range, info))
+            }
+        }))
+        .await?;
+        Ok(Self::assemble(stages, model, max_ctx, plan.epoch))
+    }
+
+    /// The plan as recorded in etcd.
+    pub fn record(&self) -> PlanRecord {
+        PlanRecord {
+            epoch: self.epoch,
+            model: self.model.name.clone(),
+            sha256: self.model.sha256.clone(),
+            max_ctx: self.max_ctx as u32,
+            stages: self
+                .nodes
+                .iter()
+                .map(|n| StageRecord {
+                    node: n.id.clone().unwrap_or_else(|| n.addr.clone()),
+                    addr: n.addr.clone(),
+                    start: n.range.start(),
+                    end: n.range.end(),
+                })
+                .collect(),
+        }
     }
 
     /// Watches every node until `stop`: renews its lease each [`Cluster::heartbeat`]; when it stops
     /// answering, marks it down (requests then fail fast with 503) and keeps trying to
     /// reconnect; once it is back, reloads its slice and marks it up.
+    /// The tasks hold the cluster weakly: they end once no request uses it any more.
     pub fn spawn_heartbeats(self: &Arc<Self>, stop: CancellationToken) {
         let interval = self.heartbeat;
         for i in 0..self.nodes.len() {
-            let c = self.clone();
+            let weak: Weak<Self> = Arc::downgrade(self);
             let stop = stop.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);
@@ -223,6 +376,7 @@ impl Cluster {
                         _ = stop.cancelled() => break,
                         _ = tick.tick() => {}
                     }
+                    let Some(c) = weak.upgrade() else { break };
                     c.watch(i).await;
                 }
             });
@@ -283,15 +437,12 @@ async fn load(
     epoch: PlanEpoch,
     max_ctx: usize,
 ) -> Result<SliceInfo> {
-    let req = LoadSlice {
-        model: model.name.clone(),
-        sha256: model.sha256.clone(),
-        layers: WireLayerRange {
-            start: range.start(),
-            end: range.end(),
-        },
-        epoch,
-        max_ctx: max_ctx as u32,
-    };
+    let req = NodeConn::load_req(model, range, epoch, max_ctx);
     rpc(addr, client.load_slice(ctx(600), req).await)
+}
+
+/// The checked range of a plan's stage.
+pub fn stage_range(s: &StageRecord) -> Result<LayerRange> {
+    LayerRange::new(s.start, s.end)
+        .map_err(|e| CoordError::Plan(format!("stage on {}: {e}", s.node)))
 }

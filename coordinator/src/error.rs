@@ -5,7 +5,7 @@ use proto_types::ShardError;
 /// What can go wrong while planning or serving.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {
-    /// The model file, tokenizer or template.
+    /// From the common crate: the model file, tokenizer or template, or etcd.
     #[error(transparent)]
     Model(#[from] common::Error),
     /// A node could not be reached, or its connection broke.
@@ -30,6 +30,9 @@ pub enum CoordError {
     /// The request is invalid.
     #[error("{0}")]
     BadRequest(String),
+    /// No plan is being served yet (an etcd cluster before its first commit).
+    #[error("{0}")]
+    NoPlan(String),
     /// Over the admission limit.
     #[error("{0}")]
     Busy(String),

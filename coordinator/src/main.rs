@@ -10,7 +10,12 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use common::gguf::GgufFile;
 use common::tokenizer::TextTokenizer;
-use coordinator::cluster::Cluster;
+use common::registry::Registry;
+use coordinator::cluster::{Cluster, ModelRef};
+use coordinator::driver::{self, DriverConfig};
+use coordinator::follow;
+use coordinator::serving::Serving;
+use coordinator::twopc::{Failpoint, TwoPc};
 use coordinator::http::{router, AppState};
 use proto_types::PlanEpoch;
 use tokio_util::sync::CancellationToken;
@@ -29,19 +34,16 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Plan the model over the nodes and serve HTTP (prints `listening on ADDR`).
-    Serve {
-        /// HTTP listen address; port 0 picks a free port.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http: SocketAddr,
-        /// GGUF model file (the nodes must have the same file in their models directory).
+    Serve(ServeArgs),
+    /// Print the cluster registered in etcd: nodes, addresses, devices, layers, memory per
+    /// lease kind, and the epoch.
+    Status {
+        /// etcd endpoint(s).
         #[arg(long)]
-        model: PathBuf,
-        /// Shard node addresses, first stage first.
-        #[arg(long, value_delimiter = ',', required = true)]
-        nodes: Vec<String>,
-        /// Context bound of each session.
-        #[arg(long, default_value_t = 2048)]
-        max_ctx: usize,
+        etcd: String,
+        /// The cluster's name.
+        #[arg(long, default_value = "llm")]
+        cluster: String,
     },
     /// Start a local cluster: fetch the default model if missing, start shard nodes, serve.
     Up {
@@ -61,6 +63,40 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         max_ctx: usize,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// HTTP listen address; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// GGUF model file (the nodes must have the same file in their models directory).
+    #[arg(long)]
+    model: PathBuf,
+    /// Static membership: shard node addresses, first stage first.
+    #[arg(long, value_delimiter = ',', required_unless_present = "etcd", conflicts_with = "etcd")]
+    nodes: Vec<String>,
+    /// Context bound of each session.
+    #[arg(long, default_value_t = 2048)]
+    max_ctx: usize,
+    /// etcd endpoint(s): membership from etcd, plans applied by two-phase commit.
+    #[arg(long)]
+    etcd: Option<String>,
+    /// The cluster's name in etcd.
+    #[arg(long, default_value = "llm")]
+    cluster: String,
+    /// With etcd: make the first plan once this many nodes have registered.
+    #[arg(long, default_value_t = 1)]
+    min_nodes: usize,
+    /// This coordinator's name in the driver election and in decisions.
+    #[arg(long)]
+    id: Option<String>,
+    /// TTL of the driver election lease, in seconds.
+    #[arg(long, default_value_t = 5)]
+    etcd_ttl_secs: i64,
+    /// Testing only: stop the 2PC driver at this point.
+    #[arg(long, hide = true)]
+    failpoint: Option<Failpoint>,
 }
 
 fn main() -> ExitCode {
@@ -86,12 +122,11 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve {
-            http,
-            model,
-            nodes,
-            max_ctx,
-        } => serve(http, model, nodes, max_ctx).await,
+        Command::Serve(args) => serve(args).await,
+        Command::Status { etcd, cluster } => {
+            print!("{}", coordinator::status_cmd::run(&etcd, &cluster).await?);
+            Ok(())
+        }
         Command::Up {
             nodes,
             http,
@@ -114,39 +149,78 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 nodes,
                 local.addrs.join(", ")
             );
-            let r = serve(http, model, local.addrs.clone(), max_ctx).await;
+            let r = serve(ServeArgs {
+                http,
+                model,
+                nodes: local.addrs.clone(),
+                max_ctx,
+                etcd: None,
+                cluster: "llm".into(),
+                min_nodes: 1,
+                id: None,
+                etcd_ttl_secs: 5,
+                failpoint: None,
+            })
+            .await;
             drop(local);
             r
         }
     }
 }
 
-async fn serve(
-    http: SocketAddr,
-    model: PathBuf,
-    nodes: Vec<String>,
-    max_ctx: usize,
-) -> anyhow::Result<()> {
-    let file = GgufFile::open(&model)?;
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let file = GgufFile::open(&a.model)?;
     let tok = Arc::new(TextTokenizer::from_gguf(&file)?);
-    let max_ctx = max_ctx.min(file.config()?.context_length);
-    let cluster = Arc::new(Cluster::start(&nodes, &model, max_ctx, PlanEpoch(1)).await?);
+    let max_ctx = a.max_ctx.min(file.config()?.context_length);
+    let model = Arc::new(ModelRef::inspect(&a.model)?);
     let shutdown = CancellationToken::new();
-    cluster.spawn_heartbeats(shutdown.clone());
-    let model_id = model
+    let serving = Arc::new(Serving::default());
+    match &a.etcd {
+        None => {
+            let c = Cluster::start(&a.nodes, model, max_ctx, PlanEpoch(1)).await?;
+            serving.replace(Arc::new(c), &shutdown);
+        }
+        Some(url) => {
+            let registry = Registry::connect(url, &a.cluster).await?;
+            let who = a
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("coordinator-{}@{}", std::process::id(), a.http));
+            tokio::spawn(follow::run(
+                registry.clone(),
+                model.clone(),
+                serving.clone(),
+                shutdown.clone(),
+            ));
+            let cfg = DriverConfig {
+                twopc: TwoPc {
+                    registry,
+                    model,
+                    max_ctx,
+                    who,
+                    failpoint: a.failpoint,
+                },
+                min_nodes: a.min_nodes,
+                ttl_secs: a.etcd_ttl_secs.max(2),
+            };
+            tokio::spawn(driver::run(cfg, serving.clone(), shutdown.clone()));
+        }
+    }
+    let model_id = a
+        .model
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("model")
         .to_string();
     let state = Arc::new(AppState {
-        cluster,
+        serving,
         tok,
         model_id,
         admission: Arc::new(tokio::sync::Semaphore::new(coordinator::MAX_IN_FLIGHT)),
         requests: AtomicU64::new(0),
         tokens: AtomicU64::new(0),
     });
-    let listener = tokio::net::TcpListener::bind(http).await?;
+    let listener = tokio::net::TcpListener::bind(a.http).await?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {}", listener.local_addr()?)?;

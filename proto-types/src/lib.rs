@@ -7,6 +7,7 @@
 //! - [`messages`]: request and reply types of each call.
 //! - [`error`]: [`ShardError`], a stable code plus a detail string.
 //! - [`service`]: the [`ShardNode`] tarpc service.
+//! - [`registry`]: the records a cluster keeps in etcd (nodes, plan, decisions, drains).
 //! - [`limits`]: the protocol version and frame size limit.
 //! - [`connect`]: the client side: TCP, frame limit, handshake.
 //!
@@ -18,6 +19,7 @@ pub mod error;
 pub mod ids;
 pub mod limits;
 pub mod messages;
+pub mod registry;
 pub mod service;
 pub mod tensor;
 

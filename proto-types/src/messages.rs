@@ -41,6 +41,9 @@ pub struct NodeDescription {
     pub capabilities: Vec<String>,
     /// Model files (names) available in its models directory.
     pub models: Vec<String>,
+    /// Bytes of its served and retiring slices: what a re-plan frees once it commits (the
+    /// planner counts them as free; PREPARE needs them beside the new slice).
+    pub serving_bytes: u64,
 }
 
 /// Load a slice of a model for a plan epoch.
@@ -184,6 +187,12 @@ pub struct NodeStatus {
     pub epoch: Option<PlanEpoch>,
     /// Blocks held.
     pub layers: Option<WireLayerRange>,
+    /// Epochs with a prepared slice waiting for a decision.
+    pub prepared_epochs: Vec<PlanEpoch>,
+    /// Older epochs still held because sessions on them have not finished.
+    pub retiring_epochs: Vec<PlanEpoch>,
+    /// The node's id in etcd, when it has joined a cluster.
+    pub node_id: Option<String>,
     /// Open sessions.
     pub sessions: u32,
     /// Live leases and what each holds.

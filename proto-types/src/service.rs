@@ -27,4 +27,13 @@ pub trait ShardNode {
     async fn heartbeat(lease: LeaseId) -> Result<LeaseStatus, ShardError>;
     /// Sessions, epoch and memory.
     async fn status() -> NodeStatus;
+    /// Two-phase commit, PREPARE: loads the slice of a new epoch beside the served one, as
+    /// a prepared buffer held by the caller's lease. `Ok` is a YES vote; an error (it does
+    /// not fit the memory limit, the file is missing...) is a NO vote.
+    async fn prepare_slice(req: LoadSlice) -> Result<SliceInfo, ShardError>;
+    /// COMMIT: the prepared slice of `epoch` serves new sessions; sessions on older epochs
+    /// finish on them, after which those slices are freed. Idempotent.
+    async fn commit_slice(epoch: PlanEpoch) -> Result<(), ShardError>;
+    /// ABORT: frees the prepared slice of `epoch`; the served one goes on. Idempotent.
+    async fn abort_slice(epoch: PlanEpoch) -> Result<(), ShardError>;
 }

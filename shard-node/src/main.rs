@@ -73,6 +73,10 @@ enum Command {
     },
     /// Serve a slice of a model over tarpc (prints `listening on ADDR` once bound).
     Serve(shard_node::serve_cmd::ServeOptions),
+    /// Write a synthetic llama GGUF with random weights (for benchmarks).
+    SynthModel(shard_node::synth_cmd::SynthOptions),
+    /// Drain a node and take it out of its etcd cluster; waits until it has left.
+    Leave(shard_node::leave_cmd::LeaveOptions),
     /// Time prompt processing and decode (JSON lines on stdout).
     Bench {
         #[command(flatten)]
@@ -131,6 +135,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_ctx,
         }),
         Command::Serve(o) => shard_node::serve_cmd::run(o),
+        Command::SynthModel(o) => shard_node::synth_cmd::run(o),
+        Command::Leave(o) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(shard_node::leave_cmd::run(o)),
         Command::Bench {
             m,
             prompt_tokens,

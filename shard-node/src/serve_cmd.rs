@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::device::{init_threads, DeviceSpec};
 use tokio_util::sync::CancellationToken;
 
+use crate::membership::{self, JoinOptions};
 use crate::server::{metrics, relay, serve, Node, NodeConfig};
 
 /// Options of `serve`.
@@ -51,6 +52,9 @@ pub struct ServeOptions {
     /// that its nodes end with it even when it is killed).
     #[arg(long)]
     pub parent_pid: Option<u32>,
+    /// Joining an etcd cluster.
+    #[command(flatten)]
+    pub join: JoinOptions,
 }
 
 /// Serves until ctrl-c or SIGTERM.
@@ -137,13 +141,32 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
                 }
             });
         }
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        // Membership runs beside the server; if joining fails, the node shuts down with
+        // that error.
+        let joined = {
+            let (node, join, stop) = (node.clone(), o.join.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let Ok(bound) = bound_rx.await else {
+                    return Ok(());
+                };
+                let r = membership::run(node, join, bound, stop.clone()).await;
+                if let Err(e) = &r {
+                    tracing::error!("joining the cluster: {e}");
+                    stop.cancel();
+                }
+                r
+            })
+        };
         serve(node, o.listen, shutdown, |addr| {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "listening on {addr}");
             let _ = out.flush();
             tracing::info!(%addr, "listening");
+            let _ = bound_tx.send(addr);
         })
-        .await
+        .await?;
+        joined.await?
     })?;
     Ok(())
 }

@@ -42,11 +42,14 @@ pub fn shard_node_bin() -> PathBuf {
     bin
 }
 
+/// A started child, its `listening on` address, and its other `NAME on ADDR` lines.
+type Spawned = (std::process::Child, String, Vec<(String, String)>);
+
 /// Starts `cmd` and reads its stdout up to the line `listening on ADDR`; earlier lines of the
 /// form `NAME on ADDR` (such as `metrics on ADDR`) are returned too.
 fn spawn_listening(
     mut cmd: std::process::Command,
-) -> anyhow::Result<(std::process::Child, String, Vec<(String, String)>)> {
+) -> anyhow::Result<Spawned> {
     use std::io::BufRead;
     let mut child = cmd
         .env("RUST_LOG", "warn")
@@ -131,6 +134,23 @@ impl ShardProcess {
     }
 }
 
+impl ShardProcess {
+    /// Waits up to `within` for the process to exit by itself; its status, if it did.
+    pub fn wait_exit(
+        &mut self,
+        within: std::time::Duration,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < within {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(Some(s));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(None)
+    }
+}
+
 impl Drop for ShardProcess {
     fn drop(&mut self) {
         self.kill();
@@ -160,6 +180,12 @@ impl CoordinatorProcess {
     /// Starts a coordinator over `nodes` and waits until it serves.
     pub fn spawn(model: &std::path::Path, nodes: &[&ShardProcess]) -> anyhow::Result<Self> {
         let list: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+        Self::spawn_with(model, &["--nodes", &list.join(",")])
+    }
+
+    /// Starts a coordinator with `args` after the model (`--nodes ...` or `--etcd ...`) and
+    /// waits until it serves HTTP.
+    pub fn spawn_with(model: &std::path::Path, args: &[&str]) -> anyhow::Result<Self> {
         let mut cmd = std::process::Command::new(coordinator_bin());
         cmd.args([
             "serve",
@@ -170,13 +196,93 @@ impl CoordinatorProcess {
             "--model",
         ])
         .arg(model)
-        .arg("--nodes")
-        .arg(list.join(","));
+        .args(args);
         let (child, addr, _) = spawn_listening(cmd)?;
         Ok(CoordinatorProcess {
             child,
             url: format!("http://{addr}"),
         })
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A real etcd server (Debian's `etcd-server`) on free ports with a temporary data directory;
+/// killed on drop.
+pub struct EtcdProcess {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdProcess {
+    /// Starts etcd and waits until it is healthy.
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let (client, peer) = (free_port()?, free_port()?);
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.path())
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("test={peer_url}"),
+                "--log-level",
+                "error",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting etcd (apt-get install etcd-server): {e}"))?;
+        let mut etcd = EtcdProcess {
+            child,
+            url,
+            _dir: dir,
+        };
+        let start = std::time::Instant::now();
+        loop {
+            let out = std::process::Command::new("curl")
+                .args(["-s", "-m", "1", &format!("{}/health", etcd.url)])
+                .output()?;
+            if String::from_utf8_lossy(&out.stdout).contains("true") {
+                return Ok(etcd);
+            }
+            if let Some(status) = etcd.child.try_wait()? {
+                anyhow::bail!("etcd exited: {status}");
+            }
+            anyhow::ensure!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "etcd did not become healthy"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// A registry client for cluster `cluster`.
+    pub async fn registry(&self, cluster: &str) -> anyhow::Result<common::registry::Registry> {
+        Ok(common::registry::Registry::connect(&self.url, cluster).await?)
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -325,4 +431,64 @@ pub fn keep_alive(client: proto_types::ShardNodeClient, lease: proto_types::Leas
             }
         }
     });
+}
+
+/// Greedy output of single-process `shard-node generate`.
+pub fn generate(model: &std::path::Path, prompt: &str, n: u32) -> anyhow::Result<String> {
+    let out = std::process::Command::new(shard_node_bin())
+        .args([
+            "generate",
+            "--threads",
+            "1",
+            "--max-tokens",
+            &n.to_string(),
+            "--prompt",
+            prompt,
+            "--model",
+        ])
+        .arg(model)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    Ok(text.strip_suffix('\n').unwrap_or(&text).to_string())
+}
+
+/// A greedy completion through the coordinator at `url`: its text (streamed or not).
+pub fn completion(url: &str, prompt: &str, n: u32, stream: bool) -> anyhow::Result<String> {
+    completion_with(
+        url,
+        serde_json::json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": stream}),
+    )
+}
+
+/// A completion with the request `body`: its text (streamed or not).
+pub fn completion_with(url: &str, body: serde_json::Value) -> anyhow::Result<String> {
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let (code, text) = curl_post(&format!("{url}/v1/completions"), &body.to_string())?;
+    anyhow::ensure!(code == 200, "status {code}: {text}");
+    if stream {
+        sse_text(&text)
+    } else {
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        anyhow::ensure!(
+            v["usage"]["completion_tokens"].as_u64().is_some(),
+            "no usage: {text}"
+        );
+        Ok(v["choices"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+}
+
+/// `GET url` as JSON.
+pub fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-m", "10", url])
+        .output()?;
+    Ok(serde_json::from_slice(&out.stdout)?)
 }

@@ -7,51 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    curl_post, default_model, shard_node_bin, sse_text, CoordinatorProcess, ShardProcess,
+    completion, curl_post, default_model, generate, sse_text, CoordinatorProcess, ShardProcess,
 };
-
-fn generate(model: &std::path::Path, prompt: &str, n: u32) -> anyhow::Result<String> {
-    let out = Command::new(shard_node_bin())
-        .args([
-            "generate",
-            "--threads",
-            "1",
-            "--max-tokens",
-            &n.to_string(),
-            "--prompt",
-            prompt,
-            "--model",
-        ])
-        .arg(model)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "generate failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout)?;
-    Ok(text.strip_suffix('\n').unwrap_or(&text).to_string())
-}
-
-fn completion(url: &str, prompt: &str, n: u32, stream: bool) -> anyhow::Result<String> {
-    let body =
-        serde_json::json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": stream});
-    let (code, text) = curl_post(&format!("{url}/v1/completions"), &body.to_string())?;
-    anyhow::ensure!(code == 200, "status {code}: {text}");
-    if stream {
-        sse_text(&text)
-    } else {
-        let v: serde_json::Value = serde_json::from_str(&text)?;
-        anyhow::ensure!(
-            v["usage"]["completion_tokens"].as_u64().is_some(),
-            "no usage: {text}"
-        );
-        Ok(v["choices"][0]["text"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
-    }
-}
 
 #[test]
 fn cluster_serves_openai_api() -> anyhow::Result<()> {

@@ -375,7 +375,7 @@ async fn bounds_idle_expiry_and_cluster_report() -> anyhow::Result<()> {
         &["--max-sessions", "1", "--session-idle-secs", "1"],
     ]
     .concat();
-    let ns = vec![ShardProcess::spawn(&dir, &flags)?];
+    let ns = [ShardProcess::spawn(&dir, &flags)?];
     let coord = CoordinatorProcess::spawn(&default_model(), &ns.iter().collect::<Vec<_>>())?;
     let mut first = curl_stream(&coord.url, 400, 60.0)?;
     wait_status(&ns[0].addr, Duration::from_secs(20), |s| kv_bytes(s) > 0).await?;

@@ -3,12 +3,14 @@
 //!
 //! # Layout
 //! - [`file`]: [`GgufFile`], an opened and validated GGUF file, and its tensor descriptors.
+//! - [`synth`]: synthetic llama models with random weights, for benchmarks and loaders.
 //! - [`config`]: [`ModelConfig`], the typed model configuration parsed from the metadata.
 //! - [`meta`]: typed getters over raw GGUF metadata values.
 
 pub mod config;
 pub mod file;
 pub mod meta;
+pub mod synth;
 
 pub use config::{Architecture, ModelConfig, RopeStyle};
 pub use file::{GgufFile, TensorDesc};

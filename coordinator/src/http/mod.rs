@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use crate::cluster::Cluster;
+use crate::serving::Serving;
 use crate::engine::{self, GenEvent, GenRequest};
 use crate::error::CoordError;
 use openai::*;
@@ -33,8 +34,8 @@ use openai::*;
 /// What the handlers share.
 #[derive(Debug)]
 pub struct AppState {
-    /// The nodes.
-    pub cluster: Arc<Cluster>,
+    /// The plan new requests run on.
+    pub serving: Arc<Serving>,
     /// The tokenizer.
     pub tok: Arc<TextTokenizer>,
     /// The model id reported.
@@ -98,7 +99,7 @@ impl From<CoordError> for ApiError {
                     "rate_limit_error",
                 )
             }
-            CoordError::NodeDown { .. } | CoordError::Shard { .. } => ApiError(
+            CoordError::NodeDown { .. } | CoordError::Shard { .. } | CoordError::NoPlan(_) => ApiError(
                 StatusCode::SERVICE_UNAVAILABLE,
                 e.to_string(),
                 "server_error",
@@ -122,17 +123,22 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn gen_request(st: &AppState, prompt: &str, c: &Common) -> Result<GenRequest, ApiError> {
+fn gen_request(
+    st: &AppState,
+    cluster: &Cluster,
+    prompt: &str,
+    c: &Common,
+) -> Result<GenRequest, ApiError> {
     let ids = st.tok.encode(prompt).map_err(|e| bad(e.to_string()))?;
     if ids.is_empty() {
         return Err(bad("the prompt is empty"));
     }
     let max_tokens = c.max_tokens.unwrap_or(16) as usize;
-    if ids.len() + max_tokens > st.cluster.max_ctx {
+    if ids.len() + max_tokens > cluster.max_ctx {
         return Err(bad(format!(
             "the prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds the context of {} tokens",
             ids.len(),
-            st.cluster.max_ctx
+            cluster.max_ctx
         )));
     }
     let sampling = SamplingParams {
@@ -157,8 +163,9 @@ async fn completions(
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
-    let g = gen_request(&st, &req.prompt, &req.common)?;
-    serve(st, g, req.common.stream, false).await
+    let cluster = st.serving.current()?;
+    let g = gen_request(&st, &cluster, &req.prompt, &req.common)?;
+    serve(st, cluster, g, req.common.stream, false).await
 }
 
 async fn chat(
@@ -170,8 +177,9 @@ async fn chat(
         .tok
         .apply_chat_template(&req.messages)
         .map_err(|e| bad(e.to_string()))?;
-    let g = gen_request(&st, &prompt, &req.common)?;
-    serve(st, g, req.common.stream, true).await
+    let cluster = st.serving.current()?;
+    let g = gen_request(&st, &cluster, &prompt, &req.common)?;
+    serve(st, cluster, g, req.common.stream, true).await
 }
 
 fn chunk(
@@ -194,6 +202,7 @@ fn chunk(
 
 async fn serve(
     st: Arc<AppState>,
+    cluster: Arc<Cluster>,
     g: GenRequest,
     stream: bool,
     chat: bool,
@@ -209,7 +218,7 @@ async fn serve(
         if chat { "chatcmpl" } else { "cmpl" },
         st.requests.load(Ordering::Relaxed)
     );
-    let mut rx = engine::start(st.cluster.clone(), st.tok.clone(), g);
+    let mut rx = engine::start(cluster, st.tok.clone(), g);
     if stream {
         let model = st.model_id.clone();
         let s = async_stream(move |tx| async move {
@@ -325,8 +334,8 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// Every node's status, asked concurrently; `None` for a node that is down.
-async fn statuses(st: &AppState) -> Vec<Option<proto_types::NodeStatus>> {
-    futures::future::join_all(st.cluster.nodes.iter().map(|n| async move {
+async fn statuses(c: &Cluster) -> Vec<Option<proto_types::NodeStatus>> {
+    futures::future::join_all(c.nodes.iter().map(|n| async move {
         match n.client() {
             Ok(c) => c.status(crate::cluster::ctx(2)).await.ok(),
             Err(_) => None,
@@ -340,8 +349,11 @@ fn kind_sum(s: &proto_types::NodeStatus, f: impl Fn(&proto_types::LeaseBytes) ->
 }
 
 async fn cluster(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let Ok(c) = st.serving.current() else {
+        return Json(json!({"epoch": null, "nodes": []}));
+    };
     let mut nodes = Vec::new();
-    for (n, status) in st.cluster.nodes.iter().zip(statuses(&st).await) {
+    for (n, status) in c.nodes.iter().zip(statuses(&c).await) {
         let memory = status.as_ref().map(|s| {
             json!({
                 "attributed_bytes": s.attributed_bytes,
@@ -363,17 +375,23 @@ async fn cluster(State(st): State<Arc<AppState>>) -> Json<Value> {
             })
         });
         nodes.push(json!({
+            "id": n.id,
             "address": n.addr, "device": n.device,
             "layers": [n.range.start(), n.range.end()],
             "weight_bytes": n.weight_bytes,
             "up": status.is_some(),
             "epoch": status.as_ref().and_then(|s| s.epoch.map(|e| e.0)),
+            "prepared_epochs": status.as_ref().map(|s| s.prepared_epochs.iter().map(|e| e.0).collect::<Vec<_>>()),
+            "retiring_epochs": status.as_ref().map(|s| s.retiring_epochs.iter().map(|e| e.0).collect::<Vec<_>>()),
             "sessions": status.as_ref().map(|s| s.sessions),
             "memory": memory,
         }));
     }
-    Json(json!({"epoch": st.cluster.epoch.0, "nodes": nodes}))
+    Json(json!({"epoch": c.epoch.0, "nodes": nodes}))
 }
+
+/// A node gauge: its value from the node's status.
+type Gauge = fn(&proto_types::NodeStatus) -> i64;
 
 async fn metrics(State(st): State<Arc<AppState>>) -> String {
     use std::fmt::Write;
@@ -385,10 +403,13 @@ async fn metrics(State(st): State<Arc<AppState>>) -> String {
         st.requests.load(Ordering::Relaxed),
         st.tokens.load(Ordering::Relaxed),
         st.admission_in_flight(),
-        st.cluster.epoch.0,
+        st.serving.epoch().map_or(0, |e| e.0),
     );
-    let all = statuses(&st).await;
-    let gauges: [(&str, fn(&proto_types::NodeStatus) -> i64); 8] = [
+    let Ok(c) = st.serving.current() else {
+        return out;
+    };
+    let all = statuses(&c).await;
+    let gauges: [(&str, Gauge); 8] = [
         ("sessions", |s| s.sessions as i64),
         ("attributed_bytes", |s| s.attributed_bytes as i64),
         ("weights_bytes", |s| kind_sum(s, |l| l.weights) as i64),
@@ -401,7 +422,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> String {
         ("unattributed_bytes", |s| s.unattributed_bytes),
     ];
     let _ = writeln!(out, "# TYPE cluster_node_up gauge");
-    for (n, s) in st.cluster.nodes.iter().zip(&all) {
+    for (n, s) in c.nodes.iter().zip(&all) {
         let _ = writeln!(
             out,
             "cluster_node_up{{node=\"{}\"}} {}",
@@ -411,7 +432,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> String {
     }
     for (name, f) in gauges {
         let _ = writeln!(out, "# TYPE cluster_node_{name} gauge");
-        for (n, s) in st.cluster.nodes.iter().zip(&all) {
+        for (n, s) in c.nodes.iter().zip(&all) {
             if let Some(s) = s {
                 let _ = writeln!(out, "cluster_node_{name}{{node=\"{}\"}} {}", n.addr, f(s));
             }

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use super::accounting::report;
 use super::batch::Pending;
-use super::state::{lock, now_ms, Node, Session, SessionEntry, Slice};
+use super::state::{lock, now_ms, Node, Session, SessionEntry, Slice, SliceState};
 use super::wire::{layer_range, sampling, shard_err, wire_range};
 
 /// One connection: the node plus the lease its handshake was granted.
@@ -46,6 +46,87 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut h = sha2::Sha256::new();
     std::io::copy(&mut f, &mut h)?;
     Ok(hex::encode(h.finalize()))
+}
+
+fn info(slice: &Slice) -> SliceInfo {
+    SliceInfo {
+        epoch: slice.epoch,
+        layers: wire_range(slice.stage.range()),
+        weight_bytes: slice.stage.weight_bytes() as u64,
+        first: slice.stage.is_first(),
+        last: slice.stage.is_last(),
+    }
+}
+
+impl Conn {
+    /// Loads the slice `req` names (off the async workers and off the compute thread, so that
+    /// serving goes on) and installs it, committed or prepared. A slice of the same epoch,
+    /// model and range already held is reused.
+    async fn install(
+        &self,
+        lease: LeaseId,
+        req: LoadSlice,
+        committed: bool,
+    ) -> Result<SliceInfo, ShardError> {
+        if !valid_model_name(&req.model) {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("model name `{}` is not a plain file name", req.model),
+            ));
+        }
+        if self.node.left.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(err(ErrorCode::InvalidArgument, "this node has left its cluster"));
+        }
+        let range = layer_range(req.layers)?;
+        if let Some(s) = self.node.held_slice(req.epoch, &req.model, range)? {
+            return Ok(info(&s));
+        }
+        let path = self.node.cfg.models_dir.join(&req.model);
+        let device = self.node.device.clone();
+        let limit = self.node.cfg.memory_limit;
+        let max_ctx = req.max_ctx as usize;
+        let want_sha = req.sha256.to_lowercase();
+        let model = req.model.clone();
+        let stage = tokio::task::spawn_blocking(move || -> Result<Stage, ShardError> {
+            let sha = sha256_file(&path).map_err(|e| {
+                err(
+                    ErrorCode::ModelUnavailable,
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
+            if sha != want_sha {
+                return Err(err(
+                    ErrorCode::ModelUnavailable,
+                    format!("{model}: sha256 is {sha}, not {want_sha}"),
+                ));
+            }
+            let file = GgufFile::open(&path).map_err(shard_err)?;
+            let stage = Stage::load(&file, range, &device, max_ctx).map_err(shard_err)?;
+            if let Some(limit) = limit {
+                if stage.weight_bytes() as u64 > limit {
+                    return Err(err(
+                        ErrorCode::ResourceExhausted,
+                        format!(
+                            "slice {range} needs {} bytes, the limit is {limit}",
+                            stage.weight_bytes()
+                        ),
+                    ));
+                }
+            }
+            Ok(stage)
+        })
+        .await
+        .map_err(|e| err(ErrorCode::Internal, format!("slice loader failed: {e}")))??;
+        let slice = Slice {
+            epoch: req.epoch,
+            model: req.model,
+            stage,
+        };
+        let out = info(&slice);
+        self.node.put_slice(lease, slice, committed)?;
+        tracing::info!(epoch = %out.epoch, layers = %range, bytes = out.weight_bytes, committed, "slice loaded");
+        Ok(out)
+    }
 }
 
 impl ShardNode for Conn {
@@ -96,75 +177,15 @@ impl ShardNode for Conn {
                 "bf16-activations".into(),
             ],
             models,
+            serving_bytes: self.node.serving_bytes(),
         }
     }
 
     async fn load_slice(self, _: Context, req: LoadSlice) -> Result<SliceInfo, ShardError> {
-        self.lease()?;
-        if !valid_model_name(&req.model) {
-            return Err(err(
-                ErrorCode::InvalidArgument,
-                format!("model name `{}` is not a plain file name", req.model),
-            ));
-        }
-        let range = layer_range(req.layers)?;
-        let path = self.node.cfg.models_dir.join(&req.model);
-        let device = self.node.device.clone();
-        let limit = self.node.cfg.memory_limit;
-        let max_ctx = req.max_ctx as usize;
-        let want_sha = req.sha256.to_lowercase();
-        let model = req.model.clone();
-        let stage = self
-            .node
-            .compute
-            .run(move || -> Result<Stage, ShardError> {
-                let sha = sha256_file(&path).map_err(|e| {
-                    err(
-                        ErrorCode::ModelUnavailable,
-                        format!("{}: {e}", path.display()),
-                    )
-                })?;
-                if sha != want_sha {
-                    return Err(err(
-                        ErrorCode::ModelUnavailable,
-                        format!("{model}: sha256 is {sha}, not {want_sha}"),
-                    ));
-                }
-                let file = GgufFile::open(&path).map_err(shard_err)?;
-                let stage = Stage::load(&file, range, &device, max_ctx).map_err(shard_err)?;
-                if let Some(limit) = limit {
-                    if stage.weight_bytes() as u64 > limit {
-                        return Err(err(
-                            ErrorCode::ResourceExhausted,
-                            format!(
-                                "slice {range} needs {} bytes, the limit is {limit}",
-                                stage.weight_bytes()
-                            ),
-                        ));
-                    }
-                }
-                Ok(stage)
-            })
-            .await
-            .ok_or_else(|| err(ErrorCode::Internal, "compute thread is gone"))??;
-        let info = SliceInfo {
-            epoch: req.epoch,
-            layers: wire_range(stage.range()),
-            weight_bytes: stage.weight_bytes() as u64,
-            first: stage.is_first(),
-            last: stage.is_last(),
-        };
-        tracing::info!(epoch = %req.epoch, layers = %stage.range(), bytes = info.weight_bytes, "slice loaded");
         let lease = self.lease()?;
-        self.node.put_slice(
-            lease,
-            Slice {
-                epoch: req.epoch,
-                model: req.model,
-                stage,
-            },
-            true,
-        )?;
+        let epoch = req.epoch;
+        let info = self.install(lease, req, true).await?;
+        self.node.commit(epoch)?;
         Ok(info)
     }
 
@@ -290,12 +311,49 @@ impl ShardNode for Conn {
         })
     }
 
+    async fn prepare_slice(self, _: Context, req: LoadSlice) -> Result<SliceInfo, ShardError> {
+        let lease = self.lease()?;
+        let epoch = req.epoch;
+        let r = self.install(lease, req, false).await;
+        match &r {
+            Ok(i) => tracing::info!(%epoch, bytes = i.weight_bytes, "PREPARE: voted yes"),
+            Err(e) => tracing::warn!(%epoch, "PREPARE: voted no: {e}"),
+        }
+        r
+    }
+
+    async fn commit_slice(self, _: Context, epoch: PlanEpoch) -> Result<(), ShardError> {
+        self.lease()?;
+        self.node.commit(epoch)?;
+        tracing::info!(%epoch, "COMMIT: serving epoch {epoch}");
+        Ok(())
+    }
+
+    async fn abort_slice(self, _: Context, epoch: PlanEpoch) -> Result<(), ShardError> {
+        self.lease()?;
+        let bytes = self.node.abort(epoch)?;
+        tracing::info!(%epoch, bytes, "ABORT: prepared slice freed");
+        Ok(())
+    }
+
     async fn status(self, _: Context) -> NodeStatus {
         let slice = self.node.slice();
+        let states = self.node.slice_states();
         let r = report(&self.node);
         NodeStatus {
             epoch: slice.as_ref().map(|s| s.epoch),
             layers: slice.as_ref().map(|s| wire_range(s.stage.range())),
+            prepared_epochs: states
+                .iter()
+                .filter(|(_, st)| matches!(st, SliceState::Prepared(_)))
+                .map(|(e, _)| *e)
+                .collect(),
+            retiring_epochs: states
+                .iter()
+                .filter(|(_, st)| *st == SliceState::Retiring)
+                .map(|(e, _)| *e)
+                .collect(),
+            node_id: lock(&self.node.node_id).clone(),
             sessions: self.node.session_count() as u32,
             leases: r
                 .held

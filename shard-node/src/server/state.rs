@@ -1,6 +1,6 @@
 //! [`Node`]: what a shard node holds (slices, sessions) and who owns each of them (leases).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use common::device::DeviceSpec;
-use common::model::{KvCache, Stage};
+use common::model::{KvCache, LayerRange, Stage};
 use common::sampling::Sampler;
 use proto_types::{ErrorCode, LeaseId, PlanEpoch, SessionId, ShardError};
 use tokio::sync::mpsc;
@@ -70,13 +70,24 @@ pub struct Slice {
     pub stage: Stage,
 }
 
+/// Where a slice is in the two-phase commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SliceState {
+    /// Loaded by PREPARE, waiting for the decision (since then).
+    Prepared(Instant),
+    /// Committed: new sessions open on it.
+    Serving,
+    /// Committed, then replaced by a newer epoch: sessions already on it finish on it, and
+    /// it is freed once the last one has.
+    Retiring,
+}
+
 /// A slice with its owner.
 #[derive(Debug)]
 struct SliceEntry {
     slice: Arc<Slice>,
     lease: LeaseId,
-    /// Serving (committed), or prepared and waiting for a commit.
-    committed: bool,
+    state: SliceState,
 }
 
 /// One session's state on this node, locked by the compute thread while a step runs.
@@ -154,6 +165,15 @@ pub struct Node {
     pub baseline: u64,
     slices: Mutex<HashMap<PlanEpoch, SliceEntry>>,
     sessions: Mutex<HashMap<SessionId, Arc<SessionEntry>>>,
+    /// In a cluster (etcd): the node's membership lease, renewed while its etcd registration
+    /// lives. Committed slices belong to it (to the plan, not to the coordinator that
+    /// loaded them), and prepared slices pass to it when their coordinator goes away, until
+    /// etcd's decision resolves them.
+    plan_lease: Mutex<Option<LeaseId>>,
+    /// The node's id in etcd, once registered.
+    pub node_id: Mutex<Option<String>>,
+    /// Set once the node has left its cluster: it takes no new slices.
+    pub left: AtomicBool,
     freed: AtomicBool,
     trim_until: Mutex<Option<Instant>>,
 }
@@ -196,6 +216,9 @@ impl Node {
             peers: Arc::new(PeerPool::default()),
             slices: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            plan_lease: Mutex::new(None),
+            node_id: Mutex::new(None),
+            left: AtomicBool::new(false),
             freed: AtomicBool::new(false),
             trim_until: Mutex::new(None),
         };
@@ -218,14 +241,29 @@ impl Node {
             }
         });
         let mut weights = 0u64;
-        lock(&self.slices).retain(|_, e| {
-            if e.lease == lease {
-                weights += e.slice.stage.weight_bytes() as u64;
-                false
-            } else {
-                true
+        let plan_lease = *lock(&self.plan_lease);
+        lock(&self.slices).retain(|&epoch, e| {
+            if e.lease != lease {
+                return true;
+            }
+            match (e.state, plan_lease) {
+                // In a cluster, a prepared slice outlives its coordinator until etcd's
+                // decision (or the prepare timeout) resolves it.
+                (SliceState::Prepared(_), Some(p)) if p != lease => {
+                    tracing::info!(%epoch, "prepared slice orphaned; etcd's decision resolves it");
+                    e.lease = p;
+                    true
+                }
+                _ => {
+                    weights += e.slice.stage.weight_bytes() as u64;
+                    false
+                }
             }
         });
+        if plan_lease == Some(lease) {
+            *lock(&self.plan_lease) = None;
+        }
+        self.gc_retiring();
         self.metrics.leases_released.fetch_add(1, Ordering::Relaxed);
         self.freed.store(true, Ordering::Relaxed);
         tracing::info!(%lease, client, why, sessions = n, kv_bytes = kv, weight_bytes = weights, "lease released");
@@ -238,6 +276,7 @@ impl Node {
         for lease in self.leases.expired() {
             self.release_lease(lease, "no heartbeat within the TTL");
         }
+        self.gc_retiring();
         let idle = self.cfg.session_idle.as_millis() as u64;
         let now = Instant::now();
         let now_ms = now_ms();
@@ -269,29 +308,84 @@ impl Node {
         }
     }
 
-    /// The committed slice, checked against `epoch`.
+    /// The committed slice of `epoch` (served or retiring): what its sessions run on.
     pub fn slice_for(&self, epoch: PlanEpoch) -> Result<Arc<Slice>, ShardError> {
-        match self.slice() {
-            Some(s) if s.epoch == epoch => Ok(s),
+        let slices = lock(&self.slices);
+        if let Some(e) = slices.get(&epoch) {
+            if e.state == SliceState::Serving || e.state == SliceState::Retiring {
+                return Ok(e.slice.clone());
+            }
+        }
+        match slices
+            .values()
+            .find(|e| e.state == SliceState::Serving)
+        {
             Some(s) => Err(err(
                 ErrorCode::EpochMismatch,
-                format!("this node serves epoch {}, not {epoch}", s.epoch),
+                format!("this node serves epoch {}, not {epoch}", s.slice.epoch),
             )),
-            None => Err(err(ErrorCode::NoSlice, "no slice is loaded")),
+            None => Err(err(ErrorCode::NoSlice, format!("no slice is committed for epoch {epoch}"))),
         }
     }
 
-    /// The committed slice (the newest, if more than one), if any.
+    /// The served slice, if any.
     pub fn slice(&self) -> Option<Arc<Slice>> {
         lock(&self.slices)
             .values()
-            .filter(|e| e.committed)
+            .filter(|e| e.state == SliceState::Serving)
             .max_by_key(|e| e.slice.epoch)
             .map(|e| e.slice.clone())
     }
 
-    /// Installs a slice owned by `lease`, prepared or committed. A committed slice replaces
-    /// every other committed one, and the sessions of older epochs are closed.
+    /// Epochs and states of every slice held, oldest first.
+    pub fn slice_states(&self) -> Vec<(PlanEpoch, SliceState)> {
+        let mut v: Vec<_> = lock(&self.slices)
+            .iter()
+            .map(|(&e, s)| (e, s.state))
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v
+    }
+
+    /// The slice of `epoch` if one with this model and range is held already, in any state (a
+    /// repeated load or PREPARE reuses it); a different one is an error.
+    pub fn held_slice(
+        &self,
+        epoch: PlanEpoch,
+        model: &str,
+        range: LayerRange,
+    ) -> Result<Option<Arc<Slice>>, ShardError> {
+        match lock(&self.slices).get(&epoch) {
+            None => Ok(None),
+            Some(e) if e.slice.model == model && e.slice.stage.range() == range => {
+                Ok(Some(e.slice.clone()))
+            }
+            Some(e) => Err(err(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "epoch {epoch} already has a slice of {} blocks {} here",
+                    e.slice.model,
+                    e.slice.stage.range()
+                ),
+            )),
+        }
+    }
+
+    /// Sets the membership lease (in a cluster): committed slices pass to it.
+    pub fn set_plan_lease(&self, lease: Option<LeaseId>) {
+        *lock(&self.plan_lease) = lease;
+        if let Some(p) = lease {
+            for e in lock(&self.slices).values_mut() {
+                if !matches!(e.state, SliceState::Prepared(_)) {
+                    e.lease = p;
+                }
+            }
+        }
+    }
+
+    /// Installs a slice owned by `lease`, committed (served at once) or prepared (PREPARE,
+    /// which also checks that it fits beside what is held, and that its epoch is newer than
+    /// the served one).
     pub fn put_slice(
         &self,
         lease: LeaseId,
@@ -299,41 +393,170 @@ impl Node {
         committed: bool,
     ) -> Result<(), ShardError> {
         self.leases.check(lease)?;
+        if self.left.load(Ordering::Relaxed) {
+            return Err(err(ErrorCode::InvalidArgument, "this node has left its cluster"));
+        }
         let epoch = slice.epoch;
+        let bytes = slice.stage.weight_bytes() as u64;
         let mut slices = lock(&self.slices);
+        if slices.contains_key(&epoch) {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("epoch {epoch} already has a slice here"),
+            ));
+        }
+        if !committed {
+            if let Some(s) = slices.values().find(|e| e.state == SliceState::Serving) {
+                if s.slice.epoch >= epoch {
+                    return Err(err(
+                        ErrorCode::EpochMismatch,
+                        format!("epoch {epoch} is not newer than the served {}", s.slice.epoch),
+                    ));
+                }
+            }
+            if let Some(limit) = self.cfg.memory_limit {
+                let w: u64 = slices.values().map(|e| e.slice.stage.weight_bytes() as u64).sum();
+                let kv: u64 = lock(&self.sessions).values().map(|s| s.max_kv_bytes).sum();
+                if w + kv + bytes > limit {
+                    return Err(err(
+                        ErrorCode::ResourceExhausted,
+                        format!(
+                            "the slice of epoch {epoch} needs {bytes} bytes beside the {} held; the limit is {limit}",
+                            w + kv
+                        ),
+                    ));
+                }
+            }
+        }
         slices.insert(
             epoch,
             SliceEntry {
                 slice: Arc::new(slice),
                 lease,
-                committed: false,
+                state: SliceState::Prepared(Instant::now()),
             },
         );
         drop(slices);
         if committed {
-            self.commit(epoch)?;
+            if let Err(e) = self.commit(epoch) {
+                lock(&self.slices).remove(&epoch);
+                return Err(e);
+            }
         }
         Ok(())
     }
 
-    /// Makes the prepared slice of `epoch` the served one; frees older slices and the sessions
-    /// that ran on them.
+    /// Makes the prepared slice of `epoch` the served one (idempotent). The slice served so far
+    /// retires: its sessions finish on it, then it is freed. Prepared slices of older epochs
+    /// are dropped.
     pub fn commit(&self, epoch: PlanEpoch) -> Result<(), ShardError> {
+        let plan_lease = *lock(&self.plan_lease);
         let mut slices = lock(&self.slices);
-        if !slices.contains_key(&epoch) {
-            return Err(err(
-                ErrorCode::NoSlice,
-                format!("no slice is prepared for epoch {epoch}"),
-            ));
+        match slices.get(&epoch).map(|e| e.state) {
+            None => {
+                return Err(err(
+                    ErrorCode::NoSlice,
+                    format!("no slice is prepared for epoch {epoch}"),
+                ))
+            }
+            Some(SliceState::Serving) => return Ok(()),
+            Some(SliceState::Retiring) => {
+                return Err(err(
+                    ErrorCode::EpochMismatch,
+                    format!("epoch {epoch} was replaced by a newer one"),
+                ))
+            }
+            Some(SliceState::Prepared(_)) => {}
         }
-        slices.retain(|&e, s| e >= epoch || !s.committed);
-        if let Some(s) = slices.get_mut(&epoch) {
-            s.committed = true;
+        if let Some(s) = slices.values().find(|e| e.state == SliceState::Serving) {
+            if s.slice.epoch > epoch {
+                return Err(err(
+                    ErrorCode::EpochMismatch,
+                    format!("epoch {epoch} is behind the served {}", s.slice.epoch),
+                ));
+            }
+        }
+        slices.retain(|&e, s| e >= epoch || !matches!(s.state, SliceState::Prepared(_)));
+        for (&e, s) in slices.iter_mut() {
+            if e == epoch {
+                s.state = SliceState::Serving;
+                if let Some(p) = plan_lease {
+                    s.lease = p;
+                }
+            } else if s.state == SliceState::Serving {
+                s.state = SliceState::Retiring;
+            }
         }
         drop(slices);
-        lock(&self.sessions).retain(|_, s| s.epoch >= epoch);
-        self.freed.store(true, Ordering::Relaxed);
+        self.gc_retiring();
         Ok(())
+    }
+
+    /// ABORT: frees the prepared slice of `epoch`; returns its bytes (0 if none: idempotent).
+    pub fn abort(&self, epoch: PlanEpoch) -> Result<u64, ShardError> {
+        let mut slices = lock(&self.slices);
+        match slices.get(&epoch).map(|e| e.state) {
+            None => Ok(0),
+            Some(SliceState::Prepared(_)) => {
+                let bytes = slices
+                    .remove(&epoch)
+                    .map_or(0, |e| e.slice.stage.weight_bytes() as u64);
+                self.freed.store(true, Ordering::Relaxed);
+                Ok(bytes)
+            }
+            Some(_) => Err(err(
+                ErrorCode::InvalidArgument,
+                format!("epoch {epoch} is committed here; it cannot be aborted"),
+            )),
+        }
+    }
+
+    /// Retires the served slice if it is older than `epoch` (a plan this node is not part
+    /// of was committed).
+    pub fn retire_before(&self, epoch: PlanEpoch) {
+        let mut n = 0;
+        for (&e, s) in lock(&self.slices).iter_mut() {
+            if e < epoch && s.state == SliceState::Serving {
+                s.state = SliceState::Retiring;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::info!(%epoch, "this node is not in plan {epoch}: its slice retires");
+            self.gc_retiring();
+        }
+    }
+
+    /// Frees retiring slices that no session runs on any more.
+    pub fn gc_retiring(&self) {
+        let live: HashSet<PlanEpoch> = lock(&self.sessions).values().map(|s| s.epoch).collect();
+        let mut freed = Vec::new();
+        lock(&self.slices).retain(|&e, s| {
+            let keep = s.state != SliceState::Retiring || live.contains(&e);
+            if !keep {
+                freed.push((e, s.slice.stage.weight_bytes()));
+            }
+            keep
+        });
+        for (epoch, bytes) in freed {
+            self.freed.store(true, Ordering::Relaxed);
+            tracing::info!(%epoch, bytes, "retired slice freed: its last session ended");
+        }
+    }
+
+    /// Frees every slice and session (the node leaves its cluster); returns the bytes.
+    pub fn release_all(&self, why: &str) -> u64 {
+        let kv: u64 = lock(&self.sessions)
+            .drain()
+            .map(|(_, s)| s.kv_bytes.load(Ordering::Relaxed))
+            .sum();
+        let w: u64 = lock(&self.slices)
+            .drain()
+            .map(|(_, e)| e.slice.stage.weight_bytes() as u64)
+            .sum();
+        self.freed.store(true, Ordering::Relaxed);
+        tracing::info!(why, kv_bytes = kv, weight_bytes = w, "everything released");
+        kv + w
     }
 
     /// Drops the slice of `epoch` (prepared or committed) and its sessions; returns its bytes.
@@ -369,10 +592,10 @@ impl Node {
         for e in lock(&self.slices).values() {
             let h = m.get_mut(&e.lease).unwrap_or(&mut orphan);
             let b = e.slice.stage.weight_bytes() as u64;
-            if e.committed {
-                h.weights += b;
-            } else {
+            if matches!(e.state, SliceState::Prepared(_)) {
                 h.prepared += b;
+            } else {
+                h.weights += b;
             }
         }
         for s in lock(&self.sessions).values() {
@@ -405,6 +628,16 @@ impl Node {
             Some(limit) => (limit.saturating_sub(self.reserved_bytes()), limit),
             None => (dev_free, dev_total),
         }
+    }
+
+    /// Bytes of the served and retiring slices (freed once a newer plan commits and their
+    /// sessions end).
+    pub fn serving_bytes(&self) -> u64 {
+        lock(&self.slices)
+            .values()
+            .filter(|e| !matches!(e.state, SliceState::Prepared(_)))
+            .map(|e| e.slice.stage.weight_bytes() as u64)
+            .sum()
     }
 
     /// Adds a session, within the session bound and the memory limit.
@@ -442,9 +675,14 @@ impl Node {
     /// A session by id.
     pub fn session(&self, id: SessionId) -> Result<Arc<SessionEntry>, ShardError> {
         lock(&self.sessions).get(&id).cloned().ok_or_else(|| {
+            let why = if self.left.load(Ordering::Relaxed) {
+                " (this node has left its cluster; its sessions were ended at the drain deadline)"
+            } else {
+                ""
+            };
             err(
                 ErrorCode::UnknownSession,
-                format!("session {id} is not open"),
+                format!("session {id} is not open{why}"),
             )
         })
     }
@@ -467,6 +705,8 @@ impl Node {
                     .remove(&id)
                     .map(|s| s.kv_bytes.load(Ordering::Relaxed));
                 self.freed.store(true, Ordering::Relaxed);
+                drop(sessions);
+                self.gc_retiring();
                 Ok(s.unwrap_or(0))
             }
         }

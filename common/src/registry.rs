@@ -1,0 +1,371 @@
+//! [`Registry`]: a cluster's state in etcd: node membership, the committed plan, two-phase
+//! commit decisions and drain requests. The key layout and the records are in
+//! [`proto_types::registry`]; every read checks the record and reports a malformed one as
+//! [`Error::BadRecord`], so a bad value is ignored, never half-applied.
+
+use etcd_client::{
+    Client, Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn,
+    TxnOp, TxnOpResponse,
+};
+use proto_types::registry::*;
+use proto_types::PlanEpoch;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+/// A connection to etcd, scoped to one cluster's keys.
+#[derive(Clone)]
+pub struct Registry {
+    client: Client,
+    cluster: String,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("cluster", &self.cluster)
+            .finish()
+    }
+}
+
+/// Checks a cluster or node name: letters, digits, `-`, `_`, `.`, `:` only, so that it is one
+/// key segment.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+}
+
+fn parse<T: DeserializeOwned>(key: &str, v: &[u8]) -> Result<T> {
+    serde_json::from_slice(v).map_err(|e| Error::BadRecord {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::Config(e.to_string()))
+}
+
+fn epoch_key(epoch: PlanEpoch) -> String {
+    // zero-padded so that keys sort by epoch
+    format!("{:020}", epoch.0)
+}
+
+impl Registry {
+    /// Connects to etcd at `url` (e.g. `http://127.0.0.1:2379`; several comma-separated).
+    pub async fn connect(url: &str, cluster: &str) -> Result<Self> {
+        if !valid_name(cluster) {
+            return Err(Error::Config(format!(
+                "cluster name `{cluster}`: use letters, digits, '-', '_', '.' or ':'"
+            )));
+        }
+        let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(std::time::Duration::from_secs(3))
+            .with_timeout(std::time::Duration::from_secs(5));
+        let client = Client::connect(urls, Some(opts)).await?;
+        let mut r = Registry {
+            client,
+            cluster: cluster.to_string(),
+        };
+        // Fail now, not at the first use, when nothing answers.
+        r.client.status().await?;
+        Ok(r)
+    }
+
+    /// The cluster's name.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// `/<cluster>/<rest>`.
+    pub fn key(&self, rest: &str) -> String {
+        format!("/{}/{rest}", self.cluster)
+    }
+
+    async fn get_one(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
+        let r = self.client.clone().get(key, None).await?;
+        Ok(r.kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let r = self
+            .client
+            .clone()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        Ok(r.kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect())
+    }
+
+    // --- leases ---
+
+    /// Grants an etcd lease of `ttl_secs`.
+    pub async fn grant(&self, ttl_secs: i64) -> Result<i64> {
+        Ok(self.client.clone().lease_grant(ttl_secs, None).await?.id())
+    }
+
+    /// Starts keeping `lease` alive: send with the keeper, read answers from the stream.
+    pub async fn keep_alive(&self, lease: i64) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
+        Ok(self.client.clone().lease_keep_alive(lease).await?)
+    }
+
+    /// Revokes `lease`, deleting every key under it.
+    pub async fn revoke(&self, lease: i64) -> Result<()> {
+        self.client.clone().lease_revoke(lease).await?;
+        Ok(())
+    }
+
+    // --- membership ---
+
+    /// Registers a node under `lease`. A live node with the same id is a
+    /// [`Error::Conflict`], and its record is left as it is.
+    pub async fn register(&self, node: &NodeRecord, lease: i64) -> Result<()> {
+        if !valid_name(&node.id) {
+            return Err(Error::Config(format!(
+                "node id `{}`: use letters, digits, '-', '_', '.' or ':'",
+                node.id
+            )));
+        }
+        let key = self.key(&format!("nodes/{}", node.id));
+        let txn = Txn::new()
+            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                json(node)?,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let r = self.client.clone().txn(txn).await?;
+        if r.succeeded() {
+            return Ok(());
+        }
+        let holder = r
+            .op_responses()
+            .into_iter()
+            .find_map(|o| match o {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        Err(Error::Conflict(format!(
+            "node id `{}` is already registered: {holder}",
+            node.id
+        )))
+    }
+
+    /// Removes node `id`'s record.
+    pub async fn deregister(&self, id: &str) -> Result<()> {
+        self.client
+            .clone()
+            .delete(self.key(&format!("nodes/{id}")), None)
+            .await?;
+        Ok(())
+    }
+
+    /// Node `id`'s record, if registered.
+    pub async fn node(&self, id: &str) -> Result<Option<NodeRecord>> {
+        let key = self.key(&format!("nodes/{id}"));
+        match self.get_one(&key).await? {
+            Some((v, _)) => Ok(Some(parse(&key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Registered nodes, by id, and a line for each malformed record (skipped).
+    pub async fn members(&self) -> Result<(Vec<NodeRecord>, Vec<String>)> {
+        let mut out = Vec::new();
+        let mut bad = Vec::new();
+        for (key, v) in self.get_prefix(&self.key("nodes/")).await? {
+            match parse::<NodeRecord>(&key, &v) {
+                Ok(n) if key.ends_with(&format!("/{}", n.id)) => out.push(n),
+                Ok(n) => bad.push(format!("etcd record {key}: it names node {}", n.id)),
+                Err(e) => bad.push(e.to_string()),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((out, bad))
+    }
+
+    // --- plan and decisions ---
+
+    /// The committed plan and its key's revision (the guard of the next decision), if any.
+    pub async fn plan(&self) -> Result<Option<(PlanRecord, i64)>> {
+        let key = self.key("plan");
+        let Some((v, rev)) = self.get_one(&key).await? else {
+            return Ok(None);
+        };
+        let p: PlanRecord = parse(&key, &v)?;
+        p.validate().map_err(|reason| Error::BadRecord {
+            key: key.clone(),
+            reason,
+        })?;
+        Ok(Some((p, rev)))
+    }
+
+    /// The decision of `epoch`, if one was written.
+    pub async fn decision(&self, epoch: PlanEpoch) -> Result<Option<DecisionRecord>> {
+        let key = self.key(&format!("txn/{}", epoch_key(epoch)));
+        match self.get_one(&key).await? {
+            Some((v, _)) => {
+                let d: DecisionRecord = parse(&key, &v)?;
+                if d.epoch != epoch {
+                    return Err(Error::BadRecord {
+                        key,
+                        reason: format!("it decides epoch {}", d.epoch),
+                    });
+                }
+                Ok(Some(d))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The epoch a new plan takes: one past both the committed plan and every decision.
+    pub async fn next_epoch(&self) -> Result<PlanEpoch> {
+        let mut top = 0u64;
+        if let Some((v, _)) = self.get_one(&self.key("plan")).await? {
+            // even a malformed plan's epoch, if readable, must not be reused
+            if let Ok(p) = serde_json::from_slice::<PlanRecord>(&v) {
+                top = top.max(p.epoch.0);
+            }
+        }
+        for (key, _) in self.get_prefix(&self.key("txn/")).await? {
+            if let Some(e) = key.rsplit('/').next().and_then(|e| e.parse::<u64>().ok()) {
+                top = top.max(e);
+            }
+        }
+        Ok(PlanEpoch(top + 1))
+    }
+
+    /// Writes the COMMIT decision of `plan` and `plan` itself in one transaction, guarded on
+    /// no decision for its epoch yet and on the plan key still being at `plan_rev` (0: no
+    /// plan yet). Returns the decision that holds: this one, or the one written first.
+    pub async fn decide_commit(
+        &self,
+        plan: &PlanRecord,
+        plan_rev: i64,
+        by: &str,
+    ) -> Result<DecisionRecord> {
+        plan.validate()
+            .map_err(|reason| Error::Config(format!("refusing to commit a bad plan: {reason}")))?;
+        let rec = DecisionRecord {
+            epoch: plan.epoch,
+            decision: Decision::Commit,
+            by: by.to_string(),
+        };
+        let txn_key = self.key(&format!("txn/{}", epoch_key(plan.epoch)));
+        let plan_key = self.key("plan");
+        let txn = Txn::new()
+            .when([
+                Compare::version(txn_key.as_str(), CompareOp::Equal, 0),
+                Compare::mod_revision(plan_key.as_str(), CompareOp::Equal, plan_rev),
+            ])
+            .and_then([
+                TxnOp::put(txn_key.as_str(), json(&rec)?, None),
+                TxnOp::put(plan_key.as_str(), json(plan)?, None),
+            ]);
+        if self.client.clone().txn(txn).await?.succeeded() {
+            return Ok(rec);
+        }
+        match self.decision(plan.epoch).await? {
+            Some(d) => Ok(d),
+            None => Err(Error::Conflict(format!(
+                "the plan changed since it was read (revision {plan_rev}); epoch {} is not committed",
+                plan.epoch
+            ))),
+        }
+    }
+
+    /// Writes the ABORT decision of `epoch` unless one exists; returns the decision that
+    /// holds.
+    pub async fn decide_abort(&self, epoch: PlanEpoch, by: &str) -> Result<DecisionRecord> {
+        let rec = DecisionRecord {
+            epoch,
+            decision: Decision::Abort,
+            by: by.to_string(),
+        };
+        let key = self.key(&format!("txn/{}", epoch_key(epoch)));
+        let txn = Txn::new()
+            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), json(&rec)?, None)]);
+        if self.client.clone().txn(txn).await?.succeeded() {
+            return Ok(rec);
+        }
+        self.decision(epoch).await?.ok_or_else(|| {
+            Error::Conflict(format!("the decision of epoch {epoch} vanished"))
+        })
+    }
+
+    // --- draining ---
+
+    /// Asks node `id` to leave, finishing its sessions by `deadline_unix_ms`.
+    pub async fn request_leave(&self, id: &str, rec: &LeaveRecord) -> Result<()> {
+        self.client
+            .clone()
+            .put(self.key(&format!("leaving/{id}")), json(rec)?, None)
+            .await?;
+        Ok(())
+    }
+
+    /// Node `id`'s drain request, if any.
+    pub async fn leave_request(&self, id: &str) -> Result<Option<LeaveRecord>> {
+        let key = self.key(&format!("leaving/{id}"));
+        match self.get_one(&key).await? {
+            Some((v, _)) => Ok(Some(parse(&key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Ids of the nodes asked to leave (a malformed request still counts: the node leaves).
+    pub async fn leaving(&self) -> Result<Vec<String>> {
+        let prefix = self.key("leaving/");
+        Ok(self
+            .get_prefix(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string))
+            .collect())
+    }
+
+    /// Removes node `id`'s drain request.
+    pub async fn clear_leave(&self, id: &str) -> Result<()> {
+        self.client
+            .clone()
+            .delete(self.key(&format!("leaving/{id}")), None)
+            .await?;
+        Ok(())
+    }
+
+    // --- the 2PC driver's election ---
+
+    /// Waits until this caller (`who`, under `lease`) leads the driver election.
+    pub async fn campaign(&self, who: &str, lease: i64) -> Result<()> {
+        self.client
+            .clone()
+            .campaign(self.key("election"), who, lease)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes a raw value (tests and repair tools).
+    pub async fn put_raw(&self, rest: &str, value: &[u8]) -> Result<()> {
+        self.client.clone().put(self.key(rest), value, None).await?;
+        Ok(())
+    }
+}

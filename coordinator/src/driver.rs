@@ -1,0 +1,166 @@
+//! The 2PC driver: coordinators campaign in an etcd election, and the leader watches
+//! membership (`nodes/` minus `leaving/`). When the nodes differ from the served plan's, it
+//! computes a new plan and applies it with [`crate::twopc`]. A plan that aborts is retried
+//! when membership changes again, or after a back-off.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::registry::Registry;
+use proto_types::registry::NodeRecord;
+use tokio_util::sync::CancellationToken;
+
+use crate::follow::{Complaint, EVERY};
+use crate::serving::Serving;
+use crate::twopc::TwoPc;
+
+/// How long an aborted plan for the same nodes waits before it is tried again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// Options of the driver.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// The 2PC parameters.
+    pub twopc: TwoPc,
+    /// Plan only once this many nodes are registered.
+    pub min_nodes: usize,
+    /// TTL of the election lease, in seconds.
+    pub ttl_secs: i64,
+}
+
+/// Campaigns, then drives until `stop`. Leadership is lost with the election lease; the
+/// driver then campaigns again.
+pub async fn run(cfg: DriverConfig, serving: Arc<Serving>, stop: CancellationToken) {
+    let reg = cfg.twopc.registry.clone();
+    loop {
+        let lost = CancellationToken::new();
+        let led = async {
+            let lease = reg.grant(cfg.ttl_secs).await?;
+            tokio::spawn(keep(reg.clone(), lease, cfg.ttl_secs, lost.clone(), stop.clone()));
+            reg.campaign(&cfg.twopc.who, lease).await?;
+            tracing::info!(who = cfg.twopc.who, "elected the 2PC driver");
+            drive(&cfg, &serving, &lost, &stop).await;
+            Ok::<(), common::Error>(())
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = led => if let Err(e) = r {
+                tracing::warn!("driver election: {e}");
+            },
+        }
+        lost.cancel();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Keeps the election lease alive; cancels `lost` when it cannot.
+async fn keep(reg: Registry, lease: i64, ttl: i64, lost: CancellationToken, stop: CancellationToken) {
+    let alive = async {
+        let (mut keeper, mut stream) = reg.keep_alive(lease).await?;
+        loop {
+            keeper.keep_alive().await?;
+            match stream.message().await? {
+                Some(r) if r.ttl() > 0 => {}
+                _ => return Ok::<(), common::Error>(()),
+            }
+            tokio::time::sleep(Duration::from_secs((ttl as u64 / 3).max(1))).await;
+        }
+    };
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = lost.cancelled() => {}
+        r = alive => {
+            if let Err(e) = r {
+                tracing::warn!("election lease: {e}");
+            }
+            tracing::warn!("election lease lost: no longer the driver");
+            lost.cancel();
+        }
+    }
+}
+
+fn same(a: &[NodeRecord], b: &[(String, String)]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(n, (id, addr))| &n.id == id && &n.addr == addr)
+}
+
+async fn drive(
+    cfg: &DriverConfig,
+    serving: &Serving,
+    lost: &CancellationToken,
+    stop: &CancellationToken,
+) {
+    let reg = &cfg.twopc.registry;
+    let mut complaint = Complaint::default();
+    let mut bad_members = Complaint::default();
+    let mut failed: Option<(Vec<(String, String)>, Instant)> = None;
+    let mut tick = tokio::time::interval(EVERY);
+    loop {
+        tokio::select! {
+            _ = lost.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let ((members, bad), leaving, plan) =
+            match futures::try_join!(reg.members(), reg.leaving(), reg.plan()) {
+                Ok(x) => x,
+                Err(e) => {
+                    complaint.error(format!("not re-planning: {e}"));
+                    continue;
+                }
+            };
+        if !bad.is_empty() {
+            bad_members.error(format!("ignoring node records: {}", bad.join("; ")));
+        }
+        let served = serving.current().ok();
+        if let (Some((p, _)), Some(c)) = (&plan, &served) {
+            if p.epoch < c.epoch {
+                complaint.error(format!(
+                    "not re-planning: the plan in etcd (epoch {}) is behind the served {}",
+                    p.epoch, c.epoch
+                ));
+                continue;
+            }
+        }
+        // The served plan's stages, in order: the ones still members keep their place, new
+        // members go last.
+        let now: Vec<(String, String)> = match (&served, &plan) {
+            (Some(c), _) => c.record().stages.into_iter().map(|s| (s.node, s.addr)).collect(),
+            (None, Some((p, _))) => p.stages.iter().map(|s| (s.node.clone(), s.addr.clone())).collect(),
+            (None, None) => Vec::new(),
+        };
+        let active: Vec<NodeRecord> = members
+            .into_iter()
+            .filter(|m| !leaving.contains(&m.id))
+            .collect();
+        let mut desired: Vec<NodeRecord> = now
+            .iter()
+            .filter_map(|(id, _)| active.iter().find(|m| &m.id == id).cloned())
+            .collect();
+        desired.extend(active.iter().filter(|m| !now.iter().any(|(id, _)| id == &m.id)).cloned());
+        if desired.is_empty()
+            || (served.is_none() && desired.len() < cfg.min_nodes)
+            || same(&desired, &now)
+        {
+            complaint.clear();
+            continue;
+        }
+        let key: Vec<(String, String)> = desired.iter().map(|m| (m.id.clone(), m.addr.clone())).collect();
+        if let Some((k, at)) = &failed {
+            if *k == key && at.elapsed() < RETRY_AFTER {
+                continue;
+            }
+        }
+        let rev = plan.as_ref().map_or(0, |p| p.1);
+        tracing::info!(nodes = ?key, "membership changed: re-planning");
+        match cfg.twopc.apply(&desired, rev).await {
+            Ok(c) => {
+                failed = None;
+                complaint.clear();
+                serving.replace(c, stop);
+            }
+            Err(e) => {
+                tracing::error!("re-plan failed: {e}");
+                failed = Some((key, Instant::now()));
+            }
+        }
+    }
+}

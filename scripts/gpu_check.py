@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""One run on a GPU machine: build check, correctness against the CPU, VRAM through faults, and
+timings. Everything is logged to OUT (default $OUT or ./gpu-out) as JSON lines plus logs.
+
+    python3 scripts/gpu_check.py --bin .gpu/bin --model MODEL.gguf [--device cuda:0] [--quick]
+
+Needs only python3, curl and nvidia-smi; the binaries are the CUDA ones built by
+scripts/build-cuda.sh. VRAM is read from outside (nvidia-smi) and from inside (the node's
+status, which uses cudarc's mem_get_info on CUDA).
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+OUT = os.environ.get("OUT", "gpu-out")
+RESULTS = []
+
+
+def log(kind, **kv):
+    kv["kind"] = kind
+    kv["t"] = round(time.time(), 3)
+    RESULTS.append(kv)
+    print(json.dumps(kv), flush=True)
+    with open(os.path.join(OUT, "results.jsonl"), "a") as f:
+        f.write(json.dumps(kv) + "\n")
+
+
+def vram_mib(gpu):
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", str(gpu)],
+            capture_output=True, text=True, timeout=20).stdout.strip()
+        return int(out.splitlines()[0])
+    except Exception as e:  # noqa: BLE001
+        return f"error: {e}"
+
+
+def spawn(args, name):
+    logf = open(os.path.join(OUT, f"{name}.log"), "a")
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=logf, text=True,
+                         env={**os.environ, "RUST_LOG": "info"})
+    addr = None
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        logf.write("stdout: " + line)
+        if line.startswith("listening on "):
+            addr = line.split(" on ", 1)[1].strip()
+            break
+    if addr is None:
+        p.kill()
+        raise RuntimeError(f"{name} did not start; see {name}.log")
+    # keep draining stdout so that the child never blocks on a full pipe
+    threading.Thread(target=lambda: [logf.write("stdout: " + l) for l in p.stdout], daemon=True).start()
+    return p, addr
+
+
+def http(url, body=None, timeout=300):
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def completion(url, prompt, n, ignore_eos=False):
+    return http(f"{url}/v1/completions", {"prompt": prompt, "max_tokens": n, "temperature": 0,
+                                          "ignore_eos": ignore_eos})
+
+
+def stream_in_background(url, n):
+    body = json.dumps({"prompt": "Count slowly: 1, 2, 3,", "max_tokens": n, "temperature": 0,
+                       "stream": True, "ignore_eos": True})
+    return subprocess.Popen(["curl", "-sN", "-m", "300", "-H", "content-type: application/json",
+                             "-d", body, f"{url}/v1/completions"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def cluster_memory(url):
+    try:
+        v = http(f"{url}/v1/cluster", timeout=20)
+        return [{"device_free": n["memory"]["device_free_bytes"] if n["memory"] else None,
+                 "device_total": n["memory"]["device_total_bytes"] if n["memory"] else None,
+                 "attributed": n["memory"]["attributed_bytes"] if n["memory"] else None,
+                 "unattributed": n["memory"]["unattributed_bytes"] if n["memory"] else None}
+                for n in v["nodes"]]
+    except Exception as e:  # noqa: BLE001
+        return f"error: {e}"
+
+
+def run(cmd, name, timeout=600):
+    t = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    with open(os.path.join(OUT, f"{name}.log"), "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}\n")
+    return p.returncode, p.stdout, round(time.time() - t, 2)
+
+
+PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def fibonacci(n):"]
+
+
+def correctness(a, dev):
+    for i, prompt in enumerate(PROMPTS):
+        outs = {}
+        for d in ["cpu", dev]:
+            rc, out, secs = run([f"{a.bin}/shard-node", "generate", "--model", a.model, "--device", d,
+                                 "--max-tokens", "48", "--prompt", prompt], f"generate-{d.replace(':', '')}")
+            outs[d] = out if rc == 0 else f"FAILED rc={rc}"
+        log("correctness", prompt=prompt, equal=outs["cpu"] == outs[dev], cpu=outs["cpu"], gpu=outs[dev])
+
+
+def bench(a, dev):
+    for d in [dev, "cpu"]:
+        rc, out, secs = run([f"{a.bin}/shard-node", "bench", "--model", a.model, "--device", d,
+                             "--prompt-tokens", "128", "--gen-tokens", "128", "--runs", "3"],
+                            f"bench-{d.replace(':', '')}")
+        log("bench", device=d, rc=rc, out=out.strip().splitlines()[-3:] if out else [])
+
+
+def node_args(a, dev, listen="127.0.0.1:0"):
+    models = os.path.dirname(os.path.abspath(a.model))
+    return [f"{a.bin}/shard-node", "serve", "--listen", listen, "--device", dev, "--models-dir", models,
+            "--heartbeat-ms", "500", "--lease-ttl-ms", "2000"]
+
+
+def coord_args(a, nodes):
+    return [f"{a.bin}/coordinator", "serve", "--http", "127.0.0.1:0", "--model", a.model,
+            "--max-ctx", "1024", "--nodes", ",".join(nodes)]
+
+
+def wait_vram(gpu, target, within):
+    """Polls nvidia-smi until used <= target (MiB) or `within` seconds; returns (mib, secs)."""
+    t = time.time()
+    while True:
+        v = vram_mib(gpu)
+        if isinstance(v, int) and v <= target:
+            return v, round(time.time() - t, 2)
+        if time.time() - t > within:
+            return v, None
+        time.sleep(0.2)
+
+
+def memory(a, dev, gpu, quick):
+    log("vram", phase="before node", mib=vram_mib(gpu))
+    node, naddr = spawn(node_args(a, dev), "node")
+    time.sleep(1)
+    idle = vram_mib(gpu)
+    log("vram", phase="node idle (CUDA context, no slice)", mib=idle)
+    coord, url = spawn(coord_args(a, [naddr]), "coord")
+    url = f"http://{url}"
+    completion(url, "warm up", 16)
+    loaded = vram_mib(gpu)
+    log("vram", phase="slice loaded, warmed up", mib=loaded, inside=cluster_memory(url))
+    # (1) kill -9 of the coordinator while 8 long streams run
+    streams = [stream_in_background(url, 600) for _ in range(8)]
+    time.sleep(3)
+    log("vram", phase="8 streams running", mib=vram_mib(gpu), inside=cluster_memory(url))
+    coord.send_signal(signal.SIGKILL)
+    coord.wait()
+    mib, secs = wait_vram(gpu, idle + 2, 10)
+    log("vram", phase="after coordinator kill -9", mib=mib, back_to_idle_secs=secs, idle=idle, ttl_secs=2)
+    for s in streams:
+        s.kill()
+    # (2) reload 10 times: a coordinator loads the slice, serves one request, is killed
+    for i in range(3 if quick else 10):
+        coord, url = spawn(coord_args(a, [naddr]), "coord")
+        url = f"http://{url}"
+        completion(url, "reload", 8)
+        coord.send_signal(signal.SIGKILL)
+        coord.wait()
+        mib, secs = wait_vram(gpu, idle + 2, 10)
+        log("vram", phase=f"reload {i + 1}", mib=mib, back_to_idle_secs=secs, idle=idle)
+    # (3) soak: 200 requests, sequential and 8-way concurrent, after warm-up
+    coord, url = spawn(coord_args(a, [naddr]), "coord")
+    url = f"http://{url}"
+    for _ in range(8):
+        completion(url, "warm up the soak", 32)
+    before = vram_mib(gpu)
+    n = 0
+    t = time.time()
+    errors = 0
+    while n < (40 if quick else 200):
+        if (n // 20) % 2 == 0:
+            try:
+                completion(url, f"Request {n}: tell me about number {n}.", 8 + (n * 7) % 64, ignore_eos=True)
+            except Exception:  # noqa: BLE001
+                errors += 1
+            n += 1
+        else:
+            ts = [threading.Thread(target=completion, args=(url, f"Concurrent {n + k}", 8 + (k * 13) % 64, True))
+                  for k in range(8)]
+            [x.start() for x in ts]
+            [x.join() for x in ts]
+            n += 8
+    time.sleep(1)
+    after = vram_mib(gpu)
+    log("vram", phase="soak", requests=n, errors=errors, secs=round(time.time() - t, 1),
+        before_mib=before, after_mib=after, inside=cluster_memory(url))
+    # (4) restart the node 10 times under the same coordinator; it re-attaches
+    port = naddr.rsplit(":", 1)[1]
+    restarts = []
+    for i in range(3 if quick else 10):
+        node.send_signal(signal.SIGKILL)
+        node.wait()
+        node, _ = spawn(node_args(a, dev, f"127.0.0.1:{port}"), "node")
+        ok = False
+        t = time.time()
+        while time.time() - t < 30:
+            try:
+                completion(url, "after restart", 8)
+                ok = True
+                break
+            except Exception:  # noqa: BLE001
+                time.sleep(0.3)
+        restarts.append({"restart": i + 1, "served_again": ok, "secs": round(time.time() - t, 2),
+                         "mib": vram_mib(gpu)})
+    log("vram", phase="node restarts", restarts=restarts)
+    coord.send_signal(signal.SIGKILL)
+    node.send_signal(signal.SIGKILL)
+    coord.wait()
+    node.wait()
+    time.sleep(1)
+    log("vram", phase="all stopped", mib=vram_mib(gpu))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip", default="", help="comma-separated: correctness,bench,memory")
+    a = ap.parse_args()
+    os.makedirs(OUT, exist_ok=True)
+    gpu = int(a.device.split(":")[1])
+    skip = set(filter(None, a.skip.split(",")))
+    rc, out, _ = run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"], "nvidia-smi")
+    log("machine", gpus=out.strip().splitlines()[1:])
+    for name, f in [("correctness", lambda: correctness(a, a.device)),
+                    ("bench", lambda: bench(a, a.device)),
+                    ("memory", lambda: memory(a, a.device, gpu, a.quick))]:
+        if name in skip:
+            continue
+        t = time.time()
+        try:
+            f()
+        except Exception as e:  # noqa: BLE001
+            log("failed", step=name, error=repr(e))
+        log("step", step=name, secs=round(time.time() - t, 1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

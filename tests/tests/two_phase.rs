@@ -1,0 +1,379 @@
+//! etcd membership and the two-phase commit of shard plans, with a real etcd server and real
+//! node and coordinator processes:
+//! (a) a node joins during a stream: E+1 commits on every node, no request fails;
+//! (b) a node votes NO (memory limit): abort, the old plan serves, prepared bytes go to 0;
+//! (c) the coordinator dies after PREPARE, before the decision: nodes free the prepared
+//!     slices after the timeout, and a restarted coordinator commits a newer epoch;
+//! (d) it dies after the COMMIT decision, before the nodes hear it: they commit from etcd,
+//!     and a restarted coordinator resumes the plan from etcd;
+//! (e) `shard-node leave` during a stream: the stream completes, the node ends holding 0;
+//! (f) after each, every node of the plan reports the same epoch;
+//! (g) bad input in etcd or over RPC is refused and changes nothing.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::registry::Registry;
+use integration_tests::*;
+use proto_types::registry::Decision;
+use proto_types::{ErrorCode, NodeStatus, PlanEpoch};
+
+const PROMPT: &str = "Count slowly: 1, 2, 3,";
+
+/// Node flags: one kernel thread, short TTLs so that the crash cases resolve quickly.
+fn node_args<'a>(etcd: &'a str, id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "--etcd",
+        etcd,
+        "--node-id",
+        id,
+        "--etcd-ttl-secs",
+        "3",
+        "--heartbeat-ms",
+        "300",
+        "--lease-ttl-ms",
+        "1500",
+        "--prepare-timeout-ms",
+        "3000",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn models_dir() -> anyhow::Result<std::path::PathBuf> {
+    Ok(default_model()
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("no folder"))?
+        .to_path_buf())
+}
+
+fn node(etcd: &EtcdProcess, id: &str, extra: &[&str]) -> anyhow::Result<ShardProcess> {
+    ShardProcess::spawn(&models_dir()?, &node_args(&etcd.url, id, extra))
+}
+
+fn coordinator(etcd: &EtcdProcess, extra: &[&str]) -> anyhow::Result<CoordinatorProcess> {
+    let mut args = vec!["--etcd", etcd.url.as_str(), "--etcd-ttl-secs", "2"];
+    args.extend_from_slice(extra);
+    CoordinatorProcess::spawn_with(&default_model(), &args)
+}
+
+async fn wait_members(reg: &Registry, n: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while reg.members().await?.0.len() != n {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "members != {n}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Waits until the coordinator serves `epoch` over `stages` nodes.
+async fn wait_serving(url: &str, epoch: u64, stages: usize) -> anyhow::Result<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        let v = get_json(&format!("{url}/v1/cluster")).unwrap_or_default();
+        if v["epoch"].as_u64() == Some(epoch) && v["nodes"].as_array().map(Vec::len) == Some(stages)
+        {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(40),
+            "not serving epoch {epoch} on {stages} nodes: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until every node reports `epoch` served, nothing prepared and nothing retiring (f).
+async fn wait_same_epoch(nodes: &[&ShardProcess], epoch: u64) -> anyhow::Result<Vec<NodeStatus>> {
+    let mut out = Vec::new();
+    for n in nodes {
+        let (s, _) = wait_status(&n.addr, Duration::from_secs(20), |s| {
+            s.epoch == Some(PlanEpoch(epoch))
+                && s.prepared_epochs.is_empty()
+                && s.retiring_epochs.is_empty()
+        })
+        .await?;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+fn prepared_bytes(s: &NodeStatus) -> u64 {
+    s.leases.iter().map(|l| l.prepared).sum()
+}
+
+fn long_request(n: u32, stream: bool) -> serde_json::Value {
+    serde_json::json!({"prompt": PROMPT, "max_tokens": n, "temperature": 0,
+                       "stream": stream, "ignore_eos": true})
+}
+
+/// A streamed completion running in a `curl` child; its output is read by [`finish`].
+fn start_stream(url: &str, n: u32) -> anyhow::Result<Child> {
+    Ok(Command::new("curl")
+        .args(["-sN", "-m", "120", "-H", "content-type: application/json", "-d"])
+        .arg(long_request(n, true).to_string())
+        .arg(format!("{url}/v1/completions"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+fn finish(c: Child) -> anyhow::Result<String> {
+    let out = c.wait_with_output()?;
+    sse_text(&String::from_utf8(out.stdout)?)
+}
+
+/// (a), (e), (f): a node joins while a stream runs, then leaves while another runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_and_leave_during_streams() -> anyhow::Result<()> {
+    let etcd = EtcdProcess::start()?;
+    let reg = etcd.registry("llm").await?;
+    let a = node(&etcd, "a", &[])?;
+    let b = node(&etcd, "b", &[])?;
+    wait_members(&reg, 2).await?;
+    let coord = coordinator(&etcd, &["--min-nodes", "2"])?;
+    wait_serving(&coord.url, 1, 2).await?;
+    let reference = completion_with(&coord.url, long_request(200, false))?;
+
+    // (a) join during a stream
+    let stream = start_stream(&coord.url, 200)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = node(&etcd, "c", &[])?;
+    let v = wait_serving(&coord.url, 2, 3).await?;
+    assert_eq!(finish(stream)?, reference, "the stream across the re-plan");
+    assert_eq!(v["nodes"][2]["id"], "c", "{v}");
+    wait_same_epoch(&[&a, &b, &c], 2).await?;
+    let d = reg.decision(PlanEpoch(2)).await?;
+    assert_eq!(d.map(|d| d.decision), Some(Decision::Commit));
+    assert_eq!(completion_with(&coord.url, long_request(200, false))?, reference);
+
+    // (e) leave during a stream
+    let stream = start_stream(&coord.url, 200)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let leave = Command::new(shard_node_bin())
+        .args(["leave", "--etcd", &etcd.url, "--node", "c", "--drain-timeout", "60"])
+        .output()?;
+    assert!(
+        leave.status.success(),
+        "leave: {}",
+        String::from_utf8_lossy(&leave.stderr)
+    );
+    assert_eq!(finish(stream)?, reference, "the stream across the leave");
+    wait_serving(&coord.url, 3, 2).await?;
+    wait_same_epoch(&[&a, &b], 3).await?;
+    let s = node_status(&c.addr).await?;
+    assert_eq!(s.epoch, None, "{s:?}");
+    assert_eq!(s.sessions, 0);
+    assert_eq!(s.attributed_bytes, 0, "the node that left holds nothing: {s:?}");
+    assert!(reg.node("c").await?.is_none(), "c is deregistered");
+    assert!(reg.leaving().await?.is_empty());
+    assert_eq!(completion_with(&coord.url, long_request(200, false))?, reference);
+    Ok(())
+}
+
+/// (b), (f): a node votes NO for lack of memory beside its current slice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_vote_aborts_and_the_old_plan_serves() -> anyhow::Result<()> {
+    // Room for 15 layers, the embedding and 6 layers of slack: the 2-node plan fits, but a
+    // 3-node plan's 10 layers do not fit beside the 15 held until it commits.
+    let file = common::gguf::GgufFile::open(default_model())?;
+    let (mut layer, mut embd) = (0u64, 0u64);
+    for t in file.tensors() {
+        if t.name.starts_with("blk.0.") {
+            layer += t.nbytes;
+        } else if t.name == "token_embd.weight" {
+            embd = t.nbytes;
+        }
+    }
+    let limit = (21 * layer + embd + (1 << 20)).to_string();
+    let etcd = EtcdProcess::start()?;
+    let reg = etcd.registry("llm").await?;
+    let lim = ["--memory-limit", limit.as_str()];
+    let a = node(&etcd, "a", &lim)?;
+    let b = node(&etcd, "b", &lim)?;
+    wait_members(&reg, 2).await?;
+    let coord = coordinator(&etcd, &["--min-nodes", "2"])?;
+    wait_serving(&coord.url, 1, 2).await?;
+    let reference = completion(&coord.url, PROMPT, 24, false)?;
+
+    let c = node(&etcd, "c", &lim)?;
+    let start = Instant::now();
+    loop {
+        if let Some(d) = reg.decision(PlanEpoch(2)).await? {
+            assert_eq!(d.decision, Decision::Abort, "{d:?}");
+            assert!(d.by.contains("voted NO"), "{d:?}");
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "no decision");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in [&a, &b, &c] {
+        wait_status(&n.addr, Duration::from_secs(5), |s| {
+            prepared_bytes(s) == 0 && s.prepared_epochs.is_empty()
+        })
+        .await?;
+    }
+    wait_same_epoch(&[&a, &b], 1).await?;
+    assert_eq!(node_status(&c.addr).await?.epoch, None);
+    wait_serving(&coord.url, 1, 2).await?;
+    assert_eq!(completion(&coord.url, PROMPT, 24, false)?, reference);
+    Ok(())
+}
+
+/// (c), (f): killed after PREPARE, before the decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_before_the_decision() -> anyhow::Result<()> {
+    let etcd = EtcdProcess::start()?;
+    let reg = etcd.registry("llm").await?;
+    let a = node(&etcd, "a", &[])?;
+    let b = node(&etcd, "b", &[])?;
+    wait_members(&reg, 2).await?;
+    let mut coord = coordinator(&etcd, &["--min-nodes", "2", "--failpoint", "after-prepare"])?;
+    for n in [&a, &b] {
+        wait_status(&n.addr, Duration::from_secs(30), |s| {
+            s.prepared_epochs == [PlanEpoch(1)] && prepared_bytes(s) > 0
+        })
+        .await?;
+    }
+    coord.kill();
+    let killed = Instant::now();
+    for n in [&a, &b] {
+        let (s, _) = wait_status(&n.addr, Duration::from_secs(10), |s| {
+            s.prepared_epochs.is_empty() && s.attributed_bytes == 0
+        })
+        .await?;
+        assert_eq!(s.epoch, None, "{s:?}");
+    }
+    // freed by the prepare timeout (3 s), not before
+    assert!(killed.elapsed() >= Duration::from_millis(1500), "{:?}", killed.elapsed());
+    let d = reg.decision(PlanEpoch(1)).await?;
+    assert_eq!(d.as_ref().map(|d| d.decision), Some(Decision::Abort), "{d:?}");
+    assert!(reg.plan().await?.is_none());
+
+    // A restarted coordinator plans afresh, past the aborted epoch.
+    let coord = coordinator(&etcd, &["--min-nodes", "2"])?;
+    wait_serving(&coord.url, 2, 2).await?;
+    wait_same_epoch(&[&a, &b], 2).await?;
+    assert_eq!(
+        completion(&coord.url, PROMPT, 24, false)?,
+        generate(&default_model(), PROMPT, 24)?
+    );
+    Ok(())
+}
+
+/// (d), (f): killed after the COMMIT decision, before the nodes hear it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_after_the_decision() -> anyhow::Result<()> {
+    let etcd = EtcdProcess::start()?;
+    let reg = etcd.registry("llm").await?;
+    let a = node(&etcd, "a", &[])?;
+    let b = node(&etcd, "b", &[])?;
+    wait_members(&reg, 2).await?;
+    let mut coord = coordinator(&etcd, &["--min-nodes", "2", "--failpoint", "after-decision"])?;
+    let start = Instant::now();
+    while reg.decision(PlanEpoch(1)).await?.is_none() {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "no decision");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    coord.kill();
+    let statuses = wait_same_epoch(&[&a, &b], 1).await?;
+    for s in &statuses {
+        assert!(s.attributed_bytes > 0, "the slice stays, held by the plan: {s:?}");
+        assert_eq!(prepared_bytes(s), 0);
+    }
+    // A restarted coordinator resumes epoch 1 from etcd, reusing the loaded slices.
+    let coord = coordinator(&etcd, &[])?;
+    wait_serving(&coord.url, 1, 2).await?;
+    assert_eq!(
+        completion(&coord.url, PROMPT, 24, false)?,
+        generate(&default_model(), PROMPT, 24)?
+    );
+    wait_same_epoch(&[&a, &b], 1).await?;
+    Ok(())
+}
+
+/// (g): malformed records, an epoch that goes backwards, stale 2PC calls and a colliding
+/// node id are refused with a typed error or a log line, and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_changes_nothing() -> anyhow::Result<()> {
+    let etcd = EtcdProcess::start()?;
+    let reg = etcd.registry("llm").await?;
+    // An earlier aborted epoch, so that the first plan is epoch 2 and epoch 1 lies behind it.
+    reg.decide_abort(PlanEpoch(1), "test").await?;
+    let a = node(&etcd, "a", &[])?;
+    wait_members(&reg, 1).await?;
+    let coord = coordinator(&etcd, &[])?;
+    wait_serving(&coord.url, 2, 1).await?;
+    let reference = completion(&coord.url, PROMPT, 16, false)?;
+    let Some((good, _)) = reg.plan().await? else {
+        anyhow::bail!("no plan")
+    };
+
+    let unchanged = |what: &'static str| {
+        let (reg, url, a_addr, reference) = (&reg, &coord.url, &a.addr, &reference);
+        async move {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let v = get_json(&format!("{url}/v1/cluster"))?;
+            anyhow::ensure!(v["epoch"] == 2, "{what}: {v}");
+            let s = node_status(a_addr).await?;
+            anyhow::ensure!(s.epoch == Some(PlanEpoch(2)) && s.prepared_epochs.is_empty(), "{what}: {s:?}");
+            anyhow::ensure!(&completion(url, PROMPT, 16, false)? == reference, "{what}");
+            anyhow::ensure!(reg.decision(PlanEpoch(3)).await?.is_none(), "{what}: a re-plan ran");
+            Ok::<(), anyhow::Error>(())
+        }
+    };
+
+    // A malformed plan.
+    reg.put_raw("plan", b"{not json").await?;
+    assert!(matches!(reg.plan().await, Err(common::Error::BadRecord { .. })));
+    unchanged("malformed plan").await?;
+    // A well-formed plan whose epoch goes backwards.
+    let mut back = good.clone();
+    back.epoch = PlanEpoch(1);
+    reg.put_raw("plan", &serde_json::to_vec(&back)?).await?;
+    unchanged("plan epoch going backwards").await?;
+    // A plan of the right shape that breaks the rules (a gap between stages).
+    let mut gap = good.clone();
+    gap.stages[0].start = 1;
+    reg.put_raw("plan", &serde_json::to_vec(&gap)?).await?;
+    assert!(matches!(reg.plan().await, Err(common::Error::BadRecord { .. })));
+    unchanged("plan with a gap").await?;
+    reg.put_raw("plan", &serde_json::to_vec(&good)?).await?;
+    // A malformed node record.
+    reg.put_raw("nodes/zz", b"[]").await?;
+    unchanged("malformed node record").await?;
+
+    // Stale or unknown 2PC calls get typed errors.
+    let (client, _) = connect(&a.addr).await?;
+    let ctx = || {
+        let mut c = tarpc::context::current();
+        c.deadline = Instant::now() + Duration::from_secs(10);
+        c
+    };
+    let stale = proto_types::LoadSlice {
+        model: good.model.clone(),
+        sha256: good.sha256.clone(),
+        layers: proto_types::WireLayerRange { start: 0, end: 30 },
+        epoch: PlanEpoch(1),
+        max_ctx: 64,
+    };
+    let e = client.prepare_slice(ctx(), stale).await?.err();
+    assert_eq!(e.map(|e| e.code), Some(ErrorCode::EpochMismatch));
+    let e = client.commit_slice(ctx(), PlanEpoch(7)).await?.err();
+    assert_eq!(e.map(|e| e.code), Some(ErrorCode::NoSlice));
+    let e = client.abort_slice(ctx(), PlanEpoch(2)).await?.err();
+    assert_eq!(e.map(|e| e.code), Some(ErrorCode::InvalidArgument));
+    assert_eq!(client.abort_slice(ctx(), PlanEpoch(9)).await?, Ok(()), "idempotent");
+    unchanged("stale 2PC calls").await?;
+
+    // A second node with a taken id fails to join and leaves the record alone.
+    let mut dup = ShardProcess::spawn(
+        &models_dir()?,
+        &node_args(&etcd.url, "a", &[]),
+    )?;
+    let status = dup.wait_exit(Duration::from_secs(20))?;
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    assert_eq!(reg.node("a").await?.map(|n| n.addr), Some(a.addr.clone()));
+    unchanged("colliding node id").await?;
+    Ok(())
+}
