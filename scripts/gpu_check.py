@@ -32,6 +32,8 @@ def log(kind, **kv):
 
 
 def vram_mib(gpu):
+    if gpu is None:
+        return "n/a (cpu)"
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", str(gpu)],
@@ -124,6 +126,73 @@ def bench(a, dev):
         log("bench", device=d, rc=rc, out=out.strip().splitlines()[-3:] if out else [])
 
 
+PEER = r"""
+import json, sys, time, torch
+out = {"torch": torch.__version__}
+dev = torch.device("cuda:0")
+x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+y = torch.empty_like(x)
+for _ in range(3):
+    y.copy_(x)
+torch.cuda.synchronize()
+t = time.time()
+for _ in range(20):
+    y.copy_(x)
+torch.cuda.synchronize()
+out["copy_bandwidth_gbs"] = round(2 * 20 * (1 << 30) / (time.time() - t) / 1e9, 1)
+del x, y
+try:
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+    out["transformers"] = transformers.__version__
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+    torch.set_default_dtype(torch.float16)
+    with torch.device(dev):
+        m = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 49152, (1, 128), device=dev)
+    with torch.no_grad():
+        m.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        torch.cuda.synchronize()
+        t = time.time()
+        m(ids)
+        torch.cuda.synchronize()
+        out["hf_fp16_prefill_tok_s"] = round(128 / (time.time() - t), 1)
+        t = time.time()
+        m.generate(ids, max_new_tokens=64, do_sample=False, min_new_tokens=64)
+        torch.cuda.synchronize()
+        dt = time.time() - t
+        out["hf_fp16_decode_tok_s"] = round(64 / dt, 1)
+    out["hf_weight_bytes"] = sum(p.numel() * p.element_size() for p in m.parameters())
+except Exception as e:
+    out["transformers_error"] = repr(e)
+print(json.dumps(out))
+"""
+
+
+def peer(a):
+    p = subprocess.run([sys.executable, "-c", PEER], capture_output=True, text=True, timeout=900)
+    with open(os.path.join(OUT, "peer.log"), "w") as f:
+        f.write(p.stdout + "\n" + p.stderr)
+    last = p.stdout.strip().splitlines()[-1:] if p.stdout.strip() else []
+    log("peer", rc=p.returncode, result=json.loads(last[0]) if last else None, stderr=p.stderr[-500:])
+
+
+def synth_bench(a, dev):
+    for quant in ["q4_0", "q8_0"]:
+        path = f"/tmp/synth-8b-{quant}.gguf"
+        rc, out, secs = run([f"{a.bin}/shard-node", "synth-model", "--quant", quant, "--tokenizer-from", a.model,
+                             "--out", path], f"synth-{quant}", timeout=900)
+        log("synth", quant=quant, rc=rc, secs=secs, bytes=os.path.getsize(path) if rc == 0 else None)
+        if rc != 0:
+            continue
+        rc, out, secs = run([f"{a.bin}/shard-node", "bench", "--model", path, "--device", dev,
+                             "--prompt-tokens", "128", "--gen-tokens", "64", "--runs", "2"],
+                            f"bench-8b-{quant}", timeout=900)
+        log("bench-8b", quant=quant, rc=rc, secs=secs, out=out.strip().splitlines()[-3:] if out else [])
+        os.remove(path)
+
+
 def node_args(a, dev, listen="127.0.0.1:0"):
     models = os.path.dirname(os.path.abspath(a.model))
     return [f"{a.bin}/shard-node", "serve", "--listen", listen, "--device", dev, "--models-dir", models,
@@ -142,7 +211,7 @@ def wait_vram(gpu, target, within):
         v = vram_mib(gpu)
         if isinstance(v, int) and v <= target:
             return v, round(time.time() - t, 2)
-        if time.time() - t > within:
+        if time.time() - t > within or not isinstance(v, int):
             return v, None
         time.sleep(0.2)
 
@@ -164,7 +233,7 @@ def memory(a, dev, gpu, quick):
     log("vram", phase="8 streams running", mib=vram_mib(gpu), inside=cluster_memory(url))
     coord.send_signal(signal.SIGKILL)
     coord.wait()
-    mib, secs = wait_vram(gpu, idle + 2, 10)
+    mib, secs = wait_vram(gpu, idle + 2 if isinstance(idle, int) else 0, 10)
     log("vram", phase="after coordinator kill -9", mib=mib, back_to_idle_secs=secs, idle=idle, ttl_secs=2)
     for s in streams:
         s.kill()
@@ -175,7 +244,7 @@ def memory(a, dev, gpu, quick):
         completion(url, "reload", 8)
         coord.send_signal(signal.SIGKILL)
         coord.wait()
-        mib, secs = wait_vram(gpu, idle + 2, 10)
+        mib, secs = wait_vram(gpu, idle + 2 if isinstance(idle, int) else 0, 10)
         log("vram", phase=f"reload {i + 1}", mib=mib, back_to_idle_secs=secs, idle=idle)
     # (3) soak: 200 requests, sequential and 8-way concurrent, after warm-up
     coord, url = spawn(coord_args(a, [naddr]), "coord")
@@ -236,16 +305,22 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip", default="", help="comma-separated: correctness,bench,memory")
+    ap.add_argument("--skip", default="", help="comma-separated: correctness,bench,memory,synth,peer")
     a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
-    gpu = int(a.device.split(":")[1])
+    gpu = int(a.device.split(":")[1]) if ":" in a.device else None
     skip = set(filter(None, a.skip.split(",")))
-    rc, out, _ = run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"], "nvidia-smi")
-    log("machine", gpus=out.strip().splitlines()[1:])
+    try:
+        rc, out, _ = run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"],
+                         "nvidia-smi")
+        log("machine", gpus=out.strip().splitlines()[1:])
+    except OSError as e:
+        log("machine", gpus=[], error=str(e))
     for name, f in [("correctness", lambda: correctness(a, a.device)),
                     ("bench", lambda: bench(a, a.device)),
-                    ("memory", lambda: memory(a, a.device, gpu, a.quick))]:
+                    ("memory", lambda: memory(a, a.device, gpu, a.quick)),
+                    ("synth", lambda: synth_bench(a, a.device)),
+                    ("peer", lambda: peer(a))]:
         if name in skip:
             continue
         t = time.time()
