@@ -116,6 +116,12 @@ def correctness(a, dev):
                                  "--max-tokens", "48", "--prompt", prompt], f"generate-{d.replace(':', '')}")
             outs[d] = out if rc == 0 else f"FAILED rc={rc}"
         log("correctness", prompt=prompt, equal=outs["cpu"] == outs[dev], cpu=outs["cpu"], gpu=outs[dev])
+        rc, out, secs = run([f"{a.bin}/shard-node", "compare", "--model", a.model, "--device", dev,
+                             "--max-tokens", "48", "--prompt", prompt], f"compare-{i}")
+        lines = out.strip().splitlines()
+        steps = [json.loads(l) for l in lines if l.startswith("{")]
+        log("compare", prompt=prompt, rc=rc, summary=steps[-1] if steps else None,
+            disagreements=[s for s in steps if "summary" not in s and s["cpu"] != s["device"]])
 
 
 def bench(a, dev):

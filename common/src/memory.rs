@@ -21,6 +21,38 @@ pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
     }
 }
 
+/// Hands device memory that is free but cached back to the driver. On CUDA, candle's buffers
+/// come from the device's stream-ordered memory pool (`cuMemAllocAsync`), and a freed buffer
+/// stays in that pool (so `nvidia-smi` and `mem_get_info` still count it) until the pool is
+/// trimmed: this waits for the stream, then trims the default pool to 0. A no-op on CPU.
+pub fn release_device_cache(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        let stream = d.cuda_stream();
+        if let Err(e) = stream.synchronize() {
+            tracing::warn!("synchronizing before a pool trim: {e}");
+            return;
+        }
+        let ctx = stream.context();
+        if ctx.bind_to_thread().is_err() {
+            return;
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: the device handle comes from the live context; trimming a pool only returns
+        // its unused reservations to the driver (memory in use is never released).
+        let trimmed = unsafe {
+            result::device::get_default_mem_pool(ctx.cu_device())
+                .and_then(|pool| result::mem_pool::trim_to(pool, 0))
+        };
+        if let Err(e) = trimmed {
+            tracing::warn!("trimming the CUDA memory pool: {e}");
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+}
+
 /// The process's resident set in bytes (`VmRSS`), if it can be read.
 pub fn process_rss() -> Option<u64> {
     kib(

@@ -73,6 +73,8 @@ enum Command {
     },
     /// Serve a slice of a model over tarpc (prints `listening on ADDR` once bound).
     Serve(shard_node::serve_cmd::ServeOptions),
+    /// Compare the CPU with another device, teacher-forced on the CPU's greedy tokens.
+    Compare(shard_node::compare_cmd::CompareOptions),
     /// Write a synthetic llama GGUF with random weights (for benchmarks).
     SynthModel(shard_node::synth_cmd::SynthOptions),
     /// Drain a node and take it out of its etcd cluster; waits until it has left.
@@ -135,6 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_ctx,
         }),
         Command::Serve(o) => shard_node::serve_cmd::run(o),
+        Command::Compare(o) => shard_node::compare_cmd::run(o),
         Command::SynthModel(o) => shard_node::synth_cmd::run(o),
         Command::Leave(o) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -146,6 +146,22 @@ async fn join_and_leave_during_streams() -> anyhow::Result<()> {
     let d = reg.decision(PlanEpoch(2)).await?;
     assert_eq!(d.map(|d| d.decision), Some(Decision::Commit));
     assert_eq!(completion_with(&coord.url, long_request(200, false))?, reference);
+    // The operator's view: every node, its layers and its epoch.
+    let status = Command::new(coordinator_bin())
+        .args(["status", "--etcd", &etcd.url])
+        .output()?;
+    let table = String::from_utf8(status.stdout)?;
+    assert!(status.status.success(), "{table}");
+    assert!(table.contains("plan epoch 2 (3 stages"), "{table}");
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        let layers = &v["nodes"][i]["layers"];
+        let layers = format!("{}..{}", layers[0], layers[1]);
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{id} ")))
+            .unwrap_or_default();
+        assert!(row.contains(&layers) && row.contains(" 2 "), "{id} {layers}: {table}");
+    }
 
     // (e) leave during a stream
     let stream = start_stream(&coord.url, 200)?;

@@ -57,7 +57,10 @@ pub async fn serve(
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tick.tick() => reaper.reap(),
+                _ = tick.tick() => {
+                    let r = reaper.clone();
+                    let _ = tokio::task::spawn_blocking(move || r.reap()).await;
+                }
             }
         }
     });

@@ -270,8 +270,9 @@ impl Node {
         kv + weights
     }
 
-    /// Releases leases past their TTL and closes sessions idle too long; trims the heap if
-    /// anything was freed since the last call. Run periodically.
+    /// Releases leases past their TTL and closes sessions idle too long; trims the heap and
+    /// the device's memory pool if anything was freed lately. Run periodically, off the async
+    /// workers (a pool trim waits for the device).
     pub fn reap(&self) {
         for lease in self.leases.expired() {
             self.release_lease(lease, "no heartbeat within the TTL");
@@ -303,6 +304,9 @@ impl Node {
                 if self.cfg.trim {
                     super::trim::release_free_memory();
                 }
+                // Device buffers go back to the driver whatever --no-malloc-trim says: a
+                // cached pool is exactly the leak this node exists to avoid.
+                common::memory::release_device_cache(&self.device);
             }
             _ => *until = None,
         }
