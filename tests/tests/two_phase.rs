@@ -393,3 +393,36 @@ async fn bad_input_changes_nothing() -> anyhow::Result<()> {
     unchanged("colliding node id").await?;
     Ok(())
 }
+
+/// One driver at a time: two coordinators share the cluster, one 2PC commits the first plan,
+/// both serve it; with the first coordinator gone, the other drives the next re-plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_driver_at_a_time() -> anyhow::Result<()> {
+    let etcd = EtcdProcess::start()?;
+    let reg = etcd.registry("llm").await?;
+    let a = node(&etcd, "a", &[])?;
+    wait_members(&reg, 1).await?;
+    let mut first = coordinator(&etcd, &["--id", "first"])?;
+    let second = coordinator(&etcd, &["--id", "second"])?;
+    wait_serving(&first.url, 1, 1).await?;
+    wait_serving(&second.url, 1, 1).await?;
+    assert!(reg.decision(PlanEpoch(2)).await?.is_none(), "a second 2PC ran");
+    let expected = generate(&default_model(), PROMPT, 12)?;
+    assert_eq!(completion(&second.url, PROMPT, 12, false)?, expected);
+    let leader = reg.decision(PlanEpoch(1)).await?.map(|d| d.by).unwrap_or_default();
+    // Kill the one that drove epoch 1 (its election lease then lapses), keep the other.
+    let survivor = if leader == "first" {
+        first.kill();
+        second
+    } else {
+        drop(second);
+        first
+    };
+    let b = node(&etcd, "b", &[])?;
+    wait_serving(&survivor.url, 2, 2).await?;
+    let d = reg.decision(PlanEpoch(2)).await?.map(|d| d.by).unwrap_or_default();
+    assert_ne!(d, leader, "the survivor drove epoch 2");
+    wait_same_epoch(&[&a, &b], 2).await?;
+    assert_eq!(completion(&survivor.url, PROMPT, 12, false)?, expected);
+    Ok(())
+}
