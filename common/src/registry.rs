@@ -33,8 +33,7 @@ impl std::fmt::Debug for Registry {
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
 }
 
@@ -307,9 +306,9 @@ impl Registry {
         if self.client.clone().txn(txn).await?.succeeded() {
             return Ok(rec);
         }
-        self.decision(epoch).await?.ok_or_else(|| {
-            Error::Conflict(format!("the decision of epoch {epoch} vanished"))
-        })
+        self.decision(epoch)
+            .await?
+            .ok_or_else(|| Error::Conflict(format!("the decision of epoch {epoch} vanished")))
     }
 
     // --- draining ---

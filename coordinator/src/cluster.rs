@@ -100,7 +100,12 @@ impl ModelRef {
 
     /// Splits the layers over nodes that can hold `capacity` bytes each.
     pub fn split(&self, capacity: &[u64]) -> Result<Vec<LayerRange>> {
-        plan::split(&self.layer_bytes, capacity, self.first_extra, self.last_extra)
+        plan::split(
+            &self.layer_bytes,
+            capacity,
+            self.first_extra,
+            self.last_extra,
+        )
     }
 }
 
@@ -149,7 +154,12 @@ impl NodeConn {
     }
 
     /// The [`LoadSlice`] of `range` for `epoch`.
-    pub fn load_req(model: &ModelRef, range: LayerRange, epoch: PlanEpoch, max_ctx: usize) -> LoadSlice {
+    pub fn load_req(
+        model: &ModelRef,
+        range: LayerRange,
+        epoch: PlanEpoch,
+        max_ctx: usize,
+    ) -> LoadSlice {
         LoadSlice {
             model: model.name.clone(),
             sha256: model.sha256.clone(),

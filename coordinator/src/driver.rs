@@ -36,7 +36,13 @@ pub async fn run(cfg: DriverConfig, serving: Arc<Serving>, stop: CancellationTok
         let lost = CancellationToken::new();
         let led = async {
             let lease = reg.grant(cfg.ttl_secs).await?;
-            tokio::spawn(keep(reg.clone(), lease, cfg.ttl_secs, lost.clone(), stop.clone()));
+            tokio::spawn(keep(
+                reg.clone(),
+                lease,
+                cfg.ttl_secs,
+                lost.clone(),
+                stop.clone(),
+            ));
             reg.campaign(&cfg.twopc.who, lease).await?;
             tracing::info!(who = cfg.twopc.who, "elected the 2PC driver");
             drive(&cfg, &serving, &lost, &stop).await;
@@ -54,7 +60,13 @@ pub async fn run(cfg: DriverConfig, serving: Arc<Serving>, stop: CancellationTok
 }
 
 /// Keeps the election lease alive; cancels `lost` when it cannot.
-async fn keep(reg: Registry, lease: i64, ttl: i64, lost: CancellationToken, stop: CancellationToken) {
+async fn keep(
+    reg: Registry,
+    lease: i64,
+    ttl: i64,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
     let alive = async {
         let (mut keeper, mut stream) = reg.keep_alive(lease).await?;
         loop {
@@ -80,7 +92,10 @@ async fn keep(reg: Registry, lease: i64, ttl: i64, lost: CancellationToken, stop
 }
 
 fn same(a: &[NodeRecord], b: &[(String, String)]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(n, (id, addr))| &n.id == id && &n.addr == addr)
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(n, (id, addr))| &n.id == id && &n.addr == addr)
 }
 
 async fn drive(
@@ -123,8 +138,17 @@ async fn drive(
         // The served plan's stages, in order: the ones still members keep their place, new
         // members go last.
         let now: Vec<(String, String)> = match (&served, &plan) {
-            (Some(c), _) => c.record().stages.into_iter().map(|s| (s.node, s.addr)).collect(),
-            (None, Some((p, _))) => p.stages.iter().map(|s| (s.node.clone(), s.addr.clone())).collect(),
+            (Some(c), _) => c
+                .record()
+                .stages
+                .into_iter()
+                .map(|s| (s.node, s.addr))
+                .collect(),
+            (None, Some((p, _))) => p
+                .stages
+                .iter()
+                .map(|s| (s.node.clone(), s.addr.clone()))
+                .collect(),
             (None, None) => Vec::new(),
         };
         let active: Vec<NodeRecord> = members
@@ -135,7 +159,12 @@ async fn drive(
             .iter()
             .filter_map(|(id, _)| active.iter().find(|m| &m.id == id).cloned())
             .collect();
-        desired.extend(active.iter().filter(|m| !now.iter().any(|(id, _)| id == &m.id)).cloned());
+        desired.extend(
+            active
+                .iter()
+                .filter(|m| !now.iter().any(|(id, _)| id == &m.id))
+                .cloned(),
+        );
         if desired.is_empty()
             || (served.is_none() && desired.len() < cfg.min_nodes)
             || same(&desired, &now)
@@ -143,7 +172,10 @@ async fn drive(
             complaint.clear();
             continue;
         }
-        let key: Vec<(String, String)> = desired.iter().map(|m| (m.id.clone(), m.addr.clone())).collect();
+        let key: Vec<(String, String)> = desired
+            .iter()
+            .map(|m| (m.id.clone(), m.addr.clone()))
+            .collect();
         if let Some((k, at)) = &failed {
             if *k == key && at.elapsed() < RETRY_AFTER {
                 continue;

@@ -9,14 +9,14 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use common::gguf::GgufFile;
-use common::tokenizer::TextTokenizer;
 use common::registry::Registry;
+use common::tokenizer::TextTokenizer;
 use coordinator::cluster::{Cluster, ModelRef};
 use coordinator::driver::{self, DriverConfig};
 use coordinator::follow;
+use coordinator::http::{router, AppState};
 use coordinator::serving::Serving;
 use coordinator::twopc::{Failpoint, TwoPc};
-use coordinator::http::{router, AppState};
 use proto_types::PlanEpoch;
 use tokio_util::sync::CancellationToken;
 
@@ -74,7 +74,12 @@ struct ServeArgs {
     #[arg(long)]
     model: PathBuf,
     /// Static membership: shard node addresses, first stage first.
-    #[arg(long, value_delimiter = ',', required_unless_present = "etcd", conflicts_with = "etcd")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
     nodes: Vec<String>,
     /// Context bound of each session.
     #[arg(long, default_value_t = 2048)]
@@ -182,10 +187,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         }
         Some(url) => {
             let registry = Registry::connect(url, &a.cluster).await?;
-            let who = a
-                .id
-                .clone()
-                .unwrap_or_else(|| format!("coordinator-{}@{}", std::process::id(), a.http));
+            let who =
+                a.id.clone()
+                    .unwrap_or_else(|| format!("coordinator-{}@{}", std::process::id(), a.http));
             tokio::spawn(follow::run(
                 registry.clone(),
                 model.clone(),

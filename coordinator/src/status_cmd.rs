@@ -21,7 +21,13 @@ pub async fn run(etcd: &str, cluster: &str) -> anyhow::Result<String> {
     let mut out = String::new();
     let plan = match reg.plan().await {
         Ok(Some((p, _))) => {
-            writeln!(out, "cluster {cluster}: plan epoch {} ({} stages, model {})", p.epoch, p.stages.len(), p.model)?;
+            writeln!(
+                out,
+                "cluster {cluster}: plan epoch {} ({} stages, model {})",
+                p.epoch,
+                p.stages.len(),
+                p.model
+            )?;
             Some(p)
         }
         Ok(None) => {
@@ -37,7 +43,17 @@ pub async fn run(etcd: &str, cluster: &str) -> anyhow::Result<String> {
     writeln!(
         out,
         "{:<20} {:<22} {:<8} {:<8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}  state",
-        "NODE", "ADDRESS", "DEVICE", "LAYERS", "EPOCH", "WEIGHTS", "PREPARED", "KV", "ACTIV", "RSS", "SESSIONS"
+        "NODE",
+        "ADDRESS",
+        "DEVICE",
+        "LAYERS",
+        "EPOCH",
+        "WEIGHTS",
+        "PREPARED",
+        "KV",
+        "ACTIV",
+        "RSS",
+        "SESSIONS"
     )?;
     writeln!(out, "{:>57}(MiB)", "")?;
     let (members, bad) = reg.members().await?;
@@ -53,7 +69,11 @@ pub async fn run(etcd: &str, cluster: &str) -> anyhow::Result<String> {
             Ok(c) => c.client.status(ctx(5)).await.ok(),
             Err(_) => None,
         };
-        let state = if leaving.contains(&n.id) { "leaving" } else { "member" };
+        let state = if leaving.contains(&n.id) {
+            "leaving"
+        } else {
+            "member"
+        };
         match status {
             Some(s) => writeln!(
                 out,

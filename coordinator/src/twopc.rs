@@ -131,9 +131,11 @@ impl TwoPc {
         }
         tracing::info!(%epoch, "COMMIT recorded in etcd");
         failpoint(self.failpoint, Failpoint::AfterDecision, epoch).await;
-        let commits = futures::future::join_all(conns.iter().map(|c| async move {
-            rpc(&c.addr, c.client.commit_slice(ctx(30), epoch).await)
-        }))
+        let commits = futures::future::join_all(
+            conns
+                .iter()
+                .map(|c| async move { rpc(&c.addr, c.client.commit_slice(ctx(30), epoch).await) }),
+        )
         .await;
         for (r, c) in commits.iter().zip(&conns) {
             if let Err(e) = r {

@@ -27,7 +27,11 @@ pub struct LeaveOptions {
 pub async fn run(o: LeaveOptions) -> anyhow::Result<()> {
     let reg = Registry::connect(&o.etcd, &o.cluster).await?;
     let Some(rec) = reg.node(&o.node).await? else {
-        anyhow::bail!("node `{}` is not registered in cluster {}", o.node, o.cluster);
+        anyhow::bail!(
+            "node `{}` is not registered in cluster {}",
+            o.node,
+            o.cluster
+        );
     };
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
     let deadline_unix_ms = now + o.drain_timeout * 1000;

@@ -17,5 +17,5 @@ pub mod generate_cmd;
 pub mod leave_cmd;
 pub mod membership;
 pub mod serve_cmd;
-pub mod synth_cmd;
 pub mod server;
+pub mod synth_cmd;

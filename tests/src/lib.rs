@@ -47,9 +47,7 @@ type Spawned = (std::process::Child, String, Vec<(String, String)>);
 
 /// Starts `cmd` and reads its stdout up to the line `listening on ADDR`; earlier lines of the
 /// form `NAME on ADDR` (such as `metrics on ADDR`) are returned too.
-fn spawn_listening(
-    mut cmd: std::process::Command,
-) -> anyhow::Result<Spawned> {
+fn spawn_listening(mut cmd: std::process::Command) -> anyhow::Result<Spawned> {
     use std::io::BufRead;
     let mut child = cmd
         .env("RUST_LOG", "warn")

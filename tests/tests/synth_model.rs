@@ -40,7 +40,14 @@ fn synthetic_models_load_and_match_llama_cpp() -> anyhow::Result<()> {
         let arg = |k: &str| shape[k].to_string();
         let status = Command::new(shard_node_bin())
             .args(["synth-model", "--quant", quant, "--layers", &arg("layers")])
-            .args(["--hidden", &arg("hidden"), "--ffn", &arg("ffn"), "--heads", &arg("heads")])
+            .args([
+                "--hidden",
+                &arg("hidden"),
+                "--ffn",
+                &arg("ffn"),
+                "--heads",
+                &arg("heads"),
+            ])
             .args(["--kv-heads", &arg("kv_heads"), "--seed", &arg("seed")])
             .arg("--tokenizer-from")
             .arg(default_model())
@@ -48,7 +55,11 @@ fn synthetic_models_load_and_match_llama_cpp() -> anyhow::Result<()> {
             .arg(&out)
             .status()?;
         assert!(status.success(), "{quant}: synth-model failed");
-        assert_eq!(sha256(&out)?, case["sha256"].as_str().unwrap_or_default(), "{quant}: file");
+        assert_eq!(
+            sha256(&out)?,
+            case["sha256"].as_str().unwrap_or_default(),
+            "{quant}: file"
+        );
         let file = GgufFile::open(&out)?;
         let cfg = file.config()?;
         assert_eq!(cfg.n_layers, 2);

@@ -110,7 +110,14 @@ fn long_request(n: u32, stream: bool) -> serde_json::Value {
 /// A streamed completion running in a `curl` child; its output is read by [`finish`].
 fn start_stream(url: &str, n: u32) -> anyhow::Result<Child> {
     Ok(Command::new("curl")
-        .args(["-sN", "-m", "120", "-H", "content-type: application/json", "-d"])
+        .args([
+            "-sN",
+            "-m",
+            "120",
+            "-H",
+            "content-type: application/json",
+            "-d",
+        ])
         .arg(long_request(n, true).to_string())
         .arg(format!("{url}/v1/completions"))
         .stdout(Stdio::piped())
@@ -145,7 +152,10 @@ async fn join_and_leave_during_streams() -> anyhow::Result<()> {
     wait_same_epoch(&[&a, &b, &c], 2).await?;
     let d = reg.decision(PlanEpoch(2)).await?;
     assert_eq!(d.map(|d| d.decision), Some(Decision::Commit));
-    assert_eq!(completion_with(&coord.url, long_request(200, false))?, reference);
+    assert_eq!(
+        completion_with(&coord.url, long_request(200, false))?,
+        reference
+    );
     // The operator's view: every node, its layers and its epoch.
     let status = Command::new(coordinator_bin())
         .args(["status", "--etcd", &etcd.url])
@@ -160,14 +170,25 @@ async fn join_and_leave_during_streams() -> anyhow::Result<()> {
             .lines()
             .find(|l| l.starts_with(&format!("{id} ")))
             .unwrap_or_default();
-        assert!(row.contains(&layers) && row.contains(" 2 "), "{id} {layers}: {table}");
+        assert!(
+            row.contains(&layers) && row.contains(" 2 "),
+            "{id} {layers}: {table}"
+        );
     }
 
     // (e) leave during a stream
     let stream = start_stream(&coord.url, 200)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let leave = Command::new(shard_node_bin())
-        .args(["leave", "--etcd", &etcd.url, "--node", "c", "--drain-timeout", "60"])
+        .args([
+            "leave",
+            "--etcd",
+            &etcd.url,
+            "--node",
+            "c",
+            "--drain-timeout",
+            "60",
+        ])
         .output()?;
     assert!(
         leave.status.success(),
@@ -180,10 +201,16 @@ async fn join_and_leave_during_streams() -> anyhow::Result<()> {
     let s = node_status(&c.addr).await?;
     assert_eq!(s.epoch, None, "{s:?}");
     assert_eq!(s.sessions, 0);
-    assert_eq!(s.attributed_bytes, 0, "the node that left holds nothing: {s:?}");
+    assert_eq!(
+        s.attributed_bytes, 0,
+        "the node that left holds nothing: {s:?}"
+    );
     assert!(reg.node("c").await?.is_none(), "c is deregistered");
     assert!(reg.leaving().await?.is_empty());
-    assert_eq!(completion_with(&coord.url, long_request(200, false))?, reference);
+    assert_eq!(
+        completion_with(&coord.url, long_request(200, false))?,
+        reference
+    );
     Ok(())
 }
 
@@ -261,9 +288,17 @@ async fn coordinator_killed_before_the_decision() -> anyhow::Result<()> {
         assert_eq!(s.epoch, None, "{s:?}");
     }
     // freed by the prepare timeout (3 s), not before
-    assert!(killed.elapsed() >= Duration::from_millis(1500), "{:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        killed.elapsed()
+    );
     let d = reg.decision(PlanEpoch(1)).await?;
-    assert_eq!(d.as_ref().map(|d| d.decision), Some(Decision::Abort), "{d:?}");
+    assert_eq!(
+        d.as_ref().map(|d| d.decision),
+        Some(Decision::Abort),
+        "{d:?}"
+    );
     assert!(reg.plan().await?.is_none());
 
     // A restarted coordinator plans afresh, past the aborted epoch.
@@ -285,7 +320,10 @@ async fn coordinator_killed_after_the_decision() -> anyhow::Result<()> {
     let a = node(&etcd, "a", &[])?;
     let b = node(&etcd, "b", &[])?;
     wait_members(&reg, 2).await?;
-    let mut coord = coordinator(&etcd, &["--min-nodes", "2", "--failpoint", "after-decision"])?;
+    let mut coord = coordinator(
+        &etcd,
+        &["--min-nodes", "2", "--failpoint", "after-decision"],
+    )?;
     let start = Instant::now();
     while reg.decision(PlanEpoch(1)).await?.is_none() {
         anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "no decision");
@@ -294,7 +332,10 @@ async fn coordinator_killed_after_the_decision() -> anyhow::Result<()> {
     coord.kill();
     let statuses = wait_same_epoch(&[&a, &b], 1).await?;
     for s in &statuses {
-        assert!(s.attributed_bytes > 0, "the slice stays, held by the plan: {s:?}");
+        assert!(
+            s.attributed_bytes > 0,
+            "the slice stays, held by the plan: {s:?}"
+        );
         assert_eq!(prepared_bytes(s), 0);
     }
     // A restarted coordinator resumes epoch 1 from etcd, reusing the loaded slices.
@@ -332,16 +373,25 @@ async fn bad_input_changes_nothing() -> anyhow::Result<()> {
             let v = get_json(&format!("{url}/v1/cluster"))?;
             anyhow::ensure!(v["epoch"] == 2, "{what}: {v}");
             let s = node_status(a_addr).await?;
-            anyhow::ensure!(s.epoch == Some(PlanEpoch(2)) && s.prepared_epochs.is_empty(), "{what}: {s:?}");
+            anyhow::ensure!(
+                s.epoch == Some(PlanEpoch(2)) && s.prepared_epochs.is_empty(),
+                "{what}: {s:?}"
+            );
             anyhow::ensure!(&completion(url, PROMPT, 16, false)? == reference, "{what}");
-            anyhow::ensure!(reg.decision(PlanEpoch(3)).await?.is_none(), "{what}: a re-plan ran");
+            anyhow::ensure!(
+                reg.decision(PlanEpoch(3)).await?.is_none(),
+                "{what}: a re-plan ran"
+            );
             Ok::<(), anyhow::Error>(())
         }
     };
 
     // A malformed plan.
     reg.put_raw("plan", b"{not json").await?;
-    assert!(matches!(reg.plan().await, Err(common::Error::BadRecord { .. })));
+    assert!(matches!(
+        reg.plan().await,
+        Err(common::Error::BadRecord { .. })
+    ));
     unchanged("malformed plan").await?;
     // A well-formed plan whose epoch goes backwards.
     let mut back = good.clone();
@@ -352,7 +402,10 @@ async fn bad_input_changes_nothing() -> anyhow::Result<()> {
     let mut gap = good.clone();
     gap.stages[0].start = 1;
     reg.put_raw("plan", &serde_json::to_vec(&gap)?).await?;
-    assert!(matches!(reg.plan().await, Err(common::Error::BadRecord { .. })));
+    assert!(matches!(
+        reg.plan().await,
+        Err(common::Error::BadRecord { .. })
+    ));
     unchanged("plan with a gap").await?;
     reg.put_raw("plan", &serde_json::to_vec(&good)?).await?;
     // A malformed node record.
@@ -379,14 +432,15 @@ async fn bad_input_changes_nothing() -> anyhow::Result<()> {
     assert_eq!(e.map(|e| e.code), Some(ErrorCode::NoSlice));
     let e = client.abort_slice(ctx(), PlanEpoch(2)).await?.err();
     assert_eq!(e.map(|e| e.code), Some(ErrorCode::InvalidArgument));
-    assert_eq!(client.abort_slice(ctx(), PlanEpoch(9)).await?, Ok(()), "idempotent");
+    assert_eq!(
+        client.abort_slice(ctx(), PlanEpoch(9)).await?,
+        Ok(()),
+        "idempotent"
+    );
     unchanged("stale 2PC calls").await?;
 
     // A second node with a taken id fails to join and leaves the record alone.
-    let mut dup = ShardProcess::spawn(
-        &models_dir()?,
-        &node_args(&etcd.url, "a", &[]),
-    )?;
+    let mut dup = ShardProcess::spawn(&models_dir()?, &node_args(&etcd.url, "a", &[]))?;
     let status = dup.wait_exit(Duration::from_secs(20))?;
     assert!(status.is_some_and(|s| !s.success()), "{status:?}");
     assert_eq!(reg.node("a").await?.map(|n| n.addr), Some(a.addr.clone()));
@@ -406,10 +460,17 @@ async fn one_driver_at_a_time() -> anyhow::Result<()> {
     let second = coordinator(&etcd, &["--id", "second"])?;
     wait_serving(&first.url, 1, 1).await?;
     wait_serving(&second.url, 1, 1).await?;
-    assert!(reg.decision(PlanEpoch(2)).await?.is_none(), "a second 2PC ran");
+    assert!(
+        reg.decision(PlanEpoch(2)).await?.is_none(),
+        "a second 2PC ran"
+    );
     let expected = generate(&default_model(), PROMPT, 12)?;
     assert_eq!(completion(&second.url, PROMPT, 12, false)?, expected);
-    let leader = reg.decision(PlanEpoch(1)).await?.map(|d| d.by).unwrap_or_default();
+    let leader = reg
+        .decision(PlanEpoch(1))
+        .await?
+        .map(|d| d.by)
+        .unwrap_or_default();
     // Kill the one that drove epoch 1 (its election lease then lapses), keep the other.
     let survivor = if leader == "first" {
         first.kill();
@@ -420,7 +481,11 @@ async fn one_driver_at_a_time() -> anyhow::Result<()> {
     };
     let b = node(&etcd, "b", &[])?;
     wait_serving(&survivor.url, 2, 2).await?;
-    let d = reg.decision(PlanEpoch(2)).await?.map(|d| d.by).unwrap_or_default();
+    let d = reg
+        .decision(PlanEpoch(2))
+        .await?
+        .map(|d| d.by)
+        .unwrap_or_default();
     assert_ne!(d, leader, "the survivor drove epoch 2");
     wait_same_epoch(&[&a, &b], 2).await?;
     assert_eq!(completion(&survivor.url, PROMPT, 12, false)?, expected);

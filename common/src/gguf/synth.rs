@@ -63,10 +63,17 @@ impl SynthSpec {
         if self.layers == 0 || self.layers > 512 {
             return bad(format!("layers {} is not in 1..=512", self.layers));
         }
-        if self.hidden == 0 || !self.hidden.is_multiple_of(32) || self.ffn == 0 || !self.ffn.is_multiple_of(32) {
+        if self.hidden == 0
+            || !self.hidden.is_multiple_of(32)
+            || self.ffn == 0
+            || !self.ffn.is_multiple_of(32)
+        {
             return bad("hidden and ffn must be positive multiples of 32".into());
         }
-        if self.heads == 0 || !self.hidden.is_multiple_of(self.heads) || !(self.hidden / self.heads).is_multiple_of(2) {
+        if self.heads == 0
+            || !self.hidden.is_multiple_of(self.heads)
+            || !(self.hidden / self.heads).is_multiple_of(2)
+        {
             return bad("heads must divide hidden into an even head size".into());
         }
         if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
@@ -154,7 +161,10 @@ pub fn write(spec: &SynthSpec, tokenizer: &GgufFile, out: &Path) -> Result<u64> 
     let (h, f) = (u64::from(spec.hidden), u64::from(spec.ffn));
     let kv = h / u64::from(spec.heads) * u64::from(spec.kv_heads);
     let mut b = GGUFBuilder::new()
-        .add_metadata("general.architecture", MetadataValue::String("llama".into()))
+        .add_metadata(
+            "general.architecture",
+            MetadataValue::String("llama".into()),
+        )
         .add_metadata(
             "general.name",
             MetadataValue::String(format!("synthetic-{}x{}", spec.layers, spec.hidden)),
@@ -165,10 +175,19 @@ pub fn write(spec: &SynthSpec, tokenizer: &GgufFile, out: &Path) -> Result<u64> 
         .add_metadata("llama.embedding_length", MetadataValue::U32(spec.hidden))
         .add_metadata("llama.feed_forward_length", MetadataValue::U32(spec.ffn))
         .add_metadata("llama.attention.head_count", MetadataValue::U32(spec.heads))
-        .add_metadata("llama.attention.head_count_kv", MetadataValue::U32(spec.kv_heads))
-        .add_metadata("llama.rope.dimension_count", MetadataValue::U32(spec.hidden / spec.heads))
+        .add_metadata(
+            "llama.attention.head_count_kv",
+            MetadataValue::U32(spec.kv_heads),
+        )
+        .add_metadata(
+            "llama.rope.dimension_count",
+            MetadataValue::U32(spec.hidden / spec.heads),
+        )
         .add_metadata("llama.rope.freq_base", MetadataValue::F32(10_000.0))
-        .add_metadata("llama.attention.layer_norm_rms_epsilon", MetadataValue::F32(1e-5))
+        .add_metadata(
+            "llama.attention.layer_norm_rms_epsilon",
+            MetadataValue::F32(1e-5),
+        )
         .add_metadata("llama.vocab_size", MetadataValue::U32(vocab as u32));
     for (k, v) in tokenizer.metadata().iter() {
         if k.starts_with("tokenizer.") {
@@ -185,8 +204,20 @@ pub fn write(spec: &SynthSpec, tokenizer: &GgufFile, out: &Path) -> Result<u64> 
     b = add(b, "token_embd.weight".into(), vec![h, vocab], t, d)?;
     for i in 0..spec.layers {
         let p = |n: &str| format!("blk.{i}.{n}.weight");
-        b = add(b, p("attn_norm"), vec![h], TensorType::F32, ones(spec.hidden))?;
-        b = add(b, p("ffn_norm"), vec![h], TensorType::F32, ones(spec.hidden))?;
+        b = add(
+            b,
+            p("attn_norm"),
+            vec![h],
+            TensorType::F32,
+            ones(spec.hidden),
+        )?;
+        b = add(
+            b,
+            p("ffn_norm"),
+            vec![h],
+            TensorType::F32,
+            ones(spec.hidden),
+        )?;
         for (name, rows, cols) in [
             ("attn_q", h, h),
             ("attn_k", kv, h),
@@ -200,7 +231,13 @@ pub fn write(spec: &SynthSpec, tokenizer: &GgufFile, out: &Path) -> Result<u64> 
             b = add(b, p(name), vec![cols, rows], t, d)?;
         }
     }
-    b = add(b, "output_norm.weight".into(), vec![h], TensorType::F32, ones(spec.hidden))?;
+    b = add(
+        b,
+        "output_norm.weight".into(),
+        vec![h],
+        TensorType::F32,
+        ones(spec.hidden),
+    )?;
     let (t, d) = matrix(&mut rng, spec.quant, vocab, h);
     b = add(b, "output.weight".into(), vec![h, vocab], t, d)?;
     b.build_to_file(out).map_err(gerr)?;

@@ -26,9 +26,9 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use crate::cluster::Cluster;
-use crate::serving::Serving;
 use crate::engine::{self, GenEvent, GenRequest};
 use crate::error::CoordError;
+use crate::serving::Serving;
 use openai::*;
 
 /// What the handlers share.
@@ -99,11 +99,13 @@ impl From<CoordError> for ApiError {
                     "rate_limit_error",
                 )
             }
-            CoordError::NodeDown { .. } | CoordError::Shard { .. } | CoordError::NoPlan(_) => ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                e.to_string(),
-                "server_error",
-            ),
+            CoordError::NodeDown { .. } | CoordError::Shard { .. } | CoordError::NoPlan(_) => {
+                ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    e.to_string(),
+                    "server_error",
+                )
+            }
             _ => ApiError(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 e.to_string(),

@@ -35,13 +35,20 @@ impl Drain {
         if self.deadline_unix_ms.is_none() {
             match m.registry.leave_request(&m.id).await {
                 Ok(Some(r)) => {
-                    tracing::info!(deadline_unix_ms = r.deadline_unix_ms, "asked to leave; draining");
+                    tracing::info!(
+                        deadline_unix_ms = r.deadline_unix_ms,
+                        "asked to leave; draining"
+                    );
                     self.deadline_unix_ms = Some(r.deadline_unix_ms);
                 }
                 Ok(None) => return Ok(false),
                 Err(common::Error::BadRecord { key, reason }) => {
                     // A malformed request still asks the node to leave: at once.
-                    tracing::warn!(key, reason, "malformed leave request: leaving without a drain period");
+                    tracing::warn!(
+                        key,
+                        reason,
+                        "malformed leave request: leaving without a drain period"
+                    );
                     self.deadline_unix_ms = Some(0);
                 }
                 Err(e) => return Err(e),
@@ -54,9 +61,14 @@ impl Drain {
         if !done && !late {
             return Ok(false);
         }
-        m.node.left.store(true, std::sync::atomic::Ordering::Relaxed);
+        m.node
+            .left
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if sessions > 0 {
-            tracing::warn!(sessions, "drain deadline passed: ending the sessions still running");
+            tracing::warn!(
+                sessions,
+                "drain deadline passed: ending the sessions still running"
+            );
         }
         let bytes = m.node.release_all("left the cluster");
         let plan_lease = *lock(&reg.plan_lease);
@@ -68,7 +80,10 @@ impl Drain {
             tracing::warn!("revoking etcd lease {etcd_lease}: {e}");
         }
         m.registry.clear_leave(&m.id).await?;
-        tracing::info!(bytes, "left the cluster and deregistered; restart the node to join again");
+        tracing::info!(
+            bytes,
+            "left the cluster and deregistered; restart the node to join again"
+        );
         Ok(true)
     }
 }

@@ -65,7 +65,12 @@ pub async fn join(m: &Member, addr: &str, ttl: i64) -> anyhow::Result<Registrati
         .grant(format!("etcd {}/{}", m.registry.cluster(), m.id));
     m.node.set_plan_lease(Some(plan_lease));
     *lock(&m.node.node_id) = Some(m.id.clone());
-    tracing::info!(cluster = m.registry.cluster(), id = m.id, etcd_lease, "joined");
+    tracing::info!(
+        cluster = m.registry.cluster(),
+        id = m.id,
+        etcd_lease,
+        "joined"
+    );
     Ok(Registration {
         etcd_lease: Arc::new(Mutex::new(etcd_lease)),
         ttl: Duration::from_secs(ttl as u64),

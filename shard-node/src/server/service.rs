@@ -75,7 +75,10 @@ impl Conn {
             ));
         }
         if self.node.left.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(err(ErrorCode::InvalidArgument, "this node has left its cluster"));
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                "this node has left its cluster",
+            ));
         }
         let range = layer_range(req.layers)?;
         if let Some(s) = self.node.held_slice(req.epoch, &req.model, range)? {

@@ -320,15 +320,15 @@ impl Node {
                 return Ok(e.slice.clone());
             }
         }
-        match slices
-            .values()
-            .find(|e| e.state == SliceState::Serving)
-        {
+        match slices.values().find(|e| e.state == SliceState::Serving) {
             Some(s) => Err(err(
                 ErrorCode::EpochMismatch,
                 format!("this node serves epoch {}, not {epoch}", s.slice.epoch),
             )),
-            None => Err(err(ErrorCode::NoSlice, format!("no slice is committed for epoch {epoch}"))),
+            None => Err(err(
+                ErrorCode::NoSlice,
+                format!("no slice is committed for epoch {epoch}"),
+            )),
         }
     }
 
@@ -398,7 +398,10 @@ impl Node {
     ) -> Result<(), ShardError> {
         self.leases.check(lease)?;
         if self.left.load(Ordering::Relaxed) {
-            return Err(err(ErrorCode::InvalidArgument, "this node has left its cluster"));
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                "this node has left its cluster",
+            ));
         }
         let epoch = slice.epoch;
         let bytes = slice.stage.weight_bytes() as u64;
@@ -414,12 +417,18 @@ impl Node {
                 if s.slice.epoch >= epoch {
                     return Err(err(
                         ErrorCode::EpochMismatch,
-                        format!("epoch {epoch} is not newer than the served {}", s.slice.epoch),
+                        format!(
+                            "epoch {epoch} is not newer than the served {}",
+                            s.slice.epoch
+                        ),
                     ));
                 }
             }
             if let Some(limit) = self.cfg.memory_limit {
-                let w: u64 = slices.values().map(|e| e.slice.stage.weight_bytes() as u64).sum();
+                let w: u64 = slices
+                    .values()
+                    .map(|e| e.slice.stage.weight_bytes() as u64)
+                    .sum();
                 let kv: u64 = lock(&self.sessions).values().map(|s| s.max_kv_bytes).sum();
                 if w + kv + bytes > limit {
                     return Err(err(
