@@ -11,6 +11,8 @@ status, which uses cudarc's mem_get_info on CUDA).
 import argparse
 import json
 import os
+import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -97,6 +99,35 @@ def cluster_memory(url):
         return f"error: {e}"
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = free_port()
+
+
+def pool():
+    """The node's own view (its /metrics): the CUDA pool's reserved and used bytes, and
+    mem_get_info's free bytes, in MiB."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        vals = {}
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and not line.startswith("#"):
+                vals[parts[0]] = float(parts[1])
+        mib = lambda k: round(vals[k] / 2**20, 1) if k in vals else None  # noqa: E731
+        return {"pool_reserved_mib": mib("shard_device_pool_reserved_bytes"),
+                "pool_used_mib": mib("shard_device_pool_used_bytes"),
+                "device_free_mib": mib("shard_device_free_bytes"),
+                "attributed_mib": mib("shard_attributed_bytes")}
+    except Exception as e:  # noqa: BLE001
+        return f"error: {e}"
+
+
 def run(cmd, name, timeout=600):
     t = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -125,11 +156,11 @@ def correctness(a, dev):
 
 
 def bench(a, dev):
-    for d in [dev, "cpu"]:
+    for d, extra in [(dev, []), (dev, ["--no-event-tracking"]), ("cpu", [])]:
         rc, out, secs = run([f"{a.bin}/shard-node", "bench", "--model", a.model, "--device", d,
-                             "--prompt-tokens", "128", "--gen-tokens", "128", "--runs", "3"],
+                             "--prompt-tokens", "128", "--gen-tokens", "128", "--runs", "3"] + extra,
                             f"bench-{d.replace(':', '')}")
-        log("bench", device=d, rc=rc, out=out.strip().splitlines()[-3:] if out else [])
+        log("bench", device=d, extra=extra, rc=rc, out=out.strip().splitlines()[-3:] if out else [])
 
 
 PEER = r"""
@@ -192,17 +223,65 @@ def synth_bench(a, dev):
         log("synth", quant=quant, rc=rc, secs=secs, bytes=os.path.getsize(path) if rc == 0 else None)
         if rc != 0:
             continue
-        rc, out, secs = run([f"{a.bin}/shard-node", "bench", "--model", path, "--device", dev,
-                             "--prompt-tokens", "128", "--gen-tokens", "64", "--runs", "2"],
-                            f"bench-8b-{quant}", timeout=900)
-        log("bench-8b", quant=quant, rc=rc, secs=secs, out=out.strip().splitlines()[-3:] if out else [])
+        for extra in [[], ["--no-event-tracking"]]:
+            rc, out, secs = run([f"{a.bin}/shard-node", "bench", "--model", path, "--device", dev,
+                                 "--prompt-tokens", "128", "--gen-tokens", "64", "--runs", "2"] + extra,
+                                f"bench-8b-{quant}", timeout=900)
+            log("bench-8b", quant=quant, extra=extra, rc=rc, secs=secs,
+                out=out.strip().splitlines()[-3:] if out else [])
+        if quant == "q4_0" and "profile" not in a.skip:
+            profile(a, dev, path)
         os.remove(path)
+
+
+def tool(name):
+    for p in [shutil.which(name), f"/usr/local/cuda/bin/{name}"]:
+        if p and os.path.exists(p):
+            return p
+    return None
+
+
+def profile(a, dev, path):
+    """Where a decode step goes: nsys's per-kernel GPU time and CUDA API time, then ncu's
+    duration of each kernel over ~2 decode steps."""
+    bench = [f"{a.bin}/shard-node", "bench", "--model", path, "--device", dev,
+             "--prompt-tokens", "16", "--gen-tokens", "16", "--runs", "1"]
+    nsys = tool("nsys")
+    if nsys:
+        rc, out, secs = run([nsys, "profile", "-o", "/tmp/decode", "--force-overwrite=true", "--stats=true",
+                             "--trace=cuda"] + bench, "profile-nsys", timeout=600)
+        log("profile", tool="nsys", rc=rc, secs=secs, tail=out[-6000:])
+    ncu = tool("ncu")
+    if ncu:
+        rc, out, secs = run([ncu, "--launch-skip", "6000", "--launch-count", "1500", "--metrics",
+                             "gpu__time_duration.sum", "--csv"] + bench, "profile-ncu", timeout=600)
+        per = {}
+        import csv
+        import io
+        rows = [l for l in out.splitlines() if l.startswith('"')]
+        for r in csv.DictReader(io.StringIO("\n".join(rows))):
+            try:
+                name = r.get("Kernel Name", "?")[:90]
+                v = float(r.get("Metric Value", "0").replace(",", ""))
+                unit = r.get("Metric Unit", "")
+                ns = v * {"nsecond": 1, "usecond": 1e3, "msecond": 1e6}.get(unit, 1)
+                c, t = per.get(name, (0, 0.0))
+                per[name] = (c + 1, t + ns)
+            except ValueError:
+                continue
+        top = sorted(per.items(), key=lambda kv: -kv[1][1])[:20]
+        log("profile", tool="ncu", rc=rc, secs=secs, kernels=sum(c for c, _ in per.values()),
+            total_us=round(sum(t for _, t in per.values()) / 1e3, 1),
+            top=[{"kernel": k, "count": c, "us": round(t / 1e3, 1)} for k, (c, t) in top],
+            tail=None if per else out[-3000:])
+    if not nsys and not ncu:
+        log("profile", error="neither nsys nor ncu found")
 
 
 def node_args(a, dev, listen="127.0.0.1:0"):
     models = os.path.dirname(os.path.abspath(a.model))
     return [f"{a.bin}/shard-node", "serve", "--listen", listen, "--device", dev, "--models-dir", models,
-            "--heartbeat-ms", "500", "--lease-ttl-ms", "2000"]
+            "--heartbeat-ms", "500", "--lease-ttl-ms", "2000", "--metrics-listen", f"127.0.0.1:{METRICS_PORT}"]
 
 
 def coord_args(a, nodes):
@@ -227,20 +306,21 @@ def memory(a, dev, gpu, quick):
     node, naddr = spawn(node_args(a, dev), "node")
     time.sleep(1)
     idle = vram_mib(gpu)
-    log("vram", phase="node idle (CUDA context, no slice)", mib=idle)
+    log("vram", phase="node idle (CUDA context, no slice)", mib=idle, node=pool())
     coord, url = spawn(coord_args(a, [naddr]), "coord")
     url = f"http://{url}"
     completion(url, "warm up", 16)
     loaded = vram_mib(gpu)
-    log("vram", phase="slice loaded, warmed up", mib=loaded, inside=cluster_memory(url))
+    log("vram", phase="slice loaded, warmed up", mib=loaded, inside=cluster_memory(url), node=pool())
     # (1) kill -9 of the coordinator while 8 long streams run
     streams = [stream_in_background(url, 600) for _ in range(8)]
     time.sleep(3)
-    log("vram", phase="8 streams running", mib=vram_mib(gpu), inside=cluster_memory(url))
+    log("vram", phase="8 streams running", mib=vram_mib(gpu), inside=cluster_memory(url), node=pool())
     coord.send_signal(signal.SIGKILL)
     coord.wait()
     mib, secs = wait_vram(gpu, idle + 2 if isinstance(idle, int) else 0, 10)
-    log("vram", phase="after coordinator kill -9", mib=mib, back_to_idle_secs=secs, idle=idle, ttl_secs=2)
+    log("vram", phase="after coordinator kill -9", mib=mib, back_to_idle_secs=secs, idle=idle, ttl_secs=2,
+        node=pool())
     for s in streams:
         s.kill()
     # (2) reload 10 times: a coordinator loads the slice, serves one request, is killed
@@ -251,7 +331,7 @@ def memory(a, dev, gpu, quick):
         coord.send_signal(signal.SIGKILL)
         coord.wait()
         mib, secs = wait_vram(gpu, idle + 2 if isinstance(idle, int) else 0, 10)
-        log("vram", phase=f"reload {i + 1}", mib=mib, back_to_idle_secs=secs, idle=idle)
+        log("vram", phase=f"reload {i + 1}", mib=mib, back_to_idle_secs=secs, idle=idle, node=pool())
     # (3) soak: 200 requests, sequential and 8-way concurrent, after warm-up
     coord, url = spawn(coord_args(a, [naddr]), "coord")
     url = f"http://{url}"
@@ -277,7 +357,7 @@ def memory(a, dev, gpu, quick):
     time.sleep(1)
     after = vram_mib(gpu)
     log("vram", phase="soak", requests=n, errors=errors, secs=round(time.time() - t, 1),
-        before_mib=before, after_mib=after, inside=cluster_memory(url))
+        before_mib=before, after_mib=after, inside=cluster_memory(url), node=pool())
     # (4) restart the node 10 times under the same coordinator; it re-attaches
     port = naddr.rsplit(":", 1)[1]
     restarts = []
@@ -311,7 +391,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip", default="", help="comma-separated: correctness,bench,memory,synth,peer")
+    ap.add_argument("--skip", default="", help="comma-separated: correctness,bench,memory,synth,profile,peer")
     a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     gpu = int(a.device.split(":")[1]) if ":" in a.device else None

@@ -58,6 +58,24 @@ impl DeviceSpec {
     }
 }
 
+/// Stops candle from recording CUDA events on each buffer it creates from now on (a no-op on
+/// CPU). Each buffer otherwise carries two events that every kernel launch records and every
+/// use waits on.
+///
+/// # Safety
+/// Buffers created afterwards carry no cross-stream ordering. candle runs each thread on its
+/// own per-thread stream, so the caller must create, use and free them on one thread (or
+/// synchronize between threads itself).
+#[allow(unsafe_code)]
+pub unsafe fn disable_event_tracking(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        // SAFETY: passed on to the caller (see above).
+        unsafe { d.disable_event_tracking() }
+    }
+    let _ = device;
+}
+
 /// Sets the size of the CPU thread pool used by the kernels (call once, early).
 pub fn init_threads(threads: Option<usize>) -> Result<usize> {
     let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

@@ -39,12 +39,22 @@ pub struct BenchOptions {
     pub runs: usize,
     /// Layer boundaries for a multi-stage chain.
     pub split: Vec<u32>,
+    /// CUDA: turn off candle's per-buffer event tracking.
+    pub no_event_tracking: bool,
 }
 
 /// Runs the benchmark and prints one JSON line per run to stdout.
 pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
     let threads = init_threads(o.threads)?;
     let device = o.device.open()?;
+    if o.no_event_tracking {
+        #[allow(unsafe_code)]
+        // SAFETY: the benchmark loads, runs and frees everything on this one thread, so on
+        // one stream; nothing needs cross-stream ordering.
+        unsafe {
+            common::device::disable_event_tracking(&device);
+        }
+    }
     let file = GgufFile::open(&o.model)?;
     let cfg = file.config()?;
     let tok = TextTokenizer::from_gguf(&file)?;

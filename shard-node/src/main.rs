@@ -92,6 +92,10 @@ enum Command {
         /// Repetitions.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// CUDA: stop candle tracking each buffer's uses with CUDA events (a measurement of
+        /// what that tracking costs; safe here because the benchmark runs on one thread).
+        #[arg(long)]
+        no_event_tracking: bool,
     },
 }
 
@@ -148,6 +152,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             prompt_tokens,
             gen_tokens,
             runs,
+            no_event_tracking,
         } => bench_cmd::run(&BenchOptions {
             model: m.model,
             prompt_tokens,
@@ -156,6 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads: m.threads,
             runs,
             split: m.split,
+            no_event_tracking,
         }),
     }
 }

@@ -100,6 +100,22 @@ pub fn render(node: &Node) -> String {
         "The runtime's own bytes at start-up.",
         r.baseline,
     );
+    if let Some(pool) = common::memory::pool_usage(&node.device) {
+        line(
+            &mut out,
+            "shard_device_pool_reserved_bytes",
+            "gauge",
+            "Bytes the device's memory pool holds from the driver (CUDA).",
+            pool.reserved,
+        );
+        line(
+            &mut out,
+            "shard_device_pool_used_bytes",
+            "gauge",
+            "Bytes of the device's memory pool that back live buffers (CUDA).",
+            pool.used,
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP shard_unattributed_bytes In use less attributed less baseline.\n# TYPE shard_unattributed_bytes gauge\nshard_unattributed_bytes {}",

@@ -306,7 +306,16 @@ impl Node {
                 }
                 // Device buffers go back to the driver whatever --no-malloc-trim says: a
                 // cached pool is exactly the leak this node exists to avoid.
-                common::memory::release_device_cache(&self.device);
+                if let Some((before, after)) = common::memory::release_device_cache(&self.device) {
+                    if after.reserved < before.reserved {
+                        tracing::info!(
+                            released = before.reserved - after.reserved,
+                            reserved = after.reserved,
+                            used = after.used,
+                            "device pool memory handed back to the driver"
+                        );
+                    }
+                }
             }
             _ => *until = None,
         }
