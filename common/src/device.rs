@@ -76,6 +76,19 @@ pub unsafe fn disable_event_tracking(device: &Device) {
     let _ = device;
 }
 
+/// How many handles refer to `device`'s CUDA stream: every clone of the device, every buffer
+/// on it, and the BLAS and RNG handles candle keeps. `None` on CPU. Two readings equal
+/// means nothing was created or dropped on the device in between.
+pub fn cuda_handles(device: &Device) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        // `cuda_stream` hands out one more clone, which is not counted.
+        return Some(std::sync::Arc::strong_count(&d.cuda_stream()) - 1);
+    }
+    let _ = device;
+    None
+}
+
 /// Sets the size of the CPU thread pool used by the kernels (call once, early).
 pub fn init_threads(threads: Option<usize>) -> Result<usize> {
     let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

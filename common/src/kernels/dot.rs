@@ -104,6 +104,29 @@ pub fn best(kind: QuantKind) -> RowsFn {
     }
 }
 
+/// Tokens per tile of [`TileFn`].
+pub const TILE: usize = 4;
+
+/// A tile kernel: `out[i][j] = dot(row row0 + i of weight, acts[j])` for every row `i` of
+/// `out` and each of [`TILE`] tokens `j`. Each weight block is unpacked once for all the
+/// tokens, and each (row, token) sum is formed in exactly the order of [`RowsFn`], so a
+/// token gets bit for bit what it gets alone.
+pub type TileFn = fn(&[u8], usize, [&[ActBlock]; TILE], &mut [[f32; TILE]], usize);
+
+/// The tile kernel for `kind`, where one exists for this CPU.
+pub fn best_tile(kind: QuantKind) -> Option<TileFn> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        return match kind {
+            QuantKind::Q4_1 => Some(avx2::q4_1_tile),
+            QuantKind::Q8_0 => Some(avx2::q8_0_tile),
+            QuantKind::Q4_0 => None,
+        };
+    }
+    let _ = kind;
+    None
+}
+
 /// The scalar row kernel (the reference in tests).
 pub fn scalar(kind: QuantKind) -> RowsFn {
     match kind {
@@ -117,7 +140,7 @@ pub fn scalar(kind: QuantKind) -> RowsFn {
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::ActBlock;
+    use super::{ActBlock, TILE};
 
     fn check(w: &[u8], row_bytes: usize, acts: &[ActBlock], out: &[f32], row0: usize, bb: usize) {
         assert!(row_bytes >= acts.len() * bb);
@@ -140,6 +163,42 @@ pub(crate) mod avx2 {
         check(w, rb, a, o, r0, 34);
         // SAFETY: as above.
         unsafe { q8_0_rows(w, rb, a, o, r0) }
+    }
+
+    fn check_tile(
+        w: &[u8],
+        rb: usize,
+        a: &[&[ActBlock]; TILE],
+        o: &[[f32; TILE]],
+        r0: usize,
+        bb: usize,
+    ) {
+        let kb = a[0].len();
+        assert!(a.iter().all(|t| t.len() == kb));
+        assert!(rb >= kb * bb);
+        assert!(w.len() >= (r0 + o.len()) * rb);
+    }
+    pub fn q4_1_tile(
+        w: &[u8],
+        rb: usize,
+        a: [&[ActBlock]; TILE],
+        o: &mut [[f32; TILE]],
+        r0: usize,
+    ) {
+        check_tile(w, rb, &a, o, r0, 20);
+        // SAFETY: as above.
+        unsafe { q4_1_tile_rows(w, rb, a, o, r0) }
+    }
+    pub fn q8_0_tile(
+        w: &[u8],
+        rb: usize,
+        a: [&[ActBlock]; TILE],
+        o: &mut [[f32; TILE]],
+        r0: usize,
+    ) {
+        check_tile(w, rb, &a, o, r0, 34);
+        // SAFETY: as above.
+        unsafe { q8_0_tile_rows(w, rb, a, o, r0) }
     }
 
     /// Horizontal sum of 8 lanes.
@@ -278,6 +337,89 @@ pub(crate) mod avx2 {
             *y = hsum(acc);
         }
     }
+
+    /// The 4 tokens' scales `d` and min terms `s` of block `k`.
+    #[inline(always)]
+    unsafe fn tile_scales<'a>(
+        acts: &[&'a [ActBlock]; TILE],
+        k: usize,
+    ) -> ([&'a ActBlock; TILE], __m128) {
+        let a = [
+            acts[0].get_unchecked(k),
+            acts[1].get_unchecked(k),
+            acts[2].get_unchecked(k),
+            acts[3].get_unchecked(k),
+        ];
+        (a, _mm_setr_ps(a[0].s, a[1].s, a[2].s, a[3].s))
+    }
+
+    // A Q4_1 tile: per row and token, one vector accumulator over the blocks in order plus
+    // the min term summed in f32 (four tokens' min terms side by side in one vector: lane j
+    // computes exactly `mins += m * s_j`), the order of `q4_1_rows`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_tile_rows(
+        w: &[u8],
+        rb: usize,
+        acts: [&[ActBlock]; TILE],
+        out: &mut [[f32; TILE]],
+        row0: usize,
+    ) {
+        let kb = acts[0].len();
+        for (i, y) in out.iter_mut().enumerate() {
+            let p = w.as_ptr().add((row0 + i) * rb);
+            let mut acc = [_mm256_setzero_ps(); TILE];
+            let mut mins = _mm_setzero_ps();
+            for k in 0..kb {
+                let b = p.add(k * 20);
+                let dm = f16x2(b);
+                let d = _mm_cvtss_f32(dm);
+                let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+                let q = nibbles(b.add(4));
+                let (a, s) = tile_scales(&acts, k);
+                for j in 0..TILE {
+                    let sc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_set1_ps(a[j].d));
+                    acc[j] = _mm256_fmadd_ps(sc, dot_us(q, acts_q(a[j])), acc[j]);
+                }
+                mins = _mm_add_ps(mins, _mm_mul_ps(_mm_set1_ps(m), s));
+            }
+            let mut m4 = [0f32; TILE];
+            _mm_storeu_ps(m4.as_mut_ptr(), mins);
+            for j in 0..TILE {
+                y[j] = hsum(acc[j]) + m4[j];
+            }
+        }
+    }
+
+    // A Q8_0 tile, in the order of `q8_0_rows`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_tile_rows(
+        w: &[u8],
+        rb: usize,
+        acts: [&[ActBlock]; TILE],
+        out: &mut [[f32; TILE]],
+        row0: usize,
+    ) {
+        let kb = acts[0].len();
+        for (i, y) in out.iter_mut().enumerate() {
+            let p = w.as_ptr().add((row0 + i) * rb);
+            let mut acc = [_mm256_setzero_ps(); TILE];
+            for k in 0..kb {
+                let b = p.add(k * 34);
+                let d = _mm_cvtss_f32(f16x2(b));
+                let q = _mm256_loadu_si256(b.add(2) as *const __m256i);
+                let qa = _mm256_sign_epi8(q, q);
+                let (a, _) = tile_scales(&acts, k);
+                for j in 0..TILE {
+                    let sc = _mm256_set1_ps(d * a[j].d);
+                    let x = _mm256_sign_epi8(acts_q(a[j]), q);
+                    acc[j] = _mm256_fmadd_ps(sc, dot_us(qa, x), acc[j]);
+                }
+            }
+            for j in 0..TILE {
+                y[j] = hsum(acc[j]);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -300,6 +442,50 @@ mod tests {
             }
         }
         row
+    }
+
+    #[test]
+    fn tiles_equal_rows_bit_for_bit() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
+            let Some(tile) = best_tile(kind) else {
+                continue;
+            };
+            let (rows, blocks) = (5usize, 18usize);
+            let w: Vec<u8> = (0..rows)
+                .flat_map(|_| random_row(kind, blocks, &mut rng))
+                .collect();
+            let rb = w.len() / rows;
+            let acts: Vec<Vec<ActBlock>> = (0..TILE)
+                .map(|_| {
+                    let x: Vec<f32> = (0..blocks * BLOCK)
+                        .map(|_| rng.gen_range(-2.0..2.0))
+                        .collect();
+                    let mut a = vec![ActBlock::default(); blocks];
+                    quantize_acts(&x, &mut a);
+                    a
+                })
+                .collect();
+            let mut out = vec![[0f32; TILE]; rows - 1];
+            tile(
+                &w,
+                rb,
+                [&acts[0], &acts[1], &acts[2], &acts[3]],
+                &mut out,
+                1,
+            );
+            for j in 0..TILE {
+                let mut alone = vec![0f32; rows - 1];
+                best(kind)(&w, rb, &acts[j], &mut alone, 1);
+                for i in 0..rows - 1 {
+                    assert_eq!(
+                        out[i][j].to_bits(),
+                        alone[i].to_bits(),
+                        "{kind:?} row {i} token {j}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `y = x · Wᵀ` for a quantized `W` held as raw GGUF bytes, threaded on [`super::pool`].
 
 use super::blocks::{quantize_acts, ActBlock, QuantKind, BLOCK};
-use super::dot::best;
+use super::dot::{best, best_tile, RowsFn, TileFn, TILE};
 use super::pool::{global, parallel_chunks_mut};
 
 /// Activations quantized once per call and shared by every weight row.
@@ -31,6 +31,58 @@ impl QuantizedActs {
     }
 }
 
+/// Weight rows dotted with every token of a task while they are hot in L1.
+const ROWS: usize = 16;
+
+/// The row kernel of a format, and its tile kernel where there is one.
+struct Kernels {
+    rows: RowsFn,
+    tile: Option<TileFn>,
+}
+
+/// Dots `w` weight rows from `row0` (at most `ROWS`) with every token of `tokens`, while the
+/// rows are hot in L1: [`TILE`] tokens at a time where a tile kernel exists, then one at a
+/// time. `put(i, t, v)` stores row `row0 + i` of token `t`.
+#[allow(clippy::too_many_arguments)]
+fn block_all_tokens(
+    kern: &Kernels,
+    weight: &[u8],
+    row_bytes: usize,
+    acts: &QuantizedActs,
+    tokens: std::ops::Range<usize>,
+    row0: usize,
+    w: usize,
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    debug_assert!(w <= ROWS);
+    let mut t = tokens.start;
+    if let Some(tile) = kern.tile {
+        let mut tmp = [[0f32; TILE]; ROWS];
+        while t + TILE <= tokens.end {
+            let a = [
+                acts.row(t),
+                acts.row(t + 1),
+                acts.row(t + 2),
+                acts.row(t + 3),
+            ];
+            tile(weight, row_bytes, a, &mut tmp[..w], row0);
+            for (i, r) in tmp[..w].iter().enumerate() {
+                for (j, &v) in r.iter().enumerate() {
+                    put(i, t + j, v);
+                }
+            }
+            t += TILE;
+        }
+    }
+    let mut tmp = [0f32; ROWS];
+    for t in t..tokens.end {
+        (kern.rows)(weight, row_bytes, acts.row(t), &mut tmp[..w], row0);
+        for (i, &v) in tmp[..w].iter().enumerate() {
+            put(i, t, v);
+        }
+    }
+}
+
 /// Up to this many tokens, the weight rows are split among threads (W streamed once);
 /// above it, the tokens are.
 const SMALL_BATCH: usize = 32;
@@ -47,9 +99,12 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
     debug_assert_eq!(out.len(), n * rows);
     let acts = QuantizedActs::new(x, k);
     let rows_fn = best(kind);
+    let kern = Kernels {
+        rows: rows_fn,
+        tile: best_tile(kind),
+    };
     let threads = global().threads();
 
-    const ROWS: usize = 16;
     if n == 1 {
         // One token (decode): split the weight rows, so every thread streams its share of W
         // once.
@@ -67,15 +122,20 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
         parallel_chunks_mut(&mut by_row, chunk * n, |c, o| {
             let r0 = c * chunk;
             let nr = o.len() / n;
-            let mut tmp = [0f32; ROWS];
             for rb in (0..nr).step_by(ROWS) {
                 let w = (nr - rb).min(ROWS);
-                for t in 0..n {
-                    rows_fn(weight, row_bytes, acts.row(t), &mut tmp[..w], r0 + rb);
-                    for (i, &v) in tmp[..w].iter().enumerate() {
+                block_all_tokens(
+                    &kern,
+                    weight,
+                    row_bytes,
+                    &acts,
+                    0..n,
+                    r0 + rb,
+                    w,
+                    |i, t, v| {
                         o[(rb + i) * n + t] = v;
-                    }
-                }
+                    },
+                );
             }
         });
         for (r, col) in by_row.chunks_exact(n).enumerate() {
@@ -91,16 +151,19 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
             let t0 = c * per_task;
             let nt = o.len() / rows;
             for r0 in (0..rows).step_by(ROWS) {
-                let r1 = (r0 + ROWS).min(rows);
-                for t in 0..nt {
-                    rows_fn(
-                        weight,
-                        row_bytes,
-                        acts.row(t0 + t),
-                        &mut o[t * rows + r0..t * rows + r1],
-                        r0,
-                    );
-                }
+                let w = (rows - r0).min(ROWS);
+                block_all_tokens(
+                    &kern,
+                    weight,
+                    row_bytes,
+                    &acts,
+                    t0..t0 + nt,
+                    r0,
+                    w,
+                    |i, t, v| {
+                        o[(t - t0) * rows + r0 + i] = v;
+                    },
+                );
             }
         });
     }

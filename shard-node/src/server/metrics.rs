@@ -100,7 +100,18 @@ pub fn render(node: &Node) -> String {
         "The runtime's own bytes at start-up.",
         r.baseline,
     );
-    if let Some(pool) = common::memory::pool_usage(&node.device) {
+    line(
+        &mut out,
+        "shard_device_open",
+        "gauge",
+        "Whether the node holds its device open (it closes it when nothing lives on it).",
+        u64::from(node.device.is_open()),
+    );
+    if let Some(pool) = node
+        .device
+        .current()
+        .and_then(|d| common::memory::pool_usage(&d))
+    {
         line(
             &mut out,
             "shard_device_pool_reserved_bytes",
