@@ -307,6 +307,8 @@ def memory(a, dev, gpu, quick):
     time.sleep(1)
     idle = vram_mib(gpu)
     log("vram", phase="node idle (CUDA context, no slice)", mib=idle, node=pool())
+    time.sleep(3)
+    log("vram", phase="node idle 3 s later (device closed when unused)", mib=vram_mib(gpu), node=pool())
     coord, url = spawn(coord_args(a, [naddr]), "coord")
     url = f"http://{url}"
     completion(url, "warm up", 16)
