@@ -123,7 +123,10 @@ def pool():
         return {"pool_reserved_mib": mib("shard_device_pool_reserved_bytes"),
                 "pool_used_mib": mib("shard_device_pool_used_bytes"),
                 "device_free_mib": mib("shard_device_free_bytes"),
-                "attributed_mib": mib("shard_attributed_bytes")}
+                "attributed_mib": mib("shard_attributed_bytes"),
+                "device_open": vals.get("shard_device_open"),
+                "handles": vals.get("shard_device_handles"),
+                "idle_handles": vals.get("shard_device_idle_handles")}
     except Exception as e:  # noqa: BLE001
         return f"error: {e}"
 

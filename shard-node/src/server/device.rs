@@ -57,9 +57,11 @@ impl DeviceSlot {
                 Ok(o.device.clone())
             }
             None => {
-                let device = self.spec.open()?;
+                // Count the device's own handles before any clone is handed out.
+                let open = Open::new(self.spec.open()?);
                 tracing::info!(device = %self.spec, "device opened");
-                *g = Some(Open::new(device.clone()));
+                let device = open.device.clone();
+                *g = Some(open);
                 Ok(device)
             }
         }
@@ -115,9 +117,19 @@ impl DeviceSlot {
         if let Some(m) = common::memory::device_memory(&o.device) {
             *lock(&self.last) = Some(m);
         }
-        *g = None;
+        if let Some(o) = g.take() {
+            common::memory::close_device(o.device);
+        }
         tracing::info!(device = %self.spec, "device closed: nothing lives on it");
         true
+    }
+
+    /// `(handles now, handles when opened)`, while open on CUDA: equal when nothing but the
+    /// node's own handle refers to the device.
+    pub fn handles(&self) -> Option<(usize, usize)> {
+        let g = lock(&self.open);
+        let o = g.as_ref()?;
+        Some((cuda_handles(&o.device)?, o.idle_handles?))
     }
 }
 

@@ -107,6 +107,22 @@ pub fn render(node: &Node) -> String {
         "Whether the node holds its device open (it closes it when nothing lives on it).",
         u64::from(node.device.is_open()),
     );
+    if let Some((now, idle)) = node.device.handles() {
+        line(
+            &mut out,
+            "shard_device_handles",
+            "gauge",
+            "Handles to the device (its clones, buffers, BLAS and RNG); CUDA, while open.",
+            now as u64,
+        );
+        line(
+            &mut out,
+            "shard_device_idle_handles",
+            "gauge",
+            "Handles to the device when it was opened.",
+            idle as u64,
+        );
+    }
     if let Some(pool) = node
         .device
         .current()
