@@ -138,7 +138,7 @@ pub fn close_device(device: Device) {
         }
         return;
     }
-    drop(device);
+    let _ = device;
 }
 
 /// The process's resident set in bytes (`VmRSS`), if it can be read.
