@@ -365,8 +365,44 @@ pub(crate) mod avx2 {
         row0: usize,
     ) {
         let kb = acts[0].len();
-        for (i, y) in out.iter_mut().enumerate() {
-            let p = w.as_ptr().add((row0 + i) * rb);
+        // Two rows at a time share the activations' loads; a last odd row runs alone.
+        let mut pairs = out.chunks_exact_mut(2);
+        let mut r = row0;
+        for pair in &mut pairs {
+            let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
+            let mut acc0 = [_mm256_setzero_ps(); TILE];
+            let mut acc1 = [_mm256_setzero_ps(); TILE];
+            let (mut mins0, mut mins1) = (_mm_setzero_ps(), _mm_setzero_ps());
+            for k in 0..kb {
+                let (b0, b1) = (p0.add(k * 20), p1.add(k * 20));
+                let (dm0, dm1) = (f16x2(b0), f16x2(b1));
+                let (d0, d1) = (_mm_cvtss_f32(dm0), _mm_cvtss_f32(dm1));
+                let (q0, q1) = (nibbles(b0.add(4)), nibbles(b1.add(4)));
+                let (a, s) = tile_scales(&acts, k);
+                for j in 0..TILE {
+                    let qa = acts_q(a[j]);
+                    let ad = _mm256_set1_ps(a[j].d);
+                    let sc0 = _mm256_mul_ps(_mm256_set1_ps(d0), ad);
+                    let sc1 = _mm256_mul_ps(_mm256_set1_ps(d1), ad);
+                    acc0[j] = _mm256_fmadd_ps(sc0, dot_us(q0, qa), acc0[j]);
+                    acc1[j] = _mm256_fmadd_ps(sc1, dot_us(q1, qa), acc1[j]);
+                }
+                let m0 = _mm_cvtss_f32(_mm_movehdup_ps(dm0));
+                let m1 = _mm_cvtss_f32(_mm_movehdup_ps(dm1));
+                mins0 = _mm_add_ps(mins0, _mm_mul_ps(_mm_set1_ps(m0), s));
+                mins1 = _mm_add_ps(mins1, _mm_mul_ps(_mm_set1_ps(m1), s));
+            }
+            for (y, (acc, mins)) in pair.iter_mut().zip([(acc0, mins0), (acc1, mins1)]) {
+                let mut m4 = [0f32; TILE];
+                _mm_storeu_ps(m4.as_mut_ptr(), mins);
+                for j in 0..TILE {
+                    y[j] = hsum(acc[j]) + m4[j];
+                }
+            }
+            r += 2;
+        }
+        for y in pairs.into_remainder() {
+            let p = w.as_ptr().add(r * rb);
             let mut acc = [_mm256_setzero_ps(); TILE];
             let mut mins = _mm_setzero_ps();
             for k in 0..kb {
