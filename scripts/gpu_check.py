@@ -124,9 +124,7 @@ def pool():
                 "pool_used_mib": mib("shard_device_pool_used_bytes"),
                 "device_free_mib": mib("shard_device_free_bytes"),
                 "attributed_mib": mib("shard_attributed_bytes"),
-                "device_open": vals.get("shard_device_open"),
-                "handles": vals.get("shard_device_handles"),
-                "idle_handles": vals.get("shard_device_idle_handles")}
+                "handles": vals.get("shard_device_handles")}
     except Exception as e:  # noqa: BLE001
         return f"error: {e}"
 
@@ -309,9 +307,7 @@ def memory(a, dev, gpu, quick):
     node, naddr = spawn(node_args(a, dev), "node")
     time.sleep(1)
     idle = vram_mib(gpu)
-    log("vram", phase="node idle (CUDA context, no slice)", mib=idle, node=pool())
-    time.sleep(3)
-    log("vram", phase="node idle 3 s later (device closed when unused)", mib=vram_mib(gpu), node=pool())
+    log("vram", phase="node idle (CUDA context and warm-up, no slice)", mib=idle, node=pool())
     coord, url = spawn(coord_args(a, [naddr]), "coord")
     url = f"http://{url}"
     completion(url, "warm up", 16)

@@ -11,6 +11,8 @@
 //! - [`stop`]: stop strings over streamed text.
 //! - [`generate`]: a local chain of stages and the generation loop.
 //! - [`device`]: `cpu` / `cuda:N` device names and the CPU thread pool.
+//! - [`warmup`]: running every kind of CUDA kernel once at start-up, so that candle's
+//!   lazily kept device memory is allocated before anything a client causes.
 //! - [`registry`]: the cluster's state in etcd (membership, plan, 2PC decisions, drains).
 //! - [`error`]: [`Error`], this crate's one error type.
 
@@ -28,3 +30,4 @@ pub mod sampling;
 pub mod stop;
 pub mod telemetry;
 pub mod tokenizer;
+pub mod warmup;

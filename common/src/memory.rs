@@ -112,35 +112,6 @@ pub fn release_device_cache(device: &Device) -> Option<(PoolUsage, PoolUsage)> {
     None
 }
 
-/// Drops `device` (the caller's last handle), then gives what that freed back to the driver:
-/// dropping candle's device destroys its cuBLAS and cuRAND handles, whose workspaces come
-/// from the same stream-ordered pool, so the pool is trimmed after the drop, through the
-/// context kept alive for just that. The CUDA runtime that cuBLAS uses keeps the primary
-/// context itself until the process exits, so the context's own few hundred MiB stay.
-pub fn close_device(device: Device) {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = &device {
-        use candle_core::cuda_backend::cudarc::driver::result;
-        let ctx = d.cuda_stream().context().clone();
-        drop(device);
-        if let Err(e) = ctx.synchronize() {
-            tracing::warn!("synchronizing the device after closing it: {e}");
-            return;
-        }
-        #[allow(unsafe_code)]
-        // SAFETY: as in `release_device_cache`.
-        let trimmed = unsafe {
-            result::device::get_mem_pool(ctx.cu_device())
-                .and_then(|pool| result::mem_pool::trim_to(pool, 0))
-        };
-        if let Err(e) = trimmed {
-            tracing::warn!("trimming the CUDA memory pool after closing the device: {e}");
-        }
-        return;
-    }
-    let _ = device;
-}
-
 /// The process's resident set in bytes (`VmRSS`), if it can be read.
 pub fn process_rss() -> Option<u64> {
     kib(

@@ -65,6 +65,10 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
     common::telemetry::init_logging();
     init_threads(o.threads)?;
     let device = o.device.open()?;
+    // Before the baseline is measured (`Node::new`): what candle keeps for good is allocated
+    // now, and counted as the node's own.
+    common::warmup::warm_up(&device)?;
+    common::memory::release_device_cache(&device);
     let cfg = NodeConfig {
         models_dir: o.models_dir,
         device: o.device,

@@ -26,8 +26,8 @@ pub struct Report {
 pub fn report(node: &Node) -> Report {
     let held = node.held();
     let attributed: u64 = held.iter().map(Held::total).sum();
-    let (device_free, device_total) = node.device.memory().unwrap_or((0, 0));
-    let in_use = node.device.in_use();
+    let (device_free, device_total) = common::memory::device_memory(&node.device).unwrap_or((0, 0));
+    let in_use = common::memory::in_use(&node.device);
     Report {
         held,
         attributed,

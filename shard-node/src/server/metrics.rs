@@ -100,34 +100,16 @@ pub fn render(node: &Node) -> String {
         "The runtime's own bytes at start-up.",
         r.baseline,
     );
-    line(
-        &mut out,
-        "shard_device_open",
-        "gauge",
-        "Whether the node holds its device open (it closes it when nothing lives on it).",
-        u64::from(node.device.is_open()),
-    );
-    if let Some((now, idle)) = node.device.handles() {
+    if let Some(handles) = common::device::cuda_handles(&node.device) {
         line(
             &mut out,
             "shard_device_handles",
             "gauge",
-            "Handles to the device (its clones, buffers, BLAS and RNG); CUDA, while open.",
-            now as u64,
-        );
-        line(
-            &mut out,
-            "shard_device_idle_handles",
-            "gauge",
-            "Handles to the device when it was opened.",
-            idle as u64,
+            "Handles to the device: its clones, every buffer on it, candle's BLAS and RNG and workspaces (CUDA).",
+            handles as u64,
         );
     }
-    if let Some(pool) = node
-        .device
-        .current()
-        .and_then(|d| common::memory::pool_usage(&d))
-    {
+    if let Some(pool) = common::memory::pool_usage(&node.device) {
         line(
             &mut out,
             "shard_device_pool_reserved_bytes",

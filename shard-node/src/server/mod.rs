@@ -4,7 +4,6 @@
 //! - [`state`]: [`Node`], the slices and sessions, each owned by a lease.
 //! - [`lease`]: the lease table, TTLs and activation charges.
 //! - [`accounting`]: the memory report (per lease and kind; device; unattributed).
-//! - [`device`]: the device handle, closed when nothing lives on the device.
 //! - [`trim`]: giving freed heap memory back to the OS.
 //! - [`service`]: the `ShardNode` calls of one connection.
 //! - [`compute`]: the thread forward passes run on.
@@ -17,7 +16,6 @@
 pub mod accounting;
 pub mod batch;
 pub mod compute;
-pub mod device;
 pub mod lease;
 pub mod metrics;
 pub mod peer;

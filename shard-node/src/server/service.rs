@@ -85,7 +85,7 @@ impl Conn {
             return Ok(info(&s));
         }
         let path = self.node.cfg.models_dir.join(&req.model);
-        let device = self.node.device.get().map_err(shard_err)?;
+        let device = self.node.device.clone();
         let limit = self.node.cfg.memory_limit;
         let max_ctx = req.max_ctx as usize;
         let want_sha = req.sha256.to_lowercase();

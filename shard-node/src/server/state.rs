@@ -15,7 +15,6 @@ use tokio::sync::mpsc;
 
 use super::batch::Onward;
 use super::compute::Compute;
-use super::device::DeviceSlot;
 use super::lease::Leases;
 use super::metrics::Metrics;
 use super::peer::PeerPool;
@@ -151,8 +150,8 @@ impl Held {
 pub struct Node {
     /// Configuration.
     pub cfg: NodeConfig,
-    /// The device, open while something lives on it.
-    pub device: DeviceSlot,
+    /// The opened device.
+    pub device: Device,
     /// The compute thread.
     pub compute: Compute,
     /// Counters.
@@ -207,7 +206,6 @@ impl Node {
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::unbounded_channel();
         let baseline = common::memory::in_use(&device);
-        let device = DeviceSlot::new(cfg.device, device);
         let node = Node {
             baseline,
             leases: Leases::new(cfg.lease_ttl),
@@ -308,11 +306,7 @@ impl Node {
                 }
                 // Device buffers go back to the driver whatever --no-malloc-trim says: a
                 // cached pool is exactly the leak this node exists to avoid.
-                if let Some((before, after)) = self
-                    .device
-                    .current()
-                    .and_then(|d| common::memory::release_device_cache(&d))
-                {
+                if let Some((before, after)) = common::memory::release_device_cache(&self.device) {
                     if after.reserved < before.reserved {
                         tracing::info!(
                             released = before.reserved - after.reserved,
@@ -324,11 +318,6 @@ impl Node {
                 }
             }
             _ => *until = None,
-        }
-        drop(until);
-        // Nothing left on the device: give back the context too (see [`DeviceSlot`]).
-        if lock(&self.slices).is_empty() && lock(&self.sessions).is_empty() {
-            self.device.close_if_unused(TRIM_WINDOW);
         }
     }
 
@@ -655,7 +644,8 @@ impl Node {
 
     /// Free bytes for the planner: the limit (or the device's total) less what is reserved.
     pub fn free_bytes(&self) -> (u64, u64) {
-        let (dev_free, dev_total) = self.device.memory().unwrap_or((u64::MAX, u64::MAX));
+        let (dev_free, dev_total) =
+            common::memory::device_memory(&self.device).unwrap_or((u64::MAX, u64::MAX));
         match self.cfg.memory_limit {
             Some(limit) => (limit.saturating_sub(self.reserved_bytes()), limit),
             None => (dev_free, dev_total),
