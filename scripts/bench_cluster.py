@@ -6,7 +6,8 @@
 
 For 1, 2 and 3 stages it measures single-stream decode tok/s (time between the first and last
 streamed token, so prefill is excluded). With 1 stage it also measures aggregate tok/s with
-1, 4 and 16 concurrent streams (completion tokens over wall time). Prints JSON lines.
+1, 4 and 16 concurrent streams (completion tokens over wall time), --runs times each,
+interleaved. Prints JSON lines.
 `ignore_eos` keeps every stream generating exactly --tokens tokens.
 """
 import argparse, json, os, subprocess, sys, threading, time, urllib.request
@@ -85,19 +86,28 @@ def main():
                               "tokens": a.tokens, "tok_s": rates,
                               "mean": sum(rates) / len(rates)}), flush=True)
             if stages == 1:
-                for n in [int(s) for s in a.streams.split(",")]:
-                    out = [0] * n
-                    th = [threading.Thread(target=complete, args=(url, a.tokens, out, i))
-                          for i in range(n)]
-                    t0 = time.perf_counter()
-                    for x in th:
-                        x.start()
-                    for x in th:
-                        x.join()
-                    dt = time.perf_counter() - t0
+                # Each stream count --runs times, interleaved (1, 4, 16, 1, 4, 16, ...), so a
+                # slow spell of the machine does not land on one count only.
+                counts = [int(s) for s in a.streams.split(",")]
+                agg = {n: [] for n in counts}
+                for _ in range(a.runs):
+                    for n in counts:
+                        out = [0] * n
+                        th = [threading.Thread(target=complete, args=(url, a.tokens, out, i))
+                              for i in range(n)]
+                        t0 = time.perf_counter()
+                        for x in th:
+                            x.start()
+                        for x in th:
+                            x.join()
+                        agg[n].append(sum(out) / (time.perf_counter() - t0))
+                for n in counts:
+                    mean = sum(agg[n]) / len(agg[n])
+                    base = sum(agg[counts[0]]) / len(agg[counts[0]])
                     print(json.dumps({"bench": "aggregate", "streams": n, "stages": stages,
-                                      "threads": a.threads, "tokens": sum(out),
-                                      "seconds": dt, "tok_s": sum(out) / dt}), flush=True)
+                                      "threads": a.threads, "tokens_per_stream": a.tokens,
+                                      "tok_s": agg[n], "mean": mean,
+                                      f"vs_{counts[0]}_stream": mean / base}), flush=True)
         finally:
             for p in procs:
                 p.kill()

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::model::{KvCache, KvDtype, LayerRange, Stage};
+use crate::model::{KvCache, KvDtype, LayerRange, Segment, Stage};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::tokenizer::TextTokenizer;
@@ -147,6 +147,41 @@ impl LocalPipeline {
         }
         let last = last.ok_or_else(|| Error::InvalidInput("empty prompt".into()))?;
         Ok(last.squeeze(0)?.to_vec1::<f32>()?)
+    }
+
+    /// One decode step of several sessions at once, batched the way a node batches them
+    /// (one forward pass per stage over every session's row): `tokens[i]` goes to
+    /// `sessions[i]`. Returns `[sessions, vocab]` logits.
+    pub fn decode_batch(
+        &self,
+        sessions: &mut [&mut LocalSession],
+        tokens: &[u32],
+    ) -> Result<Tensor> {
+        if sessions.len() != tokens.len() || tokens.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "{} tokens for {} sessions",
+                tokens.len(),
+                sessions.len()
+            )));
+        }
+        let mut x = self.first()?.embed(tokens)?;
+        for (si, stage) in self.stages.iter().enumerate() {
+            let mut segs = Vec::with_capacity(sessions.len());
+            for sess in sessions.iter_mut() {
+                let cache = sess
+                    .caches
+                    .get_mut(si)
+                    .ok_or_else(|| Error::Config("session of another pipeline".into()))?;
+                let start = cache.len();
+                segs.push(Segment {
+                    cache,
+                    start,
+                    len: 1,
+                });
+            }
+            x = stage.forward_batch(&x, &mut segs)?;
+        }
+        self.last()?.head(&x)
     }
 
     /// One decode step.

@@ -96,6 +96,9 @@ enum Command {
         /// what that tracking costs; safe here because the benchmark runs on one thread).
         #[arg(long)]
         no_event_tracking: bool,
+        /// Also time batched decode of this many concurrent sessions (continuous batching).
+        #[arg(long, default_value_t = 0)]
+        batch: usize,
     },
 }
 
@@ -153,6 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             gen_tokens,
             runs,
             no_event_tracking,
+            batch,
         } => bench_cmd::run(&BenchOptions {
             model: m.model,
             prompt_tokens,
@@ -162,6 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runs,
             split: m.split,
             no_event_tracking,
+            batch,
         }),
     }
 }

@@ -1,4 +1,5 @@
 //! GGUF block layouts for the formats with fast CPU paths, and activation quantization.
+#![allow(unsafe_code)]
 
 use half::f16;
 
@@ -68,8 +69,20 @@ pub(crate) fn f16_at(bytes: &[u8], at: usize) -> f32 {
 
 /// Quantizes `x` (a multiple of 32 long) into `out`, one block per 32 values, rounding as
 /// llama.cpp does (ties to even, scales stored through f16) so both engines see the same
-/// integers.
+/// integers. Uses AVX2 where the CPU has it; the result is bit for bit the scalar one's.
 pub fn quantize_acts(x: &[f32], out: &mut [ActBlock]) {
+    assert_eq!(x.len(), out.len() * BLOCK, "quantize_acts: length mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if super::dot::has_avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above), and the lengths match.
+        unsafe { avx2::quantize(x, out) };
+        return;
+    }
+    quantize_acts_scalar(x, out);
+}
+
+/// The scalar reference of [`quantize_acts`].
+pub fn quantize_acts_scalar(x: &[f32], out: &mut [ActBlock]) {
     debug_assert_eq!(x.len(), out.len() * BLOCK);
     for (chunk, blk) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -83,6 +96,67 @@ pub fn quantize_acts(x: &[f32], out: &mut [ActBlock]) {
         }
         blk.d = f16::from_f32(d).to_f32();
         blk.s = f16::from_f32(d * sum as f32).to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{ActBlock, BLOCK};
+
+    /// [`super::quantize_acts_scalar`] eight lanes at a time: the same products `v * id`,
+    /// the same ties-to-even rounding, an exact maximum and an exact integer sum, so the
+    /// same bytes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize(x: &[f32], out: &mut [ActBlock]) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        for (chunk, blk) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+            let p = chunk.as_ptr();
+            let v = [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ];
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+            );
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let d = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let idv = _mm256_set1_ps(id);
+            let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+            let q = v.map(|v| {
+                let r = _mm256_round_ps(
+                    _mm256_mul_ps(v, idv),
+                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+                );
+                _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(r), lo), hi)
+            });
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let s = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256(sum, 1),
+            );
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+            let sum = _mm_cvtsi128_si32(s);
+            // i32 -> i16 -> i8 packs work per 128-bit lane; the permute puts the bytes back
+            // in order.
+            let w01 = _mm256_packs_epi32(q[0], q[1]);
+            let w23 = _mm256_packs_epi32(q[2], q[3]);
+            let b = _mm256_packs_epi16(w01, w23);
+            let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(blk.qs.as_mut_ptr() as *mut __m256i, b);
+            blk.d = f16::from_f32(d).to_f32();
+            blk.s = f16::from_f32(d * sum as f32).to_f32();
+        }
     }
 }
 
@@ -109,6 +183,43 @@ pub fn dequantize_row(kind: QuantKind, row: &[u8], out: &mut [f32]) {
                 for j in 0..BLOCK {
                     o[j] = d * f32::from(b[2 + j] as i8);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn quantizer_equals_scalar_bit_for_bit() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for case in 0..200 {
+            let blocks = 1 + case % 9;
+            let scale = [1e-3f32, 1.0, 37.0, 1e4][case % 4];
+            let mut x: Vec<f32> = (0..blocks * BLOCK)
+                .map(|_| rng.gen_range(-1.0f32..1.0) * scale)
+                .collect();
+            // Zero blocks, exact ties and the extremes.
+            if case % 5 == 0 {
+                x[..BLOCK].fill(0.0);
+            }
+            if case % 7 == 0 {
+                x[1] = 0.5;
+                x[2] = -2.5;
+            }
+            let (mut a, mut b) = (
+                vec![ActBlock::default(); blocks],
+                vec![ActBlock::default(); blocks],
+            );
+            quantize_acts(&x, &mut a);
+            quantize_acts_scalar(&x, &mut b);
+            for (p, q) in a.iter().zip(&b) {
+                assert_eq!(p.qs, q.qs, "case {case}");
+                assert_eq!(p.d.to_bits(), q.d.to_bits(), "case {case}");
+                assert_eq!(p.s.to_bits(), q.s.to_bits(), "case {case}");
             }
         }
     }

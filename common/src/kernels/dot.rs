@@ -87,14 +87,35 @@ pub fn has_avx2() -> bool {
     })
 }
 
+/// Whether the AVX-VNNI kernels can run here (AVX2 plus `vpdpbusd` on 256-bit vectors).
+pub fn has_vnni() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            has_avx2() && std::is_x86_feature_detected!("avxvnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
 /// The fastest row kernel this CPU supports for `kind`, detected once.
 pub fn best(kind: QuantKind) -> RowsFn {
     #[cfg(target_arch = "x86_64")]
+    if has_vnni() {
+        return match kind {
+            QuantKind::Q4_0 => avx2::vnni::q4_0,
+            QuantKind::Q4_1 => avx2::vnni::q4_1,
+            QuantKind::Q8_0 => avx2::vnni::q8_0,
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         return match kind {
-            QuantKind::Q4_0 => avx2::q4_0,
-            QuantKind::Q4_1 => avx2::q4_1,
-            QuantKind::Q8_0 => avx2::q8_0,
+            QuantKind::Q4_0 => avx2::plain::q4_0,
+            QuantKind::Q4_1 => avx2::plain::q4_1,
+            QuantKind::Q8_0 => avx2::plain::q8_0,
         };
     }
     match kind {
@@ -115,11 +136,22 @@ pub type TileFn = fn(&[u8], usize, [&[ActBlock]; TILE], &mut [[f32; TILE]], usiz
 
 /// The tile kernel for `kind`, where one exists for this CPU.
 pub fn best_tile(kind: QuantKind) -> Option<TileFn> {
+    if let Some(t) = super::avx512::tile(kind.block_bytes()) {
+        return Some(t);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() {
+        return match kind {
+            QuantKind::Q4_1 => Some(avx2::vnni::q4_1_tile),
+            QuantKind::Q8_0 => Some(avx2::vnni::q8_0_tile),
+            QuantKind::Q4_0 => None,
+        };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         return match kind {
-            QuantKind::Q4_1 => Some(avx2::q4_1_tile),
-            QuantKind::Q8_0 => Some(avx2::q8_0_tile),
+            QuantKind::Q4_1 => Some(avx2::plain::q4_1_tile),
+            QuantKind::Q8_0 => Some(avx2::plain::q8_0_tile),
             QuantKind::Q4_0 => None,
         };
     }
@@ -147,25 +179,7 @@ pub(crate) mod avx2 {
         assert!(w.len() >= (row0 + out.len()) * row_bytes);
     }
 
-    // Safe wrappers: `best` hands these out only after detecting avx2, fma and f16c, and the
-    // bounds are checked here once per call.
-    pub fn q4_0(w: &[u8], rb: usize, a: &[ActBlock], o: &mut [f32], r0: usize) {
-        check(w, rb, a, o, r0, 18);
-        // SAFETY: features detected by `best`; every read is within the checked bounds.
-        unsafe { q4_0_rows(w, rb, a, o, r0) }
-    }
-    pub fn q4_1(w: &[u8], rb: usize, a: &[ActBlock], o: &mut [f32], r0: usize) {
-        check(w, rb, a, o, r0, 20);
-        // SAFETY: as above.
-        unsafe { q4_1_rows(w, rb, a, o, r0) }
-    }
-    pub fn q8_0(w: &[u8], rb: usize, a: &[ActBlock], o: &mut [f32], r0: usize) {
-        check(w, rb, a, o, r0, 34);
-        // SAFETY: as above.
-        unsafe { q8_0_rows(w, rb, a, o, r0) }
-    }
-
-    fn check_tile(
+    pub(crate) fn check_tile(
         w: &[u8],
         rb: usize,
         a: &[&[ActBlock]; TILE],
@@ -178,28 +192,104 @@ pub(crate) mod avx2 {
         assert!(rb >= kb * bb);
         assert!(w.len() >= (r0 + o.len()) * rb);
     }
-    pub fn q4_1_tile(
-        w: &[u8],
-        rb: usize,
-        a: [&[ActBlock]; TILE],
-        o: &mut [[f32; TILE]],
-        r0: usize,
-    ) {
-        check_tile(w, rb, &a, o, r0, 20);
-        // SAFETY: as above.
-        unsafe { q4_1_tile_rows(w, rb, a, o, r0) }
+
+    /// How 32 (unsigned byte × signed byte) products become 8 lane sums of 4, as f32: with
+    /// `maddubs` + `madd` (AVX2) or with one `vpdpbusd` (AVX-VNNI). Both give the same
+    /// integers (no product pair here reaches the i16 saturation of `maddubs`), so the
+    /// kernels give the same bits either way.
+    pub(crate) trait Dot {
+        /// Σ (unsigned a[i] · signed b[i]) over each group of 4 bytes.
+        unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256;
     }
-    pub fn q8_0_tile(
-        w: &[u8],
-        rb: usize,
-        a: [&[ActBlock]; TILE],
-        o: &mut [[f32; TILE]],
-        r0: usize,
-    ) {
-        check_tile(w, rb, &a, o, r0, 34);
-        // SAFETY: as above.
-        unsafe { q8_0_tile_rows(w, rb, a, o, r0) }
+
+    /// AVX2 only.
+    pub(crate) struct Plain;
+    /// AVX-VNNI.
+    pub(crate) struct Vnni;
+
+    impl Dot for Plain {
+        #[inline(always)]
+        unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256 {
+            let p16 = _mm256_maddubs_epi16(a, b);
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+        }
     }
+
+    impl Dot for Vnni {
+        #[inline(always)]
+        unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256 {
+            _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b))
+        }
+    }
+
+    // Safe entry points, one set per instruction set: `best` and `best_tile` hand these out
+    // only after detecting the features, and the bounds are checked here once per call.
+    macro_rules! entry_points {
+        ($mod:ident, $isa:ty, $features:literal) => {
+            pub mod $mod {
+                use super::*;
+
+                macro_rules! rows_entry {
+                    ($name:ident, $kernel:ident, $bb:literal) => {
+                        pub fn $name(
+                            w: &[u8],
+                            rb: usize,
+                            a: &[ActBlock],
+                            o: &mut [f32],
+                            r0: usize,
+                        ) {
+                            #[target_feature(enable = $features)]
+                            unsafe fn k(
+                                w: &[u8],
+                                rb: usize,
+                                a: &[ActBlock],
+                                o: &mut [f32],
+                                r0: usize,
+                            ) {
+                                $kernel::<$isa>(w, rb, a, o, r0)
+                            }
+                            check(w, rb, a, o, r0, $bb);
+                            // SAFETY: features detected by `best`; reads within the checked bounds.
+                            unsafe { k(w, rb, a, o, r0) }
+                        }
+                    };
+                }
+                macro_rules! tile_entry {
+                    ($name:ident, $kernel:ident, $bb:literal) => {
+                        pub fn $name(
+                            w: &[u8],
+                            rb: usize,
+                            a: [&[ActBlock]; TILE],
+                            o: &mut [[f32; TILE]],
+                            r0: usize,
+                        ) {
+                            #[target_feature(enable = $features)]
+                            unsafe fn k(
+                                w: &[u8],
+                                rb: usize,
+                                a: [&[ActBlock]; TILE],
+                                o: &mut [[f32; TILE]],
+                                r0: usize,
+                            ) {
+                                $kernel::<$isa>(w, rb, a, o, r0)
+                            }
+                            check_tile(w, rb, &a, o, r0, $bb);
+                            // SAFETY: features detected by `best_tile`; reads within the
+                            // checked bounds.
+                            unsafe { k(w, rb, a, o, r0) }
+                        }
+                    };
+                }
+                rows_entry!(q4_0, q4_0_rows, 18);
+                rows_entry!(q4_1, q4_1_rows, 20);
+                rows_entry!(q8_0, q8_0_rows, 34);
+                tile_entry!(q4_1_tile, q4_1_tile_rows, 20);
+                tile_entry!(q8_0_tile, q8_0_tile_rows, 34);
+            }
+        };
+    }
+    entry_points!(plain, Plain, "avx2,fma,f16c");
+    entry_points!(vnni, Vnni, "avx2,fma,f16c,avxvnni");
 
     /// Horizontal sum of 8 lanes.
     #[inline]
@@ -227,19 +317,10 @@ pub(crate) mod avx2 {
         _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
     }
 
-    /// Σ (unsigned a[i] * signed b[i]) as 8 f32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256 {
-        let p16 = _mm256_maddubs_epi16(a, b);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
-    }
-
     /// Σ (signed a[i] * signed b[i]) as 8 f32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_ss(a: __m256i, b: __m256i) -> __m256 {
-        dot_us(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
+    #[inline(always)]
+    unsafe fn dot_ss<D: Dot>(a: __m256i, b: __m256i) -> __m256 {
+        D::dot_us(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
     }
 
     #[inline]
@@ -250,20 +331,26 @@ pub(crate) mod avx2 {
 
     /// One Q4_1 block's contribution: `acc += d·ad · Σ q·qa`, and `m·s` returned.
     #[inline(always)]
-    unsafe fn q4_1_block(b: *const u8, a: &ActBlock, qa: __m256i, acc: &mut __m256) -> f32 {
+    unsafe fn q4_1_block<D: Dot>(b: *const u8, a: &ActBlock, qa: __m256i, acc: &mut __m256) -> f32 {
         let dm = f16x2(b);
         let d = _mm_cvtss_f32(dm);
         let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
         let s = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_set1_ps(a.d));
-        *acc = _mm256_fmadd_ps(s, dot_us(nibbles(b.add(4)), qa), *acc);
+        *acc = _mm256_fmadd_ps(s, D::dot_us(nibbles(b.add(4)), qa), *acc);
         m * a.s
     }
 
     // Per row: one accumulator, blocks in order, and the min term summed in scalar f32, the
     // same order of operations as llama.cpp's AVX2 kernel, so both engines get identical
     // sums. Two rows run interleaved to hide the FMA latency without changing that order.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_rows(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f32], row0: usize) {
+    #[inline(always)]
+    unsafe fn q4_1_rows<D: Dot>(
+        w: &[u8],
+        rb: usize,
+        acts: &[ActBlock],
+        out: &mut [f32],
+        row0: usize,
+    ) {
         let mut pairs = out.chunks_exact_mut(2);
         let mut r = row0;
         for pair in &mut pairs {
@@ -272,8 +359,8 @@ pub(crate) mod avx2 {
             let (mut mins0, mut mins1) = (0f32, 0f32);
             for (k, a) in acts.iter().enumerate() {
                 let qa = acts_q(a);
-                mins0 += q4_1_block(p0.add(k * 20), a, qa, &mut acc0);
-                mins1 += q4_1_block(p1.add(k * 20), a, qa, &mut acc1);
+                mins0 += q4_1_block::<D>(p0.add(k * 20), a, qa, &mut acc0);
+                mins1 += q4_1_block::<D>(p1.add(k * 20), a, qa, &mut acc1);
             }
             pair[0] = hsum(acc0) + mins0;
             pair[1] = hsum(acc1) + mins1;
@@ -284,14 +371,20 @@ pub(crate) mod avx2 {
             let mut acc = _mm256_setzero_ps();
             let mut mins = 0f32;
             for (k, a) in acts.iter().enumerate() {
-                mins += q4_1_block(p.add(k * 20), a, acts_q(a), &mut acc);
+                mins += q4_1_block::<D>(p.add(k * 20), a, acts_q(a), &mut acc);
             }
             *y = hsum(acc) + mins;
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0_rows(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f32], row0: usize) {
+    #[inline(always)]
+    unsafe fn q4_0_rows<D: Dot>(
+        w: &[u8],
+        rb: usize,
+        acts: &[ActBlock],
+        out: &mut [f32],
+        row0: usize,
+    ) {
         for (i, y) in out.iter_mut().enumerate() {
             let p = w.as_ptr().add((row0 + i) * rb);
             let mut acc = _mm256_setzero_ps();
@@ -299,21 +392,27 @@ pub(crate) mod avx2 {
                 let b = p.add(k * 18);
                 let d = _mm_cvtss_f32(f16x2(b));
                 let qx = _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot_ss(qx, acts_q(a)), acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot_ss::<D>(qx, acts_q(a)), acc);
             }
             *y = hsum(acc);
         }
     }
 
     #[inline(always)]
-    unsafe fn q8_0_block(b: *const u8, a: &ActBlock, qa: __m256i, acc: &mut __m256) {
+    unsafe fn q8_0_block<D: Dot>(b: *const u8, a: &ActBlock, qa: __m256i, acc: &mut __m256) {
         let d = _mm256_set1_ps(_mm_cvtss_f32(f16x2(b)) * a.d);
         let q = _mm256_loadu_si256(b.add(2) as *const __m256i);
-        *acc = _mm256_fmadd_ps(d, dot_ss(q, qa), *acc);
+        *acc = _mm256_fmadd_ps(d, dot_ss::<D>(q, qa), *acc);
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_rows(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f32], row0: usize) {
+    #[inline(always)]
+    unsafe fn q8_0_rows<D: Dot>(
+        w: &[u8],
+        rb: usize,
+        acts: &[ActBlock],
+        out: &mut [f32],
+        row0: usize,
+    ) {
         let mut pairs = out.chunks_exact_mut(2);
         let mut r = row0;
         for pair in &mut pairs {
@@ -321,8 +420,8 @@ pub(crate) mod avx2 {
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             for (k, a) in acts.iter().enumerate() {
                 let qa = acts_q(a);
-                q8_0_block(p0.add(k * 34), a, qa, &mut acc0);
-                q8_0_block(p1.add(k * 34), a, qa, &mut acc1);
+                q8_0_block::<D>(p0.add(k * 34), a, qa, &mut acc0);
+                q8_0_block::<D>(p1.add(k * 34), a, qa, &mut acc1);
             }
             pair[0] = hsum(acc0);
             pair[1] = hsum(acc1);
@@ -332,7 +431,7 @@ pub(crate) mod avx2 {
             let p = w.as_ptr().add(r * rb);
             let mut acc = _mm256_setzero_ps();
             for (k, a) in acts.iter().enumerate() {
-                q8_0_block(p.add(k * 34), a, acts_q(a), &mut acc);
+                q8_0_block::<D>(p.add(k * 34), a, acts_q(a), &mut acc);
             }
             *y = hsum(acc);
         }
@@ -356,8 +455,8 @@ pub(crate) mod avx2 {
     // A Q4_1 tile: per row and token, one vector accumulator over the blocks in order plus
     // the min term summed in f32 (four tokens' min terms side by side in one vector: lane j
     // computes exactly `mins += m * s_j`), the order of `q4_1_rows`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_tile_rows(
+    #[inline(always)]
+    unsafe fn q4_1_tile_rows<D: Dot>(
         w: &[u8],
         rb: usize,
         acts: [&[ActBlock]; TILE],
@@ -384,8 +483,8 @@ pub(crate) mod avx2 {
                     let ad = _mm256_set1_ps(a[j].d);
                     let sc0 = _mm256_mul_ps(_mm256_set1_ps(d0), ad);
                     let sc1 = _mm256_mul_ps(_mm256_set1_ps(d1), ad);
-                    acc0[j] = _mm256_fmadd_ps(sc0, dot_us(q0, qa), acc0[j]);
-                    acc1[j] = _mm256_fmadd_ps(sc1, dot_us(q1, qa), acc1[j]);
+                    acc0[j] = _mm256_fmadd_ps(sc0, D::dot_us(q0, qa), acc0[j]);
+                    acc1[j] = _mm256_fmadd_ps(sc1, D::dot_us(q1, qa), acc1[j]);
                 }
                 let m0 = _mm_cvtss_f32(_mm_movehdup_ps(dm0));
                 let m1 = _mm_cvtss_f32(_mm_movehdup_ps(dm1));
@@ -414,7 +513,7 @@ pub(crate) mod avx2 {
                 let (a, s) = tile_scales(&acts, k);
                 for j in 0..TILE {
                     let sc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_set1_ps(a[j].d));
-                    acc[j] = _mm256_fmadd_ps(sc, dot_us(q, acts_q(a[j])), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(sc, D::dot_us(q, acts_q(a[j])), acc[j]);
                 }
                 mins = _mm_add_ps(mins, _mm_mul_ps(_mm_set1_ps(m), s));
             }
@@ -427,8 +526,8 @@ pub(crate) mod avx2 {
     }
 
     // A Q8_0 tile, in the order of `q8_0_rows`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_tile_rows(
+    #[inline(always)]
+    unsafe fn q8_0_tile_rows<D: Dot>(
         w: &[u8],
         rb: usize,
         acts: [&[ActBlock]; TILE],
@@ -448,7 +547,7 @@ pub(crate) mod avx2 {
                 for j in 0..TILE {
                     let sc = _mm256_set1_ps(d * a[j].d);
                     let x = _mm256_sign_epi8(acts_q(a[j]), q);
-                    acc[j] = _mm256_fmadd_ps(sc, dot_us(qa, x), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(sc, D::dot_us(qa, x), acc[j]);
                 }
             }
             for j in 0..TILE {
@@ -462,23 +561,8 @@ pub(crate) mod avx2 {
 mod tests {
     use super::*;
     use crate::kernels::blocks::{dequantize_row, quantize_acts, BLOCK};
-    use half::f16;
+    use crate::kernels::test_data::{random_acts, random_row};
     use rand::{Rng, SeedableRng};
-
-    fn random_row(kind: QuantKind, blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
-        let mut row = Vec::new();
-        for _ in 0..blocks {
-            row.extend_from_slice(&f16::from_f32(rng.gen_range(-0.1..0.1)).to_le_bytes());
-            let rest = kind.block_bytes() - 2;
-            if kind == QuantKind::Q4_1 {
-                row.extend_from_slice(&f16::from_f32(rng.gen_range(-0.5..0.5)).to_le_bytes());
-                row.extend((0..rest - 2).map(|_| rng.gen::<u8>()));
-            } else {
-                row.extend((0..rest).map(|_| rng.gen::<u8>()));
-            }
-        }
-        row
-    }
 
     #[test]
     fn tiles_equal_rows_bit_for_bit() {
@@ -492,16 +576,7 @@ mod tests {
                 .flat_map(|_| random_row(kind, blocks, &mut rng))
                 .collect();
             let rb = w.len() / rows;
-            let acts: Vec<Vec<ActBlock>> = (0..TILE)
-                .map(|_| {
-                    let x: Vec<f32> = (0..blocks * BLOCK)
-                        .map(|_| rng.gen_range(-2.0..2.0))
-                        .collect();
-                    let mut a = vec![ActBlock::default(); blocks];
-                    quantize_acts(&x, &mut a);
-                    a
-                })
-                .collect();
+            let acts = random_acts(TILE, blocks, 2.0, &mut rng);
             let mut out = vec![[0f32; TILE]; rows - 1];
             tile(
                 &w,
@@ -519,6 +594,56 @@ mod tests {
                         alone[i].to_bits(),
                         "{kind:?} row {i} token {j}"
                     );
+                }
+            }
+        }
+    }
+
+    /// The AVX-VNNI kernels give exactly the AVX2 kernels' bits (where this CPU has both).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vnni_equals_avx2_bit_for_bit() {
+        use avx2::{plain, vnni};
+        if !has_vnni() {
+            eprintln!("no AVX-VNNI here: nothing to compare");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let rows_fns: [(QuantKind, RowsFn, RowsFn); 3] = [
+            (QuantKind::Q4_0, plain::q4_0, vnni::q4_0),
+            (QuantKind::Q4_1, plain::q4_1, vnni::q4_1),
+            (QuantKind::Q8_0, plain::q8_0, vnni::q8_0),
+        ];
+        let tile_fns: [(QuantKind, TileFn, TileFn); 2] = [
+            (QuantKind::Q4_1, plain::q4_1_tile, vnni::q4_1_tile),
+            (QuantKind::Q8_0, plain::q8_0_tile, vnni::q8_0_tile),
+        ];
+        let blocks = 24;
+        let acts = random_acts(TILE, blocks, 3.0, &mut rng);
+        let rows = 7;
+        for (kind, p, v) in rows_fns {
+            let w: Vec<u8> = (0..rows)
+                .flat_map(|_| random_row(kind, blocks, &mut rng))
+                .collect();
+            let rb = w.len() / rows;
+            let (mut a, mut b) = (vec![0f32; rows], vec![0f32; rows]);
+            p(&w, rb, &acts[0], &mut a, 0);
+            v(&w, rb, &acts[0], &mut b, 0);
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "{kind:?}");
+        }
+        for (kind, p, v) in tile_fns {
+            let w: Vec<u8> = (0..rows)
+                .flat_map(|_| random_row(kind, blocks, &mut rng))
+                .collect();
+            let rb = w.len() / rows;
+            let t = [&acts[0][..], &acts[1][..], &acts[2][..], &acts[3][..]];
+            let (mut a, mut b) = (vec![[0f32; TILE]; rows], vec![[0f32; TILE]; rows]);
+            p(&w, rb, t, &mut a, 0);
+            v(&w, rb, t, &mut b, 0);
+            for (x, y) in a.iter().zip(&b) {
+                for j in 0..TILE {
+                    assert_eq!(x[j].to_bits(), y[j].to_bits(), "{kind:?}");
                 }
             }
         }

@@ -9,15 +9,19 @@
 //!
 //! # Layout
 //! - [`blocks`]: the GGUF block formats and activation quantization.
-//! - [`dot`]: per-format dot products, scalar and AVX2.
+//! - [`dot`]: per-format dot products, scalar, AVX2 and AVX-VNNI.
+//! - [`avx512`]: AVX-512 tile kernels (two weight rows per register) for batched paths.
 //! - [`matmul`]: the threaded product `y = x · Wᵀ` over raw GGUF bytes.
 //! - [`pool`]: the thread pool.
 //! - [`vec`]: f16/f32 `dot` and `axpy` for attention.
 
+pub mod avx512;
 pub mod blocks;
 pub mod dot;
 pub mod matmul;
 pub mod pool;
+#[cfg(test)]
+mod test_data;
 pub mod vec;
 
 pub use blocks::{QuantKind, BLOCK};

@@ -1,0 +1,281 @@
+//! AVX-512 tile kernels: two weight rows side by side in one 512-bit register.
+//!
+//! The batched paths (prefill, and decode steps of several sessions) spend most of their time
+//! in the tile kernels of [`super::dot`]. Here each 512-bit register holds the same block of
+//! two weight rows (row `r` in lanes 0..8, row `r + 1` in lanes 8..16), and each token's
+//! activation block is broadcast to both halves, so one `vpdpbusd`, one conversion, one
+//! scale and one FMA serve two rows. Every lane runs exactly the operations of the 256-bit
+//! kernel in the same order, and each half is summed the same way, so the results are bit for
+//! bit those of [`super::dot::best_tile`]'s AVX2 kernels (tested below).
+#![allow(unsafe_code)]
+
+use std::sync::OnceLock;
+
+use super::blocks::ActBlock;
+use super::dot::{TileFn, TILE};
+
+/// Whether these kernels can run here.
+pub fn available() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            super::dot::has_vnni()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// The AVX-512 tile kernel for Q4_1 or Q8_0 (`block_bytes` 20 or 34), where the CPU has it.
+pub fn tile(block_bytes: usize) -> Option<TileFn> {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        return match block_bytes {
+            20 => Some(x86::q4_1_tile),
+            34 => Some(x86::q8_0_tile),
+            _ => None,
+        };
+    }
+    let _ = block_bytes;
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{ActBlock, TileFn, TILE};
+    use crate::kernels::dot::avx2::{check_tile, hsum, vnni};
+
+    type Pairs = unsafe fn(&[u8], usize, [&[ActBlock]; TILE], &mut [[f32; TILE]], usize);
+
+    /// Runs `pairs` over the even number of leading rows and `rest` (a 256-bit kernel) over an
+    /// odd last one, after checking the bounds once.
+    #[allow(clippy::too_many_arguments)]
+    fn split(
+        pairs: Pairs,
+        rest: TileFn,
+        bb: usize,
+        w: &[u8],
+        rb: usize,
+        a: [&[ActBlock]; TILE],
+        o: &mut [[f32; TILE]],
+        r0: usize,
+    ) {
+        check_tile(w, rb, &a, o, r0, bb);
+        let even = o.len() / 2 * 2;
+        // SAFETY: `tile` hands these kernels out only after detecting the features `pairs`
+        // needs; every read is within the bounds checked above.
+        unsafe { pairs(w, rb, a, &mut o[..even], r0) };
+        if even < o.len() {
+            rest(w, rb, a, &mut o[even..], r0 + even);
+        }
+    }
+
+    pub fn q4_1_tile(
+        w: &[u8],
+        rb: usize,
+        a: [&[ActBlock]; TILE],
+        o: &mut [[f32; TILE]],
+        r0: usize,
+    ) {
+        split(q4_1_pairs, vnni::q4_1_tile, 20, w, rb, a, o, r0)
+    }
+
+    pub fn q8_0_tile(
+        w: &[u8],
+        rb: usize,
+        a: [&[ActBlock]; TILE],
+        o: &mut [[f32; TILE]],
+        r0: usize,
+    ) {
+        split(q8_0_pairs, vnni::q8_0_tile, 34, w, rb, a, o, r0)
+    }
+
+    /// Lanes 0..8 and 8..16 summed separately, each as [`hsum`] sums 8 lanes.
+    #[inline(always)]
+    unsafe fn halves(v: __m512) -> (f32, f32) {
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+        (hsum(lo), hsum(hi))
+    }
+
+    /// The f16 at `p` as f32.
+    #[inline(always)]
+    unsafe fn f16_at(p: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+            std::ptr::read_unaligned(p as *const u16),
+        ))))
+    }
+
+    /// Two rows' 16 bytes of packed nibbles -> one register: row 0's low nibbles, its high
+    /// nibbles, row 1's low, row 1's high (32 bytes per row, the 256-bit kernel's order).
+    #[inline(always)]
+    unsafe fn nibbles2(p0: *const u8, p1: *const u8) -> __m512i {
+        let t0 = _mm_loadu_si128(p0 as *const __m128i);
+        let t1 = _mm_loadu_si128(p1 as *const __m128i);
+        let r0 = _mm256_inserti128_si256(_mm256_castsi128_si256(t0), _mm_srli_epi16(t0, 4), 1);
+        let r1 = _mm256_inserti128_si256(_mm256_castsi128_si256(t1), _mm_srli_epi16(t1, 4), 1);
+        let both = _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1);
+        _mm512_and_si512(both, _mm512_set1_epi8(0x0F))
+    }
+
+    /// One token's 32 activation bytes in both halves.
+    #[inline(always)]
+    unsafe fn acts2(a: &ActBlock) -> __m512i {
+        _mm512_broadcast_i64x4(_mm256_loadu_si256(a.qs.as_ptr() as *const __m256i))
+    }
+
+    // Per row and token: one accumulator over the blocks in order, `acc += (d · ad) · Σ q·qa`,
+    // and the min term `mins += m · s` in f32, as `q4_1_tile_rows` does.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q4_1_pairs(
+        w: &[u8],
+        rb: usize,
+        acts: [&[ActBlock]; TILE],
+        out: &mut [[f32; TILE]],
+        row0: usize,
+    ) {
+        let kb = acts[0].len();
+        let mut r = row0;
+        for pair in out.chunks_exact_mut(2) {
+            let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
+            let mut acc = [_mm512_setzero_ps(); TILE];
+            let (mut mins0, mut mins1) = (_mm_setzero_ps(), _mm_setzero_ps());
+            for k in 0..kb {
+                let (b0, b1) = (p0.add(k * 20), p1.add(k * 20));
+                let (d0, d1) = (f16_at(b0), f16_at(b1));
+                let (m0, m1) = (f16_at(b0.add(2)), f16_at(b1.add(2)));
+                let q = nibbles2(b0.add(4), b1.add(4));
+                let d = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(d0))),
+                    _mm256_castps_si256(_mm256_set1_ps(d1)),
+                    1,
+                );
+                let d = _mm512_castsi512_ps(d);
+                let a = [
+                    acts[0].get_unchecked(k),
+                    acts[1].get_unchecked(k),
+                    acts[2].get_unchecked(k),
+                    acts[3].get_unchecked(k),
+                ];
+                for j in 0..TILE {
+                    let sc = _mm512_mul_ps(d, _mm512_set1_ps(a[j].d));
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, acts2(a[j]));
+                    acc[j] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(dot), acc[j]);
+                }
+                let s = _mm_setr_ps(a[0].s, a[1].s, a[2].s, a[3].s);
+                mins0 = _mm_add_ps(mins0, _mm_mul_ps(_mm_set1_ps(m0), s));
+                mins1 = _mm_add_ps(mins1, _mm_mul_ps(_mm_set1_ps(m1), s));
+            }
+            let (mut n0, mut n1) = ([0f32; TILE], [0f32; TILE]);
+            _mm_storeu_ps(n0.as_mut_ptr(), mins0);
+            _mm_storeu_ps(n1.as_mut_ptr(), mins1);
+            for j in 0..TILE {
+                let (s0, s1) = halves(acc[j]);
+                pair[0][j] = s0 + n0[j];
+                pair[1][j] = s1 + n1[j];
+            }
+            r += 2;
+        }
+    }
+
+    // Per row and token: `acc += (d · ad) · Σ q·qa` over the blocks in order, as
+    // `q8_0_tile_rows` does. Signed × signed goes through `|q|` and `qa` negated where `q` is
+    // negative, the integers of `_mm256_sign_epi8` in the 256-bit kernel.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q8_0_pairs(
+        w: &[u8],
+        rb: usize,
+        acts: [&[ActBlock]; TILE],
+        out: &mut [[f32; TILE]],
+        row0: usize,
+    ) {
+        let kb = acts[0].len();
+        let mut r = row0;
+        for pair in out.chunks_exact_mut(2) {
+            let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
+            let mut acc = [_mm512_setzero_ps(); TILE];
+            for k in 0..kb {
+                let (b0, b1) = (p0.add(k * 34), p1.add(k * 34));
+                let (d0, d1) = (f16_at(b0), f16_at(b1));
+                let q = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2) as *const __m256i)),
+                    _mm256_loadu_si256(b1.add(2) as *const __m256i),
+                    1,
+                );
+                let neg = _mm512_movepi8_mask(q);
+                let qabs = _mm512_abs_epi8(q);
+                for j in 0..TILE {
+                    let a = acts[j].get_unchecked(k);
+                    let x = acts2(a);
+                    let x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+                    let sc = _mm512_castsi512_ps(_mm512_inserti64x4(
+                        _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(d0 * a.d))),
+                        _mm256_castps_si256(_mm256_set1_ps(d1 * a.d)),
+                        1,
+                    ));
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qabs, x);
+                    acc[j] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(dot), acc[j]);
+                }
+            }
+            for j in 0..TILE {
+                let (s0, s1) = halves(acc[j]);
+                pair[0][j] = s0;
+                pair[1][j] = s1;
+            }
+            r += 2;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::blocks::QuantKind;
+    use crate::kernels::dot::avx2;
+    use crate::kernels::test_data::{random_acts, random_row};
+    use rand::SeedableRng;
+
+    #[test]
+    fn avx512_tiles_equal_avx2_tiles_bit_for_bit() {
+        if !available() {
+            eprintln!("no AVX-512 VNNI here: nothing to compare");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for (kind, fast, slow) in [
+            (
+                QuantKind::Q4_1,
+                x86::q4_1_tile as TileFn,
+                avx2::plain::q4_1_tile as TileFn,
+            ),
+            (QuantKind::Q8_0, x86::q8_0_tile, avx2::plain::q8_0_tile),
+        ] {
+            for (rows, blocks) in [(1usize, 1usize), (6, 18), (7, 24), (16, 3)] {
+                let w: Vec<u8> = (0..rows)
+                    .flat_map(|_| random_row(kind, blocks, &mut rng))
+                    .collect();
+                let rb = blocks * kind.block_bytes();
+                let acts = random_acts(TILE, blocks, 3.0, &mut rng);
+                let t = [&acts[0][..], &acts[1][..], &acts[2][..], &acts[3][..]];
+                // From row 1, so an odd count exercises the 256-bit remainder too.
+                let n = rows.saturating_sub(1).max(1);
+                let r0 = rows - n;
+                let (mut a, mut b) = (vec![[0f32; TILE]; n], vec![[0f32; TILE]; n]);
+                fast(&w, rb, t, &mut a, r0);
+                slow(&w, rb, t, &mut b, r0);
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    for j in 0..TILE {
+                        assert_eq!(x[j].to_bits(), y[j].to_bits(), "{kind:?} row {i} token {j}");
+                    }
+                }
+            }
+        }
+    }
+}
