@@ -159,9 +159,10 @@ def correctness(a, dev):
 def bench(a, dev):
     for d, extra in [(dev, []), (dev, ["--no-event-tracking"]), ("cpu", [])]:
         rc, out, secs = run([f"{a.bin}/shard-node", "bench", "--model", a.model, "--device", d,
-                             "--prompt-tokens", "128", "--gen-tokens", "128", "--runs", "3"] + extra,
+                             "--prompt-tokens", "128", "--gen-tokens", "128", "--runs", "3",
+                             "--batch", "16"] + extra,
                             f"bench-{d.replace(':', '')}")
-        log("bench", device=d, extra=extra, rc=rc, out=out.strip().splitlines()[-3:] if out else [])
+        log("bench", device=d, extra=extra, rc=rc, out=out.strip().splitlines()[-6:] if out else [])
 
 
 PEER = r"""
@@ -224,12 +225,12 @@ def synth_bench(a, dev):
         log("synth", quant=quant, rc=rc, secs=secs, bytes=os.path.getsize(path) if rc == 0 else None)
         if rc != 0:
             continue
-        for extra in [[], ["--no-event-tracking"]]:
+        for extra in [["--batch", "16"], ["--no-event-tracking"]]:
             rc, out, secs = run([f"{a.bin}/shard-node", "bench", "--model", path, "--device", dev,
                                  "--prompt-tokens", "128", "--gen-tokens", "64", "--runs", "2"] + extra,
                                 f"bench-8b-{quant}", timeout=900)
             log("bench-8b", quant=quant, extra=extra, rc=rc, secs=secs,
-                out=out.strip().splitlines()[-3:] if out else [])
+                out=out.strip().splitlines()[-4:] if out else [])
         if quant == "q4_0" and "profile" not in a.skip:
             profile(a, dev, path)
         os.remove(path)
