@@ -33,6 +33,10 @@ pub async fn connect(
         .await
         .map_err(|_| ConnectError::Transport("connect timed out".into()))?
         .map_err(|e| ConnectError::Transport(e.to_string()))?;
+    // Requests and activations are small frames on a latency-critical path: no Nagle.
+    t.get_ref()
+        .set_nodelay(true)
+        .map_err(|e| ConnectError::Transport(format!("TCP_NODELAY: {e}")))?;
     let c = ShardNodeClient::new(tarpc::client::Config::default(), t).spawn();
     let mut ctx = tarpc::context::current();
     ctx.deadline = Instant::now() + timeout;

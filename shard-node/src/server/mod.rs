@@ -78,6 +78,10 @@ pub async fn serve(
                 None => break,
             },
         };
+        // Replies and activations are small frames on a latency-critical path: no Nagle.
+        if let Err(e) = transport.get_ref().set_nodelay(true) {
+            tracing::warn!("cannot set TCP_NODELAY: {e}");
+        }
         let peer = transport
             .peer_addr()
             .map(|a| a.to_string())
