@@ -119,13 +119,13 @@ fn bench_batch(
             next.push(argmax(&pipe.prefill(&mut s, prompt)?));
             sessions.push(s);
         }
-        let steps = o.gen_tokens.min(max_ctx - prompt.len() - 1);
+        let steps = o.gen_tokens.min(max_ctx.saturating_sub(prompt.len() + 1));
         let t = Instant::now();
         for _ in 0..steps {
             let mut refs: Vec<&mut _> = sessions.iter_mut().collect();
-            let logits = pipe.decode_batch(&mut refs, &next)?;
-            for (i, t) in next.iter_mut().enumerate() {
-                *t = argmax(&logits.get(i)?.to_vec1::<f32>()?);
+            let logits = pipe.decode_batch(&mut refs, &next)?.to_vec2::<f32>()?;
+            for (t, row) in next.iter_mut().zip(&logits) {
+                *t = argmax(row);
             }
         }
         let secs = t.elapsed().as_secs_f64();

@@ -20,7 +20,7 @@ pub fn available() -> bool {
     *HAS.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            super::dot::has_vnni()
+            super::dot::has_avx2()
                 && std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx512bw")
                 && std::is_x86_feature_detected!("avx512vl")
@@ -50,16 +50,17 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{ActBlock, TileFn, TILE};
-    use crate::kernels::dot::avx2::{check_tile, hsum, vnni};
+    use crate::kernels::dot::avx2::{check_tile, f16x2, hsum, plain, vnni};
+    use crate::kernels::dot::has_vnni;
 
     type Pairs = unsafe fn(&[u8], usize, [&[ActBlock]; TILE], &mut [[f32; TILE]], usize);
 
-    /// Runs `pairs` over the even number of leading rows and `rest` (a 256-bit kernel) over an
-    /// odd last one, after checking the bounds once.
+    /// Runs `pairs` over the even number of leading rows and `rest` (the 256-bit kernel
+    /// pair, AVX-VNNI and plain AVX2) over an odd last one, after checking the bounds once.
     #[allow(clippy::too_many_arguments)]
     fn split(
         pairs: Pairs,
-        rest: TileFn,
+        rest: (TileFn, TileFn),
         bb: usize,
         w: &[u8],
         rb: usize,
@@ -73,6 +74,8 @@ pub(crate) mod x86 {
         // needs; every read is within the bounds checked above.
         unsafe { pairs(w, rb, a, &mut o[..even], r0) };
         if even < o.len() {
+            // AVX-512 VNNI does not imply AVX-VNNI (Ice Lake has the one, not the other).
+            let rest = if has_vnni() { rest.0 } else { rest.1 };
             rest(w, rb, a, &mut o[even..], r0 + even);
         }
     }
@@ -84,7 +87,16 @@ pub(crate) mod x86 {
         o: &mut [[f32; TILE]],
         r0: usize,
     ) {
-        split(q4_1_pairs, vnni::q4_1_tile, 20, w, rb, a, o, r0)
+        split(
+            q4_1_pairs,
+            (vnni::q4_1_tile, plain::q4_1_tile),
+            20,
+            w,
+            rb,
+            a,
+            o,
+            r0,
+        )
     }
 
     pub fn q8_0_tile(
@@ -94,7 +106,16 @@ pub(crate) mod x86 {
         o: &mut [[f32; TILE]],
         r0: usize,
     ) {
-        split(q8_0_pairs, vnni::q8_0_tile, 34, w, rb, a, o, r0)
+        split(
+            q8_0_pairs,
+            (vnni::q8_0_tile, plain::q8_0_tile),
+            34,
+            w,
+            rb,
+            a,
+            o,
+            r0,
+        )
     }
 
     /// Lanes 0..8 and 8..16 summed separately, each as [`hsum`] sums 8 lanes.
@@ -103,14 +124,6 @@ pub(crate) mod x86 {
         let lo = _mm512_castps512_ps256(v);
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
         (hsum(lo), hsum(hi))
-    }
-
-    /// The f16 at `p` as f32.
-    #[inline(always)]
-    unsafe fn f16_at(p: *const u8) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
-            std::ptr::read_unaligned(p as *const u16),
-        ))))
     }
 
     /// Two rows' 16 bytes of packed nibbles -> one register: row 0's low nibbles, its high
@@ -149,8 +162,12 @@ pub(crate) mod x86 {
             let (mut mins0, mut mins1) = (_mm_setzero_ps(), _mm_setzero_ps());
             for k in 0..kb {
                 let (b0, b1) = (p0.add(k * 20), p1.add(k * 20));
-                let (d0, d1) = (f16_at(b0), f16_at(b1));
-                let (m0, m1) = (f16_at(b0.add(2)), f16_at(b1.add(2)));
+                let (dm0, dm1) = (f16x2(b0), f16x2(b1));
+                let (d0, d1) = (_mm_cvtss_f32(dm0), _mm_cvtss_f32(dm1));
+                let (m0, m1) = (
+                    _mm_cvtss_f32(_mm_movehdup_ps(dm0)),
+                    _mm_cvtss_f32(_mm_movehdup_ps(dm1)),
+                );
                 let q = nibbles2(b0.add(4), b1.add(4));
                 let d = _mm512_inserti64x4(
                     _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(d0))),
@@ -203,7 +220,7 @@ pub(crate) mod x86 {
             let mut acc = [_mm512_setzero_ps(); TILE];
             for k in 0..kb {
                 let (b0, b1) = (p0.add(k * 34), p1.add(k * 34));
-                let (d0, d1) = (f16_at(b0), f16_at(b1));
+                let (d0, d1) = (_mm_cvtss_f32(f16x2(b0)), _mm_cvtss_f32(f16x2(b1)));
                 let q = _mm512_inserti64x4(
                     _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2) as *const __m256i)),
                     _mm256_loadu_si256(b1.add(2) as *const __m256i),

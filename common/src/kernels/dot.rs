@@ -304,7 +304,7 @@ pub(crate) mod avx2 {
     /// Two adjacent f16 at `p` as f32 lanes 0 and 1.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16x2(p: *const u8) -> __m128 {
+    pub(crate) unsafe fn f16x2(p: *const u8) -> __m128 {
         _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
     }
 
