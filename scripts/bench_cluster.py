@@ -10,13 +10,14 @@ streamed token, so prefill is excluded). With 1 stage it also measures aggregate
 interleaved. Prints JSON lines.
 `ignore_eos` keeps every stream generating exactly --tokens tokens.
 """
-import argparse, json, os, subprocess, sys, threading, time, urllib.request
+import argparse, json, os, subprocess, sys, threading, time, urllib.error, urllib.request
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a map in a bottle."
 
 
 def spawn(cmd):
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    err = open(os.path.join(os.environ.get("OUT", "/tmp"), os.path.basename(cmd[0]) + ".err"), "a")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                          env={**os.environ, "RUST_LOG": "warn"})
     for line in p.stdout:
         if line.startswith("listening on "):
@@ -40,15 +41,23 @@ def stream_times(url, tokens):
             line = raw.decode().strip()
             if line.startswith("data: ") and line != "data: [DONE]":
                 ev = json.loads(line[6:])
+                if ev.get("error"):
+                    raise RuntimeError(f"stream failed: {ev['error']}")
                 if ev.get("choices") and ev["choices"][0].get("text"):
                     times.append(time.perf_counter())
+    if len(times) < 2:
+        raise RuntimeError(f"stream gave {len(times)} text chunks for {tokens} tokens")
     return times
 
 
 def complete(url, tokens, out, i):
     body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
-    with post(url + "/v1/completions", body, False) as r:
-        out[i] = json.loads(r.read())["usage"]["completion_tokens"]
+    try:
+        with post(url + "/v1/completions", body, False) as r:
+            out[i] = json.loads(r.read())["usage"]["completion_tokens"]
+    except urllib.error.HTTPError as e:
+        out[i] = 0
+        print(json.dumps({"error": e.code, "body": e.read().decode()[:500]}), flush=True)
 
 
 def main():
@@ -60,7 +69,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--streams", default="1,4,16")
     ap.add_argument("--stages", default="1,2,3")
+    ap.add_argument("--devices", default="cpu",
+                    help="comma-separated; node i runs on device i mod len (e.g. cuda:0,cuda:1)")
     a = ap.parse_args()
+    devices = a.devices.split(",")
     shard = os.path.join(a.bin_dir, "shard-node")
     coord = os.path.join(a.bin_dir, "coordinator")
     models_dir = os.path.dirname(os.path.abspath(a.model))
@@ -68,9 +80,10 @@ def main():
         procs = []
         try:
             addrs = []
-            for _ in range(stages):
+            for i in range(stages):
                 p, addr = spawn([shard, "serve", "--listen", "127.0.0.1:0", "--threads",
-                                 str(a.threads), "--models-dir", models_dir])
+                                 str(a.threads), "--models-dir", models_dir,
+                                 "--device", devices[i % len(devices)]])
                 procs.append(p)
                 addrs.append(addr)
             p, http = spawn([coord, "serve", "--http", "127.0.0.1:0", "--max-ctx", "2048",
@@ -83,6 +96,7 @@ def main():
                 t = stream_times(url, a.tokens)
                 rates.append((len(t) - 1) / (t[-1] - t[0]))
             print(json.dumps({"bench": "decode", "stages": stages, "threads": a.threads,
+                              "devices": devices[:stages],
                               "tokens": a.tokens, "tok_s": rates,
                               "mean": sum(rates) / len(rates)}), flush=True)
             if stages == 1:

@@ -129,11 +129,12 @@ def pool():
         return f"error: {e}"
 
 
-def run(cmd, name, timeout=600):
+def run(cmd, name, timeout=600, env=None):
     t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    full = dict(os.environ, **(env or {}))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full)
     with open(os.path.join(OUT, f"{name}.log"), "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}\n")
+        f.write(f"$ {env or ''} {' '.join(cmd)}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}\n")
     return p.returncode, p.stdout, round(time.time() - t, 2)
 
 
@@ -156,13 +157,30 @@ def correctness(a, dev):
             disagreements=[s for s in steps if "summary" not in s and s["cpu"] != s["device"]])
 
 
+# Our decode-attention kernels (on) against candle's per-session ops (off), in the same run.
+ATTENTION = [("kernels", {"LLMC_CUDA_ATTENTION": "1"}), ("candle-ops", {"LLMC_CUDA_ATTENTION": "0"})]
+
+
+def kernels(a):
+    """The CUDA-only unit tests of common (the test binary of a cuda build, if carried)."""
+    test = f"{a.bin}/common-tests"
+    if not os.path.exists(test):
+        log("kernels", error=f"{test} not carried")
+        return
+    rc, out, secs = run([test, "cuda::", "--nocapture"], "kernels")
+    log("kernels", rc=rc, secs=secs, tail=out.strip().splitlines()[-8:])
+
+
 def bench(a, dev):
-    for d, extra in [(dev, []), (dev, ["--no-event-tracking"]), ("cpu", [])]:
+    runs = [(dev, [], name, env) for name, env in ATTENTION] + [("cpu", [], "", {})]
+    for d, extra, name, env in runs:
+        check = ["--check-batch"] if d != "cpu" else []
         rc, out, secs = run([f"{a.bin}/shard-node", "bench", "--model", a.model, "--device", d,
                              "--prompt-tokens", "128", "--gen-tokens", "128", "--runs", "3",
-                             "--batch", "16"] + extra,
-                            f"bench-{d.replace(':', '')}")
-        log("bench", device=d, extra=extra, rc=rc, out=out.strip().splitlines()[-6:] if out else [])
+                             "--batch", "16"] + check + extra,
+                            f"bench-{d.replace(':', '')}", env=env)
+        log("bench", device=d, attention=name, extra=extra, rc=rc,
+            out=out.strip().splitlines()[-7:] if out else [])
 
 
 PEER = r"""
@@ -225,11 +243,11 @@ def synth_bench(a, dev):
         log("synth", quant=quant, rc=rc, secs=secs, bytes=os.path.getsize(path) if rc == 0 else None)
         if rc != 0:
             continue
-        for extra in [["--batch", "16"], ["--no-event-tracking"]]:
+        for name, env in ATTENTION:
             rc, out, secs = run([f"{a.bin}/shard-node", "bench", "--model", path, "--device", dev,
-                                 "--prompt-tokens", "128", "--gen-tokens", "64", "--runs", "2"] + extra,
-                                f"bench-8b-{quant}", timeout=900)
-            log("bench-8b", quant=quant, extra=extra, rc=rc, secs=secs,
+                                 "--prompt-tokens", "128", "--gen-tokens", "64", "--runs", "2",
+                                 "--batch", "16"], f"bench-8b-{quant}", timeout=900, env=env)
+            log("bench-8b", quant=quant, attention=name, rc=rc, secs=secs,
                 out=out.strip().splitlines()[-4:] if out else [])
         if quant == "q4_0" and "profile" not in a.skip:
             profile(a, dev, path)
@@ -393,7 +411,8 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip", default="", help="comma-separated: correctness,bench,memory,synth,profile,peer")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated: kernels,correctness,bench,memory,synth,profile,peer")
     a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     gpu = int(a.device.split(":")[1]) if ":" in a.device else None
@@ -404,7 +423,8 @@ def main():
         log("machine", gpus=out.strip().splitlines()[1:])
     except OSError as e:
         log("machine", gpus=[], error=str(e))
-    for name, f in [("correctness", lambda: correctness(a, a.device)),
+    for name, f in [("kernels", lambda: kernels(a)),
+                    ("correctness", lambda: correctness(a, a.device)),
                     ("bench", lambda: bench(a, a.device)),
                     ("memory", lambda: memory(a, a.device, gpu, a.quick)),
                     ("synth", lambda: synth_bench(a, a.device)),

@@ -76,6 +76,27 @@ pub unsafe fn disable_event_tracking(device: &Device) {
     let _ = device;
 }
 
+/// Makes `device`'s CUDA context current on the calling thread (a no-op on CPU or if it
+/// already is). cudarc frees a buffer and records its events without binding the context
+/// first, and a driver call on a thread with no current context fails with
+/// `CUDA_ERROR_INVALID_CONTEXT`; cudarc keeps that error in the context and hands it to the
+/// next caller on any thread, so one session dropped on an unbound tokio thread failed some
+/// other request's forward pass. Threads that may drop device buffers call this first.
+pub fn bind_thread(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        let ctx = d.cuda_stream().context().cu_ctx();
+        if result::ctx::get_current().ok().flatten() != Some(ctx) {
+            #[allow(unsafe_code)]
+            // SAFETY: the context is alive: `d` holds it. Not `bind_to_thread`, which would
+            // first take (and clear) an error recorded elsewhere.
+            let _ = unsafe { result::ctx::set_current(ctx) };
+        }
+    }
+    let _ = device;
+}
+
 /// How many handles refer to `device`'s CUDA stream: every clone of the device, every buffer
 /// on it, and the BLAS and RNG handles candle keeps. `None` on CPU. Two readings equal
 /// means nothing was created or dropped on the device in between.

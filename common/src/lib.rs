@@ -6,6 +6,7 @@
 //! - [`model`]: [`model::Stage`], the forward pass for a [`model::LayerRange`], and the
 //!   per-session [`model::KvCache`].
 //! - [`kernels`]: SIMD CPU kernels for quantized products.
+//! - `cuda` (with the `cuda` feature): our own CUDA kernels, for batched decode attention.
 //! - [`tokenizer`]: the tokenizer from GGUF metadata, chat templates, streaming decode.
 //! - [`sampling`]: greedy, temperature, top-k, top-p, seeded.
 //! - [`stop`]: stop strings over streamed text.
@@ -16,6 +17,8 @@
 //! - [`registry`]: the cluster's state in etcd (membership, plan, 2PC decisions, drains).
 //! - [`error`]: [`Error`], this crate's one error type.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod gguf;

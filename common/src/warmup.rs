@@ -59,6 +59,11 @@ fn exercise(device: &Device, max_k: usize, max_rows: usize) -> Result<()> {
     let _ = (candle_nn::ops::silu(&c)? * &c)?
         .affine(0.5, 1.0)?
         .max(D::Minus1)?;
+    // Our own decode-attention kernels (their module is loaded on first use too).
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        crate::cuda::decode_attention::warm_up(device)?;
+    }
     device.synchronize()?;
     Ok(())
 }

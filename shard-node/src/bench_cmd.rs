@@ -43,6 +43,8 @@ pub struct BenchOptions {
     pub no_event_tracking: bool,
     /// Also time batched decode of this many sessions at once (0: don't).
     pub batch: usize,
+    /// With `batch`: check batched tokens against each session decoded alone.
+    pub check_batch: bool,
 }
 
 /// Runs the benchmark and prints one JSON line per run to stdout.
@@ -96,7 +98,70 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
     }
     if o.batch > 0 {
         bench_batch(&pipe, &ids, o, max_ctx, threads)?;
+        if o.check_batch {
+            check_batch(&pipe, &ids, o, max_ctx)?;
+        }
     }
+    Ok(())
+}
+
+/// Greedy decode of `o.batch` sessions, session `i` prompted with the first `4 + i` prompt
+/// tokens (so every step mixes positions), once batched and once each alone; prints how many
+/// sessions got the same tokens and, for the others, the first step that differs. On a GPU
+/// the batched products may round differently from single-row ones, so a near-tie can flip
+/// late in a sequence; a wrong kernel differs from the first steps on.
+fn check_batch(
+    pipe: &LocalPipeline,
+    ids: &[u32],
+    o: &BenchOptions,
+    max_ctx: usize,
+) -> anyhow::Result<()> {
+    let steps = o.gen_tokens.min(32);
+    let prompts: Vec<&[u32]> = (0..o.batch)
+        .map(|i| &ids[..(4 + i).min(ids.len())])
+        .collect();
+    if prompts.iter().any(|p| p.len() + steps + 1 > max_ctx) {
+        anyhow::bail!(
+            "--check-batch needs --prompt-tokens of at least {}",
+            4 + o.batch
+        );
+    }
+    let mut sessions = Vec::with_capacity(o.batch);
+    let mut next = Vec::with_capacity(o.batch);
+    for p in &prompts {
+        let mut s = pipe.session(max_ctx)?;
+        next.push(argmax(&pipe.prefill(&mut s, p)?));
+        sessions.push(s);
+    }
+    let mut batched: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+    for _ in 1..steps {
+        let mut refs: Vec<&mut _> = sessions.iter_mut().collect();
+        let logits = pipe.decode_batch(&mut refs, &next)?.to_vec2::<f32>()?;
+        for ((t, row), seq) in next.iter_mut().zip(&logits).zip(&mut batched) {
+            *t = argmax(row);
+            seq.push(*t);
+        }
+    }
+    let mut same = 0;
+    let mut diverge = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut s = pipe.session(max_ctx)?;
+        let mut t = argmax(&pipe.prefill(&mut s, p)?);
+        let mut alone = vec![t];
+        for _ in 1..steps {
+            t = argmax(&pipe.decode(&mut s, t)?);
+            alone.push(t);
+        }
+        match alone.iter().zip(&batched[i]).position(|(a, b)| a != b) {
+            None => same += 1,
+            Some(step) => diverge.push(format!("{{\"session\":{i},\"step\":{step}}}")),
+        }
+    }
+    println!(
+        "{{\"check\":\"batch\",\"sessions\":{},\"steps\":{steps},\"identical\":{same},\"diverged\":[{}]}}",
+        o.batch,
+        diverge.join(",")
+    );
     Ok(())
 }
 

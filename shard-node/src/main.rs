@@ -99,6 +99,10 @@ enum Command {
         /// Also time batched decode of this many concurrent sessions (continuous batching).
         #[arg(long, default_value_t = 0)]
         batch: usize,
+        /// With --batch: also check that batched decode gives each session the tokens it gets
+        /// alone (sessions of different prompt lengths), and print the agreement.
+        #[arg(long)]
+        check_batch: bool,
     },
 }
 
@@ -157,6 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runs,
             no_event_tracking,
             batch,
+            check_batch,
         } => bench_cmd::run(&BenchOptions {
             model: m.model,
             prompt_tokens,
@@ -167,6 +172,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             split: m.split,
             no_event_tracking,
             batch,
+            check_batch,
         }),
     }
 }

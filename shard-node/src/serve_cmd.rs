@@ -80,10 +80,14 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
         trim: !o.no_malloc_trim,
     };
     cfg.validate().map_err(anyhow::Error::msg)?;
+    // Sessions and slices can be dropped on any runtime thread: each binds the device's
+    // context first (see `bind_thread`). Cloned before `Node::new` takes its baseline.
+    let bound = device.clone();
     let (node, onward) = Node::new(cfg, device)?;
     let node = Arc::new(node);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(move || common::device::bind_thread(&bound))
         .enable_all()
         .build()?;
     rt.block_on(async move {

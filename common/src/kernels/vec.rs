@@ -10,6 +10,8 @@ use super::dot::has_avx2;
 pub trait KvElem: Copy + Send + Sync + 'static {
     /// To f32.
     fn f32(self) -> f32;
+    /// From f32, rounding to nearest.
+    fn from_f32(x: f32) -> Self;
     /// Rounds `x` the way an operand meeting this type is rounded (to f16 for f16).
     fn round(x: f32) -> f32;
     /// `Σ a[i] * b[i]`.
@@ -21,6 +23,9 @@ pub trait KvElem: Copy + Send + Sync + 'static {
 impl KvElem for f16 {
     fn f32(self) -> f32 {
         self.to_f32()
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
     }
     fn round(x: f32) -> f32 {
         f16::from_f32(x).to_f32()
@@ -48,6 +53,9 @@ impl KvElem for f16 {
 impl KvElem for f32 {
     fn f32(self) -> f32 {
         self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
     }
     fn round(x: f32) -> f32 {
         x

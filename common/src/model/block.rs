@@ -2,7 +2,8 @@
 
 use candle_core::{Device, Tensor};
 
-use super::attention::{attention, AttnShape};
+use super::attention::{attention, AttnShape, StepRows};
+use super::host_attention;
 use super::kv_cache::KvCache;
 use super::linear::{load_vector, MultiLinear, QLinear};
 use super::rope::Rope;
@@ -91,8 +92,8 @@ impl Block {
 
     /// Runs the block on `x: [Σ len, hidden]`, whose rows are the segments' tokens one
     /// segment after the other, writing each segment's keys and values into layer `li` of its
-    /// own cache (already reserved). The projections run once over all rows; attention runs per
-    /// segment against its own cache.
+    /// own cache (already reserved). The projections run once over all rows; attention runs
+    /// for all segments at once on the CPU, per segment elsewhere, each against its own cache.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -105,20 +106,20 @@ impl Block {
         let parts = self.qkv.forward(&h)?;
         let [q, k, v] = <[Tensor; 3]>::try_from(parts)
             .map_err(|_| Error::InvalidInput("qkv projection did not split in three".into()))?;
-        let mut outs = Vec::with_capacity(segs.len());
-        let mut at = 0;
-        for seg in segs.iter_mut() {
-            let rows = |t: &Tensor| t.narrow(0, at, seg.len);
-            let q = rope.apply(&rows(&q)?, s.heads, seg.start)?;
-            let k = rope.apply(&rows(&k)?, s.kv_heads, seg.start)?;
-            seg.cache.write(li, seg.start, &k, &rows(&v)?)?;
-            let (kc, vc) = seg.cache.buffers(li)?;
-            outs.push(attention(&q, kc, vc, s, seg.start)?);
-            at += seg.len;
-        }
-        let a = match outs.len() {
-            1 => outs.remove(0),
-            _ => Tensor::cat(&outs, 0)?,
+        let rows = StepRows {
+            q: &q,
+            k: &k,
+            v: &v,
+            layer: li,
+            rope,
+            shape: s,
+        };
+        let a = if segs.iter().all(|g| g.cache.is_host()) {
+            host_attention::attend(rows, segs)?
+        } else if let Some(a) = cuda_decode(rows, segs)? {
+            a
+        } else {
+            Self::attend_each(rows, segs)?
         };
         let x = (x + self.o.forward(&a)?)?;
         let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, self.eps)?;
@@ -128,6 +129,51 @@ impl Block {
         let act = (candle_nn::ops::silu(&g)? * u)?;
         Ok((x + self.down.forward(&act)?)?)
     }
+
+    /// Attention on device caches: candle ops, one segment after the other.
+    fn attend_each(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
+        let StepRows {
+            q,
+            k,
+            v,
+            layer: li,
+            rope,
+            shape: s,
+        } = rows;
+        let mut outs = Vec::with_capacity(segs.len());
+        let mut at = 0;
+        for seg in segs.iter_mut() {
+            let rows = |t: &Tensor| t.narrow(0, at, seg.len);
+            let q = rope.apply(&rows(q)?, s.heads, seg.start)?;
+            let k = rope.apply(&rows(k)?, s.kv_heads, seg.start)?;
+            seg.cache.write(li, seg.start, &k, &rows(v)?)?;
+            let (kc, vc) = seg.cache.buffers(li)?;
+            outs.push(attention(&q, kc, vc, s, seg.start)?);
+            at += seg.len;
+        }
+        Ok(match outs.len() {
+            1 => outs.remove(0),
+            _ => Tensor::cat(&outs, 0)?,
+        })
+    }
+}
+
+/// Attention through the CUDA decode kernels, when they take this step (every segment one
+/// decode row on an f16 CUDA cache); `None` otherwise. `LLMC_CUDA_ATTENTION=0` turns them
+/// off, for comparisons.
+fn cuda_decode(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::cuda::decode_attention;
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on =
+            *ON.get_or_init(|| std::env::var("LLMC_CUDA_ATTENTION").map_or(true, |v| v != "0"));
+        if on && decode_attention::applies(segs, rows.layer, rows.shape) {
+            return decode_attention::attend(rows, segs).map(Some);
+        }
+    }
+    let _ = (rows, segs);
+    Ok(None)
 }
 
 /// One session's rows in a forward pass: `len` tokens at positions `start..start+len`.

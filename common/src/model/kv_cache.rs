@@ -5,10 +5,16 @@
 //! going further is [`Error::ContextOverflow`]. Rows are written in place; the only copies
 //! are the chunk-wise regrowths. Keys and values are stored as f16 by default, as llama.cpp
 //! does (half the memory of f32), or as f32 when asked.
+//!
+//! On the CPU the rows live in plain vectors ([`HostKv`]), which the batched host attention
+//! reads and writes directly for every session of a step at once; on other devices they are
+//! tensors that candle ops write and read.
 
 use candle_core::{DType, Device, Tensor};
+use half::f16;
 
 use crate::error::{Error, Result};
+use crate::kernels::vec::KvElem;
 
 /// Rows added per regrowth.
 pub const CHUNK: usize = 256;
@@ -53,10 +59,61 @@ struct LayerKv {
     v: Tensor,
 }
 
+/// Keys and values of one layer in host memory: `[capacity, kv_dim]` rows each.
+#[derive(Debug, Default)]
+pub struct HostLayer<T> {
+    /// Keys.
+    pub k: Vec<T>,
+    /// Values.
+    pub v: Vec<T>,
+}
+
+/// One layer of a host cache, by element type.
+#[derive(Debug)]
+pub enum HostKv<'a> {
+    /// f16 rows.
+    F16(&'a HostLayer<f16>),
+    /// f32 rows.
+    F32(&'a HostLayer<f32>),
+}
+
+/// One layer of a host cache, writable.
+#[derive(Debug)]
+pub enum HostKvMut<'a> {
+    /// f16 rows.
+    F16(&'a mut HostLayer<f16>),
+    /// f32 rows.
+    F32(&'a mut HostLayer<f32>),
+}
+
+#[derive(Debug)]
+enum Store {
+    Device(Vec<LayerKv>),
+    HostF16(Vec<HostLayer<f16>>),
+    HostF32(Vec<HostLayer<f32>>),
+}
+
+impl Store {
+    fn n_layers(&self) -> usize {
+        match self {
+            Store::Device(l) => l.len(),
+            Store::HostF16(l) => l.len(),
+            Store::HostF32(l) => l.len(),
+        }
+    }
+}
+
+fn grow_host<T: KvElem>(layers: &mut [HostLayer<T>], elems: usize) {
+    for l in layers {
+        l.k.resize(elems, T::from_f32(0.0));
+        l.v.resize(elems, T::from_f32(0.0));
+    }
+}
+
 /// Keys and values of one session on one stage.
 #[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<LayerKv>,
+    store: Store,
     len: usize,
     capacity: usize,
     max_ctx: usize,
@@ -77,8 +134,17 @@ impl KvCache {
         if max_ctx == 0 {
             return Err(Error::Config("max context must be at least 1".into()));
         }
+        let store = match (device.is_cpu(), dtype) {
+            (true, KvDtype::F16) => {
+                Store::HostF16((0..n_layers).map(|_| HostLayer::default()).collect())
+            }
+            (true, KvDtype::F32) => {
+                Store::HostF32((0..n_layers).map(|_| HostLayer::default()).collect())
+            }
+            (false, _) => Store::Device(Vec::new()),
+        };
         let mut c = KvCache {
-            layers: Vec::new(),
+            store,
             len: 0,
             capacity: 0,
             max_ctx,
@@ -86,9 +152,13 @@ impl KvCache {
             dtype: dtype.dtype(),
             device: device.clone(),
         };
-        c.layers = (0..n_layers)
-            .map(|_| c.alloc(0).map(|(k, v)| LayerKv { k, v }))
-            .collect::<Result<_>>()?;
+        if matches!(c.store, Store::Device(_)) {
+            c.store = Store::Device(
+                (0..n_layers)
+                    .map(|_| c.alloc(0).map(|(k, v)| LayerKv { k, v }))
+                    .collect::<Result<_>>()?,
+            );
+        }
         Ok(c)
     }
 
@@ -114,12 +184,12 @@ impl KvCache {
 
     /// Bytes held on the device.
     pub fn nbytes(&self) -> usize {
-        self.layers.len() * 2 * self.capacity * self.kv_dim * self.dtype.size_in_bytes()
+        self.store.n_layers() * 2 * self.capacity * self.kv_dim * self.dtype.size_in_bytes()
     }
 
     /// Bytes it would hold at its maximum context.
     pub fn max_nbytes(&self) -> usize {
-        self.layers.len() * 2 * self.max_ctx * self.kv_dim * self.dtype.size_in_bytes()
+        self.store.n_layers() * 2 * self.max_ctx * self.kv_dim * self.dtype.size_in_bytes()
     }
 
     /// Makes room for `n` more tokens, or fails without changing anything.
@@ -138,38 +208,106 @@ impl KvCache {
             .div_ceil(CHUNK)
             .saturating_mul(CHUNK)
             .min(self.max_ctx);
-        let mut grown = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
-            let (k, v) = self.alloc(cap)?;
-            if self.len > 0 {
-                k.slice_set(&l.k.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
-                v.slice_set(&l.v.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
+        match &mut self.store {
+            Store::HostF16(l) => grow_host(l, cap * self.kv_dim),
+            Store::HostF32(l) => grow_host(l, cap * self.kv_dim),
+            Store::Device(layers) => {
+                let mut grown = Vec::with_capacity(layers.len());
+                for l in layers.iter() {
+                    let z = || Tensor::zeros((cap, self.kv_dim), self.dtype, &self.device);
+                    let (k, v) = (z()?, z()?);
+                    if self.len > 0 {
+                        k.slice_set(&l.k.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
+                        v.slice_set(&l.v.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
+                    }
+                    grown.push(LayerKv { k, v });
+                }
+                *layers = grown;
             }
-            grown.push(LayerKv { k, v });
         }
-        self.layers = grown;
         self.capacity = cap;
         Ok(())
     }
 
     /// Writes `k`, `v: [n, kv_dim]` of layer `i` at rows `start..start+n` (reserved before).
     pub fn write(&mut self, i: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        let l = self.layer(i)?;
-        l.k.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 0, start)?;
-        l.v.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 0, start)?;
+        let (n, _) = k.dims2()?;
+        if start + n > self.capacity {
+            return Err(Error::InvalidInput(format!(
+                "cache write of rows {start}..{} past the reserved {}",
+                start + n,
+                self.capacity
+            )));
+        }
+        let w = self.kv_dim;
+        let rows = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        fn put<T: KvElem>(dst: &mut [T], src: &[f32]) {
+            dst.iter_mut()
+                .zip(src)
+                .for_each(|(d, &s)| *d = T::from_f32(s));
+        }
+        let span = start * w..(start + n) * w;
+        match self.host_layer_mut(i) {
+            Some(Ok(HostKvMut::F16(l))) => {
+                put(&mut l.k[span.clone()], &rows(k)?);
+                put(&mut l.v[span], &rows(v)?);
+            }
+            Some(Ok(HostKvMut::F32(l))) => {
+                put(&mut l.k[span.clone()], &rows(k)?);
+                put(&mut l.v[span], &rows(v)?);
+            }
+            Some(Err(e)) => return Err(e),
+            None => {
+                let l = self.device_layer(i)?;
+                l.k.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 0, start)?;
+                l.v.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 0, start)?;
+            }
+        }
         Ok(())
     }
 
-    /// The whole `[capacity, kv_dim]` buffers of layer `i`.
+    /// Whether the rows live in host memory (a CPU cache).
+    pub fn is_host(&self) -> bool {
+        !matches!(self.store, Store::Device(_))
+    }
+
+    /// The whole `[capacity, kv_dim]` buffers of layer `i` of a device cache.
     pub fn buffers(&self, i: usize) -> Result<(&Tensor, &Tensor)> {
-        let l = self.layer(i)?;
+        let l = self.device_layer(i)?;
         Ok((&l.k, &l.v))
     }
 
-    fn layer(&self, i: usize) -> Result<&LayerKv> {
-        self.layers
-            .get(i)
-            .ok_or_else(|| Error::InvalidInput(format!("cache has no layer {i}")))
+    /// Layer `i` of a host cache (`None` for a device cache).
+    pub fn host_layer(&self, i: usize) -> Option<Result<HostKv<'_>>> {
+        let missing = || Error::InvalidInput(format!("cache has no layer {i}"));
+        match &self.store {
+            Store::Device(_) => None,
+            Store::HostF16(l) => Some(l.get(i).map(HostKv::F16).ok_or_else(missing)),
+            Store::HostF32(l) => Some(l.get(i).map(HostKv::F32).ok_or_else(missing)),
+        }
+    }
+
+    /// Layer `i` of a host cache, writable (`None` for a device cache).
+    pub fn host_layer_mut(&mut self, i: usize) -> Option<Result<HostKvMut<'_>>> {
+        let missing = || Error::InvalidInput(format!("cache has no layer {i}"));
+        match &mut self.store {
+            Store::Device(_) => None,
+            Store::HostF16(l) => Some(l.get_mut(i).map(HostKvMut::F16).ok_or_else(missing)),
+            Store::HostF32(l) => Some(l.get_mut(i).map(HostKvMut::F32).ok_or_else(missing)),
+        }
+    }
+
+    fn device_layer(&self, i: usize) -> Result<&LayerKv> {
+        match &self.store {
+            Store::Device(l) => l
+                .get(i)
+                .ok_or_else(|| Error::InvalidInput(format!("cache has no layer {i}"))),
+            _ => Err(Error::InvalidInput(
+                "a host cache has no device buffers".into(),
+            )),
+        }
     }
 
     /// Marks `n` more tokens as cached, after every layer wrote them.
@@ -180,6 +318,16 @@ impl KvCache {
     /// Forgets everything after the first `len` tokens (kept capacity is reused).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        // The buffers are freed right after this, possibly on a thread that never ran a
+        // kernel: see `bind_thread`.
+        if matches!(self.store, Store::Device(_)) {
+            crate::device::bind_thread(&self.device);
+        }
     }
 }
 
@@ -199,14 +347,11 @@ mod tests {
         c.advance(10);
         c.reserve(250)?; // regrows to the bound, 300, keeping the rows
         assert_eq!(c.nbytes(), 2 * 2 * 300 * 8 * 2);
-        let (k0, _) = c.buffers(0)?;
-        assert_eq!(
-            k0.narrow(0, 0, 10)?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()?,
-            80.0
-        );
+        let Some(Ok(HostKv::F16(l))) = c.host_layer(0) else {
+            panic!("a CPU cache of f16 lives in host memory");
+        };
+        let kept: f32 = l.k[..10 * 8].iter().map(|x| x.to_f32()).sum();
+        assert_eq!(kept, 80.0);
         assert!(matches!(
             c.reserve(291),
             Err(Error::ContextOverflow {

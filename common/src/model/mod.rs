@@ -5,12 +5,14 @@
 //! - [`stage`]: [`Stage`], a loaded slice with `embed`, `forward` (its blocks) and `head`.
 //! - [`block`]: one transformer block.
 //! - [`linear`]: quantized linear layers, fused where the weights allow.
-//! - [`attention`]: causal grouped-query attention against a KV cache.
+//! - [`attention`]: causal grouped-query attention against a KV cache, with candle ops.
+//! - [`host_attention`]: the CPU's attention for every session of a step in one region.
 //! - [`rope`]: rotary position embeddings.
 //! - [`kv_cache`]: [`KvCache`], one session's keys and values on one stage, bounded.
 
 pub mod attention;
 pub mod block;
+pub mod host_attention;
 pub mod kv_cache;
 pub mod layer_range;
 pub mod linear;

@@ -79,6 +79,54 @@ impl Rope {
         };
         Ok(y.squeeze(0)?.transpose(0, 1)?.reshape((n, width))?)
     }
+
+    /// Whether [`Rope::rotate_row`] can run (the tables were built for the CPU).
+    pub fn has_host_tables(&self) -> bool {
+        !self.cos_host.is_empty()
+    }
+
+    /// Rotates one row `x` of `heads` heads at position `pos` into `y` (same length), from
+    /// the host tables. The caller checks `pos` against the table and the widths.
+    pub fn rotate_row(&self, x: &[f32], y: &mut [f32], heads: usize, pos: usize) {
+        let half = self.half;
+        let hd = 2 * half;
+        let cos = &self.cos_host[pos * half..(pos + 1) * half];
+        let sin = &self.sin_host[pos * half..(pos + 1) * half];
+        for h in 0..heads {
+            let (xi, yo) = (&x[h * hd..(h + 1) * hd], &mut y[h * hd..(h + 1) * hd]);
+            match self.style {
+                RopeStyle::Interleaved => {
+                    for i in 0..half {
+                        let (x0, x1) = (xi[2 * i], xi[2 * i + 1]);
+                        yo[2 * i] = x0 * cos[i] - x1 * sin[i];
+                        yo[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
+                    }
+                }
+                RopeStyle::Halves => {
+                    for i in 0..half {
+                        let (x0, x1) = (xi[i], xi[i + half]);
+                        yo[i] = x0 * cos[i] - x1 * sin[i];
+                        yo[i + half] = x0 * sin[i] + x1 * cos[i];
+                    }
+                }
+            }
+        }
+    }
+
+    /// The `[max_pos, head_dim / 2]` cos and sin tables on the device.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
+    /// How pairs are formed.
+    pub fn style(&self) -> RopeStyle {
+        self.style
+    }
+
+    /// Positions the tables cover.
+    pub fn max_pos(&self) -> usize {
+        self.cos.dims().first().copied().unwrap_or(0)
+    }
 }
 
 struct RopeCpu<'a> {
@@ -112,29 +160,9 @@ impl CustomOp1 for RopeCpu<'_> {
         }
         let mut out = vec![0f32; x.len()];
         for t in 0..n {
-            let p = self.start + t;
-            let cos = &self.rope.cos_host[p * half..(p + 1) * half];
-            let sin = &self.rope.sin_host[p * half..(p + 1) * half];
-            for h in 0..self.heads {
-                let o = t * width + h * hd;
-                let (xi, yo) = (&x[o..o + hd], &mut out[o..o + hd]);
-                match self.rope.style {
-                    RopeStyle::Interleaved => {
-                        for i in 0..half {
-                            let (x0, x1) = (xi[2 * i], xi[2 * i + 1]);
-                            yo[2 * i] = x0 * cos[i] - x1 * sin[i];
-                            yo[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
-                        }
-                    }
-                    RopeStyle::Halves => {
-                        for i in 0..half {
-                            let (x0, x1) = (xi[i], xi[i + half]);
-                            yo[i] = x0 * cos[i] - x1 * sin[i];
-                            yo[i + half] = x0 * sin[i] + x1 * cos[i];
-                        }
-                    }
-                }
-            }
+            let span = t * width..(t + 1) * width;
+            self.rope
+                .rotate_row(&x[span.clone()], &mut out[span], self.heads, self.start + t);
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }

@@ -1,0 +1,57 @@
+//! With the `cuda` feature, compiles `src/cuda/*.cu` to PTX with `nvcc` (from `$NVCC`,
+//! `$CUDA_HOME/bin` or the `PATH`) for compute capability `$CUDA_COMPUTE_CAP` (else the first
+//! GPU's, from `nvidia-smi`, else 8.0). Without the feature it does nothing.
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let nvcc = std::env::var("NVCC").ok().unwrap_or_else(|| {
+        std::env::var("CUDA_HOME")
+            .map(|h| format!("{h}/bin/nvcc"))
+            .ok()
+            .filter(|p| std::path::Path::new(p).exists())
+            .unwrap_or_else(|| "nvcc".into())
+    });
+    let cap = std::env::var("CUDA_COMPUTE_CAP")
+        .ok()
+        .or_else(|| {
+            let o = Command::new("nvidia-smi")
+                .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
+                .output()
+                .ok()?;
+            let first = String::from_utf8(o.stdout)
+                .ok()?
+                .lines()
+                .next()?
+                .trim()
+                .replace('.', "");
+            (!first.is_empty()).then_some(first)
+        })
+        .unwrap_or_else(|| "80".into());
+    let kernels: &[&str] = &["decode_attention"];
+    for name in kernels {
+        let src = format!("src/cuda/{name}.cu");
+        println!("cargo:rerun-if-changed={src}");
+        let ptx = out.join(format!("{name}.ptx"));
+        let status = Command::new(&nvcc)
+            .args([
+                "--ptx",
+                "-O3",
+                "-std=c++17",
+                &format!("-arch=compute_{cap}"),
+                "-o",
+            ])
+            .arg(&ptx)
+            .arg(&src)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run nvcc ({nvcc}): {e}; set NVCC or CUDA_HOME"));
+        assert!(status.success(), "nvcc failed on {src}");
+    }
+}

@@ -1,0 +1,384 @@
+//! Decode attention for all sessions of a step on CUDA (kernels in `decode_attention.cu`).
+//!
+//! candle's ops run attention one session at a time, about twenty small kernels per session
+//! and layer, so a step of 16 sessions launched ~320 kernels per layer for attention alone and
+//! batching gained little on the GPU. Here a step's decode rows take two kernels per layer
+//! whatever the number of sessions: one applies RoPE and writes every session's new key and
+//! value into its own cache, one attends every (session, head) to its cache. The caches stay
+//! per session (each a lease-owned buffer): the kernels reach them through a small table of
+//! device pointers copied up per layer.
+#![allow(unsafe_code)]
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+
+use crate::error::{Error, Result};
+use crate::gguf::RopeStyle;
+use crate::model::attention::{AttnShape, StepRows};
+use crate::model::block::Segment;
+use crate::model::rope::Rope;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
+const MODULE: &str = "llm_cluster_decode_attention";
+/// The kernel's register arrays hold heads up to this width.
+const MAX_HEAD_DIM: usize = 256;
+/// Warps per attention block (`WARPS` in the kernel).
+const WARPS: u32 = 8;
+
+/// Whether [`attend`] takes these segments: every one a single decode row on an f16 CUDA
+/// cache, and heads the kernel can hold.
+pub fn applies(segs: &[Segment<'_>], li: usize, s: AttnShape) -> bool {
+    s.head_dim <= MAX_HEAD_DIM
+        && s.head_dim.is_multiple_of(2)
+        && s.kv_heads > 0
+        && s.heads.is_multiple_of(s.kv_heads)
+        && !segs.is_empty()
+        && segs.iter().all(|g| {
+            g.len == 1
+                && g.cache
+                    .buffers(li)
+                    .is_ok_and(|(k, _)| k.device().is_cuda() && k.dtype() == DType::F16)
+        })
+}
+
+/// `q: [n, heads*hd]`, `k`, `v: [n, kv_heads*hd]` (before RoPE), one row per segment, each
+/// segment one decode step whose cache has room reserved (see [`applies`]). Writes the keys
+/// and values into layer `li` of each cache; returns the attention output `[n, heads*hd]`.
+pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
+    let StepRows {
+        q,
+        k,
+        v,
+        layer: li,
+        rope,
+        shape: s,
+    } = rows;
+    let n = segs.len();
+    let (width, kvw) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    if q.dims2()? != (n, width) || k.dims2()? != (n, kvw) || v.dims2()? != (n, kvw) {
+        return Err(Error::InvalidInput(format!(
+            "decode attention: q {:?}, k {:?}, v {:?} for {n} sessions",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    let mut caches = Vec::with_capacity(n);
+    let mut pos = Vec::with_capacity(n);
+    for g in segs.iter() {
+        let (kc, vc) = g.cache.buffers(li)?;
+        let rows = kc.dims2()?.0;
+        if g.start >= rows || g.start >= rope.max_pos() {
+            return Err(Error::InvalidInput(format!(
+                "decode attention: position {} past the reserved {rows} rows",
+                g.start
+            )));
+        }
+        caches.push((kc, vc));
+        pos.push(
+            i32::try_from(g.start)
+                .map_err(|_| Error::InvalidInput(format!("position {} is too large", g.start)))?,
+        );
+    }
+    let (cos, sin) = rope.tables();
+    let op = DecodeAttn {
+        k,
+        v,
+        caches,
+        pos,
+        cos,
+        sin,
+        shape: s,
+        interleaved: rope.style() == RopeStyle::Interleaved,
+    };
+    Ok(q.apply_op1_no_bwd(&op)?)
+}
+
+/// Runs both kernels once on a one-row cache, so that their module is loaded at start-up.
+pub fn warm_up(device: &candle_core::Device) -> Result<()> {
+    use crate::model::kv_cache::{KvCache, KvDtype};
+    let s = AttnShape {
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 64,
+    };
+    let rope = Rope::new(RopeStyle::Halves, 64, 10000.0, 1, device)?;
+    let mut cache = KvCache::new(1, 64, 1, KvDtype::F16, device)?;
+    cache.reserve(1)?;
+    let q = Tensor::zeros((1, 128), DType::F32, device)?;
+    let kv = Tensor::zeros((1, 64), DType::F32, device)?;
+    let mut segs = [Segment {
+        cache: &mut cache,
+        start: 0,
+        len: 1,
+    }];
+    attend(
+        StepRows {
+            q: &q,
+            k: &kv,
+            v: &kv,
+            layer: 0,
+            rope: &rope,
+            shape: s,
+        },
+        &mut segs,
+    )?;
+    Ok(())
+}
+
+struct DecodeAttn<'a> {
+    k: &'a Tensor,
+    v: &'a Tensor,
+    caches: Vec<(&'a Tensor, &'a Tensor)>,
+    pos: Vec<i32>,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    shape: AttnShape,
+    interleaved: bool,
+}
+
+fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Msg(format!("decode attention: {what}: {e:?}"))
+}
+
+/// The device address of element `l.start_offset()` of a CUDA tensor of `T`, and its row
+/// stride in elements (rows must be contiguous).
+fn address<T: candle_core::cuda_backend::CudaDType>(
+    t: &Tensor,
+    stream: &CudaStream,
+) -> candle_core::Result<(u64, i64)> {
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cuda(c) = &*st else {
+        candle_core::bail!("decode attention: a tensor is not on the GPU");
+    };
+    address_of::<T>(c, l, stream)
+}
+
+fn address_of<T: candle_core::cuda_backend::CudaDType>(
+    c: &CudaStorage,
+    l: &Layout,
+    stream: &CudaStream,
+) -> candle_core::Result<(u64, i64)> {
+    let stride = l.stride();
+    if l.dims().len() != 2 || stride[1] != 1 {
+        candle_core::bail!(
+            "decode attention: rows of {:?} are not contiguous",
+            l.dims()
+        );
+    }
+    let slice = c.as_cuda_slice::<T>()?;
+    let (base, _sync) = slice.device_ptr(stream);
+    let at = base + (l.start_offset() * std::mem::size_of::<T>()) as u64;
+    Ok((at, stride[0] as i64))
+}
+
+impl CustomOp1 for DecodeAttn<'_> {
+    fn name(&self) -> &'static str {
+        "decode-attention"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("decode attention runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = &qs.device;
+        let stream = dev.cuda_stream();
+        // A node runs forward passes on its compute thread, not the one that made the
+        // context: bind it before the first driver call (the pointer lookups below make some,
+        // and cudarc only records their errors for later).
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| err("bind context", e))?;
+        let s = self.shape;
+        let n = self.pos.len();
+        let width = s.heads * s.head_dim;
+        let (q, q_stride) = address_of::<f32>(qs, ql, &stream)?;
+        let (k, k_stride) = address::<f32>(self.k, &stream)?;
+        let (v, v_stride) = address::<f32>(self.v, &stream)?;
+        let (cos, _) = address::<f32>(self.cos, &stream)?;
+        let (sin, _) = address::<f32>(self.sin, &stream)?;
+        let mut table = vec![0u64; 2 * n];
+        for (i, (kc, vc)) in self.caches.iter().enumerate() {
+            table[i] = address::<half::f16>(kc, &stream)?.0;
+            table[n + i] = address::<half::f16>(vc, &stream)?.0;
+        }
+        let table = stream.clone_htod(&table).map_err(|e| err("copy", e))?;
+        let pos = stream.clone_htod(&self.pos).map_err(|e| err("copy", e))?;
+        // SAFETY: both are written in full by the kernels below before anything reads them.
+        let mut q_rot = unsafe { stream.alloc::<f32>(n * width) }.map_err(|e| err("alloc", e))?;
+        let mut out = unsafe { stream.alloc::<f32>(n * width) }.map_err(|e| err("alloc", e))?;
+        let (sessions, heads, kv_heads, hd) = (
+            n as i32,
+            s.heads as i32,
+            s.kv_heads as i32,
+            s.head_dim as i32,
+        );
+        let interleaved = i32::from(self.interleaved);
+
+        let f = dev.get_or_load_custom_func("rope_kv_write", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&q)
+            .arg(&q_stride)
+            .arg(&k)
+            .arg(&k_stride)
+            .arg(&v)
+            .arg(&v_stride)
+            .arg(&mut q_rot)
+            .arg(&table)
+            .arg(&pos)
+            .arg(&cos)
+            .arg(&sin)
+            .arg(&sessions)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&hd)
+            .arg(&interleaved);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, (s.heads + s.kv_heads) as u32, 1),
+            block_dim: ((s.head_dim / 2) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature; every address lies inside a
+        // live buffer: the caches have room at `pos` (checked in `attend`), q/k/v hold `n`
+        // rows of their widths, the rope tables cover `pos`.
+        unsafe { b.launch(cfg) }.map_err(|e| err("rope_kv_write", e))?;
+
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let f = dev.get_or_load_custom_func("decode_attention", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&q_rot)
+            .arg(&table)
+            .arg(&pos)
+            .arg(&mut out)
+            .arg(&sessions)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&hd)
+            .arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (s.heads as u32, n as u32, 1),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above; each session's cache holds rows `0..=pos`.
+        unsafe { b.launch(cfg) }.map_err(|e| err("decode_attention", e))?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((n, width)),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::model::attention::attention;
+    use crate::model::kv_cache::{KvCache, KvDtype};
+
+    fn random(rows: usize, width: usize, salt: f32, dev: &Device) -> Result<Tensor> {
+        let d: Vec<f32> = (0..rows * width)
+            .map(|i| (i as f32 * 0.37 + salt * 1.7).sin() * 1.3)
+            .collect();
+        Ok(Tensor::from_vec(d, (rows, width), dev)?)
+    }
+
+    /// Sessions at different depths, one decode row each: the kernels' output and the rows they
+    /// write into the caches equal what candle's rope, cache write and attention give per
+    /// session. The kernels run on another thread than the one that made the device, as on a
+    /// node's compute thread. Needs a GPU: run the test binary of a `cuda` build on the GPU
+    /// machine.
+    #[test]
+    fn kernels_match_candle_ops_per_session() -> Result<()> {
+        let dev = Device::new_cuda(0)?;
+        std::thread::spawn(move || compare_on(&dev))
+            .join()
+            .map_err(|_| Error::InvalidInput("the test thread panicked".into()))?
+    }
+
+    fn compare_on(dev: &Device) -> Result<()> {
+        let dev = dev.clone();
+        for (style, hd) in [(RopeStyle::Halves, 64), (RopeStyle::Interleaved, 128)] {
+            let s = AttnShape {
+                heads: 8,
+                kv_heads: 2,
+                head_dim: hd,
+            };
+            let (width, kvw) = (s.heads * hd, s.kv_heads * hd);
+            let rope = Rope::new(style, hd, 10000.0, 700, &dev)?;
+            let depths = [0usize, 1, 5, 37, 300, 640];
+            let n = depths.len();
+            let mut ours = Vec::new();
+            let mut theirs = Vec::new();
+            for (i, &d) in depths.iter().enumerate() {
+                for set in [&mut ours, &mut theirs] {
+                    let mut c = KvCache::new(1, kvw, 700, KvDtype::F16, &dev)?;
+                    c.reserve(d + 1)?;
+                    if d > 0 {
+                        let h = random(d, kvw, i as f32, &dev)?;
+                        c.write(0, 0, &h, &(h.clone() * 0.5)?)?;
+                        c.advance(d);
+                    }
+                    set.push(c);
+                }
+            }
+            let (q, k, v) = (
+                random(n, width, 11.0, &dev)?,
+                random(n, kvw, 12.0, &dev)?,
+                random(n, kvw, 13.0, &dev)?,
+            );
+            let mut reference = Vec::new();
+            for (i, (c, &d)) in theirs.iter_mut().zip(&depths).enumerate() {
+                let row = |t: &Tensor| t.narrow(0, i, 1);
+                let qr = rope.apply(&row(&q)?, s.heads, d)?;
+                let kr = rope.apply(&row(&k)?, s.kv_heads, d)?;
+                c.write(0, d, &kr, &row(&v)?)?;
+                let (kc, vc) = c.buffers(0)?;
+                reference.push(attention(&qr, kc, vc, s, d)?);
+            }
+            let reference = Tensor::cat(&reference, 0)?;
+            let mut segs: Vec<Segment<'_>> = ours
+                .iter_mut()
+                .zip(&depths)
+                .map(|(c, &d)| Segment {
+                    cache: c,
+                    start: d,
+                    len: 1,
+                })
+                .collect();
+            assert!(applies(&segs, 0, s));
+            let got = attend(
+                StepRows {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    layer: 0,
+                    rope: &rope,
+                    shape: s,
+                },
+                &mut segs,
+            )?;
+            let diff = (got - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-3, "{style:?}: attention differs by {diff}");
+            for (a, b) in ours.iter().zip(&theirs) {
+                for (x, y) in [
+                    (a.buffers(0)?.0, b.buffers(0)?.0),
+                    (a.buffers(0)?.1, b.buffers(0)?.1),
+                ] {
+                    let d = (x.to_dtype(DType::F32)? - y.to_dtype(DType::F32)?)?
+                        .abs()?
+                        .max_all()?
+                        .to_scalar::<f32>()?;
+                    assert!(d < 1e-3, "{style:?}: cache rows differ by {d}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
