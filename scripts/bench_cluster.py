@@ -2,12 +2,14 @@
 """Cluster benchmark on loopback: real shard-node and coordinator processes, driven over HTTP.
 
   python3 scripts/bench_cluster.py --bin-dir target/release --model models/X.gguf \
-      [--threads 2] [--runs 3] [--tokens 128] [--streams 1,4,16]
+      [--threads 2] [--runs 3] [--tokens 128] [--streams 1,4,16] [--stages 1,2,3] \
+      [--aggregate-stages 1] [--devices cpu | cuda:0,cuda:1,...]
 
-For 1, 2 and 3 stages it measures single-stream decode tok/s (time between the first and last
-streamed token, so prefill is excluded). With 1 stage it also measures aggregate tok/s with
-1, 4 and 16 concurrent streams (completion tokens over wall time), --runs times each,
-interleaved. Prints JSON lines.
+For each stage count it measures single-stream decode tok/s (time between the first and last
+streamed token, so prefill is excluded). For the stage counts in --aggregate-stages it also
+measures aggregate tok/s with 1, 4 and 16 concurrent streams (completion tokens over wall
+time), --runs times each, interleaved. Node i runs on device i mod len(--devices). Prints
+JSON lines.
 `ignore_eos` keeps every stream generating exactly --tokens tokens.
 """
 import argparse, json, os, subprocess, sys, threading, time, urllib.error, urllib.request
@@ -69,6 +71,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--streams", default="1,4,16")
     ap.add_argument("--stages", default="1,2,3")
+    ap.add_argument("--aggregate-stages", default="1",
+                    help="comma-separated stage counts at which to measure aggregate tok/s")
     ap.add_argument("--devices", default="cpu",
                     help="comma-separated; node i runs on device i mod len (e.g. cuda:0,cuda:1)")
     a = ap.parse_args()
@@ -99,7 +103,7 @@ def main():
                               "devices": devices[:stages],
                               "tokens": a.tokens, "tok_s": rates,
                               "mean": sum(rates) / len(rates)}), flush=True)
-            if stages == 1:
+            if stages in [int(x) for x in a.aggregate_stages.split(",")]:
                 # Each stream count --runs times, interleaved (1, 4, 16, 1, 4, 16, ...), so a
                 # slow spell of the machine does not land on one count only.
                 counts = [int(s) for s in a.streams.split(",")]

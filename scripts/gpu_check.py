@@ -254,6 +254,60 @@ def synth_bench(a, dev):
         os.remove(path)
 
 
+def multi(a):
+    """One node per GPU, when the machine has several: greedy output of the cluster against one
+    process on cuda:0, then decode and aggregate tok/s with 1 node and with one node per GPU,
+    for the default model and an 8B-shaped Q4_0 model."""
+    rc, out, _ = run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], "multi-gpus")
+    n = len(out.split()) if rc == 0 else 0
+    if n < 2:
+        log("multi", skipped=f"{n} GPU(s)")
+        return
+    devs = ",".join(f"cuda:{i}" for i in range(n))
+    nodes, procs = [], []
+    try:
+        for i in range(n):
+            args = node_args(a, f"cuda:{i}")
+            args[-1] = f"127.0.0.1:{free_port()}"  # each node its own metrics port
+            p, addr = spawn(args, f"multi-node{i}")
+            procs.append(p)
+            nodes.append(addr)
+        p, listen = spawn(coord_args(a, nodes), "multi-coord")
+        procs.append(p)
+        url = "http://" + listen
+        cluster = http(url + "/v1/cluster")
+        for prompt in PROMPTS:
+            got = completion(url, prompt, 48)["choices"][0]["text"]
+            rc, ref, _ = run([f"{a.bin}/shard-node", "generate", "--model", a.model, "--device", "cuda:0",
+                              "--max-tokens", "48", "--prompt", prompt], "multi-generate")
+            same = 0
+            while same < min(len(got), len(ref)) and got[same] == ref[same]:
+                same += 1
+            log("multi-correctness", gpus=n, prompt=prompt, equal=got == ref.rstrip("\n"),
+                common_prefix_chars=same, cluster_text=got, single_gpu_text=ref)
+        log("multi-cluster", gpus=n, plan=cluster)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    models = [a.model]
+    synth = "/tmp/synth-8b-q4_0-multi.gguf"
+    rc, _, _ = run([f"{a.bin}/shard-node", "synth-model", "--quant", "q4_0", "--tokenizer-from", a.model,
+                    "--out", synth], "multi-synth", timeout=900)
+    if rc == 0:
+        models.append(synth)
+    for m in models:
+        rc, out, secs = run([sys.executable, os.path.join(os.path.dirname(__file__), "bench_cluster.py"),
+                             "--bin-dir", a.bin, "--model", m, "--devices", devs,
+                             "--stages", f"1,{n}", "--aggregate-stages", f"1,{n}",
+                             "--streams", "1,4,16", "--runs", "3", "--tokens", "128"],
+                            "multi-bench", timeout=900)
+        log("multi-bench", gpus=n, model=os.path.basename(m), rc=rc, secs=secs,
+            out=[l for l in out.splitlines() if l.startswith("{")])
+    if os.path.exists(synth):
+        os.remove(synth)
+
+
 def tool(name):
     for p in [shutil.which(name), f"/usr/local/cuda/bin/{name}"]:
         if p and os.path.exists(p):
@@ -412,7 +466,7 @@ def main():
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", default="",
-                    help="comma-separated: kernels,correctness,bench,memory,synth,profile,peer")
+                    help="comma-separated: kernels,correctness,bench,memory,synth,profile,peer,multi")
     a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     gpu = int(a.device.split(":")[1]) if ":" in a.device else None
@@ -428,7 +482,8 @@ def main():
                     ("bench", lambda: bench(a, a.device)),
                     ("memory", lambda: memory(a, a.device, gpu, a.quick)),
                     ("synth", lambda: synth_bench(a, a.device)),
-                    ("peer", lambda: peer(a))]:
+                    ("peer", lambda: peer(a)),
+                    ("multi", lambda: multi(a))]:
         if name in skip:
             continue
         t = time.time()
