@@ -122,7 +122,8 @@ fn check_batch(
         .collect();
     if prompts.iter().any(|p| p.len() + steps + 1 > max_ctx) {
         anyhow::bail!(
-            "--check-batch needs --prompt-tokens of at least {}",
+            "--check-batch: prompts of up to {} tokens plus {steps} steps do not fit in a \
+             context of {max_ctx}; use a larger --prompt-tokens or --gen-tokens",
             4 + o.batch
         );
     }

@@ -66,11 +66,29 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
             v.dims()
         )));
     }
+    let (cos, sin) = rope.tables();
+    if rope.head_dim() != s.head_dim || cos.dims2()?.1 != s.head_dim / 2 {
+        return Err(Error::InvalidInput(format!(
+            "decode attention: rope tables for heads of {}, not {}",
+            rope.head_dim(),
+            s.head_dim
+        )));
+    }
     let mut caches = Vec::with_capacity(n);
     let mut pos = Vec::with_capacity(n);
     for g in segs.iter() {
         let (kc, vc) = g.cache.buffers(li)?;
         let rows = kc.dims2()?.0;
+        // The kernels index the caches as contiguous `[rows, kvw]` f16 rows.
+        for c in [kc, vc] {
+            if c.dims2()? != (rows, kvw) || !c.is_contiguous() || c.dtype() != DType::F16 {
+                return Err(Error::InvalidInput(format!(
+                    "decode attention: a cache of {:?} {:?}, expected contiguous [{rows}, {kvw}] f16",
+                    c.dims(),
+                    c.dtype()
+                )));
+            }
+        }
         if g.start >= rows || g.start >= rope.max_pos() {
             return Err(Error::InvalidInput(format!(
                 "decode attention: position {} past the reserved {rows} rows",
@@ -83,7 +101,6 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
                 .map_err(|_| Error::InvalidInput(format!("position {} is too large", g.start)))?,
         );
     }
-    let (cos, sin) = rope.tables();
     let op = DecodeAttn {
         k,
         v,
@@ -244,8 +261,12 @@ impl CustomOp1 for DecodeAttn<'_> {
             shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match the kernel's signature; every address lies inside a
-        // live buffer: the caches have room at `pos` (checked in `attend`), q/k/v hold `n`
-        // rows of their widths, the rope tables cover `pos`.
+        // live buffer: the caches are contiguous `[rows, kvw]` f16 with room at `pos`, q/k/v
+        // hold `n` rows of their widths, the rope tables are `[max_pos, hd / 2]` and cover
+        // `pos` (all checked in `attend`). The caches are written through addresses taken for
+        // reading: no write event is recorded for them, which is sound because candle runs
+        // every kernel of a device on its one stream; a reader on another stream would have
+        // to synchronize first.
         unsafe { b.launch(cfg) }.map_err(|e| err("rope_kv_write", e))?;
 
         let scale = 1.0 / (s.head_dim as f32).sqrt();

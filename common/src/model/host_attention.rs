@@ -85,6 +85,12 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
             s.kv_heads
         )));
     }
+    if rope.head_dim() != hd {
+        return Err(Error::InvalidInput(format!(
+            "host attention: rope tables for heads of {}, not {hd}",
+            rope.head_dim()
+        )));
+    }
     if !rope.has_host_tables() {
         return Err(Error::InvalidInput(
             "host attention needs CPU rope tables".into(),

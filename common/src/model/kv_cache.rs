@@ -103,11 +103,19 @@ impl Store {
     }
 }
 
-fn grow_host<T: KvElem>(layers: &mut [HostLayer<T>], elems: usize) {
+/// Grows every layer to exactly `elems` elements (not `Vec`'s doubling, so that the bytes
+/// held are the bytes counted); an allocation failure is an error, not an abort.
+fn grow_host<T: KvElem>(layers: &mut [HostLayer<T>], elems: usize) -> Result<()> {
     for l in layers {
-        l.k.resize(elems, T::from_f32(0.0));
-        l.v.resize(elems, T::from_f32(0.0));
+        for buf in [&mut l.k, &mut l.v] {
+            buf.try_reserve_exact(elems.saturating_sub(buf.len()))
+                .map_err(|e| {
+                    Error::InvalidInput(format!("KV cache of {elems} elements per layer: {e}"))
+                })?;
+            buf.resize(elems, T::from_f32(0.0));
+        }
     }
+    Ok(())
 }
 
 /// Keys and values of one session on one stage.
@@ -209,8 +217,8 @@ impl KvCache {
             .saturating_mul(CHUNK)
             .min(self.max_ctx);
         match &mut self.store {
-            Store::HostF16(l) => grow_host(l, cap * self.kv_dim),
-            Store::HostF32(l) => grow_host(l, cap * self.kv_dim),
+            Store::HostF16(l) => grow_host(l, cap * self.kv_dim)?,
+            Store::HostF32(l) => grow_host(l, cap * self.kv_dim)?,
             Store::Device(layers) => {
                 let mut grown = Vec::with_capacity(layers.len());
                 for l in layers.iter() {
@@ -231,7 +239,15 @@ impl KvCache {
 
     /// Writes `k`, `v: [n, kv_dim]` of layer `i` at rows `start..start+n` (reserved before).
     pub fn write(&mut self, i: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        let (n, _) = k.dims2()?;
+        let (n, w) = k.dims2()?;
+        if w != self.kv_dim || v.dims() != k.dims() {
+            return Err(Error::InvalidInput(format!(
+                "cache write of keys {:?} and values {:?}, expected [n, {}] each",
+                k.dims(),
+                v.dims(),
+                self.kv_dim
+            )));
+        }
         if start + n > self.capacity {
             return Err(Error::InvalidInput(format!(
                 "cache write of rows {start}..{} past the reserved {}",
@@ -347,6 +363,13 @@ mod tests {
         c.advance(10);
         c.reserve(250)?; // regrows to the bound, 300, keeping the rows
         assert_eq!(c.nbytes(), 2 * 2 * 300 * 8 * 2);
+        let Some(Ok(HostKv::F16(l))) = c.host_layer(1) else {
+            panic!("a CPU cache of f16 lives in host memory");
+        };
+        // what is counted is what is held
+        assert_eq!((l.k.capacity(), l.v.capacity()), (300 * 8, 300 * 8));
+        let wrong = Tensor::ones((2, 7), DType::F32, &Device::Cpu)?;
+        assert!(c.write(0, 10, &wrong, &wrong).is_err());
         let Some(Ok(HostKv::F16(l))) = c.host_layer(0) else {
             panic!("a CPU cache of f16 lives in host memory");
         };

@@ -80,6 +80,11 @@ impl Rope {
         Ok(y.squeeze(0)?.transpose(0, 1)?.reshape((n, width))?)
     }
 
+    /// The head width the tables are for.
+    pub fn head_dim(&self) -> usize {
+        2 * self.half
+    }
+
     /// Whether [`Rope::rotate_row`] can run (the tables were built for the CPU).
     pub fn has_host_tables(&self) -> bool {
         !self.cos_host.is_empty()
