@@ -9,7 +9,7 @@ use common::model::LayerRange;
 use proto_types::registry::{PlanRecord, StageRecord};
 use proto_types::*;
 use tarpc::context::Context;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::{CoordError, Result};
 use crate::plan;
@@ -147,6 +147,11 @@ impl NodeConn {
         })
     }
 
+    /// Renews this connection's lease until the returned guard drops (see [`keep_alive`]).
+    pub fn keep_alive(&self) -> DropGuard {
+        keep_alive(&self.client, self.lease, self.heartbeat)
+    }
+
     /// What the node could hold once a new plan commits: its free bytes plus those of the
     /// slice it serves now.
     pub fn capacity(&self) -> u64 {
@@ -229,6 +234,29 @@ pub fn rpc<T>(
     }
 }
 
+/// Renews `lease` every `every` until the returned guard drops. A lease is only renewed by
+/// the cluster's heartbeats once its slice is loaded, and loading a large model (hashing and
+/// uploading gigabytes) outlasts the node's lease TTL by far: without this, the node released
+/// the lease, with the half-loaded slice, before the load returned.
+pub fn keep_alive(client: &ShardNodeClient, lease: LeaseId, every: Duration) -> DropGuard {
+    let stop = CancellationToken::new();
+    let (client, done) = (client.clone(), stop.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; the handshake just renewed it
+        loop {
+            tokio::select! {
+                _ = done.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            // A failure here shows up as the load's own error; nothing to do but try again.
+            let _ = client.heartbeat(ctx(2), lease).await;
+        }
+    });
+    stop.drop_guard()
+}
+
 fn sha256_file(path: &Path) -> Result<String> {
     use sha2::Digest;
     let mut f = std::fs::File::open(path)?;
@@ -308,6 +336,7 @@ impl Cluster {
         for addr in addrs {
             conns.push(NodeConn::open(None, addr).await?);
         }
+        let _alive: Vec<DropGuard> = conns.iter().map(NodeConn::keep_alive).collect();
         let free: Vec<u64> = conns.iter().map(|c| c.desc.free_bytes).collect();
         let ranges = model.split(&free)?;
         tracing::info!(?ranges, "plan");
@@ -341,6 +370,7 @@ impl Cluster {
             async move {
                 let range = stage_range(s)?;
                 let c = NodeConn::open(Some(s.node.clone()), &s.addr).await?;
+                let _alive = c.keep_alive();
                 let info = load(&c.addr, &c.client, &model, range, plan.epoch, max_ctx).await?;
                 Ok::<_, CoordError>((c, range, info))
             }
@@ -422,6 +452,11 @@ impl Cluster {
 
     async fn reattach(&self, n: &StageNode) -> Result<()> {
         let (client, ack) = connect(&n.addr).await?;
+        let _alive = keep_alive(
+            &client,
+            ack.lease,
+            Duration::from_millis(ack.heartbeat_interval_ms.max(10)),
+        );
         load(
             &n.addr,
             &client,

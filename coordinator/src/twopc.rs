@@ -72,6 +72,8 @@ impl TwoPc {
                 .map(|m| NodeConn::open(Some(m.id.clone()), &m.addr)),
         )
         .await?;
+        // Until the committed cluster's own heartbeats take over (preparing loads slices).
+        let _alive: Vec<_> = conns.iter().map(NodeConn::keep_alive).collect();
         let capacity: Vec<u64> = conns.iter().map(NodeConn::capacity).collect();
         let ranges = self.model.split(&capacity)?;
         tracing::info!(%epoch, ?ranges, "PREPARE");
