@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::RopeStyle;
-use crate::model::attention::{AttnShape, StepRows};
+use crate::model::attention::{attend_each, AttnShape, StepRows};
 use crate::model::block::Segment;
 use crate::model::rope::Rope;
 
@@ -112,6 +112,60 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
         interleaved: rope.style() == RopeStyle::Interleaved,
     };
     Ok(q.apply_op1_no_bwd(&op)?)
+}
+
+/// Attention for a step that may mix decode rows and prefill chunks: the decode rows (one-row
+/// segments on f16 CUDA caches) through the kernels, all of them at once, the other segments
+/// through candle's ops ([`attend_each`]); the rows come back in the step's order. `None`
+/// when no segment is a decode row the kernels take.
+pub fn attend_mixed(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Option<Tensor>> {
+    if applies(segs, rows.layer, rows.shape) {
+        return attend(rows, segs).map(Some);
+    }
+    let fast = |g: &Segment<'_>| applies(std::slice::from_ref(g), rows.layer, rows.shape);
+    if !segs.iter().any(fast) {
+        return Ok(None);
+    }
+    let (mut dec, mut other) = (Vec::new(), Vec::new());
+    let (mut dec_rows, mut other_rows) = (Vec::<u32>::new(), Vec::<u32>::new());
+    let mut at = 0u32;
+    for g in segs.iter_mut() {
+        let (start, len) = (g.start, g.len);
+        let take = fast(g);
+        let part = Segment {
+            cache: &mut *g.cache,
+            start,
+            len,
+        };
+        let n = u32::try_from(len).map_err(|_| Error::InvalidInput("segment too long".into()))?;
+        if take {
+            dec_rows.push(at);
+            dec.push(part);
+        } else {
+            other_rows.extend(at..at + n);
+            other.push(part);
+        }
+        at += n;
+    }
+    let dev = rows.q.device();
+    let pick = |t: &Tensor, ids: &[u32]| -> Result<Tensor> {
+        let ids = Tensor::from_slice(ids, ids.len(), dev)?;
+        Ok(t.contiguous()?.index_select(&ids, 0)?)
+    };
+    let part_rows = |ids: &[u32]| -> Result<(Tensor, Tensor, Tensor)> {
+        Ok((pick(rows.q, ids)?, pick(rows.k, ids)?, pick(rows.v, ids)?))
+    };
+    let (dq, dk, dv) = part_rows(&dec_rows)?;
+    let d_out = attend(rows.with_qkv(&dq, &dk, &dv), &mut dec)?;
+    let (oq, ok, ov) = part_rows(&other_rows)?;
+    let o_out = attend_each(rows.with_qkv(&oq, &ok, &ov), &mut other)?;
+    // Row r of the step sits at `back[r]` of [decode rows; other rows].
+    let mut back = vec![0u32; at as usize];
+    for (i, &r) in dec_rows.iter().chain(&other_rows).enumerate() {
+        back[r as usize] = i as u32;
+    }
+    let both = Tensor::cat(&[&d_out, &o_out], 0)?;
+    Ok(Some(pick(&both, &back)?))
 }
 
 /// Runs both kernels once on a one-row cache, so that their module is loaded at start-up.
@@ -323,6 +377,86 @@ mod tests {
             .map_err(|_| Error::InvalidInput("the test thread panicked".into()))?
     }
 
+    /// A step mixing decode rows and prefill chunks gives, row for row, what candle's ops
+    /// give for each session alone, and leaves the same rows in the caches.
+    #[test]
+    fn mixed_steps_match_candle_ops_per_session() -> Result<()> {
+        let dev = Device::new_cuda(0)?;
+        let s = AttnShape {
+            heads: 8,
+            kv_heads: 2,
+            head_dim: 64,
+        };
+        let (width, kvw) = (s.heads * 64, s.kv_heads * 64);
+        let rope = Rope::new(RopeStyle::Halves, 64, 10000.0, 300, &dev)?;
+        // (cached before, new rows): decode, prefill, decode, chunk, decode
+        let plan = [(5usize, 1usize), (0, 7), (37, 1), (10, 4), (0, 1)];
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        for (i, &(d, len)) in plan.iter().enumerate() {
+            for set in [&mut ours, &mut theirs] {
+                let mut c = KvCache::new(1, kvw, 300, KvDtype::F16, &dev)?;
+                c.reserve(d + len)?;
+                if d > 0 {
+                    let h = random(d, kvw, i as f32, &dev)?;
+                    c.write(0, 0, &h, &(h.clone() * 0.5)?)?;
+                    c.advance(d);
+                }
+                set.push(c);
+            }
+        }
+        let n: usize = plan.iter().map(|p| p.1).sum();
+        let (q, k, v) = (
+            random(n, width, 21.0, &dev)?,
+            random(n, kvw, 22.0, &dev)?,
+            random(n, kvw, 23.0, &dev)?,
+        );
+        let rows = StepRows {
+            q: &q,
+            k: &k,
+            v: &v,
+            layer: 0,
+            rope: &rope,
+            shape: s,
+        };
+        fn segs_of<'a>(caches: &'a mut [KvCache], plan: &[(usize, usize)]) -> Vec<Segment<'a>> {
+            caches
+                .iter_mut()
+                .zip(plan)
+                .map(|(c, &(start, len))| Segment {
+                    cache: c,
+                    start,
+                    len,
+                })
+                .collect()
+        }
+        let reference = attend_each(rows, &mut segs_of(&mut theirs, &plan))?;
+        let got = attend_mixed(rows, &mut segs_of(&mut ours, &plan))?
+            .ok_or_else(|| Error::InvalidInput("the kernels took no row".into()))?;
+        let diff = max_diff(&got, &reference)?;
+        assert!(diff < 1e-3, "mixed step differs by {diff}");
+        same_caches(&ours, &theirs, "mixed step")
+    }
+
+    /// The largest absolute difference, in f32.
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?)
+    }
+
+    /// Layer 0 of each pair of caches holds the same keys and values.
+    fn same_caches(ours: &[KvCache], theirs: &[KvCache], what: &str) -> Result<()> {
+        for (a, b) in ours.iter().zip(theirs) {
+            let ((ka, va), (kb, vb)) = (a.buffers(0)?, b.buffers(0)?);
+            for d in [max_diff(ka, kb)?, max_diff(va, vb)?] {
+                assert!(d < 1e-3, "{what}: cache rows differ by {d}");
+            }
+        }
+        Ok(())
+    }
+
     fn compare_on(dev: &Device) -> Result<()> {
         let dev = dev.clone();
         for (style, hd) in [(RopeStyle::Halves, 64), (RopeStyle::Interleaved, 128)] {
@@ -385,20 +519,9 @@ mod tests {
                 },
                 &mut segs,
             )?;
-            let diff = (got - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = max_diff(&got, &reference)?;
             assert!(diff < 1e-3, "{style:?}: attention differs by {diff}");
-            for (a, b) in ours.iter().zip(&theirs) {
-                for (x, y) in [
-                    (a.buffers(0)?.0, b.buffers(0)?.0),
-                    (a.buffers(0)?.1, b.buffers(0)?.1),
-                ] {
-                    let d = (x.to_dtype(DType::F32)? - y.to_dtype(DType::F32)?)?
-                        .abs()?
-                        .max_all()?
-                        .to_scalar::<f32>()?;
-                    assert!(d < 1e-3, "{style:?}: cache rows differ by {d}");
-                }
-            }
+            same_caches(&ours, &theirs, &format!("{style:?}"))?;
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
+use super::block::Segment;
 use super::rope::Rope;
 use crate::error::Result;
 
@@ -23,6 +24,13 @@ pub struct StepRows<'a> {
     pub rope: &'a Rope,
     /// Heads and widths.
     pub shape: AttnShape,
+}
+
+impl<'a> StepRows<'a> {
+    /// The same layer, rope and shape for other rows (a subset of the step's).
+    pub fn with_qkv(self, q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+        StepRows { q, k, v, ..self }
+    }
 }
 
 /// Shape of one attention call.
@@ -86,4 +94,33 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, s: AttnShape, start: usize)
         .permute((2, 0, 1, 3))?
         .contiguous()?;
     Ok(out.reshape((n, s.heads * hd))?)
+}
+
+/// Attention on device caches with candle ops, one segment after the other: RoPE, the cache
+/// write, then [`attention`] against the segment's cache. `rows` holds the segments' rows one
+/// segment after the other.
+pub fn attend_each(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
+    let StepRows {
+        q,
+        k,
+        v,
+        layer: li,
+        rope,
+        shape: s,
+    } = rows;
+    let mut outs = Vec::with_capacity(segs.len());
+    let mut at = 0;
+    for seg in segs.iter_mut() {
+        let rows = |t: &Tensor| t.narrow(0, at, seg.len);
+        let q = rope.apply(&rows(q)?, s.heads, seg.start)?;
+        let k = rope.apply(&rows(k)?, s.kv_heads, seg.start)?;
+        seg.cache.write(li, seg.start, &k, &rows(v)?)?;
+        let (kc, vc) = seg.cache.buffers(li)?;
+        outs.push(attention(&q, kc, vc, s, seg.start)?);
+        at += seg.len;
+    }
+    Ok(match outs.len() {
+        1 => outs.remove(0),
+        _ => Tensor::cat(&outs, 0)?,
+    })
 }

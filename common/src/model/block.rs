@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::attention::{attention, AttnShape, StepRows};
+use super::attention::{attend_each, AttnShape, StepRows};
 use super::host_attention;
 use super::kv_cache::KvCache;
 use super::linear::{load_vector, MultiLinear, QLinear};
@@ -119,7 +119,7 @@ impl Block {
         } else if let Some(a) = cuda_decode(rows, segs)? {
             a
         } else {
-            Self::attend_each(rows, segs)?
+            attend_each(rows, segs)?
         };
         let x = (x + self.o.forward(&a)?)?;
         let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, self.eps)?;
@@ -129,38 +129,12 @@ impl Block {
         let act = (candle_nn::ops::silu(&g)? * u)?;
         Ok((x + self.down.forward(&act)?)?)
     }
-
-    /// Attention on device caches: candle ops, one segment after the other.
-    fn attend_each(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
-        let StepRows {
-            q,
-            k,
-            v,
-            layer: li,
-            rope,
-            shape: s,
-        } = rows;
-        let mut outs = Vec::with_capacity(segs.len());
-        let mut at = 0;
-        for seg in segs.iter_mut() {
-            let rows = |t: &Tensor| t.narrow(0, at, seg.len);
-            let q = rope.apply(&rows(q)?, s.heads, seg.start)?;
-            let k = rope.apply(&rows(k)?, s.kv_heads, seg.start)?;
-            seg.cache.write(li, seg.start, &k, &rows(v)?)?;
-            let (kc, vc) = seg.cache.buffers(li)?;
-            outs.push(attention(&q, kc, vc, s, seg.start)?);
-            at += seg.len;
-        }
-        Ok(match outs.len() {
-            1 => outs.remove(0),
-            _ => Tensor::cat(&outs, 0)?,
-        })
-    }
 }
 
-/// Attention through the CUDA decode kernels, when they take this step (every segment one
-/// decode row on an f16 CUDA cache); `None` otherwise. `LLMC_CUDA_ATTENTION=0` turns them
-/// off, for comparisons.
+/// Attention through the CUDA decode kernels, when they take this step: every decode row on
+/// an f16 CUDA cache goes through them, any prefill chunk beside them through candle's ops;
+/// `None` when no segment is a decode row. `LLMC_CUDA_ATTENTION=0` turns them off, for
+/// comparisons.
 fn cuda_decode(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     {
@@ -168,8 +142,12 @@ fn cuda_decode(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Option<Te
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let on =
             *ON.get_or_init(|| std::env::var("LLMC_CUDA_ATTENTION").map_or(true, |v| v != "0"));
-        if on && decode_attention::applies(segs, rows.layer, rows.shape) {
-            return decode_attention::attend(rows, segs).map(Some);
+        // `LLMC_CUDA_MIXED=0`: steps that hold a prefill chunk take candle's ops throughout.
+        static MIXED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let mixed =
+            *MIXED.get_or_init(|| std::env::var("LLMC_CUDA_MIXED").map_or(true, |v| v != "0"));
+        if on && (mixed || decode_attention::applies(segs, rows.layer, rows.shape)) {
+            return decode_attention::attend_mixed(rows, segs);
         }
     }
     let _ = (rows, segs);
