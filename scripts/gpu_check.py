@@ -157,8 +157,11 @@ def correctness(a, dev):
             disagreements=[s for s in steps if "summary" not in s and s["cpu"] != s["device"]])
 
 
-# Our decode-attention kernels (on) against candle's per-session ops (off), in the same run.
-ATTENTION = [("kernels", {"LLMC_CUDA_ATTENTION": "1"}), ("candle-ops", {"LLMC_CUDA_ATTENTION": "0"})]
+# The fused decode path (a block in ten launches), our decode-attention kernels under candle's
+# other ops, and candle's ops throughout, in the same run.
+ATTENTION = [("fused", {"LLMC_CUDA_ATTENTION": "1", "LLMC_CUDA_FUSED": "1"}),
+             ("kernels", {"LLMC_CUDA_ATTENTION": "1", "LLMC_CUDA_FUSED": "0"}),
+             ("candle-ops", {"LLMC_CUDA_ATTENTION": "0", "LLMC_CUDA_FUSED": "0"})]
 
 
 def kernels(a):
@@ -167,7 +170,8 @@ def kernels(a):
     if not os.path.exists(test):
         log("kernels", error=f"{test} not carried")
         return
-    rc, out, secs = run([test, "cuda::", "--nocapture"], "kernels")
+    rc, out, secs = run([test, "cuda::", "--nocapture", "--test-threads", "1"], "kernels",
+                        env={"LLMC_TEST_MODEL": os.path.abspath(a.model)})
     log("kernels", rc=rc, secs=secs, tail=out.strip().splitlines()[-8:])
 
 
@@ -236,7 +240,7 @@ def peer(a):
 
 
 def synth_bench(a, dev):
-    for quant in ["q4_0", "q8_0"]:
+    for quant in a.quants.split(","):
         path = f"/tmp/synth-8b-{quant}.gguf"
         rc, out, secs = run([f"{a.bin}/shard-node", "synth-model", "--quant", quant, "--tokenizer-from", a.model,
                              "--out", path], f"synth-{quant}", timeout=900)
@@ -327,7 +331,9 @@ def profile(a, dev, path):
         log("profile", tool="nsys", rc=rc, secs=secs, tail=out[-6000:])
     ncu = tool("ncu")
     if ncu:
-        rc, out, secs = run([ncu, "--launch-skip", "6000", "--launch-count", "1500", "--metrics",
+        # The fused path launches ~330 kernels a step: skip the load, warm-up and prefill, then
+        # take ~4 steps.
+        rc, out, secs = run([ncu, "--launch-skip", "3000", "--launch-count", "1300", "--metrics",
                              "gpu__time_duration.sum", "--csv"] + bench, "profile-ncu", timeout=600)
         per = {}
         import csv
@@ -465,6 +471,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quants", default="q4_0,q8_0", help="the synthetic 8B models' weight types")
     ap.add_argument("--skip", default="",
                     help="comma-separated: kernels,correctness,bench,memory,synth,profile,peer,multi")
     a = ap.parse_args()

@@ -63,6 +63,7 @@ fn exercise(device: &Device, max_k: usize, max_rows: usize) -> Result<()> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         crate::cuda::decode_attention::warm_up(device)?;
+        crate::cuda::fused_decode::warm_up(device)?;
     }
     device.synchronize()?;
     Ok(())

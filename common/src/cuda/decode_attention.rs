@@ -9,10 +9,12 @@
 //! device pointers copied up per layer.
 #![allow(unsafe_code)]
 
+use std::sync::Arc;
+
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::CudaStorage;
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 
 use crate::error::{Error, Result};
@@ -77,24 +79,7 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
     let mut caches = Vec::with_capacity(n);
     let mut pos = Vec::with_capacity(n);
     for g in segs.iter() {
-        let (kc, vc) = g.cache.buffers(li)?;
-        let rows = kc.dims2()?.0;
-        // The kernels index the caches as contiguous `[rows, kvw]` f16 rows.
-        for c in [kc, vc] {
-            if c.dims2()? != (rows, kvw) || !c.is_contiguous() || c.dtype() != DType::F16 {
-                return Err(Error::InvalidInput(format!(
-                    "decode attention: a cache of {:?} {:?}, expected contiguous [{rows}, {kvw}] f16",
-                    c.dims(),
-                    c.dtype()
-                )));
-            }
-        }
-        if g.start >= rows || g.start >= rope.max_pos() {
-            return Err(Error::InvalidInput(format!(
-                "decode attention: position {} past the reserved {rows} rows",
-                g.start
-            )));
-        }
+        let (kc, vc) = checked_caches(g, li, kvw, rope)?;
         caches.push((kc, vc));
         pos.push(
             i32::try_from(g.start)
@@ -112,6 +97,35 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
         interleaved: rope.style() == RopeStyle::Interleaved,
     };
     Ok(q.apply_op1_no_bwd(&op)?)
+}
+
+/// Layer `li` of the segment's cache, checked for the kernels: contiguous `[rows, kvw]` f16
+/// with row `start` reserved and inside the rope tables.
+pub(crate) fn checked_caches<'c>(
+    g: &'c Segment<'_>,
+    li: usize,
+    kvw: usize,
+    rope: &Rope,
+) -> Result<(&'c Tensor, &'c Tensor)> {
+    let (kc, vc) = g.cache.buffers(li)?;
+    let rows = kc.dims2()?.0;
+    // The kernels index the caches as contiguous `[rows, kvw]` f16 rows.
+    for c in [kc, vc] {
+        if c.dims2()? != (rows, kvw) || !c.is_contiguous() || c.dtype() != DType::F16 {
+            return Err(Error::InvalidInput(format!(
+                "decode attention: a cache of {:?} {:?}, expected contiguous [{rows}, {kvw}] f16",
+                c.dims(),
+                c.dtype()
+            )));
+        }
+    }
+    if g.start >= rows || g.start >= rope.max_pos() {
+        return Err(Error::InvalidInput(format!(
+            "decode attention: position {} past the reserved {rows} rows",
+            g.start
+        )));
+    }
+    Ok((kc, vc))
 }
 
 /// Attention for a step that may mix decode rows and prefill chunks: the decode rows (one-row
@@ -217,7 +231,7 @@ fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
 
 /// The device address of element `l.start_offset()` of a CUDA tensor of `T`, and its row
 /// stride in elements (rows must be contiguous).
-fn address<T: candle_core::cuda_backend::CudaDType>(
+pub(crate) fn address<T: candle_core::cuda_backend::CudaDType>(
     t: &Tensor,
     stream: &CudaStream,
 ) -> candle_core::Result<(u64, i64)> {
@@ -228,7 +242,7 @@ fn address<T: candle_core::cuda_backend::CudaDType>(
     address_of::<T>(c, l, stream)
 }
 
-fn address_of<T: candle_core::cuda_backend::CudaDType>(
+pub(crate) fn address_of<T: candle_core::cuda_backend::CudaDType>(
     c: &CudaStorage,
     l: &Layout,
     stream: &CudaStream,
@@ -281,72 +295,154 @@ impl CustomOp1 for DecodeAttn<'_> {
         let table = stream.clone_htod(&table).map_err(|e| err("copy", e))?;
         let pos = stream.clone_htod(&self.pos).map_err(|e| err("copy", e))?;
         // SAFETY: both are written in full by the kernels below before anything reads them.
-        let mut q_rot = unsafe { stream.alloc::<f32>(n * width) }.map_err(|e| err("alloc", e))?;
-        let mut out = unsafe { stream.alloc::<f32>(n * width) }.map_err(|e| err("alloc", e))?;
-        let (sessions, heads, kv_heads, hd) = (
-            n as i32,
-            s.heads as i32,
-            s.kv_heads as i32,
-            s.head_dim as i32,
-        );
-        let interleaved = i32::from(self.interleaved);
-
-        let f = dev.get_or_load_custom_func("rope_kv_write", MODULE, PTX)?;
-        let mut b = f.builder();
-        b.arg(&q)
-            .arg(&q_stride)
-            .arg(&k)
-            .arg(&k_stride)
-            .arg(&v)
-            .arg(&v_stride)
-            .arg(&mut q_rot)
-            .arg(&table)
-            .arg(&pos)
-            .arg(&cos)
-            .arg(&sin)
-            .arg(&sessions)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&hd)
-            .arg(&interleaved);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, (s.heads + s.kv_heads) as u32, 1),
-            block_dim: ((s.head_dim / 2) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the arguments match the kernel's signature; every address lies inside a
-        // live buffer: the caches are contiguous `[rows, kvw]` f16 with room at `pos`, q/k/v
-        // hold `n` rows of their widths, the rope tables are `[max_pos, hd / 2]` and cover
-        // `pos` (all checked in `attend`). The caches are written through addresses taken for
-        // reading: no write event is recorded for them, which is sound because candle runs
-        // every kernel of a device on its one stream; a reader on another stream would have
-        // to synchronize first.
-        unsafe { b.launch(cfg) }.map_err(|e| err("rope_kv_write", e))?;
-
-        let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let f = dev.get_or_load_custom_func("decode_attention", MODULE, PTX)?;
-        let mut b = f.builder();
-        b.arg(&q_rot)
-            .arg(&table)
-            .arg(&pos)
-            .arg(&mut out)
-            .arg(&sessions)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&hd)
-            .arg(&scale);
-        let cfg = LaunchConfig {
-            grid_dim: (s.heads as u32, n as u32, 1),
-            block_dim: (32 * WARPS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: as above; each session's cache holds rows `0..=pos`.
-        unsafe { b.launch(cfg) }.map_err(|e| err("decode_attention", e))?;
+        let q_rot = unsafe { stream.alloc::<f32>(n * width) }.map_err(|e| err("alloc", e))?;
+        let out = unsafe { stream.alloc::<f32>(n * width) }.map_err(|e| err("alloc", e))?;
+        {
+            let (table, _t) = table.device_ptr(&stream);
+            let (pos, _p) = pos.device_ptr(&stream);
+            let (q_rot, _r) = q_rot.device_ptr(&stream);
+            let (out, _o) = out.device_ptr(&stream);
+            let raw = RawAttn {
+                q,
+                q_stride,
+                k,
+                k_stride,
+                v,
+                v_stride,
+                q_rot,
+                out,
+                table,
+                pos,
+                cos,
+                sin,
+                sessions: n,
+                shape: s,
+                interleaved: self.interleaved,
+            };
+            // SAFETY: every address lies inside a live buffer: the caches are contiguous
+            // `[rows, kvw]` f16 with room at `pos`, q/k/v hold `n` rows of their widths, the
+            // rope tables are `[max_pos, hd / 2]` and cover `pos` (all checked in `attend`);
+            // `q_rot` and `out` hold `n` rows of `width`.
+            unsafe { launch(&AttnFuncs::load(dev)?, &raw)? };
+        }
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from((n, width)),
         ))
     }
+}
+
+/// The device addresses and sizes both attention kernels take (see [`launch`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawAttn {
+    /// `[sessions, heads * hd]` f32 queries before RoPE, rows `q_stride` apart.
+    pub q: u64,
+    pub q_stride: i64,
+    /// `[sessions, kv_heads * hd]` f32 keys before RoPE, rows `k_stride` apart.
+    pub k: u64,
+    pub k_stride: i64,
+    /// `[sessions, kv_heads * hd]` f32 values, rows `v_stride` apart.
+    pub v: u64,
+    pub v_stride: i64,
+    /// `[sessions, heads * hd]` f32 scratch for the rotated queries.
+    pub q_rot: u64,
+    /// `[sessions, heads * hd]` f32 output.
+    pub out: u64,
+    /// `[2 * sessions]` u64 addresses: the key caches, then the value caches.
+    pub table: u64,
+    /// `[sessions]` i32 positions.
+    pub pos: u64,
+    /// `[max_pos, hd / 2]` f32 rope tables.
+    pub cos: u64,
+    pub sin: u64,
+    pub sessions: usize,
+    pub shape: AttnShape,
+    pub interleaved: bool,
+}
+
+/// Both kernels, looked up once for many launches.
+pub(crate) struct AttnFuncs {
+    stream: Arc<CudaStream>,
+    rope_kv_write: CudaFunction,
+    decode_attention: CudaFunction,
+}
+
+impl AttnFuncs {
+    /// The kernels, launched on `dev`'s stream.
+    pub(crate) fn load(dev: &CudaDevice) -> candle_core::Result<Self> {
+        let f = |name| {
+            dev.get_or_load_custom_func(name, MODULE, PTX)
+                .map(|f| f.into_cuda_function())
+        };
+        Ok(AttnFuncs {
+            stream: dev.cuda_stream(),
+            rope_kv_write: f("rope_kv_write")?,
+            decode_attention: f("decode_attention")?,
+        })
+    }
+}
+
+/// Launches `rope_kv_write` then `decode_attention` on `stream`.
+///
+/// # Safety
+/// Every address of `a` must point into a live device buffer of the size its field names, the
+/// caches must be contiguous `[rows, kv_heads * hd]` f16 with `pos < rows` for each session,
+/// `pos` must lie inside the rope tables, and the heads must fit the kernels (see [`applies`]).
+/// The caches are written through these addresses without a write event, which is sound
+/// because candle runs every kernel of a device on its one stream.
+pub(crate) unsafe fn launch(fs: &AttnFuncs, a: &RawAttn) -> candle_core::Result<()> {
+    let s = a.shape;
+    let (sessions, heads, kv_heads, hd) = (
+        a.sessions as i32,
+        s.heads as i32,
+        s.kv_heads as i32,
+        s.head_dim as i32,
+    );
+    let interleaved = i32::from(a.interleaved);
+    let mut b = fs.stream.launch_builder(&fs.rope_kv_write);
+    b.arg(&a.q)
+        .arg(&a.q_stride)
+        .arg(&a.k)
+        .arg(&a.k_stride)
+        .arg(&a.v)
+        .arg(&a.v_stride)
+        .arg(&a.q_rot)
+        .arg(&a.table)
+        .arg(&a.pos)
+        .arg(&a.cos)
+        .arg(&a.sin)
+        .arg(&sessions)
+        .arg(&heads)
+        .arg(&kv_heads)
+        .arg(&hd)
+        .arg(&interleaved);
+    let cfg = LaunchConfig {
+        grid_dim: (a.sessions as u32, (s.heads + s.kv_heads) as u32, 1),
+        block_dim: ((s.head_dim / 2) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature; the caller vouches for the addresses.
+    unsafe { b.launch(cfg) }.map_err(|e| err("rope_kv_write", e))?;
+
+    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    let mut b = fs.stream.launch_builder(&fs.decode_attention);
+    b.arg(&a.q_rot)
+        .arg(&a.table)
+        .arg(&a.pos)
+        .arg(&a.out)
+        .arg(&sessions)
+        .arg(&heads)
+        .arg(&kv_heads)
+        .arg(&hd)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (s.heads as u32, a.sessions as u32, 1),
+        block_dim: (32 * WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: as above; each session's cache holds rows `0..=pos`.
+    unsafe { b.launch(cfg) }.map_err(|e| err("decode_attention", e))?;
+    Ok(())
 }
 
 #[cfg(test)]

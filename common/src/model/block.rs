@@ -131,6 +131,47 @@ impl Block {
     }
 }
 
+/// What the fused CUDA decode path reads of a block (see `crate::cuda::fused_decode`).
+#[derive(Debug, Clone, Copy)]
+pub struct FusedParts<'a> {
+    /// `[hidden]` f32.
+    pub attn_norm: &'a Tensor,
+    /// `[q + 2 kv, hidden]`: the query, key and value rows in one matrix.
+    pub qkv: &'a QLinear,
+    /// `[hidden, q]`.
+    pub o: &'a QLinear,
+    /// `[hidden]` f32.
+    pub ffn_norm: &'a Tensor,
+    /// `[2 ffn, hidden]`: the gate rows, then the up rows.
+    pub gate_up: &'a QLinear,
+    /// `[hidden, ffn]`.
+    pub down: &'a QLinear,
+    /// Heads.
+    pub shape: AttnShape,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+}
+
+impl Block {
+    /// The block's parts for the fused path: `None` when q/k/v or gate/up are not each one
+    /// matrix (their types differ) or a projection has a bias.
+    pub fn fused_parts(&self) -> Option<FusedParts<'_>> {
+        if self.o.has_bias() || self.down.has_bias() {
+            return None;
+        }
+        Some(FusedParts {
+            attn_norm: &self.attn_norm,
+            qkv: self.qkv.single()?,
+            o: &self.o,
+            ffn_norm: &self.ffn_norm,
+            gate_up: self.gate_up.single()?,
+            down: &self.down,
+            shape: self.shape,
+            eps: self.eps,
+        })
+    }
+}
+
 /// Attention through the CUDA decode kernels, when they take this step: every decode row on
 /// an f16 CUDA cache goes through them, any prefill chunk beside them through candle's ops;
 /// `None` when no segment is a decode row. `LLMC_CUDA_ATTENTION=0` turns them off, for

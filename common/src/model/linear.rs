@@ -146,6 +146,16 @@ impl QLinear {
         self.out_features
     }
 
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// Whether a bias is added.
+    pub fn has_bias(&self) -> bool {
+        self.bias.is_some()
+    }
+
     /// Bytes held by the weight (and bias).
     pub fn nbytes(&self) -> usize {
         self.weight.storage_size_in_bytes() + self.bias.as_ref().map_or(0, |b| b.elem_count() * 4)
@@ -272,6 +282,14 @@ impl MultiLinear {
                 Ok(parts)
             }
             MultiLinear::Split(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// The one matrix of a fused projection without biases; `None` when split.
+    pub fn single(&self) -> Option<&QLinear> {
+        match self {
+            MultiLinear::Fused(l, _) if !l.has_bias() => Some(l),
+            _ => None,
         }
     }
 

@@ -274,6 +274,13 @@ impl Stage {
             s.cache.reserve(s.len)?;
         }
         let mut x = x.to_device(&self.device)?;
+        #[cfg(feature = "cuda")]
+        if let Some(y) = crate::cuda::fused_decode::forward(&self.blocks, &x, segs, &self.rope)? {
+            for s in segs.iter_mut() {
+                s.cache.advance(s.len);
+            }
+            return Ok(y);
+        }
         for (li, b) in self.blocks.iter().enumerate() {
             x = b.forward(&x, segs, li, &self.rope)?;
         }
@@ -281,6 +288,12 @@ impl Stage {
             s.cache.advance(s.len);
         }
         Ok(x)
+    }
+
+    /// The blocks and the rope tables, for comparing paths in tests.
+    #[cfg(all(test, feature = "cuda"))]
+    pub(crate) fn parts(&self) -> (&[Block], &Rope) {
+        (&self.blocks, &self.rope)
     }
 
     /// `[n, hidden]` -> `[n, vocab]` logits. Last stage only.

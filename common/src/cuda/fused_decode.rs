@@ -1,0 +1,877 @@
+//! Decode steps on CUDA with each block in ten kernel launches, launched straight from raw
+//! device addresses (kernels in `fused_decode.cu`).
+//!
+//! Through candle's ops a decode step of one block costs 16 tensor ops, each with its own
+//! allocation, bookkeeping and launch; on an H100 the 135M model's step took as long as the
+//! 8B model's, so the host side, not the GPU, set the pace. Here a stage runs all its blocks
+//! in one candle op: per block, a fused residual add + RMSNorm + Q8_1 quantization, candle's
+//! own quantized matrix-vector kernels (`mmvq`, called through `candle_kernels::ffi`) for
+//! q/k/v, the output projection, gate/up and down, the decode-attention kernels, and a fused
+//! SiLU · up + quantization. Residual adds are folded into the next norm. Scratch buffers are
+//! allocated once per step. Steps of more than 8 rows (mmvq's limit) write f32 instead and
+//! call candle's mmq kernels, which quantize their input themselves.
+//!
+//! It takes a step when every segment is one decode row on an f16 CUDA cache, the weights'
+//! types have an mmvq kernel, and q/k/v and gate/up are each one matrix without biases;
+//! anything else goes through [`crate::model::block::Block::forward`].
+//! `LLMC_CUDA_FUSED=0` turns it off, so one run can compare both paths.
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::quantized::GgmlDType;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+
+use super::decode_attention::{self, address, checked_caches, AttnFuncs, RawAttn};
+use crate::error::{Error, Result};
+use crate::gguf::RopeStyle;
+use crate::model::block::{Block, FusedParts, Segment};
+use crate::model::rope::Rope;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_decode.ptx"));
+const MODULE: &str = "llm_cluster_fused_decode";
+/// Rows of Q8_1 activations are padded to this many values (candle's `MATRIX_ROW_PADDING`).
+const ROW_PADDING: usize = 512;
+/// Bytes of one Q8_1 block of 32 values.
+const Q8_1_BYTES: usize = 36;
+/// The most rows one mmvq launch takes; larger steps launch it per chunk.
+const MMVQ_MAX_BATCH: usize = 8;
+
+/// candle's launcher of an mmvq kernel with f32 output.
+type Mmvq = unsafe extern "C" fn(
+    *const c_void,
+    *const c_void,
+    *mut c_void,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    *mut c_void,
+);
+
+fn mmvq_for(t: GgmlDType) -> Option<Mmvq> {
+    use candle_core::cuda_backend::kernels::ffi;
+    let f: Mmvq = match t {
+        GgmlDType::Q4_0 => ffi::launch_mmvq_gguf_q4_0_f32_plain,
+        GgmlDType::Q4_1 => ffi::launch_mmvq_gguf_q4_1_f32_plain,
+        GgmlDType::Q5_0 => ffi::launch_mmvq_gguf_q5_0_f32_plain,
+        GgmlDType::Q5_1 => ffi::launch_mmvq_gguf_q5_1_f32_plain,
+        GgmlDType::Q8_0 => ffi::launch_mmvq_gguf_q8_0_f32_plain,
+        GgmlDType::Q2K => ffi::launch_mmvq_gguf_q2_k_f32_plain,
+        GgmlDType::Q3K => ffi::launch_mmvq_gguf_q3_k_f32_plain,
+        GgmlDType::Q4K => ffi::launch_mmvq_gguf_q4_k_f32_plain,
+        GgmlDType::Q5K => ffi::launch_mmvq_gguf_q5_k_f32_plain,
+        GgmlDType::Q6K => ffi::launch_mmvq_gguf_q6_k_f32_plain,
+        _ => return None,
+    };
+    Some(f)
+}
+
+/// Whether the fused path is on: `LLMC_CUDA_FUSED` (default on), and off with our attention
+/// kernels (`LLMC_CUDA_ATTENTION=0`), so that switch still selects candle's ops throughout.
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = |var| std::env::var(var).map_or(true, |v| v != "0");
+        on("LLMC_CUDA_FUSED") && on("LLMC_CUDA_ATTENTION")
+    })
+}
+
+/// candle's launcher of mmq's activation quantizer.
+type MmqQuantize = unsafe extern "C" fn(
+    *const c_void,
+    *const i32,
+    *mut c_void,
+    i32,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    *mut c_void,
+);
+
+/// candle's launcher of an mmq kernel.
+type MmqLaunch = unsafe extern "C" fn(
+    *mut c_void,
+    *const c_void,
+    *const c_void,
+    *mut c_void,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i32,
+    i32,
+    i64,
+    i32,
+    *mut c_void,
+);
+
+/// The mmq kernel of a weight type, the quantizer of the layout it reads, and its block size.
+#[derive(Clone, Copy)]
+struct Mmq {
+    quantize: MmqQuantize,
+    launch: MmqLaunch,
+    qk: usize,
+}
+
+fn mmq_for(t: GgmlDType) -> Option<Mmq> {
+    use candle_core::cuda_backend::kernels::ffi;
+    // The activation layouts and block sizes candle's `fast_mmq` pairs with each type.
+    let (d4, ds4, d2s6): (MmqQuantize, MmqQuantize, MmqQuantize) = (
+        ffi::launch_mmq_quantize_q8_1_D4,
+        ffi::launch_mmq_quantize_q8_1_DS4,
+        ffi::launch_mmq_quantize_q8_1_D2S6,
+    );
+    let (quantize, launch, qk): (MmqQuantize, MmqLaunch, usize) = match t {
+        GgmlDType::Q4_0 => (ds4, ffi::launch_mmq_gguf_q4_0, 32),
+        GgmlDType::Q4_1 => (ds4, ffi::launch_mmq_gguf_q4_1, 32),
+        GgmlDType::Q5_0 => (d4, ffi::launch_mmq_gguf_q5_0, 32),
+        GgmlDType::Q5_1 => (ds4, ffi::launch_mmq_gguf_q5_1, 32),
+        GgmlDType::Q8_0 => (d4, ffi::launch_mmq_gguf_q8_0, 32),
+        GgmlDType::Q2K => (d2s6, ffi::launch_mmq_gguf_q2_k, 256),
+        GgmlDType::Q3K => (d4, ffi::launch_mmq_gguf_q3_k, 256),
+        GgmlDType::Q4K => (ds4, ffi::launch_mmq_gguf_q4_k, 256),
+        GgmlDType::Q5K => (ds4, ffi::launch_mmq_gguf_q5_k, 256),
+        GgmlDType::Q6K => (d4, ffi::launch_mmq_gguf_q6_k, 256),
+        _ => return None,
+    };
+    Some(Mmq {
+        quantize,
+        launch,
+        qk,
+    })
+}
+
+/// A quantized weight as the kernels take it.
+#[derive(Clone, Copy)]
+struct Weight {
+    ptr: u64,
+    mmvq: Mmvq,
+    mmq: Mmq,
+    rows: usize,
+    cols: usize,
+}
+
+impl Weight {
+    fn of(l: &crate::model::linear::QLinear, rows: usize, cols: usize) -> Result<Option<Self>> {
+        let w = l.weight();
+        let (Some(mmvq), Some(mmq)) = (mmvq_for(w.dtype()), mmq_for(w.dtype())) else {
+            return Ok(None);
+        };
+        if l.out_features() != rows || l.in_features() != cols {
+            return Err(Error::InvalidInput(format!(
+                "fused decode: a weight of [{}, {}], expected [{rows}, {cols}]",
+                l.out_features(),
+                l.in_features()
+            )));
+        }
+        let ptr = w.device_ptr()? as u64;
+        Ok(Some(Weight {
+            ptr,
+            mmvq,
+            mmq,
+            rows,
+            cols,
+        }))
+    }
+}
+
+/// One block's addresses.
+struct LayerPtrs {
+    attn_norm: u64,
+    qkv: Weight,
+    o: Weight,
+    ffn_norm: u64,
+    gate_up: Weight,
+    down: Weight,
+    eps: f32,
+}
+
+/// Widths of a stage's blocks.
+#[derive(Clone, Copy)]
+struct Dims {
+    hidden: usize,
+    q: usize,
+    kv: usize,
+    ffn: usize,
+}
+
+/// Runs `blocks` on `x: [n, hidden]`, one decode row per segment, when the fused path takes
+/// this step (see the module docs); `None` otherwise, with nothing written. Writes each
+/// segment's key and value into its cache (room already reserved); the caller advances them.
+pub fn forward(
+    blocks: &[Block],
+    x: &Tensor,
+    segs: &mut [Segment<'_>],
+    rope: &Rope,
+) -> Result<Option<Tensor>> {
+    if !enabled() || blocks.is_empty() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let Device::Cuda(dev) = x.device() else {
+        return Ok(None);
+    };
+    let Some(parts) = blocks
+        .iter()
+        .map(Block::fused_parts)
+        .collect::<Option<Vec<FusedParts<'_>>>>()
+    else {
+        return Ok(None);
+    };
+    let s = parts[0].shape;
+    if parts.iter().any(|p| {
+        p.shape.heads != s.heads || p.shape.kv_heads != s.kv_heads || p.shape.head_dim != s.head_dim
+    }) || (0..parts.len()).any(|li| !decode_attention::applies(segs, li, s))
+    {
+        return Ok(None);
+    }
+    let (n, hidden) = x.dims2()?;
+    if n != segs.len() {
+        return Ok(None);
+    }
+    let d = Dims {
+        hidden,
+        q: s.heads * s.head_dim,
+        kv: s.kv_heads * s.head_dim,
+        ffn: parts[0].down.in_features(),
+    };
+    if [d.hidden, d.q, d.ffn].iter().any(|k| k % 32 != 0) {
+        return Ok(None);
+    }
+    let (cos_t, _) = rope.tables();
+    if rope.head_dim() != s.head_dim || cos_t.dims2()?.1 != s.head_dim / 2 {
+        return Err(Error::InvalidInput(format!(
+            "fused decode: rope tables for heads of {}, not {}",
+            rope.head_dim(),
+            s.head_dim
+        )));
+    }
+    let stream = dev.cuda_stream();
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(|e| Error::InvalidInput(format!("fused decode: bind context: {e:?}")))?;
+    let mut layers = Vec::with_capacity(parts.len());
+    for p in &parts {
+        let (Some(qkv), Some(o), Some(gate_up), Some(down)) = (
+            Weight::of(p.qkv, d.q + 2 * d.kv, d.hidden)?,
+            Weight::of(p.o, d.hidden, d.q)?,
+            Weight::of(p.gate_up, 2 * d.ffn, d.hidden)?,
+            Weight::of(p.down, d.hidden, d.ffn)?,
+        ) else {
+            return Ok(None);
+        };
+        for norm in [p.attn_norm, p.ffn_norm] {
+            if norm.dims() != [d.hidden] || norm.dtype() != DType::F32 {
+                return Ok(None);
+            }
+        }
+        layers.push(LayerPtrs {
+            attn_norm: vector_address(p.attn_norm, &stream)?,
+            qkv,
+            o,
+            ffn_norm: vector_address(p.ffn_norm, &stream)?,
+            gate_up,
+            down,
+            eps: p.eps,
+        });
+    }
+    let mut table = vec![0u64; parts.len() * 2 * n];
+    for li in 0..parts.len() {
+        let at = li * 2 * n;
+        for (i, g) in segs.iter().enumerate() {
+            let (kc, vc) = checked_caches(g, li, d.kv, rope)?;
+            table[at + i] = address::<half::f16>(kc, &stream)?.0;
+            table[at + n + i] = address::<half::f16>(vc, &stream)?.0;
+        }
+    }
+    let pos = segs
+        .iter()
+        .map(|g| {
+            i32::try_from(g.start)
+                .map_err(|_| Error::InvalidInput(format!("position {} is too large", g.start)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (cos, sin) = rope.tables();
+    let op = FusedDecode {
+        layers,
+        table,
+        pos,
+        cos: address::<f32>(cos, &stream)?.0,
+        sin: address::<f32>(sin, &stream)?.0,
+        dims: d,
+        shape: s,
+        interleaved: rope.style() == RopeStyle::Interleaved,
+    };
+    Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?))
+}
+
+fn vector_address(t: &Tensor, stream: &CudaStream) -> Result<u64> {
+    Ok(address::<f32>(&t.reshape((1, t.elem_count()))?, stream)?.0)
+}
+
+struct FusedDecode {
+    layers: Vec<LayerPtrs>,
+    /// Per layer: the sessions' key-cache addresses, then their value-cache addresses.
+    table: Vec<u64>,
+    pos: Vec<i32>,
+    cos: u64,
+    sin: u64,
+    dims: Dims,
+    shape: crate::model::attention::AttnShape,
+    interleaved: bool,
+}
+
+fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Msg(format!("fused decode: {what}: {e:?}"))
+}
+
+fn padded(k: usize) -> usize {
+    k.div_ceil(ROW_PADDING) * ROW_PADDING
+}
+
+fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+
+/// The device's figures candle's mmq launchers take.
+#[derive(Clone, Copy)]
+struct DeviceInfo {
+    cc: i32,
+    nsm: i32,
+    smpbo: i64,
+    warp_size: i32,
+}
+
+impl DeviceInfo {
+    fn of(stream: &CudaStream) -> Self {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys::CUdevice_attribute as A};
+        let d = stream.context().cu_device();
+        // SAFETY: plain attribute queries of a live device.
+        let get = |a, or: i32| unsafe { result::device::get_attribute(d, a) }.unwrap_or(or);
+        DeviceInfo {
+            cc: get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, 8) * 100
+                + get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, 0) * 10,
+            nsm: get(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, 1),
+            smpbo: i64::from(get(
+                A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                49152,
+            )),
+            warp_size: get(A::CU_DEVICE_ATTRIBUTE_WARP_SIZE, 32),
+        }
+    }
+}
+
+/// mmq's quantized activations: rows padded to a multiple of 512 (and of 128), 144 bytes per
+/// 128 values, plus room for one more tile.
+fn mmq_scratch_bytes(n: usize, k: usize) -> usize {
+    (n * padded(k) / 128 + 128) * 144
+}
+
+/// How a step's products run: up to [`MMVQ_MAX_BATCH`] rows through mmvq, reading Q8_1
+/// written by our kernels; more through mmq, which reads f32 and quantizes it itself.
+enum Products {
+    Mmvq {
+        /// `[n, padded(kmax) / 32]` Q8_1 blocks.
+        xq: u64,
+    },
+    Mmq {
+        /// `[n, kmax]` f32 activations.
+        act: u64,
+        /// mmq's quantized activations.
+        scratch: u64,
+        /// mmq's stream-k fixup buffer.
+        fixup: u64,
+        info: DeviceInfo,
+    },
+}
+
+impl Products {
+    /// `out = w · x` for the `n` rows produced for this product. For mmq, `x` is the f32 input
+    /// (`[n, w.cols]`, contiguous); for mmvq, the Q8_1 rows already written.
+    ///
+    /// # Safety
+    /// The buffers must hold `n` rows of their widths and `out` room for `n * w.rows` f32.
+    unsafe fn matvec(&self, w: &Weight, x: u64, out: u64, n: usize, stream: &CudaStream) {
+        let s = stream.cu_stream() as *mut c_void;
+        match self {
+            Products::Mmvq { xq } => {
+                let blocks_per_row = padded(w.cols) / 32;
+                let mut at = 0;
+                while at < n {
+                    let b = (n - at).min(MMVQ_MAX_BATCH);
+                    let y = xq + (at * blocks_per_row * Q8_1_BYTES) as u64;
+                    let dst = out + (at * w.rows * 4) as u64;
+                    // SAFETY: candle's launcher, with the arguments its own fast path passes.
+                    unsafe {
+                        (w.mmvq)(
+                            w.ptr as *const c_void,
+                            y as *const c_void,
+                            dst as *mut c_void,
+                            w.cols as i32,
+                            w.rows as i32,
+                            blocks_per_row as i32,
+                            w.rows as i32,
+                            b as i32,
+                            s,
+                        );
+                    }
+                    at += b;
+                }
+            }
+            Products::Mmq {
+                scratch,
+                fixup,
+                info,
+                ..
+            } => {
+                let k = w.cols as i64;
+                // SAFETY: candle's launchers, with the arguments its own fast path passes.
+                unsafe {
+                    (w.mmq.quantize)(
+                        x as *const c_void,
+                        std::ptr::null(),
+                        *scratch as *mut c_void,
+                        0,
+                        k,
+                        k,
+                        0,
+                        0,
+                        padded(w.cols) as i64,
+                        n as i64,
+                        1,
+                        1,
+                        s,
+                    );
+                    (w.mmq.launch)(
+                        *fixup as *mut c_void,
+                        w.ptr as *const c_void,
+                        *scratch as *const c_void,
+                        out as *mut c_void,
+                        k,
+                        w.rows as i64,
+                        n as i64,
+                        (w.cols / w.mmq.qk) as i64,
+                        w.rows as i64,
+                        info.cc,
+                        info.nsm,
+                        info.smpbo,
+                        info.warp_size,
+                        s,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for FusedDecode {
+    fn name(&self) -> &'static str {
+        "fused-decode"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("fused decode runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev: &CudaDevice = &xs.device;
+        let stream = dev.cuda_stream();
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| err("bind context", e))?;
+        let d = self.dims;
+        let n = self.pos.len();
+        if xl.dims() != [n, d.hidden] {
+            candle_core::bail!(
+                "fused decode: input {:?}, expected [{n}, {}]",
+                xl.dims(),
+                d.hidden
+            );
+        }
+        let Some((o1, o2)) = xl.contiguous_offsets() else {
+            candle_core::bail!("fused decode: the input is not contiguous");
+        };
+        let x_in = xs.as_cuda_slice::<f32>()?.slice(o1..o2);
+        let x_in = x_in.device_ptr(&stream).0;
+        let kmax = [d.hidden, d.q, d.ffn].into_iter().max().unwrap_or(0);
+        // SAFETY (all scratch buffers): each is written by a kernel before it is read.
+        let alloc = |len: usize| -> candle_core::Result<CudaSlice<f32>> {
+            unsafe { stream.alloc::<f32>(len) }.map_err(|e| err("alloc", e))
+        };
+        let alloc_bytes = |len: usize| -> candle_core::Result<CudaSlice<u8>> {
+            unsafe { stream.alloc::<u8>(len) }.map_err(|e| err("alloc", e))
+        };
+        let wide = n > MMVQ_MAX_BATCH;
+        let mut held_u8 = Vec::new();
+        let mut held_f32 = Vec::new();
+        let products = if wide {
+            let info = DeviceInfo::of(&stream);
+            let act = alloc(n * kmax)?;
+            let scratch = alloc_bytes(mmq_scratch_bytes(n, kmax))?;
+            // Stream-k: up to one 128 x 128 f32 tile per multiprocessor.
+            let fixup = alloc_bytes(info.nsm.max(1) as usize * 128 * 128 * 4)?;
+            let p = Products::Mmq {
+                act: ptr(&act, &stream),
+                scratch: ptr(&scratch, &stream),
+                fixup: ptr(&fixup, &stream),
+                info,
+            };
+            held_f32.push(act);
+            held_u8.extend([scratch, fixup]);
+            p
+        } else {
+            let xq = alloc_bytes(n * padded(kmax) / 32 * Q8_1_BYTES)?;
+            let p = Products::Mmvq {
+                xq: ptr(&xq, &stream),
+            };
+            held_u8.push(xq);
+            p
+        };
+        // The residual stream, in two buffers: each norm reads one and writes the other (its
+        // CTAs all read the row it comes from).
+        let xa = alloc(n * d.hidden)?;
+        let xb = alloc(n * d.hidden)?;
+        let qkv = alloc(n * (d.q + 2 * d.kv))?;
+        let q_rot = alloc(n * d.q)?;
+        let attn = alloc(n * d.q)?;
+        let delta = alloc(n * d.hidden)?;
+        let gu = alloc(n * 2 * d.ffn)?;
+        let table = stream.clone_htod(&self.table).map_err(|e| err("copy", e))?;
+        let pos = stream.clone_htod(&self.pos).map_err(|e| err("copy", e))?;
+        let (xap, xbp, qkvp, q_rotp, attnp, deltap, gup, tablep, posp) = (
+            ptr(&xa, &stream),
+            ptr(&xb, &stream),
+            ptr(&qkv, &stream),
+            ptr(&q_rot, &stream),
+            ptr(&attn, &stream),
+            ptr(&delta, &stream),
+            ptr(&gu, &stream),
+            ptr(&table, &stream),
+            ptr(&pos, &stream),
+        );
+        let func = |name| {
+            dev.get_or_load_custom_func(name, MODULE, PTX)
+                .map(|f| f.into_cuda_function())
+        };
+        let (norm, silu, quant) = if wide {
+            (func("add_rmsnorm_f32")?, func("silu_mul_f32")?, None)
+        } else {
+            (
+                func("add_rmsnorm_q8_1")?,
+                func("silu_mul_q8_1")?,
+                Some(func("quantize_rows_q8_1")?),
+            )
+        };
+        let add = func("add_into")?;
+        let attn_fs = AttnFuncs::load(dev)?;
+        let (hidden, hpad) = (d.hidden as i32, padded(d.hidden) as i32);
+        // 1024 threads a CTA: each reads the row once (see `row_sum_sq`), then writes its
+        // chunk (32 blocks of 32 Q8_1 values, or 1024 f32).
+        let norm_cfg = LaunchConfig {
+            grid_dim: (
+                if wide {
+                    d.hidden.div_ceil(1024)
+                } else {
+                    (padded(d.hidden) / 32).div_ceil(32)
+                } as u32,
+                n as u32,
+                1,
+            ),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // A warp per block of 32 values, 8 warps a CTA, a grid row per activation row.
+        let per_block = |k: usize| LaunchConfig {
+            grid_dim: ((padded(k) / 32).div_ceil(8) as u32, n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Where the products' input goes: Q8_1 rows for mmvq, f32 rows for mmq.
+        let (act_out, act_in) = match &products {
+            Products::Mmvq { xq } => (*xq, 0u64),
+            Products::Mmq { act, .. } => (*act, *act),
+        };
+        // x_out = x_in + delta (when given), then the product input of rmsnorm(x_out) * w.
+        let launch_norm =
+            |x_in: u64, x_out: u64, delta: u64, w: u64, eps: f32| -> candle_core::Result<()> {
+                let mut b = stream.launch_builder(&norm);
+                b.arg(&x_in)
+                    .arg(&delta)
+                    .arg(&x_out)
+                    .arg(&w)
+                    .arg(&act_out)
+                    .arg(&hidden);
+                if !wide {
+                    b.arg(&hpad);
+                }
+                b.arg(&eps);
+                // SAFETY: x_in, x_out and delta are [n, hidden] f32 (x_out apart from x_in), w
+                // [hidden] f32; the output holds n rows of kmax >= hidden values (f32, or Q8_1
+                // padded).
+                unsafe { b.launch(norm_cfg) }.map_err(|e| err("add_rmsnorm", e))?;
+                Ok(())
+            };
+        let null = 0u64;
+        let kv_off = (d.q * 4) as u64;
+        let v_off = ((d.q + d.kv) * 4) as u64;
+        let qkv_stride = (d.q + 2 * d.kv) as i64;
+        // The residual stream's current buffer (the input, until the first norm copies it).
+        let (mut cur, mut in_b) = (x_in, true);
+        let mut next = || {
+            in_b = !in_b;
+            if in_b {
+                xbp
+            } else {
+                xap
+            }
+        };
+        for (li, l) in self.layers.iter().enumerate() {
+            // x += delta (the previous block's down projection), then norm.
+            let out = next();
+            launch_norm(
+                cur,
+                out,
+                if li == 0 { null } else { deltap },
+                l.attn_norm,
+                l.eps,
+            )?;
+            cur = out;
+            // SAFETY (the products below): the buffers were allocated above for n rows of
+            // their widths.
+            unsafe { products.matvec(&l.qkv, act_in, qkvp, n, &stream) };
+            let raw = RawAttn {
+                q: qkvp,
+                q_stride: qkv_stride,
+                k: qkvp + kv_off,
+                k_stride: qkv_stride,
+                v: qkvp + v_off,
+                v_stride: qkv_stride,
+                q_rot: q_rotp,
+                out: attnp,
+                table: tablep + (li * 2 * n * 8) as u64,
+                pos: posp,
+                cos: self.cos,
+                sin: self.sin,
+                sessions: n,
+                shape: self.shape,
+                interleaved: self.interleaved,
+            };
+            // SAFETY: the caches were checked in `forward` (contiguous f16, room at pos, pos
+            // inside the rope tables), the rest are the buffers above.
+            unsafe { decode_attention::launch(&attn_fs, &raw)? };
+            if let Some(quant) = &quant {
+                let (q, qpad, stride) = (d.q as i32, padded(d.q) as i32, d.q as i64);
+                let mut b = stream.launch_builder(quant);
+                b.arg(&attnp).arg(&stride).arg(&act_out).arg(&q).arg(&qpad);
+                // SAFETY: attn is [n, q] f32, the output n Q8_1 rows of padded(kmax).
+                unsafe { b.launch(per_block(d.q)) }.map_err(|e| err("quantize_rows_q8_1", e))?;
+            }
+            unsafe { products.matvec(&l.o, attnp, deltap, n, &stream) };
+            let out = next();
+            launch_norm(cur, out, deltap, l.ffn_norm, l.eps)?;
+            cur = out;
+            unsafe { products.matvec(&l.gate_up, act_in, gup, n, &stream) };
+            let (f, fpad) = (d.ffn as i32, padded(d.ffn) as i32);
+            let mut b = stream.launch_builder(&silu);
+            b.arg(&gup).arg(&act_out).arg(&f);
+            let cfg = if wide {
+                LaunchConfig {
+                    grid_dim: (d.ffn.div_ceil(256) as u32, n as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                }
+            } else {
+                b.arg(&fpad);
+                per_block(d.ffn)
+            };
+            // SAFETY: gu is [n, 2 ffn] f32, the output n rows of kmax >= ffn values.
+            unsafe { b.launch(cfg) }.map_err(|e| err("silu_mul", e))?;
+            unsafe { products.matvec(&l.down, act_in, deltap, n, &stream) };
+        }
+        let len = (n * d.hidden) as i64;
+        let mut b = stream.launch_builder(&add);
+        b.arg(&cur).arg(&deltap).arg(&len);
+        let cfg = LaunchConfig {
+            grid_dim: ((n * d.hidden).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: both are [n, hidden] f32.
+        unsafe { b.launch(cfg) }.map_err(|e| err("add_into", e))?;
+        // The scratch buffers are freed stream-ordered, after the kernels that use them.
+        let (x, spare) = if cur == xbp { (xb, xa) } else { (xa, xb) };
+        drop((
+            held_u8, held_f32, spare, qkv, q_rot, attn, delta, gu, table, pos,
+        ));
+        Ok((
+            CudaStorage::wrap_cuda_slice(x, dev.clone()),
+            Shape::from((n, d.hidden)),
+        ))
+    }
+}
+
+/// Runs the kernels once, so that their module is loaded at start-up; a no-op where the path
+/// is off.
+pub fn warm_up(dev: &Device) -> Result<()> {
+    if !enabled() || !dev.is_cuda() {
+        return Ok(());
+    }
+    let Device::Cuda(d) = dev else {
+        return Ok(());
+    };
+    for f in [
+        "add_rmsnorm_q8_1",
+        "silu_mul_q8_1",
+        "quantize_rows_q8_1",
+        "add_rmsnorm_f32",
+        "silu_mul_f32",
+        "add_into",
+    ] {
+        d.get_or_load_custom_func(f, MODULE, PTX)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::gguf::GgufFile;
+    use crate::model::{KvCache, KvDtype, LayerRange, Stage};
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let d = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        let n = b.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        Ok((d / n.max(1e-30)).sqrt())
+    }
+
+    /// Decode steps through the fused path against the block-by-block path, on the default
+    /// model (`LLMC_TEST_MODEL`, else `models/` of the workspace; the test fails without it):
+    /// its first two blocks, 12 sessions prefilled to different depths, then steps of all 12
+    /// (more rows than mmvq takes: mmq), of one and of five (mmvq). Each step's hidden states
+    /// agree to within the rounding of the two paths, so the caches they wrote agree too. Needs a
+    /// GPU: run the test binary of a `cuda` build on the GPU machine.
+    #[test]
+    fn fused_steps_match_block_forward() -> Result<()> {
+        let path = std::env::var("LLMC_TEST_MODEL").unwrap_or_else(|_| {
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+            )
+            .into()
+        });
+        let file = GgufFile::open(&path)?;
+        let dev = Device::new_cuda(0)?;
+        // Two blocks: a wrong kernel shows as an error near 1, while rounding differences stay
+        // small (through all 30 blocks they compound to several percent of the hidden state).
+        let stage = Stage::load(&file, LayerRange::new(0, 2)?, &dev, 256)?;
+        let (blocks, rope) = stage.parts();
+        let n = 12;
+        let prompts: Vec<Vec<u32>> = (0..n)
+            .map(|i| {
+                (0..3 + 5 * i)
+                    .map(|t| ((t * 37 + i * 101) % 1000 + 10) as u32)
+                    .collect()
+            })
+            .collect();
+        let mut fused: Vec<KvCache> = Vec::new();
+        let mut plain: Vec<KvCache> = Vec::new();
+        for p in &prompts {
+            let x = stage.embed(p)?;
+            for set in [&mut fused, &mut plain] {
+                let mut c = stage.new_cache(256, KvDtype::F16)?;
+                stage.forward(&x, &mut c, 0)?;
+                set.push(c);
+            }
+        }
+        let mut tokens: Vec<u32> = (0..n).map(|i| (i * 53 + 7) as u32).collect();
+        let schedules: Vec<Vec<usize>> = vec![
+            (0..n).collect(),
+            (0..n).collect(),
+            (0..n).collect(),
+            vec![3],
+            vec![3],
+            vec![0, 2, 5, 8, 11],
+            (0..n).collect(),
+        ];
+        let mut all = Vec::new();
+        for (step, who) in schedules.iter().enumerate() {
+            let ids: Vec<u32> = who.iter().map(|&i| tokens[i]).collect();
+            let x = stage.embed(&ids)?;
+            // `who` is ascending, so the segments come in its order.
+            let run = |set: &mut Vec<KvCache>, fuse: bool| -> Result<Tensor> {
+                let mut segs: Vec<Segment<'_>> = set
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| who.contains(i))
+                    .map(|(_, c)| {
+                        let start = c.len();
+                        Segment {
+                            cache: c,
+                            start,
+                            len: 1,
+                        }
+                    })
+                    .collect();
+                for g in segs.iter_mut() {
+                    g.cache.reserve(1)?;
+                }
+                let y = if fuse {
+                    forward(blocks, &x, &mut segs, rope)?.ok_or_else(|| {
+                        Error::InvalidInput("the fused path did not take a decode step".into())
+                    })?
+                } else {
+                    let mut y = x.clone();
+                    for (li, b) in blocks.iter().enumerate() {
+                        y = b.forward(&y, &mut segs, li, rope)?;
+                    }
+                    y
+                };
+                for g in segs.iter_mut() {
+                    g.cache.advance(1);
+                }
+                Ok(y)
+            };
+            let yf = run(&mut fused, true)?;
+            let yp = run(&mut plain, false)?;
+            let errs = (0..who.len())
+                .map(|r| rel_err(&yf.get(r)?, &yp.get(r)?))
+                .collect::<Result<Vec<f32>>>()?;
+            eprintln!("step {step}, sessions {who:?}: relative errors {errs:?}");
+            all.extend(errs);
+            for &i in who {
+                tokens[i] = (tokens[i] * 31 + 17 + step as u32) % 1000 + 5;
+            }
+        }
+        // Both paths quantize activations to 8 bits. Where their sums round differently in
+        // the last bit, a value can land on the other side of a quantization step, and that
+        // flip carries on: such rows differ by up to a few percent, the others by ~1e-7. A
+        // wrong kernel moves every row, by far more.
+        all.sort_by(f32::total_cmp);
+        let (median, worst) = (all[all.len() / 2], all[all.len() - 1]);
+        eprintln!(
+            "fused against block-by-block: median relative error {median:e}, worst {worst:e}"
+        );
+        if median > 1e-4 || worst > 0.1 {
+            return Err(Error::InvalidInput(format!(
+                "the paths differ: median relative error {median}, worst {worst}"
+            )));
+        }
+        Ok(())
+    }
+}
