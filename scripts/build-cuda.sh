@@ -4,6 +4,8 @@
 #
 #   scripts/build-cuda.sh [cargo build args...]
 #   e.g. scripts/build-cuda.sh --release --features cuda --bins
+#   CARGO_CMD=clippy scripts/build-cuda.sh --release --features cuda --workspace --all-targets
+#   (any cargo command that builds, with the same set-up; the default is `build`)
 #
 # Run it from the workspace root. Binaries land in .gpu/bin/ (add /.gpu/ to .git/info/exclude
 # and copy .gpu to the GPU machine). A clean build takes about 16 minutes on 2 cores;
@@ -53,7 +55,7 @@ export PATH="$cu/bin:$PATH" CUDA_HOME="$cu" CUDA_PATH="$cu" CUDA_ROOT="$cu"
 export CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$link"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target/cuda}
-cargo build --config "patch.crates-io.candle-core.path=\"$vendor\"" "$@"
+cargo "${CARGO_CMD:-build}" --config "patch.crates-io.candle-core.path=\"$vendor\"" "$@"
 
 profile=debug
 for a in "$@"; do [ "$a" = --release ] && profile=release; done
