@@ -26,6 +26,7 @@ fn main() {
         .map(|c| c.trim().replace('.', ""))
         .filter(|c| !c.is_empty() && c.chars().all(|ch| ch.is_ascii_digit()))
         .unwrap_or_else(|| "75".into());
+    println!("cargo:rerun-if-changed=src/cuda/q8_1.cuh");
     let kernels: &[&str] = &["decode_attention", "fused_decode"];
     for name in kernels {
         let src = format!("src/cuda/{name}.cu");

@@ -9,13 +9,17 @@
 //                     heads + kv_heads), one thread per rotated pair.
 //   decode_attention: causal grouped-query attention of each query head against its
 //                     session's cache, flash-decoding style: each warp keeps a running max,
-//                     sum and weighted values over a strided share of the cached rows, then
-//                     the block combines its warps. Grid: (heads, sessions).
+//                     sum and weighted values over a strided share of the cached rows (two
+//                     rows per iteration), then the block combines its warps and writes f32,
+//                     or Q8_1 for the next quantized product (the fused decode path).
+//                     Grid: (heads, sessions).
 //
 // Rounding: keys and values are f16 (the cache); queries, scores, softmax and accumulation are
 // f32, as candle's own path on an f16 cache computes them.
 #include <cuda_fp16.h>
 #include <math_constants.h>
+
+#include "q8_1.cuh"
 
 #define MAX_HD 256
 #define WARPS 8
@@ -72,9 +76,13 @@ extern "C" __global__ void decode_attention(
     const float* __restrict__ q,                   // [sessions, heads * hd], rotated
     const unsigned long long* __restrict__ ptrs,  // [2 * sessions]: key caches, then values
     const int* __restrict__ pos,                   // [sessions]: attend to rows 0..=pos
-    float* __restrict__ out,                       // [sessions, heads * hd]
+    float* __restrict__ out,                       // [sessions, heads * hd], or null
+    block_q8_1* __restrict__ out_q8,               // or [sessions, out_q8_stride] blocks
+    int out_q8_stride,
     int sessions, int heads, int kv_heads, int hd, float scale)
 {
+    // The output goes to `out` as f32, or, when `out` is null, to `out_q8` as Q8_1 blocks of
+    // 32 values (hd a multiple of 32), the input of the next quantized product.
     const int h = blockIdx.x, b = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
     const int kvw = kv_heads * hd;
@@ -92,26 +100,42 @@ extern "C" __global__ void decode_attention(
         acc[e] = 0.f;
     }
     float m = -CUDART_INF_F, l = 0.f;
-    for (int j = warp; j < len; j += WARPS) {
+    // Two rows per iteration (j and j + WARPS): both rows' loads are in flight together, where
+    // one row at a time waited a memory round trip per row.
+    for (int j = warp; j < len; j += 2 * WARPS) {
+        const int j2 = j + WARPS;
+        const bool two = j2 < len;
         const __half* kj = kb + (long long)j * kvw;
-        float sc = 0.f;
+        const __half* kj2 = kb + (long long)(two ? j2 : j) * kvw;
+        float sc = 0.f, sc2 = 0.f;
 #pragma unroll
         for (int e = 0; e < PER; e++) {
             const int d = lane + 32 * e;
-            if (d < hd) sc += qv[e] * __half2float(kj[d]);
+            if (d < hd) {
+                sc += qv[e] * __half2float(kj[d]);
+                sc2 += qv[e] * __half2float(kj2[d]);
+            }
         }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffff, sc, o);
+        for (int o = 16; o > 0; o >>= 1) {
+            sc += __shfl_xor_sync(0xffffffff, sc, o);
+            sc2 += __shfl_xor_sync(0xffffffff, sc2, o);
+        }
         sc *= scale;
-        const float mn = fmaxf(m, sc);
+        sc2 *= scale;
+        const float mn = two ? fmaxf(m, fmaxf(sc, sc2)) : fmaxf(m, sc);
         const float cor = expf(m - mn);
         const float pj = expf(sc - mn);
-        l = l * cor + pj;
+        const float pj2 = two ? expf(sc2 - mn) : 0.f;
+        l = l * cor + pj + pj2;
         const __half* vj = vb + (long long)j * kvw;
+        const __half* vj2 = vb + (long long)(two ? j2 : j) * kvw;
 #pragma unroll
         for (int e = 0; e < PER; e++) {
             const int d = lane + 32 * e;
-            if (d < hd) acc[e] = acc[e] * cor + pj * __half2float(vj[d]);
+            if (d < hd) {
+                acc[e] = acc[e] * cor + pj * __half2float(vj[d]) + pj2 * __half2float(vj2[d]);
+            }
         }
         m = mn;
     }
@@ -134,10 +158,17 @@ extern "C" __global__ void decode_attention(
         f[w] = sm[w] == -CUDART_INF_F ? 0.f : expf(sm[w] - mx);
         total += sl[w] * f[w];
     }
-    float* o = out + (long long)b * heads * hd + h * hd;
+    // Whole warps take whole blocks of 32 values (hd is a multiple of 32 for Q8_1 output),
+    // so every lane of a warp that quantizes takes part in its shuffles.
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.f;
         for (int w = 0; w < WARPS; w++) a += sacc[w][d] * f[w];
-        o[d] = a / total;
+        a /= total;
+        if (out != nullptr) {
+            out[(long long)b * heads * hd + h * hd + d] = a;
+        } else {
+            quantize_block(a, out_q8 + (long long)b * out_q8_stride + (h * hd + d - lane) / QK,
+                           lane);
+        }
     }
 }

@@ -311,6 +311,8 @@ impl CustomOp1 for DecodeAttn<'_> {
                 v_stride,
                 q_rot,
                 out,
+                out_q8: 0,
+                out_q8_stride: 0,
                 table,
                 pos,
                 cos,
@@ -346,8 +348,12 @@ pub(crate) struct RawAttn {
     pub v_stride: i64,
     /// `[sessions, heads * hd]` f32 scratch for the rotated queries.
     pub q_rot: u64,
-    /// `[sessions, heads * hd]` f32 output.
+    /// `[sessions, heads * hd]` f32 output; 0 to write `out_q8` instead.
     pub out: u64,
+    /// When `out` is 0: the output as Q8_1 blocks (`hd` a multiple of 32), row `b` at block
+    /// `b * out_q8_stride`, as the quantized products read their input.
+    pub out_q8: u64,
+    pub out_q8_stride: i32,
     /// `[2 * sessions]` u64 addresses: the key caches, then the value caches.
     pub table: u64,
     /// `[sessions]` i32 positions.
@@ -430,6 +436,8 @@ pub(crate) unsafe fn launch(fs: &AttnFuncs, a: &RawAttn) -> candle_core::Result<
         .arg(&a.table)
         .arg(&a.pos)
         .arg(&a.out)
+        .arg(&a.out_q8)
+        .arg(&a.out_q8_stride)
         .arg(&sessions)
         .arg(&heads)
         .arg(&kv_heads)

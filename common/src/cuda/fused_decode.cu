@@ -1,6 +1,7 @@
 // The small kernels of the fused decode path (`fused_decode.rs`): everything of a block's
 // decode step except the quantized matrix-vector products (candle's mmvq kernels) and
-// attention (`decode_attention.cu`), each fused so that a block takes ten launches.
+// attention (`decode_attention.cu`, whose second kernel writes its output as Q8_1), each
+// fused so that a block takes nine launches.
 //
 // The quantized products read their input as Q8_1 blocks (two halves d and sum, then 32
 // int8), rows padded to `n_padded` values with zero blocks, the layout candle's
@@ -9,38 +10,7 @@
 //
 // Rounding: the values quantized are those candle's ops would compute (rmsnorm as
 // x * rsqrt(mean(x^2) + eps) * w; silu(g) * u), quantized as candle's kernel does.
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-#define QK 32
-
-struct block_q8_1 {
-    half2 ds;
-    int8_t qs[QK];
-};
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-    return v;
-}
-
-// One warp quantizes one block of 32 values, lane `l` holding value `l`.
-__device__ __forceinline__ void quantize_block(float v, block_q8_1* out, int lane) {
-    const float amax = warp_max(fabsf(v));
-    const float sum = warp_sum(v);
-    const float d = amax / 127.0f;
-    out->qs[lane] = (amax == 0.0f) ? 0 : (int8_t)roundf(v / d);
-    if (lane == 0) {
-        out->ds = make_half2(__float2half(d), __float2half(sum));
-    }
-}
+#include "q8_1.cuh"
 
 // Sum of squares of row r of x_in + delta (delta may be null), over the whole row, by every
 // CTA that works on the row: re-reading a row from L2 costs less than a second launch, and
@@ -114,20 +84,6 @@ extern "C" __global__ void silu_mul_q8_1(
         v = g / (1.0f + expf(-g)) * u;
     }
     quantize_block(v, out + (long long)r * (f_padded / QK) + b, lane);
-}
-
-// As silu_mul_q8_1 for rows of `x` (row stride `stride`): out[r] = Q8_1(x[r, 0..n]).
-extern "C" __global__ void quantize_rows_q8_1(
-    const float* __restrict__ x, long long stride, block_q8_1* __restrict__ out, int n,
-    int n_padded)
-{
-    const int r = blockIdx.y;
-    const int lane = threadIdx.x & 31;
-    const int b = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (b >= n_padded / QK) return;
-    const int i = b * QK + lane;
-    const float v = i < n ? x[(long long)r * stride + i] : 0.0f;
-    quantize_block(v, out + (long long)r * (n_padded / QK) + b, lane);
 }
 
 // x[i] += delta[i] for i < len.

@@ -1,4 +1,4 @@
-//! Decode steps on CUDA with each block in ten kernel launches, launched straight from raw
+//! Decode steps on CUDA with each block in nine kernel launches, launched straight from raw
 //! device addresses (kernels in `fused_decode.cu`).
 //!
 //! Through candle's ops a decode step of one block costs 16 tensor ops, each with its own
@@ -6,8 +6,8 @@
 //! 8B model's, so the host side, not the GPU, set the pace. Here a stage runs all its blocks
 //! in one candle op: per block, a fused residual add + RMSNorm + Q8_1 quantization, candle's
 //! own quantized matrix-vector kernels (`mmvq`, called through `candle_kernels::ffi`) for
-//! q/k/v, the output projection, gate/up and down, the decode-attention kernels, and a fused
-//! SiLU · up + quantization. Residual adds are folded into the next norm. Scratch buffers are
+//! q/k/v, the output projection, gate/up and down, the decode-attention kernels (the second
+//! of which writes its output as Q8_1), and a fused SiLU · up + quantization. Residual adds are folded into the next norm. Scratch buffers are
 //! allocated once per step. Steps of more than 8 rows (mmvq's limit) write f32 instead and
 //! call candle's mmq kernels, which quantize their input themselves.
 //!
@@ -247,7 +247,11 @@ pub fn forward(
         kv: s.kv_heads * s.head_dim,
         ffn: parts[0].down.in_features(),
     };
-    if [d.hidden, d.q, d.ffn].iter().any(|k| k % 32 != 0) {
+    // Whole Q8_1 blocks: the widths, and each head (the attention kernel quantizes its heads).
+    if [d.hidden, d.q, d.ffn, s.head_dim]
+        .iter()
+        .any(|k| k % 32 != 0)
+    {
         return Ok(None);
     }
     let (cos_t, _) = rope.tables();
@@ -567,14 +571,10 @@ impl CustomOp1 for FusedDecode {
             dev.get_or_load_custom_func(name, MODULE, PTX)
                 .map(|f| f.into_cuda_function())
         };
-        let (norm, silu, quant) = if wide {
-            (func("add_rmsnorm_f32")?, func("silu_mul_f32")?, None)
+        let (norm, silu) = if wide {
+            (func("add_rmsnorm_f32")?, func("silu_mul_f32")?)
         } else {
-            (
-                func("add_rmsnorm_q8_1")?,
-                func("silu_mul_q8_1")?,
-                Some(func("quantize_rows_q8_1")?),
-            )
+            (func("add_rmsnorm_q8_1")?, func("silu_mul_q8_1")?)
         };
         let add = func("add_into")?;
         let attn_fs = AttnFuncs::load(dev)?;
@@ -661,7 +661,10 @@ impl CustomOp1 for FusedDecode {
                 v: qkvp + v_off,
                 v_stride: qkv_stride,
                 q_rot: q_rotp,
-                out: attnp,
+                // For mmvq the kernel writes the Q8_1 input of the output projection itself.
+                out: if wide { attnp } else { 0 },
+                out_q8: if wide { 0 } else { act_out },
+                out_q8_stride: (padded(d.q) / 32) as i32,
                 table: tablep + (li * 2 * n * 8) as u64,
                 pos: posp,
                 cos: self.cos,
@@ -673,13 +676,6 @@ impl CustomOp1 for FusedDecode {
             // SAFETY: the caches were checked in `forward` (contiguous f16, room at pos, pos
             // inside the rope tables), the rest are the buffers above.
             unsafe { decode_attention::launch(&attn_fs, &raw)? };
-            if let Some(quant) = &quant {
-                let (q, qpad, stride) = (d.q as i32, padded(d.q) as i32, d.q as i64);
-                let mut b = stream.launch_builder(quant);
-                b.arg(&attnp).arg(&stride).arg(&act_out).arg(&q).arg(&qpad);
-                // SAFETY: attn is [n, q] f32, the output n Q8_1 rows of padded(kmax).
-                unsafe { b.launch(per_block(d.q)) }.map_err(|e| err("quantize_rows_q8_1", e))?;
-            }
             unsafe { products.matvec(&l.o, attnp, deltap, n, &stream) };
             let out = next();
             launch_norm(cur, out, deltap, l.ffn_norm, l.eps)?;
@@ -736,7 +732,6 @@ pub fn warm_up(dev: &Device) -> Result<()> {
     for f in [
         "add_rmsnorm_q8_1",
         "silu_mul_q8_1",
-        "quantize_rows_q8_1",
         "add_rmsnorm_f32",
         "silu_mul_f32",
         "add_into",

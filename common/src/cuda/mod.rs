@@ -3,7 +3,7 @@
 //!
 //! - [`decode_attention`]: RoPE, the KV-cache write and attention for every decoding session
 //!   of a step, in two kernels per layer instead of ~20 candle kernels per session.
-//! - [`fused_decode`]: a stage's whole decode step, ten launches a block, from raw addresses.
+//! - [`fused_decode`]: a stage's whole decode step, nine launches a block, from raw addresses.
 
 pub mod decode_attention;
 pub mod fused_decode;
