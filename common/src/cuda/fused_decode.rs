@@ -551,7 +551,9 @@ impl CustomOp1 for FusedDecode {
         let xb = alloc(n * d.hidden)?;
         let qkv = alloc(n * (d.q + 2 * d.kv))?;
         let q_rot = alloc(n * d.q)?;
-        let attn = alloc(n * d.q)?;
+        // The attention output in f32, only for mmq: for mmvq the attention kernel writes the
+        // output projection's Q8_1 input itself.
+        let attn = if wide { Some(alloc(n * d.q)?) } else { None };
         let delta = alloc(n * d.hidden)?;
         let gu = alloc(n * 2 * d.ffn)?;
         let table = stream.clone_htod(&self.table).map_err(|e| err("copy", e))?;
@@ -561,7 +563,7 @@ impl CustomOp1 for FusedDecode {
             ptr(&xb, &stream),
             ptr(&qkv, &stream),
             ptr(&q_rot, &stream),
-            ptr(&attn, &stream),
+            attn.as_ref().map_or(0, |a| ptr(a, &stream)),
             ptr(&delta, &stream),
             ptr(&gu, &stream),
             ptr(&table, &stream),
@@ -661,8 +663,7 @@ impl CustomOp1 for FusedDecode {
                 v: qkvp + v_off,
                 v_stride: qkv_stride,
                 q_rot: q_rotp,
-                // For mmvq the kernel writes the Q8_1 input of the output projection itself.
-                out: if wide { attnp } else { 0 },
+                out: attnp,
                 out_q8: if wide { 0 } else { act_out },
                 out_q8_stride: (padded(d.q) / 32) as i32,
                 table: tablep + (li * 2 * n * 8) as u64,
