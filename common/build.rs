@@ -26,8 +26,11 @@ fn main() {
         .map(|c| c.trim().replace('.', ""))
         .filter(|c| !c.is_empty() && c.chars().all(|ch| ch.is_ascii_digit()))
         .unwrap_or_else(|| "75".into());
+    // The kernels wait for their predecessor (programmatic dependent launch) only when built
+    // for sm_90 or later; `matvec.rs` launches them that way only then.
+    println!("cargo:rustc-env=LLMC_CUDA_PTX_ARCH={cap}");
     println!("cargo:rerun-if-changed=src/cuda/q8_1.cuh");
-    let kernels: &[&str] = &["decode_attention", "fused_decode"];
+    let kernels: &[&str] = &["decode_attention", "fused_decode", "matvec"];
     for name in kernels {
         let src = format!("src/cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");

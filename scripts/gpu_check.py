@@ -157,9 +157,15 @@ def correctness(a, dev):
             disagreements=[s for s in steps if "summary" not in s and s["cpu"] != s["device"]])
 
 
-# The fused decode path (a block in ten launches), our decode-attention kernels under candle's
-# other ops, and candle's ops throughout, in the same run.
-ATTENTION = [("fused", {"LLMC_CUDA_ATTENTION": "1", "LLMC_CUDA_FUSED": "1"}),
+# The fused decode path (a block in nine launches) with our matrix-vector kernels overlapping the
+# kernel before (programmatic dependent launch), the same without the overlap, the same with
+# candle's mmvq, our decode-attention kernels under candle's other ops, and candle's ops
+# throughout, in the same run.
+ATTENTION = [("fused", {"LLMC_CUDA_ATTENTION": "1", "LLMC_CUDA_FUSED": "1", "LLMC_CUDA_MATVEC": "1",
+                        "LLMC_CUDA_PDL": "1"}),
+             ("fused-no-overlap", {"LLMC_CUDA_ATTENTION": "1", "LLMC_CUDA_FUSED": "1", "LLMC_CUDA_MATVEC": "1",
+                                   "LLMC_CUDA_PDL": "0"}),
+             ("fused-candle-mmvq", {"LLMC_CUDA_ATTENTION": "1", "LLMC_CUDA_FUSED": "1", "LLMC_CUDA_MATVEC": "0"}),
              ("kernels", {"LLMC_CUDA_ATTENTION": "1", "LLMC_CUDA_FUSED": "0"}),
              ("candle-ops", {"LLMC_CUDA_ATTENTION": "0", "LLMC_CUDA_FUSED": "0"})]
 

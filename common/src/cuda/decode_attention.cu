@@ -82,7 +82,9 @@ extern "C" __global__ void decode_attention(
     int sessions, int heads, int kv_heads, int hd, float scale)
 {
     // The output goes to `out` as f32, or, when `out` is null, to `out_q8` as Q8_1 blocks of
-    // 32 values (hd a multiple of 32), the input of the next quantized product.
+    // 32 values (hd a multiple of 32), the input of the next quantized product, which may start
+    // loading its weights now (`pdl_trigger`, q8_1.cuh).
+    pdl_trigger();
     const int h = blockIdx.x, b = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
     const int kvw = kv_heads * hd;

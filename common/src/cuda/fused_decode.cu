@@ -1,7 +1,7 @@
 // The small kernels of the fused decode path (`fused_decode.rs`): everything of a block's
-// decode step except the quantized matrix-vector products (candle's mmvq kernels) and
-// attention (`decode_attention.cu`, whose second kernel writes its output as Q8_1), each
-// fused so that a block takes nine launches.
+// decode step except the quantized matrix-vector products (`matvec.cu`, or candle's mmvq
+// kernels) and attention (`decode_attention.cu`, whose second kernel writes its output as
+// Q8_1), each fused so that a block takes nine launches.
 //
 // The quantized products read their input as Q8_1 blocks (two halves d and sum, then 32
 // int8), rows padded to `n_padded` values with zero blocks, the layout candle's
@@ -50,6 +50,7 @@ extern "C" __global__ void add_rmsnorm_q8_1(
     const float* __restrict__ x_in, const float* __restrict__ delta, float* __restrict__ x_out,
     const float* __restrict__ w, block_q8_1* __restrict__ out, int n, int n_padded, float eps)
 {
+    pdl_trigger();  // the product after this may start loading its weights
     const int r = blockIdx.y;
     const int lane = threadIdx.x & 31;
     const float* xr = x_in + (long long)r * n;
@@ -72,6 +73,7 @@ extern "C" __global__ void add_rmsnorm_q8_1(
 extern "C" __global__ void silu_mul_q8_1(
     const float* __restrict__ gu, block_q8_1* __restrict__ out, int f, int f_padded)
 {
+    pdl_trigger();  // the product after this may start loading its weights
     const int r = blockIdx.y;
     const int lane = threadIdx.x & 31;
     const int b = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);

@@ -4,6 +4,9 @@
 //! - [`decode_attention`]: RoPE, the KV-cache write and attention for every decoding session
 //!   of a step, in two kernels per layer instead of ~20 candle kernels per session.
 //! - [`fused_decode`]: a stage's whole decode step, nine launches a block, from raw addresses.
+//! - [`matvec`]: Q4_0 and Q8_0 matrix-vector products for those steps, in place of candle's
+//!   mmvq where they apply.
 
 pub mod decode_attention;
 pub mod fused_decode;
+pub mod matvec;

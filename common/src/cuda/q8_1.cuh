@@ -12,6 +12,22 @@ struct block_q8_1 {
     int8_t qs[QK];
 };
 
+// Programmatic dependent launch (sm_90 and later; no-ops before, and for kernels launched the
+// ordinary way). `pdl_trigger`: this kernel's successor may start now (it waits with
+// `pdl_wait` before it reads anything this kernel writes). `pdl_wait`: wait until the kernel
+// before has finished and its writes are visible.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);

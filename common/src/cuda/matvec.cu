@@ -1,0 +1,213 @@
+// Quantized matrix-vector products for decode steps, Q4_0 and Q8_0 weights in their GGUF
+// blocks, activations as Q8_1 blocks (`q8_1.cuh`): dst[c * stride_dst + r] = W[r] . y[c] for
+// up to 8 activation rows c. Same arguments and results as candle's `mmvq` kernels, which
+// `matvec.rs` falls back to where these do not apply.
+//
+// Why our own: ncu showed candle's mmvq (llama.cpp's older port) reading the 8B model's
+// weights at ~1.8 TB/s of the H100's ~3.0. GGUF blocks of 18 and 34 bytes are only 2-byte
+// aligned, so it reads weights two bytes at a time, one CTA a row, and re-reads the
+// activation for every row. A first kernel of ours that read each block as 8-byte words from
+// the aligned window around it reached only 1.3-1.9 TB/s: neighbouring lanes' windows overlap,
+// so every sector was requested several times. Here every global load is a fully coalesced
+// 16-byte load and every byte is requested once:
+//   - a CTA of WARPS warps takes WARPS * ROWS rows, in passes of 128 blocks (4096 values);
+//   - per pass, the CTA copies the activation rows' 128 Q8_1 blocks to shared memory, and each
+//     warp its ROWS rows' 128 weight blocks, 16 bytes a lane per load;
+//   - lane l then takes the group of 4 blocks 4l..4l+3: 72 (Q4_0) or 136 (Q8_0) bytes of each
+//     row, read as 8-byte words, and 144 bytes of each activation row, read as 16-byte words,
+//     both free of bank conflicts; inside a group every block's offset is a constant, so the
+//     shifts that align its fields are resolved at compile time.
+// Rows must hold a multiple of 8 blocks (256 values), so that rows and passes start 16-byte
+// aligned; Q8_1 rows must start 16-byte aligned (candle's padding to 512 values does).
+//
+// Programmatic dependent launch (sm_90): the weights do not depend on the kernel before, only
+// the activations do. `matvec.rs` launches these kernels so that they may start while the
+// kernel before still runs (that kernel says so early with `pdl_trigger`, `q8_1.cuh`); each
+// CTA loads its first pass of weights, then waits for the kernel before to finish
+// (`pdl_wait`) before it reads the activations or writes anything. The small kernels between
+// the products (norm, attention, SiLU) then overlap the weight reads.
+#include "q8_1.cuh"
+
+#define WARPS 4
+#define ROWS 2
+// Blocks a pass: one group of 4 per lane.
+#define PASS 128
+
+// The 32-bit word at byte offset `p` (even) of `w`; `p` is a compile-time constant after
+// unrolling, so this is a register move or one funnel shift.
+template <int N>
+__device__ __forceinline__ uint32_t word_at(const uint32_t (&w)[N], int p)
+{
+    return (p & 3) == 0 ? w[p >> 2] : __funnelshift_r(w[p >> 2], w[(p >> 2) + 1], 16);
+}
+
+// The half at byte offset `p` (even) of `w`.
+template <int N>
+__device__ __forceinline__ float half_at(const uint32_t (&w)[N], int p)
+{
+    const uint32_t x = w[p >> 2];
+    return __half2float(__ushort_as_half((uint16_t)((p & 3) == 0 ? x & 0xffffu : x >> 16)));
+}
+
+// One Q4_0 block against one Q8_1 block: the weights are (nibble - 8) * d.
+__device__ __forceinline__ float dot(const int (&q)[4], float d, const int (&u)[8], float2 ds)
+{
+    int s = 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        s = __dp4a(q[k] & 0x0F0F0F0F, u[k], s);
+        s = __dp4a((q[k] >> 4) & 0x0F0F0F0F, u[k + 4], s);
+    }
+    return d * ((float)s * ds.x - 8.0f * ds.y);
+}
+
+// One Q8_0 block against one Q8_1 block.
+__device__ __forceinline__ float dot(const int (&q)[8], float d, const int (&u)[8], float2 ds)
+{
+    int s = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) s = __dp4a(q[k], u[k], s);
+    return d * ds.x * (float)s;
+}
+
+// Grid: ceil(nrows / (WARPS * ROWS)) CTAs of WARPS warps, with the dynamic shared memory
+// `matvec_smem` gives.
+template <int QW, int NCOLS>
+__device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
+                                       const uint8_t* __restrict__ y, float* __restrict__ dst,
+                                       int ncols_x, int nrows_x, int stride_col_y,
+                                       int stride_col_dst)
+{
+    constexpr int BYTES = 2 + 4 * QW;      // a weight block
+    constexpr int GW = 4 * BYTES / 4;      // 32-bit words of a group of 4 weight blocks
+    constexpr int ROW_U4 = PASS * BYTES / 16;
+    constexpr int ACT_U4 = PASS * 36 / 16;
+    extern __shared__ uint4 smem[];
+    uint4* act = smem;                     // [NCOLS][ACT_U4]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    uint4* wts = smem + NCOLS * ACT_U4 + warp * ROWS * ROW_U4;  // [ROWS][ROW_U4]
+    const int row0 = (blockIdx.x * WARPS + warp) * ROWS;
+    const bool active = row0 < nrows_x;    // every warp takes part in the CTA's barriers
+    const int nb = ncols_x / QK;
+    const long long row_bytes = (long long)nb * BYTES;
+    const long long y_bytes = (long long)stride_col_y * 36;
+    float acc[ROWS][NCOLS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int c = 0; c < NCOLS; ++c) acc[r][c] = 0.0f;
+
+    for (int kb = 0; kb < nb; kb += PASS) {
+        const int cb = min(PASS, nb - kb);  // a multiple of 8 blocks
+        // This warp's rows: all loads first, then the stores.
+        const int wu4 = cb * BYTES / 16;
+        constexpr int PER_LANE = (ROW_U4 + 31) / 32;
+        uint4 buf[ROWS][PER_LANE];
+        if (active) {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const uint4* src =
+                    reinterpret_cast<const uint4*>(w + (row0 + r) * row_bytes + kb * (long long)BYTES);
+#pragma unroll
+                for (int j = 0; j < PER_LANE; ++j) {
+                    const int i = lane + 32 * j;
+                    if (row0 + r < nrows_x && i < wu4) buf[r][j] = __ldcs(src + i);
+                }
+            }
+        }
+        // The activations come from the kernel before: wait for it (a no-op after the first
+        // pass, and where this kernel was launched the ordinary way).
+        if (kb == 0) pdl_wait();
+        // The activation rows' blocks of this pass, by the whole CTA.
+        const int au4 = cb * 36 / 16;
+        for (int i = threadIdx.x; i < NCOLS * au4; i += WARPS * 32) {
+            const int c = i / au4, o = i - c * au4;
+            act[c * ACT_U4 + o] = reinterpret_cast<const uint4*>(y + c * y_bytes + kb * 36LL)[o];
+        }
+        if (active) {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                for (int j = 0; j < PER_LANE; ++j) {
+                    const int i = lane + 32 * j;
+                    if (row0 + r < nrows_x && i < wu4) wts[r * ROW_U4 + i] = buf[r][j];
+                }
+        }
+        __syncthreads();
+        if (active && 4 * lane < cb) {
+            // This lane's group of 4 blocks of each row, as 32-bit words.
+            uint32_t g[ROWS][GW];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const uint2* p = reinterpret_cast<const uint2*>(
+                    reinterpret_cast<const uint8_t*>(wts + r * ROW_U4) + lane * 4 * BYTES);
+#pragma unroll
+                for (int i = 0; i < GW / 2; ++i) {
+                    const uint2 x = p[i];
+                    g[r][2 * i] = x.x;
+                    g[r][2 * i + 1] = x.y;
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < NCOLS; ++c) {
+                uint32_t a[36];
+                const uint4* p = act + c * ACT_U4 + lane * 9;
+#pragma unroll
+                for (int i = 0; i < 9; ++i) {
+                    const uint4 x = p[i];
+                    a[4 * i] = x.x;
+                    a[4 * i + 1] = x.y;
+                    a[4 * i + 2] = x.z;
+                    a[4 * i + 3] = x.w;
+                }
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const float2 ds = __half22float2(*reinterpret_cast<const half2*>(&a[9 * k]));
+                    int u[8];
+#pragma unroll
+                    for (int m = 0; m < 8; ++m) u[m] = (int)a[9 * k + 1 + m];
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) {
+                        int q[QW];
+#pragma unroll
+                        for (int m = 0; m < QW; ++m) q[m] = (int)word_at(g[r], k * BYTES + 2 + 4 * m);
+                        acc[r][c] += dot(q, half_at(g[r], k * BYTES), u, ds);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    if (!active) return;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+        for (int c = 0; c < NCOLS; ++c) {
+            const float v = warp_sum(acc[r][c]);
+            if (lane == 0 && row0 + r < nrows_x) dst[(long long)c * stride_col_dst + row0 + r] = v;
+        }
+    }
+}
+
+#define MATVEC(name, QW, NCOLS)                                                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                  \
+        name(const uint8_t* __restrict__ w, const uint8_t* __restrict__ y,                    \
+             float* __restrict__ dst, int ncols_x, int nrows_x, int stride_col_y,             \
+             int stride_col_dst)                                                              \
+    {                                                                                         \
+        matvec<QW, NCOLS>(w, y, dst, ncols_x, nrows_x, stride_col_y, stride_col_dst);         \
+    }
+
+#define MATVEC_COLS(type, QW)          \
+    MATVEC(matvec_##type##_c1, QW, 1) \
+    MATVEC(matvec_##type##_c2, QW, 2) \
+    MATVEC(matvec_##type##_c3, QW, 3) \
+    MATVEC(matvec_##type##_c4, QW, 4) \
+    MATVEC(matvec_##type##_c5, QW, 5) \
+    MATVEC(matvec_##type##_c6, QW, 6) \
+    MATVEC(matvec_##type##_c7, QW, 7) \
+    MATVEC(matvec_##type##_c8, QW, 8)
+
+MATVEC_COLS(q4_0, 4)
+MATVEC_COLS(q8_0, 8)

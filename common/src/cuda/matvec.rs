@@ -1,0 +1,406 @@
+//! Our quantized matrix-vector products for decode steps, Q4_0 and Q8_0 weights against Q8_1
+//! activations (kernels in `matvec.cu`, whose header says how they differ from candle's
+//! `mmvq`). They take the same arguments as candle's mmvq launchers, so the fused decode path
+//! calls whichever applies: these where [`MatvecType::of`] accepts the weight, candle's
+//! otherwise. `LLMC_CUDA_MATVEC=0` turns them off, so one run can compare both.
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::quantized::GgmlDType;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/matvec.ptx"));
+const MODULE: &str = "llm_cluster_matvec";
+/// The most activation rows one launch takes.
+pub(crate) const MAX_COLS: usize = 8;
+/// Warps per CTA and rows per warp (`WARPS`, `ROWS` in the kernel).
+const WARPS: usize = 4;
+const ROWS: usize = 2;
+/// Blocks of 32 values a pass (`PASS` in the kernel), and the bytes of a Q8_1 block.
+const PASS: usize = 128;
+const Q8_1_BYTES: usize = 36;
+
+/// Whether the kernels are on: `LLMC_CUDA_MATVEC` (default on).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LLMC_CUDA_MATVEC").map_or(true, |v| v != "0"))
+}
+
+/// Whether launches may overlap the kernel before (programmatic dependent launch): the PTX
+/// was built for sm_90 or later, where the kernels wait for their predecessor before reading
+/// its output (the driver loads such PTX only on those GPUs), and `LLMC_CUDA_PDL` is not 0.
+fn overlap() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        env!("LLMC_CUDA_PTX_ARCH").parse::<u32>().unwrap_or(0) >= 90
+            && std::env::var("LLMC_CUDA_PDL").map_or(true, |v| v != "0")
+    })
+}
+
+/// A weight type the kernels read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MatvecType {
+    Q4_0,
+    Q8_0,
+}
+
+impl MatvecType {
+    /// The kernels' type for a weight of `t` with rows of `cols` values at device address
+    /// `ptr`, if they take it: Q4_0 or Q8_0, whole groups of 8 blocks a row (256 values, so
+    /// that rows and passes start 16-byte aligned), a 16-byte-aligned start.
+    pub(crate) fn of(t: GgmlDType, cols: usize, ptr: u64) -> Option<Self> {
+        if !enabled() || cols == 0 || !cols.is_multiple_of(256) || !ptr.is_multiple_of(16) {
+            return None;
+        }
+        match t {
+            GgmlDType::Q4_0 => Some(MatvecType::Q4_0),
+            GgmlDType::Q8_0 => Some(MatvecType::Q8_0),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            MatvecType::Q4_0 => "q4_0",
+            MatvecType::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Bytes of a weight block.
+    fn block_bytes(self) -> usize {
+        match self {
+            MatvecType::Q4_0 => 18,
+            MatvecType::Q8_0 => 34,
+        }
+    }
+}
+
+/// The dynamic shared memory of a CTA: a pass of each activation row, then a pass of each of
+/// its rows.
+fn smem_bytes(t: MatvecType, cols: usize) -> usize {
+    cols * PASS * Q8_1_BYTES + WARPS * ROWS * PASS * t.block_bytes()
+}
+
+/// The kernels for one number of activation rows, by type.
+pub(crate) struct MatvecFuncs {
+    cols: usize,
+    funcs: [CudaFunction; 2],
+}
+
+impl MatvecFuncs {
+    /// The kernels for `cols` (1 to [`MAX_COLS`]) activation rows, on `dev`'s stream.
+    pub(crate) fn load(dev: &CudaDevice, cols: usize) -> candle_core::Result<Self> {
+        if !(1..=MAX_COLS).contains(&cols) {
+            candle_core::bail!("matvec: {cols} activation rows, at most {MAX_COLS} a launch");
+        }
+        let f = |t: MatvecType| -> candle_core::Result<CudaFunction> {
+            let f = dev
+                .get_or_load_custom_func(&format!("matvec_{}_c{cols}", t.name()), MODULE, PTX)?
+                .into_cuda_function();
+            // Past 48 KiB a kernel must ask for its dynamic shared memory.
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes(t, cols) as i32,
+            )
+            .map_err(|e| candle_core::Error::Msg(format!("matvec: shared memory: {e:?}")))?;
+            Ok(f)
+        };
+        Ok(MatvecFuncs {
+            cols,
+            funcs: [f(MatvecType::Q4_0)?, f(MatvecType::Q8_0)?],
+        })
+    }
+
+    /// `dst[c * stride_dst + r] = w[r] · y[c]` for the `cols` activation rows these kernels
+    /// were loaded for, with candle's mmvq arguments: `w` is `[rows, k]` of type `t`, `y`
+    /// holds Q8_1 rows of `stride_y` blocks.
+    ///
+    /// # Safety
+    /// The addresses must point into live device buffers of those sizes, `t` must come from
+    /// [`MatvecType::of`] for this `w` and `k`, and `y` must be 16-byte aligned with
+    /// `stride_y` a multiple of 4 blocks of at least `k / 32`, and hold the `cols` rows these
+    /// kernels were loaded for.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn launch(
+        &self,
+        stream: &CudaStream,
+        t: MatvecType,
+        w: u64,
+        y: u64,
+        dst: u64,
+        (rows, k): (usize, usize),
+        (stride_y, stride_dst): (usize, usize),
+    ) -> candle_core::Result<()> {
+        let f = &self.funcs[match t {
+            MatvecType::Q4_0 => 0,
+            MatvecType::Q8_0 => 1,
+        }];
+        let int = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("matvec: {what} {v}")))
+        };
+        let (k, nrows, sy, sd) = (
+            int(k, "width")?,
+            int(rows, "rows")?,
+            int(stride_y, "activation stride")?,
+            int(stride_dst, "output stride")?,
+        );
+        let grid = rows.div_ceil(WARPS * ROWS) as u32;
+        let smem = smem_bytes(t, self.cols) as u32;
+        if overlap() {
+            // SAFETY: the caller's contract above; the kernel waits for its predecessor before
+            // it reads the activations or writes anything.
+            return unsafe {
+                launch_overlapped(stream, f, grid, smem, [w, y, dst], [k, nrows, sy, sd])
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let mut b = stream.launch_builder(f);
+        b.arg(&w)
+            .arg(&y)
+            .arg(&dst)
+            .arg(&k)
+            .arg(&nrows)
+            .arg(&sy)
+            .arg(&sd);
+        // SAFETY: the caller's contract above.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| candle_core::Error::Msg(format!("matvec: launch: {e:?}")))
+    }
+}
+
+/// Launches `f` with the attribute that lets it start before the kernel before it on
+/// `stream` has finished (cudarc's launch builder has no attributes).
+///
+/// # Safety
+/// The arguments must be the kernel's, and the kernel must wait for its predecessor
+/// (`pdl_wait`) before it reads that kernel's output or writes anything it may read.
+unsafe fn launch_overlapped(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    grid: u32,
+    smem: u32,
+    ptrs: [u64; 3],
+    ints: [i32; 4],
+) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let cfg = sys::CUlaunchConfig {
+        gridDimX: grid,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: (WARPS * 32) as u32,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut ptrs = ptrs;
+    let mut ints = ints;
+    let mut params: Vec<*mut c_void> = ptrs
+        .iter_mut()
+        .map(|p| (p as *mut u64).cast::<c_void>())
+        .chain(ints.iter_mut().map(|i| (i as *mut i32).cast::<c_void>()))
+        .collect();
+    // SAFETY: `params` points at the kernel's seven arguments, alive for the call (the driver
+    // copies them); `cfg` and `attr` are alive too.
+    let r = unsafe {
+        sys::cuLaunchKernelEx(
+            &cfg,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        candle_core::bail!("matvec: launch: {r:?}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    use candle_core::Device;
+    use half::f16;
+
+    use super::*;
+    use crate::error::{Error, Result};
+
+    /// A small deterministic generator (xorshift), so the test needs no extra crate.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn byte(&mut self) -> u8 {
+            (self.next() >> 32) as u8
+        }
+        fn scale(&mut self) -> f16 {
+            f16::from_f32(((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 0.02 + 0.001)
+        }
+    }
+
+    fn drv(e: impl std::fmt::Debug) -> Error {
+        Error::InvalidInput(format!("cuda: {e:?}"))
+    }
+
+    /// Random GGUF blocks for a `[rows, k]` weight, and each block's values as f64.
+    fn weight(t: MatvecType, rows: usize, k: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f64>) {
+        let mut bytes = Vec::new();
+        let mut vals = Vec::with_capacity(rows * k);
+        for _ in 0..rows * k / 32 {
+            let d = rng.scale();
+            bytes.extend_from_slice(&d.to_le_bytes());
+            let d = f64::from(d.to_f32());
+            match t {
+                MatvecType::Q4_0 => {
+                    let qs: Vec<u8> = (0..16).map(|_| rng.byte()).collect();
+                    bytes.extend_from_slice(&qs);
+                    let lo = qs.iter().map(|b| f64::from(b & 15) - 8.0);
+                    let hi = qs.iter().map(|b| f64::from(b >> 4) - 8.0);
+                    vals.extend(lo.chain(hi).map(|q| q * d));
+                }
+                MatvecType::Q8_0 => {
+                    let qs: Vec<u8> = (0..32).map(|_| rng.byte()).collect();
+                    bytes.extend_from_slice(&qs);
+                    vals.extend(qs.iter().map(|&b| f64::from(b as i8) * d));
+                }
+            }
+        }
+        (bytes, vals)
+    }
+
+    /// Random Q8_1 rows of `stride` blocks (zero past `k`), and their values as f64. The sum
+    /// half is the sum of the quantized values, as a quantizer of exact inputs would write.
+    fn activations(cols: usize, k: usize, stride: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f64>) {
+        let mut bytes = vec![0u8; cols * stride * 36];
+        let mut vals = vec![0f64; cols * k];
+        for c in 0..cols {
+            for b in 0..k / 32 {
+                let d = rng.scale();
+                let qs: Vec<i8> = (0..32).map(|_| rng.byte() as i8).collect();
+                let x: Vec<f64> = qs
+                    .iter()
+                    .map(|&q| f64::from(q) * f64::from(d.to_f32()))
+                    .collect();
+                let s = f16::from_f64(x.iter().sum());
+                let at = (c * stride + b) * 36;
+                bytes[at..at + 2].copy_from_slice(&d.to_le_bytes());
+                bytes[at + 2..at + 4].copy_from_slice(&s.to_le_bytes());
+                for (i, q) in qs.iter().enumerate() {
+                    bytes[at + 4 + i] = *q as u8;
+                }
+                vals[c * k + b * 32..c * k + b * 32 + 32].copy_from_slice(&x);
+            }
+        }
+        (bytes, vals)
+    }
+
+    /// The kernels against the products computed on the host in f64 from the same blocks,
+    /// and against candle's mmvq on the same device buffers: every type, 1 to 8 activation
+    /// rows, row counts that leave CTAs and warps partly empty, and widths of 8 blocks, of
+    /// less than one pass of 128 blocks, of one pass, and of several passes with a tail.
+    /// Needs a GPU: run the test binary of a `cuda` build on the GPU machine.
+    #[test]
+    fn matches_host_and_candle() -> Result<()> {
+        use candle_core::cuda_backend::kernels::ffi;
+        let dev = Device::new_cuda(0)?;
+        let Device::Cuda(cuda) = &dev else {
+            unreachable!("a CUDA device");
+        };
+        let stream = cuda.cuda_stream();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut worst = 0f64;
+        for t in [MatvecType::Q4_0, MatvecType::Q8_0] {
+            for (rows, k) in [(5, 256), (37, 768), (4102, 4096), (301, 8448)] {
+                let (wb, wv) = weight(t, rows, k, &mut rng);
+                let stride = k.div_ceil(512) * 16;
+                let (yb, yv) = activations(MAX_COLS, k, stride, &mut rng);
+                let w_dev = stream.clone_htod(&wb).map_err(drv)?;
+                let y_dev = stream.clone_htod(&yb).map_err(drv)?;
+                let gt = match t {
+                    MatvecType::Q4_0 => GgmlDType::Q4_0,
+                    MatvecType::Q8_0 => GgmlDType::Q8_0,
+                };
+                let (wp, yp) = (w_dev.device_ptr(&stream).0, y_dev.device_ptr(&stream).0);
+                assert_eq!(MatvecType::of(gt, k, wp), Some(t));
+                for cols in 1..=MAX_COLS {
+                    let funcs = MatvecFuncs::load(cuda, cols)?;
+                    let ours = stream.alloc_zeros::<f32>(cols * rows).map_err(drv)?;
+                    let theirs = stream.alloc_zeros::<f32>(cols * rows).map_err(drv)?;
+                    // SAFETY: the buffers above hold these shapes; `of` accepted the weight.
+                    unsafe {
+                        funcs.launch(
+                            &stream,
+                            t,
+                            wp,
+                            yp,
+                            ours.device_ptr(&stream).0,
+                            (rows, k),
+                            (stride, rows),
+                        )?;
+                        let mmvq = match t {
+                            MatvecType::Q4_0 => ffi::launch_mmvq_gguf_q4_0_f32_plain,
+                            MatvecType::Q8_0 => ffi::launch_mmvq_gguf_q8_0_f32_plain,
+                        };
+                        mmvq(
+                            wp as *const _,
+                            yp as *const _,
+                            theirs.device_ptr(&stream).0 as *mut _,
+                            k as i32,
+                            rows as i32,
+                            stride as i32,
+                            rows as i32,
+                            cols as i32,
+                            stream.cu_stream() as *mut _,
+                        );
+                    }
+                    let ours = stream.clone_dtoh(&ours).map_err(drv)?;
+                    let theirs = stream.clone_dtoh(&theirs).map_err(drv)?;
+                    for c in 0..cols {
+                        for r in 0..rows {
+                            let exact: f64 = (0..k).map(|i| wv[r * k + i] * yv[c * k + i]).sum();
+                            // The row's scale: what rounding of its terms is measured against.
+                            let mag: f64 = (0..k)
+                                .map(|i| (wv[r * k + i] * yv[c * k + i]).abs())
+                                .sum::<f64>()
+                                .max(1e-30);
+                            let (o, m) = (
+                                f64::from(ours[c * rows + r]),
+                                f64::from(theirs[c * rows + r]),
+                            );
+                            let e = ((o - exact).abs() / mag).max((o - m).abs() / mag);
+                            worst = worst.max(e);
+                            if e > 1e-3 {
+                                return Err(Error::InvalidInput(format!(
+                                    "{t:?} [{rows}, {k}] x {cols}: row {r} col {c}: ours {o}, \
+                                     candle {m}, exact {exact}"
+                                )));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("matvec: worst error relative to the sum of |terms|: {worst:e}");
+        Ok(())
+    }
+}
