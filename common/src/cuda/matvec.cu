@@ -97,27 +97,32 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
 #pragma unroll
         for (int c = 0; c < NCOLS; ++c) acc[r][c] = 0.0f;
 
-    for (int kb = 0; kb < nb; kb += PASS) {
-        const int cb = min(PASS, nb - kb);  // a multiple of 8 blocks
-        // This warp's rows: all loads first, then the stores.
-        const int wu4 = cb * BYTES / 16;
-        constexpr int PER_LANE = (ROW_U4 + 31) / 32;
-        uint4 buf[ROWS][PER_LANE];
-        if (active) {
+    // This warp's rows of a pass, loaded into registers: the first pass before the wait, each
+    // next one before the pass before it is computed, so that its loads are in flight during
+    // that work (a CTA walks its passes one after the other, and matrices of a few thousand
+    // rows leave too few CTAs to hide a pass's round trip otherwise).
+    constexpr int PER_LANE = (ROW_U4 + 31) / 32;
+    uint4 buf[ROWS][PER_LANE];
+    auto load_pass = [&](int kb) {
+        const int wu4 = min(PASS, nb - kb) * BYTES / 16;
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                const uint4* src =
-                    reinterpret_cast<const uint4*>(w + (row0 + r) * row_bytes + kb * (long long)BYTES);
+        for (int r = 0; r < ROWS; ++r) {
+            const uint4* src =
+                reinterpret_cast<const uint4*>(w + (row0 + r) * row_bytes + kb * (long long)BYTES);
 #pragma unroll
-                for (int j = 0; j < PER_LANE; ++j) {
-                    const int i = lane + 32 * j;
-                    if (row0 + r < nrows_x && i < wu4) buf[r][j] = __ldcs(src + i);
-                }
+            for (int j = 0; j < PER_LANE; ++j) {
+                const int i = lane + 32 * j;
+                if (row0 + r < nrows_x && i < wu4) buf[r][j] = __ldcs(src + i);
             }
         }
-        // The activations come from the kernel before: wait for it (a no-op after the first
-        // pass, and where this kernel was launched the ordinary way).
-        if (kb == 0) pdl_wait();
+    };
+    if (active) load_pass(0);
+    // The activations come from the kernel before: wait for it (a no-op where this kernel was
+    // launched the ordinary way).
+    pdl_wait();
+
+    for (int kb = 0; kb < nb; kb += PASS) {
+        const int cb = min(PASS, nb - kb);  // a multiple of 8 blocks
         // The activation rows' blocks of this pass, by the whole CTA.
         const int au4 = cb * 36 / 16;
         for (int i = threadIdx.x; i < NCOLS * au4; i += WARPS * 32) {
@@ -125,6 +130,7 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
             act[c * ACT_U4 + o] = reinterpret_cast<const uint4*>(y + c * y_bytes + kb * 36LL)[o];
         }
         if (active) {
+            const int wu4 = cb * BYTES / 16;
 #pragma unroll
             for (int r = 0; r < ROWS; ++r)
 #pragma unroll
@@ -134,6 +140,7 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
                 }
         }
         __syncthreads();
+        if (active && kb + PASS < nb) load_pass(kb + PASS);
         if (active && 4 * lane < cb) {
             // This lane's group of 4 blocks of each row, as 32-bit words.
             uint32_t g[ROWS][GW];
@@ -190,8 +197,12 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
     }
 }
 
-#define MATVEC(name, QW, NCOLS)                                                               \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                  \
+// MINB: CTAs a multiprocessor must hold, which caps the registers. With one activation row
+// (the decode case) 5 for Q4_0 (as many as its shared memory allows) and 4 for Q8_0 fit
+// without spilling; uncapped they took 107 and 152 registers, 4 and 3 CTAs. The other widths
+// take what they need.
+#define MATVEC(name, QW, NCOLS, MINB)                                                         \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                            \
         name(const uint8_t* __restrict__ w, const uint8_t* __restrict__ y,                    \
              float* __restrict__ dst, int ncols_x, int nrows_x, int stride_col_y,             \
              int stride_col_dst)                                                              \
@@ -199,15 +210,15 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
         matvec<QW, NCOLS>(w, y, dst, ncols_x, nrows_x, stride_col_y, stride_col_dst);         \
     }
 
-#define MATVEC_COLS(type, QW)          \
-    MATVEC(matvec_##type##_c1, QW, 1) \
-    MATVEC(matvec_##type##_c2, QW, 2) \
-    MATVEC(matvec_##type##_c3, QW, 3) \
-    MATVEC(matvec_##type##_c4, QW, 4) \
-    MATVEC(matvec_##type##_c5, QW, 5) \
-    MATVEC(matvec_##type##_c6, QW, 6) \
-    MATVEC(matvec_##type##_c7, QW, 7) \
-    MATVEC(matvec_##type##_c8, QW, 8)
+#define MATVEC_COLS(type, QW, MINB1)          \
+    MATVEC(matvec_##type##_c1, QW, 1, MINB1) \
+    MATVEC(matvec_##type##_c2, QW, 2, 1)     \
+    MATVEC(matvec_##type##_c3, QW, 3, 1)     \
+    MATVEC(matvec_##type##_c4, QW, 4, 1)     \
+    MATVEC(matvec_##type##_c5, QW, 5, 1)     \
+    MATVEC(matvec_##type##_c6, QW, 6, 1)     \
+    MATVEC(matvec_##type##_c7, QW, 7, 1)     \
+    MATVEC(matvec_##type##_c8, QW, 8, 1)
 
-MATVEC_COLS(q4_0, 4)
-MATVEC_COLS(q8_0, 8)
+MATVEC_COLS(q4_0, 4, 5)
+MATVEC_COLS(q8_0, 8, 4)
