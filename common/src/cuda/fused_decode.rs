@@ -6,7 +6,7 @@
 //! 8B model's, so the host side, not the GPU, set the pace. Here a stage runs all its blocks
 //! in one candle op: per block, a fused residual add + RMSNorm + Q8_1 quantization,
 //! quantized matrix-vector products for q/k/v, the output projection, gate/up and down (ours,
-//! `matvec.rs`, for Q4_0 and Q8_0 weights of whole 256-value rows; else candle's own `mmvq`,
+//! `matvec.rs`, for Q4_0 and Q8_0 rows of whole 256-value groups; else candle's own `mmvq`,
 //! called through `candle_kernels::ffi`), the decode-attention kernels (the second of which
 //! writes its output as Q8_1), and a fused SiLU · up + quantization. Residual
 //! adds are folded into the next norm. Scratch buffers are allocated once per step. Steps of
