@@ -36,6 +36,8 @@ extern "C" __global__ void rope_kv_write(
 {
     // Block (session b, head y): y < heads rotates query head y; otherwise it rotates key
     // head y - heads into the cache and copies that value head. One thread per pair.
+    pdl_trigger();  // the attention kernel may launch (it waits for this one first)
+    pdl_wait();     // q, k and v come from the kernel before
     const int b = blockIdx.x, y = blockIdx.y, j = threadIdx.x;
     const int half = hd / 2;
     if (j >= half) return;
@@ -85,6 +87,7 @@ extern "C" __global__ void decode_attention(
     // 32 values (hd a multiple of 32), the input of the next quantized product, which may start
     // loading its weights now (`pdl_trigger`, q8_1.cuh).
     pdl_trigger();
+    pdl_wait();  // the rotated queries and the cache rows come from rope_kv_write
     const int h = blockIdx.x, b = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
     const int kvw = kv_heads * hd;

@@ -12,11 +12,12 @@
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaStream, DevicePtr, LaunchConfig,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 
+use super::pdl::{self, arg};
 use crate::error::{Error, Result};
 use crate::gguf::RopeStyle;
 use crate::model::attention::{attend_each, AttnShape, StepRows};
@@ -404,52 +405,59 @@ pub(crate) unsafe fn launch(fs: &AttnFuncs, a: &RawAttn) -> candle_core::Result<
         s.kv_heads as i32,
         s.head_dim as i32,
     );
-    let interleaved = i32::from(a.interleaved);
-    let mut b = fs.stream.launch_builder(&fs.rope_kv_write);
-    b.arg(&a.q)
-        .arg(&a.q_stride)
-        .arg(&a.k)
-        .arg(&a.k_stride)
-        .arg(&a.v)
-        .arg(&a.v_stride)
-        .arg(&a.q_rot)
-        .arg(&a.table)
-        .arg(&a.pos)
-        .arg(&a.cos)
-        .arg(&a.sin)
-        .arg(&sessions)
-        .arg(&heads)
-        .arg(&kv_heads)
-        .arg(&hd)
-        .arg(&interleaved);
+    let (mut sessions, mut heads, mut kv_heads, mut hd) = (sessions, heads, kv_heads, hd);
+    let mut interleaved = i32::from(a.interleaved);
+    let mut a = *a;
     let cfg = LaunchConfig {
         grid_dim: (a.sessions as u32, (s.heads + s.kv_heads) as u32, 1),
         block_dim: ((s.head_dim / 2) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the arguments match the kernel's signature; the caller vouches for the addresses.
-    unsafe { b.launch(cfg) }.map_err(|e| err("rope_kv_write", e))?;
+    let mut params = [
+        arg(&mut a.q),
+        arg(&mut a.q_stride),
+        arg(&mut a.k),
+        arg(&mut a.k_stride),
+        arg(&mut a.v),
+        arg(&mut a.v_stride),
+        arg(&mut a.q_rot),
+        arg(&mut a.table),
+        arg(&mut a.pos),
+        arg(&mut a.cos),
+        arg(&mut a.sin),
+        arg(&mut sessions),
+        arg(&mut heads),
+        arg(&mut kv_heads),
+        arg(&mut hd),
+        arg(&mut interleaved),
+    ];
+    // SAFETY: the arguments match the kernel's signature; the caller vouches for the
+    // addresses; the kernel waits for its predecessor first.
+    unsafe { pdl::launch(&fs.stream, &fs.rope_kv_write, cfg, &mut params, true) }
+        .map_err(|e| err("rope_kv_write", e))?;
 
-    let scale = 1.0 / (s.head_dim as f32).sqrt();
-    let mut b = fs.stream.launch_builder(&fs.decode_attention);
-    b.arg(&a.q_rot)
-        .arg(&a.table)
-        .arg(&a.pos)
-        .arg(&a.out)
-        .arg(&a.out_q8)
-        .arg(&a.out_q8_stride)
-        .arg(&sessions)
-        .arg(&heads)
-        .arg(&kv_heads)
-        .arg(&hd)
-        .arg(&scale);
+    let mut scale = 1.0 / (s.head_dim as f32).sqrt();
     let cfg = LaunchConfig {
         grid_dim: (s.heads as u32, a.sessions as u32, 1),
         block_dim: (32 * WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
+    let mut params = [
+        arg(&mut a.q_rot),
+        arg(&mut a.table),
+        arg(&mut a.pos),
+        arg(&mut a.out),
+        arg(&mut a.out_q8),
+        arg(&mut a.out_q8_stride),
+        arg(&mut sessions),
+        arg(&mut heads),
+        arg(&mut kv_heads),
+        arg(&mut hd),
+        arg(&mut scale),
+    ];
     // SAFETY: as above; each session's cache holds rows `0..=pos`.
-    unsafe { b.launch(cfg) }.map_err(|e| err("decode_attention", e))?;
+    unsafe { pdl::launch(&fs.stream, &fs.decode_attention, cfg, &mut params, true) }
+        .map_err(|e| err("decode_attention", e))?;
     Ok(())
 }
 

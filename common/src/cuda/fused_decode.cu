@@ -8,6 +8,9 @@
 // `mmvq_gguf_quantize_q8_1_f32` writes. The kernels here write that layout directly from the
 // values they compute, so no f32 activation is stored only to be quantized.
 //
+// Every kernel here waits for the kernel before it at its start (`pdl_wait`, q8_1.cuh), so
+// `pdl.rs` may launch it to overlap that kernel's end.
+//
 // Rounding: the values quantized are those candle's ops would compute (rmsnorm as
 // x * rsqrt(mean(x^2) + eps) * w; silu(g) * u), quantized as candle's kernel does.
 #include "q8_1.cuh"
@@ -51,6 +54,7 @@ extern "C" __global__ void add_rmsnorm_q8_1(
     const float* __restrict__ w, block_q8_1* __restrict__ out, int n, int n_padded, float eps)
 {
     pdl_trigger();  // the product after this may start loading its weights
+    pdl_wait();     // this kernel's input comes from the one before
     const int r = blockIdx.y;
     const int lane = threadIdx.x & 31;
     const float* xr = x_in + (long long)r * n;
@@ -74,6 +78,7 @@ extern "C" __global__ void silu_mul_q8_1(
     const float* __restrict__ gu, block_q8_1* __restrict__ out, int f, int f_padded)
 {
     pdl_trigger();  // the product after this may start loading its weights
+    pdl_wait();     // this kernel's input comes from the one before
     const int r = blockIdx.y;
     const int lane = threadIdx.x & 31;
     const int b = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -92,6 +97,7 @@ extern "C" __global__ void silu_mul_q8_1(
 extern "C" __global__ void add_into(float* __restrict__ x, const float* __restrict__ delta,
                                     long long len)
 {
+    pdl_wait();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) x[i] += delta[i];
 }
@@ -105,6 +111,7 @@ extern "C" __global__ void add_rmsnorm_f32(
     const float* __restrict__ x_in, const float* __restrict__ delta, float* __restrict__ x_out,
     const float* __restrict__ w, float* __restrict__ out, int n, float eps)
 {
+    pdl_wait();
     const int r = blockIdx.y;
     const float* xr = x_in + (long long)r * n;
     const float* dr = delta != nullptr ? delta + (long long)r * n : nullptr;
@@ -120,6 +127,7 @@ extern "C" __global__ void add_rmsnorm_f32(
 extern "C" __global__ void silu_mul_f32(const float* __restrict__ gu, float* __restrict__ out,
                                         int f)
 {
+    pdl_wait();
     const int r = blockIdx.y;
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= f) return;

@@ -11,7 +11,8 @@
 //! writes its output as Q8_1), and a fused SiLU · up + quantization. Residual
 //! adds are folded into the next norm. Scratch buffers are allocated once per step. Steps of
 //! more than 8 rows (mmvq's limit) write f32 instead and call candle's mmq kernels, which
-//! quantize their input themselves.
+//! quantize their input themselves. Our kernels are launched through [`super::pdl`], each
+//! overlapping the end of the one before it.
 //!
 //! It takes a step when every segment is one decode row on an f16 CUDA cache, the weights'
 //! types have an mmvq kernel, and q/k/v and gate/up are each one matrix without biases;
@@ -22,15 +23,14 @@
 use std::ffi::c_void;
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use super::decode_attention::{self, address, checked_caches, AttnFuncs, RawAttn};
 use super::matvec::{MatvecFuncs, MatvecType};
+use super::pdl::{self, arg};
 use crate::error::{Error, Result};
 use crate::gguf::RopeStyle;
 use crate::model::block::{Block, FusedParts, Segment};
@@ -651,22 +651,25 @@ impl CustomOp1 for FusedDecode {
         // x_out = x_in + delta (when given), then the product input of rmsnorm(x_out) * w.
         let launch_norm =
             |x_in: u64, x_out: u64, delta: u64, w: u64, eps: f32| -> candle_core::Result<()> {
-                let mut b = stream.launch_builder(&norm);
-                b.arg(&x_in)
-                    .arg(&delta)
-                    .arg(&x_out)
-                    .arg(&w)
-                    .arg(&act_out)
-                    .arg(&hidden);
+                let (mut x_in, mut x_out, mut delta, mut w, mut eps) = (x_in, x_out, delta, w, eps);
+                let (mut act, mut hidden, mut hpad) = (act_out, hidden, hpad);
+                let mut params = vec![
+                    arg(&mut x_in),
+                    arg(&mut delta),
+                    arg(&mut x_out),
+                    arg(&mut w),
+                    arg(&mut act),
+                    arg(&mut hidden),
+                ];
                 if !wide {
-                    b.arg(&hpad);
+                    params.push(arg(&mut hpad));
                 }
-                b.arg(&eps);
+                params.push(arg(&mut eps));
                 // SAFETY: x_in, x_out and delta are [n, hidden] f32 (x_out apart from x_in), w
                 // [hidden] f32; the output holds n rows of kmax >= hidden values (f32, or Q8_1
-                // padded).
-                unsafe { b.launch(norm_cfg) }.map_err(|e| err("add_rmsnorm", e))?;
-                Ok(())
+                // padded); the kernel waits for its predecessor first.
+                unsafe { pdl::launch(&stream, &norm, norm_cfg, &mut params, true) }
+                    .map_err(|e| err("add_rmsnorm", e))
             };
         let null = 0u64;
         let kv_off = (d.q * 4) as u64;
@@ -723,9 +726,9 @@ impl CustomOp1 for FusedDecode {
             launch_norm(cur, out, deltap, l.ffn_norm, l.eps)?;
             cur = out;
             unsafe { products.matvec(&l.gate_up, act_in, gup, n, &stream) }?;
-            let (f, fpad) = (d.ffn as i32, padded(d.ffn) as i32);
-            let mut b = stream.launch_builder(&silu);
-            b.arg(&gup).arg(&act_out).arg(&f);
+            let (mut f, mut fpad) = (d.ffn as i32, padded(d.ffn) as i32);
+            let (mut gu_in, mut act) = (gup, act_out);
+            let mut params = vec![arg(&mut gu_in), arg(&mut act), arg(&mut f)];
             let cfg = if wide {
                 LaunchConfig {
                     grid_dim: (d.ffn.div_ceil(256) as u32, n as u32, 1),
@@ -733,23 +736,32 @@ impl CustomOp1 for FusedDecode {
                     shared_mem_bytes: 0,
                 }
             } else {
-                b.arg(&fpad);
+                params.push(arg(&mut fpad));
                 per_block(d.ffn)
             };
-            // SAFETY: gu is [n, 2 ffn] f32, the output n rows of kmax >= ffn values.
-            unsafe { b.launch(cfg) }.map_err(|e| err("silu_mul", e))?;
+            // SAFETY: gu is [n, 2 ffn] f32, the output n rows of kmax >= ffn values; the
+            // kernel waits for its predecessor first.
+            unsafe { pdl::launch(&stream, &silu, cfg, &mut params, true) }
+                .map_err(|e| err("silu_mul", e))?;
             unsafe { products.matvec(&l.down, act_in, deltap, n, &stream) }?;
         }
-        let len = (n * d.hidden) as i64;
-        let mut b = stream.launch_builder(&add);
-        b.arg(&cur).arg(&deltap).arg(&len);
+        let (mut x, mut dl, mut len) = (cur, deltap, (n * d.hidden) as i64);
         let cfg = LaunchConfig {
             grid_dim: ((n * d.hidden).div_ceil(256) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: both are [n, hidden] f32.
-        unsafe { b.launch(cfg) }.map_err(|e| err("add_into", e))?;
+        // SAFETY: both are [n, hidden] f32; the kernel waits for its predecessor first.
+        unsafe {
+            pdl::launch(
+                &stream,
+                &add,
+                cfg,
+                &mut [arg(&mut x), arg(&mut dl), arg(&mut len)],
+                true,
+            )
+        }
+        .map_err(|e| err("add_into", e))?;
         // The scratch buffers are freed stream-ordered, after the kernels that use them.
         let (x, spare) = if cur == xbp { (xb, xa) } else { (xa, xb) };
         drop((

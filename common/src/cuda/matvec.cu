@@ -20,12 +20,12 @@
 // Rows must hold a multiple of 8 blocks (256 values), so that rows and passes start 16-byte
 // aligned; Q8_1 rows must start 16-byte aligned (candle's padding to 512 values does).
 //
-// Programmatic dependent launch (sm_90): the weights do not depend on the kernel before, only
-// the activations do. `matvec.rs` launches these kernels so that they may start while the
-// kernel before still runs (that kernel says so early with `pdl_trigger`, `q8_1.cuh`); each
-// CTA loads its first pass of weights, then waits for the kernel before to finish
-// (`pdl_wait`) before it reads the activations or writes anything. The small kernels between
-// the products (norm, attention, SiLU) then overlap the weight reads.
+// Programmatic dependent launch (sm_90, `pdl.rs`): the weights do not depend on the kernel
+// before, only the activations do. These kernels may start while the kernel before still runs
+// (that kernel says so early with `pdl_trigger`, `q8_1.cuh`); each CTA loads its first pass
+// of weights, then waits for the kernel before to finish (`pdl_wait`) before it reads the
+// activations or writes anything. The small kernels between the products (norm, attention,
+// SiLU) then overlap the weight reads.
 #include "q8_1.cuh"
 
 #define WARPS 4
@@ -84,6 +84,7 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
     constexpr int ACT_U4 = PASS * 36 / 16;
     extern __shared__ uint4 smem[];
     uint4* act = smem;                     // [NCOLS][ACT_U4]
+    pdl_trigger();  // the kernel after this waits for this one before it reads anything
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     uint4* wts = smem + NCOLS * ACT_U4 + warp * ROWS * ROW_U4;  // [ROWS][ROW_U4]
     const int row0 = (blockIdx.x * WARPS + warp) * ROWS;

@@ -5,15 +5,14 @@
 //! otherwise. `LLMC_CUDA_MATVEC=0` turns them off, so one run can compare both.
 #![allow(unsafe_code)]
 
-use std::ffi::c_void;
 use std::sync::OnceLock;
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::quantized::GgmlDType;
+
+use super::pdl::{self, arg};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/matvec.ptx"));
 const MODULE: &str = "llm_cluster_matvec";
@@ -30,17 +29,6 @@ const Q8_1_BYTES: usize = 36;
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("LLMC_CUDA_MATVEC").map_or(true, |v| v != "0"))
-}
-
-/// Whether launches may overlap the kernel before (programmatic dependent launch): the PTX
-/// was built for sm_90 or later, where the kernels wait for their predecessor before reading
-/// its output (the driver loads such PTX only on those GPUs), and `LLMC_CUDA_PDL` is not 0.
-fn overlap() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        env!("LLMC_CUDA_PTX_ARCH").parse::<u32>().unwrap_or(0) >= 90
-            && std::env::var("LLMC_CUDA_PDL").map_or(true, |v| v != "0")
-    })
 }
 
 /// A weight type the kernels read.
@@ -150,86 +138,27 @@ impl MatvecFuncs {
             int(stride_y, "activation stride")?,
             int(stride_dst, "output stride")?,
         );
-        let grid = rows.div_ceil(WARPS * ROWS) as u32;
-        let smem = smem_bytes(t, self.cols) as u32;
-        if overlap() {
-            // SAFETY: the caller's contract above; the kernel waits for its predecessor before
-            // it reads the activations or writes anything.
-            return unsafe {
-                launch_overlapped(stream, f, grid, smem, [w, y, dst], [k, nrows, sy, sd])
-            };
-        }
         let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
+            grid_dim: (rows.div_ceil(WARPS * ROWS) as u32, 1, 1),
             block_dim: ((WARPS * 32) as u32, 1, 1),
-            shared_mem_bytes: smem,
+            shared_mem_bytes: smem_bytes(t, self.cols) as u32,
         };
-        let mut b = stream.launch_builder(f);
-        b.arg(&w)
-            .arg(&y)
-            .arg(&dst)
-            .arg(&k)
-            .arg(&nrows)
-            .arg(&sy)
-            .arg(&sd);
-        // SAFETY: the caller's contract above.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| candle_core::Error::Msg(format!("matvec: launch: {e:?}")))
+        let (mut w, mut y, mut dst) = (w, y, dst);
+        let (mut k, mut nrows, mut sy, mut sd) = (k, nrows, sy, sd);
+        let mut params = [
+            arg(&mut w),
+            arg(&mut y),
+            arg(&mut dst),
+            arg(&mut k),
+            arg(&mut nrows),
+            arg(&mut sy),
+            arg(&mut sd),
+        ];
+        // SAFETY: the caller's contract above; the kernel waits for its predecessor before
+        // it reads the activations or writes anything.
+        unsafe { pdl::launch(stream, f, cfg, &mut params, true) }
+            .map_err(|e| candle_core::Error::Msg(format!("matvec: {e}")))
     }
-}
-
-/// Launches `f` with the attribute that lets it start before the kernel before it on
-/// `stream` has finished (cudarc's launch builder has no attributes).
-///
-/// # Safety
-/// The arguments must be the kernel's, and the kernel must wait for its predecessor
-/// (`pdl_wait`) before it reads that kernel's output or writes anything it may read.
-unsafe fn launch_overlapped(
-    stream: &CudaStream,
-    f: &CudaFunction,
-    grid: u32,
-    smem: u32,
-    ptrs: [u64; 3],
-    ints: [i32; 4],
-) -> candle_core::Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
-    let cfg = sys::CUlaunchConfig {
-        gridDimX: grid,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: (WARPS * 32) as u32,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: smem,
-        hStream: stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
-    let mut ptrs = ptrs;
-    let mut ints = ints;
-    let mut params: Vec<*mut c_void> = ptrs
-        .iter_mut()
-        .map(|p| (p as *mut u64).cast::<c_void>())
-        .chain(ints.iter_mut().map(|i| (i as *mut i32).cast::<c_void>()))
-        .collect();
-    // SAFETY: `params` points at the kernel's seven arguments, alive for the call (the driver
-    // copies them); `cfg` and `attr` are alive too.
-    let r = unsafe {
-        sys::cuLaunchKernelEx(
-            &cfg,
-            f.cu_function(),
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    };
-    if r != sys::CUresult::CUDA_SUCCESS {
-        candle_core::bail!("matvec: launch: {r:?}");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 //! - [`fused_decode`]: a stage's whole decode step, nine launches a block, from raw addresses.
 //! - [`matvec`]: Q4_0 and Q8_0 matrix-vector products for those steps, in place of candle's
 //!   mmvq where they apply.
+//! - [`pdl`]: launches that overlap the kernel before (programmatic dependent launch).
 
 pub mod decode_attention;
 pub mod fused_decode;
 pub mod matvec;
+pub(crate) mod pdl;
