@@ -29,7 +29,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use super::decode_attention::{self, address, checked_caches, AttnFuncs, RawAttn};
-use super::matvec::{MatvecFuncs, MatvecType};
+use super::matvec::{MatvecFuncs, MatvecType, Q8_1_BYTES};
 use super::pdl::{self, arg};
 use crate::error::{Error, Result};
 use crate::gguf::RopeStyle;
@@ -40,8 +40,6 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_decode.ptx"));
 const MODULE: &str = "llm_cluster_fused_decode";
 /// Rows of Q8_1 activations are padded to this many values (candle's `MATRIX_ROW_PADDING`).
 const ROW_PADDING: usize = 512;
-/// Bytes of one Q8_1 block of 32 values.
-const Q8_1_BYTES: usize = 36;
 /// The most rows one mmvq launch takes; larger steps launch it per chunk.
 const MMVQ_MAX_BATCH: usize = 8;
 

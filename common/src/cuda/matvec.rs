@@ -21,9 +21,10 @@ pub(crate) const MAX_COLS: usize = 8;
 /// Warps per CTA and rows per warp (`WARPS`, `ROWS` in the kernel).
 const WARPS: usize = 4;
 const ROWS: usize = 2;
-/// Blocks of 32 values a pass (`PASS` in the kernel), and the bytes of a Q8_1 block.
+/// Blocks of 32 values a pass (`PASS` in the kernel).
 const PASS: usize = 128;
-const Q8_1_BYTES: usize = 36;
+/// Bytes of one Q8_1 block of 32 values (`block_q8_1` in `q8_1.cuh`).
+pub(crate) const Q8_1_BYTES: usize = 36;
 
 /// Whether the kernels are on: `LLMC_CUDA_MATVEC` (default on).
 pub fn enabled() -> bool {
