@@ -9,10 +9,14 @@
 //                     heads + kv_heads), one thread per rotated pair.
 //   decode_attention: causal grouped-query attention of each query head against its
 //                     session's cache, flash-decoding style: each warp keeps a running max,
-//                     sum and weighted values over a strided share of the cached rows (two
-//                     rows per iteration), then the block combines its warps and writes f32,
-//                     or Q8_1 for the next quantized product (the fused decode path).
-//                     Grid: (heads, sessions).
+//                     sum and weighted values over a share of the cached rows (16 warps, 4
+//                     rows a warp per iteration), then the block combines its warps and
+//                     writes f32, or Q8_1 for the next quantized product (the fused decode
+//                     path).
+//                     Grid: (heads, sessions, splits): past 64 cached rows, each session's
+//                     rows are split over up to 32 CTAs a head (flash-decoding), whose
+//                     partial results the last of them to finish combines, so that long
+//                     contexts are read by many CTAs at once instead of 16 warps a head.
 //
 // Rounding: keys and values are f16 (the cache); queries, scores, softmax and accumulation are
 // f32, as candle's own path on an f16 cache computes them.
@@ -22,7 +26,8 @@
 #include "q8_1.cuh"
 
 #define MAX_HD 256
-#define WARPS 8
+#define WARPS 16
+#define ROWS 4
 
 extern "C" __global__ void rope_kv_write(
     const float* __restrict__ q, long long q_stride,
@@ -74,13 +79,16 @@ extern "C" __global__ void rope_kv_write(
     vc[h * hd + j + half] = __float2half(vr[j + half]);
 }
 
-extern "C" __global__ void decode_attention(
+template <int PER>
+__device__ __forceinline__ void attention(
     const float* __restrict__ q,                   // [sessions, heads * hd], rotated
     const unsigned long long* __restrict__ ptrs,  // [2 * sessions]: key caches, then values
     const int* __restrict__ pos,                   // [sessions]: attend to rows 0..=pos
     float* __restrict__ out,                       // [sessions, heads * hd], or null
     block_q8_1* __restrict__ out_q8,               // or [sessions, out_q8_stride] blocks
     int out_q8_stride,
+    float* __restrict__ part,      // with splits: [sessions, heads, splits, hd + 2] scratch
+    unsigned* __restrict__ count,  // with splits: [sessions, heads], zero (and left zero)
     int sessions, int heads, int kv_heads, int hd, float scale)
 {
     // The output goes to `out` as f32, or, when `out` is null, to `out_q8` as Q8_1 blocks of
@@ -88,15 +96,17 @@ extern "C" __global__ void decode_attention(
     // loading its weights now (`pdl_trigger`, q8_1.cuh).
     pdl_trigger();
     pdl_wait();  // the rotated queries and the cache rows come from rope_kv_write
-    const int h = blockIdx.x, b = blockIdx.y;
+    const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int kvh = h / (heads / kv_heads);
     const int kvw = kv_heads * hd;
+    // This CTA's share of the session's rows: [lo, hi), possibly empty.
     const int len = pos[b] + 1;
+    const int chunk = (len + splits - 1) / splits;
+    const int lo = min(len, split * chunk), hi = min(len, lo + chunk);
     const __half* kb = reinterpret_cast<const __half*>(ptrs[b]) + kvh * hd;
     const __half* vb = reinterpret_cast<const __half*>(ptrs[sessions + b]) + kvh * hd;
     const float* qh = q + (long long)b * heads * hd + h * hd;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    constexpr int PER = MAX_HD / 32;
     float qv[PER], acc[PER];
 #pragma unroll
     for (int e = 0; e < PER; e++) {
@@ -105,42 +115,54 @@ extern "C" __global__ void decode_attention(
         acc[e] = 0.f;
     }
     float m = -CUDART_INF_F, l = 0.f;
-    // Two rows per iteration (j and j + WARPS): both rows' loads are in flight together, where
-    // one row at a time waited a memory round trip per row.
-    for (int j = warp; j < len; j += 2 * WARPS) {
-        const int j2 = j + WARPS;
-        const bool two = j2 < len;
-        const __half* kj = kb + (long long)j * kvw;
-        const __half* kj2 = kb + (long long)(two ? j2 : j) * kvw;
-        float sc = 0.f, sc2 = 0.f;
+    // ROWS consecutive rows a warp per iteration, every row's keys and values loaded before
+    // any is used, so that a warp has 2 * ROWS row loads in flight per round trip: with one
+    // CTA a head the loop is bound by those round trips, not by bandwidth.
+    for (int j0 = lo + warp * ROWS; j0 < hi; j0 += WARPS * ROWS) {
+        float kx[ROWS][PER], vx[ROWS][PER];
 #pragma unroll
-        for (int e = 0; e < PER; e++) {
-            const int d = lane + 32 * e;
-            if (d < hd) {
-                sc += qv[e] * __half2float(kj[d]);
-                sc2 += qv[e] * __half2float(kj2[d]);
+        for (int r = 0; r < ROWS; ++r) {
+            const int j = min(j0 + r, hi - 1);  // rows past the end are loaded, then dropped
+            const __half* kj = kb + (long long)j * kvw;
+            const __half* vj = vb + (long long)j * kvw;
+#pragma unroll
+            for (int e = 0; e < PER; e++) {
+                const int d = lane + 32 * e;
+                kx[r][e] = d < hd ? __half2float(kj[d]) : 0.f;
+                vx[r][e] = d < hd ? __half2float(vj[d]) : 0.f;
             }
         }
+        float sc[ROWS];
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            sc += __shfl_xor_sync(0xffffffff, sc, o);
-            sc2 += __shfl_xor_sync(0xffffffff, sc2, o);
+        for (int r = 0; r < ROWS; ++r) {
+            sc[r] = 0.f;
+#pragma unroll
+            for (int e = 0; e < PER; e++) sc[r] += qv[e] * kx[r][e];
         }
-        sc *= scale;
-        sc2 *= scale;
-        const float mn = two ? fmaxf(m, fmaxf(sc, sc2)) : fmaxf(m, sc);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) sc[r] += __shfl_xor_sync(0xffffffff, sc[r], o);
+        float mn = m;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            sc[r] = j0 + r < hi ? sc[r] * scale : -CUDART_INF_F;
+            mn = fmaxf(mn, sc[r]);
+        }
         const float cor = expf(m - mn);
-        const float pj = expf(sc - mn);
-        const float pj2 = two ? expf(sc2 - mn) : 0.f;
-        l = l * cor + pj + pj2;
-        const __half* vj = vb + (long long)j * kvw;
-        const __half* vj2 = vb + (long long)(two ? j2 : j) * kvw;
+        float p[ROWS];
+        l *= cor;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            p[r] = j0 + r < hi ? expf(sc[r] - mn) : 0.f;
+            l += p[r];
+        }
 #pragma unroll
         for (int e = 0; e < PER; e++) {
-            const int d = lane + 32 * e;
-            if (d < hd) {
-                acc[e] = acc[e] * cor + pj * __half2float(vj[d]) + pj2 * __half2float(vj2[d]);
-            }
+            float x = acc[e] * cor;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) x += p[r] * vx[r][e];
+            acc[e] = x;
         }
         m = mn;
     }
@@ -163,6 +185,55 @@ extern "C" __global__ void decode_attention(
         f[w] = sm[w] == -CUDART_INF_F ? 0.f : expf(sm[w] - mx);
         total += sl[w] * f[w];
     }
+    if (splits > 1) {
+        // Flash-decoding: this CTA's (max, sum, unnormalized output) go to the scratch; the
+        // last CTA of the head to finish combines all splits' and writes the output.
+        float* mine = part + (((long long)b * heads + h) * splits + split) * (hd + 2);
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+            float a = 0.f;
+            for (int w = 0; w < WARPS; w++) a += sacc[w][d] * f[w];
+            mine[2 + d] = a;
+        }
+        if (threadIdx.x == 0) {
+            mine[0] = mx;
+            mine[1] = total;
+        }
+        __threadfence();  // this CTA's partials are visible before it is counted
+        __syncthreads();
+        __shared__ bool last;
+        if (threadIdx.x == 0) {
+            unsigned* c = count + (long long)b * heads + h;
+            last = atomicAdd(c, 1u) == (unsigned)splits - 1;
+            if (last) *c = 0;  // left zero for the next layer's launch
+        }
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        const float* all = part + ((long long)b * heads + h) * splits * (hd + 2);
+        float gmx = -CUDART_INF_F;
+        for (int t = 0; t < splits; t++) gmx = fmaxf(gmx, __ldcg(all + t * (hd + 2)));
+        float gtotal = 0.f;
+        for (int t = 0; t < splits; t++) {
+            const float mt = __ldcg(all + t * (hd + 2));
+            if (mt != -CUDART_INF_F) gtotal += __ldcg(all + t * (hd + 2) + 1) * expf(mt - gmx);
+        }
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+            float a = 0.f;
+            for (int t = 0; t < splits; t++) {
+                const float mt = __ldcg(all + t * (hd + 2));
+                if (mt != -CUDART_INF_F) a += __ldcg(all + t * (hd + 2) + 2 + d) * expf(mt - gmx);
+            }
+            a /= gtotal;
+            if (out != nullptr) {
+                out[(long long)b * heads * hd + h * hd + d] = a;
+            } else {
+                quantize_block(a,
+                               out_q8 + (long long)b * out_q8_stride + (h * hd + d - lane) / QK,
+                               lane);
+            }
+        }
+        return;
+    }
     // Whole warps take whole blocks of 32 values (hd is a multiple of 32 for Q8_1 output),
     // so every lane of a warp that quantizes takes part in its shuffles.
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
@@ -177,3 +248,21 @@ extern "C" __global__ void decode_attention(
         }
     }
 }
+
+// PER: values of a head a lane holds (head width / 32, rounded up). The generic kernel takes
+// any width up to MAX_HD; the ones for widths of 64 and 128 hold only what those need, so
+// their registers leave room for more CTAs a multiprocessor.
+#define ATTENTION(name, PER, MINB)                                                           \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) name(                     \
+        const float* __restrict__ q, const unsigned long long* __restrict__ ptrs,            \
+        const int* __restrict__ pos, float* __restrict__ out, block_q8_1* __restrict__ out_q8, \
+        int out_q8_stride, float* __restrict__ part, unsigned* __restrict__ count,           \
+        int sessions, int heads, int kv_heads, int hd, float scale)                          \
+    {                                                                                        \
+        attention<PER>(q, ptrs, pos, out, out_q8, out_q8_stride, part, count, sessions,      \
+                       heads, kv_heads, hd, scale);                                          \
+    }
+
+ATTENTION(decode_attention, MAX_HD / 32, 1)
+ATTENTION(decode_attention_hd64, 2, 2)
+ATTENTION(decode_attention_hd128, 4, 2)

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaStream, DevicePtr, LaunchConfig,
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
@@ -29,7 +29,71 @@ const MODULE: &str = "llm_cluster_decode_attention";
 /// The kernel's register arrays hold heads up to this width.
 const MAX_HEAD_DIM: usize = 256;
 /// Warps per attention block (`WARPS` in the kernel).
-const WARPS: u32 = 8;
+const WARPS: u32 = 16;
+/// Rows a warp takes per iteration (`ROWS` in the kernel).
+const ROWS: usize = 4;
+/// The most CTAs a head's rows are split over.
+const MAX_SPLITS: usize = 32;
+
+/// CTAs a head for a step whose longest session attends to `max_len` rows: one per 64 rows
+/// (one iteration of the block's 16 warps of 4 rows), at most [`MAX_SPLITS`].
+pub(crate) fn splits_for(max_len: usize) -> usize {
+    max_len.div_ceil(WARPS as usize * ROWS).clamp(1, MAX_SPLITS)
+}
+
+/// The split attention's scratch for a step, where it has more than one split: the partial
+/// results (`[sessions, heads, splits, hd + 2]` f32) and the per-head counters
+/// (`[sessions, heads]` u32, zeroed here; the kernel leaves them zero, so one pair serves
+/// every layer of a step).
+pub(crate) struct SplitScratch {
+    pub splits: usize,
+    part: Option<CudaSlice<f32>>,
+    count: Option<CudaSlice<u32>>,
+}
+
+impl SplitScratch {
+    /// Scratch for `sessions` at positions `pos` (0-based, so each attends to `pos + 1` rows).
+    pub(crate) fn new(
+        stream: &Arc<CudaStream>,
+        s: AttnShape,
+        pos: &[i32],
+    ) -> candle_core::Result<Self> {
+        let max_len = pos
+            .iter()
+            .map(|&p| p.max(0) as usize + 1)
+            .max()
+            .unwrap_or(1);
+        let splits = splits_for(max_len);
+        if splits == 1 {
+            return Ok(SplitScratch {
+                splits,
+                part: None,
+                count: None,
+            });
+        }
+        let n = pos.len();
+        // SAFETY: every CTA writes its partials before the combining CTA reads them.
+        let part = unsafe { stream.alloc::<f32>(n * s.heads * splits * (s.head_dim + 2)) }
+            .map_err(|e| err("alloc", e))?;
+        let count = stream
+            .alloc_zeros::<u32>(n * s.heads)
+            .map_err(|e| err("alloc", e))?;
+        Ok(SplitScratch {
+            splits,
+            part: Some(part),
+            count: Some(count),
+        })
+    }
+
+    /// The addresses [`RawAttn`] takes: (splits, part, count).
+    pub(crate) fn raw(&self, stream: &CudaStream) -> (usize, u64, u64) {
+        (
+            self.splits,
+            self.part.as_ref().map_or(0, |p| p.device_ptr(stream).0),
+            self.count.as_ref().map_or(0, |c| c.device_ptr(stream).0),
+        )
+    }
+}
 
 /// Whether [`attend`] takes these segments: every one a single decode row on an f16 CUDA
 /// cache, and heads the kernel can hold.
@@ -298,6 +362,8 @@ impl CustomOp1 for DecodeAttn<'_> {
         // SAFETY: both are written in full by the kernels below before anything reads them.
         let q_rot = unsafe { stream.alloc::<f32>(n * width) }.map_err(|e| err("alloc", e))?;
         let out = unsafe { stream.alloc::<f32>(n * width) }.map_err(|e| err("alloc", e))?;
+        let split = SplitScratch::new(&stream, s, &self.pos)?;
+        let (splits, part, count) = split.raw(&stream);
         {
             let (table, _t) = table.device_ptr(&stream);
             let (pos, _p) = pos.device_ptr(&stream);
@@ -314,6 +380,9 @@ impl CustomOp1 for DecodeAttn<'_> {
                 out,
                 out_q8: 0,
                 out_q8_stride: 0,
+                splits,
+                part,
+                count,
                 table,
                 pos,
                 cos,
@@ -355,6 +424,12 @@ pub(crate) struct RawAttn {
     /// `b * out_q8_stride`, as the quantized products read their input.
     pub out_q8: u64,
     pub out_q8_stride: i32,
+    /// CTAs each head's rows are split over ([`splits_for`]); past one, the partial results
+    /// go to `part` (`[sessions, heads, splits, hd + 2]` f32) and `count` (`[sessions, heads]`
+    /// u32, zero) counts the CTAs done (see [`SplitScratch`]).
+    pub splits: usize,
+    pub part: u64,
+    pub count: u64,
     /// `[2 * sessions]` u64 addresses: the key caches, then the value caches.
     pub table: u64,
     /// `[sessions]` i32 positions.
@@ -371,7 +446,11 @@ pub(crate) struct RawAttn {
 pub(crate) struct AttnFuncs {
     stream: Arc<CudaStream>,
     rope_kv_write: CudaFunction,
+    /// Any head width up to [`MAX_HEAD_DIM`].
     decode_attention: CudaFunction,
+    /// Heads of 64 and of 128 values.
+    decode_attention_hd64: CudaFunction,
+    decode_attention_hd128: CudaFunction,
 }
 
 impl AttnFuncs {
@@ -385,6 +464,8 @@ impl AttnFuncs {
             stream: dev.cuda_stream(),
             rope_kv_write: f("rope_kv_write")?,
             decode_attention: f("decode_attention")?,
+            decode_attention_hd64: f("decode_attention_hd64")?,
+            decode_attention_hd128: f("decode_attention_hd128")?,
         })
     }
 }
@@ -438,7 +519,7 @@ pub(crate) unsafe fn launch(fs: &AttnFuncs, a: &RawAttn) -> candle_core::Result<
 
     let mut scale = 1.0 / (s.head_dim as f32).sqrt();
     let cfg = LaunchConfig {
-        grid_dim: (s.heads as u32, a.sessions as u32, 1),
+        grid_dim: (s.heads as u32, a.sessions as u32, a.splits.max(1) as u32),
         block_dim: (32 * WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -449,6 +530,8 @@ pub(crate) unsafe fn launch(fs: &AttnFuncs, a: &RawAttn) -> candle_core::Result<
         arg(&mut a.out),
         arg(&mut a.out_q8),
         arg(&mut a.out_q8_stride),
+        arg(&mut a.part),
+        arg(&mut a.count),
         arg(&mut sessions),
         arg(&mut heads),
         arg(&mut kv_heads),
@@ -456,7 +539,12 @@ pub(crate) unsafe fn launch(fs: &AttnFuncs, a: &RawAttn) -> candle_core::Result<
         arg(&mut scale),
     ];
     // SAFETY: as above; each session's cache holds rows `0..=pos`.
-    unsafe { pdl::launch(&fs.stream, &fs.decode_attention, cfg, &mut params, true) }
+    let attention = match s.head_dim {
+        64 => &fs.decode_attention_hd64,
+        128 => &fs.decode_attention_hd128,
+        _ => &fs.decode_attention,
+    };
+    unsafe { pdl::launch(&fs.stream, attention, cfg, &mut params, true) }
         .map_err(|e| err("decode_attention", e))?;
     Ok(())
 }
@@ -571,7 +659,14 @@ mod tests {
 
     fn compare_on(dev: &Device) -> Result<()> {
         let dev = dev.clone();
-        for (style, hd) in [(RopeStyle::Halves, 64), (RopeStyle::Interleaved, 128)] {
+        // Widths of 64 and 128 take their own kernels, 96 the generic one; past 64 cached
+        // rows a head's rows are split over CTAs (the deepest sessions here take 11 splits,
+        // the shallow ones leave most of theirs empty).
+        for (style, hd) in [
+            (RopeStyle::Halves, 64),
+            (RopeStyle::Interleaved, 128),
+            (RopeStyle::Halves, 96),
+        ] {
             let s = AttnShape {
                 heads: 8,
                 kv_heads: 2,

@@ -54,20 +54,23 @@ extern "C" __global__ void add_rmsnorm_q8_1(
     const float* __restrict__ w, block_q8_1* __restrict__ out, int n, int n_padded, float eps)
 {
     pdl_trigger();  // the product after this may start loading its weights
-    pdl_wait();     // this kernel's input comes from the one before
     const int r = blockIdx.y;
     const int lane = threadIdx.x & 31;
+    const int b = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int i = b * QK + lane;
+    // The norm's weight does not come from the kernel before: load it before the wait, so
+    // that its round trip is not on the step's critical path.
+    const float wi = b < n_padded / QK && i < n ? w[i] : 0.0f;
+    pdl_wait();     // this kernel's input comes from the one before
     const float* xr = x_in + (long long)r * n;
     const float* dr = delta != nullptr ? delta + (long long)r * n : nullptr;
     const float scale = rsqrtf(row_sum_sq(xr, dr, n) / (float)n + eps);
-    const int b = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (b >= n_padded / QK) return;
-    const int i = b * QK + lane;
     float q = 0.0f;
     if (i < n) {
         const float v = dr != nullptr ? xr[i] + dr[i] : xr[i];
         x_out[(long long)r * n + i] = v;
-        q = v * scale * w[i];
+        q = v * scale * wi;
     }
     quantize_block(q, out + (long long)r * (n_padded / QK) + b, lane);
 }

@@ -21,14 +21,14 @@
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-use super::decode_attention::{self, address, checked_caches, AttnFuncs, RawAttn};
+use super::decode_attention::{self, address, checked_caches, AttnFuncs, RawAttn, SplitScratch};
 use super::matvec::{MatvecFuncs, MatvecType, Q8_1_BYTES};
 use super::pdl::{self, arg};
 use crate::error::{Error, Result};
@@ -36,8 +36,8 @@ use crate::gguf::RopeStyle;
 use crate::model::block::{Block, FusedParts, Segment};
 use crate::model::rope::Rope;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_decode.ptx"));
-const MODULE: &str = "llm_cluster_fused_decode";
+pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_decode.ptx"));
+pub(crate) const MODULE: &str = "llm_cluster_fused_decode";
 /// Rows of Q8_1 activations are padded to this many values (candle's `MATRIX_ROW_PADDING`).
 const ROW_PADDING: usize = 512;
 /// The most rows one mmvq launch takes; larger steps launch it per chunk.
@@ -326,7 +326,7 @@ pub fn forward(
     Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?))
 }
 
-fn vector_address(t: &Tensor, stream: &CudaStream) -> Result<u64> {
+pub(crate) fn vector_address(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     Ok(address::<f32>(&t.reshape((1, t.elem_count()))?, stream)?.0)
 }
 
@@ -342,15 +342,41 @@ struct FusedDecode {
     interleaved: bool,
 }
 
-fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
+/// `dev`'s stream with its context bound to this thread: a node runs forward passes on its
+/// compute thread, not the one that made the context.
+pub(crate) fn bound_stream(dev: &CudaDevice) -> candle_core::Result<Arc<CudaStream>> {
+    let stream = dev.cuda_stream();
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(|e| err("bind context", e))?;
+    Ok(stream)
+}
+
+/// The device address of `what`'s contiguous f32 input.
+pub(crate) fn input_address(
+    xs: &CudaStorage,
+    xl: &Layout,
+    stream: &CudaStream,
+    what: &str,
+) -> candle_core::Result<u64> {
+    let Some((o1, o2)) = xl.contiguous_offsets() else {
+        candle_core::bail!("{what}: the input is not contiguous");
+    };
+    let x = xs.as_cuda_slice::<f32>()?.slice(o1..o2);
+    let at = x.device_ptr(stream).0;
+    Ok(at)
+}
+
+pub(crate) fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Msg(format!("fused decode: {what}: {e:?}"))
 }
 
-fn padded(k: usize) -> usize {
+pub(crate) fn padded(k: usize) -> usize {
     k.div_ceil(ROW_PADDING) * ROW_PADDING
 }
 
-fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+pub(crate) fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     s.device_ptr(stream).0
 }
 
@@ -521,11 +547,7 @@ impl CustomOp1 for FusedDecode {
 
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev: &CudaDevice = &xs.device;
-        let stream = dev.cuda_stream();
-        stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| err("bind context", e))?;
+        let stream = bound_stream(dev)?;
         let d = self.dims;
         let n = self.pos.len();
         if xl.dims() != [n, d.hidden] {
@@ -535,11 +557,7 @@ impl CustomOp1 for FusedDecode {
                 d.hidden
             );
         }
-        let Some((o1, o2)) = xl.contiguous_offsets() else {
-            candle_core::bail!("fused decode: the input is not contiguous");
-        };
-        let x_in = xs.as_cuda_slice::<f32>()?.slice(o1..o2);
-        let x_in = x_in.device_ptr(&stream).0;
+        let x_in = input_address(xs, xl, &stream, "fused decode")?;
         let kmax = [d.hidden, d.q, d.ffn].into_iter().max().unwrap_or(0);
         // SAFETY (all scratch buffers): each is written by a kernel before it is read.
         let alloc = |len: usize| -> candle_core::Result<CudaSlice<f32>> {
@@ -597,6 +615,8 @@ impl CustomOp1 for FusedDecode {
         let gu = alloc(n * 2 * d.ffn)?;
         let table = stream.clone_htod(&self.table).map_err(|e| err("copy", e))?;
         let pos = stream.clone_htod(&self.pos).map_err(|e| err("copy", e))?;
+        let split = SplitScratch::new(&stream, self.shape, &self.pos)?;
+        let (splits, partp, countp) = split.raw(&stream);
         let (xap, xbp, qkvp, q_rotp, attnp, deltap, gup, tablep, posp) = (
             ptr(&xa, &stream),
             ptr(&xb, &stream),
@@ -708,6 +728,9 @@ impl CustomOp1 for FusedDecode {
                 out: attnp,
                 out_q8: if wide { 0 } else { act_out },
                 out_q8_stride: (padded(d.q) / 32) as i32,
+                splits,
+                part: partp,
+                count: countp,
                 table: tablep + (li * 2 * n * 8) as u64,
                 pos: posp,
                 cos: self.cos,
@@ -763,7 +786,7 @@ impl CustomOp1 for FusedDecode {
         // The scratch buffers are freed stream-ordered, after the kernels that use them.
         let (x, spare) = if cur == xbp { (xb, xa) } else { (xa, xb) };
         drop((
-            held_u8, held_f32, spare, qkv, q_rot, attn, delta, gu, table, pos,
+            held_u8, held_f32, spare, qkv, q_rot, attn, delta, gu, table, pos, split,
         ));
         Ok((
             CudaStorage::wrap_cuda_slice(x, dev.clone()),

@@ -10,9 +10,9 @@
 // the aligned window around it reached only 1.3-1.9 TB/s: neighbouring lanes' windows overlap,
 // so every sector was requested several times. Here every global load is a fully coalesced
 // 16-byte load and every byte is requested once:
-//   - a CTA of WARPS warps takes WARPS * ROWS rows, in passes of 128 blocks (4096 values);
+//   - a CTA of W warps takes W * R = 8 rows (R a warp), in passes of 128 blocks (4096 values);
 //   - per pass, the CTA copies the activation rows' 128 Q8_1 blocks to shared memory, and each
-//     warp its ROWS rows' 128 weight blocks, 16 bytes a lane per load;
+//     warp its R rows' 128 weight blocks, 16 bytes a lane per load;
 //   - lane l then takes the group of 4 blocks 4l..4l+3: 72 (Q4_0) or 136 (Q8_0) bytes of each
 //     row, read as 8-byte words, and 144 bytes of each activation row, read as 16-byte words,
 //     both free of bank conflicts; inside a group every block's offset is a constant, so the
@@ -28,8 +28,8 @@
 // SiLU) then overlap the weight reads.
 #include "q8_1.cuh"
 
-#define WARPS 4
-#define ROWS 2
+// Rows a CTA: W warps of R rows (the launch shapes in `matvec.rs` must agree).
+#define CTA_ROWS 8
 // Blocks a pass: one group of 4 per lane.
 #define PASS 128
 
@@ -70,9 +70,9 @@ __device__ __forceinline__ float dot(const int (&q)[8], float d, const int (&u)[
     return d * ds.x * (float)s;
 }
 
-// Grid: ceil(nrows / (WARPS * ROWS)) CTAs of WARPS warps, with the dynamic shared memory
-// `matvec_smem` gives.
-template <int QW, int NCOLS>
+// Grid: ceil(nrows / CTA_ROWS) CTAs of W warps, with the dynamic shared memory `smem_bytes`
+// (`matvec.rs`) gives.
+template <int QW, int NCOLS, int W, int R>
 __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
                                        const uint8_t* __restrict__ y, float* __restrict__ dst,
                                        int ncols_x, int nrows_x, int stride_col_y,
@@ -86,15 +86,16 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
     uint4* act = smem;                     // [NCOLS][ACT_U4]
     pdl_trigger();  // the kernel after this waits for this one before it reads anything
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    uint4* wts = smem + NCOLS * ACT_U4 + warp * ROWS * ROW_U4;  // [ROWS][ROW_U4]
-    const int row0 = (blockIdx.x * WARPS + warp) * ROWS;
+    static_assert(W * R == CTA_ROWS, "a CTA takes CTA_ROWS rows");
+    uint4* wts = smem + NCOLS * ACT_U4 + warp * R * ROW_U4;  // [R][ROW_U4]
+    const int row0 = (blockIdx.x * W + warp) * R;
     const bool active = row0 < nrows_x;    // every warp takes part in the CTA's barriers
     const int nb = ncols_x / QK;
     const long long row_bytes = (long long)nb * BYTES;
     const long long y_bytes = (long long)stride_col_y * 36;
-    float acc[ROWS][NCOLS];
+    float acc[R][NCOLS];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int c = 0; c < NCOLS; ++c) acc[r][c] = 0.0f;
 
@@ -103,11 +104,11 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
     // that work (a CTA walks its passes one after the other, and matrices of a few thousand
     // rows leave too few CTAs to hide a pass's round trip otherwise).
     constexpr int PER_LANE = (ROW_U4 + 31) / 32;
-    uint4 buf[ROWS][PER_LANE];
+    uint4 buf[R][PER_LANE];
     auto load_pass = [&](int kb) {
         const int wu4 = min(PASS, nb - kb) * BYTES / 16;
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
+        for (int r = 0; r < R; ++r) {
             const uint4* src =
                 reinterpret_cast<const uint4*>(w + (row0 + r) * row_bytes + kb * (long long)BYTES);
 #pragma unroll
@@ -126,14 +127,14 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
         const int cb = min(PASS, nb - kb);  // a multiple of 8 blocks
         // The activation rows' blocks of this pass, by the whole CTA.
         const int au4 = cb * 36 / 16;
-        for (int i = threadIdx.x; i < NCOLS * au4; i += WARPS * 32) {
+        for (int i = threadIdx.x; i < NCOLS * au4; i += W * 32) {
             const int c = i / au4, o = i - c * au4;
             act[c * ACT_U4 + o] = reinterpret_cast<const uint4*>(y + c * y_bytes + kb * 36LL)[o];
         }
         if (active) {
             const int wu4 = cb * BYTES / 16;
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r)
+            for (int r = 0; r < R; ++r)
 #pragma unroll
                 for (int j = 0; j < PER_LANE; ++j) {
                     const int i = lane + 32 * j;
@@ -144,9 +145,9 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
         if (active && kb + PASS < nb) load_pass(kb + PASS);
         if (active && 4 * lane < cb) {
             // This lane's group of 4 blocks of each row, as 32-bit words.
-            uint32_t g[ROWS][GW];
+            uint32_t g[R][GW];
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
+            for (int r = 0; r < R; ++r) {
                 const uint2* p = reinterpret_cast<const uint2*>(
                     reinterpret_cast<const uint8_t*>(wts + r * ROW_U4) + lane * 4 * BYTES);
 #pragma unroll
@@ -175,7 +176,7 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
 #pragma unroll
                     for (int m = 0; m < 8; ++m) u[m] = (int)a[9 * k + 1 + m];
 #pragma unroll
-                    for (int r = 0; r < ROWS; ++r) {
+                    for (int r = 0; r < R; ++r) {
                         int q[QW];
 #pragma unroll
                         for (int m = 0; m < QW; ++m) q[m] = (int)word_at(g[r], k * BYTES + 2 + 4 * m);
@@ -189,7 +190,7 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
 
     if (!active) return;
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
+    for (int r = 0; r < R; ++r) {
 #pragma unroll
         for (int c = 0; c < NCOLS; ++c) {
             const float v = warp_sum(acc[r][c]);
@@ -198,28 +199,30 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
     }
 }
 
-// MINB: CTAs a multiprocessor must hold, which caps the registers. With one activation row
-// (the decode case) 5 for Q4_0 (as many as its shared memory allows) and 4 for Q8_0 fit
-// without spilling; uncapped they took 107 and 152 registers, 4 and 3 CTAs. The other widths
-// take what they need.
-#define MATVEC(name, QW, NCOLS, MINB)                                                         \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                            \
+// W warps of R rows, and MINB, the CTAs a multiprocessor must hold (which caps the
+// registers). For Q4_0 with one activation row (the decode case), 8 warps of one row, 4 CTAs:
+// `scripts/cuda/matvec_bench.cu` timed the 8B model's products 5 % faster in a chain than
+// with 4 warps of two rows, 5 CTAs (docs/benchmarks.md). For Q8_0 with one row, 4 warps of
+// two, 4 CTAs fit without spilling (uncapped: 152 registers, 3 CTAs). The other widths take
+// 4 warps of two rows and what registers they need. `matvec.rs` launches the same shapes.
+#define MATVEC(name, QW, NCOLS, W, R, MINB)                                                  \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                \
         name(const uint8_t* __restrict__ w, const uint8_t* __restrict__ y,                    \
              float* __restrict__ dst, int ncols_x, int nrows_x, int stride_col_y,             \
              int stride_col_dst)                                                              \
     {                                                                                         \
-        matvec<QW, NCOLS>(w, y, dst, ncols_x, nrows_x, stride_col_y, stride_col_dst);         \
+        matvec<QW, NCOLS, W, R>(w, y, dst, ncols_x, nrows_x, stride_col_y, stride_col_dst);   \
     }
 
-#define MATVEC_COLS(type, QW, MINB1)          \
-    MATVEC(matvec_##type##_c1, QW, 1, MINB1) \
-    MATVEC(matvec_##type##_c2, QW, 2, 1)     \
-    MATVEC(matvec_##type##_c3, QW, 3, 1)     \
-    MATVEC(matvec_##type##_c4, QW, 4, 1)     \
-    MATVEC(matvec_##type##_c5, QW, 5, 1)     \
-    MATVEC(matvec_##type##_c6, QW, 6, 1)     \
-    MATVEC(matvec_##type##_c7, QW, 7, 1)     \
-    MATVEC(matvec_##type##_c8, QW, 8, 1)
+#define MATVEC_COLS(type, QW, W1, R1, MINB1)         \
+    MATVEC(matvec_##type##_c1, QW, 1, W1, R1, MINB1) \
+    MATVEC(matvec_##type##_c2, QW, 2, 4, 2, 1)       \
+    MATVEC(matvec_##type##_c3, QW, 3, 4, 2, 1)       \
+    MATVEC(matvec_##type##_c4, QW, 4, 4, 2, 1)       \
+    MATVEC(matvec_##type##_c5, QW, 5, 4, 2, 1)       \
+    MATVEC(matvec_##type##_c6, QW, 6, 4, 2, 1)       \
+    MATVEC(matvec_##type##_c7, QW, 7, 4, 2, 1)       \
+    MATVEC(matvec_##type##_c8, QW, 8, 4, 2, 1)
 
-MATVEC_COLS(q4_0, 4, 5)
-MATVEC_COLS(q8_0, 8, 4)
+MATVEC_COLS(q4_0, 4, 8, 1, 4)
+MATVEC_COLS(q8_0, 8, 4, 2, 4)

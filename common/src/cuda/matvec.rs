@@ -18,9 +18,8 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/matvec.ptx"));
 const MODULE: &str = "llm_cluster_matvec";
 /// The most activation rows one launch takes.
 pub(crate) const MAX_COLS: usize = 8;
-/// Warps per CTA and rows per warp (`WARPS`, `ROWS` in the kernel).
-const WARPS: usize = 4;
-const ROWS: usize = 2;
+/// Rows a CTA takes (`CTA_ROWS` in the kernel).
+const CTA_ROWS: usize = 8;
 /// Blocks of 32 values a pass (`PASS` in the kernel).
 const PASS: usize = 128;
 /// Bytes of one Q8_1 block of 32 values (`block_q8_1` in `q8_1.cuh`).
@@ -61,6 +60,16 @@ impl MatvecType {
         }
     }
 
+    /// Warps a CTA for `cols` activation rows, as `MATVEC_COLS` in the kernel instantiates
+    /// them: 8 warps of one row for Q4_0 with one activation row, 4 warps of two otherwise.
+    fn warps(self, cols: usize) -> usize {
+        if self == MatvecType::Q4_0 && cols == 1 {
+            8
+        } else {
+            4
+        }
+    }
+
     /// Bytes of a weight block.
     fn block_bytes(self) -> usize {
         match self {
@@ -73,7 +82,7 @@ impl MatvecType {
 /// The dynamic shared memory of a CTA: a pass of each activation row, then a pass of each of
 /// its rows.
 fn smem_bytes(t: MatvecType, cols: usize) -> usize {
-    cols * PASS * Q8_1_BYTES + WARPS * ROWS * PASS * t.block_bytes()
+    cols * PASS * Q8_1_BYTES + CTA_ROWS * PASS * t.block_bytes()
 }
 
 /// The kernels for one number of activation rows, by type.
@@ -140,8 +149,8 @@ impl MatvecFuncs {
             int(stride_dst, "output stride")?,
         );
         let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(WARPS * ROWS) as u32, 1, 1),
-            block_dim: ((WARPS * 32) as u32, 1, 1),
+            grid_dim: (rows.div_ceil(CTA_ROWS) as u32, 1, 1),
+            block_dim: ((t.warps(self.cols) * 32) as u32, 1, 1),
             shared_mem_bytes: smem_bytes(t, self.cols) as u32,
         };
         let (mut w, mut y, mut dst) = (w, y, dst);

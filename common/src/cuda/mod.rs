@@ -4,11 +4,13 @@
 //! - [`decode_attention`]: RoPE, the KV-cache write and attention for every decoding session
 //!   of a step, in two kernels per layer instead of ~20 candle kernels per session.
 //! - [`fused_decode`]: a stage's whole decode step, nine launches a block, from raw addresses.
+//! - [`fused_head`]: the last stage's RMSNorm and output product for those steps.
 //! - [`matvec`]: Q4_0 and Q8_0 matrix-vector products for those steps, in place of candle's
 //!   mmvq where they apply.
 //! - [`pdl`]: launches that overlap the kernel before (programmatic dependent launch).
 
 pub mod decode_attention;
 pub mod fused_decode;
+pub mod fused_head;
 pub mod matvec;
 pub(crate) mod pdl;

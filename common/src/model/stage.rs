@@ -302,6 +302,12 @@ impl Stage {
             .head
             .as_ref()
             .ok_or_else(|| Error::InvalidInput(format!("stage {} has no head", self.range)))?;
+        #[cfg(feature = "cuda")]
+        if let Some(y) =
+            crate::cuda::fused_head::forward(&h.norm, self.cfg.rms_eps as f32, &h.output, x)?
+        {
+            return Ok(y);
+        }
         let x = candle_nn::ops::rms_norm(x, &h.norm, self.cfg.rms_eps as f32)?;
         h.output.forward(&x)
     }
