@@ -191,6 +191,16 @@ impl LocalPipeline {
             .squeeze(0)?
             .to_vec1::<f32>()?)
     }
+
+    /// One decode step that returns the greedy pick rather than the logits: on a GPU it is
+    /// made there ([`crate::sampling::greedy_rows`]).
+    pub fn decode_greedy(&self, sess: &mut LocalSession, token: u32) -> Result<u32> {
+        let picks = crate::sampling::greedy_rows(&self.logits(sess, &[token], false)?)?;
+        picks
+            .first()
+            .copied()
+            .ok_or_else(|| Error::InvalidInput("no logits to sample from".into()))
+    }
 }
 
 /// What a generation asks for.

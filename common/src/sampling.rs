@@ -67,7 +67,36 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Each row's [`argmax`] of `logits: [n, vocab]`, where the logits are: on a CUDA device by
+/// our kernel (`crate::cuda::argmax`), which copies only the picks to the host; elsewhere on
+/// the host. A row holding a NaN is an error, as in [`Sampler::sample`].
+pub fn greedy_rows(logits: &candle_core::Tensor) -> Result<Vec<u32>> {
+    #[cfg(feature = "cuda")]
+    if let Some(picks) = crate::cuda::argmax::rows(logits)? {
+        return Ok(picks);
+    }
+    let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+    rows.iter()
+        .map(|r| {
+            if r.is_empty() {
+                return Err(Error::InvalidInput("no logits to sample from".into()));
+            }
+            if r.iter().any(|v| v.is_nan()) {
+                return Err(Error::InvalidInput("logits contain NaN".into()));
+            }
+            Ok(argmax(r))
+        })
+        .collect()
+}
+
 impl Sampler {
+    /// Whether [`Sampler::sample`] picks the largest logit, with no randomness: such picks
+    /// may be made where the logits are ([`greedy_rows`]), and the sampler's state is the
+    /// same either way.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0 || self.params.top_k == 1
+    }
+
     /// A sampler with its own random stream.
     pub fn new(params: SamplingParams) -> Result<Self> {
         let params = params.validate()?;
@@ -134,6 +163,32 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Greedy picks of rows on the CPU: the first largest value of each row, which is what
+    /// a greedy sampler picks; a NaN is an error in both.
+    #[test]
+    fn greedy_rows_pick_what_the_sampler_picks() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let rows = [[0.1f32, 3.0, 2.9, 3.0], [-1.0, -1.0, -2.0, -5.0]];
+        let t = candle_core::Tensor::new(&rows, &dev)?;
+        let mut greedy = Sampler::new(SamplingParams::default())?;
+        assert!(greedy.is_greedy());
+        let want = rows
+            .iter()
+            .map(|r| greedy.sample(r))
+            .collect::<Result<Vec<_>>>()?;
+        assert_eq!(greedy_rows(&t)?, want);
+        assert_eq!(want, [1, 0]);
+        let nan = candle_core::Tensor::new(&[[0.0f32, f32::NAN]], &dev)?;
+        assert!(greedy_rows(&nan).is_err());
+        assert!(greedy.sample(&[0.0, f32::NAN]).is_err());
+        let warm = Sampler::new(SamplingParams {
+            temperature: 0.8,
+            ..SamplingParams::default()
+        })?;
+        assert!(!warm.is_greedy());
+        Ok(())
+    }
 
     #[test]
     fn greedy_seeded_and_filtered() -> Result<()> {

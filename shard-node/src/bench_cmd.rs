@@ -79,12 +79,12 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
     for run in 0..o.runs {
         let mut s = pipe.session(max_ctx)?;
         let t0 = Instant::now();
-        let mut logits = pipe.prefill(&mut s, &ids)?;
+        let mut next = argmax(&pipe.prefill(&mut s, &ids)?);
         let prefill = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
+        // Greedy picks, made on the GPU there (as a node makes them for greedy sessions).
         for _ in 0..o.gen_tokens {
-            let next = argmax(&logits);
-            logits = pipe.decode(&mut s, next)?;
+            next = pipe.decode_greedy(&mut s, next)?;
         }
         let decode = t1.elapsed().as_secs_f64();
         println!(

@@ -1,6 +1,7 @@
 //! CUDA kernels of our own, compiled to PTX by `build.rs` (with `nvcc`) when the `cuda`
 //! feature is on, and loaded into candle's device on first use.
 //!
+//! - [`argmax`]: greedy picks where the logits are, one u32 a session to the host.
 //! - [`decode_attention`]: RoPE, the KV-cache write and attention for every decoding session
 //!   of a step, in two kernels per layer instead of ~20 candle kernels per session.
 //! - [`fused_decode`]: a stage's whole decode step, nine launches a block, from raw addresses.
@@ -9,6 +10,7 @@
 //!   mmvq where they apply.
 //! - [`pdl`]: launches that overlap the kernel before (programmatic dependent launch).
 
+pub mod argmax;
 pub mod decode_attention;
 pub mod fused_decode;
 pub mod fused_head;

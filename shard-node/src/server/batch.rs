@@ -238,6 +238,24 @@ fn run(pendings: &[Pending], xs: &[Tensor]) -> Result<Vec<Out>, ShardError> {
         let logits = stage
             .head(&y.index_select(&idx, 0).map_err(candle_err)?)
             .map_err(shard_err)?;
+        // Greedy sessions that want no logits back get their picks made where the logits
+        // are (on a GPU, only the picks are copied to the host).
+        if guards.iter().all(|g| g.sampler.is_greedy())
+            && pendings.iter().all(|p| !p.item.want_logits)
+        {
+            let picks = common::sampling::greedy_rows(&logits).map_err(shard_err)?;
+            return Ok(pendings
+                .iter()
+                .zip(picks)
+                .map(|(p, token)| {
+                    Out::Done(ForwardOutput {
+                        session: p.item.session,
+                        token,
+                        logits: None,
+                    })
+                })
+                .collect());
+        }
         let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(candle_err)?;
         let mut outs = Vec::with_capacity(rows.len());
         for (i, (v, g)) in rows.iter().zip(guards.iter_mut()).enumerate() {
