@@ -46,7 +46,7 @@ pub(crate) fn splits_for(max_len: usize) -> usize {
 /// (`[sessions, heads]` u32, zeroed here; the kernel leaves them zero, so one pair serves
 /// every layer of a step).
 pub(crate) struct SplitScratch {
-    pub splits: usize,
+    splits: usize,
     part: Option<CudaSlice<f32>>,
     count: Option<CudaSlice<u32>>,
 }
