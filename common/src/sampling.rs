@@ -77,16 +77,19 @@ pub fn greedy_rows(logits: &candle_core::Tensor) -> Result<Vec<u32>> {
     }
     let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
     rows.iter()
-        .map(|r| {
-            if r.is_empty() {
-                return Err(Error::InvalidInput("no logits to sample from".into()));
-            }
-            if r.iter().any(|v| v.is_nan()) {
-                return Err(Error::InvalidInput("logits contain NaN".into()));
-            }
-            Ok(argmax(r))
-        })
+        .map(|r| checked(r).map(|()| argmax(r)))
         .collect()
+}
+
+/// Logits a pick can be made from: not empty, no NaN.
+fn checked(logits: &[f32]) -> Result<()> {
+    if logits.is_empty() {
+        return Err(Error::InvalidInput("no logits to sample from".into()));
+    }
+    if logits.iter().any(|v| v.is_nan()) {
+        return Err(Error::InvalidInput("logits contain NaN".into()));
+    }
+    Ok(())
 }
 
 impl Sampler {
@@ -108,12 +111,7 @@ impl Sampler {
 
     /// Picks the next token.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
-        if logits.is_empty() {
-            return Err(Error::InvalidInput("no logits to sample from".into()));
-        }
-        if logits.iter().any(|v| v.is_nan()) {
-            return Err(Error::InvalidInput("logits contain NaN".into()));
-        }
+        checked(logits)?;
         let p = &self.params;
         if p.temperature == 0.0 || p.top_k == 1 {
             return Ok(argmax(logits));
