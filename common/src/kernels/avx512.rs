@@ -14,6 +14,13 @@ use std::sync::OnceLock;
 use super::blocks::ActBlock;
 use super::dot::{TileFn, TILE};
 
+/// Tokens per tile of [`Tile8Fn`].
+pub const TILE8: usize = 8;
+
+/// A [`TileFn`] over [`TILE8`] tokens: each weight block is unpacked once for twice as many
+/// tokens, and each (row, token) sum is still formed in the order of the one-token kernel.
+pub type Tile8Fn = fn(&[u8], usize, [&[ActBlock]; TILE8], &mut [[f32; TILE8]], usize);
+
 /// Whether these kernels can run here.
 pub fn available() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
@@ -29,6 +36,21 @@ pub fn available() -> bool {
         #[cfg(not(target_arch = "x86_64"))]
         false
     })
+}
+
+/// The 8-token AVX-512 tile kernel for Q4_1 or Q8_0 (`block_bytes` 20 or 34), where the CPU
+/// has it.
+pub fn tile8(block_bytes: usize) -> Option<Tile8Fn> {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        return match block_bytes {
+            20 => Some(x86::q4_1_tile8),
+            34 => Some(x86::q8_0_tile8),
+            _ => None,
+        };
+    }
+    let _ = block_bytes;
+    None
 }
 
 /// The AVX-512 tile kernel for Q4_1 or Q8_0 (`block_bytes` 20 or 34), where the CPU has it.
@@ -49,74 +71,76 @@ pub fn tile(block_bytes: usize) -> Option<TileFn> {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{ActBlock, TileFn, TILE};
-    use crate::kernels::dot::avx2::{check_tile, f16x2, hsum, plain, vnni};
+    use super::{ActBlock, TileFn, TILE, TILE8};
+    use crate::kernels::dot::avx2::{f16x2, hsum, plain, vnni};
     use crate::kernels::dot::has_vnni;
 
-    type Pairs = unsafe fn(&[u8], usize, [&[ActBlock]; TILE], &mut [[f32; TILE]], usize);
+    /// The 256-bit kernels (AVX-VNNI, plain AVX2) for an odd last row.
+    type Rest = (TileFn, TileFn);
 
-    /// Runs `pairs` over the even number of leading rows and `rest` (the 256-bit kernel
-    /// pair, AVX-VNNI and plain AVX2) over an odd last one, after checking the bounds once.
+    /// A kernel over pairs of rows and `N` tokens.
+    type Pairs<const N: usize> = unsafe fn(&[u8], usize, [&[ActBlock]; N], &mut [[f32; N]], usize);
+
+    /// Runs `pairs` over the even number of leading rows and the 256-bit kernel over an odd
+    /// last one ([`TILE`] tokens at a time), after checking the bounds once.
     #[allow(clippy::too_many_arguments)]
-    fn split(
-        pairs: Pairs,
-        rest: (TileFn, TileFn),
+    fn split<const N: usize>(
+        pairs: Pairs<N>,
+        rest: Rest,
         bb: usize,
         w: &[u8],
         rb: usize,
-        a: [&[ActBlock]; TILE],
-        o: &mut [[f32; TILE]],
+        a: [&[ActBlock]; N],
+        o: &mut [[f32; N]],
         r0: usize,
     ) {
-        check_tile(w, rb, &a, o, r0, bb);
+        let kb = a[0].len();
+        assert!(a.iter().all(|t| t.len() == kb));
+        assert!(rb >= kb * bb);
+        assert!(w.len() >= (r0 + o.len()) * rb);
         let even = o.len() / 2 * 2;
-        // SAFETY: `tile` hands these kernels out only after detecting the features `pairs`
-        // needs; every read is within the bounds checked above.
+        // SAFETY: `tile` and `tile8` hand these kernels out only after detecting the features
+        // `pairs` needs; every read is within the bounds checked above.
         unsafe { pairs(w, rb, a, &mut o[..even], r0) };
         if even < o.len() {
             // AVX-512 VNNI does not imply AVX-VNNI (Ice Lake has the one, not the other).
             let rest = if has_vnni() { rest.0 } else { rest.1 };
-            rest(w, rb, a, &mut o[even..], r0 + even);
+            for t in (0..N).step_by(TILE) {
+                let four = [a[t], a[t + 1], a[t + 2], a[t + 3]];
+                let mut y = [[0f32; TILE]; 1];
+                rest(w, rb, four, &mut y, r0 + even);
+                o[even][t..t + TILE].copy_from_slice(&y[0]);
+            }
         }
     }
 
-    pub fn q4_1_tile(
-        w: &[u8],
-        rb: usize,
-        a: [&[ActBlock]; TILE],
-        o: &mut [[f32; TILE]],
-        r0: usize,
-    ) {
-        split(
-            q4_1_pairs,
-            (vnni::q4_1_tile, plain::q4_1_tile),
-            20,
-            w,
-            rb,
-            a,
-            o,
-            r0,
-        )
+    /// The safe entry point of a pair kernel over `$n` tokens.
+    macro_rules! entry {
+        ($name:ident, $n:expr, $pairs:ident, $rest:ident, $bb:literal) => {
+            pub fn $name(
+                w: &[u8],
+                rb: usize,
+                a: [&[ActBlock]; $n],
+                o: &mut [[f32; $n]],
+                r0: usize,
+            ) {
+                split(
+                    $pairs::<{ $n }>,
+                    (vnni::$rest, plain::$rest),
+                    $bb,
+                    w,
+                    rb,
+                    a,
+                    o,
+                    r0,
+                )
+            }
+        };
     }
-
-    pub fn q8_0_tile(
-        w: &[u8],
-        rb: usize,
-        a: [&[ActBlock]; TILE],
-        o: &mut [[f32; TILE]],
-        r0: usize,
-    ) {
-        split(
-            q8_0_pairs,
-            (vnni::q8_0_tile, plain::q8_0_tile),
-            34,
-            w,
-            rb,
-            a,
-            o,
-            r0,
-        )
-    }
+    entry!(q4_1_tile, TILE, q4_1_pairs, q4_1_tile, 20);
+    entry!(q8_0_tile, TILE, q8_0_pairs, q8_0_tile, 34);
+    entry!(q4_1_tile8, TILE8, q4_1_pairs, q4_1_tile, 20);
+    entry!(q8_0_tile8, TILE8, q8_0_pairs, q8_0_tile, 34);
 
     /// Lanes 0..8 and 8..16 summed separately, each as [`hsum`] sums 8 lanes.
     #[inline(always)]
@@ -144,59 +168,68 @@ pub(crate) mod x86 {
         _mm512_broadcast_i64x4(_mm256_loadu_si256(a.qs.as_ptr() as *const __m256i))
     }
 
+    /// `x` in lanes 0..8, `y` in lanes 8..16.
+    #[inline(always)]
+    unsafe fn two(x: f32, y: f32) -> __m512 {
+        _mm512_castsi512_ps(_mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(x))),
+            _mm256_castps_si256(_mm256_set1_ps(y)),
+            1,
+        ))
+    }
+
+    /// Block `k` of each of the `N` tokens.
+    #[inline(always)]
+    unsafe fn blocks_at<'a, const N: usize>(
+        acts: &[&'a [ActBlock]; N],
+        k: usize,
+    ) -> [&'a ActBlock; N] {
+        std::array::from_fn(|j| acts[j].get_unchecked(k))
+    }
+
     // Per row and token: one accumulator over the blocks in order, `acc += (d · ad) · Σ q·qa`,
-    // and the min term `mins += m · s` in f32, as `q4_1_tile_rows` does.
+    // and the min term `mins += m · s` in f32, as `q4_1_tile_rows` does. The min terms of
+    // both rows sit in one register: token j of row 0 in lane j, of row 1 in lane 8 + j.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q4_1_pairs(
+    unsafe fn q4_1_pairs<const N: usize>(
         w: &[u8],
         rb: usize,
-        acts: [&[ActBlock]; TILE],
-        out: &mut [[f32; TILE]],
+        acts: [&[ActBlock]; N],
+        out: &mut [[f32; N]],
         row0: usize,
     ) {
         let kb = acts[0].len();
         let mut r = row0;
         for pair in out.chunks_exact_mut(2) {
             let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
-            let mut acc = [_mm512_setzero_ps(); TILE];
-            let (mut mins0, mut mins1) = (_mm_setzero_ps(), _mm_setzero_ps());
+            let mut acc = [_mm512_setzero_ps(); N];
+            let mut mins = _mm512_setzero_ps();
             for k in 0..kb {
                 let (b0, b1) = (p0.add(k * 20), p1.add(k * 20));
                 let (dm0, dm1) = (f16x2(b0), f16x2(b1));
-                let (d0, d1) = (_mm_cvtss_f32(dm0), _mm_cvtss_f32(dm1));
-                let (m0, m1) = (
+                let d = two(_mm_cvtss_f32(dm0), _mm_cvtss_f32(dm1));
+                let m = two(
                     _mm_cvtss_f32(_mm_movehdup_ps(dm0)),
                     _mm_cvtss_f32(_mm_movehdup_ps(dm1)),
                 );
                 let q = nibbles2(b0.add(4), b1.add(4));
-                let d = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(d0))),
-                    _mm256_castps_si256(_mm256_set1_ps(d1)),
-                    1,
-                );
-                let d = _mm512_castsi512_ps(d);
-                let a = [
-                    acts[0].get_unchecked(k),
-                    acts[1].get_unchecked(k),
-                    acts[2].get_unchecked(k),
-                    acts[3].get_unchecked(k),
-                ];
-                for j in 0..TILE {
+                let a = blocks_at(&acts, k);
+                let mut s = [0f32; 16];
+                for j in 0..N {
                     let sc = _mm512_mul_ps(d, _mm512_set1_ps(a[j].d));
                     let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, acts2(a[j]));
                     acc[j] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(dot), acc[j]);
+                    s[j] = a[j].s;
+                    s[8 + j] = a[j].s;
                 }
-                let s = _mm_setr_ps(a[0].s, a[1].s, a[2].s, a[3].s);
-                mins0 = _mm_add_ps(mins0, _mm_mul_ps(_mm_set1_ps(m0), s));
-                mins1 = _mm_add_ps(mins1, _mm_mul_ps(_mm_set1_ps(m1), s));
+                mins = _mm512_add_ps(mins, _mm512_mul_ps(m, _mm512_loadu_ps(s.as_ptr())));
             }
-            let (mut n0, mut n1) = ([0f32; TILE], [0f32; TILE]);
-            _mm_storeu_ps(n0.as_mut_ptr(), mins0);
-            _mm_storeu_ps(n1.as_mut_ptr(), mins1);
-            for j in 0..TILE {
+            let mut n = [0f32; 16];
+            _mm512_storeu_ps(n.as_mut_ptr(), mins);
+            for j in 0..N {
                 let (s0, s1) = halves(acc[j]);
-                pair[0][j] = s0 + n0[j];
-                pair[1][j] = s1 + n1[j];
+                pair[0][j] = s0 + n[j];
+                pair[1][j] = s1 + n[8 + j];
             }
             r += 2;
         }
@@ -204,23 +237,24 @@ pub(crate) mod x86 {
 
     // Per row and token: `acc += (d · ad) · Σ q·qa` over the blocks in order, as
     // `q8_0_tile_rows` does. Signed × signed goes through `|q|` and `qa` negated where `q` is
-    // negative, the integers of `_mm256_sign_epi8` in the 256-bit kernel.
+    // negative, the integers of `_mm256_sign_epi8` in the 256-bit kernel. The scale is one
+    // vector product per token, the same f32 product as the 256-bit kernel's scalar one.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q8_0_pairs(
+    unsafe fn q8_0_pairs<const N: usize>(
         w: &[u8],
         rb: usize,
-        acts: [&[ActBlock]; TILE],
-        out: &mut [[f32; TILE]],
+        acts: [&[ActBlock]; N],
+        out: &mut [[f32; N]],
         row0: usize,
     ) {
         let kb = acts[0].len();
         let mut r = row0;
         for pair in out.chunks_exact_mut(2) {
             let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
-            let mut acc = [_mm512_setzero_ps(); TILE];
+            let mut acc = [_mm512_setzero_ps(); N];
             for k in 0..kb {
                 let (b0, b1) = (p0.add(k * 34), p1.add(k * 34));
-                let (d0, d1) = (_mm_cvtss_f32(f16x2(b0)), _mm_cvtss_f32(f16x2(b1)));
+                let d = two(_mm_cvtss_f32(f16x2(b0)), _mm_cvtss_f32(f16x2(b1)));
                 let q = _mm512_inserti64x4(
                     _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2) as *const __m256i)),
                     _mm256_loadu_si256(b1.add(2) as *const __m256i),
@@ -228,20 +262,16 @@ pub(crate) mod x86 {
                 );
                 let neg = _mm512_movepi8_mask(q);
                 let qabs = _mm512_abs_epi8(q);
-                for j in 0..TILE {
-                    let a = acts[j].get_unchecked(k);
-                    let x = acts2(a);
+                let a = blocks_at(&acts, k);
+                for j in 0..N {
+                    let x = acts2(a[j]);
                     let x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-                    let sc = _mm512_castsi512_ps(_mm512_inserti64x4(
-                        _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(d0 * a.d))),
-                        _mm256_castps_si256(_mm256_set1_ps(d1 * a.d)),
-                        1,
-                    ));
+                    let sc = _mm512_mul_ps(d, _mm512_set1_ps(a[j].d));
                     let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qabs, x);
                     acc[j] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(dot), acc[j]);
                 }
             }
-            for j in 0..TILE {
+            for j in 0..N {
                 let (s0, s1) = halves(acc[j]);
                 pair[0][j] = s0;
                 pair[1][j] = s1;
@@ -290,6 +320,58 @@ mod tests {
                 for (i, (x, y)) in a.iter().zip(&b).enumerate() {
                     for j in 0..TILE {
                         assert_eq!(x[j].to_bits(), y[j].to_bits(), "{kind:?} row {i} token {j}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn eight_token_tiles_equal_two_four_token_tiles_bit_for_bit() {
+        if !available() {
+            eprintln!("no AVX-512 VNNI here: nothing to compare");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
+            let (eight, four) = (
+                tile8(kind.block_bytes()).expect("tile8"),
+                avx2::plain::q4_1_tile as TileFn,
+            );
+            let four = if kind == QuantKind::Q8_0 {
+                avx2::plain::q8_0_tile as TileFn
+            } else {
+                four
+            };
+            for (rows, blocks) in [(1usize, 1usize), (6, 18), (7, 48), (16, 3)] {
+                let w: Vec<u8> = (0..rows)
+                    .flat_map(|_| random_row(kind, blocks, &mut rng))
+                    .collect();
+                let rb = blocks * kind.block_bytes();
+                let acts = random_acts(TILE8, blocks, 3.0, &mut rng);
+                let t: [&[ActBlock]; TILE8] = std::array::from_fn(|j| &acts[j][..]);
+                let n = rows.saturating_sub(1).max(1);
+                let r0 = rows - n;
+                let mut a = vec![[0f32; TILE8]; n];
+                eight(&w, rb, t, &mut a, r0);
+                for half in 0..2 {
+                    let mut b = vec![[0f32; TILE]; n];
+                    let q = [
+                        t[4 * half],
+                        t[4 * half + 1],
+                        t[4 * half + 2],
+                        t[4 * half + 3],
+                    ];
+                    four(&w, rb, q, &mut b, r0);
+                    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                        for j in 0..TILE {
+                            assert_eq!(
+                                x[4 * half + j].to_bits(),
+                                y[j].to_bits(),
+                                "{kind:?} rows {rows} row {i} token {}",
+                                4 * half + j
+                            );
+                        }
                     }
                 }
             }

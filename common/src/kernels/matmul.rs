@@ -1,5 +1,6 @@
 //! `y = x · Wᵀ` for a quantized `W` held as raw GGUF bytes, threaded on [`super::pool`].
 
+use super::avx512::{Tile8Fn, TILE8};
 use super::blocks::{quantize_acts, ActBlock, QuantKind, BLOCK};
 use super::dot::{best, best_tile, RowsFn, TileFn, TILE};
 use super::pool::{global, parallel_chunks_mut};
@@ -38,11 +39,13 @@ const ROWS: usize = 16;
 struct Kernels {
     rows: RowsFn,
     tile: Option<TileFn>,
+    tile8: Option<Tile8Fn>,
 }
 
 /// Dots `w` weight rows from `row0` (at most `ROWS`) with every token of `tokens`, while the
 /// rows are hot in L1: [`TILE`] tokens at a time where a tile kernel exists, then one at a
-/// time. `put(i, t, v)` stores row `row0 + i` of token `t`.
+/// time ([`TILE8`] tokens at a time first, where the CPU has such a kernel). `put(i, t, v)`
+/// stores row `row0 + i` of token `t`.
 #[allow(clippy::too_many_arguments)]
 fn block_all_tokens(
     kern: &Kernels,
@@ -56,6 +59,19 @@ fn block_all_tokens(
 ) {
     debug_assert!(w <= ROWS);
     let mut t = tokens.start;
+    if let Some(tile8) = kern.tile8 {
+        let mut tmp = [[0f32; TILE8]; ROWS];
+        while t + TILE8 <= tokens.end {
+            let a: [&[ActBlock]; TILE8] = std::array::from_fn(|j| acts.row(t + j));
+            tile8(weight, row_bytes, a, &mut tmp[..w], row0);
+            for (i, r) in tmp[..w].iter().enumerate() {
+                for (j, &v) in r.iter().enumerate() {
+                    put(i, t + j, v);
+                }
+            }
+            t += TILE8;
+        }
+    }
     if let Some(tile) = kern.tile {
         let mut tmp = [[0f32; TILE]; ROWS];
         while t + TILE <= tokens.end {
@@ -102,6 +118,7 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
     let kern = Kernels {
         rows: rows_fn,
         tile: best_tile(kind),
+        tile8: super::avx512::tile8(kind.block_bytes()),
     };
     let threads = global().threads();
 

@@ -18,6 +18,8 @@ pub trait KvElem: Copy + Send + Sync + 'static {
     fn dot(a: &[f32], b: &[Self]) -> f32;
     /// `o[i] += w * v[i]`.
     fn axpy(o: &mut [f32], w: f32, v: &[Self]);
+    /// `dst[i] = src[i]` as f32 (exact).
+    fn widen(src: &[Self], dst: &mut [f32]);
 }
 
 impl KvElem for f16 {
@@ -48,6 +50,15 @@ impl KvElem for f16 {
         }
         o.iter_mut().zip(v).for_each(|(x, y)| *x += w * y.to_f32());
     }
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: as above.
+            return unsafe { x86::widen_f16(src, dst) };
+        }
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+    }
 }
 
 impl KvElem for f32 {
@@ -77,6 +88,39 @@ impl KvElem for f32 {
             return unsafe { x86::axpy_f32(o, w, v) };
         }
         o.iter_mut().zip(v).for_each(|(x, y)| *x += w * y);
+    }
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+/// `out[j] = f32::dot(q, row j of k)` for the `out.len()` rows of `k` (each `q.len()` wide,
+/// contiguous), every sum formed exactly as [`KvElem::dot`] forms it; on AVX2, four rows at a
+/// time, so the four sums' dependency chains overlap.
+pub fn dots(q: &[f32], k: &[f32], out: &mut [f32]) {
+    assert_eq!(k.len(), q.len() * out.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: avx2/fma detected; lengths checked.
+        return unsafe { x86::dots_f32(q, k, out) };
+    }
+    for (o, row) in out.iter_mut().zip(k.chunks_exact(q.len().max(1))) {
+        *o = f32::dot(q, row);
+    }
+}
+
+/// `o = Σ_j w[j] · row j of v`, starting from zero: bit for bit what `o.fill(0)` and then
+/// [`KvElem::axpy`] of every row in order give, with `o` held in registers.
+pub fn weighted_sum(o: &mut [f32], w: &[f32], v: &[f32]) {
+    assert_eq!(v.len(), o.len() * w.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::weighted_sum_f32(o, w, v) };
+    }
+    o.fill(0.0);
+    for (&x, row) in w.iter().zip(v.chunks_exact(o.len().max(1))) {
+        f32::axpy(o, x, row);
     }
 }
 
@@ -147,6 +191,78 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn widen_f16(src: &[f16], dst: &mut [f32]) {
+        let n = src.len() / 8 * 8;
+        for i in (0..n).step_by(8) {
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), load_f16(src.as_ptr().add(i)));
+        }
+        for i in n..src.len() {
+            dst[i] = src[i].to_f32();
+        }
+    }
+
+    /// See [`super::dots`]: each row's sum is [`dot_f32`]'s, four rows side by side.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dots_f32(q: &[f32], k: &[f32], out: &mut [f32]) {
+        let hd = q.len();
+        let n8 = hd / 8 * 8;
+        let rows = out.len();
+        let mut j = 0;
+        while j + 4 <= rows {
+            let b = k.as_ptr().add(j * hd);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for i in (0..n8).step_by(8) {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(i));
+                for (t, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(b.add(t * hd + i)), *a);
+                }
+            }
+            for (t, a) in acc.iter().enumerate() {
+                let mut s = hsum(*a);
+                for i in n8..hd {
+                    s += q[i] * k[(j + t) * hd + i];
+                }
+                out[j + t] = s;
+            }
+            j += 4;
+        }
+        for j in j..rows {
+            out[j] = dot_f32(q, &k[j * hd..(j + 1) * hd]);
+        }
+    }
+
+    /// See [`super::weighted_sum`]: 32 lanes of `o` in registers at a time, each lane the
+    /// chain of fused multiply-adds [`axpy_f32`] forms, from zero.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sum_f32(o: &mut [f32], w: &[f32], v: &[f32]) {
+        let hd = o.len();
+        let n8 = hd / 8 * 8;
+        let mut i = 0;
+        while i < n8 {
+            let lanes = ((n8 - i) / 8).min(4);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (j, &x) in w.iter().enumerate() {
+                let wv = _mm256_set1_ps(x);
+                let row = v.as_ptr().add(j * hd + i);
+                for (l, a) in acc.iter_mut().enumerate().take(lanes) {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(l * 8)), *a);
+                }
+            }
+            for (l, a) in acc.iter().enumerate().take(lanes) {
+                _mm256_storeu_ps(o.as_mut_ptr().add(i + l * 8), *a);
+            }
+            i += lanes * 8;
+        }
+        for i in n8..hd {
+            let mut s = 0f32;
+            for (j, &x) in w.iter().enumerate() {
+                s += x * v[j * hd + i];
+            }
+            o[i] = s;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy_f32(o: &mut [f32], w: f32, v: &[f32]) {
         let n = o.len() / 8 * 8;
         let wv = _mm256_set1_ps(w);
@@ -166,6 +282,38 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dots_and_weighted_sums_equal_dot_and_axpy_bit_for_bit() {
+        for hd in [1usize, 8, 12, 64, 67, 128] {
+            for rows in [1usize, 3, 4, 9] {
+                let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
+                let k16: Vec<f16> = (0..hd * rows)
+                    .map(|i| f16::from_f32((i as f32 * 0.11).cos() * 3.0))
+                    .collect();
+                let mut k = vec![0f32; hd * rows];
+                f16::widen(&k16, &mut k);
+                let mut got = vec![0f32; rows];
+                dots(&q, &k, &mut got);
+                let w: Vec<f32> = (0..rows).map(|j| (j as f32 * 0.7).sin()).collect();
+                let mut sum = vec![7f32; hd];
+                weighted_sum(&mut sum, &w, &k);
+                let mut want_sum = vec![0f32; hd];
+                for j in 0..rows {
+                    let row = &k16[j * hd..(j + 1) * hd];
+                    assert_eq!(
+                        got[j].to_bits(),
+                        f16::dot(&q, row).to_bits(),
+                        "hd {hd} row {j}"
+                    );
+                    f16::axpy(&mut want_sum, w[j], row);
+                }
+                for (a, b) in sum.iter().zip(&want_sum) {
+                    assert_eq!(a.to_bits(), b.to_bits(), "hd {hd} rows {rows}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn simd_matches_scalar() {

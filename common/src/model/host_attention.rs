@@ -18,7 +18,7 @@ use super::block::Segment;
 use super::kv_cache::{HostKv, HostKvMut};
 use crate::error::{Error, Result};
 use crate::kernels::pool::parallel_chunks_mut;
-use crate::kernels::vec::KvElem;
+use crate::kernels::vec::{dots, weighted_sum, KvElem};
 
 /// Rows of a CPU f32 tensor `[n, width]`, possibly a column slice of a wider one.
 struct Rows<'a> {
@@ -161,7 +161,7 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
         at += g.len;
     }
 
-    // 2. One parallel region over every (row, head) of every segment.
+    // 2. One parallel region over every (row, KV head) of every segment.
     struct RowAt<'a> {
         kv: HostKv<'a>,
         /// Position of the row: it attends to cache rows `0..=pos`.
@@ -185,14 +185,14 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
     }
     let group = s.heads / s.kv_heads;
     let mut out = vec![0f32; n * width];
-    parallel_chunks_mut(&mut out, hd, |idx, o| {
-        let (r, h) = (idx / s.heads, idx % s.heads);
+    parallel_chunks_mut(&mut out, group * hd, |idx, o| {
+        let (r, kvh) = (idx / s.kv_heads, idx % s.kv_heads);
         let at = &row_at[r];
-        let qh = &qr[r * width + h * hd..r * width + (h + 1) * hd];
-        let kvh = h / group;
+        let q0 = r * width + kvh * group * hd;
+        let qg = &qr[q0..q0 + group * hd];
         match at.kv {
-            HostKv::F16(l) => head(qh, &l.k, &l.v, kvw, kvh * hd, at.pos + 1, o),
-            HostKv::F32(l) => head(qh, &l.k, &l.v, kvw, kvh * hd, at.pos + 1, o),
+            HostKv::F16(l) => group_heads(qg, &l.k, &l.v, kvw, kvh * hd, hd, at.pos + 1, o),
+            HostKv::F32(l) => group_heads(qg, &l.k, &l.v, kvw, kvh * hd, hd, at.pos + 1, o),
         }
     });
     Ok(Tensor::from_vec(out, (n, width), &Device::Cpu)?)
@@ -217,45 +217,70 @@ impl KvDst<'_> {
 }
 
 thread_local! {
-    /// Per-thread scratch: the rounded query, then the scores.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Per-thread scratch: one KV head's keys (then values) widened to f32, the rounded query,
+    /// and the weights of every head of the group.
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch { rows: Vec::new(), qh: Vec::new(), weights: Vec::new() })
+    };
 }
 
-/// One head of one row: attends `q` to cache rows `0..upto` (each `kvw` wide, this head's
-/// columns starting at `col`), writing the weighted values into `o`.
-fn head<T: KvElem>(
+struct Scratch {
+    rows: Vec<f32>,
+    qh: Vec<f32>,
+    weights: Vec<f32>,
+}
+
+/// The query heads of one KV head for one row: attends each head of `q` (`o.len() / hd`
+/// heads of `hd`) to cache rows `0..upto` (each `kvw` wide, this KV head's columns starting
+/// at `col`), writing the weighted values into `o`. The keys and values are widened to f32
+/// once for the whole group; every head's scores, softmax and sums are formed exactly as
+/// attending it alone forms them (see [`dots`] and [`weighted_sum`]).
+#[allow(clippy::too_many_arguments)]
+fn group_heads<T: KvElem>(
     q: &[f32],
     k: &[T],
     v: &[T],
     kvw: usize,
     col: usize,
+    hd: usize,
     upto: usize,
     o: &mut [f32],
 ) {
-    let hd = q.len();
     let scale = 1.0 / (hd as f32).sqrt();
+    let heads = o.len() / hd;
     SCRATCH.with(|s| {
-        let (qh, scores) = &mut *s.borrow_mut();
-        qh.clear();
-        qh.extend(q.iter().map(|&x| T::round(x)));
-        scores.clear();
-        scores.resize(upto, 0.0);
-        let mut max = f32::NEG_INFINITY;
-        for (j, sc) in scores.iter_mut().enumerate() {
+        let Scratch { rows, qh, weights } = &mut *s.borrow_mut();
+        rows.resize(upto * hd, 0.0);
+        weights.resize(heads * upto, 0.0);
+        for (j, dst) in rows.chunks_exact_mut(hd).enumerate() {
             let base = j * kvw + col;
-            *sc = T::dot(qh, &k[base..base + hd]) * scale;
-            max = max.max(*sc);
+            T::widen(&k[base..base + hd], dst);
         }
-        let mut sum = 0f64;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += f64::from(*sc);
+        for (h, sc) in weights.chunks_exact_mut(upto).enumerate() {
+            qh.clear();
+            qh.extend(q[h * hd..(h + 1) * hd].iter().map(|&x| T::round(x)));
+            dots(qh, rows, sc);
+            let mut max = f32::NEG_INFINITY;
+            for x in sc.iter_mut() {
+                *x *= scale;
+                max = max.max(*x);
+            }
+            let mut sum = 0f64;
+            for x in sc.iter_mut() {
+                *x = (*x - max).exp();
+                sum += f64::from(*x);
+            }
+            let inv = (1.0 / sum) as f32;
+            for x in sc.iter_mut() {
+                *x = T::round(*x * inv);
+            }
         }
-        let inv = (1.0 / sum) as f32;
-        o.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
+        for (j, dst) in rows.chunks_exact_mut(hd).enumerate() {
             let base = j * kvw + col;
-            T::axpy(o, T::round(p * inv), &v[base..base + hd]);
+            T::widen(&v[base..base + hd], dst);
+        }
+        for (oh, w) in o.chunks_exact_mut(hd).zip(weights.chunks_exact(upto)) {
+            weighted_sum(oh, w, rows);
         }
     });
 }
@@ -265,6 +290,85 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::*;
+
+    /// One head alone, with the per-row primitives: the way the attention was formed before
+    /// heads were grouped by KV head.
+    #[allow(clippy::too_many_arguments)]
+    fn head_alone<T: KvElem>(
+        q: &[f32],
+        k: &[T],
+        v: &[T],
+        kvw: usize,
+        col: usize,
+        upto: usize,
+        o: &mut [f32],
+    ) {
+        let hd = q.len();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let qh: Vec<f32> = q.iter().map(|&x| T::round(x)).collect();
+        let mut scores: Vec<f32> = (0..upto)
+            .map(|j| T::dot(&qh, &k[j * kvw + col..j * kvw + col + hd]) * scale)
+            .collect();
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f64;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += f64::from(*sc);
+        }
+        let inv = (1.0 / sum) as f32;
+        o.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            T::axpy(o, T::round(p * inv), &v[j * kvw + col..j * kvw + col + hd]);
+        }
+    }
+
+    #[test]
+    fn grouped_heads_equal_heads_alone_bit_for_bit() {
+        for (hd, group, kv_heads, upto) in [
+            (64usize, 3usize, 3usize, 37usize),
+            (12, 2, 2, 5),
+            (128, 4, 2, 9),
+        ] {
+            let kvw = kv_heads * hd;
+            let gen = |n: usize, salt: f32| -> Vec<f32> {
+                (0..n)
+                    .map(|i| ((i as f32) * 0.173 + salt).sin() * 2.0)
+                    .collect()
+            };
+            let q = gen(group * hd, 0.3);
+            let k32 = gen(upto * kvw, 1.1);
+            let v32 = gen(upto * kvw, 2.9);
+            let k16: Vec<half::f16> = k32.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let v16: Vec<half::f16> = v32.iter().map(|&x| half::f16::from_f32(x)).collect();
+            for kvh in 0..kv_heads {
+                let col = kvh * hd;
+                let mut got16 = vec![0f32; group * hd];
+                let mut got32 = vec![0f32; group * hd];
+                group_heads(&q, &k16, &v16, kvw, col, hd, upto, &mut got16);
+                group_heads(&q, &k32, &v32, kvw, col, hd, upto, &mut got32);
+                for h in 0..group {
+                    let qh = &q[h * hd..(h + 1) * hd];
+                    let mut want = vec![0f32; hd];
+                    head_alone(qh, &k16, &v16, kvw, col, upto, &mut want);
+                    let got = &got16[h * hd..(h + 1) * hd];
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "f16 hd {hd} head {h}"
+                    );
+                    head_alone(qh, &k32, &v32, kvw, col, upto, &mut want);
+                    let got = &got32[h * hd..(h + 1) * hd];
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "f32 hd {hd} head {h}"
+                    );
+                }
+            }
+        }
+    }
     use crate::gguf::RopeStyle;
     use crate::model::attention::attention;
     use crate::model::attention::AttnShape;
