@@ -75,7 +75,25 @@ pub fn greedy_rows(logits: &candle_core::Tensor) -> Result<Vec<u32>> {
     if let Some(picks) = crate::cuda::argmax::rows(logits)? {
         return Ok(picks);
     }
-    let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+    let logits = logits.to_dtype(candle_core::DType::F32)?;
+    let (n, vocab) = logits.dims2()?;
+    if logits.device().is_cpu() {
+        if let Some((a, b)) = logits.layout().contiguous_offsets() {
+            // On the CPU, read the rows where they are, one row per pool task: a copy of a
+            // 16-session step's logits was 3 MB on the serial path.
+            let (storage, _) = logits.storage_and_layout();
+            if let candle_core::Storage::Cpu(cpu) = &*storage {
+                let data = &cpu.as_slice::<f32>()?[a..b];
+                let mut picks: Vec<Result<u32>> = (0..n).map(|_| Ok(0)).collect();
+                crate::kernels::pool::parallel_chunks_mut(&mut picks, 1, |r, p| {
+                    let row = &data[r * vocab..(r + 1) * vocab];
+                    p[0] = checked(row).map(|()| argmax(row));
+                });
+                return picks.into_iter().collect();
+            }
+        }
+    }
+    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
     rows.iter()
         .map(|r| checked(r).map(|()| argmax(r)))
         .collect()

@@ -99,6 +99,11 @@ fn block_all_tokens(
     }
 }
 
+thread_local! {
+    /// The rows-major scratch of the few-token path, kept by the thread that drives the call.
+    static BY_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Up to this many tokens, the weight rows are split among threads (W streamed once);
 /// above it, the tokens are.
 const SMALL_BATCH: usize = 32;
@@ -135,7 +140,10 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
         // streamed once for all of them. Each task fills a rows-major block; one transpose at
         // the end.
         let chunk = rows.div_ceil(threads * 4).max(ROWS);
-        let mut by_row = vec![0f32; rows * n];
+        // Reused between calls: for the output head of a 16-session step this is 3 MB, which
+        // allocated afresh each step cost page faults and a memset on the serial path.
+        let mut by_row = BY_ROW.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        by_row.resize(rows * n, 0.0);
         parallel_chunks_mut(&mut by_row, chunk * n, |c, o| {
             let r0 = c * chunk;
             let nr = o.len() / n;
@@ -162,6 +170,7 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
                 *y = col[t];
             }
         });
+        BY_ROW.with(|b| *b.borrow_mut() = by_row);
     } else {
         // Many tokens (prefill): split the tokens; each block of 16 weight rows is dotted with
         // every token of the task while it is hot in L1.

@@ -18,8 +18,9 @@ pub trait KvElem: Copy + Send + Sync + 'static {
     fn dot(a: &[f32], b: &[Self]) -> f32;
     /// `o[i] += w * v[i]`.
     fn axpy(o: &mut [f32], w: f32, v: &[Self]);
-    /// `dst[i] = src[i]` as f32 (exact).
-    fn widen(src: &[Self], dst: &mut [f32]);
+    /// Row `r` of `dst` (rows of `width`) = `src[r * stride..][..width]` as f32 (exact), for
+    /// every row of `dst`: a strided block of a cache, widened in one call.
+    fn widen_rows(src: &[Self], stride: usize, width: usize, dst: &mut [f32]);
 }
 
 impl KvElem for f16 {
@@ -50,14 +51,19 @@ impl KvElem for f16 {
         }
         o.iter_mut().zip(v).for_each(|(x, y)| *x += w * y.to_f32());
     }
-    fn widen(src: &[f16], dst: &mut [f32]) {
-        assert_eq!(src.len(), dst.len());
+    fn widen_rows(src: &[f16], stride: usize, width: usize, dst: &mut [f32]) {
+        let rows = dst.len() / width.max(1);
+        assert!(rows == 0 || (rows - 1) * stride + width <= src.len());
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
-            // SAFETY: as above.
-            return unsafe { x86::widen_f16(src, dst) };
+            // SAFETY: as above; every row is within `src` (checked).
+            return unsafe { x86::widen_rows_f16(src, stride, width, dst) };
         }
-        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+        for (r, d) in dst.chunks_exact_mut(width).enumerate() {
+            d.iter_mut()
+                .zip(&src[r * stride..r * stride + width])
+                .for_each(|(d, s)| *d = s.to_f32());
+        }
     }
 }
 
@@ -89,8 +95,10 @@ impl KvElem for f32 {
         }
         o.iter_mut().zip(v).for_each(|(x, y)| *x += w * y);
     }
-    fn widen(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
+    fn widen_rows(src: &[f32], stride: usize, width: usize, dst: &mut [f32]) {
+        for (r, d) in dst.chunks_exact_mut(width).enumerate() {
+            d.copy_from_slice(&src[r * stride..r * stride + width]);
+        }
     }
 }
 
@@ -191,13 +199,16 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn widen_f16(src: &[f16], dst: &mut [f32]) {
-        let n = src.len() / 8 * 8;
-        for i in (0..n).step_by(8) {
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i), load_f16(src.as_ptr().add(i)));
-        }
-        for i in n..src.len() {
-            dst[i] = src[i].to_f32();
+    pub unsafe fn widen_rows_f16(src: &[f16], stride: usize, width: usize, dst: &mut [f32]) {
+        let n = width / 8 * 8;
+        for (r, d) in dst.chunks_exact_mut(width).enumerate() {
+            let s = src.as_ptr().add(r * stride);
+            for i in (0..n).step_by(8) {
+                _mm256_storeu_ps(d.as_mut_ptr().add(i), load_f16(s.add(i)));
+            }
+            for i in n..width {
+                d[i] = (*s.add(i)).to_f32();
+            }
         }
     }
 
@@ -292,7 +303,7 @@ mod tests {
                     .map(|i| f16::from_f32((i as f32 * 0.11).cos() * 3.0))
                     .collect();
                 let mut k = vec![0f32; hd * rows];
-                f16::widen(&k16, &mut k);
+                f16::widen_rows(&k16, hd, hd, &mut k);
                 let mut got = vec![0f32; rows];
                 dots(&q, &k, &mut got);
                 let w: Vec<f32> = (0..rows).map(|j| (j as f32 * 0.7).sin()).collect();

@@ -252,10 +252,7 @@ fn group_heads<T: KvElem>(
         let Scratch { rows, qh, weights } = &mut *s.borrow_mut();
         rows.resize(upto * hd, 0.0);
         weights.resize(heads * upto, 0.0);
-        for (j, dst) in rows.chunks_exact_mut(hd).enumerate() {
-            let base = j * kvw + col;
-            T::widen(&k[base..base + hd], dst);
-        }
+        T::widen_rows(&k[col..], kvw, hd, rows);
         for (h, sc) in weights.chunks_exact_mut(upto).enumerate() {
             qh.clear();
             qh.extend(q[h * hd..(h + 1) * hd].iter().map(|&x| T::round(x)));
@@ -275,10 +272,7 @@ fn group_heads<T: KvElem>(
                 *x = T::round(*x * inv);
             }
         }
-        for (j, dst) in rows.chunks_exact_mut(hd).enumerate() {
-            let base = j * kvw + col;
-            T::widen(&v[base..base + hd], dst);
-        }
+        T::widen_rows(&v[col..], kvw, hd, rows);
         for (oh, w) in o.chunks_exact_mut(hd).zip(weights.chunks_exact(upto)) {
             weighted_sum(oh, w, rows);
         }
