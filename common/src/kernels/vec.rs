@@ -206,8 +206,8 @@ mod x86 {
             for i in (0..n).step_by(8) {
                 _mm256_storeu_ps(d.as_mut_ptr().add(i), load_f16(s.add(i)));
             }
-            for i in n..width {
-                d[i] = (*s.add(i)).to_f32();
+            for (i, x) in d.iter_mut().enumerate().skip(n) {
+                *x = (*s.add(i)).to_f32();
             }
         }
     }
