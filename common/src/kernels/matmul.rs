@@ -142,9 +142,13 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
         let chunk = rows.div_ceil(threads * 4).max(ROWS);
         // Reused between calls: for the output head of a 16-session step this is 3 MB, which
         // allocated afresh each step cost page faults and a memset on the serial path.
-        let mut by_row = BY_ROW.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        by_row.resize(rows * n, 0.0);
-        parallel_chunks_mut(&mut by_row, chunk * n, |c, o| {
+        // It only grows: shrunk for a small product, it was filled again for the next large.
+        let mut scratch = BY_ROW.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        if scratch.len() < rows * n {
+            scratch.resize(rows * n, 0.0);
+        }
+        let by_row = &mut scratch[..rows * n];
+        parallel_chunks_mut(by_row, chunk * n, |c, o| {
             let r0 = c * chunk;
             let nr = o.len() / n;
             for rb in (0..nr).step_by(ROWS) {
@@ -170,7 +174,7 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
                 *y = col[t];
             }
         });
-        BY_ROW.with(|b| *b.borrow_mut() = by_row);
+        BY_ROW.with(|b| *b.borrow_mut() = scratch);
     } else {
         // Many tokens (prefill): split the tokens; each block of 16 weight rows is dotted with
         // every token of the task while it is hot in L1.

@@ -3,10 +3,10 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::{attend_each, AttnShape, StepRows};
-use super::host_attention;
 use super::kv_cache::KvCache;
 use super::linear::{load_vector, MultiLinear, QLinear};
 use super::rope::Rope;
+use super::{host_attention, host_rows};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, ModelConfig};
 
@@ -102,7 +102,7 @@ impl Block {
         rope: &Rope,
     ) -> Result<Tensor> {
         let s = self.shape;
-        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps)?;
+        let h = host_rows::rms_norm(x, &self.attn_norm, self.eps)?;
         let parts = self.qkv.forward(&h)?;
         let [q, k, v] = <[Tensor; 3]>::try_from(parts)
             .map_err(|_| Error::InvalidInput("qkv projection did not split in three".into()))?;
@@ -122,11 +122,11 @@ impl Block {
             attend_each(rows, segs)?
         };
         let x = (x + self.o.forward(&a)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, self.eps)?;
+        let h = host_rows::rms_norm(&x, &self.ffn_norm, self.eps)?;
         let parts = self.gate_up.forward(&h)?;
         let [g, u] = <[Tensor; 2]>::try_from(parts)
             .map_err(|_| Error::InvalidInput("gate/up projection did not split in two".into()))?;
-        let act = (candle_nn::ops::silu(&g)? * u)?;
+        let act = host_rows::silu_mul(&g, &u)?;
         Ok((x + self.down.forward(&act)?)?)
     }
 }

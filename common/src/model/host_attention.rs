@@ -11,53 +11,15 @@
 
 use std::cell::RefCell;
 
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::attention::StepRows;
 use super::block::Segment;
+use super::host_rows::with_rows;
 use super::kv_cache::{HostKv, HostKvMut};
 use crate::error::{Error, Result};
 use crate::kernels::pool::parallel_chunks_mut;
 use crate::kernels::vec::{dots, weighted_sum, KvElem};
-
-/// Rows of a CPU f32 tensor `[n, width]`, possibly a column slice of a wider one.
-struct Rows<'a> {
-    data: &'a [f32],
-    off: usize,
-    stride: usize,
-    width: usize,
-}
-
-impl Rows<'_> {
-    fn row(&self, r: usize) -> &[f32] {
-        let a = self.off + r * self.stride;
-        &self.data[a..a + self.width]
-    }
-}
-
-/// Calls `f` with the rows of `t`.
-fn with_rows<R>(t: &Tensor, f: impl FnOnce(&Rows<'_>) -> R) -> Result<R> {
-    let (_, width) = t.dims2()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::InvalidInput(
-            "host attention needs CPU tensors".into(),
-        ));
-    };
-    let data = cpu.as_slice::<f32>()?;
-    let (off, stride) = (layout.start_offset(), layout.stride());
-    if stride.get(1) != Some(&1) && width > 1 {
-        return Err(Error::InvalidInput(
-            "host attention: rows are not contiguous".into(),
-        ));
-    }
-    Ok(f(&Rows {
-        data,
-        off,
-        stride: stride[0],
-        width,
-    }))
-}
 
 /// `q: [n, heads*hd]`, `k`, `v: [n, kv_heads*hd]` (before RoPE), whose rows are the
 /// segments' tokens one segment after the other; every segment's cache must be a host cache

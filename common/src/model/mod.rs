@@ -7,12 +7,14 @@
 //! - [`linear`]: quantized linear layers, fused where the weights allow.
 //! - [`attention`]: causal grouped-query attention against a KV cache, with candle ops.
 //! - [`host_attention`]: the CPU's attention for every session of a step in one region.
+//! - [`host_rows`]: row-wise CPU RMSNorm and SiLU-times-up, on the kernel pool.
 //! - [`rope`]: rotary position embeddings.
 //! - [`kv_cache`]: [`KvCache`], one session's keys and values on one stage, bounded.
 
 pub mod attention;
 pub mod block;
 pub mod host_attention;
+pub mod host_rows;
 pub mod kv_cache;
 pub mod layer_range;
 pub mod linear;

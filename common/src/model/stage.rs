@@ -308,7 +308,7 @@ impl Stage {
         {
             return Ok(y);
         }
-        let x = candle_nn::ops::rms_norm(x, &h.norm, self.cfg.rms_eps as f32)?;
+        let x = super::host_rows::rms_norm(x, &h.norm, self.cfg.rms_eps as f32)?;
         h.output.forward(&x)
     }
 }

@@ -1,0 +1,137 @@
+//! Row-wise CPU versions of the elementwise ops between a block's products (RMSNorm, and SiLU
+//! times the up projection), each row a task of [`crate::kernels::pool`]: with candle's ops
+//! these ran on one thread while the pool's other threads spun. Every element is computed
+//! with exactly candle's expression, so the results are bit for bit candle's (tested below).
+//! Tensors not on the CPU, or not f32, go to candle's ops.
+
+use candle_core::{DType, Device, Storage, Tensor};
+
+use crate::error::{Error, Result};
+use crate::kernels::pool::parallel_chunks_mut;
+
+/// Rows of a CPU f32 tensor `[n, width]`, possibly a column slice of a wider one.
+pub(crate) struct Rows<'a> {
+    data: &'a [f32],
+    off: usize,
+    stride: usize,
+    width: usize,
+}
+
+impl Rows<'_> {
+    pub(crate) fn row(&self, r: usize) -> &[f32] {
+        let a = self.off + r * self.stride;
+        &self.data[a..a + self.width]
+    }
+}
+
+/// Calls `f` with the rows of `t`.
+pub(crate) fn with_rows<R>(t: &Tensor, f: impl FnOnce(&Rows<'_>) -> R) -> Result<R> {
+    let (_, width) = t.dims2()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::InvalidInput(
+            "host rows of a tensor not on the CPU".into(),
+        ));
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let (off, stride) = (layout.start_offset(), layout.stride());
+    if stride.get(1) != Some(&1) && width > 1 {
+        return Err(Error::InvalidInput(
+            "host rows: a row is not contiguous".into(),
+        ));
+    }
+    Ok(f(&Rows {
+        data,
+        off,
+        stride: stride[0],
+        width,
+    }))
+}
+
+fn host_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2
+}
+
+/// `candle_nn::ops::rms_norm(x, alpha, eps)` for `x: [n, h]`.
+pub fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
+    if !host_f32(x) || !x.is_contiguous() || alpha.dtype() != DType::F32 || !alpha.device().is_cpu()
+    {
+        return Ok(candle_nn::ops::rms_norm(x, alpha, eps)?);
+    }
+    let (n, h) = x.dims2()?;
+    let alpha: Vec<f32> = alpha.flatten_all()?.to_vec1()?;
+    if alpha.len() != h {
+        return Err(Error::InvalidInput(format!(
+            "rms_norm: {} weights for rows of {h}",
+            alpha.len()
+        )));
+    }
+    let mut out = vec![0f32; n * h];
+    with_rows(x, |rows| {
+        parallel_chunks_mut(&mut out, h, |r, dst| {
+            let src = rows.row(r);
+            let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+            let m = (sum2 / h as f32 + eps).sqrt();
+            for ((d, s), a) in dst.iter_mut().zip(src).zip(&alpha) {
+                *d = *s / m * *a
+            }
+        })
+    })?;
+    Ok(Tensor::from_vec(out, (n, h), &Device::Cpu)?)
+}
+
+/// `silu(g) * u` for `g`, `u: [n, w]` (column slices of one tensor are fine).
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if !host_f32(g) || !host_f32(u) || g.dims() != u.dims() {
+        return Ok((candle_nn::ops::silu(g)? * u)?);
+    }
+    let (n, w) = g.dims2()?;
+    let mut out = vec![0f32; n * w];
+    with_rows(g, |gr| {
+        with_rows(u, |ur| {
+            parallel_chunks_mut(&mut out, w, |r, dst| {
+                for ((d, &v), &b) in dst.iter_mut().zip(gr.row(r)).zip(ur.row(r)) {
+                    *d = v / (1.0 + (-v).exp()) * b;
+                }
+            })
+        })
+    })??;
+    Ok(Tensor::from_vec(out, (n, w), &Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, w: usize, salt: f32) -> Result<Tensor> {
+        let v: Vec<f32> = (0..n * w)
+            .map(|i| ((i as f32) * 0.37 + salt).sin() * 4.0)
+            .collect();
+        Ok(Tensor::from_vec(v, (n, w), &Device::Cpu)?)
+    }
+
+    fn same_bits(a: &Tensor, b: &Tensor) -> Result<bool> {
+        let (a, b): (Vec<f32>, Vec<f32>) =
+            (a.flatten_all()?.to_vec1()?, b.flatten_all()?.to_vec1()?);
+        Ok(a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()))
+    }
+
+    #[test]
+    fn rows_equal_candle_ops_bit_for_bit() -> Result<()> {
+        for n in [1usize, 3, 16, 40] {
+            let x = data(n, 96, 0.5)?;
+            let alpha = data(1, 96, 2.0)?.flatten_all()?;
+            let want = candle_nn::ops::rms_norm(&x, &alpha, 1e-5)?;
+            assert!(
+                same_bits(&rms_norm(&x, &alpha, 1e-5)?, &want)?,
+                "rms_norm n={n}"
+            );
+            // Column slices of one product, as the fused gate/up projection gives them.
+            let gu = data(n, 2 * 80, 1.5)?;
+            let (g, u) = (gu.narrow(1, 0, 80)?, gu.narrow(1, 80, 80)?);
+            let want = (candle_nn::ops::silu(&g)? * &u)?;
+            assert!(same_bits(&silu_mul(&g, &u)?, &want)?, "silu_mul n={n}");
+        }
+        Ok(())
+    }
+}
