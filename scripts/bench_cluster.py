@@ -5,10 +5,11 @@
       [--threads 2] [--runs 3] [--tokens 128] [--streams 1,4,16] [--stages 1,2,3] \
       [--aggregate-stages 1] [--devices cpu | cuda:0,cuda:1,...]
 
-For each stage count it measures single-stream decode tok/s (time between the first and last
-streamed token, so prefill is excluded). For the stage counts in --aggregate-stages it also
-measures aggregate tok/s with 1, 4 and 16 concurrent streams (completion tokens over wall
-time), --runs times each, interleaved. Node i runs on device i mod len(--devices). Prints
+All the clusters (one per stage count) start first. Then it measures single-stream decode
+tok/s (time between the first and last streamed token, so prefill is excluded), --runs times
+per stage count, going round the stage counts. For the stage counts in --aggregate-stages it
+also measures aggregate tok/s with 1, 4 and 16 concurrent streams (completion tokens over
+wall time), --runs times each, interleaved. Node i runs on device i mod len(--devices). Prints
 JSON lines.
 `ignore_eos` keeps every stream generating exactly --tokens tokens.
 """
@@ -80,56 +81,68 @@ def main():
     shard = os.path.join(a.bin_dir, "shard-node")
     coord = os.path.join(a.bin_dir, "coordinator")
     models_dir = os.path.dirname(os.path.abspath(a.model))
-    for stages in [int(s) for s in a.stages.split(",")]:
-        procs = []
-        try:
-            addrs = []
-            for i in range(stages):
-                p, addr = spawn([shard, "serve", "--listen", "127.0.0.1:0", "--threads",
-                                 str(a.threads), "--models-dir", models_dir,
-                                 "--device", devices[i % len(devices)]])
-                procs.append(p)
-                addrs.append(addr)
-            p, http = spawn([coord, "serve", "--http", "127.0.0.1:0", "--max-ctx", "2048",
-                             "--model", a.model, "--nodes", ",".join(addrs)])
+    stage_counts = [int(s) for s in a.stages.split(",")]
+    procs = []
+
+    def start(stages):
+        addrs = []
+        for i in range(stages):
+            p, addr = spawn([shard, "serve", "--listen", "127.0.0.1:0", "--threads",
+                             str(a.threads), "--models-dir", models_dir,
+                             "--device", devices[i % len(devices)]])
             procs.append(p)
-            url = "http://" + http
-            stream_times(url, 16)  # warm-up
-            rates = []
+            addrs.append(addr)
+        p, http = spawn([coord, "serve", "--http", "127.0.0.1:0", "--max-ctx", "2048",
+                         "--model", a.model, "--nodes", ",".join(addrs)])
+        procs.append(p)
+        url = "http://" + http
+        stream_times(url, 16)  # warm-up
+        return url
+
+    try:
+        # Every cluster is up before any is timed (an idle node's threads sleep), and the
+        # decode runs go round the stage counts (1, 2, 3, 1, 2, 3, ...), so a slow spell of
+        # the machine does not land on one stage count only.
+        urls = {n: start(n) for n in stage_counts}
+        rates = {n: [] for n in stage_counts}
+        for _ in range(a.runs):
+            for n in stage_counts:
+                t = stream_times(urls[n], a.tokens)
+                rates[n].append((len(t) - 1) / (t[-1] - t[0]))
+        base = sum(rates[stage_counts[0]]) / a.runs
+        for n in stage_counts:
+            mean = sum(rates[n]) / a.runs
+            print(json.dumps({"bench": "decode", "stages": n, "threads": a.threads,
+                              "devices": devices[:n], "tokens": a.tokens, "tok_s": rates[n],
+                              "mean": mean, f"vs_{stage_counts[0]}_stages": mean / base}),
+                  flush=True)
+        for stages in [int(x) for x in a.aggregate_stages.split(",")]:
+            url = urls.get(stages) or start(stages)
+            # Each stream count --runs times, interleaved (1, 4, 16, 1, 4, 16, ...).
+            counts = [int(s) for s in a.streams.split(",")]
+            agg = {n: [] for n in counts}
             for _ in range(a.runs):
-                t = stream_times(url, a.tokens)
-                rates.append((len(t) - 1) / (t[-1] - t[0]))
-            print(json.dumps({"bench": "decode", "stages": stages, "threads": a.threads,
-                              "devices": devices[:stages],
-                              "tokens": a.tokens, "tok_s": rates,
-                              "mean": sum(rates) / len(rates)}), flush=True)
-            if stages in [int(x) for x in a.aggregate_stages.split(",")]:
-                # Each stream count --runs times, interleaved (1, 4, 16, 1, 4, 16, ...), so a
-                # slow spell of the machine does not land on one count only.
-                counts = [int(s) for s in a.streams.split(",")]
-                agg = {n: [] for n in counts}
-                for _ in range(a.runs):
-                    for n in counts:
-                        out = [0] * n
-                        th = [threading.Thread(target=complete, args=(url, a.tokens, out, i))
-                              for i in range(n)]
-                        t0 = time.perf_counter()
-                        for x in th:
-                            x.start()
-                        for x in th:
-                            x.join()
-                        agg[n].append(sum(out) / (time.perf_counter() - t0))
                 for n in counts:
-                    mean = sum(agg[n]) / len(agg[n])
-                    base = sum(agg[counts[0]]) / len(agg[counts[0]])
-                    print(json.dumps({"bench": "aggregate", "streams": n, "stages": stages,
-                                      "threads": a.threads, "tokens_per_stream": a.tokens,
-                                      "tok_s": agg[n], "mean": mean,
-                                      f"vs_{counts[0]}_stream": mean / base}), flush=True)
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait()
+                    out = [0] * n
+                    th = [threading.Thread(target=complete, args=(url, a.tokens, out, i))
+                          for i in range(n)]
+                    t0 = time.perf_counter()
+                    for x in th:
+                        x.start()
+                    for x in th:
+                        x.join()
+                    agg[n].append(sum(out) / (time.perf_counter() - t0))
+            for n in counts:
+                mean = sum(agg[n]) / len(agg[n])
+                base = sum(agg[counts[0]]) / len(agg[counts[0]])
+                print(json.dumps({"bench": "aggregate", "streams": n, "stages": stages,
+                                  "threads": a.threads, "tokens_per_stream": a.tokens,
+                                  "tok_s": agg[n], "mean": mean,
+                                  f"vs_{counts[0]}_stream": mean / base}), flush=True)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 if __name__ == "__main__":

@@ -129,14 +129,19 @@ impl LocalPipeline {
     /// Runs `tokens` through every stage; returns the last stage's logits for every row
     /// (`all`) or only for the last one, as `[rows, vocab]`.
     pub fn logits(&self, sess: &mut LocalSession, tokens: &[u32], all: bool) -> Result<Tensor> {
+        let x = self.hidden(sess, tokens, all)?;
+        self.last()?.head(&x)
+    }
+
+    /// The last stage's output rows before the head: every token's, or only the last's.
+    fn hidden(&self, sess: &mut LocalSession, tokens: &[u32], all: bool) -> Result<Tensor> {
         let start = sess.len();
         let mut x = self.first()?.embed(tokens)?;
         for (stage, cache) in self.stages.iter().zip(sess.caches.iter_mut()) {
             x = stage.forward(&x, cache, start)?;
         }
         let n = tokens.len();
-        let x = if all { x } else { x.narrow(0, n - 1, 1)? };
-        self.last()?.head(&x)
+        Ok(if all { x } else { x.narrow(0, n - 1, 1)? })
     }
 
     /// Prefills `tokens` in chunks and returns the logits after the last one.
@@ -157,6 +162,22 @@ impl LocalPipeline {
         sessions: &mut [&mut LocalSession],
         tokens: &[u32],
     ) -> Result<Tensor> {
+        let x = self.hidden_batch(sessions, tokens)?;
+        self.last()?.head(&x)
+    }
+
+    /// [`LocalPipeline::decode_batch`] that returns each session's greedy pick, made the way
+    /// a node makes it ([`Stage::greedy_head`]).
+    pub fn decode_batch_greedy(
+        &self,
+        sessions: &mut [&mut LocalSession],
+        tokens: &[u32],
+    ) -> Result<Vec<u32>> {
+        let x = self.hidden_batch(sessions, tokens)?;
+        self.last()?.greedy_head(&x)
+    }
+
+    fn hidden_batch(&self, sessions: &mut [&mut LocalSession], tokens: &[u32]) -> Result<Tensor> {
         if sessions.len() != tokens.len() || tokens.is_empty() {
             return Err(Error::InvalidInput(format!(
                 "{} tokens for {} sessions",
@@ -181,7 +202,7 @@ impl LocalPipeline {
             }
             x = stage.forward_batch(&x, &mut segs)?;
         }
-        self.last()?.head(&x)
+        Ok(x)
     }
 
     /// One decode step.
@@ -193,9 +214,11 @@ impl LocalPipeline {
     }
 
     /// One decode step that returns the greedy pick rather than the logits: on a GPU it is
-    /// made there ([`crate::sampling::greedy_rows`]).
+    /// made there, on the CPU from scratch logits ([`Stage::greedy_head`]).
     pub fn decode_greedy(&self, sess: &mut LocalSession, token: u32) -> Result<u32> {
-        let picks = crate::sampling::greedy_rows(&self.logits(sess, &[token], false)?)?;
+        let picks = self
+            .last()?
+            .greedy_head(&self.hidden(sess, &[token], false)?)?;
         picks
             .first()
             .copied()

@@ -83,13 +83,7 @@ pub fn greedy_rows(logits: &candle_core::Tensor) -> Result<Vec<u32>> {
             // 16-session step's logits was 3 MB on the serial path.
             let (storage, _) = logits.storage_and_layout();
             if let candle_core::Storage::Cpu(cpu) = &*storage {
-                let data = &cpu.as_slice::<f32>()?[a..b];
-                let mut picks: Vec<Result<u32>> = (0..n).map(|_| Ok(0)).collect();
-                crate::kernels::pool::parallel_chunks_mut(&mut picks, 1, |r, p| {
-                    let row = &data[r * vocab..(r + 1) * vocab];
-                    p[0] = checked(row).map(|()| argmax(row));
-                });
-                return picks.into_iter().collect();
+                return greedy_host_rows(&cpu.as_slice::<f32>()?[a..b], n, vocab);
             }
         }
     }
@@ -97,6 +91,23 @@ pub fn greedy_rows(logits: &candle_core::Tensor) -> Result<Vec<u32>> {
     rows.iter()
         .map(|r| checked(r).map(|()| argmax(r)))
         .collect()
+}
+
+/// Each row's [`argmax`] of `n` rows of `vocab` logits held row-major on the host, one row
+/// per pool task; a row holding a NaN is an error.
+pub fn greedy_host_rows(data: &[f32], n: usize, vocab: usize) -> Result<Vec<u32>> {
+    if data.len() != n * vocab {
+        return Err(Error::InvalidInput(format!(
+            "{} logits for {n} rows of {vocab}",
+            data.len()
+        )));
+    }
+    let mut picks: Vec<Result<u32>> = (0..n).map(|_| Ok(0)).collect();
+    crate::kernels::pool::parallel_chunks_mut(&mut picks, 1, |r, p| {
+        let row = &data[r * vocab..(r + 1) * vocab];
+        p[0] = checked(row).map(|()| argmax(row));
+    });
+    picks.into_iter().collect()
 }
 
 /// Logits a pick can be made from: not empty, no NaN.

@@ -189,10 +189,7 @@ fn bench_batch(
         let t = Instant::now();
         for _ in 0..steps {
             let mut refs: Vec<&mut _> = sessions.iter_mut().collect();
-            let logits = pipe.decode_batch(&mut refs, &next)?.to_vec2::<f32>()?;
-            for (t, row) in next.iter_mut().zip(&logits) {
-                *t = argmax(row);
-            }
+            next = pipe.decode_batch_greedy(&mut refs, &next)?;
         }
         let secs = t.elapsed().as_secs_f64();
         println!(

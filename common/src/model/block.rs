@@ -123,10 +123,16 @@ impl Block {
         };
         let x = (x + self.o.forward(&a)?)?;
         let h = host_rows::rms_norm(&x, &self.ffn_norm, self.eps)?;
-        let parts = self.gate_up.forward(&h)?;
-        let [g, u] = <[Tensor; 2]>::try_from(parts)
-            .map_err(|_| Error::InvalidInput("gate/up projection did not split in two".into()))?;
-        let act = host_rows::silu_mul(&g, &u)?;
+        let act = match self.gate_up.silu_mul_host(&h)? {
+            Some(act) => act,
+            None => {
+                let parts = self.gate_up.forward(&h)?;
+                let [g, u] = <[Tensor; 2]>::try_from(parts).map_err(|_| {
+                    Error::InvalidInput("gate/up projection did not split in two".into())
+                })?;
+                host_rows::silu_mul(&g, &u)?
+            }
+        };
         Ok((x + self.down.forward(&act)?)?)
     }
 }

@@ -90,13 +90,29 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     with_rows(g, |gr| {
         with_rows(u, |ur| {
             parallel_chunks_mut(&mut out, w, |r, dst| {
-                for ((d, &v), &b) in dst.iter_mut().zip(gr.row(r)).zip(ur.row(r)) {
-                    *d = v / (1.0 + (-v).exp()) * b;
-                }
+                silu_mul_row(gr.row(r), ur.row(r), dst)
             })
         })
     })??;
     Ok(Tensor::from_vec(out, (n, w), &Device::Cpu)?)
+}
+
+/// [`silu_mul`] of rows `[gate | up]` of `2 w` values each, `y` holding them row-major.
+pub fn silu_mul_halves(y: &[f32], w: usize) -> Result<Tensor> {
+    let n = y.len() / (2 * w).max(1);
+    let mut out = vec![0f32; n * w];
+    parallel_chunks_mut(&mut out, w, |r, dst| {
+        let row = &y[r * 2 * w..(r + 1) * 2 * w];
+        silu_mul_row(&row[..w], &row[w..], dst)
+    });
+    Ok(Tensor::from_vec(out, (n, w), &Device::Cpu)?)
+}
+
+/// candle's `silu(v) * b`, element by element.
+fn silu_mul_row(g: &[f32], u: &[f32], dst: &mut [f32]) {
+    for ((d, &v), &b) in dst.iter_mut().zip(g).zip(u) {
+        *d = v / (1.0 + (-v).exp()) * b;
+    }
 }
 
 #[cfg(test)]
@@ -131,6 +147,11 @@ mod tests {
             let (g, u) = (gu.narrow(1, 0, 80)?, gu.narrow(1, 80, 80)?);
             let want = (candle_nn::ops::silu(&g)? * &u)?;
             assert!(same_bits(&silu_mul(&g, &u)?, &want)?, "silu_mul n={n}");
+            let flat: Vec<f32> = gu.flatten_all()?.to_vec1()?;
+            assert!(
+                same_bits(&silu_mul_halves(&flat, 80)?, &want)?,
+                "halves n={n}"
+            );
         }
         Ok(())
     }

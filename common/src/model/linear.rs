@@ -12,6 +12,11 @@ use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::kernels::{self, QuantKind};
 
+thread_local! {
+    /// The output of [`QLinear::with_host_product`], kept between calls; it only grows.
+    static PRODUCT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A quantized `y = x · Wᵀ (+ b)` with `W: [out, in]`.
 #[derive(Debug, Clone)]
 pub struct QLinear {
@@ -166,6 +171,50 @@ impl QLinear {
         &self.weight
     }
 
+    /// On the CPU's fast path (no bias), runs `x: [n, in]` through the product into a
+    /// scratch buffer this thread keeps, and hands the `[n, out]` rows (row-major) to `f`;
+    /// `Ok(None)` elsewhere. The node fixes glibc's mmap threshold at 128 KiB (see
+    /// `shard-node`'s `trim`), so a larger output allocated afresh for each product was
+    /// mapped, faulted in and unmapped again every step.
+    pub fn with_host_product<R>(
+        &self,
+        x: &Tensor,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> Result<Option<R>> {
+        let Some(kind) = self.fast else {
+            return Ok(None);
+        };
+        if self.bias.is_some() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let (n, k) = x.dims2()?;
+        if k != self.in_features {
+            return Err(Error::InvalidInput(format!(
+                "input rows of {k} for a product over {}",
+                self.in_features
+            )));
+        }
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Ok(None);
+        };
+        let (a, b) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::InvalidInput("product input not contiguous".into()))?;
+        let xs = &cpu.as_slice::<f32>()?[a..b];
+        let w = self.weight.data()?;
+        let len = n * self.out_features;
+        let mut buf = PRODUCT.with(|p| std::mem::take(&mut *p.borrow_mut()));
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        kernels::matmul(kind, &w, self.out_features, k, xs, &mut buf[..len]);
+        let r = f(&buf[..len]);
+        PRODUCT.with(|p| *p.borrow_mut() = buf);
+        Ok(Some(r))
+    }
+
     /// `x: [n, in]` -> `[n, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.fast {
@@ -282,6 +331,17 @@ impl MultiLinear {
                 Ok(parts)
             }
             MultiLinear::Split(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// `silu(gate) * up` of a fused `[gate; up]` projection on the CPU's fast path, the
+    /// product itself held in scratch ([`QLinear::with_host_product`]); `Ok(None)` elsewhere.
+    pub fn silu_mul_host(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        match self {
+            MultiLinear::Fused(l, outs) if outs.len() == 2 && outs[0] == outs[1] => l
+                .with_host_product(x, |y| super::host_rows::silu_mul_halves(y, outs[0]))?
+                .transpose(),
+            _ => Ok(None),
         }
     }
 

@@ -296,6 +296,28 @@ impl Stage {
         (&self.blocks, &self.rope)
     }
 
+    /// `[n, hidden]` -> each row's greedy pick ([`crate::sampling::greedy_rows`] of
+    /// [`Stage::head`]); on the CPU the logits stay in a scratch buffer rather than a tensor.
+    /// Last stage only.
+    pub fn greedy_head(&self, x: &Tensor) -> Result<Vec<u32>> {
+        let h = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput(format!("stage {} has no head", self.range)))?;
+        if x.device().is_cpu() {
+            let n = x.dims().first().copied().unwrap_or(0);
+            let xn = super::host_rows::rms_norm(x, &h.norm, self.cfg.rms_eps as f32)?;
+            let vocab = h.output.out_features();
+            if let Some(picks) = h
+                .output
+                .with_host_product(&xn, |y| crate::sampling::greedy_host_rows(y, n, vocab))?
+            {
+                return picks;
+            }
+        }
+        crate::sampling::greedy_rows(&self.head(x)?)
+    }
+
     /// `[n, hidden]` -> `[n, vocab]` logits. Last stage only.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
         let h = self

@@ -235,15 +235,14 @@ fn run(pendings: &[Pending], xs: &[Tensor]) -> Result<Vec<Out>, ShardError> {
             last.push(at - 1);
         }
         let idx = Tensor::new(last.as_slice(), y.device()).map_err(candle_err)?;
-        let logits = stage
-            .head(&y.index_select(&idx, 0).map_err(candle_err)?)
-            .map_err(shard_err)?;
+        let rows = y.index_select(&idx, 0).map_err(candle_err)?;
         // Greedy sessions that want no logits back get their picks made where the logits
-        // are (on a GPU, only the picks are copied to the host).
+        // are (on a GPU, only the picks are copied to the host; on the CPU the logits stay
+        // in scratch).
         if guards.iter().all(|g| g.sampler.is_greedy())
             && pendings.iter().all(|p| !p.item.want_logits)
         {
-            let picks = common::sampling::greedy_rows(&logits).map_err(shard_err)?;
+            let picks = stage.greedy_head(&rows).map_err(shard_err)?;
             return Ok(pendings
                 .iter()
                 .zip(picks)
@@ -256,6 +255,7 @@ fn run(pendings: &[Pending], xs: &[Tensor]) -> Result<Vec<Out>, ShardError> {
                 })
                 .collect());
         }
+        let logits = stage.head(&rows).map_err(shard_err)?;
         let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(candle_err)?;
         let mut outs = Vec::with_capacity(rows.len());
         for (i, (v, g)) in rows.iter().zip(guards.iter_mut()).enumerate() {
