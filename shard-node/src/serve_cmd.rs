@@ -86,7 +86,7 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
     let (node, onward) = Node::new(cfg, device)?;
     let node = Arc::new(node);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .on_thread_start(move || common::device::bind_thread(&bound))
         .enable_all()
         .build()?;
