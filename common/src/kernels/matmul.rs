@@ -99,6 +99,11 @@ fn block_all_tokens(
     }
 }
 
+/// Most floats a per-thread scratch buffer keeps between calls (4 MiB: a 16-session step's
+/// head logits fit); a larger one, from a burst of sessions or a long prompt, is freed after
+/// its call rather than held by the process for good.
+pub const SCRATCH_KEEP: usize = 1 << 20;
+
 thread_local! {
     /// The rows-major scratch of the few-token path, kept by the thread that drives the call.
     static BY_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -174,7 +179,9 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
                 *y = col[t];
             }
         });
-        BY_ROW.with(|b| *b.borrow_mut() = scratch);
+        if scratch.capacity() <= SCRATCH_KEEP {
+            BY_ROW.with(|b| *b.borrow_mut() = scratch);
+        }
     } else {
         // Many tokens (prefill): split the tokens; each block of 16 weight rows is dotted with
         // every token of the task while it is hot in L1.

@@ -13,7 +13,8 @@ use crate::gguf::GgufFile;
 use crate::kernels::{self, QuantKind};
 
 thread_local! {
-    /// The output of [`QLinear::with_host_product`], kept between calls; it only grows.
+    /// The output of [`QLinear::with_host_product`], kept between calls up to
+    /// [`kernels::matmul::SCRATCH_KEEP`] floats; it only grows.
     static PRODUCT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -211,7 +212,9 @@ impl QLinear {
         }
         kernels::matmul(kind, &w, self.out_features, k, xs, &mut buf[..len]);
         let r = f(&buf[..len]);
-        PRODUCT.with(|p| *p.borrow_mut() = buf);
+        if buf.capacity() <= kernels::matmul::SCRATCH_KEEP {
+            PRODUCT.with(|p| *p.borrow_mut() = buf);
+        }
         Ok(Some(r))
     }
 
