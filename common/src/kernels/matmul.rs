@@ -109,6 +109,11 @@ thread_local! {
     static BY_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Frees this thread's scratch of the few-token path (see [`SCRATCH_KEEP`]).
+pub fn release_scratch() {
+    BY_ROW.with(|b| *b.borrow_mut() = Vec::new());
+}
+
 /// Up to this many tokens, the weight rows are split among threads (W streamed once);
 /// above it, the tokens are.
 const SMALL_BATCH: usize = 32;

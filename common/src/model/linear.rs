@@ -18,6 +18,13 @@ thread_local! {
     static PRODUCT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Frees the CPU products' scratch buffers held by the calling thread (a node's compute
+/// thread, once its last session is gone), so that an idle process holds none of it.
+pub fn release_host_scratch() {
+    PRODUCT.with(|p| *p.borrow_mut() = Vec::new());
+    kernels::matmul::release_scratch();
+}
+
 /// A quantized `y = x · Wᵀ (+ b)` with `W: [out, in]`.
 #[derive(Debug, Clone)]
 pub struct QLinear {

@@ -141,6 +141,13 @@ impl Compute {
         }
     }
 
+    /// Queues `f` to run on the compute thread, without waiting for it.
+    pub fn post(&self, f: impl FnOnce() + Send + 'static) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Work::Job(Box::new(f)));
+        }
+    }
+
     /// Runs `f` on the compute thread and awaits its result; `None` if the thread is gone or
     /// `f` panicked.
     pub async fn run<T: Send + 'static>(

@@ -298,6 +298,12 @@ impl Node {
         let mut until = lock(&self.trim_until);
         if self.freed.swap(false, Ordering::Relaxed) {
             *until = Some(now + TRIM_WINDOW);
+            if self.session_count() == 0 {
+                // The compute thread's scratch buffers (head logits, products) are kept
+                // between steps; with no session left they go too, before the trims below.
+                self.compute
+                    .post(common::model::linear::release_host_scratch);
+            }
         }
         match *until {
             Some(t) if now <= t => {
