@@ -210,6 +210,9 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// etcd exited before it was healthy: its status and the end of its log.
+struct Early(String);
+
 /// A real etcd server (Debian's `etcd-server`) on free ports with a temporary data directory;
 /// killed on drop.
 pub struct EtcdProcess {
@@ -220,15 +223,33 @@ pub struct EtcdProcess {
 }
 
 impl EtcdProcess {
-    /// Starts etcd and waits until it is healthy.
+    /// Starts etcd and waits until it is healthy. Its ports are found free and released
+    /// before etcd binds them, so another test's process may take one in between: etcd then
+    /// exits at once, and it is started again on fresh ports (up to 3 tries).
     pub fn start() -> anyhow::Result<Self> {
+        for _ in 0..2 {
+            match Self::spawn_and_wait()? {
+                Ok(etcd) => return Ok(etcd),
+                Err(Early(status)) => {
+                    eprintln!("etcd exited at start ({status}), probably a port taken: retrying")
+                }
+            }
+        }
+        match Self::spawn_and_wait()? {
+            Ok(etcd) => Ok(etcd),
+            Err(Early(status)) => anyhow::bail!("etcd exited: {status}"),
+        }
+    }
+
+    /// One try: `Ok(Err(_))` when etcd exited before it was healthy.
+    fn spawn_and_wait() -> anyhow::Result<std::result::Result<Self, Early>> {
         let dir = tempfile::tempdir()?;
         let (client, peer) = (free_port()?, free_port()?);
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let child = std::process::Command::new("etcd")
             .args(["--name", "test", "--data-dir"])
-            .arg(dir.path())
+            .arg(dir.path().join("data"))
             .args([
                 "--listen-client-urls",
                 &url,
@@ -244,7 +265,7 @@ impl EtcdProcess {
                 "error",
             ])
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("etcd.err"))?)
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting etcd (apt-get install etcd-server): {e}"))?;
         let mut etcd = EtcdProcess {
@@ -258,10 +279,13 @@ impl EtcdProcess {
                 .args(["-s", "-m", "1", &format!("{}/health", etcd.url)])
                 .output()?;
             if String::from_utf8_lossy(&out.stdout).contains("true") {
-                return Ok(etcd);
+                return Ok(Ok(etcd));
             }
             if let Some(status) = etcd.child.try_wait()? {
-                anyhow::bail!("etcd exited: {status}");
+                let log =
+                    std::fs::read_to_string(etcd._dir.path().join("etcd.err")).unwrap_or_default();
+                let tail: String = log.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+                return Ok(Err(Early(format!("{status}: {tail}"))));
             }
             anyhow::ensure!(
                 start.elapsed() < std::time::Duration::from_secs(20),
