@@ -59,24 +59,27 @@ pub fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
         return Ok(candle_nn::ops::rms_norm(x, alpha, eps)?);
     }
     let (n, h) = x.dims2()?;
-    let alpha: Vec<f32> = alpha.flatten_all()?.to_vec1()?;
-    if alpha.len() != h {
+    if alpha.elem_count() != h {
         return Err(Error::InvalidInput(format!(
             "rms_norm: {} weights for rows of {h}",
-            alpha.len()
+            alpha.elem_count()
         )));
     }
+    let alpha = alpha.reshape((1, h))?;
     let mut out = vec![0f32; n * h];
     with_rows(x, |rows| {
-        parallel_chunks_mut(&mut out, h, |r, dst| {
-            let src = rows.row(r);
-            let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
-            let m = (sum2 / h as f32 + eps).sqrt();
-            for ((d, s), a) in dst.iter_mut().zip(src).zip(&alpha) {
-                *d = *s / m * *a
-            }
+        with_rows(&alpha, |al| {
+            let alpha = al.row(0);
+            parallel_chunks_mut(&mut out, h, |r, dst| {
+                let src = rows.row(r);
+                let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+                let m = (sum2 / h as f32 + eps).sqrt();
+                for ((d, s), a) in dst.iter_mut().zip(src).zip(alpha) {
+                    *d = *s / m * *a
+                }
+            })
         })
-    })?;
+    })??;
     Ok(Tensor::from_vec(out, (n, h), &Device::Cpu)?)
 }
 

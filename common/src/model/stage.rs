@@ -308,12 +308,13 @@ impl Stage {
             let n = x.dims().first().copied().unwrap_or(0);
             let xn = super::host_rows::rms_norm(x, &h.norm, self.cfg.rms_eps as f32)?;
             let vocab = h.output.out_features();
-            if let Some(picks) = h
+            return match h
                 .output
                 .with_host_product(&xn, |y| crate::sampling::greedy_host_rows(y, n, vocab))?
             {
-                return picks;
-            }
+                Some(picks) => picks,
+                None => crate::sampling::greedy_rows(&h.output.forward(&xn)?),
+            };
         }
         crate::sampling::greedy_rows(&self.head(x)?)
     }
