@@ -90,6 +90,13 @@ fn cluster_serves_openai_api() -> anyhow::Result<()> {
         batches > 0 && items > batches,
         "batches {batches}, items {items}"
     );
+    let busy: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("shard_forward_seconds_total "))
+        .ok_or_else(|| anyhow::anyhow!("no shard_forward_seconds_total in {text}"))?
+        .trim()
+        .parse()?;
+    assert!(busy > 0.0, "compute busy {busy} s after {batches} batches");
     assert_eq!(metric("shard_plan_epoch")?, 1);
 
     // Malformed requests: 400 with OpenAI's error shape.

@@ -39,6 +39,8 @@ struct Shared {
     shutdown: AtomicBool,
     /// Set by [`Pool::rest`]: skip the spinning and sleep until the next loop.
     resting: AtomicBool,
+    /// Bumped by [`Pool::wake`]: a worker woken by it spins afresh.
+    wakes: AtomicU64,
     sleepers: Mutex<usize>,
     wake: Condvar,
 }
@@ -85,6 +87,7 @@ impl Pool {
             finished: (1..threads).map(|_| AtomicU64::new(0)).collect(),
             shutdown: AtomicBool::new(false),
             resting: AtomicBool::new(false),
+            wakes: AtomicU64::new(0),
             sleepers: Mutex::new(0),
             wake: Condvar::new(),
         });
@@ -115,6 +118,27 @@ impl Pool {
         self.shared.resting.store(true, Ordering::Relaxed);
     }
 
+    /// Wakes resting workers ahead of a loop that is about to come (a node that has just
+    /// received a step), so that their wake-up overlaps the caller's own, instead of
+    /// following it at the first loop. They spin, then sleep again if no loop comes.
+    pub fn wake(&self) {
+        self.shared.resting.store(false, Ordering::Relaxed);
+        self.shared.wakes.fetch_add(1, Ordering::Relaxed);
+        self.notify_sleepers();
+    }
+
+    fn notify_sleepers(&self) {
+        if *self
+            .shared
+            .sleepers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            > 0
+        {
+            self.shared.wake.notify_all();
+        }
+    }
+
     /// Calls `f(i)` for every `i` in `0..n`, spread over the pool; returns when all are done.
     pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
         if n == 0 {
@@ -139,15 +163,7 @@ impl Pool {
         self.shared.resting.store(false, Ordering::Relaxed);
         self.shared.job.store(ptr, Ordering::Release);
         let epoch = self.shared.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        if *self
-            .shared
-            .sleepers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            > 0
-        {
-            self.shared.wake.notify_all();
-        }
+        self.notify_sleepers();
         job.work();
         for fin in &self.shared.finished {
             while fin.load(Ordering::Acquire) < epoch {
@@ -164,7 +180,7 @@ impl Pool {
 fn worker(s: &Shared, w: usize) {
     let mut seen = 0u64;
     loop {
-        let start = Instant::now();
+        let mut start = Instant::now();
         let mut spins = 0u32;
         let epoch = loop {
             let e = s.epoch.load(Ordering::Acquire);
@@ -184,6 +200,7 @@ fn worker(s: &Shared, w: usize) {
             } else {
                 let mut sleepers = s.sleepers.lock().unwrap_or_else(|e| e.into_inner());
                 *sleepers += 1;
+                let wakes = s.wakes.load(Ordering::Relaxed);
                 if s.epoch.load(Ordering::Acquire) == seen {
                     sleepers = s
                         .wake
@@ -192,6 +209,9 @@ fn worker(s: &Shared, w: usize) {
                         .unwrap_or_else(|e| e.into_inner().0);
                 }
                 *sleepers -= 1;
+                if s.wakes.load(Ordering::Relaxed) != wakes {
+                    start = Instant::now();
+                }
             }
         };
         let ptr = s.job.load(Ordering::Acquire);
@@ -265,5 +285,41 @@ mod tests {
             part.iter_mut().for_each(|x| *x += c + 1)
         });
         assert!(v.iter().enumerate().all(|(i, &x)| x == i / 10 + 1));
+    }
+
+    fn sleepers(pool: &Pool) -> usize {
+        *pool.shared.sleepers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    #[test]
+    fn wake_rouses_a_resting_worker_before_its_timeout() {
+        let pool = Pool::new(2);
+        pool.run(4, &|_| {});
+        pool.rest();
+        let t = Instant::now();
+        while sleepers(&pool) == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the worker never slept"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Asleep on a 100 ms timed wait; `wake` must end it at once.
+        let woken = Instant::now();
+        pool.wake();
+        while sleepers(&pool) > 0 {
+            std::thread::yield_now();
+        }
+        assert!(
+            woken.elapsed() < Duration::from_millis(60),
+            "woken after {:?}",
+            woken.elapsed()
+        );
+        // And the pool still computes.
+        let hits: Vec<AtomicUsize> = (0..50).map(|_| AtomicUsize::new(0)).collect();
+        pool.run(50, &|i| {
+            hits[i].fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
     }
 }

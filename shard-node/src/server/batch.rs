@@ -132,7 +132,13 @@ fn admit(p: &Pending) -> Result<Tensor, ShardError> {
 }
 
 /// Runs one batch (all on one slice, each session once) and routes every outcome.
-pub fn execute(batch: Vec<Pending>, onward: &mpsc::UnboundedSender<Onward>, metrics: &Metrics) {
+/// `computed` is called once the pass is done, before any outcome is sent on.
+pub fn execute(
+    batch: Vec<Pending>,
+    onward: &mpsc::UnboundedSender<Onward>,
+    metrics: &Metrics,
+    computed: &mut dyn FnMut(),
+) {
     let mut ok: Vec<(Pending, Tensor)> = Vec::with_capacity(batch.len());
     for p in batch {
         match admit(&p) {
@@ -151,7 +157,9 @@ pub fn execute(batch: Vec<Pending>, onward: &mpsc::UnboundedSender<Onward>, metr
     let rows: usize = ok.iter().map(|(_, x)| x.dims()[0]).sum();
     metrics.batch(ok.len(), rows);
     let (pendings, xs): (Vec<Pending>, Vec<Tensor>) = ok.into_iter().unzip();
-    match run(&pendings, &xs) {
+    let r = run(&pendings, &xs);
+    computed();
+    match r {
         Ok(outs) => {
             let mut groups: HashMap<String, Onward> = HashMap::new();
             for (p, out) in pendings.into_iter().zip(outs) {

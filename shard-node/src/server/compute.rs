@@ -4,6 +4,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,8 @@ enum Work {
 pub struct Compute {
     tx: Option<mpsc::Sender<Work>>,
     thread: Option<JoinHandle<()>>,
+    /// Steps in the last pass (see [`Compute::submit`]).
+    last_pass: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Work {
@@ -89,6 +92,8 @@ impl Compute {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Work>();
+        let last = Arc::new(AtomicUsize::new(0));
+        let last_pass_shared = last.clone();
         let thread = std::thread::Builder::new()
             .name("compute".into())
             .spawn(move || {
@@ -115,7 +120,21 @@ impl Compute {
                         Work::Forward(first) => {
                             let batch = gather(first, &rx, &mut deferred, last_pass);
                             last_pass = batch.len();
-                            batch::execute(batch, &onward, &metrics)
+                            last_pass_shared.store(last_pass, Ordering::Relaxed);
+                            let started = Instant::now();
+                            // Once the pass is computed, the kernel threads sleep unless more
+                            // work is queued: spinning through the replies and sends would
+                            // take cores from the stage or client that acts on them next.
+                            let mut computed = || {
+                                while let Ok(w) = rx.try_recv() {
+                                    deferred.push_back(w);
+                                }
+                                if deferred.is_empty() {
+                                    pool::global().rest();
+                                }
+                            };
+                            batch::execute(batch, &onward, &metrics, &mut computed);
+                            metrics.busy(started.elapsed());
                         }
                     };
                     // A panicking job fails its own requests (their reply channels drop) and
@@ -130,12 +149,19 @@ impl Compute {
         Ok(Compute {
             tx: Some(tx),
             thread: Some(thread),
+            last_pass: last,
         })
     }
 
     /// Queues a forward step; it runs in the next batch it fits in.
     pub fn submit(&self, p: Pending) {
         if let Some(tx) = &self.tx {
+            // A lone session's step runs at once: its kernel threads wake while the compute
+            // thread does. Steps of a batch wait for each other (see `gather`), and kernel
+            // threads spinning meanwhile would only slow the senders of the rest.
+            if self.last_pass.load(Ordering::Relaxed) <= 1 {
+                pool::global().wake();
+            }
             // If the thread is gone the step drops, and its requester hears so.
             let _ = tx.send(Work::Forward(p));
         }

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub item_errors: AtomicU64,
     /// Leases released (connection closed or TTL expired).
     pub leases_released: AtomicU64,
+    /// Nanoseconds the compute thread spent running forward batches.
+    pub batch_nanos: AtomicU64,
 }
 
 impl Metrics {
@@ -27,6 +29,12 @@ impl Metrics {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.batch_items.fetch_add(items as u64, Ordering::Relaxed);
         self.batch_rows.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    /// Adds one batch's running time.
+    pub fn busy(&self, took: std::time::Duration) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.batch_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 }
 
@@ -171,6 +179,11 @@ pub fn render(node: &Node) -> String {
         "counter",
         "Token rows run in batches.",
         get(&m.batch_rows),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shard_forward_seconds_total Time the compute thread spent running forward batches.\n# TYPE shard_forward_seconds_total counter\nshard_forward_seconds_total {}",
+        get(&m.batch_nanos) as f64 / 1e9
     );
     line(
         &mut out,
