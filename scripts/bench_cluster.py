@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
 """Cluster benchmark on loopback: real shard-node and coordinator processes, driven over HTTP.
 
-  python3 scripts/bench_cluster.py --bin-dir target/release --model models/X.gguf \
+  python3 scripts/bench_cluster.py --bin-dir target/release [--bin-dir OTHER] --model models/X.gguf \
       [--threads 2] [--runs 3] [--tokens 128] [--streams 1,4,16] [--stages 1,2,3] \
       [--aggregate-stages 1] [--devices cpu | cuda:0,cuda:1,...]
 
 All the clusters (one per stage count) start first. Then it measures single-stream decode
 tok/s (time between the first and last streamed token, so prefill is excluded), --runs times
-per stage count, going round the stage counts. For the stage counts in --aggregate-stages it
-also measures aggregate tok/s with 1, 4 and 16 concurrent streams (completion tokens over
-wall time), --runs times each, interleaved. Node i runs on device i mod len(--devices). Prints
+per stage count, going round the stage counts; it also reports the median and 90th
+percentile of the gaps between tokens. For the stage counts in --aggregate-stages it also
+measures aggregate tok/s with 1, 4 and 16 concurrent streams (completion tokens over wall
+time), --runs times each, interleaved. Node i runs on device i mod len(--devices). Prints
 JSON lines.
+
+--bin-dir may be given more than once (say, a build before and after a change): each build
+gets its own clusters, and every round goes through all of them, so the builds are compared
+within one run of the machine. Lines then carry "bin_dir".
 `ignore_eos` keeps every stream generating exactly --tokens tokens.
 """
 import argparse, json, os, subprocess, sys, threading, time, urllib.error, urllib.request
@@ -65,7 +70,7 @@ def complete(url, tokens, out, i):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin-dir", required=True)
+    ap.add_argument("--bin-dir", required=True, action="append")
     ap.add_argument("--model", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
@@ -78,67 +83,80 @@ def main():
                     help="comma-separated; node i runs on device i mod len (e.g. cuda:0,cuda:1)")
     a = ap.parse_args()
     devices = a.devices.split(",")
-    shard = os.path.join(a.bin_dir, "shard-node")
-    coord = os.path.join(a.bin_dir, "coordinator")
     models_dir = os.path.dirname(os.path.abspath(a.model))
     stage_counts = [int(s) for s in a.stages.split(",")]
+    bins = a.bin_dir
     procs = []
 
-    def start(stages):
+    def start(bin_dir, stages):
         addrs = []
         for i in range(stages):
-            p, addr = spawn([shard, "serve", "--listen", "127.0.0.1:0", "--threads",
-                             str(a.threads), "--models-dir", models_dir,
-                             "--device", devices[i % len(devices)]])
+            p, addr = spawn([os.path.join(bin_dir, "shard-node"), "serve", "--listen",
+                             "127.0.0.1:0", "--threads", str(a.threads), "--models-dir",
+                             models_dir, "--device", devices[i % len(devices)]])
             procs.append(p)
             addrs.append(addr)
-        p, http = spawn([coord, "serve", "--http", "127.0.0.1:0", "--max-ctx", "2048",
-                         "--model", a.model, "--nodes", ",".join(addrs)])
+        p, http = spawn([os.path.join(bin_dir, "coordinator"), "serve", "--http",
+                         "127.0.0.1:0", "--max-ctx", "2048", "--model", a.model, "--nodes",
+                         ",".join(addrs)])
         procs.append(p)
         url = "http://" + http
         stream_times(url, 16)  # warm-up
         return url
 
+    def tag(b):
+        return {"bin_dir": b} if len(bins) > 1 else {}
+
     try:
         # Every cluster is up before any is timed (an idle node's threads sleep), and the
-        # decode runs go round the stage counts (1, 2, 3, 1, 2, 3, ...), so a slow spell of
-        # the machine does not land on one stage count only.
-        urls = {n: start(n) for n in stage_counts}
-        rates = {n: [] for n in stage_counts}
+        # decode runs go round the builds and stage counts (1, 2, 3, 1, 2, 3, ...), so a slow
+        # spell of the machine does not land on one of them only.
+        urls = {(b, n): start(b, n) for b in bins for n in stage_counts}
+        rates = {k: [] for k in urls}
+        gaps = {k: [] for k in urls}
         for _ in range(a.runs):
+            for k, url in urls.items():
+                t = stream_times(url, a.tokens)
+                rates[k].append((len(t) - 1) / (t[-1] - t[0]))
+                gaps[k] += [(y - x) * 1e3 for x, y in zip(t, t[1:])]
+        for b in bins:
+            base = sum(rates[(b, stage_counts[0])]) / a.runs
             for n in stage_counts:
-                t = stream_times(urls[n], a.tokens)
-                rates[n].append((len(t) - 1) / (t[-1] - t[0]))
-        base = sum(rates[stage_counts[0]]) / a.runs
-        for n in stage_counts:
-            mean = sum(rates[n]) / a.runs
-            print(json.dumps({"bench": "decode", "stages": n, "threads": a.threads,
-                              "devices": devices[:n], "tokens": a.tokens, "tok_s": rates[n],
-                              "mean": mean, f"vs_{stage_counts[0]}_stages": mean / base}),
-                  flush=True)
+                mean = sum(rates[(b, n)]) / a.runs
+                g = sorted(gaps[(b, n)])
+                print(json.dumps({**tag(b), "bench": "decode", "stages": n,
+                                  "threads": a.threads, "devices": devices[:n],
+                                  "tokens": a.tokens, "tok_s": rates[(b, n)], "mean": mean,
+                                  f"vs_{stage_counts[0]}_stages": mean / base,
+                                  "gap_p50_ms": g[len(g) // 2],
+                                  "gap_p90_ms": g[int(len(g) * 0.9)]}), flush=True)
+        counts = [int(s) for s in a.streams.split(",")]
         for stages in [int(x) for x in a.aggregate_stages.split(",")]:
-            url = urls.get(stages) or start(stages)
+            agg_urls = {b: urls.get((b, stages)) or start(b, stages) for b in bins}
             # Each stream count --runs times, interleaved (1, 4, 16, 1, 4, 16, ...).
-            counts = [int(s) for s in a.streams.split(",")]
-            agg = {n: [] for n in counts}
+            agg = {(b, n): [] for b in bins for n in counts}
             for _ in range(a.runs):
                 for n in counts:
-                    out = [0] * n
-                    th = [threading.Thread(target=complete, args=(url, a.tokens, out, i))
-                          for i in range(n)]
-                    t0 = time.perf_counter()
-                    for x in th:
-                        x.start()
-                    for x in th:
-                        x.join()
-                    agg[n].append(sum(out) / (time.perf_counter() - t0))
-            for n in counts:
-                mean = sum(agg[n]) / len(agg[n])
-                base = sum(agg[counts[0]]) / len(agg[counts[0]])
-                print(json.dumps({"bench": "aggregate", "streams": n, "stages": stages,
-                                  "threads": a.threads, "tokens_per_stream": a.tokens,
-                                  "tok_s": agg[n], "mean": mean,
-                                  f"vs_{counts[0]}_stream": mean / base}), flush=True)
+                    for b in bins:
+                        out = [0] * n
+                        th = [threading.Thread(target=complete,
+                                               args=(agg_urls[b], a.tokens, out, i))
+                              for i in range(n)]
+                        t0 = time.perf_counter()
+                        for x in th:
+                            x.start()
+                        for x in th:
+                            x.join()
+                        agg[(b, n)].append(sum(out) / (time.perf_counter() - t0))
+            for b in bins:
+                base = sum(agg[(b, counts[0])]) / a.runs
+                for n in counts:
+                    mean = sum(agg[(b, n)]) / a.runs
+                    print(json.dumps({**tag(b), "bench": "aggregate", "streams": n,
+                                      "stages": stages, "threads": a.threads,
+                                      "tokens_per_stream": a.tokens, "tok_s": agg[(b, n)],
+                                      "mean": mean, f"vs_{counts[0]}_stream": mean / base}),
+                          flush=True)
     finally:
         for p in procs:
             p.kill()

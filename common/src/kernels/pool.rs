@@ -288,7 +288,11 @@ mod tests {
     }
 
     fn sleepers(pool: &Pool) -> usize {
-        *pool.shared.sleepers.lock().unwrap_or_else(|e| e.into_inner())
+        *pool
+            .shared
+            .sleepers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     #[test]
