@@ -74,6 +74,8 @@ pub struct Compute {
     thread: Option<JoinHandle<()>>,
     /// Steps in the last pass (see [`Compute::submit`]).
     last_pass: Arc<AtomicUsize>,
+    /// Whether the passes run on the CPU kernel pool (else the pool stays asleep).
+    cpu: bool,
 }
 
 impl std::fmt::Debug for Work {
@@ -86,10 +88,12 @@ impl std::fmt::Debug for Work {
 }
 
 impl Compute {
-    /// Starts the thread. Activations for a next stage go to `onward`.
+    /// Starts the thread. Activations for a next stage go to `onward`. `cpu`: the passes run
+    /// on the CPU kernel pool (a GPU node's pool is not woken for them).
     pub fn start(
         onward: tokio::sync::mpsc::UnboundedSender<Onward>,
         metrics: Arc<Metrics>,
+        cpu: bool,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Work>();
         let last = Arc::new(AtomicUsize::new(0));
@@ -150,6 +154,7 @@ impl Compute {
             tx: Some(tx),
             thread: Some(thread),
             last_pass: last,
+            cpu,
         })
     }
 
@@ -159,7 +164,7 @@ impl Compute {
             // A lone session's step runs at once: its kernel threads wake while the compute
             // thread does. Steps of a batch wait for each other (see `gather`), and kernel
             // threads spinning meanwhile would only slow the senders of the rest.
-            if self.last_pass.load(Ordering::Relaxed) <= 1 {
+            if self.cpu && self.last_pass.load(Ordering::Relaxed) <= 1 {
                 pool::global().wake();
             }
             // If the thread is gone the step drops, and its requester hears so.
@@ -205,7 +210,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_job_does_not_stop_the_thread() {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let c = Compute::start(tx, Default::default()).expect("thread");
+        let c = Compute::start(tx, Default::default(), true).expect("thread");
         assert_eq!(c.run(|| 2 + 2).await, Some(4));
         assert_eq!(c.run(|| -> i32 { panic!("boom") }).await, None);
         assert_eq!(c.run(|| 5).await, Some(5));
