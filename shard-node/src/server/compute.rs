@@ -96,13 +96,12 @@ impl Compute {
         cpu: bool,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Work>();
-        let last = Arc::new(AtomicUsize::new(0));
-        let last_pass_shared = last.clone();
+        let last_pass = Arc::new(AtomicUsize::new(0));
+        let last = last_pass.clone();
         let thread = std::thread::Builder::new()
             .name("compute".into())
             .spawn(move || {
                 let mut deferred: VecDeque<Work> = VecDeque::new();
-                let mut last_pass = 0;
                 loop {
                     let work = match deferred.pop_front() {
                         Some(w) => w,
@@ -122,9 +121,9 @@ impl Compute {
                     let run = || match work {
                         Work::Job(job) => job(),
                         Work::Forward(first) => {
-                            let batch = gather(first, &rx, &mut deferred, last_pass);
-                            last_pass = batch.len();
-                            last_pass_shared.store(last_pass, Ordering::Relaxed);
+                            let expect = last.load(Ordering::Relaxed);
+                            let batch = gather(first, &rx, &mut deferred, expect);
+                            last.store(batch.len(), Ordering::Relaxed);
                             let started = Instant::now();
                             // Once the pass is computed, the kernel threads sleep unless more
                             // work is queued: spinning through the replies and sends would
@@ -153,7 +152,7 @@ impl Compute {
         Ok(Compute {
             tx: Some(tx),
             thread: Some(thread),
-            last_pass: last,
+            last_pass,
             cpu,
         })
     }
