@@ -17,10 +17,22 @@ JSON lines.
 gets its own clusters, and every round goes through all of them, so the builds are compared
 within one run of the machine. Lines then carry "bin_dir".
 `ignore_eos` keeps every stream generating exactly --tokens tokens.
+
+Each node serves its metrics, and the decode lines also split a token's time in two:
+"pass_ms", the node passes (each node's compute time per pass from
+`shard_forward_seconds_total`, counted from the first streamed token on, so without the
+prompt's pass, give or take the one in flight then, summed over the stages), and
+"outside_ms", the rest of the mean gap between tokens (hops between stages, the coordinator,
+HTTP). Where the stages share CPU cores, the end of one stage's pass (its sends) overlaps
+the start of the next stage's, so there "pass_ms" runs high and "outside_ms" low.
 """
 import argparse, json, os, subprocess, sys, threading, time, urllib.error, urllib.request
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a map in a bottle."
+
+
+# The metrics address each node printed ("metrics on ADDR", before "listening on"), by pid.
+METRICS = {}
 
 
 def spawn(cmd):
@@ -28,6 +40,8 @@ def spawn(cmd):
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                          env={**os.environ, "RUST_LOG": "warn"})
     for line in p.stdout:
+        if line.startswith("metrics on "):
+            METRICS[p.pid] = line.split(" on ", 1)[1].strip()
         if line.startswith("listening on "):
             return p, line.split(" on ", 1)[1].strip()
     raise RuntimeError(f"{cmd[0]} did not start")
@@ -39,8 +53,9 @@ def post(url, body, stream):
     return urllib.request.urlopen(req, timeout=600)
 
 
-def stream_times(url, tokens):
-    """Streams one completion; returns (chunk arrival times, completion tokens)."""
+def stream_times(url, tokens, on_first=None):
+    """Streams one completion; returns the text chunks' arrival times. `on_first` is called
+    once the first chunk is in (the prompt's pass is done)."""
     body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}
     times = []
@@ -53,9 +68,25 @@ def stream_times(url, tokens):
                     raise RuntimeError(f"stream failed: {ev['error']}")
                 if ev.get("choices") and ev["choices"][0].get("text"):
                     times.append(time.perf_counter())
+                    if on_first and len(times) == 1:
+                        on_first()
     if len(times) < 2:
         raise RuntimeError(f"stream gave {len(times)} text chunks for {tokens} tokens")
     return times
+
+
+def node_passes(addrs):
+    """(seconds, passes) of forward passes, summed over the nodes' metrics."""
+    total = [0.0, 0.0]
+    for addr in addrs:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=30) as r:
+            for line in r.read().decode().splitlines():
+                name, _, value = line.partition(" ")
+                if name == "shard_forward_seconds_total":
+                    total[0] += float(value)
+                elif name == "shard_forward_batches_total":
+                    total[1] += float(value)
+    return total
 
 
 def complete(url, tokens, out, i):
@@ -88,19 +119,24 @@ def main():
     bins = a.bin_dir
     procs = []
 
+    metrics = {}
+
     def start(bin_dir, stages):
-        addrs = []
+        addrs, mets = [], []
         for i in range(stages):
             p, addr = spawn([os.path.join(bin_dir, "shard-node"), "serve", "--listen",
                              "127.0.0.1:0", "--threads", str(a.threads), "--models-dir",
-                             models_dir, "--device", devices[i % len(devices)]])
+                             models_dir, "--device", devices[i % len(devices)],
+                             "--metrics-listen", "127.0.0.1:0"])
             procs.append(p)
             addrs.append(addr)
+            mets.append(METRICS[p.pid])
         p, http = spawn([os.path.join(bin_dir, "coordinator"), "serve", "--http",
                          "127.0.0.1:0", "--max-ctx", "2048", "--model", a.model, "--nodes",
                          ",".join(addrs)])
         procs.append(p)
         url = "http://" + http
+        metrics[url] = mets
         stream_times(url, 16)  # warm-up
         return url
 
@@ -114,22 +150,32 @@ def main():
         urls = {(b, n): start(b, n) for b in bins for n in stage_counts}
         rates = {k: [] for k in urls}
         gaps = {k: [] for k in urls}
+        split = {k: [] for k in urls}
         for _ in range(a.runs):
             for k, url in urls.items():
-                t = stream_times(url, a.tokens)
+                before = []
+                t = stream_times(url, a.tokens, lambda: before.extend(
+                    node_passes([m]) for m in metrics[url]))
+                after = [node_passes([m]) for m in metrics[url]]
                 rates[k].append((len(t) - 1) / (t[-1] - t[0]))
                 gaps[k] += [(y - x) * 1e3 for x, y in zip(t, t[1:])]
+                passes = sum((y[0] - x[0]) / max(y[1] - x[1], 1) for x, y in zip(before, after))
+                split[k].append((passes * 1e3, (t[-1] - t[0]) / (len(t) - 1) * 1e3))
         for b in bins:
             base = sum(rates[(b, stage_counts[0])]) / a.runs
             for n in stage_counts:
                 mean = sum(rates[(b, n)]) / a.runs
                 g = sorted(gaps[(b, n)])
+                pass_ms = sum(x for x, _ in split[(b, n)]) / a.runs
+                gap_ms = sum(y for _, y in split[(b, n)]) / a.runs
                 print(json.dumps({**tag(b), "bench": "decode", "stages": n,
                                   "threads": a.threads, "devices": devices[:n],
                                   "tokens": a.tokens, "tok_s": rates[(b, n)], "mean": mean,
                                   f"vs_{stage_counts[0]}_stages": mean / base,
                                   "gap_p50_ms": g[len(g) // 2],
-                                  "gap_p90_ms": g[int(len(g) * 0.9)]}), flush=True)
+                                  "gap_p90_ms": g[int(len(g) * 0.9)],
+                                  "pass_ms": pass_ms, "outside_ms": gap_ms - pass_ms}),
+                      flush=True)
         counts = [int(s) for s in a.streams.split(",")]
         for stages in [int(x) for x in a.aggregate_stages.split(",")]:
             agg_urls = {b: urls.get((b, stages)) or start(b, stages) for b in bins}
