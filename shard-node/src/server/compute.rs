@@ -18,6 +18,19 @@ use super::metrics::Metrics;
 /// How long a pass may wait for the steps it expects (see [`gather`]).
 const GATHER_WINDOW: Duration = Duration::from_millis(2);
 
+/// The next queued work, polling for up to `poll` if there is none yet.
+fn poll_for(rx: &mpsc::Receiver<Work>, poll: Duration) -> Option<Work> {
+    let start = Instant::now();
+    loop {
+        match rx.try_recv() {
+            Ok(w) => return Some(w),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) if start.elapsed() >= poll => return None,
+            Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+        }
+    }
+}
+
 /// `first` plus every forward step already queued that fits beside it; other work, and steps
 /// that must wait for another pass, keep their order in `deferred`.
 ///
@@ -89,11 +102,13 @@ impl std::fmt::Debug for Work {
 
 impl Compute {
     /// Starts the thread. Activations for a next stage go to `onward`. `cpu`: the passes run
-    /// on the CPU kernel pool (a GPU node's pool is not woken for them).
+    /// on the CPU kernel pool (a GPU node's pool is not woken for them). `poll`: how long
+    /// the thread polls for work after a pass before it sleeps.
     pub fn start(
         onward: tokio::sync::mpsc::UnboundedSender<Onward>,
         metrics: Arc<Metrics>,
         cpu: bool,
+        poll: Duration,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Work>();
         let last_pass = Arc::new(AtomicUsize::new(0));
@@ -105,9 +120,9 @@ impl Compute {
                 loop {
                     let work = match deferred.pop_front() {
                         Some(w) => w,
-                        None => match rx.try_recv() {
-                            Ok(w) => w,
-                            Err(_) => {
+                        None => match poll_for(&rx, poll) {
+                            Some(w) => w,
+                            None => {
                                 // Nothing queued: the next input comes over the network, so
                                 // the kernel threads sleep instead of spinning.
                                 pool::global().rest();
@@ -206,10 +221,33 @@ impl Drop for Compute {
 mod tests {
     use super::*;
 
+    #[test]
+    fn poll_for_takes_work_that_comes_while_it_polls() {
+        let (tx, rx) = mpsc::channel::<Work>();
+        // Nothing queued, no polling: nothing, at once.
+        assert!(poll_for(&rx, Duration::ZERO).is_none());
+        // Queued work is taken whatever the poll.
+        tx.send(Work::Job(Box::new(|| {}))).expect("queued");
+        assert!(poll_for(&rx, Duration::ZERO).is_some());
+        // Work sent while it polls is taken without sleeping.
+        let sender = tx.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            sender.send(Work::Job(Box::new(|| {}))).expect("queued");
+        });
+        assert!(poll_for(&rx, Duration::from_secs(10)).is_some());
+        t.join().expect("sender");
+        // A closed channel ends the poll.
+        drop(tx);
+        let started = Instant::now();
+        assert!(poll_for(&rx, Duration::from_secs(10)).is_none());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
     #[tokio::test]
     async fn a_panicking_job_does_not_stop_the_thread() {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let c = Compute::start(tx, Default::default(), true).expect("thread");
+        let c = Compute::start(tx, Default::default(), true, Duration::ZERO).expect("thread");
         assert_eq!(c.run(|| 2 + 2).await, Some(4));
         assert_eq!(c.run(|| -> i32 { panic!("boom") }).await, None);
         assert_eq!(c.run(|| 5).await, Some(5));

@@ -38,6 +38,8 @@ pub struct NodeConfig {
     pub session_idle: Duration,
     /// Hand freed heap memory back to the OS (`malloc_trim`) after frees.
     pub trim: bool,
+    /// How long the compute thread polls for the next step after a pass before it sleeps.
+    pub poll: Duration,
 }
 
 impl NodeConfig {
@@ -206,11 +208,12 @@ impl Node {
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::unbounded_channel();
         let baseline = common::memory::in_use(&device);
+        let poll = cfg.poll;
         let node = Node {
             baseline,
             leases: Leases::new(cfg.lease_ttl),
             cfg,
-            compute: Compute::start(tx, metrics.clone(), device.is_cpu())?,
+            compute: Compute::start(tx, metrics.clone(), device.is_cpu(), poll)?,
             device,
             metrics,
             peers: Arc::new(PeerPool::default()),
