@@ -42,6 +42,9 @@ pub struct NodeConfig {
     pub poll: Duration,
 }
 
+/// The longest `--poll-us`.
+const MAX_POLL: Duration = Duration::from_secs(1);
+
 impl NodeConfig {
     /// Checks the values.
     pub fn validate(&self) -> Result<(), String> {
@@ -56,6 +59,12 @@ impl NodeConfig {
         }
         if self.session_idle.is_zero() {
             return Err("--session-idle-secs must be at least 1".into());
+        }
+        if self.poll > MAX_POLL {
+            return Err(format!(
+                "--poll-us must be at most {} (a second): the compute thread spins that long after every pass",
+                MAX_POLL.as_micros()
+            ));
         }
         Ok(())
     }
@@ -746,5 +755,47 @@ impl Node {
     /// Open sessions.
     pub fn session_count(&self) -> usize {
         lock(&self.sessions).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> NodeConfig {
+        NodeConfig {
+            models_dir: PathBuf::from("models"),
+            device: DeviceSpec::Cpu,
+            memory_limit: None,
+            max_sessions: 64,
+            heartbeat_interval: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(5),
+            session_idle: Duration::from_secs(300),
+            trim: true,
+            poll: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn validate_refuses_what_would_break_the_node() {
+        assert_eq!(config().validate(), Ok(()));
+        let poll = |us| NodeConfig {
+            poll: Duration::from_micros(us),
+            ..config()
+        };
+        assert_eq!(poll(3000).validate(), Ok(()));
+        assert!(poll(2_000_000)
+            .validate()
+            .is_err_and(|e| e.contains("--poll-us")));
+        let sessions = NodeConfig {
+            max_sessions: 0,
+            ..config()
+        };
+        assert!(sessions.validate().is_err());
+        let ttl = NodeConfig {
+            lease_ttl: Duration::from_millis(500),
+            ..config()
+        };
+        assert!(ttl.validate().is_err_and(|e| e.contains("lease TTL")));
     }
 }
