@@ -75,17 +75,16 @@ def stream_times(url, tokens, on_first=None):
     return times
 
 
-def node_passes(addrs):
-    """(seconds, passes) of forward passes, summed over the nodes' metrics."""
+def node_passes(addr):
+    """(seconds, passes) of a node's forward passes so far, from its metrics."""
     total = [0.0, 0.0]
-    for addr in addrs:
-        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=30) as r:
-            for line in r.read().decode().splitlines():
-                name, _, value = line.partition(" ")
-                if name == "shard_forward_seconds_total":
-                    total[0] += float(value)
-                elif name == "shard_forward_batches_total":
-                    total[1] += float(value)
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "shard_forward_seconds_total":
+                total[0] = float(value)
+            elif name == "shard_forward_batches_total":
+                total[1] = float(value)
     return total
 
 
@@ -155,8 +154,8 @@ def main():
             for k, url in urls.items():
                 before = []
                 t = stream_times(url, a.tokens, lambda: before.extend(
-                    node_passes([m]) for m in metrics[url]))
-                after = [node_passes([m]) for m in metrics[url]]
+                    node_passes(m) for m in metrics[url]))
+                after = [node_passes(m) for m in metrics[url]]
                 rates[k].append((len(t) - 1) / (t[-1] - t[0]))
                 gaps[k] += [(y - x) * 1e3 for x, y in zip(t, t[1:])]
                 passes = sum((y[0] - x[0]) / max(y[1] - x[1], 1) for x, y in zip(before, after))
