@@ -78,21 +78,6 @@ pub enum Error {
     /// Invalid configuration or sampling parameters.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// etcd could not be reached, or refused a call.
-    #[error("etcd: {0}")]
-    Etcd(String),
-    /// A record in etcd is malformed or does not fit (it is ignored, never half-applied).
-    #[error("etcd record {key}: {reason}")]
-    BadRecord {
-        /// Its key.
-        key: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// Another holder owns what was asked for (a node id already registered, a decision
-    /// already written).
-    #[error("conflict: {0}")]
-    Conflict(String),
     /// An error from candle's tensor runtime.
     #[error("tensor runtime: {0}")]
     Candle(#[from] candle_core::Error),
@@ -104,11 +89,5 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl From<gguf_rs_lib::error::GGUFError> for Error {
     fn from(e: gguf_rs_lib::error::GGUFError) -> Self {
         Error::Gguf(e.to_string())
-    }
-}
-
-impl From<etcd_client::Error> for Error {
-    fn from(e: etcd_client::Error) -> Self {
-        Error::Etcd(e.to_string())
     }
 }

@@ -14,7 +14,6 @@
 //! - [`device`]: `cpu` / `cuda:N` device names and the CPU thread pool.
 //! - [`warmup`]: running every kind of CUDA kernel once at start-up, so that candle's
 //!   lazily kept device memory is allocated before anything a client causes.
-//! - [`registry`]: the cluster's state in etcd (membership, plan, 2PC decisions, drains).
 //! - [`error`]: [`Error`], this crate's one error type.
 
 #[cfg(feature = "cuda")]
@@ -25,12 +24,13 @@ pub mod gguf;
 pub mod kernels;
 pub mod memory;
 pub mod model;
-pub mod registry;
 
 pub use error::{Error, Result};
 pub mod generate;
 pub mod sampling;
 pub mod stop;
 pub mod telemetry;
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenizer;
 pub mod warmup;

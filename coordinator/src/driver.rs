@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::registry::Registry;
+use cluster_registry::Registry;
 use proto_types::registry::NodeRecord;
 use tokio_util::sync::CancellationToken;
 
@@ -46,7 +46,7 @@ pub async fn run(cfg: DriverConfig, serving: Arc<Serving>, stop: CancellationTok
             reg.campaign(&cfg.twopc.who, lease).await?;
             tracing::info!(who = cfg.twopc.who, "elected the 2PC driver");
             drive(&cfg, &serving, &lost, &stop).await;
-            Ok::<(), common::Error>(())
+            Ok::<(), cluster_registry::RegistryError>(())
         };
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -73,7 +73,7 @@ async fn keep(
             keeper.keep_alive().await?;
             match stream.message().await? {
                 Some(r) if r.ttl() > 0 => {}
-                _ => return Ok::<(), common::Error>(()),
+                _ => return Ok::<(), cluster_registry::RegistryError>(()),
             }
             tokio::time::sleep(Duration::from_secs((ttl as u64 / 3).max(1))).await;
         }

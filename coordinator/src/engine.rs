@@ -5,9 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::generate::{FinishReason, PREFILL_CHUNK};
+use common::generate::{generate, FinishReason, GenerateParams, StageChain};
 use common::sampling::SamplingParams;
-use common::stop::StopMatcher;
 use common::tokenizer::TextTokenizer;
 use proto_types::*;
 use tokio::sync::mpsc;
@@ -133,91 +132,71 @@ async fn run(
         };
         rpc(&node.addr, node.client()?.open_session(ctx(10), open).await)?;
     }
-    let client = cluster.nodes[0].client()?;
-    // One step of this session through the whole pipeline; the last stage's sampled token.
-    let mut pos = 0;
-    let mut next = 0;
-    for chunk in req.prompt.chunks(PREFILL_CHUNK) {
-        next = step(&cluster, &client, session, pos, chunk.to_vec()).await?;
-        pos += chunk.len();
-    }
-    let mut stops = StopMatcher::new(&req.stop);
-    let mut stream = tok.stream();
-    let mut generated = 0;
-    let mut finish = FinishReason::Length;
-    while generated < req.max_tokens {
-        if tok.is_eog(next) && !req.ignore_eos {
-            finish = FinishReason::Stop;
-            break;
-        }
-        generated += 1;
-        if let Some(piece) = stream.push(next)? {
-            let (out, hit) = stops.push(&piece);
-            if !out.is_empty() && tx.send(GenEvent::Text(out)).await.is_err() {
-                return Ok(()); // the client went away: the guard frees the session
-            }
-            if hit {
-                finish = FinishReason::Stop;
-                break;
-            }
-        }
-        if generated == req.max_tokens {
-            break;
-        }
-        next = step(&cluster, &client, session, pos, vec![next]).await?;
-        pos += 1;
-    }
-    if !stops.hit() {
-        let mut tail = String::new();
-        if let Some(p) = stream.finish()? {
-            tail.push_str(&stops.push(&p).0);
-        }
-        tail.push_str(&stops.flush());
-        if !tail.is_empty() {
-            let _ = tx.send(GenEvent::Text(tail)).await;
-        }
-    }
+    let mut chain = RemoteChain {
+        client: cluster.nodes[0].client()?,
+        cluster: &cluster,
+        session,
+    };
+    let params = GenerateParams {
+        max_tokens: req.max_tokens,
+        sampling: req.sampling,
+        stop: req.stop,
+        ignore_eos: req.ignore_eos,
+    };
+    let g = generate(&mut chain, tok, &req.prompt, &params, |text| async move {
+        tx.send(GenEvent::Text(text)).await.is_ok()
+    })
+    .await?;
+    // The client went away: the guard frees the session.
+    let Some(finish) = g.finish else {
+        return Ok(());
+    };
     guard.close().await;
     let _ = tx
         .send(GenEvent::Done {
             finish,
-            prompt_tokens: req.prompt.len(),
-            completion_tokens: generated,
+            prompt_tokens: g.prompt_tokens,
+            completion_tokens: g.tokens.len(),
         })
         .await;
     Ok(())
 }
 
-/// One step of `session` through the whole pipeline: `ids` at positions from `start`; returns
-/// the token the last stage sampled.
-async fn step(
-    cluster: &Cluster,
-    client: &ShardNodeClient,
+/// The stages of the served plan, reached through the first: one session on each.
+struct RemoteChain<'c> {
+    cluster: &'c Cluster,
+    client: ShardNodeClient,
     session: SessionId,
-    start: usize,
-    ids: Vec<u32>,
-) -> Result<u32> {
-    let addr = &cluster.nodes[0].addr;
-    let item = ForwardItem {
-        session,
-        start: start as u32,
-        input: StageInput::Tokens(ids),
-        want_logits: false,
-    };
-    let req = ForwardRequest {
-        epoch: cluster.epoch,
-        items: vec![item],
-    };
-    let reply = rpc(addr, client.forward(ctx(120), req).await)?;
-    match reply.outputs.into_iter().next() {
-        Some(Ok(o)) => Ok(o.token),
-        Some(Err(err)) => Err(CoordError::Shard {
-            addr: addr.clone(),
-            err,
-        }),
-        None => Err(CoordError::NodeDown {
-            addr: addr.clone(),
-            detail: "empty reply".into(),
-        }),
+}
+
+impl StageChain for RemoteChain<'_> {
+    type Error = CoordError;
+
+    /// One step of the session through the whole pipeline: the first stage relays it on, and
+    /// the last stage's sampled token comes back.
+    async fn step(&mut self, start: usize, ids: &[u32]) -> Result<u32> {
+        let addr = &self.cluster.nodes[0].addr;
+        let item = ForwardItem {
+            session: self.session,
+            start: start as u32,
+            input: StageInput::Tokens(ids.to_vec()),
+            want_logits: false,
+        };
+        let req = ForwardRequest {
+            epoch: self.cluster.epoch,
+            items: vec![item],
+        };
+        let reply = rpc(addr, self.client.forward(ctx(120), req).await)?;
+        match reply.outputs.into_iter().next() {
+            Some(Ok(o)) => Ok(o.token),
+            Some(Err(err)) => Err(CoordError::Shard {
+                addr: addr.clone(),
+                err,
+            }),
+            None => Err(CoordError::NodeDown {
+                addr: addr.clone(),
+                detail: "empty reply".into(),
+            }),
+        }
     }
 }

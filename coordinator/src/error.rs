@@ -5,9 +5,12 @@ use proto_types::ShardError;
 /// What can go wrong while planning or serving.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {
-    /// From the common crate: the model file, tokenizer or template, or etcd.
+    /// From the model runtime: the model file, tokenizer or template.
     #[error(transparent)]
     Model(#[from] common::Error),
+    /// From etcd: unreachable, a refused call, or a malformed record.
+    #[error(transparent)]
+    Registry(#[from] cluster_registry::RegistryError),
     /// A node could not be reached, or its connection broke.
     #[error("shard node {addr} is unavailable: {detail}")]
     NodeDown {

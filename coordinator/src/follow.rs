@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::registry::Registry;
+use cluster_registry::Registry;
 use proto_types::registry::Decision;
 use tokio_util::sync::CancellationToken;
 

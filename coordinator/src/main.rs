@@ -8,8 +8,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use cluster_registry::Registry;
 use common::gguf::GgufFile;
-use common::registry::Registry;
 use common::tokenizer::TextTokenizer;
 use coordinator::cluster::{Cluster, ModelRef};
 use coordinator::driver::{self, DriverConfig};

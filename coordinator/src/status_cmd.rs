@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use common::registry::Registry;
+use cluster_registry::Registry;
 use proto_types::{LeaseBytes, NodeStatus};
 
 use crate::cluster::{ctx, NodeConn};

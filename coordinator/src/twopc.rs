@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use common::registry::Registry;
+use cluster_registry::Registry;
 use proto_types::registry::{Decision, NodeRecord, PlanRecord, StageRecord};
 use proto_types::PlanEpoch;
 

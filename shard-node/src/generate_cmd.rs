@@ -4,10 +4,10 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use common::device::{init_threads, DeviceSpec};
-use common::generate::{generate, GenerateParams, LocalPipeline};
+use common::generate::{generate, GenerateParams, LocalChain, LocalPipeline};
 use common::gguf::GgufFile;
 use common::model::LayerRange;
-use common::sampling::SamplingParams;
+use common::sampling::{Sampler, SamplingParams};
 use common::tokenizer::{ChatMessage, TextTokenizer};
 
 /// Options of `generate`.
@@ -51,16 +51,29 @@ pub fn run(o: &GenerateOptions) -> anyhow::Result<()> {
         o.prompt.clone()
     };
     let prompt = tok.encode(&text)?;
+    if prompt.is_empty() {
+        anyhow::bail!("the prompt is empty: give some text with --prompt");
+    }
+    if prompt.len() + o.max_tokens > max_ctx {
+        anyhow::bail!(
+            "{} prompt tokens plus --max-tokens {} exceed the context of {max_ctx} tokens: lower --max-tokens or raise --max-ctx",
+            prompt.len(),
+            o.max_tokens
+        );
+    }
     let params = GenerateParams {
         max_tokens: o.max_tokens,
         sampling: o.sampling.clone(),
         stop: o.stop.clone(),
+        ignore_eos: false,
     };
+    let mut chain = LocalChain::new(&pipe, max_ctx, Sampler::new(params.sampling.clone())?)?;
     let mut out = std::io::stdout().lock();
-    let g = generate(&pipe, &tok, &prompt, &params, |piece| {
+    let g = futures::executor::block_on(generate(&mut chain, &tok, &prompt, &params, |piece| {
         let _ = out.write_all(piece.as_bytes());
         let _ = out.flush();
-    })?;
+        std::future::ready(true)
+    }))?;
     let _ = writeln!(out);
     let secs = |d: std::time::Duration| d.as_secs_f64().max(1e-9);
     eprintln!(
@@ -71,7 +84,7 @@ pub fn run(o: &GenerateOptions) -> anyhow::Result<()> {
         g.tokens.len(),
         secs(g.decode),
         g.tokens.len().saturating_sub(1) as f64 / secs(g.decode),
-        g.finish.as_str(),
+        g.finish.map_or("cancelled", |f| f.as_str()),
         o.device,
         threads,
     );

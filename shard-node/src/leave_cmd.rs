@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::registry::Registry;
+use cluster_registry::Registry;
 use proto_types::registry::LeaveRecord;
 
 /// Options of `leave`.

@@ -2,7 +2,11 @@
 //!
 //! # Layout
 //! - [`serve_cmd`]: `shard-node serve`: runtime, signals, then [`server::serve`].
-//! - [`server`]: `shard-node serve`, the tarpc server, its sessions and leases.
+//! - [`node`]: the node's domain, with no transport: slices and their 2PC states, sessions,
+//!   connection leases, memory accounting. `Node::release_lease` is where a lease's memory is
+//!   freed.
+//! - [`server`]: the tarpc server around it: the RPC edge, the compute thread, batching, the
+//!   relay to the next stage, metrics.
 //! - [`generate_cmd`]: `shard-node generate`, single-process generation over the same stage
 //!   code the cluster runs.
 //! - [`synth_cmd`]: `shard-node synth-model`, synthetic llama GGUFs for benchmarks.
@@ -16,6 +20,7 @@ pub mod compare_cmd;
 pub mod generate_cmd;
 pub mod leave_cmd;
 pub mod membership;
+pub mod node;
 pub mod serve_cmd;
 pub mod server;
 pub mod synth_cmd;

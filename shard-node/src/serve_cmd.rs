@@ -10,7 +10,8 @@ use common::device::{init_threads, DeviceSpec};
 use tokio_util::sync::CancellationToken;
 
 use crate::membership::{self, JoinOptions};
-use crate::server::{metrics, relay, serve, Node, NodeConfig};
+use crate::node::{Node, NodeConfig};
+use crate::server::{metrics, relay, serve, Server};
 
 /// Options of `serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -93,12 +94,13 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
             DeviceSpec::Cuda(_) => DEFAULT_CUDA_POLL_US,
         })),
     };
-    cfg.validate().map_err(anyhow::Error::msg)?;
+    cfg.validate()?;
     // Sessions and slices can be dropped on any runtime thread: each binds the device's
     // context first (see `bind_thread`). Cloned before `Node::new` takes its baseline.
     let bound = device.clone();
-    let (node, onward) = Node::new(cfg, device)?;
-    let node = Arc::new(node);
+    let node = Arc::new(Node::new(cfg, device));
+    let (server, onward) = Server::new(node.clone())?;
+    let server = Arc::new(server);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .on_thread_start(move || common::device::bind_thread(&bound))
@@ -123,7 +125,7 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
             tracing::info!("shutting down");
             signals.cancel();
         });
-        tokio::spawn(relay::run(onward, node.peers.clone()));
+        tokio::spawn(relay::run(onward, server.peers.clone()));
         if let Some(pid) = o.parent_pid {
             let orphaned = shutdown.clone();
             tokio::spawn(async move {
@@ -145,12 +147,12 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "metrics on {bound}");
             let _ = out.flush();
-            let n = node.clone();
+            let s = server.clone();
             let app = axum::Router::new().route(
                 "/metrics",
                 axum::routing::get(move || {
-                    let n = n.clone();
-                    async move { metrics::render(&n) }
+                    let s = s.clone();
+                    async move { metrics::render(&s) }
                 }),
             );
             let stop = shutdown.clone();
@@ -180,7 +182,7 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
                 r
             })
         };
-        serve(node, o.listen, shutdown, |addr| {
+        serve(server, o.listen, shutdown, |addr| {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "listening on {addr}");
             let _ = out.flush();

@@ -2,28 +2,7 @@
 
 use std::path::PathBuf;
 
-/// The workspace root.
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_default()
-}
-
-/// The default model, `$MODEL_PATH` or `models/SmolLM2-135M-Instruct.Q4_1.gguf`.
-///
-/// Panics with the fix when it is missing: these tests must not pass by skipping.
-pub fn default_model() -> PathBuf {
-    let p = std::env::var_os("MODEL_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(
-        p.exists(),
-        "model {} is missing: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
+pub use common::testing::{default_model, workspace_root};
 
 /// The workspace's `shard-node` binary, next to the test executable's `deps/` folder.
 pub fn shard_node_bin() -> PathBuf {
@@ -296,8 +275,8 @@ impl EtcdProcess {
     }
 
     /// A registry client for cluster `cluster`.
-    pub async fn registry(&self, cluster: &str) -> anyhow::Result<common::registry::Registry> {
-        Ok(common::registry::Registry::connect(&self.url, cluster).await?)
+    pub async fn registry(&self, cluster: &str) -> anyhow::Result<cluster_registry::Registry> {
+        Ok(cluster_registry::Registry::connect(&self.url, cluster).await?)
     }
 }
 

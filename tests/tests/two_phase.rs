@@ -13,7 +13,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::registry::Registry;
+use cluster_registry::Registry;
 use integration_tests::*;
 use proto_types::registry::Decision;
 use proto_types::{ErrorCode, NodeStatus, PlanEpoch};
@@ -390,7 +390,7 @@ async fn bad_input_changes_nothing() -> anyhow::Result<()> {
     reg.put_raw("plan", b"{not json").await?;
     assert!(matches!(
         reg.plan().await,
-        Err(common::Error::BadRecord { .. })
+        Err(cluster_registry::RegistryError::BadRecord { .. })
     ));
     unchanged("malformed plan").await?;
     // A well-formed plan whose epoch goes backwards.
@@ -404,7 +404,7 @@ async fn bad_input_changes_nothing() -> anyhow::Result<()> {
     reg.put_raw("plan", &serde_json::to_vec(&gap)?).await?;
     assert!(matches!(
         reg.plan().await,
-        Err(common::Error::BadRecord { .. })
+        Err(cluster_registry::RegistryError::BadRecord { .. })
     ));
     unchanged("plan with a gap").await?;
     reg.put_raw("plan", &serde_json::to_vec(&good)?).await?;

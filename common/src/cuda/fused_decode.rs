@@ -858,6 +858,7 @@ mod tests {
     /// our matrix-vector kernels take (`matvec.rs`), so their products are checked too: rows
     /// of 24 blocks (less than one pass) and of 136 (a pass and a tail).
     #[test]
+    #[cfg(feature = "synth")]
     fn fused_steps_match_block_forward_with_our_matvec() -> Result<()> {
         use crate::gguf::synth::{self, SynthQuant, SynthSpec};
         let tokenizer = GgufFile::open(default_model())?;

@@ -3,13 +3,15 @@
 //!
 //! # Layout
 //! - [`file`]: [`GgufFile`], an opened and validated GGUF file, and its tensor descriptors.
-//! - [`synth`]: synthetic llama models with random weights, for benchmarks and loaders.
+//! - `synth` (with the `synth` feature): synthetic llama models with random weights, for
+//!   benchmarks and loaders.
 //! - [`config`]: [`ModelConfig`], the typed model configuration parsed from the metadata.
 //! - [`meta`]: typed getters over raw GGUF metadata values.
 
 pub mod config;
 pub mod file;
 pub mod meta;
+#[cfg(feature = "synth")]
 pub mod synth;
 
 pub use config::{Architecture, ModelConfig, RopeStyle};

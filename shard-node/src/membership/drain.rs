@@ -10,7 +10,7 @@ use proto_types::registry::PlanRecord;
 use super::register::Registration;
 use super::resolve::in_plan;
 use super::Member;
-use crate::server::state::lock;
+use crate::node::lock;
 
 /// The drain's progress.
 #[derive(Debug, Default)]
@@ -31,7 +31,7 @@ impl Drain {
         m: &Member,
         reg: &Registration,
         plan: Option<&PlanRecord>,
-    ) -> common::Result<bool> {
+    ) -> cluster_registry::Result<bool> {
         if self.deadline_unix_ms.is_none() {
             match m.registry.leave_request(&m.id).await {
                 Ok(Some(r)) => {
@@ -42,7 +42,7 @@ impl Drain {
                     self.deadline_unix_ms = Some(r.deadline_unix_ms);
                 }
                 Ok(None) => return Ok(false),
-                Err(common::Error::BadRecord { key, reason }) => {
+                Err(cluster_registry::RegistryError::BadRecord { key, reason }) => {
                     // A malformed request still asks the node to leave: at once.
                     tracing::warn!(
                         key,
@@ -61,19 +61,13 @@ impl Drain {
         if !done && !late {
             return Ok(false);
         }
-        m.node
-            .left
-            .store(true, std::sync::atomic::Ordering::Relaxed);
         if sessions > 0 {
             tracing::warn!(
                 sessions,
                 "drain deadline passed: ending the sessions still running"
             );
         }
-        let bytes = m.node.release_all("left the cluster");
-        let plan_lease = *lock(&reg.plan_lease);
-        m.node.set_plan_lease(None);
-        m.node.leases.remove(plan_lease);
+        let bytes = m.node.leave("left the cluster");
         m.registry.deregister(&m.id).await?;
         let etcd_lease = *lock(&reg.etcd_lease);
         if let Err(e) = m.registry.revoke(etcd_lease).await {

@@ -2,10 +2,10 @@
 //! ([`register`]), resolves its prepared slices from the decisions recorded in etcd
 //! ([`resolve`]), and drains and deregisters when asked to leave ([`drain`]).
 //!
-//! The node's committed slices belong to its *membership lease* (a lease in its own lease
-//! table, renewed by each etcd keepalive): they belong to the plan, not to the coordinator
-//! that loaded them, so a coordinator crash does not unload the cluster. Losing the etcd
-//! registration for longer than the lease TTL frees them.
+//! The node's committed slices belong to its *plan owner* (a connection lease the node grants
+//! itself, renewed by each keepalive of the etcd *registration lease*): they belong to the
+//! plan, not to the coordinator that loaded them, so a coordinator crash does not unload the
+//! cluster. Losing the etcd registration for longer than the lease TTL frees them.
 
 pub mod drain;
 pub mod register;
@@ -15,10 +15,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::registry::Registry;
+use cluster_registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::Node;
+use crate::node::Node;
 
 /// Options of `serve` for joining a cluster.
 #[derive(Debug, Clone, clap::Args)]

@@ -1,26 +1,26 @@
-//! Joining: the node's record under an etcd lease, kept alive; the membership lease renewed
-//! with it.
+//! Joining: the node's record under an etcd registration lease, kept alive; the node's plan
+//! owner renewed with it.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proto_types::registry::NodeRecord;
-use proto_types::LeaseId;
 use tokio_util::sync::CancellationToken;
 
 use super::Member;
-use crate::server::state::lock;
+use crate::node::lock;
 
-/// The live registration: the etcd lease holding the node's record, and the membership
-/// lease on the node that mirrors it.
+/// The live registration: the etcd registration lease holding the node's record.
 #[derive(Debug, Clone)]
 pub struct Registration {
     /// etcd's lease id.
     pub etcd_lease: Arc<Mutex<i64>>,
     /// Its TTL.
     pub ttl: Duration,
-    /// The node-side membership lease.
-    pub plan_lease: Arc<Mutex<LeaseId>>,
+}
+
+fn owner_name(m: &Member) -> String {
+    format!("etcd {}/{}", m.registry.cluster(), m.id)
 }
 
 fn record(m: &Member, addr: &str) -> NodeRecord {
@@ -36,14 +36,14 @@ fn record(m: &Member, addr: &str) -> NodeRecord {
 /// Registers under a fresh etcd lease. The id may still be held by this node's previous
 /// process (killed before its lease ran out), so a conflict is retried for one TTL before it
 /// is reported.
-async fn register(m: &Member, addr: &str, ttl: i64) -> common::Result<i64> {
+async fn register(m: &Member, addr: &str, ttl: i64) -> cluster_registry::Result<i64> {
     let rec = record(m, addr);
     let give_up = Instant::now() + Duration::from_secs(ttl as u64 + 2);
     loop {
         let lease = m.registry.grant(ttl).await?;
         match m.registry.register(&rec, lease).await {
             Ok(()) => return Ok(lease),
-            Err(common::Error::Conflict(why)) if Instant::now() < give_up => {
+            Err(cluster_registry::RegistryError::Conflict(why)) if Instant::now() < give_up => {
                 let _ = m.registry.revoke(lease).await;
                 tracing::info!("{why}; retrying until its lease runs out");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -56,15 +56,10 @@ async fn register(m: &Member, addr: &str, ttl: i64) -> common::Result<i64> {
     }
 }
 
-/// Registers the node and grants its membership lease.
+/// Registers the node and grants its plan owner.
 pub async fn join(m: &Member, addr: &str, ttl: i64) -> anyhow::Result<Registration> {
     let etcd_lease = register(m, addr, ttl).await?;
-    let plan_lease = m
-        .node
-        .leases
-        .grant(format!("etcd {}/{}", m.registry.cluster(), m.id));
-    m.node.set_plan_lease(Some(plan_lease));
-    *lock(&m.node.node_id) = Some(m.id.clone());
+    m.node.join_cluster(&m.id, owner_name(m));
     tracing::info!(
         cluster = m.registry.cluster(),
         id = m.id,
@@ -74,13 +69,12 @@ pub async fn join(m: &Member, addr: &str, ttl: i64) -> anyhow::Result<Registrati
     Ok(Registration {
         etcd_lease: Arc::new(Mutex::new(etcd_lease)),
         ttl: Duration::from_secs(ttl as u64),
-        plan_lease: Arc::new(Mutex::new(plan_lease)),
     })
 }
 
-/// Keeps the etcd lease alive and renews the membership lease with each answer. When the
+/// Keeps the etcd registration lease alive and renews the plan owner with each answer. When the
 /// etcd lease is lost (etcd was unreachable for a TTL), registers again; the membership
-/// lease expires on its own TTL meanwhile, freeing what it held.
+/// owner expires on its own TTL meanwhile, freeing what it held.
 pub async fn keep_alive(
     m: Member,
     reg: Registration,
@@ -96,8 +90,8 @@ pub async fn keep_alive(
             loop {
                 keeper.keep_alive().await?;
                 match stream.message().await? {
-                    Some(r) if r.ttl() > 0 => renew_plan_lease(&m, &reg),
-                    _ => return Ok::<(), common::Error>(()),
+                    Some(r) if r.ttl() > 0 => renew_plan_owner(&m),
+                    _ => return Ok::<(), cluster_registry::RegistryError>(()),
                 }
                 tokio::time::sleep(every).await;
             }
@@ -126,7 +120,7 @@ pub async fn keep_alive(
                 Ok(l) => {
                     *lock(&reg.etcd_lease) = l;
                     tracing::info!(etcd_lease = l, "registered again");
-                    renew_plan_lease(&m, &reg);
+                    renew_plan_owner(&m);
                     break;
                 }
                 Err(e) => {
@@ -138,16 +132,7 @@ pub async fn keep_alive(
     }
 }
 
-/// Renews the membership lease, granting a new one if it had expired.
-fn renew_plan_lease(m: &Member, reg: &Registration) {
-    let mut l = lock(&reg.plan_lease);
-    if m.node.leases.renew(*l).is_err() {
-        let fresh = m
-            .node
-            .leases
-            .grant(format!("etcd {}/{}", m.registry.cluster(), m.id));
-        tracing::warn!("membership lease {} had expired; now {fresh}", *l);
-        *l = fresh;
-        m.node.set_plan_lease(Some(fresh));
-    }
+/// Renews the plan owner, granting a new one if it had expired.
+fn renew_plan_owner(m: &Member) {
+    m.node.renew_plan_owner(|| owner_name(m));
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::drain::Drain;
 use super::register::Registration;
 use super::Member;
-use crate::server::state::SliceState;
+use crate::node::SliceState;
 
 /// How often etcd is read.
 const EVERY: Duration = Duration::from_millis(300);

@@ -16,10 +16,9 @@ use proto_types::*;
 use tarpc::context::Context;
 use tokio::sync::{mpsc, oneshot};
 
-use super::lease::Charge;
 use super::metrics::Metrics;
-use super::state::{lock, now_ms, SessionEntry, Slice};
 use super::wire::{candle_err, shard_err, to_tensor, to_wire};
+use crate::node::{lock, now_ms, Charge, SessionEntry, Slice};
 
 /// Wire type of activations sent to the next stage (f32 keeps the cluster's output identical
 /// to single-process generation).

@@ -3,8 +3,8 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::accounting::report;
-use super::state::Node;
+use super::Server;
+use crate::node::report;
 
 /// Counters updated by the compute thread and the service.
 #[derive(Debug, Default)]
@@ -17,8 +17,6 @@ pub struct Metrics {
     pub batch_rows: AtomicU64,
     /// Items that failed.
     pub item_errors: AtomicU64,
-    /// Leases released (connection closed or TTL expired).
-    pub leases_released: AtomicU64,
     /// Nanoseconds the compute thread spent running forward batches.
     pub batch_nanos: AtomicU64,
 }
@@ -45,9 +43,10 @@ fn line(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     );
 }
 
-/// The node's state and counters in Prometheus' text format.
-pub fn render(node: &Node) -> String {
-    let m = &node.metrics;
+/// The node's state and the server's counters in Prometheus' text format.
+pub fn render(server: &Server) -> String {
+    let node = &server.node;
+    let m = &server.metrics;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let r = report(node);
     let mut out = String::new();
@@ -197,7 +196,7 @@ pub fn render(node: &Node) -> String {
         "shard_leases_released_total",
         "counter",
         "Leases released.",
-        get(&m.leases_released),
+        node.leases_released(),
     );
     out
 }

@@ -1,11 +1,11 @@
-//! `shard-node serve`: the tarpc server.
+//! `shard-node serve`: the tarpc server around the node's domain ([`crate::node`]).
 //!
 //! # Layout
-//! - [`state`]: [`Node`], the slices and sessions, each owned by a lease.
-//! - [`lease`]: the lease table, TTLs and activation charges.
-//! - [`accounting`]: the memory report (per lease and kind; device; unattributed).
+//! - [`Server`]: the [`Node`] plus its compute thread, counters and peer connections.
+//! - [`service`]: the `ShardNode` calls of one connection; the RPC edge, where
+//!   [`crate::node::NodeError`] becomes the wire's `ShardError`.
+//! - [`reaper`]: expired leases and idle sessions, then memory handed back.
 //! - [`trim`]: giving freed heap memory back to the OS.
-//! - [`service`]: the `ShardNode` calls of one connection.
 //! - [`compute`]: the thread forward passes run on.
 //! - [`batch`]: continuous batching of session steps into one forward pass.
 //! - [`relay`]: sends a batch's activations on to the next stage.
@@ -13,15 +13,13 @@
 //! - [`metrics`]: counters, served as Prometheus text.
 //! - [`wire`]: wire <-> domain conversions.
 
-pub mod accounting;
 pub mod batch;
 pub mod compute;
-pub mod lease;
 pub mod metrics;
 pub mod peer;
+pub mod reaper;
 pub mod relay;
 pub mod service;
-pub mod state;
 pub mod trim;
 pub mod wire;
 
@@ -32,14 +30,50 @@ use futures::StreamExt;
 use proto_types::{ShardNode, MAX_FRAME_BYTES};
 use tarpc::server::{BaseChannel, Channel};
 use tarpc::tokio_serde::formats::Bincode;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use state::{Node, NodeConfig};
+use crate::node::{lock, Node};
+use batch::Onward;
+use compute::Compute;
+use metrics::Metrics;
+use peer::PeerPool;
+
+/// A node with what serves it: the compute thread, its counters, and connections to next
+/// stages.
+#[derive(Debug)]
+pub struct Server {
+    /// What the node holds.
+    pub node: Arc<Node>,
+    /// The compute thread.
+    pub compute: Compute,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Connections to next stages.
+    pub peers: Arc<PeerPool>,
+}
+
+impl Server {
+    /// Starts the compute thread; returns the server and the receiving end of the compute
+    /// thread's onward traffic (to be run by [`relay::run`]).
+    pub fn new(node: Arc<Node>) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Onward>)> {
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let compute = Compute::start(tx, metrics.clone(), node.device.is_cpu(), node.cfg.poll)?;
+        let server = Server {
+            node,
+            compute,
+            metrics,
+            peers: Arc::new(PeerPool::default()),
+        };
+        Ok((server, rx))
+    }
+}
 
 /// Listens on `listen`, calls `on_bound` with the bound address, and serves until `shutdown`.
 pub async fn serve(
-    node: Arc<Node>,
+    server: Arc<Server>,
     listen: SocketAddr,
     shutdown: CancellationToken,
     on_bound: impl FnOnce(SocketAddr),
@@ -48,22 +82,7 @@ pub async fn serve(
     listener.config_mut().max_frame_length(MAX_FRAME_BYTES);
     on_bound(listener.local_addr());
     let tracker = TaskTracker::new();
-    // The reaper: expired leases, idle sessions, and handing freed memory back.
-    let reaper = node.clone();
-    let stop = shutdown.clone();
-    let every = (node.cfg.lease_ttl / 4).min(std::time::Duration::from_millis(250));
-    tracker.spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => {
-                    let r = reaper.clone();
-                    let _ = tokio::task::spawn_blocking(move || r.reap()).await;
-                }
-            }
-        }
-    });
+    tracker.spawn(reaper::run(server.clone(), shutdown.clone()));
     loop {
         let transport = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -87,11 +106,11 @@ pub async fn serve(
             .map(|a| a.to_string())
             .unwrap_or_default();
         let conn = service::Conn {
-            node: node.clone(),
+            server: server.clone(),
             lease: Arc::new(Mutex::new(None)),
         };
         let lease = conn.lease.clone();
-        let node = node.clone();
+        let node = server.node.clone();
         let token = shutdown.clone();
         tracker.spawn(async move {
             let requests = BaseChannel::with_defaults(transport)
@@ -104,7 +123,7 @@ pub async fn serve(
                 _ = token.cancelled() => {}
             }
             // The connection is gone: whatever its lease owns goes with it.
-            if let Some(l) = *state::lock(&lease) {
+            if let Some(l) = *lock(&lease) {
                 node.release_lease(l, &format!("connection from {peer} closed"));
             }
         });

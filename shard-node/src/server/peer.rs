@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use proto_types::{ErrorCode, LeaseId, ShardError, ShardNodeClient};
 
-use super::state::lock;
+use crate::node::lock;
 
 /// Open clients by address, each renewing its lease on the peer while it is pooled. A client
 /// whose calls fail at the transport is forgotten, and the next use connects afresh (the peer

@@ -11,16 +11,16 @@ use proto_types::*;
 use tarpc::context::Context;
 use tokio::sync::oneshot;
 
-use super::accounting::report;
 use super::batch::Pending;
-use super::state::{lock, now_ms, Node, Session, SessionEntry, Slice, SliceState};
 use super::wire::{layer_range, sampling, shard_err, wire_range};
+use super::Server;
+use crate::node::{lock, report, Node, NodeError, Session, SessionEntry, Slice, SliceState};
 
-/// One connection: the node plus the lease its handshake was granted.
+/// One connection: the server plus the connection lease its handshake was granted.
 #[derive(Debug, Clone)]
 pub struct Conn {
-    /// The node.
-    pub node: Arc<Node>,
+    /// The server.
+    pub server: Arc<Server>,
     /// Set by `handshake`.
     pub lease: Arc<Mutex<Option<LeaseId>>>,
 }
@@ -30,6 +30,10 @@ fn err(code: ErrorCode, d: impl Into<String>) -> ShardError {
 }
 
 impl Conn {
+    fn node(&self) -> &Node {
+        &self.server.node
+    }
+
     fn lease(&self) -> Result<LeaseId, ShardError> {
         lock(&self.lease).ok_or_else(|| err(ErrorCode::VersionMismatch, "handshake first"))
     }
@@ -74,19 +78,16 @@ impl Conn {
                 format!("model name `{}` is not a plain file name", req.model),
             ));
         }
-        if self.node.left.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(err(
-                ErrorCode::InvalidArgument,
-                "this node has left its cluster",
-            ));
+        if self.node().has_left() {
+            return Err(NodeError::Left.into());
         }
         let range = layer_range(req.layers)?;
-        if let Some(s) = self.node.held_slice(req.epoch, &req.model, range)? {
+        if let Some(s) = self.node().held_slice(req.epoch, &req.model, range)? {
             return Ok(info(&s));
         }
-        let path = self.node.cfg.models_dir.join(&req.model);
-        let device = self.node.device.clone();
-        let limit = self.node.cfg.memory_limit;
+        let path = self.node().cfg.models_dir.join(&req.model);
+        let device = self.node().device.clone();
+        let limit = self.node().cfg.memory_limit;
         let max_ctx = req.max_ctx as usize;
         let want_sha = req.sha256.to_lowercase();
         let model = req.model.clone();
@@ -126,7 +127,7 @@ impl Conn {
             stage,
         };
         let out = info(&slice);
-        self.node.put_slice(lease, slice, committed)?;
+        self.node().put_slice(lease, slice, committed)?;
         tracing::info!(epoch = %out.epoch, layers = %range, bytes = out.weight_bytes, committed, "slice loaded");
         Ok(out)
     }
@@ -150,19 +151,19 @@ impl ShardNode for Conn {
                 format!("this connection already holds lease {l}"),
             ));
         }
-        let lease = self.node.leases.grant(hello.client);
+        let lease = self.node().leases.grant(hello.client);
         *slot = Some(lease);
         Ok(HelloAck {
             protocol_version: PROTOCOL_VERSION,
             lease,
-            heartbeat_interval_ms: self.node.cfg.heartbeat_interval.as_millis() as u64,
-            lease_ttl_ms: self.node.cfg.lease_ttl.as_millis() as u64,
+            heartbeat_interval_ms: self.node().cfg.heartbeat_interval.as_millis() as u64,
+            lease_ttl_ms: self.node().cfg.lease_ttl.as_millis() as u64,
         })
     }
 
     async fn describe(self, _: Context) -> NodeDescription {
-        let (free_bytes, total_bytes) = self.node.free_bytes();
-        let models = std::fs::read_dir(&self.node.cfg.models_dir)
+        let (free_bytes, total_bytes) = self.node().free_bytes();
+        let models = std::fs::read_dir(&self.node().cfg.models_dir)
             .map(|d| {
                 d.filter_map(|e| e.ok())
                     .filter_map(|e| e.file_name().into_string().ok())
@@ -171,7 +172,7 @@ impl ShardNode for Conn {
             })
             .unwrap_or_default();
         NodeDescription {
-            device: self.node.cfg.device.to_string(),
+            device: self.node().cfg.device.to_string(),
             free_bytes,
             total_bytes,
             capabilities: vec![
@@ -180,7 +181,7 @@ impl ShardNode for Conn {
                 "bf16-activations".into(),
             ],
             models,
-            serving_bytes: self.node.serving_bytes(),
+            serving_bytes: self.node().serving_bytes(),
         }
     }
 
@@ -188,20 +189,20 @@ impl ShardNode for Conn {
         let lease = self.lease()?;
         let epoch = req.epoch;
         let info = self.install(lease, req, true).await?;
-        self.node.commit(epoch)?;
+        self.node().commit(epoch)?;
         Ok(info)
     }
 
     async fn unload_slice(self, _: Context, epoch: PlanEpoch) -> Result<(), ShardError> {
         self.lease()?;
-        let bytes = self.node.drop_slice(epoch)?;
+        let bytes = self.node().drop_slice(epoch)?;
         tracing::info!(%epoch, bytes, "slice unloaded");
         Ok(())
     }
 
     async fn open_session(self, _: Context, req: OpenSession) -> Result<(), ShardError> {
         let lease = self.lease()?;
-        let slice = self.node.slice_for(req.epoch)?;
+        let slice = self.node().slice_for(req.epoch)?;
         let params = sampling(&req.sampling)?;
         let sampler = Sampler::new(params).map_err(shard_err)?;
         let cache = slice
@@ -211,7 +212,7 @@ impl ShardNode for Conn {
         let next = match (&req.next, slice.stage.is_last()) {
             (Some(addr), false) => {
                 // Fail now, not at the first step, if the next stage cannot be reached.
-                self.node.peers.get(addr).await?;
+                self.server.peers.get(addr).await?;
                 Some(addr.clone())
             }
             (None, true) => None,
@@ -228,35 +229,27 @@ impl ShardNode for Conn {
                 ))
             }
         };
-        self.node.add_session(
-            req.session,
-            SessionEntry {
-                lease,
-                epoch: req.epoch,
-                max_kv_bytes: cache.max_nbytes() as u64,
-                kv_bytes: Default::default(),
-                last_used_ms: now_ms().into(),
-                state: Mutex::new(Session {
-                    slice,
-                    cache,
-                    next,
-                    sampler,
-                }),
-            },
-        )
+        let session = Session {
+            slice,
+            cache,
+            next,
+            sampler,
+        };
+        self.node()
+            .open_session(req.session, SessionEntry::new(lease, session))?;
+        Ok(())
     }
 
     async fn close_session(self, _: Context, session: SessionId) -> Result<(), ShardError> {
-        self.lease()?;
         let lease = self.lease()?;
-        let bytes = self.node.remove_session(session, lease)?;
+        let bytes = self.node().close_session(session, lease)?;
         tracing::debug!(%session, bytes, "session closed");
         Ok(())
     }
 
     async fn forward(self, ctx: Context, req: ForwardRequest) -> Result<ForwardReply, ShardError> {
         let lease = self.lease()?;
-        let slice = self.node.slice_for(req.epoch)?;
+        let slice = self.node().slice_for(req.epoch)?;
         if req.items.is_empty() {
             return Err(err(ErrorCode::InvalidArgument, "no items"));
         }
@@ -277,11 +270,11 @@ impl ShardNode for Conn {
                 StageInput::Hidden(w) => w.data.len() as u64,
             };
             let queued = self
-                .node
+                .node()
                 .session(item.session)
-                .and_then(|s| Ok((s, self.node.leases.charge(lease, bytes)?)));
+                .and_then(|s| Ok((s, self.node().leases.charge(lease, bytes)?)));
             match queued {
-                Ok((session, charge)) => self.node.compute.submit(Pending {
+                Ok((session, charge)) => self.server.compute.submit(Pending {
                     item,
                     session,
                     slice: slice.clone(),
@@ -290,7 +283,7 @@ impl ShardNode for Conn {
                     charge,
                 }),
                 Err(e) => {
-                    let _ = reply.send(Err(e));
+                    let _ = reply.send(Err(e.into()));
                 }
             }
         }
@@ -307,7 +300,7 @@ impl ShardNode for Conn {
     }
 
     async fn heartbeat(self, _: Context, lease: LeaseId) -> Result<LeaseStatus, ShardError> {
-        let ttl = self.node.leases.renew(lease)?;
+        let ttl = self.node().leases.renew(lease)?;
         Ok(LeaseStatus {
             lease,
             expires_in_ms: ttl.as_millis() as u64,
@@ -327,28 +320,28 @@ impl ShardNode for Conn {
 
     async fn commit_slice(self, _: Context, epoch: PlanEpoch) -> Result<(), ShardError> {
         self.lease()?;
-        self.node.commit(epoch)?;
+        self.node().commit(epoch)?;
         tracing::info!(%epoch, "COMMIT: serving epoch {epoch}");
         Ok(())
     }
 
     async fn abort_slice(self, _: Context, epoch: PlanEpoch) -> Result<(), ShardError> {
         self.lease()?;
-        let bytes = self.node.abort(epoch)?;
+        let bytes = self.node().abort(epoch)?;
         tracing::info!(%epoch, bytes, "ABORT: prepared slice freed");
         Ok(())
     }
 
     async fn status(self, _: Context) -> NodeStatus {
-        let slice = self.node.slice();
-        let states = self.node.slice_states();
-        let r = report(&self.node);
+        let slice = self.node().slice();
+        let states = self.node().slice_states();
+        let r = report(self.node());
         NodeStatus {
             epoch: slice.as_ref().map(|s| s.epoch),
             layers: slice.as_ref().map(|s| wire_range(s.stage.range())),
             prepared_epochs: states
                 .iter()
-                .filter(|(_, st)| matches!(st, SliceState::Prepared(_)))
+                .filter(|(_, st)| st.is_prepared())
                 .map(|(e, _)| *e)
                 .collect(),
             retiring_epochs: states
@@ -356,8 +349,8 @@ impl ShardNode for Conn {
                 .filter(|(_, st)| *st == SliceState::Retiring)
                 .map(|(e, _)| *e)
                 .collect(),
-            node_id: lock(&self.node.node_id).clone(),
-            sessions: self.node.session_count() as u32,
+            node_id: self.node().node_id(),
+            sessions: self.node().session_count() as u32,
             leases: r
                 .held
                 .into_iter()
@@ -371,7 +364,7 @@ impl ShardNode for Conn {
                 })
                 .collect(),
             attributed_bytes: r.attributed,
-            memory_limit: self.node.cfg.memory_limit,
+            memory_limit: self.node().cfg.memory_limit,
             device_total_bytes: r.device_total,
             device_free_bytes: r.device_free,
             process_rss_bytes: r.rss,

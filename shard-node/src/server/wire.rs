@@ -1,5 +1,6 @@
 //! Conversions between wire types and domain types, at the edge.
 
+use crate::node::NodeError;
 use candle_core::{DType, Device, Tensor};
 use common::model::LayerRange;
 use common::sampling::SamplingParams;
@@ -21,6 +22,32 @@ pub fn shard_err(e: common::Error) -> ShardError {
         _ => ErrorCode::Internal,
     };
     ShardError::new(code, e.to_string())
+}
+
+impl From<NodeError> for ShardError {
+    fn from(e: NodeError) -> Self {
+        use NodeError as E;
+        let code = match &e {
+            E::Config(_)
+            | E::Left
+            | E::EpochTaken(_)
+            | E::OtherSlice { .. }
+            | E::Committed(_)
+            | E::SessionOpen(_) => ErrorCode::InvalidArgument,
+            E::UnknownLease(_) => ErrorCode::UnknownLease,
+            E::NotNewer { .. }
+            | E::Behind { .. }
+            | E::Replaced(_)
+            | E::NoSuchEpoch(_)
+            | E::ServesOther { .. } => ErrorCode::EpochMismatch,
+            E::NotPrepared(_) | E::NotCommitted(_) => ErrorCode::NoSlice,
+            E::SliceDoesNotFit { .. } | E::SessionDoesNotFit { .. } | E::TooManySessions(_) => {
+                ErrorCode::ResourceExhausted
+            }
+            E::UnknownSession { .. } => ErrorCode::UnknownSession,
+        };
+        ShardError::new(code, e.to_string())
+    }
 }
 
 /// A candle error as a wire error.

@@ -1,6 +1,6 @@
 //! The lease table: who owns what on this node.
 //!
-//! Every client connection gets a lease in its handshake. Every buffer it creates (a slice's
+//! A *connection lease* ([`LeaseId`]) is granted to every client connection in its handshake. Every buffer it creates (a slice's
 //! weights, a session's KV cache, activations in flight) is registered with that lease, and
 //! goes when the lease goes: on an explicit close, when the connection closes, or when no
 //! heartbeat came within the TTL.
@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use proto_types::{ErrorCode, LeaseId, ShardError};
+use proto_types::LeaseId;
 
-use super::state::lock;
+use super::error::{NodeError, Result};
+use super::lock;
 
 #[derive(Debug)]
 struct Lease {
@@ -43,13 +44,6 @@ impl Drop for Charge {
     }
 }
 
-fn unknown(lease: LeaseId) -> ShardError {
-    ShardError::new(
-        ErrorCode::UnknownLease,
-        format!("lease {lease} is unknown or expired"),
-    )
-}
-
 impl Leases {
     /// An empty table whose leases live `ttl` past their last renewal.
     pub fn new(ttl: Duration) -> Self {
@@ -78,19 +72,19 @@ impl Leases {
     }
 
     /// Renews `lease`; returns the TTL.
-    pub fn renew(&self, lease: LeaseId) -> Result<Duration, ShardError> {
+    pub fn renew(&self, lease: LeaseId) -> Result<Duration> {
         let mut map = lock(&self.map);
-        let l = map.get_mut(&lease).ok_or_else(|| unknown(lease))?;
+        let l = map.get_mut(&lease).ok_or(NodeError::UnknownLease(lease))?;
         l.renewed = Instant::now();
         Ok(self.ttl)
     }
 
     /// Checks that `lease` is live.
-    pub fn check(&self, lease: LeaseId) -> Result<(), ShardError> {
+    pub fn check(&self, lease: LeaseId) -> Result<()> {
         lock(&self.map)
             .contains_key(&lease)
             .then_some(())
-            .ok_or_else(|| unknown(lease))
+            .ok_or(NodeError::UnknownLease(lease))
     }
 
     /// Removes `lease`; returns its client's name if it was live.
@@ -109,9 +103,9 @@ impl Leases {
     }
 
     /// Charges `bytes` of activations to `lease`.
-    pub fn charge(&self, lease: LeaseId, bytes: u64) -> Result<Charge, ShardError> {
+    pub fn charge(&self, lease: LeaseId, bytes: u64) -> Result<Charge> {
         let map = lock(&self.map);
-        let l = map.get(&lease).ok_or_else(|| unknown(lease))?;
+        let l = map.get(&lease).ok_or(NodeError::UnknownLease(lease))?;
         l.activations.fetch_add(bytes, Ordering::Relaxed);
         Ok(Charge {
             counter: l.activations.clone(),
@@ -158,7 +152,7 @@ mod tests {
         t.renew(a).expect("still in the table until removed");
         assert!(t.expired().is_empty());
         assert_eq!(t.remove(a).as_deref(), Some("a"));
-        assert_eq!(t.renew(a).map_err(|e| e.code), Err(ErrorCode::UnknownLease));
+        assert_eq!(t.renew(a), Err(NodeError::UnknownLease(a)));
         assert!(t.charge(a, 1).is_err());
     }
 }

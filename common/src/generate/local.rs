@@ -1,20 +1,14 @@
-//! Generation over a chain of stages in one process: what `shard-node generate` runs, and
-//! the reference the cluster is tested against. It drives exactly the [`Stage`] code that
-//! shard nodes run, one stage after the other.
-
-use std::time::{Duration, Instant};
+//! A chain of stages in one process: what `shard-node generate` runs, and the reference the
+//! cluster is tested against. It drives exactly the [`Stage`] code that shard nodes run, one
+//! stage after the other; [`LocalChain`] is its [`StageChain`].
 
 use candle_core::{Device, Tensor};
 
+use super::{StageChain, PREFILL_CHUNK};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::model::{KvCache, KvDtype, LayerRange, Segment, Stage};
-use crate::sampling::{Sampler, SamplingParams};
-use crate::stop::StopMatcher;
-use crate::tokenizer::TextTokenizer;
-
-/// Prompt tokens per prefill chunk.
-pub const PREFILL_CHUNK: usize = 256;
+use crate::sampling::Sampler;
 
 /// Stages chained in one process.
 #[derive(Debug)]
@@ -226,121 +220,37 @@ impl LocalPipeline {
     }
 }
 
-/// What a generation asks for.
-#[derive(Debug, Clone, Default)]
-pub struct GenerateParams {
-    /// Most new tokens.
-    pub max_tokens: usize,
-    /// How tokens are picked.
-    pub sampling: SamplingParams,
-    /// Texts that end the generation; they are not part of the output.
-    pub stop: Vec<String>,
+/// One session on a [`LocalPipeline`], sampled on the host: the local [`StageChain`].
+#[derive(Debug)]
+pub struct LocalChain<'p> {
+    pipe: &'p LocalPipeline,
+    session: LocalSession,
+    sampler: Sampler,
 }
 
-/// Why a generation ended, in OpenAI's words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An end-of-generation token or a stop string.
-    Stop,
-    /// `max_tokens`, or the context bound.
-    Length,
-}
-
-impl FinishReason {
-    /// `stop` or `length`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
+impl<'p> LocalChain<'p> {
+    /// A session of at most `max_ctx` tokens on `pipe`, sampled by `sampler`.
+    pub fn new(pipe: &'p LocalPipeline, max_ctx: usize, sampler: Sampler) -> Result<Self> {
+        Ok(LocalChain {
+            pipe,
+            session: pipe.session(max_ctx)?,
+            sampler,
+        })
     }
 }
 
-/// The result of [`generate`].
-#[derive(Debug, Clone)]
-pub struct Generation {
-    /// Prompt length in tokens.
-    pub prompt_tokens: usize,
-    /// Generated ids (an end-of-generation id is not included).
-    pub tokens: Vec<u32>,
-    /// Generated text, stop string excluded.
-    pub text: String,
-    /// Why it ended.
-    pub finish: FinishReason,
-    /// Time spent on the prompt.
-    pub prefill: Duration,
-    /// Time spent on decode steps.
-    pub decode: Duration,
-}
+impl StageChain for LocalChain<'_> {
+    type Error = Error;
 
-/// Generates from `prompt` (token ids), calling `on_text` with each piece of text as it
-/// becomes final.
-pub fn generate(
-    pipe: &LocalPipeline,
-    tok: &TextTokenizer,
-    prompt: &[u32],
-    params: &GenerateParams,
-    mut on_text: impl FnMut(&str),
-) -> Result<Generation> {
-    let max_ctx = pipe.max_ctx()?;
-    if prompt.is_empty() {
-        return Err(Error::InvalidInput("the prompt is empty".into()));
-    }
-    if prompt.len() + params.max_tokens > max_ctx {
-        return Err(Error::ContextOverflow {
-            needed: prompt.len() + params.max_tokens,
-            max: max_ctx,
-        });
-    }
-    let mut sampler = Sampler::new(params.sampling.clone())?;
-    let mut stops = StopMatcher::new(&params.stop);
-    let mut sess = pipe.session(max_ctx)?;
-    let mut stream = tok.stream();
-    let mut tokens = Vec::new();
-    let mut text = String::new();
-    let mut finish = FinishReason::Length;
-
-    let t0 = Instant::now();
-    let mut logits = pipe.prefill(&mut sess, prompt)?;
-    let prefill = t0.elapsed();
-    let t1 = Instant::now();
-    while tokens.len() < params.max_tokens {
-        let id = sampler.sample(&logits)?;
-        if tok.is_eog(id) {
-            finish = FinishReason::Stop;
-            break;
+    async fn step(&mut self, start: usize, ids: &[u32]) -> Result<u32> {
+        if start != self.session.len() {
+            return Err(Error::PositionMismatch {
+                cached: self.session.len(),
+                start,
+            });
         }
-        tokens.push(id);
-        if let Some(piece) = stream.push(id)? {
-            let (out, hit) = stops.push(&piece);
-            text.push_str(&out);
-            on_text(&out);
-            if hit {
-                finish = FinishReason::Stop;
-                break;
-            }
-        }
-        if tokens.len() == params.max_tokens {
-            break;
-        }
-        logits = pipe.decode(&mut sess, id)?;
+        let logits = self.pipe.logits(&mut self.session, ids, false)?;
+        let row = logits.squeeze(0)?.to_vec1::<f32>()?;
+        self.sampler.sample(&row)
     }
-    if finish == FinishReason::Length || !stops.hit() {
-        if let Some(piece) = stream.finish()? {
-            let (out, _) = stops.push(&piece);
-            text.push_str(&out);
-            on_text(&out);
-        }
-        let rest = stops.flush();
-        text.push_str(&rest);
-        on_text(&rest);
-    }
-    Ok(Generation {
-        prompt_tokens: prompt.len(),
-        tokens,
-        text,
-        finish,
-        prefill,
-        decode: t1.elapsed(),
-    })
 }

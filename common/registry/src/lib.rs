@@ -1,7 +1,20 @@
 //! [`Registry`]: a cluster's state in etcd: node membership, the committed plan, two-phase
 //! commit decisions and drain requests. The key layout and the records are in
 //! [`proto_types::registry`]; every read checks the record and reports a malformed one as
-//! [`Error::BadRecord`], so a bad value is ignored, never half-applied.
+//! [`RegistryError::BadRecord`], so a bad value is ignored, never half-applied.
+//!
+//! The 2PC decision is made here: [`Registry::decide_commit`] writes the COMMIT decision and
+//! the new plan in one etcd transaction, guarded on no decision for that epoch yet and on the
+//! plan not having changed since it was read; [`Registry::decide_abort`] writes ABORT unless a
+//! decision exists. Whichever is written first holds.
+//!
+//! # Layout
+//! - [`Registry`]: the connection and its calls (this file).
+//! - [`error`]: its error type, [`RegistryError`].
+
+pub mod error;
+
+pub use error::{RegistryError, Result};
 
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn,
@@ -10,8 +23,6 @@ use etcd_client::{
 use proto_types::registry::*;
 use proto_types::PlanEpoch;
 use serde::de::DeserializeOwned;
-
-use crate::error::{Error, Result};
 
 /// A connection to etcd, scoped to one cluster's keys.
 #[derive(Clone)]
@@ -38,14 +49,14 @@ pub fn valid_name(s: &str) -> bool {
 }
 
 fn parse<T: DeserializeOwned>(key: &str, v: &[u8]) -> Result<T> {
-    serde_json::from_slice(v).map_err(|e| Error::BadRecord {
+    serde_json::from_slice(v).map_err(|e| RegistryError::BadRecord {
         key: key.to_string(),
         reason: e.to_string(),
     })
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(v).map_err(|e| Error::Config(e.to_string()))
+    Ok(serde_json::to_vec(v)?)
 }
 
 fn epoch_key(epoch: PlanEpoch) -> String {
@@ -57,7 +68,7 @@ impl Registry {
     /// Connects to etcd at `url` (e.g. `http://127.0.0.1:2379`; several comma-separated).
     pub async fn connect(url: &str, cluster: &str) -> Result<Self> {
         if !valid_name(cluster) {
-            return Err(Error::Config(format!(
+            return Err(RegistryError::Invalid(format!(
                 "cluster name `{cluster}`: use letters, digits, '-', '_', '.' or ':'"
             )));
         }
@@ -130,10 +141,10 @@ impl Registry {
     // --- membership ---
 
     /// Registers a node under `lease`. A live node with the same id is a
-    /// [`Error::Conflict`], and its record is left as it is.
+    /// [`RegistryError::Conflict`], and its record is left as it is.
     pub async fn register(&self, node: &NodeRecord, lease: i64) -> Result<()> {
         if !valid_name(&node.id) {
-            return Err(Error::Config(format!(
+            return Err(RegistryError::Invalid(format!(
                 "node id `{}`: use letters, digits, '-', '_', '.' or ':'",
                 node.id
             )));
@@ -162,7 +173,7 @@ impl Registry {
                 _ => None,
             })
             .unwrap_or_default();
-        Err(Error::Conflict(format!(
+        Err(RegistryError::Conflict(format!(
             "node id `{}` is already registered: {holder}",
             node.id
         )))
@@ -210,7 +221,7 @@ impl Registry {
             return Ok(None);
         };
         let p: PlanRecord = parse(&key, &v)?;
-        p.validate().map_err(|reason| Error::BadRecord {
+        p.validate().map_err(|reason| RegistryError::BadRecord {
             key: key.clone(),
             reason,
         })?;
@@ -224,7 +235,7 @@ impl Registry {
             Some((v, _)) => {
                 let d: DecisionRecord = parse(&key, &v)?;
                 if d.epoch != epoch {
-                    return Err(Error::BadRecord {
+                    return Err(RegistryError::BadRecord {
                         key,
                         reason: format!("it decides epoch {}", d.epoch),
                     });
@@ -261,8 +272,9 @@ impl Registry {
         plan_rev: i64,
         by: &str,
     ) -> Result<DecisionRecord> {
-        plan.validate()
-            .map_err(|reason| Error::Config(format!("refusing to commit a bad plan: {reason}")))?;
+        plan.validate().map_err(|reason| {
+            RegistryError::Invalid(format!("refusing to commit a bad plan: {reason}"))
+        })?;
         let rec = DecisionRecord {
             epoch: plan.epoch,
             decision: Decision::Commit,
@@ -284,7 +296,7 @@ impl Registry {
         }
         match self.decision(plan.epoch).await? {
             Some(d) => Ok(d),
-            None => Err(Error::Conflict(format!(
+            None => Err(RegistryError::Conflict(format!(
                 "the plan changed since it was read (revision {plan_rev}); epoch {} is not committed",
                 plan.epoch
             ))),
@@ -306,9 +318,9 @@ impl Registry {
         if self.client.clone().txn(txn).await?.succeeded() {
             return Ok(rec);
         }
-        self.decision(epoch)
-            .await?
-            .ok_or_else(|| Error::Conflict(format!("the decision of epoch {epoch} vanished")))
+        self.decision(epoch).await?.ok_or_else(|| {
+            RegistryError::Conflict(format!("the decision of epoch {epoch} vanished"))
+        })
     }
 
     // --- draining ---
@@ -351,9 +363,10 @@ impl Registry {
         Ok(())
     }
 
-    // --- the 2PC driver's election ---
+    // --- the coordinators' leader election ---
 
-    /// Waits until this caller (`who`, under `lease`) leads the driver election.
+    /// Waits until this caller (`who`, under its etcd leader lease `lease`) leads the election
+    /// of the coordinator that runs re-plans.
     pub async fn campaign(&self, who: &str, lease: i64) -> Result<()> {
         self.client
             .clone()

@@ -1,7 +1,33 @@
 //! The node's memory report: what each lease holds, and what the device or process has in
 //! use as seen from outside the node's bookkeeping.
 
-use super::state::{Held, Node};
+use proto_types::LeaseId;
+
+use super::Node;
+
+/// Bytes one lease holds, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    /// The lease (`None`: the node's own, outside every lease).
+    pub lease: Option<LeaseId>,
+    /// Its client.
+    pub client: String,
+    /// Committed slices.
+    pub weights: u64,
+    /// Prepared, uncommitted slices.
+    pub prepared: u64,
+    /// KV caches.
+    pub kv_cache: u64,
+    /// Activations queued, computing or relayed.
+    pub activations: u64,
+}
+
+impl Held {
+    /// All kinds.
+    pub fn total(&self) -> u64 {
+        self.weights + self.prepared + self.kv_cache + self.activations
+    }
+}
 
 /// One snapshot.
 #[derive(Debug, Clone)]
@@ -34,7 +60,7 @@ pub fn report(node: &Node) -> Report {
         device_total,
         device_free,
         rss: common::memory::process_rss().unwrap_or(0),
-        baseline: node.baseline,
-        unattributed: in_use as i64 - attributed as i64 - node.baseline as i64,
+        baseline: node.baseline(),
+        unattributed: in_use as i64 - attributed as i64 - node.baseline() as i64,
     }
 }

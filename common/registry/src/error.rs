@@ -1,0 +1,36 @@
+//! [`RegistryError`]: what can go wrong talking to etcd.
+
+/// An etcd call failed, or what it read or would write is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// etcd could not be reached, or refused a call.
+    #[error("etcd: {0}")]
+    Etcd(#[source] Box<etcd_client::Error>),
+    /// A record in etcd is malformed or does not fit (it is ignored, never half-applied).
+    #[error("etcd record {key}: {reason}")]
+    BadRecord {
+        /// Its key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Another holder owns what was asked for (a node id already registered, a decision
+    /// already written).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A name or record this side would write is unusable.
+    #[error("{0}")]
+    Invalid(String),
+    /// A record could not be encoded.
+    #[error("encoding a record: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl From<etcd_client::Error> for RegistryError {
+    fn from(e: etcd_client::Error) -> Self {
+        RegistryError::Etcd(Box::new(e))
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;

@@ -1,0 +1,220 @@
+//! Generation: the one decode loop, for stages in this process and for a cluster's stages alike.
+//!
+//! The loop ([`generate`]) prefills the prompt in chunks, then feeds each sampled token back
+//! until an end-of-generation token, a stop string or `max_tokens`. It reaches the stages only
+//! through [`StageChain`], so where they run is not its concern; the text side (streamed
+//! detokenizing, stop strings, the finish reason) is [`Decoder`], which does no I/O.
+//!
+//! # Layout
+//! - [`StageChain`], [`Decoder`] and [`generate`]: this file.
+//! - [`local`]: [`LocalPipeline`], stages chained in one process, and its [`LocalChain`]. The
+//!   coordinator's chain of remote stages lives in the coordinator crate.
+
+pub mod local;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub use local::{LocalChain, LocalPipeline, LocalSession};
+
+use crate::error::Result;
+use crate::sampling::SamplingParams;
+use crate::stop::StopMatcher;
+use crate::tokenizer::{TextStream, TextTokenizer};
+
+/// Prompt tokens per prefill chunk.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// A chain of stages with one session open on it, first stage to last.
+pub trait StageChain {
+    /// What a step can fail with.
+    type Error: From<crate::Error>;
+
+    /// Runs `ids`, at positions from `start`, through every stage; returns the token the last
+    /// stage sampled after the last of them.
+    fn step(&mut self, start: usize, ids: &[u32])
+        -> impl Future<Output = Result<u32, Self::Error>>;
+}
+
+/// What a generation asks for.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateParams {
+    /// Most new tokens.
+    pub max_tokens: usize,
+    /// How tokens are picked.
+    pub sampling: SamplingParams,
+    /// Texts that end the generation; they are not part of the output.
+    pub stop: Vec<String>,
+    /// Go on past end-of-generation tokens.
+    pub ignore_eos: bool,
+}
+
+/// Why a generation ended, in OpenAI's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens`, or the context bound.
+    Length,
+}
+
+impl FinishReason {
+    /// `stop` or `length`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What a sampled token means for the output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded {
+    /// Go on; this text became final (it may be empty).
+    Text(String),
+    /// The generation is over; this text is its last.
+    Done(String, FinishReason),
+}
+
+/// The text side of generation, with no I/O: sampled ids in, final text out.
+#[derive(Debug)]
+pub struct Decoder<'t> {
+    tok: &'t TextTokenizer,
+    stream: TextStream<'t>,
+    stops: StopMatcher,
+    max_tokens: usize,
+    ignore_eos: bool,
+    tokens: Vec<u32>,
+}
+
+impl<'t> Decoder<'t> {
+    /// A decoder for `params`.
+    pub fn new(tok: &'t TextTokenizer, params: &GenerateParams) -> Self {
+        Decoder {
+            tok,
+            stream: tok.stream(),
+            stops: StopMatcher::new(&params.stop),
+            max_tokens: params.max_tokens,
+            ignore_eos: params.ignore_eos,
+            tokens: Vec::new(),
+        }
+    }
+
+    /// The ids generated so far (an end-of-generation id is not counted).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Takes the next sampled id.
+    pub fn push(&mut self, id: u32) -> Result<Decoded> {
+        if self.tokens.len() >= self.max_tokens {
+            return Ok(Decoded::Done(self.tail()?, FinishReason::Length));
+        }
+        if self.tok.is_eog(id) && !self.ignore_eos {
+            return Ok(Decoded::Done(self.tail()?, FinishReason::Stop));
+        }
+        self.tokens.push(id);
+        let mut out = String::new();
+        if let Some(piece) = self.stream.push(id)? {
+            let (text, hit) = self.stops.push(&piece);
+            if hit {
+                return Ok(Decoded::Done(text, FinishReason::Stop));
+            }
+            out = text;
+        }
+        if self.tokens.len() == self.max_tokens {
+            out.push_str(&self.tail()?);
+            return Ok(Decoded::Done(out, FinishReason::Length));
+        }
+        Ok(Decoded::Text(out))
+    }
+
+    /// What the stream and the stop matcher still hold back, at the end.
+    fn tail(&mut self) -> Result<String> {
+        let mut tail = String::new();
+        if let Some(piece) = self.stream.finish()? {
+            tail.push_str(&self.stops.push(&piece).0);
+        }
+        tail.push_str(&self.stops.flush());
+        Ok(tail)
+    }
+}
+
+/// The result of [`generate`].
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Generated ids (an end-of-generation id is not included).
+    pub tokens: Vec<u32>,
+    /// Generated text, stop string excluded.
+    pub text: String,
+    /// Why it ended; `None`: whoever took the text went away first.
+    pub finish: Option<FinishReason>,
+    /// Time spent on the prompt.
+    pub prefill: Duration,
+    /// Time spent on decode steps.
+    pub decode: Duration,
+}
+
+/// Generates from `prompt` (token ids) on `chain`, handing each piece of text to `emit` as
+/// it becomes final (never an empty one). When `emit` answers `false` the consumer is gone
+/// and generation stops.
+pub async fn generate<C, F>(
+    chain: &mut C,
+    tok: &TextTokenizer,
+    prompt: &[u32],
+    params: &GenerateParams,
+    mut emit: impl FnMut(String) -> F,
+) -> Result<Generation, C::Error>
+where
+    C: StageChain,
+    F: Future<Output = bool>,
+{
+    let mut out = Generation {
+        prompt_tokens: prompt.len(),
+        tokens: Vec::new(),
+        text: String::new(),
+        finish: None,
+        prefill: Duration::ZERO,
+        decode: Duration::ZERO,
+    };
+    let t0 = Instant::now();
+    let mut pos = 0;
+    let mut next = None;
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        next = Some(chain.step(pos, chunk).await?);
+        pos += chunk.len();
+    }
+    out.prefill = t0.elapsed();
+    let t1 = Instant::now();
+    let mut decoder = Decoder::new(tok, params);
+    let Some(mut next) = next else {
+        return Err(crate::Error::InvalidInput("the prompt is empty".into()).into());
+    };
+    loop {
+        let (text, finish) = match decoder.push(next)? {
+            Decoded::Text(t) => (t, None),
+            Decoded::Done(t, f) => (t, Some(f)),
+        };
+        if !text.is_empty() {
+            out.text.push_str(&text);
+            if !emit(text).await {
+                break;
+            }
+        }
+        if finish.is_some() {
+            out.finish = finish;
+            break;
+        }
+        next = chain.step(pos, &[next]).await?;
+        pos += 1;
+    }
+    out.decode = t1.elapsed();
+    out.tokens = std::mem::take(&mut decoder.tokens);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

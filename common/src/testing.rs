@@ -1,0 +1,26 @@
+//! For this workspace's tests: where the default model is. Not part of the runtime's API.
+
+use std::path::PathBuf;
+
+/// The default model's file name (`scripts/fetch-model.sh` fetches it into `models/`).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The workspace root (the folder above this crate).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// The default model: `$MODEL_PATH`, or `models/` of the workspace.
+///
+/// Panics with the fix when it is missing: tests must not pass by skipping.
+pub fn default_model() -> PathBuf {
+    let p = std::env::var_os("MODEL_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("models").join(DEFAULT_MODEL_FILE));
+    assert!(
+        p.exists(),
+        "model {} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
