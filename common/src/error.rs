@@ -14,9 +14,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The GGUF container itself is malformed (bad magic, truncated, absurd counts...).
+    /// The GGUF parser refused the file (bad magic, truncated, absurd counts...), or could
+    /// not write one.
+    #[error("malformed GGUF file {path}: {source}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        #[source]
+        source: gguf_rs_lib::error::GGUFError,
+    },
+    /// The GGUF container parses but is unusable (a tensor past the end of the file...).
     #[error("malformed GGUF file: {0}")]
-    Gguf(String),
+    BadGguf(String),
     /// A metadata key that the architecture needs is missing.
     #[error("GGUF metadata key `{0}` is missing")]
     MissingKey(String),
@@ -85,9 +95,3 @@ pub enum Error {
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl From<gguf_rs_lib::error::GGUFError> for Error {
-    fn from(e: gguf_rs_lib::error::GGUFError) -> Self {
-        Error::Gguf(e.to_string())
-    }
-}

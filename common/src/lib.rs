@@ -11,6 +11,7 @@
 //! - [`sampling`]: greedy, temperature, top-k, top-p, seeded.
 //! - [`stop`]: stop strings over streamed text.
 //! - [`generate`]: a local chain of stages and the generation loop.
+//! - [`cuda_options`]: the switches of our CUDA kernels, set once at start.
 //! - [`device`]: `cpu` / `cuda:N` device names and the CPU thread pool.
 //! - [`warmup`]: running every kind of CUDA kernel once at start-up, so that candle's
 //!   lazily kept device memory is allocated before anything a client causes.
@@ -18,6 +19,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod cuda_options;
 pub mod device;
 pub mod error;
 pub mod gguf;

@@ -168,30 +168,30 @@ fn each_defect_is_a_clear_error() {
     check(
         bad_magic,
         "bad magic",
-        &|e| matches!(e, Error::Gguf(m) if m.to_lowercase().contains("magic")),
+        &|e| matches!(e, Error::Gguf { source, .. } if source.to_string().to_lowercase().contains("magic")),
     );
     let full = tiny().bytes();
     check(full[..20].to_vec(), "truncated header", &|e| {
-        matches!(e, Error::Gguf(_))
+        matches!(e, Error::Gguf { .. } | Error::BadGguf(_))
     });
     check(full[..300].to_vec(), "truncated metadata", &|e| {
-        matches!(e, Error::Gguf(_))
+        matches!(e, Error::Gguf { .. } | Error::BadGguf(_))
     });
     check(full[..full.len() - 100].to_vec(), "truncated data", &|e| {
-        matches!(e, Error::Gguf(_))
+        matches!(e, Error::Gguf { .. } | Error::BadGguf(_))
     });
     let absurd = Gguf {
         tensor_count_override: Some(u64::MAX),
         ..tiny()
     };
     check(absurd.bytes(), "absurd tensor count", &|e| {
-        matches!(e, Error::Gguf(_))
+        matches!(e, Error::Gguf { .. } | Error::BadGguf(_))
     });
     let mut huge_string = tiny().bytes();
     // the first key's length field sits right after the 24-byte header
     huge_string[24..32].copy_from_slice(&(1u64 << 60).to_le_bytes());
     check(huge_string, "absurd string length", &|e| {
-        matches!(e, Error::Gguf(_))
+        matches!(e, Error::Gguf { .. } | Error::BadGguf(_))
     });
     check(
         tiny()

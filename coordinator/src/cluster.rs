@@ -13,6 +13,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::{CoordError, Result};
 use crate::plan;
+use crate::timeouts::TIMEOUTS;
 
 /// A live connection to a node: the client and the coordinator's lease on it.
 #[derive(Debug, Clone)]
@@ -130,13 +131,14 @@ impl NodeConn {
     /// Connects, handshakes and asks the node to describe itself.
     pub async fn open(id: Option<String>, addr: &str) -> Result<Self> {
         let (client, ack) = connect(addr).await?;
-        let desc = client
-            .describe(ctx(10))
-            .await
-            .map_err(|e| CoordError::NodeDown {
-                addr: addr.to_string(),
-                detail: e.to_string(),
-            })?;
+        let desc =
+            client
+                .describe(ctx(TIMEOUTS.describe))
+                .await
+                .map_err(|e| CoordError::NodeDown {
+                    addr: addr.to_string(),
+                    detail: e.to_string(),
+                })?;
         Ok(NodeConn {
             id,
             addr: addr.to_string(),
@@ -193,16 +195,16 @@ pub struct Cluster {
     pub model: Arc<ModelRef>,
 }
 
-/// A context with a deadline `secs` from now.
-pub fn ctx(secs: u64) -> Context {
+/// A context with a deadline `within` from now (see [`TIMEOUTS`]).
+pub fn ctx(within: Duration) -> Context {
     let mut c = tarpc::context::current();
-    c.deadline = Instant::now() + Duration::from_secs(secs);
+    c.deadline = Instant::now() + within;
     c
 }
 
 /// Connects and handshakes.
 pub async fn connect(addr: &str) -> Result<(ShardNodeClient, HelloAck)> {
-    proto_types::connect(addr, "coordinator", Duration::from_secs(5))
+    proto_types::connect(addr, "coordinator", TIMEOUTS.connect)
         .await
         .map_err(|e| match e {
             ConnectError::Refused(err) => CoordError::Shard {
@@ -251,7 +253,7 @@ pub fn keep_alive(client: &ShardNodeClient, lease: LeaseId, every: Duration) -> 
                 _ = tick.tick() => {}
             }
             // A failure here shows up as the load's own error; nothing to do but try again.
-            let _ = client.heartbeat(ctx(2), lease).await;
+            let _ = client.heartbeat(ctx(TIMEOUTS.heartbeat), lease).await;
         }
     });
     stop.drop_guard()
@@ -426,7 +428,7 @@ impl Cluster {
     async fn watch(&self, i: usize) {
         let n = &self.nodes[i];
         match n.link() {
-            Some(l) => match l.client.heartbeat(ctx(2), l.lease).await {
+            Some(l) => match l.client.heartbeat(ctx(TIMEOUTS.heartbeat), l.lease).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) if e.code != ErrorCode::UnknownLease => {
                     tracing::warn!(addr = %n.addr, "heartbeat: {e}")
@@ -483,7 +485,7 @@ async fn load(
     max_ctx: usize,
 ) -> Result<SliceInfo> {
     let req = NodeConn::load_req(model, range, epoch, max_ctx);
-    rpc(addr, client.load_slice(ctx(600), req).await)
+    rpc(addr, client.load_slice(ctx(TIMEOUTS.load), req).await)
 }
 
 /// The checked range of a plan's stage.

@@ -1,4 +1,4 @@
-//! The generation driver: one task per request opens a session on every stage, prefills in
+//! The generation task: one per request, it opens a session on every stage, prefills in
 //! chunks, decodes token by token, streams text out, and closes the session on every stage
 //! when it ends for any reason, the client going away included.
 
@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::cluster::{ctx, rpc, Cluster};
 use crate::error::{CoordError, Result};
+use crate::timeouts::TIMEOUTS;
 
 /// What a request asks for, already tokenized.
 #[derive(Debug, Clone)]
@@ -29,7 +30,7 @@ pub struct GenRequest {
     pub ignore_eos: bool,
 }
 
-/// What the driver streams back.
+/// What the generation task streams back.
 #[derive(Debug)]
 pub enum GenEvent {
     /// A piece of text.
@@ -62,7 +63,7 @@ async fn close_everywhere(c: Arc<Cluster>, s: SessionId) {
         // An unknown session is fine: it may never have been opened there. A node that is
         // down has lost the session already.
         if let Ok(client) = n.client() {
-            let _ = client.close_session(ctx(5), s).await;
+            let _ = client.close_session(ctx(TIMEOUTS.close_session), s).await;
         }
     }
 }
@@ -130,7 +131,12 @@ async fn run(
             next,
             sampling: sampling.clone(),
         };
-        rpc(&node.addr, node.client()?.open_session(ctx(10), open).await)?;
+        rpc(
+            &node.addr,
+            node.client()?
+                .open_session(ctx(TIMEOUTS.open_session), open)
+                .await,
+        )?;
     }
     let mut chain = RemoteChain {
         client: cluster.nodes[0].client()?,
@@ -186,7 +192,7 @@ impl StageChain for RemoteChain<'_> {
             epoch: self.cluster.epoch,
             items: vec![item],
         };
-        let reply = rpc(addr, self.client.forward(ctx(120), req).await)?;
+        let reply = rpc(addr, self.client.forward(ctx(TIMEOUTS.step), req).await)?;
         match reply.outputs.into_iter().next() {
             Some(Ok(o)) => Ok(o.token),
             Some(Err(err)) => Err(CoordError::Shard {

@@ -39,6 +39,9 @@ pub enum CoordError {
     /// Over the admission limit.
     #[error("{0}")]
     Busy(String),
+    /// A configuration value is invalid.
+    #[error("{0}")]
+    Config(String),
     /// I/O.
     #[error(transparent)]
     Io(#[from] std::io::Error),

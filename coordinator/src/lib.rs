@@ -1,27 +1,35 @@
-//! The coordinator: planner, generation driver and OpenAI-compatible HTTP API.
+//! The coordinator: planner, generation, OpenAI-compatible HTTP API and the 2PC driver.
 //!
 //! # Layout
+//! - [`config`]: `serve`'s configuration, raw and checked.
+//! - [`serve_cmd`]: `coordinator serve`: wiring, signals, the drain.
 //! - [`plan`]: layers split across nodes by free memory.
 //! - [`cluster`]: connections to the shard nodes, loading the plan, heartbeats.
-//! - [`engine`]: one generation: sessions on every stage, prefill, decode, cleanup.
+//! - [`engine`]: one generation task: sessions on every stage, the decode loop over them
+//!   (`RemoteChain`), cleanup.
 //! - [`http`]: the axum routes.
 //! - [`serving`]: the plan new requests run on, replaced when a newer epoch commits.
 //! - [`twopc`]: the two-phase commit of a new plan (PREPARE, decision in etcd, COMMIT/ABORT).
-//! - [`driver`]: the etcd election of the one 2PC driver, and its membership watch.
+//! - [`driver`]: the 2PC driver: the leader election in etcd, and the leader's membership
+//!   watch that triggers re-plans.
 //! - [`follow`]: every coordinator follows the committed plan in etcd.
+//! - [`timeouts`]: the deadline of every call to a node.
 //! - [`status_cmd`]: `coordinator status`, the cluster as a table.
 //! - [`up`]: `coordinator up`, a local cluster in one command.
 //! - [`error`]: the crate's error, [`CoordError`].
 
 pub mod cluster;
+pub mod config;
 pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod follow;
 pub mod http;
 pub mod plan;
+pub mod serve_cmd;
 pub mod serving;
 pub mod status_cmd;
+pub mod timeouts;
 pub mod twopc;
 pub mod up;
 

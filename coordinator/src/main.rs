@@ -1,23 +1,13 @@
 //! `coordinator`: plans a model over shard nodes and serves the OpenAI API.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use cluster_registry::Registry;
-use common::gguf::GgufFile;
-use common::tokenizer::TextTokenizer;
-use coordinator::cluster::{Cluster, ModelRef};
-use coordinator::driver::{self, DriverConfig};
-use coordinator::follow;
-use coordinator::http::{router, AppState};
-use coordinator::serving::Serving;
-use coordinator::twopc::{Failpoint, TwoPc};
-use proto_types::PlanEpoch;
+use coordinator::config::RawServeConfig;
+use coordinator::serve_cmd::{self, cancel_on_signal};
+use coordinator::twopc::Failpoint;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -93,12 +83,16 @@ struct ServeArgs {
     /// With etcd: make the first plan once this many nodes have registered.
     #[arg(long, default_value_t = 1)]
     min_nodes: usize,
-    /// This coordinator's name in the driver election and in decisions.
+    /// This coordinator's name in the leader election and in decisions.
     #[arg(long)]
     id: Option<String>,
-    /// TTL of the driver election lease, in seconds.
+    /// TTL of the leader lease (the election of the coordinator that drives re-plans), in
+    /// seconds; at least 2.
     #[arg(long, default_value_t = 5)]
     etcd_ttl_secs: i64,
+    /// On ctrl-c or SIGTERM, how long in-flight requests may run on, in seconds.
+    #[arg(long, default_value_t = 30)]
+    drain_secs: u64,
     /// Testing only: stop the 2PC driver at this point.
     #[arg(long, hide = true)]
     failpoint: Option<Failpoint>,
@@ -125,9 +119,35 @@ fn main() -> ExitCode {
     }
 }
 
+impl From<ServeArgs> for RawServeConfig {
+    fn from(a: ServeArgs) -> Self {
+        RawServeConfig {
+            http: a.http,
+            model: a.model,
+            nodes: a.nodes,
+            max_ctx: a.max_ctx,
+            etcd: a.etcd,
+            cluster: a.cluster,
+            min_nodes: a.min_nodes,
+            id: a.id,
+            etcd_ttl_secs: a.etcd_ttl_secs,
+            drain_secs: a.drain_secs,
+            failpoint: a.failpoint,
+        }
+    }
+}
+
+async fn serve(raw: RawServeConfig) -> anyhow::Result<()> {
+    let cfg = raw.validate()?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    serve_cmd::run(cfg, shutdown).await?;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(args.into()).await,
         Command::Status { etcd, cluster } => {
             print!("{}", coordinator::status_cmd::run(&etcd, &cluster).await?);
             Ok(())
@@ -154,7 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 nodes,
                 local.addrs.join(", ")
             );
-            let r = serve(ServeArgs {
+            let r = serve(RawServeConfig {
                 http,
                 model,
                 nodes: local.addrs.clone(),
@@ -164,6 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 min_nodes: 1,
                 id: None,
                 etcd_ttl_secs: 5,
+                drain_secs: 30,
                 failpoint: None,
             })
             .await;
@@ -171,72 +192,4 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             r
         }
     }
-}
-
-async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let file = GgufFile::open(&a.model)?;
-    let tok = Arc::new(TextTokenizer::from_gguf(&file)?);
-    let max_ctx = a.max_ctx.min(file.config()?.context_length);
-    let model = Arc::new(ModelRef::inspect(&a.model)?);
-    let shutdown = CancellationToken::new();
-    let serving = Arc::new(Serving::default());
-    match &a.etcd {
-        None => {
-            let c = Cluster::start(&a.nodes, model, max_ctx, PlanEpoch(1)).await?;
-            serving.replace(Arc::new(c), &shutdown);
-        }
-        Some(url) => {
-            let registry = Registry::connect(url, &a.cluster).await?;
-            let who =
-                a.id.clone()
-                    .unwrap_or_else(|| format!("coordinator-{}@{}", std::process::id(), a.http));
-            tokio::spawn(follow::run(
-                registry.clone(),
-                model.clone(),
-                serving.clone(),
-                shutdown.clone(),
-            ));
-            let cfg = DriverConfig {
-                twopc: TwoPc {
-                    registry,
-                    model,
-                    max_ctx,
-                    who,
-                    failpoint: a.failpoint,
-                },
-                min_nodes: a.min_nodes,
-                ttl_secs: a.etcd_ttl_secs.max(2),
-            };
-            tokio::spawn(driver::run(cfg, serving.clone(), shutdown.clone()));
-        }
-    }
-    let model_id = a
-        .model
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("model")
-        .to_string();
-    let state = Arc::new(AppState {
-        serving,
-        tok,
-        model_id,
-        admission: Arc::new(tokio::sync::Semaphore::new(coordinator::MAX_IN_FLIGHT)),
-        requests: AtomicU64::new(0),
-        tokens: AtomicU64::new(0),
-    });
-    let listener = tokio::net::TcpListener::bind(a.http).await?;
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on {}", listener.local_addr()?)?;
-        out.flush()?;
-    }
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        stop.cancel();
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
-    Ok(())
 }

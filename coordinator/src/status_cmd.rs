@@ -66,7 +66,11 @@ pub async fn run(etcd: &str, cluster: &str) -> anyhow::Result<String> {
             .and_then(|p| p.stage_of(&n.id))
             .map_or("-".to_string(), |s| format!("{}..{}", s.start, s.end));
         let status = match NodeConn::open(Some(n.id.clone()), &n.addr).await {
-            Ok(c) => c.client.status(ctx(5)).await.ok(),
+            Ok(c) => c
+                .client
+                .status(ctx(crate::timeouts::TIMEOUTS.status))
+                .await
+                .ok(),
             Err(_) => None,
         };
         let state = if leaving.contains(&n.id) {

@@ -18,6 +18,7 @@ use proto_types::PlanEpoch;
 
 use crate::cluster::{ctx, rpc, Cluster, ModelRef, NodeConn};
 use crate::error::{CoordError, Result};
+use crate::timeouts::TIMEOUTS;
 
 /// Test hooks: the driver stops at a point of the protocol, printing
 /// `failpoint NAME epoch E` on stdout, and waits to be killed there.
@@ -79,7 +80,12 @@ impl TwoPc {
         tracing::info!(%epoch, ?ranges, "PREPARE");
         let votes = futures::future::join_all(conns.iter().zip(&ranges).map(|(c, &r)| {
             let req = NodeConn::load_req(&self.model, r, epoch, self.max_ctx);
-            async move { rpc(&c.addr, c.client.prepare_slice(ctx(600), req).await) }
+            async move {
+                rpc(
+                    &c.addr,
+                    c.client.prepare_slice(ctx(TIMEOUTS.load), req).await,
+                )
+            }
         }))
         .await;
         let no: Vec<String> = votes
@@ -133,11 +139,12 @@ impl TwoPc {
         }
         tracing::info!(%epoch, "COMMIT recorded in etcd");
         failpoint(self.failpoint, Failpoint::AfterDecision, epoch).await;
-        let commits = futures::future::join_all(
-            conns
-                .iter()
-                .map(|c| async move { rpc(&c.addr, c.client.commit_slice(ctx(30), epoch).await) }),
-        )
+        let commits = futures::future::join_all(conns.iter().map(|c| async move {
+            rpc(
+                &c.addr,
+                c.client.commit_slice(ctx(TIMEOUTS.commit), epoch).await,
+            )
+        }))
         .await;
         for (r, c) in commits.iter().zip(&conns) {
             if let Err(e) = r {
@@ -161,7 +168,10 @@ impl TwoPc {
 
     async fn abort_all(&self, conns: &[NodeConn], epoch: PlanEpoch) {
         futures::future::join_all(conns.iter().map(|c| async move {
-            if let Err(e) = rpc(&c.addr, c.client.abort_slice(ctx(10), epoch).await) {
+            if let Err(e) = rpc(
+                &c.addr,
+                c.client.abort_slice(ctx(TIMEOUTS.abort), epoch).await,
+            ) {
                 tracing::warn!(%epoch, addr = c.addr, "ABORT not delivered: {e}");
             }
         }))

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, Parser, Subcommand};
+use common::cuda_options::CudaOptions;
 use common::device::DeviceSpec;
 use common::sampling::SamplingParams;
 use shard_node::bench_cmd::{self, BenchOptions};
@@ -18,6 +20,46 @@ use shard_node::generate_cmd::{self, GenerateOptions};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    cuda: CudaArgs,
+}
+
+/// Switches of our CUDA kernels, to compare them with candle's own ops (no effect on the
+/// CPU). Each takes on/off (or 1/0, true/false); the environment variable is the fallback.
+#[derive(Args, Debug)]
+struct CudaArgs {
+    /// Our decode-attention kernels; off selects candle's ops throughout.
+    #[arg(long, global = true, env = "LLMC_CUDA_ATTENTION", default_value = "on",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    cuda_attention: bool,
+    /// Steps that mix a prefill chunk with decode rows use the attention kernels too.
+    #[arg(long, global = true, env = "LLMC_CUDA_MIXED", default_value = "on",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    cuda_mixed: bool,
+    /// The fused decode step (needs the attention kernels).
+    #[arg(long, global = true, env = "LLMC_CUDA_FUSED", default_value = "on",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    cuda_fused: bool,
+    /// Our matrix-vector kernels.
+    #[arg(long, global = true, env = "LLMC_CUDA_MATVEC", default_value = "on",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    cuda_matvec: bool,
+    /// Launches overlapping the kernel before (sm_90 and later).
+    #[arg(long, global = true, env = "LLMC_CUDA_PDL", default_value = "on",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    cuda_pdl: bool,
+}
+
+impl From<&CudaArgs> for CudaOptions {
+    fn from(a: &CudaArgs) -> Self {
+        CudaOptions {
+            attention: a.cuda_attention,
+            mixed: a.cuda_mixed,
+            fused: a.cuda_fused,
+            matvec: a.cuda_matvec,
+            pdl: a.cuda_pdl,
+        }
+    }
 }
 
 /// Which model, where, and how it is cut into stages.
@@ -118,6 +160,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    common::cuda_options::set(CudaOptions::from(&cli.cuda))?;
     match cli.command {
         Command::Generate {
             m,

@@ -74,6 +74,9 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
         crate::server::trim::configure_allocator();
     }
     common::telemetry::init_logging();
+    if o.device != DeviceSpec::Cpu {
+        tracing::info!(options = ?common::cuda_options::get(), "CUDA kernels");
+    }
     init_threads(o.threads)?;
     let device = o.device.open()?;
     // Before the baseline is measured (`Node::new`): what candle keeps for good is allocated

@@ -298,6 +298,31 @@ impl CoordinatorProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Sends SIGTERM (what `docker stop` and systemd send).
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "kill -TERM {} failed", self.child.id());
+        Ok(())
+    }
+
+    /// Waits up to `within` for the process to exit by itself; its status, if it did.
+    pub fn wait_exit(
+        &mut self,
+        within: std::time::Duration,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < within {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(Some(s));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(None)
+    }
 }
 
 impl Drop for CoordinatorProcess {

@@ -16,6 +16,11 @@ pub mod error;
 
 pub use error::{RegistryError, Result};
 
+/// The shortest TTL of an etcd lease this cluster takes (a node's registration, a
+/// coordinator's leader lease), in seconds: keepalives go out every third of it, and a shorter
+/// one lapses on a scheduling hiccup.
+pub const MIN_TTL_SECS: i64 = 2;
+
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn,
     TxnOp, TxnOpResponse,

@@ -17,11 +17,11 @@
 //! It takes a step when every segment is one decode row on an f16 CUDA cache, the weights'
 //! types have an mmvq kernel, and q/k/v and gate/up are each one matrix without biases;
 //! anything else goes through [`crate::model::block::Block::forward`].
-//! `LLMC_CUDA_FUSED=0` turns it off, so one run can compare both paths.
+//! `--cuda-fused off` (or `LLMC_CUDA_FUSED=0`) turns it off, so one run can compare both paths.
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
@@ -74,14 +74,10 @@ fn mmvq_for(t: GgmlDType) -> Option<Mmvq> {
     Some(f)
 }
 
-/// Whether the fused path is on: `LLMC_CUDA_FUSED` (default on), and off with our attention
-/// kernels (`LLMC_CUDA_ATTENTION=0`), so that switch still selects candle's ops throughout.
+/// Whether the fused path is on ([`crate::cuda_options::CudaOptions::fused_step`]): off too
+/// with our attention kernels off, so that switch still selects candle's ops throughout.
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        let on = |var| std::env::var(var).map_or(true, |v| v != "0");
-        on("LLMC_CUDA_FUSED") && on("LLMC_CUDA_ATTENTION")
-    })
+    crate::cuda_options::get().fused_step()
 }
 
 /// candle's launcher of mmq's activation quantizer.

@@ -2,10 +2,8 @@
 //! activations (kernels in `matvec.cu`, whose header says how they differ from candle's
 //! `mmvq`). They take the same arguments as candle's mmvq launchers, so the fused decode path
 //! calls whichever applies: these where [`MatvecType::of`] accepts the weight, candle's
-//! otherwise. `LLMC_CUDA_MATVEC=0` turns them off, so one run can compare both.
+//! otherwise. `--cuda-matvec off` (or `LLMC_CUDA_MATVEC=0`) turns them off, so one run can compare both.
 #![allow(unsafe_code)]
-
-use std::sync::OnceLock;
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
@@ -25,10 +23,9 @@ const PASS: usize = 128;
 /// Bytes of one Q8_1 block of 32 values (`block_q8_1` in `q8_1.cuh`).
 pub(crate) const Q8_1_BYTES: usize = 36;
 
-/// Whether the kernels are on: `LLMC_CUDA_MATVEC` (default on).
+/// Whether the kernels are on ([`crate::cuda_options::CudaOptions::matvec`], default on).
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LLMC_CUDA_MATVEC").map_or(true, |v| v != "0"))
+    crate::cuda_options::get().matvec
 }
 
 /// A weight type the kernels read.

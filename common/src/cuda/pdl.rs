@@ -12,13 +12,11 @@ use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaStream, L
 
 /// Whether launches may overlap the kernel before: the PTX was built for sm_90 or later, where
 /// the kernels hold their waits (the driver loads such PTX only on those GPUs), and
-/// `LLMC_CUDA_PDL` is not 0.
+/// [`crate::cuda_options::CudaOptions::pdl`] is on.
 pub(crate) fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        env!("LLMC_CUDA_PTX_ARCH").parse::<u32>().unwrap_or(0) >= 90
-            && std::env::var("LLMC_CUDA_PDL").map_or(true, |v| v != "0")
-    })
+    static SM90: OnceLock<bool> = OnceLock::new();
+    *SM90.get_or_init(|| env!("LLMC_CUDA_PTX_ARCH").parse::<u32>().unwrap_or(0) >= 90)
+        && crate::cuda_options::get().pdl
 }
 
 /// Launches `f` on `stream` with `params` (one pointer to each argument's value), overlapping

@@ -87,19 +87,28 @@ impl GgufFile {
             source,
         };
         let file = File::open(&path).map_err(io)?;
-        let reader = GGUFFileReader::new(BufReader::new(file.try_clone().map_err(io)?))
-            .map_err(|e| Error::Gguf(format!("{}: {e}", path.display())))?;
+        let reader = GGUFFileReader::new(BufReader::new(file.try_clone().map_err(io)?)).map_err(
+            |source| Error::Gguf {
+                path: path.clone(),
+                source,
+            },
+        )?;
         let base = reader.tensor_data_offset();
         let file_len = file.metadata().map_err(io)?.len();
         let mut tensors = HashMap::with_capacity(reader.tensor_count());
         for info in reader.tensor_infos() {
             let name = info.name().to_string();
-            let nbytes = info.checked_expected_data_size()?;
+            let nbytes = info
+                .checked_expected_data_size()
+                .map_err(|source| Error::Gguf {
+                    path: path.clone(),
+                    source,
+                })?;
             let offset = base
                 .checked_add(info.data_offset())
-                .ok_or_else(|| Error::Gguf(format!("tensor `{name}` offset overflows")))?;
+                .ok_or_else(|| Error::BadGguf(format!("tensor `{name}` offset overflows")))?;
             if offset.checked_add(nbytes).is_none_or(|end| end > file_len) {
-                return Err(Error::Gguf(format!(
+                return Err(Error::BadGguf(format!(
                     "tensor `{name}` ({nbytes} bytes at {offset}) runs past the end of the file ({file_len} bytes): truncated?"
                 )));
             }
@@ -110,7 +119,7 @@ impl GgufFile {
                 .rev()
                 .map(|&d| usize::try_from(d))
                 .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|_| Error::Gguf(format!("tensor `{name}` has an absurd dimension")))?;
+                .map_err(|_| Error::BadGguf(format!("tensor `{name}` has an absurd dimension")))?;
             tensors.insert(
                 name.clone(),
                 TensorDesc {

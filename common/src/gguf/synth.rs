@@ -157,7 +157,10 @@ pub fn write(spec: &SynthSpec, tokenizer: &GgufFile, out: &Path) -> Result<u64> 
             _ => None,
         })
         .ok_or_else(|| Error::MissingKey("tokenizer.ggml.tokens".into()))?;
-    let gerr = |e: gguf_rs_lib::error::GGUFError| Error::Gguf(e.to_string());
+    let gerr = |source| Error::Gguf {
+        path: out.to_path_buf(),
+        source,
+    };
     let (h, f) = (u64::from(spec.hidden), u64::from(spec.ffn));
     let kv = h / u64::from(spec.heads) * u64::from(spec.kv_heads);
     let mut b = GGUFBuilder::new()

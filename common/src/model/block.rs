@@ -180,20 +180,15 @@ impl Block {
 
 /// Attention through the CUDA decode kernels, when they take this step: every decode row on
 /// an f16 CUDA cache goes through them, any prefill chunk beside them through candle's ops;
-/// `None` when no segment is a decode row. `LLMC_CUDA_ATTENTION=0` turns them off, for
+/// `None` when no segment is a decode row. [`crate::cuda_options`] turns them off, for
 /// comparisons.
 fn cuda_decode(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     {
         use crate::cuda::decode_attention;
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let on =
-            *ON.get_or_init(|| std::env::var("LLMC_CUDA_ATTENTION").map_or(true, |v| v != "0"));
-        // `LLMC_CUDA_MIXED=0`: steps that hold a prefill chunk take candle's ops throughout.
-        static MIXED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let mixed =
-            *MIXED.get_or_init(|| std::env::var("LLMC_CUDA_MIXED").map_or(true, |v| v != "0"));
-        if on && (mixed || decode_attention::applies(segs, rows.layer, rows.shape)) {
+        let o = crate::cuda_options::get();
+        // `mixed` off: steps that hold a prefill chunk take candle's ops throughout.
+        if o.attention && (o.mixed || decode_attention::applies(segs, rows.layer, rows.shape)) {
             return decode_attention::attend_mixed(rows, segs);
         }
     }

@@ -78,40 +78,50 @@ impl IntoResponse for ApiError {
 }
 
 impl From<CoordError> for ApiError {
+    /// Client mistakes and limits say what to change; failures inside the cluster (node
+    /// addresses, node errors, the runtime's own) go to the log, and the client gets a
+    /// message without them.
     fn from(e: CoordError) -> Self {
-        match &e {
-            CoordError::BadRequest(_) => ApiError(
+        let (status, kind, message) = match &e {
+            CoordError::BadRequest(_) => (
                 StatusCode::BAD_REQUEST,
-                e.to_string(),
                 "invalid_request_error",
-            ),
-            CoordError::Busy(_) => ApiError(
-                StatusCode::TOO_MANY_REQUESTS,
                 e.to_string(),
+            ),
+            CoordError::Busy(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
+                e.to_string(),
             ),
             CoordError::Shard { err, .. }
                 if err.code == proto_types::ErrorCode::ResourceExhausted =>
             {
-                ApiError(
+                (
                     StatusCode::TOO_MANY_REQUESTS,
-                    e.to_string(),
                     "rate_limit_error",
+                    "the cluster has no room for this request now; retry later".to_string(),
                 )
             }
-            CoordError::NodeDown { .. } | CoordError::Shard { .. } | CoordError::NoPlan(_) => {
-                ApiError(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    e.to_string(),
-                    "server_error",
-                )
-            }
-            _ => ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                e.to_string(),
+            CoordError::NoPlan(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
+                e.to_string(),
             ),
+            CoordError::NodeDown { .. } | CoordError::Shard { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "a stage of the cluster is unavailable; retry later".to_string(),
+            ),
+            _ => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal error; the coordinator's log has the details".to_string(),
+            ),
+        };
+        if status.is_server_error() || matches!(e, CoordError::Shard { .. }) {
+            tracing::warn!(status = status.as_u16(), "request failed: {e}");
         }
+        ApiError(status, message, kind)
     }
 }
 
@@ -131,7 +141,8 @@ fn gen_request(
     prompt: &str,
     c: &Common,
 ) -> Result<GenRequest, ApiError> {
-    let ids = st.tok.encode(prompt).map_err(|e| bad(e.to_string()))?;
+    // The tokenizer failing is the coordinator's problem, not the request's.
+    let ids = st.tok.encode(prompt).map_err(CoordError::from)?;
     if ids.is_empty() {
         return Err(bad("the prompt is empty"));
     }
@@ -214,12 +225,8 @@ async fn serve(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::from(CoordError::Busy("too many requests in flight".into())))?;
-    st.requests.fetch_add(1, Ordering::Relaxed);
-    let id = format!(
-        "{}-{}",
-        if chat { "chatcmpl" } else { "cmpl" },
-        st.requests.load(Ordering::Relaxed)
-    );
+    let n = st.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
     let mut rx = engine::start(cluster, st.tok.clone(), g);
     if stream {
         let model = st.model_id.clone();
@@ -339,7 +346,10 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
 async fn statuses(c: &Cluster) -> Vec<Option<proto_types::NodeStatus>> {
     futures::future::join_all(c.nodes.iter().map(|n| async move {
         match n.client() {
-            Ok(c) => c.status(crate::cluster::ctx(2)).await.ok(),
+            Ok(c) => c
+                .status(crate::cluster::ctx(crate::timeouts::TIMEOUTS.heartbeat))
+                .await
+                .ok(),
             Err(_) => None,
         }
     }))

@@ -68,8 +68,11 @@ pub async fn run(
     let Some(url) = o.etcd.clone() else {
         return Ok(());
     };
-    if o.etcd_ttl_secs < 2 {
-        anyhow::bail!("--etcd-ttl-secs must be at least 2");
+    if o.etcd_ttl_secs < cluster_registry::MIN_TTL_SECS {
+        anyhow::bail!(
+            "--etcd-ttl-secs must be at least {}",
+            cluster_registry::MIN_TTL_SECS
+        );
     }
     let registry = Registry::connect(&url, &o.cluster).await?;
     let addr = o.advertise.clone().unwrap_or_else(|| bound.to_string());

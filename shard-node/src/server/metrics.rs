@@ -116,6 +116,15 @@ pub fn render(server: &Server) -> String {
             handles as u64,
         );
     }
+    if !node.device.is_cpu() {
+        let _ = writeln!(
+            out,
+            "# HELP shard_cuda_option Switches of our CUDA kernels (1: on).\n# TYPE shard_cuda_option gauge"
+        );
+        for (name, on) in common::cuda_options::get().named() {
+            let _ = writeln!(out, "shard_cuda_option{{name=\"{name}\"}} {}", u8::from(on));
+        }
+    }
     if let Some(pool) = common::memory::pool_usage(&node.device) {
         line(
             &mut out,

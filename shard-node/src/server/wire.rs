@@ -15,7 +15,8 @@ pub fn shard_err(e: common::Error) -> ShardError {
             ErrorCode::InvalidArgument
         }
         E::Io { .. }
-        | E::Gguf(_)
+        | E::Gguf { .. }
+        | E::BadGguf(_)
         | E::MissingKey(_)
         | E::BadKey { .. }
         | E::UnsupportedArchitecture(_) => ErrorCode::ModelUnavailable,

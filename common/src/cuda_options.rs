@@ -1,0 +1,89 @@
+//! [`CudaOptions`]: the switches of our CUDA kernels, for comparisons against candle's own
+//! ops. A binary parses them once at start (flags, with the `LLMC_CUDA_*` environment
+//! variables as fallback) and [`set`]s them; the kernels read them with [`get`]. They change
+//! nothing on the CPU.
+
+use std::sync::OnceLock;
+
+use crate::error::{Error, Result};
+
+/// Which of our CUDA kernels run (all by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// Our decode-attention kernels (`LLMC_CUDA_ATTENTION`); off: candle's ops throughout.
+    pub attention: bool,
+    /// Steps that mix a prefill chunk with decode rows use them too (`LLMC_CUDA_MIXED`).
+    pub mixed: bool,
+    /// The fused decode step (`LLMC_CUDA_FUSED`); needs `attention`.
+    pub fused: bool,
+    /// Our matrix-vector kernels (`LLMC_CUDA_MATVEC`).
+    pub matvec: bool,
+    /// Launches that overlap the kernel before, on sm_90 and later (`LLMC_CUDA_PDL`).
+    pub pdl: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            attention: true,
+            mixed: true,
+            fused: true,
+            matvec: true,
+            pdl: true,
+        }
+    }
+}
+
+impl CudaOptions {
+    /// Whether the fused step runs: it is on and so are the attention kernels (turning
+    /// attention off selects candle's ops throughout).
+    pub fn fused_step(&self) -> bool {
+        self.fused && self.attention
+    }
+
+    /// Each switch by name, for logs and metrics.
+    pub fn named(&self) -> [(&'static str, bool); 5] {
+        [
+            ("attention", self.attention),
+            ("mixed", self.mixed),
+            ("fused", self.fused),
+            ("matvec", self.matvec),
+            ("pdl", self.pdl),
+        ]
+    }
+}
+
+static OPTIONS: OnceLock<CudaOptions> = OnceLock::new();
+
+/// Sets the options for this process; an error if others were set or read before.
+pub fn set(o: CudaOptions) -> Result<()> {
+    let now = *OPTIONS.get_or_init(|| o);
+    if now != o {
+        return Err(Error::Config(format!(
+            "the CUDA options were already {now:?}; they are set once, at start"
+        )));
+    }
+    Ok(())
+}
+
+/// The options in force ([`CudaOptions::default`] unless [`set`] was called first).
+pub fn get() -> CudaOptions {
+    *OPTIONS.get_or_init(CudaOptions::default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fused_step_needs_the_attention_kernels() {
+        let o = CudaOptions::default();
+        assert!(o.fused_step());
+        assert!(!CudaOptions {
+            attention: false,
+            ..o
+        }
+        .fused_step());
+        assert!(o.named().iter().all(|&(_, on)| on));
+    }
+}

@@ -1,0 +1,237 @@
+//! `coordinator serve`'s configuration: [`RawServeConfig`] as given (flags), checked by
+//! [`RawServeConfig::validate`] into a typed [`ServeConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{CoordError, Result};
+use crate::twopc::Failpoint;
+
+/// The configuration as given.
+#[derive(Debug, Clone)]
+pub struct RawServeConfig {
+    /// HTTP listen address.
+    pub http: SocketAddr,
+    /// GGUF model file.
+    pub model: PathBuf,
+    /// Static membership: node addresses, first stage first.
+    pub nodes: Vec<String>,
+    /// Context bound of each session.
+    pub max_ctx: usize,
+    /// etcd endpoint(s).
+    pub etcd: Option<String>,
+    /// The cluster's name in etcd.
+    pub cluster: String,
+    /// With etcd: plan once this many nodes are registered.
+    pub min_nodes: usize,
+    /// The name in the leader election and in decisions.
+    pub id: Option<String>,
+    /// TTL of the leader lease, in seconds.
+    pub etcd_ttl_secs: i64,
+    /// How long in-flight requests may run on after ctrl-c or SIGTERM, in seconds.
+    pub drain_secs: u64,
+    /// Testing only: stop the 2PC driver at this point.
+    pub failpoint: Option<Failpoint>,
+}
+
+/// Where the nodes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    /// A fixed list, first stage first.
+    Static(Vec<String>),
+    /// Nodes registered in etcd; plans applied by two-phase commit.
+    Etcd {
+        /// etcd endpoint(s), comma-separated.
+        url: String,
+        /// The cluster's name.
+        cluster: String,
+        /// Plan once this many nodes are registered.
+        min_nodes: usize,
+        /// This coordinator's name in the election and in decisions.
+        id: String,
+        /// TTL of the leader lease.
+        ttl_secs: i64,
+    },
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// HTTP listen address.
+    pub http: SocketAddr,
+    /// GGUF model file.
+    pub model: PathBuf,
+    /// Context bound of each session (at most the model's, applied at start).
+    pub max_ctx: usize,
+    /// Where the nodes come from.
+    pub membership: Membership,
+    /// How long in-flight requests may run on after a shutdown signal.
+    pub drain: Duration,
+    /// Testing only.
+    pub failpoint: Option<Failpoint>,
+}
+
+fn bad(msg: String) -> CoordError {
+    CoordError::Config(msg)
+}
+
+impl RawServeConfig {
+    /// Checks every value.
+    pub fn validate(self) -> Result<ServeConfig> {
+        if self.max_ctx == 0 {
+            return Err(bad("--max-ctx must be at least 1".into()));
+        }
+        let membership = match self.etcd {
+            None => {
+                if self.nodes.is_empty() || self.nodes.iter().any(|n| n.trim().is_empty()) {
+                    return Err(bad(
+                        "--nodes needs at least one address (HOST:PORT,...), or use --etcd".into(),
+                    ));
+                }
+                Membership::Static(self.nodes)
+            }
+            Some(url) => {
+                if !self.nodes.is_empty() {
+                    return Err(bad("--nodes and --etcd exclude each other".into()));
+                }
+                if !cluster_registry::valid_name(&self.cluster) {
+                    return Err(bad(format!(
+                        "--cluster `{}`: use letters, digits, '-', '_', '.' or ':'",
+                        self.cluster
+                    )));
+                }
+                if self.min_nodes == 0 {
+                    return Err(bad("--min-nodes must be at least 1".into()));
+                }
+                if self.etcd_ttl_secs < cluster_registry::MIN_TTL_SECS {
+                    return Err(bad(format!(
+                        "--etcd-ttl-secs must be at least {}",
+                        cluster_registry::MIN_TTL_SECS
+                    )));
+                }
+                let id = self
+                    .id
+                    .unwrap_or_else(|| format!("coordinator-{}@{}", std::process::id(), self.http));
+                Membership::Etcd {
+                    url,
+                    cluster: self.cluster,
+                    min_nodes: self.min_nodes,
+                    id,
+                    ttl_secs: self.etcd_ttl_secs,
+                }
+            }
+        };
+        Ok(ServeConfig {
+            http: self.http,
+            model: self.model,
+            max_ctx: self.max_ctx,
+            membership,
+            drain: Duration::from_secs(self.drain_secs),
+            failpoint: self.failpoint,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> RawServeConfig {
+        RawServeConfig {
+            http: "127.0.0.1:0".parse().expect("addr"),
+            model: "m.gguf".into(),
+            nodes: vec!["127.0.0.1:7001".into()],
+            max_ctx: 2048,
+            etcd: None,
+            cluster: "llm".into(),
+            min_nodes: 1,
+            id: None,
+            etcd_ttl_secs: 5,
+            drain_secs: 30,
+            failpoint: None,
+        }
+    }
+
+    fn etcd() -> RawServeConfig {
+        RawServeConfig {
+            nodes: vec![],
+            etcd: Some("http://127.0.0.1:2379".into()),
+            id: Some("c1".into()),
+            ..raw()
+        }
+    }
+
+    fn refused(r: RawServeConfig, what: &str) {
+        match r.validate() {
+            Err(CoordError::Config(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("expected a refusal naming {what}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_configs_become_typed() {
+        let c = raw().validate().expect("static");
+        assert_eq!(
+            c.membership,
+            Membership::Static(vec!["127.0.0.1:7001".into()])
+        );
+        assert_eq!(c.drain, Duration::from_secs(30));
+        let c = etcd().validate().expect("etcd");
+        assert!(matches!(c.membership, Membership::Etcd { ttl_secs: 5, ref id, .. } if id == "c1"));
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_the_flag_to_fix() {
+        refused(
+            RawServeConfig {
+                max_ctx: 0,
+                ..raw()
+            },
+            "--max-ctx",
+        );
+        refused(
+            RawServeConfig {
+                nodes: vec![],
+                ..raw()
+            },
+            "--nodes",
+        );
+        refused(
+            RawServeConfig {
+                nodes: vec![" ".into()],
+                ..raw()
+            },
+            "--nodes",
+        );
+        refused(
+            RawServeConfig {
+                nodes: vec!["a:1".into()],
+                ..etcd()
+            },
+            "exclude",
+        );
+        refused(
+            RawServeConfig {
+                min_nodes: 0,
+                ..etcd()
+            },
+            "--min-nodes",
+        );
+        refused(
+            RawServeConfig {
+                cluster: "a/b".into(),
+                ..etcd()
+            },
+            "--cluster",
+        );
+        // the same floor as the shard node's --etcd-ttl-secs
+        refused(
+            RawServeConfig {
+                etcd_ttl_secs: cluster_registry::MIN_TTL_SECS - 1,
+                ..etcd()
+            },
+            "--etcd-ttl-secs",
+        );
+    }
+}

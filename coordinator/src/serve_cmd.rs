@@ -1,0 +1,130 @@
+//! `coordinator serve`: loads the model's tokenizer, connects the plan (static, or followed in
+//! etcd with the leader driving re-plans), serves HTTP, and shuts down on ctrl-c or SIGTERM:
+//! new connections stop, in-flight requests get [`ServeConfig::drain`] to finish, then every
+//! task is stopped and awaited.
+
+use std::future::IntoFuture;
+use std::io::Write;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use cluster_registry::Registry;
+use common::gguf::GgufFile;
+use common::tokenizer::TextTokenizer;
+use proto_types::PlanEpoch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cluster::{Cluster, ModelRef};
+use crate::config::{Membership, ServeConfig};
+use crate::driver::{self, DriverConfig};
+use crate::error::Result;
+use crate::follow;
+use crate::http::{router, AppState};
+use crate::serving::Serving;
+use crate::twopc::TwoPc;
+
+/// Cancels `token` on ctrl-c or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(e) => {
+                    tracing::warn!("no SIGTERM handler: {e}");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+}
+
+/// Serves until `shutdown` is cancelled, then drains.
+pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
+    let file = GgufFile::open(&cfg.model)?;
+    let tok = Arc::new(TextTokenizer::from_gguf(&file)?);
+    let max_ctx = cfg.max_ctx.min(file.config()?.context_length);
+    let model = Arc::new(ModelRef::inspect(&cfg.model)?);
+    let serving = Arc::new(Serving::default());
+    let tasks = TaskTracker::new();
+    match &cfg.membership {
+        Membership::Static(nodes) => {
+            let c = Cluster::start(nodes, model, max_ctx, PlanEpoch(1)).await?;
+            serving.replace(Arc::new(c), &shutdown);
+        }
+        Membership::Etcd {
+            url,
+            cluster,
+            min_nodes,
+            id,
+            ttl_secs,
+        } => {
+            let registry = Registry::connect(url, cluster).await?;
+            tasks.spawn(follow::run(
+                registry.clone(),
+                model.clone(),
+                serving.clone(),
+                shutdown.clone(),
+            ));
+            let driver = DriverConfig {
+                twopc: TwoPc {
+                    registry,
+                    model,
+                    max_ctx,
+                    who: id.clone(),
+                    failpoint: cfg.failpoint,
+                },
+                min_nodes: *min_nodes,
+                ttl_secs: *ttl_secs,
+            };
+            tasks.spawn(driver::run(driver, serving.clone(), shutdown.clone()));
+        }
+    }
+    let model_id = cfg
+        .model
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("model")
+        .to_string();
+    let state = Arc::new(AppState {
+        serving,
+        tok,
+        model_id,
+        admission: Arc::new(tokio::sync::Semaphore::new(crate::MAX_IN_FLIGHT)),
+        requests: AtomicU64::new(0),
+        tokens: AtomicU64::new(0),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.http).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {}", listener.local_addr()?)?;
+        out.flush()?;
+    }
+    let stopped = shutdown.clone();
+    let server = axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { stopped.cancelled().await })
+        .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r?,
+        _ = shutdown.cancelled() => {
+            // Graceful shutdown has begun: in-flight requests get the drain period.
+            if tokio::time::timeout(cfg.drain, &mut server).await.is_err() {
+                tracing::warn!(drain = ?cfg.drain, "requests still running at the drain deadline: ending them");
+            }
+        }
+    }
+    tasks.close();
+    if tokio::time::timeout(cfg.drain, tasks.wait()).await.is_err() {
+        tracing::warn!("background tasks still running at the drain deadline");
+    }
+    Ok(())
+}
