@@ -92,7 +92,7 @@ impl ModelRef {
         let (layer_bytes, first_extra, last_extra) = layer_bytes(&file)?;
         Ok(ModelRef {
             name,
-            sha256: sha256_file(model)?,
+            sha256: common::gguf::sha256(model)?,
             layer_bytes,
             first_extra,
             last_extra,
@@ -257,14 +257,6 @@ pub fn keep_alive(client: &ShardNodeClient, lease: LeaseId, every: Duration) -> 
         }
     });
     stop.drop_guard()
-}
-
-fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
 }
 
 /// Per-layer weight bytes, and the embedding and head bytes, from the file's descriptors.

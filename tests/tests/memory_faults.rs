@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    connect, curl_post, curl_stream, default_model, keep_alive, kv_bytes, node_status, wait_status,
-    CoordinatorProcess, ShardProcess,
+    connect, default_model, get, get_json, keep_alive, kv_bytes, models_dir, node_status, post,
+    wait_status, BackgroundStream, CoordinatorProcess, ShardProcess,
 };
 use proto_types::*;
 
@@ -38,15 +38,8 @@ fn last_stage_session(session: SessionId, epoch: PlanEpoch, max_ctx: u32) -> Ope
     }
 }
 
-fn models_dir() -> anyhow::Result<std::path::PathBuf> {
-    Ok(default_model()
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("model has no folder"))?
-        .to_path_buf())
-}
-
 fn nodes(n: usize) -> anyhow::Result<Vec<ShardProcess>> {
-    let dir = models_dir()?;
+    let dir = models_dir();
     (0..n)
         .map(|_| ShardProcess::spawn(&dir, &NODE_FLAGS))
         .collect()
@@ -58,7 +51,7 @@ fn rss(s: &NodeStatus) -> i64 {
 
 fn complete(url: &str, prompt: &str, n: u32) -> anyhow::Result<()> {
     let body = serde_json::json!({"prompt": prompt, "max_tokens": n, "temperature": 0});
-    let (code, text) = curl_post(&format!("{url}/v1/completions"), &body.to_string())?;
+    let (code, text) = post(&format!("{url}/v1/completions"), &body.to_string())?;
     anyhow::ensure!(code == 200, "status {code}: {text}");
     Ok(())
 }
@@ -105,8 +98,8 @@ async fn coordinator_crash_frees_everything_on_every_node() -> anyhow::Result<()
             complete(&coord.url, "Warm up with a few words", 8)?;
         }
         let streams: Vec<_> = (0..8)
-            .map(|_| curl_stream(&coord.url, 400, 60.0))
-            .collect::<Result<_, _>>()?;
+            .map(|_| BackgroundStream::completion(&coord.url, 400, Duration::from_secs(60)))
+            .collect();
         // All 8 sessions are open on every node.
         for n in &ns {
             wait_status(&n.addr, Duration::from_secs(20), |s| s.sessions == 8).await?;
@@ -147,10 +140,7 @@ async fn coordinator_crash_frees_everything_on_every_node() -> anyhow::Result<()
                 .status()?;
         }
         drop(coord);
-        for mut s in streams {
-            let _ = s.kill();
-            let _ = s.wait();
-        }
+        drop(streams); // their server is gone: they hang up without waiting
     }
     Ok(())
 }
@@ -160,12 +150,11 @@ async fn coordinator_crash_frees_everything_on_every_node() -> anyhow::Result<()
 async fn client_disconnect_frees_the_session_on_every_stage() -> anyhow::Result<()> {
     let ns = nodes(3)?;
     let coord = CoordinatorProcess::spawn(&default_model(), &ns.iter().collect::<Vec<_>>())?;
-    let mut stream = curl_stream(&coord.url, 400, 60.0)?;
+    let stream = BackgroundStream::completion(&coord.url, 400, Duration::from_secs(60));
     for n in &ns {
         wait_status(&n.addr, Duration::from_secs(20), |s| kv_bytes(s) > 0).await?;
     }
-    stream.kill()?; // the client goes away mid-stream
-    stream.wait()?;
+    stream.hang_up(); // the client goes away mid-stream
     for n in &ns {
         let (_, t) = wait_status(&n.addr, Duration::from_secs(1), |s| {
             s.sessions == 0 && kv_bytes(s) == 0
@@ -188,12 +177,7 @@ async fn reload_ten_times_returns_to_baseline() -> anyhow::Result<()> {
         .and_then(|n| n.to_str())
         .unwrap_or_default()
         .to_string();
-    let out = Command::new("sha256sum").arg(&model).output()?;
-    let sha = String::from_utf8(out.stdout)?
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let sha = common::gguf::sha256(&model)?;
     let (c, ack) = connect(addr).await?;
     keep_alive(c.clone(), ack.lease);
     let mut baseline = None;
@@ -254,7 +238,7 @@ async fn reload_ten_times_returns_to_baseline() -> anyhow::Result<()> {
 /// leaks on any node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_restarts_reattach_without_leaking_leases() -> anyhow::Result<()> {
-    let dir = models_dir()?;
+    let dir = models_dir();
     let mut ns = nodes(2)?;
     let coord = CoordinatorProcess::spawn(&default_model(), &ns.iter().collect::<Vec<_>>())?;
     complete(&coord.url, "Hello", 4)?;
@@ -369,7 +353,7 @@ async fn unknown_and_stale_ids_get_typed_errors() -> anyhow::Result<()> {
 /// coordinator reports every node's memory in `/v1/cluster` and `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounds_idle_expiry_and_cluster_report() -> anyhow::Result<()> {
-    let dir = models_dir()?;
+    let dir = models_dir();
     let flags = [
         &NODE_FLAGS[..],
         &["--max-sessions", "1", "--session-idle-secs", "1"],
@@ -377,30 +361,23 @@ async fn bounds_idle_expiry_and_cluster_report() -> anyhow::Result<()> {
     .concat();
     let ns = [ShardProcess::spawn(&dir, &flags)?];
     let coord = CoordinatorProcess::spawn(&default_model(), &ns.iter().collect::<Vec<_>>())?;
-    let mut first = curl_stream(&coord.url, 400, 60.0)?;
+    let first = BackgroundStream::completion(&coord.url, 400, Duration::from_secs(60));
     wait_status(&ns[0].addr, Duration::from_secs(20), |s| kv_bytes(s) > 0).await?;
     let body = r#"{"prompt":"Hello","max_tokens":4}"#;
-    let (code, text) = curl_post(&format!("{}/v1/completions", coord.url), body)?;
+    let (code, text) = post(&format!("{}/v1/completions", coord.url), body)?;
     assert_eq!(code, 429, "one session is the bound: {text}");
     // The coordinator's view of the node's memory while the first stream runs.
-    let out = Command::new("curl")
-        .args(["-s", &format!("{}/v1/cluster", coord.url)])
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let v = get_json(&format!("{}/v1/cluster", coord.url))?;
     let mem = &v["nodes"][0]["memory"];
     assert!(mem["kv_cache_bytes"].as_u64() > Some(0), "{v}");
     assert!(mem["weights_bytes"].as_u64() > Some(0), "{v}");
     assert!(mem["process_rss_bytes"].as_u64() > Some(0), "{v}");
-    let out = Command::new("curl")
-        .args(["-s", &format!("{}/metrics", coord.url)])
-        .output()?;
-    let metrics = String::from_utf8(out.stdout)?;
+    let (_, metrics) = get(&format!("{}/metrics", coord.url))?;
     assert!(metrics.contains(&format!(
         "cluster_node_kv_cache_bytes{{node=\"{}\"}}",
         ns[0].addr
     )));
-    first.kill()?;
-    first.wait()?;
+    first.hang_up();
     // A session opened and left idle is closed after --session-idle-secs.
     let (c, ack) = connect(&ns[0].addr).await?;
     keep_alive(c.clone(), ack.lease);

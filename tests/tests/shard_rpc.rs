@@ -30,12 +30,7 @@ fn code<T: std::fmt::Debug>(r: Result<T, ShardError>) -> ErrorCode {
 }
 
 fn sha256(path: &std::path::Path) -> anyhow::Result<String> {
-    let out = std::process::Command::new("sha256sum").arg(path).output()?;
-    Ok(String::from_utf8(out.stdout)?
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string())
+    Ok(common::gguf::sha256(path)?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

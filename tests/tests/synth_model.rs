@@ -14,12 +14,7 @@ use common::tokenizer::TextTokenizer;
 use integration_tests::{default_model, shard_node_bin, workspace_root};
 
 fn sha256(p: &std::path::Path) -> anyhow::Result<String> {
-    let out = Command::new("sha256sum").arg(p).output()?;
-    Ok(String::from_utf8(out.stdout)?
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string())
+    Ok(common::gguf::sha256(p)?)
 }
 
 #[test]

@@ -10,7 +10,7 @@
 //! (f) after each, every node of the plan reports the same epoch;
 //! (g) bad input in etcd or over RPC is refused and changes nothing.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cluster_registry::Registry;
@@ -40,15 +40,8 @@ fn node_args<'a>(etcd: &'a str, id: &'a str, extra: &[&'a str]) -> Vec<&'a str> 
     v
 }
 
-fn models_dir() -> anyhow::Result<std::path::PathBuf> {
-    Ok(default_model()
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("no folder"))?
-        .to_path_buf())
-}
-
 fn node(etcd: &EtcdProcess, id: &str, extra: &[&str]) -> anyhow::Result<ShardProcess> {
-    ShardProcess::spawn(&models_dir()?, &node_args(&etcd.url, id, extra))
+    ShardProcess::spawn(&models_dir(), &node_args(&etcd.url, id, extra))
 }
 
 fn coordinator(etcd: &EtcdProcess, extra: &[&str]) -> anyhow::Result<CoordinatorProcess> {
@@ -107,27 +100,19 @@ fn long_request(n: u32, stream: bool) -> serde_json::Value {
                        "stream": stream, "ignore_eos": true})
 }
 
-/// A streamed completion running in a `curl` child; its output is read by [`finish`].
-fn start_stream(url: &str, n: u32) -> anyhow::Result<Child> {
-    Ok(Command::new("curl")
-        .args([
-            "-sN",
-            "-m",
-            "120",
-            "-H",
-            "content-type: application/json",
-            "-d",
-        ])
-        .arg(long_request(n, true).to_string())
-        .arg(format!("{url}/v1/completions"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?)
+/// A streamed completion running on a thread; its output is read by [`finish`].
+fn start_stream(url: &str, n: u32) -> BackgroundStream {
+    BackgroundStream::start(
+        &format!("{url}/v1/completions"),
+        &long_request(n, true),
+        Duration::from_secs(120),
+    )
 }
 
-fn finish(c: Child) -> anyhow::Result<String> {
-    let out = c.wait_with_output()?;
-    sse_text(&String::from_utf8(out.stdout)?)
+fn finish(s: BackgroundStream) -> anyhow::Result<String> {
+    let (code, body) = s.finish()?;
+    anyhow::ensure!(code == 200, "status {code}: {body}");
+    sse_text(&body)
 }
 
 /// (a), (e), (f): a node joins while a stream runs, then leaves while another runs.
@@ -143,7 +128,7 @@ async fn join_and_leave_during_streams() -> anyhow::Result<()> {
     let reference = completion_with(&coord.url, long_request(200, false))?;
 
     // (a) join during a stream
-    let stream = start_stream(&coord.url, 200)?;
+    let stream = start_stream(&coord.url, 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let c = node(&etcd, "c", &[])?;
     let v = wait_serving(&coord.url, 2, 3).await?;
@@ -177,7 +162,7 @@ async fn join_and_leave_during_streams() -> anyhow::Result<()> {
     }
 
     // (e) leave during a stream
-    let stream = start_stream(&coord.url, 200)?;
+    let stream = start_stream(&coord.url, 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let leave = Command::new(shard_node_bin())
         .args([
@@ -440,7 +425,7 @@ async fn bad_input_changes_nothing() -> anyhow::Result<()> {
     unchanged("stale 2PC calls").await?;
 
     // A second node with a taken id fails to join and leaves the record alone.
-    let mut dup = ShardProcess::spawn(&models_dir()?, &node_args(&etcd.url, "a", &[]))?;
+    let mut dup = ShardProcess::spawn(&models_dir(), &node_args(&etcd.url, "a", &[]))?;
     let status = dup.wait_exit(Duration::from_secs(20))?;
     assert!(status.is_some_and(|s| !s.success()), "{status:?}");
     assert_eq!(reg.node("a").await?.map(|n| n.addr), Some(a.addr.clone()));

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{coordinator_bin, curl_post, default_model};
+use integration_tests::{coordinator_bin, default_model, post};
 
 /// Starts `coordinator up`; returns it, its nodes' addresses and its HTTP address.
 fn up() -> anyhow::Result<(std::process::Child, Vec<String>, String)> {
@@ -63,7 +63,7 @@ fn nodes_gone(nodes: &[String], within: Duration) {
 #[test]
 fn up_serves_and_ctrl_c_stops_the_nodes() -> anyhow::Result<()> {
     let (mut child, nodes, addr) = up()?;
-    let (code, body) = curl_post(
+    let (code, body) = post(
         &format!("http://{addr}/v1/completions"),
         r#"{"prompt":"Hello","max_tokens":4,"temperature":0}"#,
     )?;

@@ -7,12 +7,15 @@
 //!   benchmarks and loaders.
 //! - [`config`]: [`ModelConfig`], the typed model configuration parsed from the metadata.
 //! - [`meta`]: typed getters over raw GGUF metadata values.
+//! - [`digest`]: a model file's sha256.
 
 pub mod config;
+pub mod digest;
 pub mod file;
 pub mod meta;
 #[cfg(feature = "synth")]
 pub mod synth;
 
 pub use config::{Architecture, ModelConfig, RopeStyle};
+pub use digest::sha256;
 pub use file::{GgufFile, TensorDesc};

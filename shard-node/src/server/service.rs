@@ -1,7 +1,6 @@
 //! The [`ShardNode`] implementation of one connection.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use common::gguf::GgufFile;
@@ -41,15 +40,6 @@ impl Conn {
 
 fn valid_model_name(name: &str) -> bool {
     !name.is_empty() && !name.contains('/') && !name.contains('\\') && name != ".." && name != "."
-}
-
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use sha2::Digest;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
 }
 
 fn info(slice: &Slice) -> SliceInfo {
@@ -92,12 +82,7 @@ impl Conn {
         let want_sha = req.sha256.to_lowercase();
         let model = req.model.clone();
         let stage = tokio::task::spawn_blocking(move || -> Result<Stage, ShardError> {
-            let sha = sha256_file(&path).map_err(|e| {
-                err(
-                    ErrorCode::ModelUnavailable,
-                    format!("{}: {e}", path.display()),
-                )
-            })?;
+            let sha = common::gguf::sha256(&path).map_err(shard_err)?;
             if sha != want_sha {
                 return Err(err(
                     ErrorCode::ModelUnavailable,
