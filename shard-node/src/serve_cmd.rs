@@ -74,15 +74,8 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
         crate::server::trim::configure_allocator();
     }
     common::telemetry::init_logging();
-    if o.device != DeviceSpec::Cpu {
-        tracing::info!(options = ?common::cuda_options::get(), "CUDA kernels");
-    }
-    init_threads(o.threads)?;
-    let device = o.device.open()?;
-    // Before the baseline is measured (`Node::new`): what candle keeps for good is allocated
-    // now, and counted as the node's own.
-    common::warmup::warm_up(&device)?;
-    common::memory::release_device_cache(&device);
+    // Every value is checked before the device opens or anything binds.
+    let join = o.join.validate()?;
     let cfg = NodeConfig {
         models_dir: o.models_dir,
         device: o.device,
@@ -98,6 +91,15 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
         })),
     };
     cfg.validate()?;
+    if o.device != DeviceSpec::Cpu {
+        tracing::info!(options = ?common::cuda_options::get(), "CUDA kernels");
+    }
+    init_threads(o.threads)?;
+    let device = o.device.open()?;
+    // Before the baseline is measured (`Node::new`): what candle keeps for good is allocated
+    // now, and counted as the node's own.
+    common::warmup::warm_up(&device)?;
+    common::memory::release_device_cache(&device);
     // Sessions and slices can be dropped on any runtime thread: each binds the device's
     // context first (see `bind_thread`). Cloned before `Node::new` takes its baseline.
     let bound = device.clone();
@@ -172,9 +174,9 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
         // Membership runs beside the server; if joining fails, the node shuts down with
         // that error.
         let joined = {
-            let (node, join, stop) = (node.clone(), o.join.clone(), shutdown.clone());
+            let (node, stop) = (node.clone(), shutdown.clone());
             tokio::spawn(async move {
-                let Ok(bound) = bound_rx.await else {
+                let (Ok(bound), Some(join)) = (bound_rx.await, join) else {
                     return Ok(());
                 };
                 let r = membership::run(node, join, bound, stop.clone()).await;
