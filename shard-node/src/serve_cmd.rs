@@ -157,7 +157,7 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
                 "/metrics",
                 axum::routing::get(move || {
                     let s = s.clone();
-                    async move { metrics::render(&s) }
+                    async move { metrics::render(&s.node, &s.metrics) }
                 }),
             );
             let stop = shutdown.clone();

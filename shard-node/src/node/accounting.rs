@@ -1,33 +1,7 @@
 //! The node's memory report: what each lease holds, and what the device or process has in
 //! use as seen from outside the node's bookkeeping.
 
-use proto_types::LeaseId;
-
-use super::Node;
-
-/// Bytes one lease holds, by kind.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Held {
-    /// The lease (`None`: the node's own, outside every lease).
-    pub lease: Option<LeaseId>,
-    /// Its client.
-    pub client: String,
-    /// Committed slices.
-    pub weights: u64,
-    /// Prepared, uncommitted slices.
-    pub prepared: u64,
-    /// KV caches.
-    pub kv_cache: u64,
-    /// Activations queued, computing or relayed.
-    pub activations: u64,
-}
-
-impl Held {
-    /// All kinds.
-    pub fn total(&self) -> u64 {
-        self.weights + self.prepared + self.kv_cache + self.activations
-    }
-}
+use super::{Held, Node};
 
 /// One snapshot.
 #[derive(Debug, Clone)]

@@ -47,7 +47,7 @@ use candle_core::Device;
 use common::model::LayerRange;
 use proto_types::{LeaseId, PlanEpoch, SessionId};
 
-pub use accounting::{report, Held, Report};
+pub use accounting::{report, Report};
 pub use config::NodeConfig;
 pub use error::{NodeError, Result};
 pub use leases::{Charge, Leases};
@@ -57,6 +57,30 @@ pub use slices::{SliceState, SliceTable};
 /// Locks a mutex, recovering from poisoning (a panic elsewhere must not wedge the node).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Bytes one lease holds, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    /// The lease (`None`: the node's own, outside every lease).
+    pub lease: Option<LeaseId>,
+    /// Its client.
+    pub client: String,
+    /// Committed slices.
+    pub weights: u64,
+    /// Prepared, uncommitted slices.
+    pub prepared: u64,
+    /// KV caches.
+    pub kv_cache: u64,
+    /// Activations queued, computing or relayed.
+    pub activations: u64,
+}
+
+impl Held {
+    /// All kinds.
+    pub fn total(&self) -> u64 {
+        self.weights + self.prepared + self.kv_cache + self.activations
+    }
 }
 
 /// What the node holds, under one lock.

@@ -3,8 +3,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::Server;
-use crate::node::report;
+use crate::node::{report, Node};
 
 /// Counters updated by the compute thread and the service.
 #[derive(Debug, Default)]
@@ -44,9 +43,7 @@ fn line(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
 }
 
 /// The node's state and the server's counters in Prometheus' text format.
-pub fn render(server: &Server) -> String {
-    let node = &server.node;
-    let m = &server.metrics;
+pub fn render(node: &Node, m: &Metrics) -> String {
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let r = report(node);
     let mut out = String::new();
