@@ -45,7 +45,7 @@ pub async fn run(cfg: DriverConfig, serving: Arc<Serving>, stop: CancellationTok
             ));
             reg.campaign(&cfg.twopc.who, lease).await?;
             tracing::info!(who = cfg.twopc.who, "elected the 2PC driver");
-            drive(&cfg, &serving, &lost, &stop).await;
+            drive(&cfg, &serving, &lost).await;
             Ok::<(), cluster_registry::RegistryError>(())
         };
         tokio::select! {
@@ -98,12 +98,7 @@ fn same(a: &[NodeRecord], b: &[(String, String)]) -> bool {
             .all(|(n, (id, addr))| &n.id == id && &n.addr == addr)
 }
 
-async fn drive(
-    cfg: &DriverConfig,
-    serving: &Serving,
-    lost: &CancellationToken,
-    stop: &CancellationToken,
-) {
+async fn drive(cfg: &DriverConfig, serving: &Serving, lost: &CancellationToken) {
     let reg = &cfg.twopc.registry;
     let mut complaint = Complaint::default();
     let mut bad_members = Complaint::default();
@@ -187,7 +182,7 @@ async fn drive(
             Ok(c) => {
                 failed = None;
                 complaint.clear();
-                serving.replace(c, stop);
+                serving.replace(c);
             }
             Err(e) => {
                 tracing::error!("re-plan failed: {e}");

@@ -86,7 +86,7 @@ pub async fn run(
         match Cluster::attach(&plan, model.clone()).await {
             Ok(c) => {
                 complaint.clear();
-                serving.replace(Arc::new(c), &stop);
+                serving.replace(Arc::new(c));
             }
             Err(e) => complaint.error(format!("serving plan {}: {e}", plan.epoch)),
         }

@@ -57,8 +57,11 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     let tasks = TaskTracker::new();
     match &cfg.membership {
         Membership::Static(nodes) => {
-            let c = Cluster::start(nodes, model, max_ctx, PlanEpoch(1)).await?;
-            serving.replace(Arc::new(c), &shutdown);
+            let c = tokio::select! {
+                c = Cluster::start(nodes, model, max_ctx, PlanEpoch(1)) => c?,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            serving.replace(Arc::new(c));
         }
         Membership::Etcd {
             url,
@@ -67,7 +70,10 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
             id,
             ttl_secs,
         } => {
-            let registry = Registry::connect(url, cluster).await?;
+            let registry = tokio::select! {
+                r = Registry::connect(url, cluster) => r?,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
             tasks.spawn(follow::run(
                 registry.clone(),
                 model.clone(),
@@ -95,7 +101,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         .unwrap_or("model")
         .to_string();
     let state = Arc::new(AppState {
-        serving,
+        serving: serving.clone(),
         tok,
         model_id,
         admission: Arc::new(tokio::sync::Semaphore::new(crate::MAX_IN_FLIGHT)),
@@ -122,6 +128,8 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
             }
         }
     }
+    // No request runs any more: the leases on the nodes can go (the nodes free what they held).
+    serving.stop_heartbeats();
     tasks.close();
     if tokio::time::timeout(cfg.drain, tasks.wait()).await.is_err() {
         tracing::warn!("background tasks still running at the drain deadline");

@@ -10,14 +10,19 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::Cluster;
 use crate::error::{CoordError, Result};
 
-/// The current plan, if any yet.
+/// The current plan, if any yet, and the token its clusters' lease heartbeats end with.
 #[derive(Debug, Default)]
-pub struct Serving(RwLock<Option<Arc<Cluster>>>);
+pub struct Serving {
+    current: RwLock<Option<Arc<Cluster>>>,
+    /// Apart from the process's shutdown: requests still draining after a shutdown signal
+    /// need their leases on the nodes until they end.
+    heartbeats: CancellationToken,
+}
 
 impl Serving {
     /// The plan new requests use, or 503 until there is one.
     pub fn current(&self) -> Result<Arc<Cluster>> {
-        self.0
+        self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -30,10 +35,11 @@ impl Serving {
     }
 
     /// Serves `c` from now on if its epoch is newer than the current one, starting its
-    /// heartbeats (they end with `stop`, or once no request holds the cluster any more).
-    /// Returns whether it replaced the current plan.
-    pub fn replace(&self, c: Arc<Cluster>, stop: &CancellationToken) -> bool {
-        let mut slot = self.0.write().unwrap_or_else(|e| e.into_inner());
+    /// heartbeats (they end with [`Serving::stop_heartbeats`], or once no request holds the
+    /// cluster any more). Returns whether it replaced the current plan.
+    pub fn replace(&self, c: Arc<Cluster>) -> bool {
+        let stop = &self.heartbeats;
+        let mut slot = self.current.write().unwrap_or_else(|e| e.into_inner());
         if slot.as_ref().is_some_and(|cur| cur.epoch >= c.epoch) {
             return false;
         }
@@ -41,5 +47,10 @@ impl Serving {
         tracing::info!(epoch = %c.epoch, stages = c.nodes.len(), "serving plan");
         *slot = Some(c);
         true
+    }
+
+    /// Ends the heartbeats: the last step of a shutdown, once no request runs any more.
+    pub fn stop_heartbeats(&self) {
+        self.heartbeats.cancel();
     }
 }

@@ -265,7 +265,12 @@ impl Registry {
                 top = top.max(e);
             }
         }
-        Ok(PlanEpoch(top + 1))
+        top.checked_add(1)
+            .map(PlanEpoch)
+            .ok_or_else(|| RegistryError::BadRecord {
+                key: self.key("txn/"),
+                reason: "the epochs are used up (a decision names the last one)".into(),
+            })
     }
 
     /// Writes the COMMIT decision of `plan` and `plan` itself in one transaction, guarded on

@@ -82,7 +82,9 @@ pub async fn keep_alive(
     stop: CancellationToken,
     left: CancellationToken,
 ) {
-    let every = reg.ttl / 3;
+    // The plan owner lives --lease-ttl-ms past its last renewal: renew it at least as often as
+    // the node asks its own clients to.
+    let every = (reg.ttl / 3).min(m.node.cfg.heartbeat_interval);
     loop {
         let lease = *lock(&reg.etcd_lease);
         let alive = async {

@@ -259,10 +259,11 @@ impl Node {
     /// which also checks that it fits beside what is held, and that its epoch is newer than
     /// the served one).
     pub fn put_slice(&self, lease: LeaseId, slice: Slice, committed: bool) -> Result<()> {
+        let mut h = lock(&self.held);
+        // under the lock: `leave` sets the flag before it takes the lock to clear everything
         if self.has_left() {
             return Err(NodeError::Left);
         }
-        let mut h = lock(&self.held);
         self.leases.check(lease)?;
         let epoch = slice.epoch;
         let bytes = slice.stage.weight_bytes() as u64;
@@ -287,7 +288,10 @@ impl Node {
                 h.slices.abort(epoch)?;
                 return Err(e);
             }
-            h.collect_retired();
+            // the slice it replaced goes now if no session runs on it
+            if h.collect_retired() {
+                self.mark_freed();
+            }
         }
         Ok(())
     }
@@ -394,7 +398,14 @@ impl Node {
     /// insert are one step under the node's lock, so concurrent opens cannot both pass it.
     pub fn open_session(&self, id: SessionId, s: SessionEntry) -> Result<Arc<SessionEntry>> {
         let mut h = lock(&self.held);
+        if self.has_left() {
+            return Err(NodeError::Left);
+        }
         self.leases.check(s.lease)?;
+        // The slice was looked up before the cache was built and the next stage reached; a
+        // commit may have retired and freed it meanwhile: a session on it would keep its
+        // weights alive, outside every count.
+        h.slices.committed(s.epoch)?;
         if h.sessions.contains_key(&id) {
             return Err(NodeError::SessionOpen(id));
         }
@@ -487,6 +498,9 @@ impl Node {
     /// expired (what it held was freed then). Returns the owner now in place.
     pub fn renew_plan_owner(&self, client: impl FnOnce() -> String) -> Option<LeaseId> {
         let mut h = lock(&self.held);
+        if self.has_left() {
+            return None;
+        }
         let old = h.plan_owner;
         if old.is_some_and(|l| self.leases.renew(l).is_ok()) {
             return old;

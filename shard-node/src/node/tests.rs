@@ -196,3 +196,35 @@ fn idle_sessions_expire_and_their_retired_slice_goes_with_them() {
     );
     assert!(node.take_freed());
 }
+
+#[test]
+fn a_committed_load_that_replaces_an_idle_slice_frees_it_at_once() {
+    let (node, lease, served) = serving(None);
+    drop(served);
+    node.take_freed();
+    node.put_slice(lease, slice(2), true).expect("epoch 2");
+    assert_eq!(
+        node.slice_states(),
+        vec![(PlanEpoch(2), SliceState::Serving)]
+    );
+    assert!(
+        node.take_freed(),
+        "the reaper must hand the old weights back"
+    );
+}
+
+#[test]
+fn a_session_cannot_open_on_a_slice_freed_while_it_was_being_built() {
+    let (node, lease, served) = serving(None);
+    // built against epoch 1, which a newer commit then retires and frees
+    let s = session(lease, &served);
+    node.put_slice(lease, slice(2), true).expect("epoch 2");
+    assert_eq!(
+        node.open_session(SessionId(1), s).err(),
+        Some(NodeError::ServesOther {
+            epoch: PlanEpoch(1),
+            served: PlanEpoch(2)
+        })
+    );
+    assert_eq!(node.session_count(), 0);
+}
