@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use common::telemetry::{Telemetry, TelemetryOptions};
 use coordinator::config::RawServeConfig;
 use coordinator::serve_cmd::{self, cancel_on_signal};
 use coordinator::twopc::Failpoint;
@@ -93,30 +94,64 @@ struct ServeArgs {
     /// On ctrl-c or SIGTERM, how long in-flight requests may run on, in seconds.
     #[arg(long, default_value_t = 30)]
     drain_secs: u64,
+    /// Export traces over OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317` (Jaeger);
+    /// wins over `OTEL_EXPORTER_OTLP_ENDPOINT`. Without either, nothing is exported.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Testing only: stop the 2PC driver at this point.
     #[arg(long, hide = true)]
     failpoint: Option<Failpoint>,
 }
 
 fn main() -> ExitCode {
-    common::telemetry::init_logging();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    let cli = Cli::parse();
+    let started = match &cli.command {
+        Command::Serve(a) => telemetry(a.id.as_deref(), a.http, a.otlp_endpoint.clone()),
+        _ => {
+            common::telemetry::init_logging();
+            Ok(Telemetry::default())
+        }
+    }
+    .and_then(|t| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        Ok((t, rt))
+    });
+    let (telemetry, rt) = match started {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("coordinator: error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(Cli::parse())) {
+    let r = rt.block_on(run(cli));
+    // the last spans go out before the process ends
+    telemetry.shutdown();
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("coordinator: error: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logging, and trace export when asked for: named `coordinator`, this one by its id.
+fn telemetry(
+    id: Option<&str>,
+    http: SocketAddr,
+    endpoint: Option<String>,
+) -> anyhow::Result<Telemetry> {
+    let instance = id.map_or_else(
+        || format!("coordinator-{}@{http}", std::process::id()),
+        str::to_string,
+    );
+    Ok(common::telemetry::init(&TelemetryOptions {
+        service: "coordinator",
+        instance,
+        endpoint,
+    })?)
 }
 
 impl From<ServeArgs> for RawServeConfig {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::device::{init_threads, DeviceSpec};
+use common::telemetry::TelemetryOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::membership::{self, JoinOptions};
@@ -59,6 +60,10 @@ pub struct ServeOptions {
     /// that its nodes end with it even when it is killed).
     #[arg(long)]
     pub parent_pid: Option<u32>,
+    /// Export traces over OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317` (Jaeger);
+    /// wins over `OTEL_EXPORTER_OTLP_ENDPOINT`. Without either, nothing is exported.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
     /// Joining an etcd cluster.
     #[command(flatten)]
     pub join: JoinOptions,
@@ -73,7 +78,22 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
     if !o.no_malloc_trim {
         crate::server::trim::configure_allocator();
     }
-    common::telemetry::init_logging();
+    // The trace resource names this node: its id, else its advertised address, else the
+    // listen address (with the process id when the port is picked at start).
+    let instance = o
+        .join
+        .node_id
+        .clone()
+        .or_else(|| o.join.advertise.clone())
+        .unwrap_or_else(|| match o.listen.port() {
+            0 => format!("{}#{}", o.listen, std::process::id()),
+            _ => o.listen.to_string(),
+        });
+    let telemetry = common::telemetry::init(&TelemetryOptions {
+        service: "shard-node",
+        instance,
+        endpoint: o.otlp_endpoint.clone(),
+    })?;
     // Every value is checked before the device opens or anything binds.
     let join = o.join.validate()?;
     let cfg = NodeConfig {
@@ -197,5 +217,7 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
         .await?;
         joined.await?
     })?;
+    // the last spans go out before the process ends
+    telemetry.shutdown();
     Ok(())
 }
