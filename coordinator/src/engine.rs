@@ -90,13 +90,19 @@ pub fn start(
     cluster: Arc<Cluster>,
     tok: Arc<TextTokenizer>,
     req: GenRequest,
+    span: tracing::Span,
 ) -> mpsc::Receiver<GenEvent> {
+    use tracing::Instrument;
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        if let Err(e) = run(cluster, &tok, req, &tx).await {
-            let _ = tx.send(GenEvent::Error(e)).await;
+    // In the request's span: the RPCs to the nodes carry its trace.
+    tokio::spawn(
+        async move {
+            if let Err(e) = run(cluster, &tok, req, &tx).await {
+                let _ = tx.send(GenEvent::Error(e)).await;
+            }
         }
-    });
+        .instrument(span),
+    );
     rx
 }
 

@@ -107,6 +107,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let started = match &cli.command {
         Command::Serve(a) => telemetry(a.id.as_deref(), a.http, a.otlp_endpoint.clone()),
+        // its nodes inherit the environment: OTEL_EXPORTER_OTLP_ENDPOINT traces them all
+        Command::Up { http, .. } => telemetry(None, *http, None),
         _ => {
             common::telemetry::init_logging();
             Ok(Telemetry::default())

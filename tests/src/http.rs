@@ -18,10 +18,18 @@ fn agent(timeout: Duration) -> ureq::Agent {
 /// POSTs the JSON `body` to `url`; returns the status and the whole body (a stream is read
 /// to its end).
 pub fn post(url: &str, body: &str) -> anyhow::Result<(u16, String)> {
-    let mut r = agent(Duration::from_secs(120))
+    post_with(url, body, &[])
+}
+
+/// [`post`] with extra `headers`.
+pub fn post_with(url: &str, body: &str, headers: &[(&str, &str)]) -> anyhow::Result<(u16, String)> {
+    let mut req = agent(Duration::from_secs(120))
         .post(url)
-        .header("content-type", "application/json")
-        .send(body)?;
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut r = req.send(body)?;
     let code = r.status().as_u16();
     Ok((code, r.body_mut().read_to_string()?))
 }

@@ -5,6 +5,7 @@
 //! - [`process`]: `shard-node serve` and `coordinator serve` processes, the binaries' paths.
 //! - [`etcd`]: a real etcd server.
 //! - [`http`]: HTTP requests, OpenAI SSE streams, streams running in the background.
+//! - [`otlp`]: a real OTLP trace receiver.
 //! - [`rpc`]: a node's status and leases over tarpc.
 //! - [`model`]: the default model's folder, and single-process `shard-node generate`, the
 //!   reference output.
@@ -12,14 +13,16 @@
 pub mod etcd;
 pub mod http;
 pub mod model;
+pub mod otlp;
 pub mod process;
 pub mod rpc;
 
 pub use common::testing::{default_model, workspace_root};
 pub use etcd::EtcdProcess;
 pub use http::{
-    completion, completion_with, get, get_json, metric, post, sse_text, BackgroundStream,
+    completion, completion_with, get, get_json, metric, post, post_with, sse_text, BackgroundStream,
 };
 pub use model::{generate, models_dir};
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use process::{coordinator_bin, free_port, shard_node_bin, CoordinatorProcess, ShardProcess};
 pub use rpc::{connect, keep_alive, kv_bytes, node_status, wait_status};

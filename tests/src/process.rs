@@ -88,13 +88,32 @@ impl ShardProcess {
         Self::spawn_at("127.0.0.1:0", models_dir, extra)
     }
 
+    /// [`ShardProcess::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        models_dir: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::start("127.0.0.1:0", models_dir, extra, env)
+    }
+
     /// Starts a node listening on `listen` (to restart one on the address it had).
     pub fn spawn_at(
         listen: &str,
         models_dir: &std::path::Path,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start(listen, models_dir, extra, &[])
+    }
+
+    fn start(
+        listen: &str,
+        models_dir: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut cmd = std::process::Command::new(shard_node_bin());
+        cmd.envs(env.iter().copied());
         cmd.args([
             "serve",
             "--listen",
@@ -162,7 +181,17 @@ impl CoordinatorProcess {
     /// Starts a coordinator with `args` after the model (`--nodes ...` or `--etcd ...`) and
     /// waits until it serves HTTP.
     pub fn spawn_with(model: &std::path::Path, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn_with_env(model, args, &[])
+    }
+
+    /// [`CoordinatorProcess::spawn_with`] with extra environment variables.
+    pub fn spawn_with_env(
+        model: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut cmd = std::process::Command::new(coordinator_bin());
+        cmd.envs(env.iter().copied());
         cmd.args([
             "serve",
             "--http",

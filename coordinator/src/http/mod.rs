@@ -2,9 +2,11 @@
 //!
 //! # Layout
 //! - [`openai`]: request and response shapes.
+//! - [`trace`]: the request's root span (GenAI conventions, W3C trace context).
 //! - this module: routes, handlers, errors, SSE.
 
 pub mod openai;
+pub mod trace;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -30,6 +32,7 @@ use crate::engine::{self, GenEvent, GenRequest};
 use crate::error::CoordError;
 use crate::serving::Serving;
 use openai::*;
+use trace::RequestSpan;
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -173,16 +176,18 @@ fn gen_request(
 
 async fn completions(
     State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
     let cluster = st.serving.current()?;
     let g = gen_request(&st, &cluster, &req.prompt, &req.common)?;
-    serve(st, cluster, g, req.common.stream, false).await
+    serve(st, cluster, g, req.common.stream, false, &headers).await
 }
 
 async fn chat(
     State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
@@ -192,7 +197,7 @@ async fn chat(
         .map_err(|e| bad(e.to_string()))?;
     let cluster = st.serving.current()?;
     let g = gen_request(&st, &cluster, &prompt, &req.common)?;
-    serve(st, cluster, g, req.common.stream, true).await
+    serve(st, cluster, g, req.common.stream, true, &headers).await
 }
 
 fn chunk(
@@ -219,6 +224,7 @@ async fn serve(
     g: GenRequest,
     stream: bool,
     chat: bool,
+    headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let permit = st
         .admission
@@ -227,7 +233,8 @@ async fn serve(
         .map_err(|_| ApiError::from(CoordError::Busy("too many requests in flight".into())))?;
     let n = st.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
-    let mut rx = engine::start(cluster, st.tok.clone(), g);
+    let trace = RequestSpan::open(headers, chat, &st.model_id, &id, &g);
+    let mut rx = engine::start(cluster, st.tok.clone(), g, trace.span.clone());
     if stream {
         let model = st.model_id.clone();
         let s = async_stream(move |tx| async move {
@@ -235,6 +242,7 @@ async fn serve(
             while let Some(ev) = rx.recv().await {
                 let ev = match ev {
                     GenEvent::Text(t) => {
+                        trace.first_text();
                         st.tokens.fetch_add(1, Ordering::Relaxed);
                         Event::default().data(chunk(chat, &id, &model, Some(&t), None).to_string())
                     }
@@ -243,6 +251,7 @@ async fn serve(
                         prompt_tokens,
                         completion_tokens,
                     } => {
+                        trace.done(finish, completion_tokens);
                         let mut c = chunk(chat, &id, &model, None, Some(finish));
                         c["usage"] = json!(Usage {
                             prompt_tokens,
@@ -255,6 +264,7 @@ async fn serve(
                     }
                     GenEvent::Error(e) => {
                         let ApiError(code, message, kind) = ApiError::from(e);
+                        trace.failed(kind);
                         let body = json!({"error": {"message": message, "type": kind, "code": code.as_u16()}});
                         let _ = tx
                             .send(Event::default().event("error").data(body.to_string()))
@@ -273,12 +283,16 @@ async fn serve(
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            GenEvent::Text(t) => text.push_str(&t),
+            GenEvent::Text(t) => {
+                trace.first_text();
+                text.push_str(&t);
+            }
             GenEvent::Done {
                 finish,
                 prompt_tokens,
                 completion_tokens,
             } => {
+                trace.done(finish, completion_tokens);
                 st.tokens
                     .fetch_add(completion_tokens as u64, Ordering::Relaxed);
                 let usage = Usage {
@@ -302,7 +316,11 @@ async fn serve(
                 )
                 .into_response());
             }
-            GenEvent::Error(e) => return Err(e.into()),
+            GenEvent::Error(e) => {
+                let e = ApiError::from(e);
+                trace.failed(e.2);
+                return Err(e);
+            }
         }
     }
     Err(ApiError(

@@ -1,0 +1,92 @@
+//! The root span of an HTTP request, after OpenTelemetry's GenAI semantic conventions: named
+//! `chat {model}` or `text_completion {model}`, continuing the client's W3C `traceparent`
+//! when it sends one. Its RPCs to the nodes (and theirs to each other) run under it, so that
+//! the whole chain is one trace. Without trace export it is an ordinary `tracing` span: one
+//! per request, nothing per token.
+
+use std::time::Instant;
+
+use axum::http::HeaderMap;
+use common::generate::FinishReason;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::engine::GenRequest;
+
+/// Reads W3C trace-context headers.
+struct Headers<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// The request's span and when it started.
+#[derive(Debug, Clone)]
+pub struct RequestSpan {
+    /// The span; the generation task runs in it.
+    pub span: tracing::Span,
+    started: Instant,
+    first: std::sync::Arc<std::sync::OnceLock<()>>,
+}
+
+impl RequestSpan {
+    /// Opens the span of request `id`, a child of the client's `traceparent` if it sent one.
+    pub fn open(headers: &HeaderMap, chat: bool, model: &str, id: &str, g: &GenRequest) -> Self {
+        let op = if chat { "chat" } else { "text_completion" };
+        let span = tracing::info_span!(
+            "request",
+            otel.name = %format!("{op} {model}"),
+            otel.kind = "server",
+            gen_ai.operation.name = op,
+            gen_ai.request.model = model,
+            gen_ai.request.max_tokens = g.max_tokens as u64,
+            gen_ai.request.temperature = f64::from(g.sampling.temperature),
+            gen_ai.request.top_p = f64::from(g.sampling.top_p),
+            gen_ai.response.id = id,
+            gen_ai.response.finish_reasons = Empty,
+            gen_ai.usage.input_tokens = g.prompt.len() as u64,
+            gen_ai.usage.output_tokens = Empty,
+            gen_ai.server.time_to_first_token = Empty,
+            error.type = Empty,
+            otel.status_code = Empty,
+        );
+        let parent =
+            opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(headers)));
+        let _ = span.set_parent(parent);
+        RequestSpan {
+            span,
+            started: Instant::now(),
+            first: Default::default(),
+        }
+    }
+
+    /// The first text went out (once).
+    pub fn first_text(&self) {
+        if self.first.set(()).is_ok() {
+            self.span.record(
+                "gen_ai.server.time_to_first_token",
+                self.started.elapsed().as_secs_f64(),
+            );
+        }
+    }
+
+    /// The generation ended.
+    pub fn done(&self, finish: FinishReason, output_tokens: usize) {
+        self.span
+            .record("gen_ai.response.finish_reasons", finish.as_str());
+        self.span
+            .record("gen_ai.usage.output_tokens", output_tokens as u64);
+    }
+
+    /// It failed with `kind` (OpenAI's error type).
+    pub fn failed(&self, kind: &str) {
+        self.span.record("error.type", kind);
+        self.span.record("otel.status_code", "ERROR");
+    }
+}

@@ -1,0 +1,130 @@
+//! Traces: a coordinator and 3 nodes export to a real OTLP receiver. One request sent with a
+//! known W3C `traceparent` yields one trace holding spans from all 4 processes, rooted in the
+//! HTTP request with the GenAI attributes; without an endpoint nothing is exported.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::{
+    default_model, models_dir, post_with, CoordinatorProcess, OtlpReceiver, ReceivedSpan,
+    ShardProcess,
+};
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+/// Spans leave each process within 100 ms of ending.
+const FAST_EXPORT: [(&str, &str); 1] = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
+
+fn cluster(otlp: Option<&str>) -> anyhow::Result<(Vec<ShardProcess>, CoordinatorProcess)> {
+    let flags: Vec<&str> = otlp.map_or(vec![], |e| vec!["--otlp-endpoint", e]);
+    let nodes: Vec<ShardProcess> = (0..3)
+        .map(|_| ShardProcess::spawn_with_env(&models_dir(), &flags, &FAST_EXPORT))
+        .collect::<Result<_, _>>()?;
+    let list: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let list = list.join(",");
+    let mut args = vec!["--nodes", list.as_str()];
+    args.extend(&flags);
+    let coord = CoordinatorProcess::spawn_with_env(&default_model(), &args, &FAST_EXPORT)?;
+    Ok((nodes, coord))
+}
+
+fn request(url: &str) -> anyhow::Result<serde_json::Value> {
+    let body = serde_json::json!({"prompt": "The capital of France is", "max_tokens": 6,
+                                  "temperature": 0});
+    let traceparent = format!("00-{TRACE}-{CLIENT_SPAN}-01");
+    let (code, text) = post_with(
+        &format!("{url}/v1/completions"),
+        &body.to_string(),
+        &[("traceparent", &traceparent)],
+    )?;
+    anyhow::ensure!(code == 200, "{code}: {text}");
+    Ok(serde_json::from_str(&text)?)
+}
+
+#[test]
+fn one_request_is_one_trace_across_the_coordinator_and_every_stage() -> anyhow::Result<()> {
+    let rx = OtlpReceiver::start()?;
+    let (_nodes, coord) = cluster(Some(&rx.endpoint))?;
+    let reply = request(&coord.url)?;
+    let usage = &reply["usage"];
+    let trace = |spans: Vec<ReceivedSpan>| -> Vec<ReceivedSpan> {
+        spans.into_iter().filter(|s| s.trace_id == TRACE).collect()
+    };
+    let instances = |spans: &[ReceivedSpan]| {
+        let mut v: Vec<String> = spans.iter().map(|s| s.instance.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let start = Instant::now();
+    loop {
+        let spans = trace(rx.spans());
+        let root_done = spans
+            .iter()
+            .any(|s| s.service == "coordinator" && s.attr("gen_ai.usage.output_tokens").is_some());
+        if root_done && instances(&spans).len() == 4 {
+            break;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "after 20 s the trace has {} spans from {:?}",
+            spans.len(),
+            instances(&spans)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // what ended last (the outer spans) is exported within a moment
+    std::thread::sleep(Duration::from_millis(600));
+    let spans = trace(rx.spans());
+    // the coordinator and all 3 nodes, each named apart
+    let services: Vec<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+    assert!(services.contains(&"coordinator") && services.contains(&"shard-node"));
+    assert_eq!(instances(&spans).len(), 4, "{spans:#?}");
+    // the root continues the client's trace, with the GenAI attributes
+    let root = spans
+        .iter()
+        .find(|s| s.service == "coordinator" && s.parent_id == CLIENT_SPAN)
+        .ok_or_else(|| anyhow::anyhow!("no span continues the traceparent: {spans:#?}"))?;
+    assert_eq!(root.name, "text_completion SmolLM2-135M-Instruct.Q4_1");
+    assert_eq!(root.attr("gen_ai.operation.name"), Some("text_completion"));
+    assert_eq!(root.attr("gen_ai.request.max_tokens"), Some("6"));
+    assert_eq!(
+        root.attr("gen_ai.usage.input_tokens"),
+        Some(usage["prompt_tokens"].to_string().as_str())
+    );
+    assert_eq!(
+        root.attr("gen_ai.usage.output_tokens"),
+        Some(usage["completion_tokens"].to_string().as_str())
+    );
+    assert_eq!(root.attr("gen_ai.response.finish_reasons"), Some("length"));
+    assert_eq!(
+        root.attr("gen_ai.response.id"),
+        reply["id"].as_str(),
+        "{root:#?}"
+    );
+    assert!(root.attr("gen_ai.server.time_to_first_token").is_some());
+    // the nodes' spans belong to it: each has a parent in the trace or the coordinator's RPC
+    let ids: Vec<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    for s in spans.iter().filter(|s| s.service == "shard-node") {
+        assert!(
+            ids.contains(&s.parent_id.as_str()),
+            "{} on {} has a parent outside the trace: {s:#?}",
+            s.name,
+            s.instance
+        );
+    }
+    drop(coord);
+    Ok(())
+}
+
+/// Off by default: with no endpoint, nothing reaches even the standard OTLP port (4317, where
+/// an exporter with no endpoint configured would connect).
+#[test]
+fn without_an_endpoint_nothing_is_exported() -> anyhow::Result<()> {
+    let rx = OtlpReceiver::start_on("127.0.0.1:4317")
+        .map_err(|e| anyhow::anyhow!("this test needs 127.0.0.1:4317 free: {e}"))?;
+    let (_nodes, coord) = cluster(None)?;
+    request(&coord.url)?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rx.exports(), 0);
+    Ok(())
+}
