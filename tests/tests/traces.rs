@@ -1,7 +1,9 @@
 //! Traces: a coordinator and 3 nodes export to a real OTLP receiver. One request sent with a
 //! known W3C `traceparent` yields one trace holding spans from all 4 processes, rooted in the
-//! HTTP request with the GenAI attributes; without an endpoint nothing is exported.
+//! HTTP request with the GenAI attributes, each stage reached through the previous stage's
+//! relay; without an endpoint nothing is exported.
 
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
@@ -112,6 +114,31 @@ fn one_request_is_one_trace_across_the_coordinator_and_every_stage() -> anyhow::
             s.instance
         );
     }
+    // Steps go from stage to stage in the same trace: the first two stages relay, and the
+    // next stage's span is a child of the call made in that relay.
+    let by_id: HashMap<&str, &ReceivedSpan> =
+        spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let relaying: BTreeSet<&str> = spans
+        .iter()
+        .filter(|s| s.name == "relay")
+        .map(|s| s.instance.as_str())
+        .collect();
+    assert_eq!(relaying.len(), 2, "the first two stages relay: {spans:#?}");
+    let reached: BTreeSet<&str> = spans
+        .iter()
+        .filter(|s| {
+            by_id
+                .get(s.parent_id.as_str())
+                .and_then(|call| by_id.get(call.parent_id.as_str()))
+                .is_some_and(|r| r.name == "relay" && r.instance != s.instance)
+        })
+        .map(|s| s.instance.as_str())
+        .collect();
+    assert_eq!(
+        reached.len(),
+        2,
+        "stages 2 and 3 reached through a relay: {spans:#?}"
+    );
     drop(coord);
     Ok(())
 }
