@@ -139,6 +139,29 @@ fn one_request_is_one_trace_across_the_coordinator_and_every_stage() -> anyhow::
         2,
         "stages 2 and 3 reached through a relay: {spans:#?}"
     );
+    // Every stage's prefill pass is a span under its forward call, with what it ran.
+    let passes: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.name == "forward" && s.service == "shard-node")
+        .collect();
+    let prompt = usage["prompt_tokens"].to_string();
+    let prefilled: BTreeSet<&str> = passes
+        .iter()
+        .filter(|s| s.attr("rows") == Some(prompt.as_str()))
+        .map(|s| s.instance.as_str())
+        .collect();
+    assert_eq!(
+        prefilled.len(),
+        3,
+        "a prefill span on every stage: {passes:#?}"
+    );
+    for p in &passes {
+        assert!(ids.contains(&p.parent_id.as_str()), "{p:#?}");
+        assert!(
+            p.attr("layers").is_some() && p.attr("batch_items").is_some(),
+            "{p:#?}"
+        );
+    }
     drop(coord);
     Ok(())
 }

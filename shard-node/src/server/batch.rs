@@ -156,7 +156,10 @@ pub fn execute(
     let rows: usize = ok.iter().map(|(_, x)| x.dims()[0]).sum();
     metrics.batch(ok.len(), rows);
     let (pendings, xs): (Vec<Pending>, Vec<Tensor>) = ok.into_iter().unzip();
+    let lens: Vec<usize> = xs.iter().map(|x| x.dims()[0]).collect();
+    let spans = super::trace::pass(&pendings, &lens);
     let r = run(&pendings, &xs);
+    drop(spans);
     computed();
     match r {
         Ok(outs) => {

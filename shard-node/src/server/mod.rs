@@ -6,6 +6,7 @@
 //!   [`crate::node::NodeError`] becomes the wire's `ShardError`.
 //! - [`reaper`]: expired leases and idle sessions, then memory handed back.
 //! - [`trim`]: giving freed heap memory back to the OS.
+//! - [`trace`]: the spans of a node's work (passes, relays) in its requests' traces.
 //! - [`compute`]: the thread forward passes run on.
 //! - [`batch`]: continuous batching of session steps into one forward pass.
 //! - [`relay`]: sends a batch's activations on to the next stage.
@@ -20,6 +21,7 @@ pub mod peer;
 pub mod reaper;
 pub mod relay;
 pub mod service;
+pub mod trace;
 pub mod trim;
 pub mod wire;
 

@@ -3,11 +3,9 @@
 
 use std::sync::Arc;
 
-use opentelemetry::trace::{SpanContext, TraceContextExt, TraceState};
 use proto_types::*;
 use tokio::sync::mpsc;
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::batch::{Onward, Reply};
 use super::peer::PeerPool;
@@ -16,31 +14,9 @@ use super::peer::PeerPool;
 pub async fn run(mut rx: mpsc::UnboundedReceiver<Onward>, peers: Arc<PeerPool>) {
     while let Some(o) = rx.recv().await {
         let peers = peers.clone();
-        let span = relay_span(&o);
+        let span = super::trace::relay(&o);
         tokio::spawn(async move { deliver(o, &peers).await }.instrument(span));
     }
-}
-
-/// The relay's span, a child of this stage's `forward` span (the trace context the step came
-/// with): the next stage's `forward` call, made inside it, links the next stage into the
-/// same trace. tarpc takes a call's parent from the current span, not from its context.
-fn relay_span(o: &Onward) -> tracing::Span {
-    let span = tracing::info_span!(
-        "relay",
-        otel.name = "relay",
-        next_stage = %o.addr,
-        items = o.items.len(),
-    );
-    let t = &o.ctx.trace_context;
-    let parent = opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
-        t.trace_id.into(),
-        t.span_id.into(),
-        t.sampling_decision.into(),
-        true,
-        TraceState::default(),
-    ));
-    let _ = span.set_parent(parent);
-    span
 }
 
 async fn deliver(o: Onward, peers: &PeerPool) {

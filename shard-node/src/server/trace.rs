@@ -1,0 +1,72 @@
+//! Spans of a node's work in the trace of the request that asked for it.
+//!
+//! The tarpc server span of each call is tarpc's. Under a `forward` call come the pass's own
+//! span and the relay to the next stage. A decode stream would make a span per token and
+//! stage, thousands per request, so the policy is: every prefill chunk gets a `forward`
+//! span; a session's decode steps get one at every position that is a multiple of
+//! [`DECODE_SPAN_EVERY`]. A batched pass that serves several requests appears in each of
+//! their traces, as one span per request, carrying the batch's size: a span has one parent,
+//! and each request's trace should show its own pass without following links.
+
+use opentelemetry::trace::{SpanContext, TraceContextExt, TraceState};
+use tarpc::context::Context;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::batch::{Onward, Pending};
+
+/// One decode step in this many gets a `forward` span.
+pub const DECODE_SPAN_EVERY: u32 = 32;
+
+/// The OpenTelemetry parent of work done for a call with context `ctx`.
+fn parent(ctx: &Context) -> opentelemetry::Context {
+    let t = &ctx.trace_context;
+    opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+        t.trace_id.into(),
+        t.span_id.into(),
+        t.sampling_decision.into(),
+        true,
+        TraceState::default(),
+    ))
+}
+
+/// The relay's span, a child of this stage's `forward` call: the next stage's `forward`
+/// call, made inside it, links the next stage into the same trace (tarpc takes a call's
+/// parent from the current span, not from its context).
+pub fn relay(o: &Onward) -> tracing::Span {
+    let span = tracing::info_span!(
+        "relay",
+        otel.name = "relay",
+        next_stage = %o.addr,
+        items = o.items.len(),
+    );
+    let _ = span.set_parent(parent(&o.ctx));
+    span
+}
+
+/// The spans of one pass, per the policy above: `None` for the steps it leaves out.
+pub fn pass(pendings: &[Pending], rows: &[usize]) -> Vec<Option<tracing::Span>> {
+    let batch_rows: usize = rows.iter().sum();
+    pendings
+        .iter()
+        .zip(rows)
+        .map(|(p, &n)| {
+            if n == 1 && p.item.start % DECODE_SPAN_EVERY != 0 {
+                return None;
+            }
+            let stage = &p.slice.stage;
+            let span = tracing::info_span!(
+                "forward",
+                otel.name = "forward",
+                rows = n,
+                start = p.item.start,
+                layers = %stage.range(),
+                device = ?stage.device().location(),
+                batch_items = pendings.len(),
+                batch_rows,
+                epoch = p.slice.epoch.0,
+            );
+            let _ = span.set_parent(parent(&p.ctx));
+            Some(span)
+        })
+        .collect()
+}
