@@ -13,6 +13,10 @@ measures aggregate tok/s with 1, 4 and 16 concurrent streams (completion tokens 
 time), --runs times each, interleaved. Node i runs on device i mod len(--devices). Prints
 JSON lines.
 
+--traces compares trace export in the same way: every build runs twice, once exporting its
+spans over OTLP to an `otlp-sink` (built beside the binaries, in the first --bin-dir) and once
+with export off; lines then carry "traces". The first stage count is the baseline of each.
+
 --bin-dir may be given more than once (say, a build before and after a change): each build
 gets its own clusters, and every round goes through all of them, so the builds are compared
 within one run of the machine. Lines then carry "bin_dir".
@@ -109,38 +113,51 @@ def main():
     ap.add_argument("--stages", default="1,2,3")
     ap.add_argument("--aggregate-stages", default="1",
                     help="comma-separated stage counts at which to measure aggregate tok/s")
+    ap.add_argument("--traces", action="store_true",
+                    help="each build with trace export to an otlp-sink and without")
     ap.add_argument("--devices", default="cpu",
                     help="comma-separated; node i runs on device i mod len (e.g. cuda:0,cuda:1)")
     a = ap.parse_args()
     devices = a.devices.split(",")
     models_dir = os.path.dirname(os.path.abspath(a.model))
     stage_counts = [int(s) for s in a.stages.split(",")]
-    bins = a.bin_dir
     procs = []
+    sink = None
+    if a.traces:
+        p, sink = spawn([os.path.join(a.bin_dir[0], "otlp-sink")])
+        procs.append(p)
+        sink = "http://" + sink
+    # a variant is a build with trace export on (an endpoint) or off (None)
+    bins = [(b, t) for b in a.bin_dir for t in ([None, sink] if a.traces else [None])]
 
     metrics = {}
 
-    def start(bin_dir, stages):
+    def start(variant, stages):
+        bin_dir, otlp = variant
+        traced = ["--otlp-endpoint", otlp] if otlp else []
         addrs, mets = [], []
         for i in range(stages):
             p, addr = spawn([os.path.join(bin_dir, "shard-node"), "serve", "--listen",
                              "127.0.0.1:0", "--threads", str(a.threads), "--models-dir",
                              models_dir, "--device", devices[i % len(devices)],
-                             "--metrics-listen", "127.0.0.1:0"])
+                             "--metrics-listen", "127.0.0.1:0"] + traced)
             procs.append(p)
             addrs.append(addr)
             mets.append(METRICS[p.pid])
         p, http = spawn([os.path.join(bin_dir, "coordinator"), "serve", "--http",
                          "127.0.0.1:0", "--max-ctx", "2048", "--model", a.model, "--nodes",
-                         ",".join(addrs)])
+                         ",".join(addrs)] + traced)
         procs.append(p)
         url = "http://" + http
         metrics[url] = mets
         stream_times(url, 16)  # warm-up
         return url
 
-    def tag(b):
-        return {"bin_dir": b} if len(bins) > 1 else {}
+    def tag(v):
+        t = {"bin_dir": v[0]} if len(a.bin_dir) > 1 else {}
+        if a.traces:
+            t["traces"] = v[1] is not None
+        return t
 
     try:
         # Every cluster is up before any is timed (an idle node's threads sleep), and the
@@ -176,7 +193,7 @@ def main():
                                   "pass_ms": pass_ms, "outside_ms": gap_ms - pass_ms}),
                       flush=True)
         counts = [int(s) for s in a.streams.split(",")]
-        for stages in [int(x) for x in a.aggregate_stages.split(",")]:
+        for stages in [int(x) for x in a.aggregate_stages.split(",") if x]:
             agg_urls = {b: urls.get((b, stages)) or start(b, stages) for b in bins}
             # Each stream count --runs times, interleaved (1, 4, 16, 1, 4, 16, ...).
             agg = {(b, n): [] for b in bins for n in counts}

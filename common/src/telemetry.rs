@@ -10,6 +10,11 @@
 
 use crate::error::{Error, Result};
 
+/// One decode step in this many is traced in full (the coordinator's call, every stage's
+/// RPC, pass and relay); the others run unsampled, so that a long stream's trace stays
+/// readable and cheap. Prefill chunks are always traced.
+pub const DECODE_TRACE_EVERY: u32 = 32;
+
 /// What a process's traces are named by.
 #[derive(Debug, Clone, Default)]
 pub struct TelemetryOptions {

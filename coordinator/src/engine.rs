@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use common::generate::{generate, FinishReason, GenerateParams, StageChain};
 use common::sampling::SamplingParams;
+use common::telemetry::DECODE_TRACE_EVERY;
 use common::tokenizer::TextTokenizer;
 use proto_types::*;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::cluster::{ctx, rpc, Cluster};
 use crate::error::{CoordError, Result};
@@ -174,6 +176,27 @@ async fn run(
     Ok(())
 }
 
+/// A span in the current trace whose children are not sampled (a decode step left out).
+fn unsampled() -> tracing::Span {
+    use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let current = tracing::Span::current().context();
+    let sc = current.span().span_context().clone();
+    if !sc.is_valid() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!("decode step");
+    let off = SpanContext::new(
+        sc.trace_id(),
+        sc.span_id(),
+        TraceFlags::default(),
+        false,
+        sc.trace_state().clone(),
+    );
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(off));
+    span
+}
+
 /// The stages of the served plan, reached through the first: one session on each.
 struct RemoteChain<'c> {
     cluster: &'c Cluster,
@@ -198,7 +221,16 @@ impl StageChain for RemoteChain<'_> {
             epoch: self.cluster.epoch,
             items: vec![item],
         };
-        let reply = rpc(addr, self.client.forward(ctx(TIMEOUTS.step), req).await)?;
+        let call = self.client.forward(ctx(TIMEOUTS.step), req);
+        // Decode steps are traced one in DECODE_TRACE_EVERY (see common::telemetry): the
+        // others run under an unsampled span of the same trace, so that no stage records them.
+        let sampled = ids.len() > 1 || start as u32 % DECODE_TRACE_EVERY == 0;
+        let reply = if sampled {
+            call.await
+        } else {
+            call.instrument(unsampled()).await
+        };
+        let reply = rpc(addr, reply)?;
         match reply.outputs.into_iter().next() {
             Some(Ok(o)) => Ok(o.token),
             Some(Err(err)) => Err(CoordError::Shard {

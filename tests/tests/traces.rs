@@ -162,6 +162,13 @@ fn one_request_is_one_trace_across_the_coordinator_and_every_stage() -> anyhow::
             "{p:#?}"
         );
     }
+    // The decode policy: 5 decode steps at positions under 32, none sampled; the prefill
+    // is the one step traced.
+    let steps = spans
+        .iter()
+        .filter(|s| s.service == "coordinator" && s.name == "ShardNode.forward")
+        .count();
+    assert_eq!(steps, 1, "only the prefill step is traced: {spans:#?}");
     drop(coord);
     Ok(())
 }

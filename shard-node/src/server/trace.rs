@@ -14,8 +14,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::batch::{Onward, Pending};
 
-/// One decode step in this many gets a `forward` span.
-pub const DECODE_SPAN_EVERY: u32 = 32;
+/// One decode step in this many gets a `forward` span (the coordinator samples the same
+/// steps: the others arrive unsampled).
+pub const DECODE_SPAN_EVERY: u32 = common::telemetry::DECODE_TRACE_EVERY;
 
 /// The OpenTelemetry parent of work done for a call with context `ctx`.
 fn parent(ctx: &Context) -> opentelemetry::Context {
