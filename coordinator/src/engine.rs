@@ -224,7 +224,7 @@ impl StageChain for RemoteChain<'_> {
         let call = self.client.forward(ctx(TIMEOUTS.step), req);
         // Decode steps are traced one in DECODE_TRACE_EVERY (see common::telemetry): the
         // others run under an unsampled span of the same trace, so that no stage records them.
-        let sampled = ids.len() > 1 || start as u32 % DECODE_TRACE_EVERY == 0;
+        let sampled = ids.len() > 1 || (start as u32).is_multiple_of(DECODE_TRACE_EVERY);
         let reply = if sampled {
             call.await
         } else {

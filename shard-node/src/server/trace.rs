@@ -51,7 +51,7 @@ pub fn pass(pendings: &[Pending], rows: &[usize]) -> Vec<Option<tracing::Span>> 
         .iter()
         .zip(rows)
         .map(|(p, &n)| {
-            if n == 1 && p.item.start % DECODE_SPAN_EVERY != 0 {
+            if n == 1 && !p.item.start.is_multiple_of(DECODE_SPAN_EVERY) {
                 return None;
             }
             let stage = &p.slice.stage;
