@@ -7,8 +7,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    default_model, models_dir, post_with, CoordinatorProcess, OtlpReceiver, ReceivedSpan,
-    ShardProcess,
+    default_model, free_port, models_dir, post_with, CoordinatorProcess, OtlpReceiver,
+    ReceivedSpan, ShardProcess,
 };
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -183,5 +183,124 @@ fn without_an_endpoint_nothing_is_exported() -> anyhow::Result<()> {
     request(&coord.url)?;
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(rx.exports(), 0);
+    Ok(())
+}
+
+/// 8 concurrent streams, each with its own traceparent: each trace holds its own request
+/// only, and a pass that batched several of them is in each of their traces.
+#[test]
+fn concurrent_requests_keep_their_own_traces_and_share_batched_passes() -> anyhow::Result<()> {
+    let rx = OtlpReceiver::start()?;
+    let (_nodes, coord) = cluster(Some(&rx.endpoint))?;
+    let url = format!("{}/v1/completions", coord.url);
+    // 40 tokens from an 8-token prompt: position 32 (a traced decode step) is reached by all
+    // 8 at about the same time, in the same passes
+    let traces: Vec<String> = (0..8).map(|i| format!("{:032x}", 0xabc0 + i)).collect();
+    let replies = std::thread::scope(|s| -> anyhow::Result<Vec<serde_json::Value>> {
+        let hs: Vec<_> = traces
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let url = url.clone();
+                s.spawn(move || -> anyhow::Result<serde_json::Value> {
+                    let body = serde_json::json!({
+                        "prompt": format!("Here is fact number {i} about the sea:"),
+                        "max_tokens": 40, "temperature": 0, "ignore_eos": true});
+                    let parent = format!("00-{t}-{CLIENT_SPAN}-01");
+                    let (code, text) =
+                        post_with(&url, &body.to_string(), &[("traceparent", &parent)])?;
+                    anyhow::ensure!(code == 200, "{code}: {text}");
+                    Ok(serde_json::from_str(&text)?)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("panicked"))?)
+            .collect()
+    })?;
+    let start = Instant::now();
+    let all = loop {
+        let all = rx.spans();
+        let roots = all
+            .iter()
+            .filter(|s| s.service == "coordinator" && s.parent_id == CLIENT_SPAN)
+            .count();
+        if roots == 8 {
+            break all;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "{roots} roots");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(600));
+    let all = if rx.spans().len() > all.len() {
+        rx.spans()
+    } else {
+        all
+    };
+    let mut shared = 0;
+    for (t, reply) in traces.iter().zip(&replies) {
+        let mine: Vec<&ReceivedSpan> = all.iter().filter(|s| &s.trace_id == t).collect();
+        let roots: Vec<&&ReceivedSpan> = mine
+            .iter()
+            .filter(|s| s.service == "coordinator" && s.parent_id == CLIENT_SPAN)
+            .collect();
+        assert_eq!(roots.len(), 1, "trace {t}");
+        // its own request: the response id it answered with
+        assert_eq!(roots[0].attr("gen_ai.response.id"), reply["id"].as_str());
+        // every span chains up to that root within the trace
+        let ids: HashMap<&str, &ReceivedSpan> =
+            mine.iter().map(|s| (s.span_id.as_str(), *s)).collect();
+        for s in &mine {
+            let mut at = *s;
+            let mut hops = 0;
+            while at.parent_id != CLIENT_SPAN {
+                at = ids.get(at.parent_id.as_str()).copied().ok_or_else(|| {
+                    anyhow::anyhow!("{} on {} is cut off from its root", s.name, s.instance)
+                })?;
+                hops += 1;
+                anyhow::ensure!(hops < 64, "a loop of parents");
+            }
+        }
+        shared += mine
+            .iter()
+            .filter(|s| s.name == "forward" && s.attr("batch_items").is_some_and(|b| b != "1"))
+            .count();
+    }
+    assert!(
+        shared > 0,
+        "no batched pass appears in the traces it served"
+    );
+    Ok(())
+}
+
+/// An OTLP endpoint where nothing listens: requests still succeed, quickly, and the
+/// exporter's queue stays bounded.
+#[test]
+fn an_unreachable_collector_does_not_hold_requests_up() -> anyhow::Result<()> {
+    let nobody = format!("http://127.0.0.1:{}", free_port()?);
+    let (_nodes, coord) = cluster(Some(&nobody))?;
+    let rss = || -> anyhow::Result<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", coord.pid()))?;
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no VmRSS"))
+    };
+    request(&coord.url)?;
+    let before = rss()?;
+    let t = Instant::now();
+    for _ in 0..20 {
+        request(&coord.url)?;
+    }
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "20 short requests took {took:?}"
+    );
+    let grown = rss()?.saturating_sub(before);
+    assert!(
+        grown < 16 * 1024,
+        "the coordinator grew {grown} kB over 20 requests"
+    );
     Ok(())
 }
