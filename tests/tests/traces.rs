@@ -169,6 +169,18 @@ fn one_request_is_one_trace_across_the_coordinator_and_every_stage() -> anyhow::
         .filter(|s| s.service == "coordinator" && s.name == "ShardNode.forward")
         .count();
     assert_eq!(steps, 1, "only the prefill step is traced: {spans:#?}");
+    // the phases sit under the root, the steps under their phase
+    let phase = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.service == "coordinator" && s.name == name && s.parent_id == root.span_id)
+    };
+    let prefill = phase("prefill").ok_or_else(|| anyhow::anyhow!("no prefill span: {spans:#?}"))?;
+    let decode = phase("decode").ok_or_else(|| anyhow::anyhow!("no decode span: {spans:#?}"))?;
+    assert_eq!(decode.attr("steps"), Some("5"), "{decode:#?}");
+    assert!(spans
+        .iter()
+        .any(|s| s.name == "ShardNode.forward" && s.parent_id == prefill.span_id));
     drop(coord);
     Ok(())
 }

@@ -15,6 +15,8 @@ pub mod local;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 pub use local::{LocalChain, LocalPipeline, LocalSession};
 
 use crate::error::Result;
@@ -180,14 +182,24 @@ where
         prefill: Duration::ZERO,
         decode: Duration::ZERO,
     };
+    // One span per phase, the chain's steps under it (a trace shows where the time went
+    // without a span per token: see `crate::telemetry::DECODE_TRACE_EVERY`).
+    let prefill = tracing::info_span!(
+        "prefill",
+        tokens = prompt.len(),
+        chunks = prompt.len().div_ceil(PREFILL_CHUNK)
+    );
     let t0 = Instant::now();
     let mut pos = 0;
     let mut next = None;
     for chunk in prompt.chunks(PREFILL_CHUNK) {
-        next = Some(chain.step(pos, chunk).await?);
+        next = Some(chain.step(pos, chunk).instrument(prefill.clone()).await?);
         pos += chunk.len();
     }
+    drop(prefill);
     out.prefill = t0.elapsed();
+    let decode = tracing::info_span!("decode", steps = tracing::field::Empty);
+    let mut steps = 0u64;
     let t1 = Instant::now();
     let mut decoder = Decoder::new(tok, params);
     let Some(mut next) = next else {
@@ -208,9 +220,11 @@ where
             out.finish = finish;
             break;
         }
-        next = chain.step(pos, &[next]).await?;
+        next = chain.step(pos, &[next]).instrument(decode.clone()).await?;
         pos += 1;
+        steps += 1;
     }
+    decode.record("steps", steps);
     out.decode = t1.elapsed();
     out.tokens = std::mem::take(&mut decoder.tokens);
     Ok(out)
