@@ -106,7 +106,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         model_id,
         admission: Arc::new(tokio::sync::Semaphore::new(crate::MAX_IN_FLIGHT)),
         requests: AtomicU64::new(0),
-        tokens: AtomicU64::new(0),
+        stats: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.http).await?;
     {

@@ -6,6 +6,7 @@
 //! - this module: routes, handlers, errors, SSE.
 
 pub mod openai;
+pub mod stats;
 pub mod trace;
 
 use std::convert::Infallible;
@@ -47,8 +48,8 @@ pub struct AppState {
     pub admission: Arc<Semaphore>,
     /// Requests served, for /metrics.
     pub requests: AtomicU64,
-    /// Tokens generated, for /metrics.
-    pub tokens: AtomicU64,
+    /// Latency histograms and token counters, for /metrics.
+    pub stats: Arc<stats::RequestStats>,
 }
 
 /// The router.
@@ -233,7 +234,7 @@ async fn serve(
         .map_err(|_| ApiError::from(CoordError::Busy("too many requests in flight".into())))?;
     let n = st.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
-    let trace = RequestSpan::open(headers, chat, &st.model_id, &id, &g);
+    let trace = RequestSpan::open(headers, st.stats.clone(), chat, &st.model_id, &id, &g);
     let mut rx = engine::start(cluster, st.tok.clone(), g, trace.span.clone());
     if stream {
         let model = st.model_id.clone();
@@ -243,7 +244,6 @@ async fn serve(
                 let ev = match ev {
                     GenEvent::Text(t) => {
                         trace.first_text();
-                        st.tokens.fetch_add(1, Ordering::Relaxed);
                         Event::default().data(chunk(chat, &id, &model, Some(&t), None).to_string())
                     }
                     GenEvent::Done {
@@ -251,7 +251,7 @@ async fn serve(
                         prompt_tokens,
                         completion_tokens,
                     } => {
-                        trace.done(finish, completion_tokens);
+                        trace.done(finish, prompt_tokens, completion_tokens);
                         let mut c = chunk(chat, &id, &model, None, Some(finish));
                         c["usage"] = json!(Usage {
                             prompt_tokens,
@@ -292,9 +292,7 @@ async fn serve(
                 prompt_tokens,
                 completion_tokens,
             } => {
-                trace.done(finish, completion_tokens);
-                st.tokens
-                    .fetch_add(completion_tokens as u64, Ordering::Relaxed);
+                trace.done(finish, prompt_tokens, completion_tokens);
                 let usage = Usage {
                     prompt_tokens,
                     completion_tokens,
@@ -426,15 +424,12 @@ type Gauge = fn(&proto_types::NodeStatus) -> i64;
 async fn metrics(State(st): State<Arc<AppState>>) -> String {
     use std::fmt::Write;
     let mut out = format!(
-        "# TYPE coordinator_requests_total counter\ncoordinator_requests_total {}\n\
-         # TYPE coordinator_generated_tokens_total counter\ncoordinator_generated_tokens_total {}\n\
-         # TYPE coordinator_requests_in_flight gauge\ncoordinator_requests_in_flight {}\n\
+        "# TYPE coordinator_requests_in_flight gauge\ncoordinator_requests_in_flight {}\n\
          # TYPE coordinator_plan_epoch gauge\ncoordinator_plan_epoch {}\n",
-        st.requests.load(Ordering::Relaxed),
-        st.tokens.load(Ordering::Relaxed),
         st.admission_in_flight(),
         st.serving.epoch().map_or(0, |e| e.0),
     );
+    st.stats.encode(&mut out);
     let Ok(c) = st.serving.current() else {
         return out;
     };

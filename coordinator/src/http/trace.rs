@@ -2,7 +2,7 @@
 //! `chat {model}` or `text_completion {model}`, continuing the client's W3C `traceparent`
 //! when it sends one. Its RPCs to the nodes (and theirs to each other) run under it, so that
 //! the whole chain is one trace. Without trace export it is an ordinary `tracing` span: one
-//! per request, nothing per token.
+//! per request, nothing per token. Its end is also counted in [`RequestStats`].
 
 use std::time::Instant;
 
@@ -11,6 +11,7 @@ use common::generate::FinishReason;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::stats::RequestStats;
 use crate::engine::GenRequest;
 
 /// Reads W3C trace-context headers.
@@ -26,18 +27,27 @@ impl opentelemetry::propagation::Extractor for Headers<'_> {
     }
 }
 
-/// The request's span and when it started.
+/// The request's span, when it started and when its first text went out, and the metrics
+/// its end is counted in.
 #[derive(Debug, Clone)]
 pub struct RequestSpan {
     /// The span; the generation task runs in it.
     pub span: tracing::Span,
     started: Instant,
-    first: std::sync::Arc<std::sync::OnceLock<()>>,
+    first: std::sync::Arc<std::sync::OnceLock<std::time::Duration>>,
+    stats: std::sync::Arc<RequestStats>,
 }
 
 impl RequestSpan {
     /// Opens the span of request `id`, a child of the client's `traceparent` if it sent one.
-    pub fn open(headers: &HeaderMap, chat: bool, model: &str, id: &str, g: &GenRequest) -> Self {
+    pub fn open(
+        headers: &HeaderMap,
+        stats: std::sync::Arc<RequestStats>,
+        chat: bool,
+        model: &str,
+        id: &str,
+        g: &GenRequest,
+    ) -> Self {
         let op = if chat { "chat" } else { "text_completion" };
         let span = tracing::info_span!(
             "request",
@@ -63,21 +73,27 @@ impl RequestSpan {
             span,
             started: Instant::now(),
             first: Default::default(),
+            stats,
         }
     }
 
     /// The first text went out (once).
     pub fn first_text(&self) {
-        if self.first.set(()).is_ok() {
-            self.span.record(
-                "gen_ai.server.time_to_first_token",
-                self.started.elapsed().as_secs_f64(),
-            );
+        let now = self.started.elapsed();
+        if self.first.set(now).is_ok() {
+            self.span
+                .record("gen_ai.server.time_to_first_token", now.as_secs_f64());
         }
     }
 
     /// The generation ended.
-    pub fn done(&self, finish: FinishReason, output_tokens: usize) {
+    pub fn done(&self, finish: FinishReason, input_tokens: usize, output_tokens: usize) {
+        self.stats.finished(
+            input_tokens,
+            output_tokens,
+            self.first.get().copied(),
+            self.started.elapsed(),
+        );
         self.span
             .record("gen_ai.response.finish_reasons", finish.as_str());
         self.span
@@ -86,6 +102,7 @@ impl RequestSpan {
 
     /// It failed with `kind` (OpenAI's error type).
     pub fn failed(&self, kind: &str) {
+        self.stats.failed(self.started.elapsed());
         self.span.record("error.type", kind);
         self.span.record("otel.status_code", "ERROR");
     }
