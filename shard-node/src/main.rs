@@ -29,23 +29,23 @@ struct Cli {
 #[derive(Args, Debug)]
 struct CudaArgs {
     /// Our decode-attention kernels; off selects candle's ops throughout.
-    #[arg(long, global = true, env = "LLMC_CUDA_ATTENTION", default_value = "on",
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_ATTENTION", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_attention: bool,
     /// Steps that mix a prefill chunk with decode rows use the attention kernels too.
-    #[arg(long, global = true, env = "LLMC_CUDA_MIXED", default_value = "on",
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_MIXED", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_mixed: bool,
     /// The fused decode step (needs the attention kernels).
-    #[arg(long, global = true, env = "LLMC_CUDA_FUSED", default_value = "on",
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_FUSED", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_fused: bool,
     /// Our matrix-vector kernels.
-    #[arg(long, global = true, env = "LLMC_CUDA_MATVEC", default_value = "on",
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_MATVEC", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_matvec: bool,
     /// Launches overlapping the kernel before (sm_90 and later).
-    #[arg(long, global = true, env = "LLMC_CUDA_PDL", default_value = "on",
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_PDL", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_pdl: bool,
 }
