@@ -77,6 +77,29 @@ fn bad(msg: String) -> CoordError {
 }
 
 impl RawServeConfig {
+    /// Static membership over `nodes`, every other value its default (what `coordinator up`
+    /// serves).
+    pub fn over_nodes(
+        http: SocketAddr,
+        model: PathBuf,
+        nodes: Vec<String>,
+        max_ctx: usize,
+    ) -> Self {
+        RawServeConfig {
+            http,
+            model,
+            nodes,
+            max_ctx,
+            etcd: None,
+            cluster: "llm".into(),
+            min_nodes: 1,
+            id: None,
+            etcd_ttl_secs: 5,
+            drain_secs: 30,
+            failpoint: None,
+        }
+    }
+
     /// Checks every value.
     pub fn validate(self) -> Result<ServeConfig> {
         if self.max_ctx == 0 {
@@ -138,19 +161,12 @@ mod tests {
     use super::*;
 
     fn raw() -> RawServeConfig {
-        RawServeConfig {
-            http: "127.0.0.1:0".parse().expect("addr"),
-            model: "m.gguf".into(),
-            nodes: vec!["127.0.0.1:7001".into()],
-            max_ctx: 2048,
-            etcd: None,
-            cluster: "llm".into(),
-            min_nodes: 1,
-            id: None,
-            etcd_ttl_secs: 5,
-            drain_secs: 30,
-            failpoint: None,
-        }
+        RawServeConfig::over_nodes(
+            "127.0.0.1:0".parse().expect("addr"),
+            "m.gguf".into(),
+            vec!["127.0.0.1:7001".into()],
+            2048,
+        )
     }
 
     fn etcd() -> RawServeConfig {

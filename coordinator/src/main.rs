@@ -211,19 +211,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 nodes,
                 local.addrs.join(", ")
             );
-            let r = serve(RawServeConfig {
+            let r = serve(RawServeConfig::over_nodes(
                 http,
                 model,
-                nodes: local.addrs.clone(),
+                local.addrs.clone(),
                 max_ctx,
-                etcd: None,
-                cluster: "llm".into(),
-                min_nodes: 1,
-                id: None,
-                etcd_ttl_secs: 5,
-                drain_secs: 30,
-                failpoint: None,
-            })
+            ))
             .await;
             drop(local);
             r

@@ -153,12 +153,11 @@ pub fn execute(
     if ok.is_empty() {
         return;
     }
-    let rows: usize = ok.iter().map(|(_, x)| x.dims()[0]).sum();
-    metrics.batch(ok.len(), rows);
     let (pendings, xs): (Vec<Pending>, Vec<Tensor>) = ok.into_iter().unzip();
     let lens: Vec<usize> = xs.iter().map(|x| x.dims()[0]).collect();
+    metrics.batch(pendings.len(), lens.iter().sum());
     let spans = super::trace::pass(&pendings, &lens);
-    let r = run(&pendings, &xs);
+    let r = run(&pendings, &xs, &lens);
     drop(spans);
     computed();
     match r {
@@ -217,7 +216,7 @@ enum Out {
     Next(String, WireTensor),
 }
 
-fn run(pendings: &[Pending], xs: &[Tensor]) -> Result<Vec<Out>, ShardError> {
+fn run(pendings: &[Pending], xs: &[Tensor], lens: &[usize]) -> Result<Vec<Out>, ShardError> {
     let stage = &pendings[0].slice.stage;
     let x = match xs {
         [x] => x.clone(),
@@ -236,11 +235,10 @@ fn run(pendings: &[Pending], xs: &[Tensor]) -> Result<Vec<Out>, ShardError> {
         .collect();
     let y = stage.forward_batch(&x, &mut segs).map_err(shard_err)?;
     drop(segs);
-    let lens: Vec<usize> = xs.iter().map(|x| x.dims()[0]).collect();
     if stage.is_last() {
         let mut last = Vec::with_capacity(lens.len());
         let mut at = 0u32;
-        for &n in &lens {
+        for &n in lens {
             at += n as u32;
             last.push(at - 1);
         }
