@@ -27,7 +27,9 @@ Each node serves its metrics, and the decode lines also split a token's time in 
 `shard_forward_seconds_total`, counted from the first streamed token on, so without the
 prompt's pass, give or take the one in flight then, summed over the stages), and
 "outside_ms", the rest of the mean gap between tokens (hops between stages, the coordinator,
-HTTP). Where the stages share CPU cores, the end of one stage's pass (its sends) overlaps
+HTTP). "cpu_ms_per_token" is the CPU time (user and system, from /proc) that the cluster's
+processes (its nodes and coordinator) spent per decoded token over the timed streams: on a
+machine whose cores the processes share, a steadier measure of a change's cost than tok/s. Where the stages share CPU cores, the end of one stage's pass (its sends) overlaps
 the start of the next stage's, so there "pass_ms" runs high and "outside_ms" low.
 """
 import argparse, json, os, subprocess, sys, threading, time, urllib.error, urllib.request
@@ -131,17 +133,28 @@ def main():
     bins = [(b, t) for b in a.bin_dir for t in ([None, sink] if a.traces else [None])]
 
     metrics = {}
+    pids = {}
+
+    def cpu_seconds(url):
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in pids[url]:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / tick
 
     def start(variant, stages):
         bin_dir, otlp = variant
         traced = ["--otlp-endpoint", otlp] if otlp else []
-        addrs, mets = [], []
+        addrs, mets, ps = [], [], []
         for i in range(stages):
             p, addr = spawn([os.path.join(bin_dir, "shard-node"), "serve", "--listen",
                              "127.0.0.1:0", "--threads", str(a.threads), "--models-dir",
                              models_dir, "--device", devices[i % len(devices)],
                              "--metrics-listen", "127.0.0.1:0"] + traced)
             procs.append(p)
+            ps.append(p.pid)
             addrs.append(addr)
             mets.append(METRICS[p.pid])
         p, http = spawn([os.path.join(bin_dir, "coordinator"), "serve", "--http",
@@ -150,6 +163,7 @@ def main():
         procs.append(p)
         url = "http://" + http
         metrics[url] = mets
+        pids[url] = ps + [p.pid]
         stream_times(url, 16)  # warm-up
         return url
 
@@ -167,11 +181,14 @@ def main():
         rates = {k: [] for k in urls}
         gaps = {k: [] for k in urls}
         split = {k: [] for k in urls}
+        cpu = {k: [] for k in urls}
         for _ in range(a.runs):
             for k, url in urls.items():
                 before = []
+                c0 = cpu_seconds(url)
                 t = stream_times(url, a.tokens, lambda: before.extend(
                     node_passes(m) for m in metrics[url]))
+                cpu[k].append((cpu_seconds(url) - c0) * 1e3 / len(t))
                 after = [node_passes(m) for m in metrics[url]]
                 rates[k].append((len(t) - 1) / (t[-1] - t[0]))
                 gaps[k] += [(y - x) * 1e3 for x, y in zip(t, t[1:])]
@@ -187,10 +204,12 @@ def main():
                 print(json.dumps({**tag(b), "bench": "decode", "stages": n,
                                   "threads": a.threads, "devices": devices[:n],
                                   "tokens": a.tokens, "tok_s": rates[(b, n)], "mean": mean,
+                                  "median": sorted(rates[(b, n)])[a.runs // 2],
                                   f"vs_{stage_counts[0]}_stages": mean / base,
                                   "gap_p50_ms": g[len(g) // 2],
                                   "gap_p90_ms": g[int(len(g) * 0.9)],
-                                  "pass_ms": pass_ms, "outside_ms": gap_ms - pass_ms}),
+                                  "pass_ms": pass_ms, "outside_ms": gap_ms - pass_ms,
+                                  "cpu_ms_per_token": sum(cpu[(b, n)]) / a.runs}),
                       flush=True)
         counts = [int(s) for s in a.streams.split(",")]
         for stages in [int(x) for x in a.aggregate_stages.split(",") if x]:

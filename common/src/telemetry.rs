@@ -1,14 +1,61 @@
 //! Logging and trace export, set up once by each binary.
 //!
 //! Logs go to stderr, filtered by `RUST_LOG` (default `info`). Spans are exported over OTLP
-//! (gRPC) only when an endpoint is configured: `--otlp-endpoint URL` (the flag wins), else
+//! (gRPC, or HTTP/protobuf when `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`) only when an endpoint is configured: `--otlp-endpoint URL` (the flag wins), else
 //! `OTEL_EXPORTER_OTLP_ENDPOINT`. Without one there is no exporter, no connection and no
 //! OpenTelemetry layer at all. The exporter's layer has its own level filter (`info`, or
 //! `OTEL_LOG_FILTER`), so a quiet `RUST_LOG` does not drop tarpc's spans. The standard
 //! variables apply as the SDK reads them: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
 //! `OTEL_TRACES_SAMPLER` and its argument, `OTEL_BSP_*` (the export queue is bounded).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::error::{Error, Result};
+
+/// Set once spans are exported.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports spans.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Runs `f` with nothing recorded, no span and no event: for work that the traces leave out
+/// (the decode steps between traced ones, lease heartbeats), at no cost to this process. A
+/// tarpc call made inside sends the trace context it is given as it is, so the caller marks
+/// that context unsampled, and the processes downstream leave the work out too.
+pub fn quietly<F: std::future::Future>(f: F) -> tracing::instrument::WithDispatch<F> {
+    use tracing::instrument::WithSubscriber;
+    f.with_subscriber(tracing::subscriber::NoSubscriber::default())
+}
+
+/// Marks a tarpc call's context as one that no trace records (a lease heartbeat, a decode
+/// step left out): its trace, or a fresh one outside any request, unsampled, so that no node
+/// records it either. Make the call inside [`quietly`]. Without export, nothing changes.
+#[cfg(feature = "otlp")]
+pub fn untraced(mut c: tarpc::context::Context) -> tarpc::context::Context {
+    use opentelemetry_sdk::trace::IdGenerator;
+    if exporting() {
+        let t = &mut c.trace_context;
+        if t.trace_id.is_none() {
+            let ids = opentelemetry_sdk::trace::RandomIdGenerator::default();
+            t.trace_id = ids.new_trace_id().into();
+            t.span_id = ids.new_span_id().into();
+        }
+        t.sampling_decision = tarpc::trace::SamplingDecision::Unsampled;
+    }
+    c
+}
+
+/// Awaits `f` with nothing recorded when spans are exported (see [`quietly`]); its tarpc
+/// calls take an [`untraced`] context.
+pub async fn unrecorded<F: std::future::Future>(f: F) -> F::Output {
+    if exporting() {
+        quietly(f).await
+    } else {
+        f.await
+    }
+}
 
 /// One decode step in this many is traced in full (the coordinator's call, every stage's
 /// RPC, pass and relay); the others run unsampled, so that a long stream's trace stays
@@ -84,8 +131,21 @@ impl Drop for Telemetry {
     }
 }
 
+/// The target of events meant for traces (what a lease freed, a session's close): the stderr
+/// log leaves them out unless `RUST_LOG` names this target.
+pub const SPAN_EVENT: &str = "span_event";
+
 fn log_filter() -> tracing_subscriber::EnvFilter {
-    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())
+    let env = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut f =
+        tracing_subscriber::EnvFilter::try_new(if env.trim().is_empty() { "info" } else { &env })
+            .unwrap_or_else(|_| "info".into());
+    if !env.contains(SPAN_EVENT) {
+        if let Ok(d) = format!("{SPAN_EVENT}=off").parse() {
+            f = f.add_directive(d);
+        }
+    }
+    f
 }
 
 /// The stderr layer.
@@ -134,24 +194,53 @@ fn export(o: &TelemetryOptions, endpoint: String) -> Result<Telemetry> {
     use opentelemetry_otlp::WithExportConfig;
     use tracing_subscriber::prelude::*;
 
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_default();
-    if !protocol.is_empty() && protocol != "grpc" {
-        return Err(Error::Config(format!(
-            "OTEL_EXPORTER_OTLP_PROTOCOL={protocol}: this build exports over grpc only"
-        )));
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_default();
+    let http = match protocol.trim() {
+        "" | "grpc" => false,
+        "http/protobuf" => true,
+        other => {
+            return Err(Error::Config(format!(
+                "OTEL_EXPORTER_OTLP_PROTOCOL={other}: use grpc (the default) or http/protobuf"
+            )))
+        }
+    };
+    // gRPC's connection lives on a runtime of the exporter's own; the HTTP client (blocking,
+    // called from the batch processor's thread) needs none.
+    let mut runtime = None;
+    let exporter = if http {
+        // The base endpoint gets the signal's path; the traces-only variable is taken as is.
+        let url = if o.endpoint.is_none()
+            && std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_ok()
+        {
+            endpoint.clone()
+        } else {
+            format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+        };
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(url)
+            .build()
+    } else {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("otlp-export")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Config(format!("a runtime for the trace exporter: {e}")))?;
+        let built = {
+            let _inside = rt.enter();
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .build()
+        };
+        runtime = Some(rt);
+        built
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("otlp-export")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Config(format!("a runtime for the trace exporter: {e}")))?;
-    let _inside = runtime.enter();
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint.clone())
-        .build()
-        .map_err(|e| Error::Config(format!("OTLP exporter for {endpoint}: {e}")))?;
+    .map_err(|e| Error::Config(format!("OTLP exporter for {endpoint}: {e}")))?;
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(o.service);
@@ -182,13 +271,14 @@ fn export(o: &TelemetryOptions, endpoint: String) -> Result<Telemetry> {
         .map_err(|e| Error::Config(format!("installing the trace exporter: {e}")))?;
     tracing::info!(
         endpoint,
+        protocol = if http { "http/protobuf" } else { "grpc" },
         service = o.service,
         instance = o.instance,
         "exporting traces"
     );
-    drop(_inside);
+    EXPORTING.store(true, Ordering::Relaxed);
     Ok(Telemetry {
         provider: Some(provider),
-        runtime: Some(runtime),
+        runtime,
     })
 }

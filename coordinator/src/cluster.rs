@@ -202,6 +202,14 @@ pub fn ctx(within: Duration) -> Context {
     c
 }
 
+/// A context like [`ctx`] for a call that no trace records (a lease heartbeat, a decode step
+/// left out); make the call inside [`untraced`].
+pub fn untraced_ctx(within: Duration) -> Context {
+    common::telemetry::untraced(ctx(within))
+}
+
+pub use common::telemetry::unrecorded as untraced;
+
 /// Connects and handshakes.
 pub async fn connect(addr: &str) -> Result<(ShardNodeClient, HelloAck)> {
     proto_types::connect(addr, "coordinator", TIMEOUTS.connect)
@@ -253,7 +261,7 @@ pub fn keep_alive(client: &ShardNodeClient, lease: LeaseId, every: Duration) -> 
                 _ = tick.tick() => {}
             }
             // A failure here shows up as the load's own error; nothing to do but try again.
-            let _ = client.heartbeat(ctx(TIMEOUTS.heartbeat), lease).await;
+            let _ = untraced(client.heartbeat(untraced_ctx(TIMEOUTS.heartbeat), lease)).await;
         }
     });
     stop.drop_guard()
@@ -420,7 +428,12 @@ impl Cluster {
     async fn watch(&self, i: usize) {
         let n = &self.nodes[i];
         match n.link() {
-            Some(l) => match l.client.heartbeat(ctx(TIMEOUTS.heartbeat), l.lease).await {
+            Some(l) => match untraced(
+                l.client
+                    .heartbeat(untraced_ctx(TIMEOUTS.heartbeat), l.lease),
+            )
+            .await
+            {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) if e.code != ErrorCode::UnknownLease => {
                     tracing::warn!(addr = %n.addr, "heartbeat: {e}")
@@ -431,7 +444,10 @@ impl Cluster {
                         Err(e) => e.to_string(),
                         Ok(Ok(_)) => String::new(),
                     };
-                    tracing::warn!(addr = %n.addr, "node down: {why}");
+                    // An event in a trace of its own, so that an operator finds it in Jaeger.
+                    let span =
+                        tracing::warn_span!("node down", addr = %n.addr, epoch = %self.epoch);
+                    span.in_scope(|| tracing::warn!("node down: {why}"));
                     n.set_link(None);
                 }
             },

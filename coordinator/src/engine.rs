@@ -13,7 +13,7 @@ use proto_types::*;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::cluster::{ctx, rpc, Cluster};
+use crate::cluster::{ctx, rpc, untraced, untraced_ctx, Cluster};
 use crate::error::{CoordError, Result};
 use crate::timeouts::TIMEOUTS;
 
@@ -87,19 +87,20 @@ impl Drop for SessionGuard {
 }
 
 /// Starts generating; events arrive on the returned channel. Dropping the receiver stops the
-/// generation and frees the session on every stage.
+/// generation and frees the session on every stage. `admitted` is called once the session is
+/// open on every stage.
 pub fn start(
     cluster: Arc<Cluster>,
     tok: Arc<TextTokenizer>,
     req: GenRequest,
     span: tracing::Span,
+    admitted: impl FnOnce() + Send + 'static,
 ) -> mpsc::Receiver<GenEvent> {
-    use tracing::Instrument;
     let (tx, rx) = mpsc::channel(64);
     // In the request's span: the RPCs to the nodes carry its trace.
     tokio::spawn(
         async move {
-            if let Err(e) = run(cluster, &tok, req, &tx).await {
+            if let Err(e) = run(cluster, &tok, req, &tx, admitted).await {
                 let _ = tx.send(GenEvent::Error(e)).await;
             }
         }
@@ -113,6 +114,7 @@ async fn run(
     tok: &TextTokenizer,
     req: GenRequest,
     tx: &mpsc::Sender<GenEvent>,
+    admitted: impl FnOnce(),
 ) -> Result<()> {
     let session = SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed));
     let guard = SessionGuard {
@@ -128,24 +130,33 @@ async fn run(
         seed: s.seed,
     };
     let max_ctx = (req.prompt.len() + req.max_tokens).min(cluster.max_ctx) as u32;
-    let n = cluster.nodes.len();
-    for i in (0..n).rev() {
-        let node = &cluster.nodes[i];
-        let next = (i + 1 < n).then(|| cluster.nodes[i + 1].addr.clone());
-        let open = OpenSession {
-            session,
-            epoch: cluster.epoch,
-            max_ctx,
-            next,
-            sampling: sampling.clone(),
-        };
-        rpc(
-            &node.addr,
-            node.client()?
-                .open_session(ctx(TIMEOUTS.open_session), open)
-                .await,
-        )?;
-    }
+    // Admission: a session on every stage, last stage first (each needs the next one's),
+    // each reserving its KV cache within the node's memory limit.
+    let open_all = async {
+        let n = cluster.nodes.len();
+        for i in (0..n).rev() {
+            let node = &cluster.nodes[i];
+            let next = (i + 1 < n).then(|| cluster.nodes[i + 1].addr.clone());
+            let open = OpenSession {
+                session,
+                epoch: cluster.epoch,
+                max_ctx,
+                next,
+                sampling: sampling.clone(),
+            };
+            rpc(
+                &node.addr,
+                node.client()?
+                    .open_session(ctx(TIMEOUTS.open_session), open)
+                    .await,
+            )?;
+        }
+        Ok::<_, CoordError>(())
+    };
+    open_all
+        .instrument(tracing::info_span!("admission", %session, stages = cluster.nodes.len()))
+        .await?;
+    admitted();
     let mut chain = RemoteChain {
         client: cluster.nodes[0].client()?,
         cluster: &cluster,
@@ -176,27 +187,6 @@ async fn run(
     Ok(())
 }
 
-/// A span in the current trace whose children are not sampled (a decode step left out).
-fn unsampled() -> tracing::Span {
-    use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags};
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let current = tracing::Span::current().context();
-    let sc = current.span().span_context().clone();
-    if !sc.is_valid() {
-        return tracing::Span::none();
-    }
-    let span = tracing::info_span!("decode step");
-    let off = SpanContext::new(
-        sc.trace_id(),
-        sc.span_id(),
-        TraceFlags::default(),
-        false,
-        sc.trace_state().clone(),
-    );
-    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(off));
-    span
-}
-
 /// The stages of the served plan, reached through the first: one session on each.
 struct RemoteChain<'c> {
     cluster: &'c Cluster,
@@ -221,14 +211,13 @@ impl StageChain for RemoteChain<'_> {
             epoch: self.cluster.epoch,
             items: vec![item],
         };
-        let call = self.client.forward(ctx(TIMEOUTS.step), req);
         // Decode steps are traced one in DECODE_TRACE_EVERY (see common::telemetry): the
-        // others run under an unsampled span of the same trace, so that no stage records them.
+        // others go out unsampled and unrecorded, so that no stage records them either.
         let sampled = ids.len() > 1 || (start as u32).is_multiple_of(DECODE_TRACE_EVERY);
         let reply = if sampled {
-            call.await
+            self.client.forward(ctx(TIMEOUTS.step), req).await
         } else {
-            call.instrument(unsampled()).await
+            untraced(self.client.forward(untraced_ctx(TIMEOUTS.step), req)).await
         };
         let reply = rpc(addr, reply)?;
         match reply.outputs.into_iter().next() {

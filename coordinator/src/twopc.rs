@@ -16,6 +16,8 @@ use cluster_registry::Registry;
 use proto_types::registry::{Decision, NodeRecord, PlanRecord, StageRecord};
 use proto_types::PlanEpoch;
 
+use tracing::Instrument;
+
 use crate::cluster::{ctx, rpc, Cluster, ModelRef, NodeConn};
 use crate::error::{CoordError, Result};
 use crate::timeouts::TIMEOUTS;
@@ -65,8 +67,31 @@ impl TwoPc {
     /// Moves the cluster to a plan over `members` (first stage first). `plan_rev` is the
     /// revision of the plan key this was computed from (0: none). Returns the committed
     /// cluster, or why the plan was aborted.
+    ///
+    /// Each run is a trace of its own (`plan change`): connecting, PREPARE with each vote as
+    /// an event, the decision in etcd, then COMMIT or ABORT; every node's RPC spans are in it.
     pub async fn apply(&self, members: &[NodeRecord], plan_rev: i64) -> Result<Arc<Cluster>> {
+        let span = tracing::info_span!(
+            parent: None,
+            "plan change",
+            epoch = tracing::field::Empty,
+            nodes = members.len(),
+            decision = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let r = self.run(members, plan_rev).instrument(span.clone()).await;
+        match &r {
+            Ok(_) => span.record("decision", "COMMIT"),
+            Err(_) => span
+                .record("decision", "ABORT")
+                .record("otel.status_code", "ERROR"),
+        };
+        r
+    }
+
+    async fn run(&self, members: &[NodeRecord], plan_rev: i64) -> Result<Arc<Cluster>> {
         let epoch = self.registry.next_epoch().await?;
+        tracing::Span::current().record("epoch", epoch.0);
         let conns = futures::future::try_join_all(
             members
                 .iter()
@@ -81,12 +106,18 @@ impl TwoPc {
         let votes = futures::future::join_all(conns.iter().zip(&ranges).map(|(c, &r)| {
             let req = NodeConn::load_req(&self.model, r, epoch, self.max_ctx);
             async move {
-                rpc(
+                let v = rpc(
                     &c.addr,
                     c.client.prepare_slice(ctx(TIMEOUTS.load), req).await,
-                )
+                );
+                match &v {
+                    Ok(_) => tracing::info!(node = c.addr, layers = %r, "vote YES"),
+                    Err(e) => tracing::info!(node = c.addr, layers = %r, "vote NO: {e}"),
+                }
+                v
             }
         }))
+        .instrument(tracing::info_span!("prepare", %epoch))
         .await;
         let no: Vec<String> = votes
             .iter()
@@ -98,6 +129,7 @@ impl TwoPc {
             let d = self
                 .registry
                 .decide_abort(epoch, &format!("{}: {why}", self.who))
+                .instrument(tracing::info_span!("decide in etcd", %epoch, decision = "ABORT"))
                 .await;
             self.abort_all(&conns, epoch).await;
             if let Err(e) = d {
@@ -125,6 +157,7 @@ impl TwoPc {
         let decided = self
             .registry
             .decide_commit(&plan, plan_rev, &self.who)
+            .instrument(tracing::info_span!("decide in etcd", %epoch, decision = "COMMIT"))
             .await;
         match decided {
             Ok(d) if d.decision == Decision::Commit => {}
@@ -145,6 +178,7 @@ impl TwoPc {
                 c.client.commit_slice(ctx(TIMEOUTS.commit), epoch).await,
             )
         }))
+        .instrument(tracing::info_span!("commit", %epoch))
         .await;
         for (r, c) in commits.iter().zip(&conns) {
             if let Err(e) = r {
@@ -175,6 +209,7 @@ impl TwoPc {
                 tracing::warn!(%epoch, addr = c.addr, "ABORT not delivered: {e}");
             }
         }))
+        .instrument(tracing::info_span!("abort", %epoch))
         .await;
     }
 }

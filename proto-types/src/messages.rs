@@ -152,6 +152,10 @@ pub struct ForwardReply {
     /// One outcome per item, in the request's order. An item fails alone (its session's
     /// context is full, say) without failing the others it was batched with.
     pub outputs: Vec<Result<ForwardOutput, ShardError>>,
+    /// Microseconds the node spent on the request, from its arrival to this reply (its
+    /// relay to the stages after it included). The stage before subtracts it from its own
+    /// round trip to measure the hop between them.
+    pub handled_micros: u64,
 }
 
 /// Reply to a heartbeat.

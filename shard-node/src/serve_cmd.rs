@@ -150,7 +150,11 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
             tracing::info!("shutting down");
             signals.cancel();
         });
-        tokio::spawn(relay::run(onward, server.peers.clone()));
+        tokio::spawn(relay::run(
+            onward,
+            server.peers.clone(),
+            server.metrics.clone(),
+        ));
         if let Some(pid) = o.parent_pid {
             let orphaned = shutdown.clone();
             tokio::spawn(async move {

@@ -1,5 +1,6 @@
-//! A real OTLP/gRPC trace receiver on port 0 (opentelemetry-proto's tonic service), on a
-//! thread of its own: what the trace tests point the processes at.
+//! A real OTLP trace receiver on port 0, on a thread of its own: what the trace tests point
+//! the processes at. It speaks gRPC (opentelemetry-proto's tonic service) or HTTP/protobuf
+//! (`POST /v1/traces`, the same messages).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,21 +20,53 @@ struct Store {
     exports: Arc<AtomicUsize>,
 }
 
+impl Store {
+    fn add(&self, r: ExportTraceServiceRequest) {
+        self.exports.fetch_add(1, Ordering::Relaxed);
+        self.resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(r.resource_spans);
+    }
+}
+
 #[tonic::async_trait]
 impl TraceService for Store {
     async fn export(
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.exports.fetch_add(1, Ordering::Relaxed);
-        let r = request.into_inner();
-        self.resources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(r.resource_spans);
+        self.add(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))
+    }
+}
+
+/// `POST /v1/traces` of OTLP/HTTP with a protobuf body.
+async fn http_export(
+    axum::extract::State(store): axum::extract::State<Store>,
+    body: axum::body::Bytes,
+) -> (
+    axum::http::StatusCode,
+    [(&'static str, &'static str); 1],
+    Vec<u8>,
+) {
+    use prost::Message;
+    let ct = [("content-type", "application/x-protobuf")];
+    match ExportTraceServiceRequest::decode(body) {
+        Ok(r) => {
+            store.add(r);
+            let reply = ExportTraceServiceResponse {
+                partial_success: None,
+            };
+            (axum::http::StatusCode::OK, ct, reply.encode_to_vec())
+        }
+        Err(e) => (
+            axum::http::StatusCode::BAD_REQUEST,
+            ct,
+            e.to_string().into_bytes(),
+        ),
     }
 }
 
@@ -54,6 +87,8 @@ pub struct ReceivedSpan {
     pub parent_id: String,
     /// Its attributes, values as text.
     pub attributes: Vec<(String, String)>,
+    /// Its events: name and attributes.
+    pub events: Vec<(String, Vec<(String, String)>)>,
 }
 
 impl ReceivedSpan {
@@ -98,12 +133,22 @@ impl OtlpReceiver {
 
     /// Starts it on `addr`.
     pub fn start_on(addr: &str) -> anyhow::Result<Self> {
+        Self::serve(addr, false)
+    }
+
+    /// Starts an OTLP/HTTP (protobuf) receiver on a free port; its `endpoint` is the base
+    /// URL (exporters post to `/v1/traces` under it).
+    pub fn start_http() -> anyhow::Result<Self> {
+        Self::serve("127.0.0.1:0", true)
+    }
+
+    fn serve(addr: &str, http: bool) -> anyhow::Result<Self> {
         let std_listener = std::net::TcpListener::bind(addr)?;
         std_listener.set_nonblocking(true)?;
         let endpoint = format!("http://{}", std_listener.local_addr()?);
         let store = Store::default();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let service = TraceServiceServer::new(store.clone());
+        let served = store.clone();
         std::thread::spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -117,14 +162,26 @@ impl OtlpReceiver {
                     Ok(l) => l,
                     Err(e) => return eprintln!("otlp receiver: {e}"),
                 };
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                let served = tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(incoming, async {
-                        let _ = stopped.await;
-                    })
-                    .await;
-                if let Err(e) = served {
+                let stopped = async {
+                    let _ = stopped.await;
+                };
+                let r = if http {
+                    let app = axum::Router::new()
+                        .route("/v1/traces", axum::routing::post(http_export))
+                        .with_state(served);
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                        .map_err(|e| e.to_string())
+                } else {
+                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    tonic::transport::Server::builder()
+                        .add_service(TraceServiceServer::new(served))
+                        .serve_with_incoming_shutdown(incoming, stopped)
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                if let Err(e) = r {
                     eprintln!("otlp receiver: {e}");
                 }
             });
@@ -172,6 +229,14 @@ impl OtlpReceiver {
                         .attributes
                         .iter()
                         .map(|a| (a.key.clone(), text(a)))
+                        .collect(),
+                    events: s
+                        .events
+                        .iter()
+                        .map(|e| {
+                            let a = e.attributes.iter().map(|a| (a.key.clone(), text(a)));
+                            (e.name.clone(), a.collect())
+                        })
                         .collect(),
                 });
             }

@@ -103,6 +103,14 @@ fn concurrent_streams_equal_their_sequential_output_and_are_batched() -> anyhow:
     let busy = metric(&text, "shard_forward_seconds_total")?;
     assert!(busy > 0.0, "compute busy {busy} s after {batches} batches");
     assert_eq!(metric(&text, "shard_plan_epoch")?, 1.0);
+    // every pass in the histogram; the first stage relays every one of them on
+    assert_eq!(metric(&text, "shard_forward_pass_seconds_count")?, batches);
+    let hops = metric(&text, "shard_hop_seconds_count")?;
+    assert!(
+        hops > 0.0 && hops <= batches,
+        "hops {hops}, batches {batches}"
+    );
+    assert!(metric(&text, "shard_hop_seconds_sum")? > 0.0);
 
     // The coordinator's latency histograms and token counters saw all 16 requests.
     let (_, text) = get(&format!("{url}/metrics"))?;
@@ -122,6 +130,10 @@ fn concurrent_streams_equal_their_sequential_output_and_are_batched() -> anyhow:
     let generated = metric(&text, "coordinator_generated_tokens_total")?;
     assert!((16.0..=16.0 * 12.0).contains(&generated), "{generated}");
     assert!(metric(&text, "coordinator_time_per_output_token_seconds_sum")? > 0.0);
+    assert_eq!(
+        metric(&text, "coordinator_admission_wait_seconds_count")?,
+        16.0
+    );
     Ok(())
 }
 

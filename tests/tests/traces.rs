@@ -1,14 +1,15 @@
 //! Traces: a coordinator and 3 nodes export to a real OTLP receiver. One request sent with a
 //! known W3C `traceparent` yields one trace holding spans from all 4 processes, rooted in the
 //! HTTP request with the GenAI attributes, each stage reached through the previous stage's
-//! relay; without an endpoint nothing is exported.
+//! relay; without an endpoint nothing is exported. A re-plan is a trace of its own across
+//! the coordinator and every node; OTLP/HTTP works as gRPC does.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    default_model, free_port, models_dir, post_with, CoordinatorProcess, OtlpReceiver,
-    ReceivedSpan, ShardProcess,
+    default_model, free_port, get_json, models_dir, post_with, BackgroundStream,
+    CoordinatorProcess, EtcdProcess, OtlpReceiver, ReceivedSpan, ShardProcess,
 };
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -181,6 +182,34 @@ fn one_request_is_one_trace_across_the_coordinator_and_every_stage() -> anyhow::
     assert!(spans
         .iter()
         .any(|s| s.name == "ShardNode.forward" && s.parent_id == prefill.span_id));
+    // before generation: tokenizing, then admission (a session opened on every stage)
+    phase("tokenize").ok_or_else(|| anyhow::anyhow!("no tokenize span: {spans:#?}"))?;
+    let admission =
+        phase("admission").ok_or_else(|| anyhow::anyhow!("no admission span: {spans:#?}"))?;
+    let opened = spans
+        .iter()
+        .filter(|s| s.name == "ShardNode.open_session" && s.parent_id == admission.span_id)
+        .count();
+    assert_eq!(opened, 3, "a session opened on every stage: {spans:#?}");
+    // each stage frees the session's KV cache at the end, an event in the same trace
+    let closed: BTreeSet<&str> = spans
+        .iter()
+        .filter(|s| s.service == "shard-node" && s.name == "ShardNode.close_session")
+        .filter(|s| {
+            s.events.iter().any(|(name, a)| {
+                let get = |k: &str| a.iter().find(|(x, _)| x == k).map(|(_, v)| v.as_str());
+                name == "session closed"
+                    && get("kind") == Some("kv_cache")
+                    && get("bytes").and_then(|b| b.parse::<u64>().ok()) > Some(0)
+            })
+        })
+        .map(|s| s.instance.as_str())
+        .collect();
+    assert_eq!(
+        closed.len(),
+        3,
+        "a freed KV cache on every stage: {spans:#?}"
+    );
     drop(coord);
     Ok(())
 }
@@ -314,5 +343,200 @@ fn an_unreachable_collector_does_not_hold_requests_up() -> anyhow::Result<()> {
         grown < 16 * 1024,
         "the coordinator grew {grown} kB over 20 requests"
     );
+    Ok(())
+}
+
+/// Polls the receiver until `done` holds for the spans received, for at most 30 s.
+fn wait_spans(
+    rx: &OtlpReceiver,
+    what: &str,
+    done: impl Fn(&[ReceivedSpan]) -> bool,
+) -> anyhow::Result<Vec<ReceivedSpan>> {
+    let start = Instant::now();
+    loop {
+        let spans = rx.spans();
+        if done(&spans) {
+            return Ok(spans);
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "after 30 s, no {what} among {} spans",
+            spans.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the coordinator at `url` serves `epoch` over `stages` nodes.
+fn wait_serving(url: &str, epoch: u64, stages: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let v = get_json(&format!("{url}/v1/cluster")).unwrap_or_default();
+        if v["epoch"].as_u64() == Some(epoch) && v["nodes"].as_array().map(Vec::len) == Some(stages)
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(40),
+            "not serving epoch {epoch} on {stages} nodes: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn event_bytes(s: &ReceivedSpan, event: &str, kind: &str) -> u64 {
+    s.events
+        .iter()
+        .filter(|(name, _)| name == event)
+        .filter(|(_, a)| a.iter().any(|(k, v)| k == "kind" && v == kind))
+        .filter_map(|(_, a)| a.iter().find(|(k, _)| k == "bytes")?.1.parse::<u64>().ok())
+        .sum()
+}
+
+/// A join that triggers a re-plan is one trace of its own: the coordinator's `plan change`
+/// holding PREPARE (a vote per node as an event), the decision in etcd and COMMIT, with every
+/// node's RPC spans in it. When the coordinator dies mid-stream, each node frees what its
+/// lease held, as events of a `release lease` span there.
+#[test]
+fn a_join_is_one_two_phase_commit_trace_on_every_node() -> anyhow::Result<()> {
+    let rx = OtlpReceiver::start()?;
+    let etcd = EtcdProcess::start()?;
+    let node = |id: &str| {
+        let args = [
+            "--etcd",
+            &etcd.url,
+            "--node-id",
+            id,
+            "--otlp-endpoint",
+            &rx.endpoint,
+        ];
+        ShardProcess::spawn_with_env(&models_dir(), &args, &FAST_EXPORT)
+    };
+    let _a = node("a")?;
+    let _b = node("b")?;
+    let args = [
+        "--etcd",
+        &etcd.url,
+        "--min-nodes",
+        "2",
+        "--otlp-endpoint",
+        &rx.endpoint,
+    ];
+    let coord = CoordinatorProcess::spawn_with_env(&default_model(), &args, &FAST_EXPORT)?;
+    wait_serving(&coord.url, 1, 2)?;
+    let _c = node("c")?;
+    wait_serving(&coord.url, 2, 3)?;
+
+    let is_join = |s: &ReceivedSpan| {
+        s.name == "plan change" && s.attr("epoch") == Some("2") && s.attr("decision").is_some()
+    };
+    let on_nodes = |spans: &[ReceivedSpan], trace: &str, rpc: &str| -> BTreeSet<String> {
+        spans
+            .iter()
+            .filter(|s| s.trace_id == trace && s.service == "shard-node" && s.name == rpc)
+            .map(|s| s.instance.clone())
+            .collect()
+    };
+    let all: BTreeSet<String> = ["a", "b", "c"].map(String::from).into();
+    let spans = wait_spans(&rx, "2PC trace of epoch 2", |spans| {
+        spans.iter().filter(|s| is_join(s)).any(|root| {
+            on_nodes(spans, &root.trace_id, "ShardNode.commit_slice") == all
+                && on_nodes(spans, &root.trace_id, "ShardNode.prepare_slice") == all
+        })
+    })?;
+    let roots: Vec<&ReceivedSpan> = spans.iter().filter(|s| is_join(s)).collect();
+    assert_eq!(roots.len(), 1, "one trace for the re-plan: {roots:#?}");
+    let root = roots[0];
+    assert_eq!(root.service, "coordinator");
+    assert!(root.parent_id.is_empty(), "a trace of its own: {root:#?}");
+    assert_eq!(root.attr("decision"), Some("COMMIT"));
+    let trace: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.trace_id == root.trace_id)
+        .collect();
+    let child = |name: &str| {
+        trace
+            .iter()
+            .find(|s| s.name == name && s.parent_id == root.span_id)
+            .copied()
+            .ok_or_else(|| anyhow::anyhow!("no {name} under the plan change: {trace:#?}"))
+    };
+    let prepare = child("prepare")?;
+    let yes = prepare
+        .events
+        .iter()
+        .filter(|(e, _)| e == "vote YES")
+        .count();
+    assert_eq!(yes, 3, "a vote per node: {prepare:#?}");
+    child("decide in etcd")?;
+    let commit = child("commit")?;
+    // each node's COMMIT sits under the coordinator's call, made in the commit phase
+    let by_id: HashMap<&str, &ReceivedSpan> =
+        trace.iter().map(|s| (s.span_id.as_str(), *s)).collect();
+    for s in trace
+        .iter()
+        .filter(|s| s.name == "ShardNode.commit_slice" && s.service == "shard-node")
+    {
+        let call = by_id.get(s.parent_id.as_str()).copied();
+        assert_eq!(
+            call.map(|c| c.parent_id.as_str()),
+            Some(commit.span_id.as_str()),
+            "{s:#?}"
+        );
+    }
+    // no request ran, and the lease heartbeats made no traces
+    assert!(
+        !spans.iter().any(|s| s.name == "ShardNode.heartbeat"),
+        "heartbeats are not traced"
+    );
+
+    // The coordinator dies mid-stream: every node frees the stream's KV cache with the lease
+    // (the slices stay: they belong to the plan in etcd), as events.
+    let body = serde_json::json!({"prompt": "Count: 1, 2,", "max_tokens": 400,
+                                  "stream": true, "ignore_eos": true});
+    let _stream = BackgroundStream::start(
+        &format!("{}/v1/completions", coord.url),
+        &body,
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(coord);
+    let freed = |spans: &[ReceivedSpan]| -> BTreeSet<String> {
+        spans
+            .iter()
+            .filter(|s| s.name == "release lease" && event_bytes(s, "freed", "kv_cache") > 0)
+            .map(|s| s.instance.clone())
+            .collect()
+    };
+    wait_spans(&rx, "a KV cache freed on every node", |spans| {
+        freed(spans) == all
+    })?;
+    Ok(())
+}
+
+/// `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`: the same trace reaches an OTLP/HTTP receiver.
+#[test]
+fn http_protobuf_export_reaches_an_otlp_http_receiver() -> anyhow::Result<()> {
+    let rx = OtlpReceiver::start_http()?;
+    let env = [
+        FAST_EXPORT[0],
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+    ];
+    let flags = ["--otlp-endpoint", rx.endpoint.as_str()];
+    let node = ShardProcess::spawn_with_env(&models_dir(), &flags, &env)?;
+    let args = ["--nodes", node.addr.as_str(), flags[0], flags[1]];
+    let coord = CoordinatorProcess::spawn_with_env(&default_model(), &args, &env)?;
+    request(&coord.url)?;
+    wait_spans(&rx, "the root and the node's spans", |spans| {
+        let services: BTreeSet<&str> = spans
+            .iter()
+            .filter(|s| s.trace_id == TRACE)
+            .map(|s| s.service.as_str())
+            .collect();
+        services.len() == 2
+            && spans
+                .iter()
+                .any(|s| s.trace_id == TRACE && s.parent_id == CLIENT_SPAN)
+    })?;
     Ok(())
 }

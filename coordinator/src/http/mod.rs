@@ -181,9 +181,16 @@ async fn completions(
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
-    let cluster = st.serving.current()?;
-    let g = gen_request(&st, &cluster, &req.prompt, &req.common)?;
-    serve(st, cluster, g, req.common.stream, false, &headers).await
+    let (id, trace) = st.open_trace(&headers, false);
+    let run = async {
+        let cluster = st.serving.current()?;
+        let g = {
+            let _s = trace.step("tokenize");
+            gen_request(&st, &cluster, &req.prompt, &req.common)?
+        };
+        serve(&st, cluster, g, req.common.stream, false, id, &trace).await
+    };
+    run.await.inspect_err(|e| trace.failed(e.2))
 }
 
 async fn chat(
@@ -192,13 +199,20 @@ async fn chat(
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
-    let prompt = st
-        .tok
-        .apply_chat_template(&req.messages)
-        .map_err(|e| bad(e.to_string()))?;
-    let cluster = st.serving.current()?;
-    let g = gen_request(&st, &cluster, &prompt, &req.common)?;
-    serve(st, cluster, g, req.common.stream, true, &headers).await
+    let (id, trace) = st.open_trace(&headers, true);
+    let run = async {
+        let cluster = st.serving.current()?;
+        let g = {
+            let _s = trace.step("chat template and tokenize");
+            let prompt = st
+                .tok
+                .apply_chat_template(&req.messages)
+                .map_err(|e| bad(e.to_string()))?;
+            gen_request(&st, &cluster, &prompt, &req.common)?
+        };
+        serve(&st, cluster, g, req.common.stream, true, id, &trace).await
+    };
+    run.await.inspect_err(|e| trace.failed(e.2))
 }
 
 fn chunk(
@@ -220,22 +234,26 @@ fn chunk(
 }
 
 async fn serve(
-    st: Arc<AppState>,
+    st: &AppState,
     cluster: Arc<Cluster>,
     g: GenRequest,
     stream: bool,
     chat: bool,
-    headers: &HeaderMap,
+    id: String,
+    trace: &RequestSpan,
 ) -> Result<Response, ApiError> {
+    trace.request(&g);
     let permit = st
         .admission
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::from(CoordError::Busy("too many requests in flight".into())))?;
-    let n = st.requests.fetch_add(1, Ordering::Relaxed) + 1;
-    let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
-    let trace = RequestSpan::open(headers, st.stats.clone(), chat, &st.model_id, &id, &g);
-    let mut rx = engine::start(cluster, st.tok.clone(), g, trace.span.clone());
+    let trace = trace.clone();
+    let admitted = {
+        let t = trace.clone();
+        move || t.admitted()
+    };
+    let mut rx = engine::start(cluster, st.tok.clone(), g, trace.span.clone(), admitted);
     if stream {
         let model = st.model_id.clone();
         let s = async_stream(move |tx| async move {
@@ -467,6 +485,14 @@ async fn metrics(State(st): State<Arc<AppState>>) -> String {
 }
 
 impl AppState {
+    /// Numbers a request and opens its root span.
+    fn open_trace(&self, headers: &HeaderMap, chat: bool) -> (String, RequestSpan) {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
+        let trace = RequestSpan::open(headers, self.stats.clone(), chat, &self.model_id, &id);
+        (id, trace)
+    }
+
     fn admission_in_flight(&self) -> usize {
         crate::MAX_IN_FLIGHT.saturating_sub(self.admission.available_permits())
     }

@@ -22,6 +22,7 @@ pub struct RequestStats {
     ttft: Histogram,
     tpot: Histogram,
     duration: Histogram,
+    admission: Histogram,
     prompt_tokens: Counter,
     generated_tokens: Counter,
     requests: Family<Outcome, Counter>,
@@ -32,6 +33,7 @@ impl Default for RequestStats {
         let ttft = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let tpot = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         let duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        let admission = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         let prompt_tokens = Counter::default();
         let generated_tokens = Counter::default();
         let requests = Family::<Outcome, Counter>::default();
@@ -50,6 +52,11 @@ impl Default for RequestStats {
             "request_duration_seconds",
             "From a request's arrival to its end",
             duration.clone(),
+        );
+        registry.register(
+            "admission_wait_seconds",
+            "From a request's arrival to its session being open on every stage",
+            admission.clone(),
         );
         registry.register(
             "prompt_tokens",
@@ -71,6 +78,7 @@ impl Default for RequestStats {
             ttft,
             tpot,
             duration,
+            admission,
             prompt_tokens,
             generated_tokens,
             requests,
@@ -95,6 +103,11 @@ impl RequestStats {
                 self.tpot.observe(rest / (output - 1) as f64);
             }
         }
+    }
+
+    /// A request was admitted `after` its arrival.
+    pub fn admitted(&self, after: Duration) {
+        self.admission.observe(after.as_secs_f64());
     }
 
     /// A request failed after `total`.

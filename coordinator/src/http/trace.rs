@@ -35,18 +35,20 @@ pub struct RequestSpan {
     pub span: tracing::Span,
     started: Instant,
     first: std::sync::Arc<std::sync::OnceLock<std::time::Duration>>,
+    /// Set by the first of `done` and `failed`: a request is counted once.
+    ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stats: std::sync::Arc<RequestStats>,
 }
 
 impl RequestSpan {
     /// Opens the span of request `id`, a child of the client's `traceparent` if it sent one.
+    /// What the request asks for is recorded by [`RequestSpan::request`] once it is parsed.
     pub fn open(
         headers: &HeaderMap,
         stats: std::sync::Arc<RequestStats>,
         chat: bool,
         model: &str,
         id: &str,
-        g: &GenRequest,
     ) -> Self {
         let op = if chat { "chat" } else { "text_completion" };
         let span = tracing::info_span!(
@@ -55,12 +57,12 @@ impl RequestSpan {
             otel.kind = "server",
             gen_ai.operation.name = op,
             gen_ai.request.model = model,
-            gen_ai.request.max_tokens = g.max_tokens as u64,
-            gen_ai.request.temperature = f64::from(g.sampling.temperature),
-            gen_ai.request.top_p = f64::from(g.sampling.top_p),
+            gen_ai.request.max_tokens = Empty,
+            gen_ai.request.temperature = Empty,
+            gen_ai.request.top_p = Empty,
             gen_ai.response.id = id,
             gen_ai.response.finish_reasons = Empty,
-            gen_ai.usage.input_tokens = g.prompt.len() as u64,
+            gen_ai.usage.input_tokens = Empty,
             gen_ai.usage.output_tokens = Empty,
             gen_ai.server.time_to_first_token = Empty,
             error.type = Empty,
@@ -73,8 +75,32 @@ impl RequestSpan {
             span,
             started: Instant::now(),
             first: Default::default(),
+            ended: Default::default(),
             stats,
         }
+    }
+
+    /// A child span of the request for work done before generation starts (the chat
+    /// template, tokenizing).
+    pub fn step(&self, name: &'static str) -> tracing::span::EnteredSpan {
+        tracing::info_span!(parent: &self.span, "step", otel.name = name).entered()
+    }
+
+    /// What the request asks for, once it is parsed and tokenized.
+    pub fn request(&self, g: &GenRequest) {
+        let s = &self.span;
+        s.record("gen_ai.request.max_tokens", g.max_tokens as u64);
+        s.record(
+            "gen_ai.request.temperature",
+            f64::from(g.sampling.temperature),
+        );
+        s.record("gen_ai.request.top_p", f64::from(g.sampling.top_p));
+        s.record("gen_ai.usage.input_tokens", g.prompt.len() as u64);
+    }
+
+    /// Its sessions are open on every stage: it was admitted.
+    pub fn admitted(&self) {
+        self.stats.admitted(self.started.elapsed());
     }
 
     /// The first text went out (once).
@@ -88,6 +114,9 @@ impl RequestSpan {
 
     /// The generation ended.
     pub fn done(&self, finish: FinishReason, input_tokens: usize, output_tokens: usize) {
+        if self.ended.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         self.stats.finished(
             input_tokens,
             output_tokens,
@@ -102,6 +131,9 @@ impl RequestSpan {
 
     /// It failed with `kind` (OpenAI's error type).
     pub fn failed(&self, kind: &str) {
+        if self.ended.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         self.stats.failed(self.started.elapsed());
         self.span.record("error.type", kind);
         self.span.record("otel.status_code", "ERROR");

@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::Device;
 use common::model::LayerRange;
+use common::telemetry::SPAN_EVENT;
 use proto_types::{LeaseId, PlanEpoch, SessionId};
 
 pub use accounting::{report, Report};
@@ -165,6 +166,8 @@ impl Node {
     /// Ends `lease` and frees everything it owns: its sessions and its slices. Returns the
     /// bytes freed (an unknown lease frees nothing).
     pub fn release_lease(&self, lease: LeaseId, why: &str) -> u64 {
+        // A trace of its own (or a part of the caller's), with what was freed as events.
+        let _span = tracing::info_span!("release lease", %lease, why).entered();
         let mut h = lock(&self.held);
         let client = self.leases.remove(lease).unwrap_or_default();
         let mut kv = 0u64;
@@ -189,6 +192,8 @@ impl Node {
         drop(h);
         self.leases_released.fetch_add(1, Ordering::Relaxed);
         self.mark_freed();
+        tracing::info!(target: SPAN_EVENT, kind = "kv_cache", bytes = kv, sessions = n, why, "freed");
+        tracing::info!(target: SPAN_EVENT, kind = "weights", bytes = weights, why, "freed");
         tracing::info!(%lease, client, why, sessions = n, kv_bytes = kv, weight_bytes = weights, "lease released");
         kv + weights
     }
@@ -213,9 +218,12 @@ impl Node {
             self.mark_freed();
         }
         drop(h);
-        for (id, bytes) in closed {
-            self.mark_freed();
-            tracing::info!(session = %id, bytes, "idle session closed");
+        if !closed.is_empty() {
+            let _span = tracing::info_span!("close idle sessions", n = closed.len()).entered();
+            for (id, bytes) in closed {
+                self.mark_freed();
+                tracing::info!(session = %id, kind = "kv_cache", bytes, "idle session closed");
+            }
         }
     }
 

@@ -1,13 +1,52 @@
-//! Counters of the node's work, read by `--metrics-listen` as Prometheus text.
+//! Counters of the node's work, read by `--metrics-listen` as Prometheus text. The latency
+//! histograms (each forward pass, each hop to the next stage) go through prometheus-client.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 
 use crate::node::{report, Node};
+
+/// The latency histograms.
+#[derive(Debug)]
+struct Latency {
+    registry: Registry,
+    pass: Histogram,
+    hop: Histogram,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        // 50 µs to about 0.8 s
+        let pass = Histogram::new(exponential_buckets(0.00005, 2.0, 15));
+        let hop = Histogram::new(exponential_buckets(0.00005, 2.0, 15));
+        let mut registry = Registry::with_prefix("shard");
+        registry.register(
+            "forward_pass_seconds",
+            "Time of one forward pass (a batch of steps) on this stage",
+            pass.clone(),
+        );
+        registry.register(
+            "hop_seconds",
+            "A relay to the next stage less the time that stage spent on it: the wire both ways",
+            hop.clone(),
+        );
+        Latency {
+            registry,
+            pass,
+            hop,
+        }
+    }
+}
 
 /// Counters updated by the compute thread and the service.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Latency histograms.
+    latency: Latency,
     /// Forward batches run.
     pub batches: AtomicU64,
     /// Items (session steps) in those batches.
@@ -29,9 +68,17 @@ impl Metrics {
     }
 
     /// Adds one batch's running time.
-    pub fn busy(&self, took: std::time::Duration) {
+    pub fn busy(&self, took: Duration) {
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.batch_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.latency.pass.observe(took.as_secs_f64());
+    }
+
+    /// A relay to the next stage took `round_trip`, of which that stage spent `there`.
+    pub fn hop(&self, round_trip: Duration, there: Duration) {
+        self.latency
+            .hop
+            .observe(round_trip.saturating_sub(there).as_secs_f64());
     }
 }
 
@@ -204,5 +251,9 @@ pub fn render(node: &Node, m: &Metrics) -> String {
         "Leases released.",
         node.leases_released(),
     );
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, &m.latency.registry).is_ok() {
+        out.push_str(&text);
+    }
     out
 }

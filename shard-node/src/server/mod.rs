@@ -116,7 +116,7 @@ pub async fn serve(
         let token = shutdown.clone();
         tracker.spawn(async move {
             let requests = BaseChannel::with_defaults(transport)
-                .execute(conn.serve())
+                .execute(trace::Named(conn.serve()))
                 .for_each(|f| async {
                     tokio::spawn(f);
                 });

@@ -62,9 +62,10 @@ async fn heartbeat(
             Some((c, l)) if *l == lease => c.clone(),
             _ => return,
         };
-        let mut ctx = tarpc::context::current();
+        let mut ctx = common::telemetry::untraced(tarpc::context::current());
         ctx.deadline = std::time::Instant::now() + every * 2;
-        if !matches!(client.heartbeat(ctx, lease).await, Ok(Ok(_))) {
+        let beat = common::telemetry::unrecorded(client.heartbeat(ctx, lease)).await;
+        if !matches!(beat, Ok(Ok(_))) {
             let mut map = lock(&clients);
             if map.get(&addr).is_some_and(|(_, l)| *l == lease) {
                 map.remove(&addr);

@@ -8,46 +8,59 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::batch::{Onward, Reply};
+use super::metrics::Metrics;
 use super::peer::PeerPool;
 
 /// Relays until the compute thread (the only sender) is gone.
-pub async fn run(mut rx: mpsc::UnboundedReceiver<Onward>, peers: Arc<PeerPool>) {
+pub async fn run(
+    mut rx: mpsc::UnboundedReceiver<Onward>,
+    peers: Arc<PeerPool>,
+    metrics: Arc<Metrics>,
+) {
     while let Some(o) = rx.recv().await {
-        let peers = peers.clone();
+        let (peers, metrics) = (peers.clone(), metrics.clone());
         let span = super::trace::relay(&o);
-        tokio::spawn(async move { deliver(o, &peers).await }.instrument(span));
+        let go = async move { deliver(o, &peers, &metrics).await };
+        match span {
+            Some(span) => tokio::spawn(go.instrument(span)),
+            None if common::telemetry::exporting() => tokio::spawn(common::telemetry::quietly(go)),
+            None => tokio::spawn(go),
+        };
     }
 }
 
-async fn deliver(o: Onward, peers: &PeerPool) {
+async fn deliver(o: Onward, peers: &PeerPool, metrics: &Metrics) {
     let (items, replies): (Vec<ForwardItem>, Vec<Reply>) = o.items.into_iter().unzip();
     let n = items.len();
     let down =
         |d: String| ShardError::new(ErrorCode::Downstream, format!("next stage {}: {d}", o.addr));
     let outcomes = match peers.get(&o.addr).await {
         Err(e) => Err(e),
-        Ok(client) => match client
-            .forward(
-                o.ctx,
-                ForwardRequest {
-                    epoch: o.epoch,
-                    items,
-                },
-            )
-            .await
-        {
-            Ok(Ok(reply)) if reply.outputs.len() == n => Ok(reply.outputs),
-            Ok(Ok(reply)) => Err(down(format!(
-                "{} outcomes for {n} items",
-                reply.outputs.len()
-            ))),
-            Ok(Err(e)) => Err(e),
-            Err(e) => {
-                // The transport failed: the peer may be gone or restarted; reconnect next time.
-                peers.forget(&o.addr);
-                Err(down(e.to_string()))
+        Ok(client) => {
+            let sent = std::time::Instant::now();
+            let req = ForwardRequest {
+                epoch: o.epoch,
+                items,
+            };
+            match client.forward(o.ctx, req).await {
+                Ok(Ok(reply)) if reply.outputs.len() == n => {
+                    let there = std::time::Duration::from_micros(reply.handled_micros);
+                    metrics.hop(sent.elapsed(), there);
+                    Ok(reply.outputs)
+                }
+                Ok(Ok(reply)) => Err(down(format!(
+                    "{} outcomes for {n} items",
+                    reply.outputs.len()
+                ))),
+                Ok(Err(e)) => Err(e),
+                Err(e) => {
+                    // The transport failed: the peer may be gone or restarted; reconnect
+                    // next time.
+                    peers.forget(&o.addr);
+                    Err(down(e.to_string()))
+                }
             }
-        },
+        }
     };
     match outcomes {
         Ok(outs) => outs

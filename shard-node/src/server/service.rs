@@ -228,11 +228,12 @@ impl ShardNode for Conn {
     async fn close_session(self, _: Context, session: SessionId) -> Result<(), ShardError> {
         let lease = self.lease()?;
         let bytes = self.node().close_session(session, lease)?;
-        tracing::debug!(%session, bytes, "session closed");
+        tracing::info!(target: common::telemetry::SPAN_EVENT, %session, kind = "kv_cache", bytes, "session closed");
         Ok(())
     }
 
     async fn forward(self, ctx: Context, req: ForwardRequest) -> Result<ForwardReply, ShardError> {
+        let began = std::time::Instant::now();
         let lease = self.lease()?;
         let slice = self.node().slice_for(req.epoch)?;
         if req.items.is_empty() {
@@ -281,7 +282,10 @@ impl ShardNode for Conn {
                 ))
             }));
         }
-        Ok(ForwardReply { outputs })
+        Ok(ForwardReply {
+            outputs,
+            handled_micros: u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
+        })
     }
 
     async fn heartbeat(self, _: Context, lease: LeaseId) -> Result<LeaseStatus, ShardError> {

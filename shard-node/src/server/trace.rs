@@ -10,6 +10,8 @@
 
 use opentelemetry::trace::{SpanContext, TraceContextExt, TraceState};
 use tarpc::context::Context;
+use tarpc::server::Serve;
+use tarpc::{RequestName, ServerError};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::batch::{Onward, Pending};
@@ -30,10 +32,19 @@ fn parent(ctx: &Context) -> opentelemetry::Context {
     ))
 }
 
+/// Whether the caller records this call's trace (it leaves out most decode steps).
+pub fn sampled(ctx: &Context) -> bool {
+    ctx.trace_context.sampling_decision == tarpc::trace::SamplingDecision::Sampled
+}
+
 /// The relay's span, a child of this stage's `forward` call: the next stage's `forward`
 /// call, made inside it, links the next stage into the same trace (tarpc takes a call's
-/// parent from the current span, not from its context).
-pub fn relay(o: &Onward) -> tracing::Span {
+/// parent from the current span, not from its context). `None` when the call is not
+/// sampled: the relay then runs unrecorded, passing the unsampled context on as it is.
+pub fn relay(o: &Onward) -> Option<tracing::Span> {
+    if !sampled(&o.ctx) || !common::telemetry::exporting() {
+        return None;
+    }
     let span = tracing::info_span!(
         "relay",
         otel.name = "relay",
@@ -41,17 +52,20 @@ pub fn relay(o: &Onward) -> tracing::Span {
         items = o.items.len(),
     );
     let _ = span.set_parent(parent(&o.ctx));
-    span
+    Some(span)
 }
 
 /// The spans of one pass, per the policy above: `None` for the steps it leaves out.
 pub fn pass(pendings: &[Pending], rows: &[usize]) -> Vec<Option<tracing::Span>> {
+    if !common::telemetry::exporting() {
+        return vec![None; pendings.len()];
+    }
     let batch_rows: usize = rows.iter().sum();
     pendings
         .iter()
         .zip(rows)
         .map(|(p, &n)| {
-            if n == 1 && !p.item.start.is_multiple_of(DECODE_SPAN_EVERY) {
+            if !sampled(&p.ctx) || (n == 1 && !p.item.start.is_multiple_of(DECODE_SPAN_EVERY)) {
                 return None;
             }
             let stage = &p.slice.stage;
@@ -70,4 +84,23 @@ pub fn pass(pendings: &[Pending], rows: &[usize]) -> Vec<Option<tracing::Span>> 
             Some(span)
         })
         .collect()
+}
+
+/// The node's service with its tarpc server spans named after the method. tarpc names a
+/// server span once the span has started, and the OpenTelemetry layer no longer applies a
+/// name then: every call would read `RPC`.
+#[derive(Debug, Clone)]
+pub struct Named<S>(pub S);
+
+impl<S: Serve> Serve for Named<S> {
+    type Req = S::Req;
+    type Resp = S::Resp;
+
+    async fn serve(self, ctx: Context, req: S::Req) -> Result<S::Resp, ServerError> {
+        if sampled(&ctx) && common::telemetry::exporting() {
+            let name = req.name().to_string();
+            tracing::Span::current().context().span().update_name(name);
+        }
+        self.0.serve(ctx, req).await
+    }
 }
