@@ -17,6 +17,9 @@ JSON lines.
 spans over OTLP to an `otlp-sink` (built beside the binaries, in the first --bin-dir) and once
 with export off; lines then carry "traces". The first stage count is the baseline of each.
 
+--tls compares mutual TLS on every tarpc link with plain TCP the same way: certificates are
+made with the build's own `coordinator certs` in a temporary folder; lines carry "tls".
+
 --bin-dir may be given more than once (say, a build before and after a change): each build
 gets its own clusters, and every round goes through all of them, so the builds are compared
 within one run of the machine. Lines then carry "bin_dir".
@@ -32,7 +35,7 @@ processes (its nodes and coordinator) spent per decoded token over the timed str
 machine whose cores the processes share, a steadier measure of a change's cost than tok/s. Where the stages share CPU cores, the end of one stage's pass (its sends) overlaps
 the start of the next stage's, so there "pass_ms" runs high and "outside_ms" low.
 """
-import argparse, json, os, subprocess, sys, threading, time, urllib.error, urllib.request
+import argparse, json, os, subprocess, sys, tempfile, threading, time, urllib.error, urllib.request
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a map in a bottle."
 
@@ -117,6 +120,8 @@ def main():
                     help="comma-separated stage counts at which to measure aggregate tok/s")
     ap.add_argument("--traces", action="store_true",
                     help="each build with trace export to an otlp-sink and without")
+    ap.add_argument("--tls", action="store_true",
+                    help="each build with mutual TLS on its links and without")
     ap.add_argument("--devices", default="cpu",
                     help="comma-separated; node i runs on device i mod len (e.g. cuda:0,cuda:1)")
     a = ap.parse_args()
@@ -129,8 +134,30 @@ def main():
         p, sink = spawn([os.path.join(a.bin_dir[0], "otlp-sink")])
         procs.append(p)
         sink = "http://" + sink
-    # a variant is a build with trace export on (an endpoint) or off (None)
-    bins = [(b, t) for b in a.bin_dir for t in ([None, sink] if a.traces else [None])]
+    # a variant is a build with trace export on (an endpoint) or off (None), and TLS on (a
+    # folder of certificates) or off (None)
+    certs = None
+    if a.tls:
+        certs = tempfile.mkdtemp(prefix="bench-certs-")
+        coord_bin = os.path.join(a.bin_dir[0], "coordinator")
+        subprocess.run([coord_bin, "certs", "init", "--out", certs + "/ca"], check=True,
+                       stdout=subprocess.DEVNULL)
+        for name, role in [("coord", "coordinator")] + [(f"node-{i}", "node") for i in range(8)]:
+            subprocess.run([coord_bin, "certs", "issue", "--ca", certs + "/ca", "--role", role,
+                            "--name", name, "--san", "127.0.0.1", "--out", certs],
+                           check=True, stdout=subprocess.DEVNULL)
+    variants = [(None, None)]
+    if a.traces:
+        variants.append((sink, None))
+    if a.tls:
+        variants.append((None, certs))
+    bins = [(b, t, c) for b in a.bin_dir for (t, c) in variants]
+
+    def tls_flags(certs, name):
+        if not certs:
+            return []
+        return ["--tls-ca", certs + "/ca/ca.pem", "--tls-cert", f"{certs}/{name}.pem",
+                "--tls-key", f"{certs}/{name}-key.pem"]
 
     metrics = {}
     pids = {}
@@ -145,21 +172,22 @@ def main():
         return total / tick
 
     def start(variant, stages):
-        bin_dir, otlp = variant
+        bin_dir, otlp, tls = variant
         traced = ["--otlp-endpoint", otlp] if otlp else []
         addrs, mets, ps = [], [], []
         for i in range(stages):
             p, addr = spawn([os.path.join(bin_dir, "shard-node"), "serve", "--listen",
                              "127.0.0.1:0", "--threads", str(a.threads), "--models-dir",
                              models_dir, "--device", devices[i % len(devices)],
-                             "--metrics-listen", "127.0.0.1:0"] + traced)
+                             "--metrics-listen", "127.0.0.1:0"] + traced
+                            + tls_flags(tls, f"node-{i}"))
             procs.append(p)
             ps.append(p.pid)
             addrs.append(addr)
             mets.append(METRICS[p.pid])
         p, http = spawn([os.path.join(bin_dir, "coordinator"), "serve", "--http",
                          "127.0.0.1:0", "--max-ctx", "2048", "--model", a.model, "--nodes",
-                         ",".join(addrs)] + traced)
+                         ",".join(addrs)] + traced + tls_flags(tls, "coord"))
         procs.append(p)
         url = "http://" + http
         metrics[url] = mets
@@ -171,6 +199,8 @@ def main():
         t = {"bin_dir": v[0]} if len(a.bin_dir) > 1 else {}
         if a.traces:
             t["traces"] = v[1] is not None
+        if a.tls:
+            t["tls"] = v[2] is not None
         return t
 
     try:
@@ -216,10 +246,12 @@ def main():
             agg_urls = {b: urls.get((b, stages)) or start(b, stages) for b in bins}
             # Each stream count --runs times, interleaved (1, 4, 16, 1, 4, 16, ...).
             agg = {(b, n): [] for b in bins for n in counts}
+            agg_cpu = {(b, n): [] for b in bins for n in counts}
             for _ in range(a.runs):
                 for n in counts:
                     for b in bins:
                         out = [0] * n
+                        c0 = cpu_seconds(agg_urls[b])
                         th = [threading.Thread(target=complete,
                                                args=(agg_urls[b], a.tokens, out, i))
                               for i in range(n)]
@@ -229,6 +261,8 @@ def main():
                         for x in th:
                             x.join()
                         agg[(b, n)].append(sum(out) / (time.perf_counter() - t0))
+                        agg_cpu[(b, n)].append(
+                            (cpu_seconds(agg_urls[b]) - c0) * 1e3 / max(sum(out), 1))
             for b in bins:
                 base = sum(agg[(b, counts[0])]) / a.runs
                 for n in counts:
@@ -236,7 +270,9 @@ def main():
                     print(json.dumps({**tag(b), "bench": "aggregate", "streams": n,
                                       "stages": stages, "threads": a.threads,
                                       "tokens_per_stream": a.tokens, "tok_s": agg[(b, n)],
-                                      "mean": mean, f"vs_{counts[0]}_stream": mean / base}),
+                                      "mean": mean, f"vs_{counts[0]}_stream": mean / base,
+                                      "median": sorted(agg[(b, n)])[a.runs // 2],
+                                      "cpu_ms_per_token": sum(agg_cpu[(b, n)]) / a.runs}),
                           flush=True)
     finally:
         for p in procs:

@@ -212,7 +212,8 @@ pub use common::telemetry::unrecorded as untraced;
 
 /// Connects and handshakes.
 pub async fn connect(addr: &str) -> Result<(ShardNodeClient, HelloAck)> {
-    proto_types::connect(addr, "coordinator", TIMEOUTS.connect)
+    cluster_tls::Dialer::global()
+        .connect(addr, "coordinator", TIMEOUTS.connect)
         .await
         .map_err(|e| match e {
             ConnectError::Refused(err) => CoordError::Shard {

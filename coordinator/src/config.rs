@@ -33,6 +33,12 @@ pub struct RawServeConfig {
     pub drain_secs: u64,
     /// Testing only: stop the 2PC driver at this point.
     pub failpoint: Option<Failpoint>,
+    /// API keys given on the command line.
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (`#` comments and blank lines skipped).
+    pub api_key_file: Option<PathBuf>,
+    /// The key `/metrics` needs (none: open).
+    pub metrics_key: Option<String>,
 }
 
 /// Where the nodes come from.
@@ -70,6 +76,10 @@ pub struct ServeConfig {
     pub drain: Duration,
     /// Testing only.
     pub failpoint: Option<Failpoint>,
+    /// The keys `/v1/*` accepts (empty: open).
+    pub api_keys: Vec<String>,
+    /// The keys `/metrics` accepts (empty: open).
+    pub metrics_keys: Vec<String>,
 }
 
 fn bad(msg: String) -> CoordError {
@@ -97,6 +107,9 @@ impl RawServeConfig {
             etcd_ttl_secs: 5,
             drain_secs: 30,
             failpoint: None,
+            api_keys: Vec::new(),
+            api_key_file: None,
+            metrics_key: None,
         }
     }
 
@@ -145,6 +158,26 @@ impl RawServeConfig {
                 }
             }
         };
+        let mut api_keys = self.api_keys;
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| bad(format!("--api-key-file {}: {e}", path.display())))?;
+            api_keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+            if api_keys.is_empty() {
+                return Err(bad(format!(
+                    "--api-key-file {}: no keys in it (one per line)",
+                    path.display()
+                )));
+            }
+        }
+        for k in api_keys.iter().chain(&self.metrics_key) {
+            check_key(k)?;
+        }
         Ok(ServeConfig {
             http: self.http,
             model: self.model,
@@ -152,8 +185,20 @@ impl RawServeConfig {
             membership,
             drain: Duration::from_secs(self.drain_secs),
             failpoint: self.failpoint,
+            api_keys,
+            metrics_keys: self.metrics_key.into_iter().collect(),
         })
     }
+}
+
+/// A key must be usable in an `Authorization: Bearer` header and long enough not to guess.
+fn check_key(k: &str) -> Result<()> {
+    if k.len() < 16 || !k.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad(
+            "an API key needs at least 16 characters, printable ASCII without spaces".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -176,6 +221,56 @@ mod tests {
             id: Some("c1".into()),
             ..raw()
         }
+    }
+
+    #[test]
+    fn api_keys_from_flags_and_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("keys");
+        std::fs::write(
+            &file,
+            "# team keys\nsk-file-key-0000001\n\n  sk-file-key-0000002  \n",
+        )
+        .expect("write");
+        let c = RawServeConfig {
+            api_keys: vec!["sk-flag-key-000000".into()],
+            api_key_file: Some(file.clone()),
+            metrics_key: Some("metrics-key-000001".into()),
+            ..raw()
+        }
+        .validate()
+        .expect("valid");
+        assert_eq!(
+            c.api_keys,
+            [
+                "sk-flag-key-000000",
+                "sk-file-key-0000001",
+                "sk-file-key-0000002"
+            ]
+        );
+        assert_eq!(c.metrics_keys, ["metrics-key-000001"]);
+        refused(
+            RawServeConfig {
+                api_keys: vec!["short".into()],
+                ..raw()
+            },
+            "16 characters",
+        );
+        std::fs::write(&file, "# nothing\n").expect("write");
+        refused(
+            RawServeConfig {
+                api_key_file: Some(file),
+                ..raw()
+            },
+            "no keys",
+        );
+        refused(
+            RawServeConfig {
+                api_key_file: Some(dir.path().join("missing")),
+                ..raw()
+            },
+            "--api-key-file",
+        );
     }
 
     fn refused(r: RawServeConfig, what: &str) {

@@ -16,8 +16,10 @@
 //! - [`timeouts`]: the deadline of every call to a node.
 //! - [`status_cmd`]: `coordinator status`, the cluster as a table.
 //! - [`up`]: `coordinator up`, a local cluster in one command.
+//! - [`certs_cmd`]: `coordinator certs`, a CA and certificates for mutual TLS.
 //! - [`error`]: the crate's error, [`CoordError`].
 
+pub mod certs_cmd;
 pub mod cluster;
 pub mod config;
 pub mod driver;

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cluster_tls::{Dialer, TlsArgs};
 use common::telemetry::{Telemetry, TelemetryOptions};
+use coordinator::certs_cmd::{self, CertsCommand};
 use coordinator::config::RawServeConfig;
 use coordinator::serve_cmd::{self, cancel_on_signal};
 use coordinator::twopc::Failpoint;
@@ -25,7 +27,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Plan the model over the nodes and serve HTTP (prints `listening on ADDR`).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the cluster registered in etcd: nodes, addresses, devices, layers, memory per
     /// lease kind, and the epoch.
     Status {
@@ -36,6 +38,9 @@ enum Command {
         #[arg(long, default_value = "llm")]
         cluster: String,
     },
+    /// Certificates for mutual TLS: a cluster CA, and certificates for coordinators and nodes.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Start a local cluster: fetch the default model if missing, start shard nodes, serve.
     Up {
         /// Number of shard nodes.
@@ -98,6 +103,24 @@ struct ServeArgs {
     /// wins over `OTEL_EXPORTER_OTLP_ENDPOINT`. Without either, nothing is exported.
     #[arg(long)]
     otlp_endpoint: Option<String>,
+    /// Require this API key on `/v1/*` (`Authorization: Bearer KEY`; 401 without it).
+    /// Repeat for several.
+    #[arg(long, env = "LLMC_API_KEY", value_name = "KEY", hide_env_values = true)]
+    api_key: Vec<String>,
+    /// Require one of the keys in this file (one per line, `#` comments) on `/v1/*`.
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Require this key on `/metrics` (open without it; `/health` is always open).
+    #[arg(
+        long,
+        env = "LLMC_METRICS_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    metrics_key: Option<String>,
+    /// Mutual TLS to the nodes.
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Testing only: stop the 2PC driver at this point.
     #[arg(long, hide = true)]
     failpoint: Option<Failpoint>,
@@ -170,6 +193,9 @@ impl From<ServeArgs> for RawServeConfig {
             etcd_ttl_secs: a.etcd_ttl_secs,
             drain_secs: a.drain_secs,
             failpoint: a.failpoint,
+            api_keys: a.api_key,
+            api_key_file: a.api_key_file,
+            metrics_key: a.metrics_key,
         }
     }
 }
@@ -184,7 +210,15 @@ async fn serve(raw: RawServeConfig) -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args.into()).await,
+        Command::Serve(args) => {
+            // before anything dials a node
+            Dialer::new(args.tls.load()?).install()?;
+            serve((*args).into()).await
+        }
+        Command::Certs(c) => {
+            print!("{}", certs_cmd::run(c)?);
+            Ok(())
+        }
         Command::Status { etcd, cluster } => {
             print!("{}", coordinator::status_cmd::run(&etcd, &cluster).await?);
             Ok(())

@@ -20,7 +20,7 @@ use crate::config::{Membership, ServeConfig};
 use crate::driver::{self, DriverConfig};
 use crate::error::Result;
 use crate::follow;
-use crate::http::{router, AppState};
+use crate::http::{auth, router, AppState};
 use crate::serving::Serving;
 use crate::twopc::TwoPc;
 
@@ -115,7 +115,12 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         out.flush()?;
     }
     let stopped = shutdown.clone();
-    let server = axum::serve(listener, router(state))
+    let app = router(
+        state,
+        auth::Keys::new(cfg.api_keys.clone()),
+        auth::Keys::new(cfg.metrics_keys.clone()),
+    );
+    let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stopped.cancelled().await })
         .into_future();
     tokio::pin!(server);

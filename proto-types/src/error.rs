@@ -26,6 +26,9 @@ pub enum ErrorCode {
     Downstream,
     /// A bug or an unexpected failure on the node.
     Internal,
+    /// The caller's certificate does not give it the role this call needs (only a
+    /// coordinator may load, prepare, commit, abort or unload slices and open sessions).
+    PermissionDenied,
 }
 
 /// An error reply.

@@ -23,7 +23,7 @@ pub mod registry;
 pub mod service;
 pub mod tensor;
 
-pub use connect::{connect, ConnectError};
+pub use connect::{connect, handshake, transport, ConnectError};
 pub use error::{ErrorCode, ShardError};
 pub use ids::{LeaseId, PlanEpoch, SessionId, WireLayerRange};
 pub use limits::{MAX_FRAME_BYTES, PROTOCOL_VERSION};

@@ -114,7 +114,7 @@ enum Command {
         max_ctx: usize,
     },
     /// Serve a slice of a model over tarpc (prints `listening on ADDR` once bound).
-    Serve(shard_node::serve_cmd::ServeOptions),
+    Serve(Box<shard_node::serve_cmd::ServeOptions>),
     /// Compare the CPU with another device, teacher-forced on the CPU's greedy tokens.
     Compare(shard_node::compare_cmd::CompareOptions),
     /// Write a synthetic llama GGUF with random weights (for benchmarks).
@@ -190,7 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             split: m.split,
             max_ctx,
         }),
-        Command::Serve(o) => shard_node::serve_cmd::run(o),
+        Command::Serve(o) => shard_node::serve_cmd::run(*o),
         Command::Compare(o) => shard_node::compare_cmd::run(o),
         Command::SynthModel(o) => shard_node::synth_cmd::run(o),
         Command::Leave(o) => tokio::runtime::Builder::new_current_thread()

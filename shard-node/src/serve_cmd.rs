@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::membership::{self, JoinOptions};
 use crate::node::{Node, NodeConfig};
-use crate::server::{metrics, relay, serve, Server};
+use crate::server::{metrics, relay, serve, Admission, Server};
 
 /// Options of `serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -64,6 +64,20 @@ pub struct ServeOptions {
     /// wins over `OTEL_EXPORTER_OTLP_ENDPOINT`. Without either, nothing is exported.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+    /// Most connections served at once; more are closed on arrival.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
+    /// Most requests in flight on one connection (a coordinator sends every session's steps
+    /// over one); more wait.
+    #[arg(long, default_value_t = 1024)]
+    pub max_requests_per_connection: usize,
+    /// A connection that has not completed its TLS handshake this long after it opened is
+    /// closed (milliseconds).
+    #[arg(long, default_value_t = 5000)]
+    pub tls_handshake_ms: u64,
+    /// Mutual TLS on every connection, accepted and made.
+    #[command(flatten)]
+    pub tls: cluster_tls::TlsArgs,
     /// Joining an etcd cluster.
     #[command(flatten)]
     pub join: JoinOptions,
@@ -96,6 +110,36 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
     })?;
     // Every value is checked before the device opens or anything binds.
     let join = o.join.validate()?;
+    if o.max_connections == 0 || o.max_requests_per_connection == 0 || o.tls_handshake_ms == 0 {
+        anyhow::bail!(
+            "--max-connections, --max-requests-per-connection and --tls-handshake-ms must be at least 1"
+        );
+    }
+    let identity = o.tls.load()?;
+    if let Some(id) = &identity {
+        if id.role != cluster_tls::Role::Node {
+            anyhow::bail!(
+                "--tls-cert is a {} certificate; a node needs one issued with --role node",
+                id.role
+            );
+        }
+    }
+    let admission = Admission {
+        acceptor: cluster_tls::Acceptor::new(
+            identity.as_deref(),
+            Duration::from_millis(o.tls_handshake_ms),
+        ),
+        max_connections: o.max_connections,
+        max_requests_per_connection: o.max_requests_per_connection,
+    };
+    if identity.is_none() && !o.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %o.listen,
+            "TLS is off on a non-loopback address: anyone who reaches this port can load models, \
+             hold memory and read activations; see --tls-ca/--tls-cert/--tls-key"
+        );
+    }
+    cluster_tls::Dialer::new(identity).install()?;
     let cfg = NodeConfig {
         models_dir: o.models_dir,
         device: o.device,
@@ -211,7 +255,7 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
                 r
             })
         };
-        serve(server, o.listen, shutdown, |addr| {
+        serve(server, o.listen, admission, shutdown, |addr| {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "listening on {addr}");
             let _ = out.flush();

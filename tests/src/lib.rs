@@ -16,6 +16,7 @@ pub mod model;
 pub mod otlp;
 pub mod process;
 pub mod rpc;
+pub mod tls;
 
 pub use common::testing::{default_model, workspace_root};
 pub use etcd::EtcdProcess;
@@ -24,5 +25,8 @@ pub use http::{
 };
 pub use model::{generate, models_dir};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
-pub use process::{coordinator_bin, free_port, shard_node_bin, CoordinatorProcess, ShardProcess};
-pub use rpc::{connect, keep_alive, kv_bytes, node_status, wait_status};
+pub use process::{
+    coordinator_bin, free_port, rss_kib, shard_node_bin, CoordinatorProcess, ShardProcess,
+};
+pub use rpc::{connect, keep_alive, kv_bytes, last_stage_session, node_status, wait_status};
+pub use tls::ClusterCerts;

@@ -144,6 +144,11 @@ impl ShardProcess {
 }
 
 impl ShardProcess {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits up to `within` for the process to exit by itself; its status, if it did.
     pub fn wait_exit(
         &mut self,
@@ -253,4 +258,13 @@ impl Drop for CoordinatorProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The resident set of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))
 }

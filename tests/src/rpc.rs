@@ -59,3 +59,23 @@ pub fn keep_alive(client: proto_types::ShardNodeClient, lease: proto_types::Leas
         }
     });
 }
+
+/// A greedy session on a node that is the last (or only) stage.
+pub fn last_stage_session(
+    session: proto_types::SessionId,
+    epoch: proto_types::PlanEpoch,
+    max_ctx: u32,
+) -> proto_types::OpenSession {
+    proto_types::OpenSession {
+        session,
+        epoch,
+        max_ctx,
+        next: None,
+        sampling: proto_types::WireSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        },
+    }
+}

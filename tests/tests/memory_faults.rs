@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    connect, default_model, get, get_json, keep_alive, kv_bytes, models_dir, node_status, post,
-    wait_status, BackgroundStream, CoordinatorProcess, ShardProcess,
+    connect, default_model, get, get_json, keep_alive, kv_bytes, last_stage_session, models_dir,
+    node_status, post, wait_status, BackgroundStream, CoordinatorProcess, ShardProcess,
 };
 use proto_types::*;
 
@@ -20,22 +20,6 @@ fn ctx() -> tarpc::context::Context {
     let mut c = tarpc::context::current();
     c.deadline = Instant::now() + Duration::from_secs(60);
     c
-}
-
-/// A greedy session on a node that is the last (or only) stage.
-fn last_stage_session(session: SessionId, epoch: PlanEpoch, max_ctx: u32) -> OpenSession {
-    OpenSession {
-        session,
-        epoch,
-        max_ctx,
-        next: None,
-        sampling: WireSampling {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        },
-    }
 }
 
 fn nodes(n: usize) -> anyhow::Result<Vec<ShardProcess>> {

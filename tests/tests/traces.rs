@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    default_model, free_port, get_json, models_dir, post_with, BackgroundStream,
+    default_model, free_port, get_json, models_dir, post_with, rss_kib, BackgroundStream,
     CoordinatorProcess, EtcdProcess, OtlpReceiver, ReceivedSpan, ShardProcess,
 };
 
@@ -320,13 +320,7 @@ fn concurrent_requests_keep_their_own_traces_and_share_batched_passes() -> anyho
 fn an_unreachable_collector_does_not_hold_requests_up() -> anyhow::Result<()> {
     let nobody = format!("http://127.0.0.1:{}", free_port()?);
     let (_nodes, coord) = cluster(Some(&nobody))?;
-    let rss = || -> anyhow::Result<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", coord.pid()))?;
-        s.lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no VmRSS"))
-    };
+    let rss = || rss_kib(coord.pid());
     request(&coord.url)?;
     let before = rss()?;
     let t = Instant::now();

@@ -3,8 +3,10 @@
 //! # Layout
 //! - [`openai`]: request and response shapes.
 //! - [`trace`]: the request's root span (GenAI conventions, W3C trace context).
+//! - [`auth`]: API keys.
 //! - this module: routes, handlers, errors, SSE.
 
+pub mod auth;
 pub mod openai;
 pub mod stats;
 pub mod trace;
@@ -53,14 +55,27 @@ pub struct AppState {
 }
 
 /// The router.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+/// The router: `/v1/*` behind `api_keys`, `/metrics` behind `metrics_keys` (either open when
+/// it has none), `/health` always open.
+pub fn router(state: Arc<AppState>, api_keys: auth::Keys, metrics_keys: auth::Keys) -> Router {
+    let api = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
         .route("/v1/cluster", get(cluster))
+        .layer(axum::middleware::from_fn_with_state(
+            api_keys,
+            auth::require,
+        ));
+    let metrics =
+        Router::new()
+            .route("/metrics", get(metrics))
+            .layer(axum::middleware::from_fn_with_state(
+                metrics_keys,
+                auth::require,
+            ));
+    api.merge(metrics)
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/metrics", get(metrics))
         .with_state(state)
 }
 

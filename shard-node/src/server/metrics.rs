@@ -57,6 +57,8 @@ pub struct Metrics {
     pub item_errors: AtomicU64,
     /// Nanoseconds the compute thread spent running forward batches.
     pub batch_nanos: AtomicU64,
+    /// Connections closed on arrival: over `--max-connections`, or a failed TLS handshake.
+    pub connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -250,6 +252,13 @@ pub fn render(node: &Node, m: &Metrics) -> String {
         "counter",
         "Leases released.",
         node.leases_released(),
+    );
+    line(
+        &mut out,
+        "shard_connections_refused_total",
+        "counter",
+        "Connections closed on arrival (over --max-connections, or a failed TLS handshake).",
+        get(&m.connections_refused),
     );
     let mut text = String::new();
     if prometheus_client::encoding::text::encode(&mut text, &m.latency.registry).is_ok() {

@@ -26,12 +26,14 @@ pub mod trim;
 pub mod wire;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use cluster_tls::link::{Peer, Stream};
+use cluster_tls::Acceptor;
 use futures::StreamExt;
-use proto_types::{ShardNode, MAX_FRAME_BYTES};
+use proto_types::ShardNode;
 use tarpc::server::{BaseChannel, Channel};
-use tarpc::tokio_serde::formats::Bincode;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -73,64 +75,122 @@ impl Server {
     }
 }
 
+/// What a node accepts: how (plain or TLS) and how much.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// Plain TCP or mutual TLS.
+    pub acceptor: Acceptor,
+    /// Connections served at once; more are closed on arrival.
+    pub max_connections: usize,
+    /// Requests in flight on one connection; more wait for the first to finish.
+    pub max_requests_per_connection: usize,
+}
+
 /// Listens on `listen`, calls `on_bound` with the bound address, and serves until `shutdown`.
 pub async fn serve(
     server: Arc<Server>,
     listen: SocketAddr,
+    admission: Admission,
     shutdown: CancellationToken,
     on_bound: impl FnOnce(SocketAddr),
 ) -> std::io::Result<()> {
-    let mut listener = tarpc::serde_transport::tcp::listen(listen, Bincode::default).await?;
-    listener.config_mut().max_frame_length(MAX_FRAME_BYTES);
-    on_bound(listener.local_addr());
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    on_bound(listener.local_addr()?);
     let tracker = TaskTracker::new();
     tracker.spawn(reaper::run(server.clone(), shutdown.clone()));
+    let slots = Arc::new(tokio::sync::Semaphore::new(admission.max_connections));
+    let admission = Arc::new(admission);
     loop {
-        let transport = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            t = listener.next() => match t {
-                Some(Ok(t)) => t,
-                Some(Err(e)) => {
+            t = listener.accept() => match t {
+                Ok(t) => t,
+                Err(e) => {
                     // One bad connection never ends the accept loop.
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
-                None => break,
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // debug: a flood must not flood the log too; the counter shows it
+            server
+                .metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, max = admission.max_connections, "too many connections; closed");
+            continue;
+        };
         // Replies and activations are small frames on a latency-critical path: no Nagle.
-        if let Err(e) = transport.get_ref().set_nodelay(true) {
+        if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!("cannot set TCP_NODELAY: {e}");
         }
-        let peer = transport
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let conn = service::Conn {
-            server: server.clone(),
-            lease: Arc::new(Mutex::new(None)),
-        };
-        let lease = conn.lease.clone();
-        let node = server.node.clone();
-        let token = shutdown.clone();
+        let (server, admission, token) = (server.clone(), admission.clone(), shutdown.clone());
         tracker.spawn(async move {
-            let requests = BaseChannel::with_defaults(transport)
-                .execute(trace::Named(conn.serve()))
-                .for_each(|f| async {
-                    tokio::spawn(f);
-                });
-            tokio::select! {
-                _ = requests => {}
-                _ = token.cancelled() => {}
-            }
-            // The connection is gone: whatever its lease owns goes with it.
-            if let Some(l) = *lock(&lease) {
-                node.release_lease(l, &format!("connection from {peer} closed"));
+            let _slot = slot;
+            let peer = peer.to_string();
+            let accepted = tokio::select! {
+                a = admission.acceptor.accept(tcp, &peer) => a,
+                _ = token.cancelled() => return,
+            };
+            match accepted {
+                Ok((stream, who)) => {
+                    connection(
+                        server,
+                        stream,
+                        who,
+                        &peer,
+                        admission.max_requests_per_connection,
+                        token,
+                    )
+                    .await
+                }
+                Err(e) => {
+                    server
+                        .metrics
+                        .connections_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("refused: {e}");
+                }
             }
         });
     }
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// Serves one accepted connection until it closes or `shutdown`; then whatever its lease
+/// owns goes with it.
+async fn connection(
+    server: Arc<Server>,
+    stream: Stream,
+    who: Peer,
+    peer: &str,
+    max_requests: usize,
+    shutdown: CancellationToken,
+) {
+    let conn = service::Conn {
+        server: server.clone(),
+        peer: Arc::new(who),
+        lease: Arc::new(Mutex::new(None)),
+    };
+    let lease = conn.lease.clone();
+    let requests = BaseChannel::with_defaults(proto_types::transport(stream))
+        .max_concurrent_requests(max_requests)
+        .execute(trace::Named(conn.serve()))
+        .for_each(|f| async {
+            tokio::spawn(f);
+        });
+    tokio::select! {
+        _ = requests => {}
+        _ = shutdown.cancelled() => {}
+    }
+    let held = *lock(&lease);
+    if let Some(l) = held {
+        server
+            .node
+            .release_lease(l, &format!("connection from {peer} closed"));
+    }
 }

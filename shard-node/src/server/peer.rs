@@ -23,7 +23,8 @@ impl PeerPool {
         if let Some((c, _)) = lock(&self.clients).get(addr) {
             return Ok(c.clone());
         }
-        let (c, ack) = proto_types::connect(addr, "shard-node", Duration::from_secs(5))
+        let (c, ack) = cluster_tls::Dialer::global()
+            .connect(addr, "shard-node", Duration::from_secs(5))
             .await
             .map_err(|e| ShardError::new(ErrorCode::Downstream, format!("{addr}: {e}")))?;
         // Two racing connects keep the first; the other's connection closes when dropped.

@@ -10,16 +10,22 @@ use proto_types::*;
 use tarpc::context::Context;
 use tokio::sync::oneshot;
 
+use cluster_tls::link::Peer;
+use cluster_tls::Role;
+
 use super::batch::Pending;
 use super::wire::{layer_range, sampling, shard_err, wire_range};
 use super::Server;
 use crate::node::{lock, report, Node, NodeError, Session, SessionEntry, Slice, SliceState};
 
-/// One connection: the server plus the connection lease its handshake was granted.
+/// One connection: the server, who is calling, and the connection lease its handshake was
+/// granted.
 #[derive(Debug, Clone)]
 pub struct Conn {
     /// The server.
     pub server: Arc<Server>,
+    /// The caller, as its certificate says (with TLS off: unauthenticated, allowed all).
+    pub peer: Arc<Peer>,
     /// Set by `handshake`.
     pub lease: Arc<Mutex<Option<LeaseId>>>,
 }
@@ -35,6 +41,21 @@ impl Conn {
 
     fn lease(&self) -> Result<LeaseId, ShardError> {
         lock(&self.lease).ok_or_else(|| err(ErrorCode::VersionMismatch, "handshake first"))
+    }
+
+    /// The lease, for a call that only a coordinator may make (it changes what the node
+    /// holds); checked before anything is read or allocated.
+    fn coordinator_lease(&self, call: &str) -> Result<LeaseId, ShardError> {
+        if !self.peer.may(Role::Coordinator) {
+            return Err(err(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "{call} needs a coordinator's certificate; the caller is {}",
+                    self.peer
+                ),
+            ));
+        }
+        self.lease()
     }
 }
 
@@ -171,7 +192,7 @@ impl ShardNode for Conn {
     }
 
     async fn load_slice(self, _: Context, req: LoadSlice) -> Result<SliceInfo, ShardError> {
-        let lease = self.lease()?;
+        let lease = self.coordinator_lease("load_slice")?;
         let epoch = req.epoch;
         let info = self.install(lease, req, true).await?;
         self.node().commit(epoch)?;
@@ -179,14 +200,14 @@ impl ShardNode for Conn {
     }
 
     async fn unload_slice(self, _: Context, epoch: PlanEpoch) -> Result<(), ShardError> {
-        self.lease()?;
+        self.coordinator_lease("unload_slice")?;
         let bytes = self.node().drop_slice(epoch)?;
         tracing::info!(%epoch, bytes, "slice unloaded");
         Ok(())
     }
 
     async fn open_session(self, _: Context, req: OpenSession) -> Result<(), ShardError> {
-        let lease = self.lease()?;
+        let lease = self.coordinator_lease("open_session")?;
         let slice = self.node().slice_for(req.epoch)?;
         let params = sampling(&req.sampling)?;
         let sampler = Sampler::new(params).map_err(shard_err)?;
@@ -226,7 +247,7 @@ impl ShardNode for Conn {
     }
 
     async fn close_session(self, _: Context, session: SessionId) -> Result<(), ShardError> {
-        let lease = self.lease()?;
+        let lease = self.coordinator_lease("close_session")?;
         let bytes = self.node().close_session(session, lease)?;
         tracing::info!(target: common::telemetry::SPAN_EVENT, %session, kind = "kv_cache", bytes, "session closed");
         Ok(())
@@ -297,7 +318,7 @@ impl ShardNode for Conn {
     }
 
     async fn prepare_slice(self, _: Context, req: LoadSlice) -> Result<SliceInfo, ShardError> {
-        let lease = self.lease()?;
+        let lease = self.coordinator_lease("prepare_slice")?;
         let epoch = req.epoch;
         let r = self.install(lease, req, false).await;
         match &r {
@@ -308,14 +329,14 @@ impl ShardNode for Conn {
     }
 
     async fn commit_slice(self, _: Context, epoch: PlanEpoch) -> Result<(), ShardError> {
-        self.lease()?;
+        self.coordinator_lease("commit_slice")?;
         self.node().commit(epoch)?;
         tracing::info!(%epoch, "COMMIT: serving epoch {epoch}");
         Ok(())
     }
 
     async fn abort_slice(self, _: Context, epoch: PlanEpoch) -> Result<(), ShardError> {
-        self.lease()?;
+        self.coordinator_lease("abort_slice")?;
         let bytes = self.node().abort(epoch)?;
         tracing::info!(%epoch, bytes, "ABORT: prepared slice freed");
         Ok(())
