@@ -162,10 +162,16 @@ def main():
     metrics = {}
     pids = {}
 
-    def cpu_seconds(url):
+    def cpu_seconds(url, which=None):
+        """CPU seconds of the cluster's processes (which: "coordinator" or "nodes" only)."""
         tick = os.sysconf("SC_CLK_TCK")
         total = 0
-        for pid in pids[url]:
+        ps = pids[url]
+        if which == "coordinator":
+            ps = ps[-1:]
+        elif which == "nodes":
+            ps = ps[:-1]
+        for pid in ps:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
@@ -247,11 +253,13 @@ def main():
             # Each stream count --runs times, interleaved (1, 4, 16, 1, 4, 16, ...).
             agg = {(b, n): [] for b in bins for n in counts}
             agg_cpu = {(b, n): [] for b in bins for n in counts}
+            agg_coord = {(b, n): [] for b in bins for n in counts}
             for _ in range(a.runs):
                 for n in counts:
                     for b in bins:
                         out = [0] * n
                         c0 = cpu_seconds(agg_urls[b])
+                        k0 = cpu_seconds(agg_urls[b], "coordinator")
                         th = [threading.Thread(target=complete,
                                                args=(agg_urls[b], a.tokens, out, i))
                               for i in range(n)]
@@ -263,6 +271,9 @@ def main():
                         agg[(b, n)].append(sum(out) / (time.perf_counter() - t0))
                         agg_cpu[(b, n)].append(
                             (cpu_seconds(agg_urls[b]) - c0) * 1e3 / max(sum(out), 1))
+                        agg_coord[(b, n)].append(
+                            (cpu_seconds(agg_urls[b], "coordinator") - k0) * 1e3
+                            / max(sum(out), 1))
             for b in bins:
                 base = sum(agg[(b, counts[0])]) / a.runs
                 for n in counts:
@@ -272,7 +283,9 @@ def main():
                                       "tokens_per_stream": a.tokens, "tok_s": agg[(b, n)],
                                       "mean": mean, f"vs_{counts[0]}_stream": mean / base,
                                       "median": sorted(agg[(b, n)])[a.runs // 2],
-                                      "cpu_ms_per_token": sum(agg_cpu[(b, n)]) / a.runs}),
+                                      "cpu_ms_per_token": sum(agg_cpu[(b, n)]) / a.runs,
+                                      "coordinator_cpu_ms_per_token":
+                                          sum(agg_coord[(b, n)]) / a.runs}),
                           flush=True)
     finally:
         for p in procs:

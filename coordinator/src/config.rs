@@ -39,6 +39,10 @@ pub struct RawServeConfig {
     pub api_key_file: Option<PathBuf>,
     /// The key `/metrics` needs (none: open).
     pub metrics_key: Option<String>,
+    /// The API's certificate (PEM): HTTPS with `http_tls_key`.
+    pub http_tls_cert: Option<PathBuf>,
+    /// Its key (PEM).
+    pub http_tls_key: Option<PathBuf>,
 }
 
 /// Where the nodes come from.
@@ -80,6 +84,8 @@ pub struct ServeConfig {
     pub api_keys: Vec<String>,
     /// The keys `/metrics` accepts (empty: open).
     pub metrics_keys: Vec<String>,
+    /// HTTPS, when configured.
+    pub http_tls: Option<std::sync::Arc<cluster_tls::tokio_rustls::rustls::ServerConfig>>,
 }
 
 fn bad(msg: String) -> CoordError {
@@ -110,6 +116,8 @@ impl RawServeConfig {
             api_keys: Vec::new(),
             api_key_file: None,
             metrics_key: None,
+            http_tls_cert: None,
+            http_tls_key: None,
         }
     }
 
@@ -178,6 +186,17 @@ impl RawServeConfig {
         for k in api_keys.iter().chain(&self.metrics_key) {
             check_key(k)?;
         }
+        let http_tls = match (&self.http_tls_cert, &self.http_tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                Some(cluster_tls::http_server(cert, key).map_err(|e| bad(format!("HTTPS: {e}")))?)
+            }
+            _ => {
+                return Err(bad(
+                    "HTTPS needs --http-tls-cert and --http-tls-key together".into(),
+                ))
+            }
+        };
         Ok(ServeConfig {
             http: self.http,
             model: self.model,
@@ -187,6 +206,7 @@ impl RawServeConfig {
             failpoint: self.failpoint,
             api_keys,
             metrics_keys: self.metrics_key.into_iter().collect(),
+            http_tls,
         })
     }
 }

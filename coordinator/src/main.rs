@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cluster_registry::EtcdTlsArgs;
 use cluster_tls::{Dialer, TlsArgs};
 use common::telemetry::{Telemetry, TelemetryOptions};
 use coordinator::certs_cmd::{self, CertsCommand};
@@ -37,6 +38,12 @@ enum Command {
         /// The cluster's name.
         #[arg(long, default_value = "llm")]
         cluster: String,
+        /// etcd over TLS.
+        #[command(flatten)]
+        etcd_tls: EtcdTlsArgs,
+        /// Mutual TLS to the nodes (to ask each for its status).
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Certificates for mutual TLS: a cluster CA, and certificates for coordinators and nodes.
     #[command(subcommand)]
@@ -118,9 +125,18 @@ struct ServeArgs {
         hide_env_values = true
     )]
     metrics_key: Option<String>,
+    /// Serve the API over HTTPS with this certificate (PEM; with --http-tls-key).
+    #[arg(long, value_name = "FILE")]
+    http_tls_cert: Option<PathBuf>,
+    /// The HTTPS certificate's key (PEM).
+    #[arg(long, value_name = "FILE")]
+    http_tls_key: Option<PathBuf>,
     /// Mutual TLS to the nodes.
     #[command(flatten)]
     tls: TlsArgs,
+    /// etcd over TLS.
+    #[command(flatten)]
+    etcd_tls: EtcdTlsArgs,
     /// Testing only: stop the 2PC driver at this point.
     #[arg(long, hide = true)]
     failpoint: Option<Failpoint>,
@@ -196,6 +212,8 @@ impl From<ServeArgs> for RawServeConfig {
             api_keys: a.api_key,
             api_key_file: a.api_key_file,
             metrics_key: a.metrics_key,
+            http_tls_cert: a.http_tls_cert,
+            http_tls_key: a.http_tls_key,
         }
     }
 }
@@ -213,13 +231,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             // before anything dials a node
             Dialer::new(args.tls.load()?).install()?;
+            args.etcd_tls.install()?;
             serve((*args).into()).await
         }
         Command::Certs(c) => {
             print!("{}", certs_cmd::run(c)?);
             Ok(())
         }
-        Command::Status { etcd, cluster } => {
+        Command::Status {
+            etcd,
+            cluster,
+            etcd_tls,
+            tls,
+        } => {
+            Dialer::new(tls.load()?).install()?;
+            etcd_tls.install()?;
             print!("{}", coordinator::status_cmd::run(&etcd, &cluster).await?);
             Ok(())
         }

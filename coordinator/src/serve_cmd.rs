@@ -114,12 +114,40 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         writeln!(out, "listening on {}", listener.local_addr()?)?;
         out.flush()?;
     }
-    let stopped = shutdown.clone();
     let app = router(
         state,
         auth::Keys::new(cfg.api_keys.clone()),
         auth::Keys::new(cfg.metrics_keys.clone()),
     );
+    match &cfg.http_tls {
+        None => serve_http(listener, app, &shutdown, cfg.drain).await?,
+        Some(tls) => {
+            tracing::info!("the API is served over HTTPS");
+            let listener = crate::http::tls::TlsListener::new(listener, tls.clone())?;
+            serve_http(listener, app, &shutdown, cfg.drain).await?
+        }
+    }
+    // No request runs any more: the leases on the nodes can go (the nodes free what they held).
+    serving.stop_heartbeats();
+    tasks.close();
+    if tokio::time::timeout(cfg.drain, tasks.wait()).await.is_err() {
+        tracing::warn!("background tasks still running at the drain deadline");
+    }
+    Ok(())
+}
+
+/// Serves `app` on `listener` until `shutdown`; in-flight requests then get `drain`.
+async fn serve_http<L>(
+    listener: L,
+    app: axum::Router,
+    shutdown: &CancellationToken,
+    drain: std::time::Duration,
+) -> Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let stopped = shutdown.clone();
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stopped.cancelled().await })
         .into_future();
@@ -128,16 +156,10 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         r = &mut server => r?,
         _ = shutdown.cancelled() => {
             // Graceful shutdown has begun: in-flight requests get the drain period.
-            if tokio::time::timeout(cfg.drain, &mut server).await.is_err() {
-                tracing::warn!(drain = ?cfg.drain, "requests still running at the drain deadline: ending them");
+            if tokio::time::timeout(drain, &mut server).await.is_err() {
+                tracing::warn!(?drain, "requests still running at the drain deadline: ending them");
             }
         }
-    }
-    // No request runs any more: the leases on the nodes can go (the nodes free what they held).
-    serving.stop_heartbeats();
-    tasks.close();
-    if tokio::time::timeout(cfg.drain, tasks.wait()).await.is_err() {
-        tracing::warn!("background tasks still running at the drain deadline");
     }
     Ok(())
 }

@@ -21,10 +21,14 @@ pub struct LeaveOptions {
     /// ended with an error.
     #[arg(long, default_value_t = 60)]
     pub drain_timeout: u64,
+    /// etcd over TLS.
+    #[command(flatten)]
+    pub etcd_tls: cluster_registry::EtcdTlsArgs,
 }
 
 /// Asks, then waits for the node's record to go (the drain deadline plus a margin).
 pub async fn run(o: LeaveOptions) -> anyhow::Result<()> {
+    o.etcd_tls.install()?;
     let reg = Registry::connect(&o.etcd, &o.cluster).await?;
     let Some(rec) = reg.node(&o.node).await? else {
         anyhow::bail!(

@@ -110,6 +110,7 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
     })?;
     // Every value is checked before the device opens or anything binds.
     let join = o.join.validate()?;
+    o.join.etcd_tls.install()?;
     if o.max_connections == 0 || o.max_requests_per_connection == 0 || o.tls_handshake_ms == 0 {
         anyhow::bail!(
             "--max-connections, --max-requests-per-connection and --tls-handshake-ms must be at least 1"

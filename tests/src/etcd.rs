@@ -9,9 +9,22 @@ struct Early(String);
 /// killed on drop.
 pub struct EtcdProcess {
     child: std::process::Child,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS).
     pub url: String,
+    /// Where its `/health` is served (plain HTTP, also with TLS).
+    health: String,
     _dir: tempfile::TempDir,
+}
+
+/// etcd's server certificate, key and the CA its clients' certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    /// The CA (PEM).
+    pub ca: std::path::PathBuf,
+    /// The server's certificate (PEM), naming 127.0.0.1.
+    pub cert: std::path::PathBuf,
+    /// Its key (PEM).
+    pub key: std::path::PathBuf,
 }
 
 impl EtcdProcess {
@@ -19,27 +32,52 @@ impl EtcdProcess {
     /// before etcd binds them, so another test's process may take one in between: etcd then
     /// exits at once, and it is started again on fresh ports (up to 3 tries).
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// [`EtcdProcess::start`] serving clients over TLS only, with client certificates
+    /// required (`--client-cert-auth`).
+    pub fn start_tls(tls: &EtcdTlsFiles) -> anyhow::Result<Self> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&EtcdTlsFiles>) -> anyhow::Result<Self> {
         for _ in 0..2 {
-            match Self::spawn_and_wait()? {
+            match Self::spawn_and_wait(tls)? {
                 Ok(etcd) => return Ok(etcd),
                 Err(Early(status)) => {
                     eprintln!("etcd exited at start ({status}), probably a port taken: retrying")
                 }
             }
         }
-        match Self::spawn_and_wait()? {
+        match Self::spawn_and_wait(tls)? {
             Ok(etcd) => Ok(etcd),
             Err(Early(status)) => anyhow::bail!("etcd exited: {status}"),
         }
     }
 
     /// One try: `Ok(Err(_))` when etcd exited before it was healthy.
-    fn spawn_and_wait() -> anyhow::Result<std::result::Result<Self, Early>> {
+    fn spawn_and_wait(
+        tls: Option<&EtcdTlsFiles>,
+    ) -> anyhow::Result<std::result::Result<Self, Early>> {
         let dir = tempfile::tempdir()?;
-        let (client, peer) = (free_port()?, free_port()?);
-        let url = format!("http://127.0.0.1:{client}");
+        let (client, peer, metrics) = (free_port()?, free_port()?, free_port()?);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = std::process::Command::new("etcd")
+        let health = format!("http://127.0.0.1:{metrics}");
+        let mut cmd = std::process::Command::new("etcd");
+        if let Some(t) = tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
+            .args(["--listen-metrics-urls", &health])
             .args(["--name", "test", "--data-dir"])
             .arg(dir.path().join("data"))
             .args([
@@ -63,11 +101,12 @@ impl EtcdProcess {
         let mut etcd = EtcdProcess {
             child,
             url,
+            health,
             _dir: dir,
         };
         let start = std::time::Instant::now();
         loop {
-            let health = crate::http::get(&format!("{}/health", etcd.url));
+            let health = crate::http::get(&format!("{}/health", etcd.health));
             if health.is_ok_and(|(_, body)| body.contains("true")) {
                 return Ok(Ok(etcd));
             }

@@ -19,7 +19,7 @@ pub mod rpc;
 pub mod tls;
 
 pub use common::testing::{default_model, workspace_root};
-pub use etcd::EtcdProcess;
+pub use etcd::{EtcdProcess, EtcdTlsFiles};
 pub use http::{
     completion, completion_with, get, get_json, metric, post, post_with, sse_text, BackgroundStream,
 };
@@ -29,4 +29,4 @@ pub use process::{
     coordinator_bin, free_port, rss_kib, shard_node_bin, CoordinatorProcess, ShardProcess,
 };
 pub use rpc::{connect, keep_alive, kv_bytes, last_stage_session, node_status, wait_status};
-pub use tls::ClusterCerts;
+pub use tls::{https_request, ClusterCerts};

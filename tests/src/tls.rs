@@ -83,6 +83,28 @@ impl ClusterCerts {
         ]
     }
 
+    /// Files for etcd: its server certificate is `name`'s (issued for 127.0.0.1).
+    pub fn etcd_files(&self, name: &str) -> crate::EtcdTlsFiles {
+        crate::EtcdTlsFiles {
+            ca: self.ca(),
+            cert: self.path(&format!("issued/{name}.pem")),
+            key: self.path(&format!("issued/{name}-key.pem")),
+        }
+    }
+
+    /// `--etcd-ca ... --etcd-cert ... --etcd-key ...` for `name` as etcd's client.
+    pub fn etcd_flags(&self, name: &str) -> Vec<String> {
+        let f = self.etcd_files(name);
+        [
+            ("--etcd-ca", f.ca),
+            ("--etcd-cert", f.cert),
+            ("--etcd-key", f.key),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v.display().to_string()])
+        .collect()
+    }
+
     /// `name`'s identity, loaded as a process loads it.
     pub fn identity(&self, name: &str) -> anyhow::Result<Arc<cluster_tls::Identity>> {
         let f = self.flags(name);
@@ -112,4 +134,43 @@ impl ClusterCerts {
         ctx.deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         Ok(c.status(ctx).await?)
     }
+}
+
+/// One HTTP/1.1 request over TLS to `addr` (`host:port`), trusting `ca`; the status code and
+/// the body.
+pub async fn https_request(
+    addr: &str,
+    ca: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = cluster_tls::client_trusting(ca)?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_string();
+    let name = cluster_tls::tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())?;
+    let mut tls = cluster_tls::tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("content-length: 0\r\n\r\n");
+    tls.write_all(req.as_bytes()).await?;
+    let mut out = Vec::new();
+    // the server may close without TLS close_notify once the reply is out
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no HTTP status in {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((code, body))
 }

@@ -1,14 +1,15 @@
 //! Security, with real processes: mutual TLS on the tarpc links (a plain client and a
 //! foreign CA are refused and allocate nothing; a node's certificate may not load or
 //! prepare slices or open sessions; a TLS cluster serves the same text as a plain one),
-//! API keys on the HTTP API, and a node under 1000 idle connections and garbage frames.
+//! etcd over TLS with client certificates, API keys on the HTTP API, and a node under 1000
+//! idle connections and garbage frames.
 
 use std::io::Write;
 use std::time::Duration;
 
 use integration_tests::{
-    completion, default_model, get, last_stage_session, models_dir, node_status, post_with,
-    rss_kib, ClusterCerts, CoordinatorProcess, ShardProcess,
+    completion, default_model, get, get_json, https_request, last_stage_session, models_dir,
+    node_status, post_with, rss_kib, ClusterCerts, CoordinatorProcess, EtcdProcess, ShardProcess,
 };
 use proto_types::{ErrorCode, LoadSlice, NodeStatus, PlanEpoch};
 
@@ -31,22 +32,34 @@ fn ctx() -> tarpc::context::Context {
     c
 }
 
+/// Coordinator, 3 nodes and etcd, with TLS on every link (etcd with client certificates):
+/// the same greedy text as a plain cluster.
 #[test]
 fn a_tls_cluster_serves_the_same_text_as_a_plain_one() -> anyhow::Result<()> {
-    let certs = ClusterCerts::new(&["node-a", "node-b", "node-c"])?;
-    let nodes: Vec<ShardProcess> = ["node-a", "node-b", "node-c"]
-        .iter()
-        .map(|n| tls_node(&certs, n, &[]))
-        .collect::<Result<_, _>>()?;
-    let list = nodes
-        .iter()
-        .map(|n| n.addr.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
-    let flags = certs.flags("coord");
-    let mut args = vec!["--nodes", list.as_str()];
-    args.extend(flags.iter().map(String::as_str));
+    let names = ["node-a", "node-b", "node-c"];
+    let certs = ClusterCerts::new(&["node-a", "node-b", "node-c", "etcd"])?;
+    let etcd = EtcdProcess::start_tls(&certs.etcd_files("etcd"))?;
+    assert!(etcd.url.starts_with("https://"));
+    let mut nodes = Vec::new();
+    for n in names {
+        let etcd_flags = certs.etcd_flags(n);
+        let mut extra = vec!["--etcd", etcd.url.as_str(), "--node-id", n];
+        extra.extend(etcd_flags.iter().map(String::as_str));
+        nodes.push(tls_node(&certs, n, &extra)?);
+    }
+    let (flags, etcd_flags) = (certs.flags("coord"), certs.etcd_flags("coord"));
+    let mut args = vec!["--etcd", etcd.url.as_str(), "--min-nodes", "3"];
+    args.extend(flags.iter().chain(&etcd_flags).map(String::as_str));
     let tls = CoordinatorProcess::spawn_with(&default_model(), &args)?;
+    let start = std::time::Instant::now();
+    while get_json(&format!("{}/v1/cluster", tls.url))
+        .ok()
+        .and_then(|v| v["nodes"].as_array().map(Vec::len))
+        != Some(3)
+    {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(40), "no 3-stage plan");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let secure = completion(&tls.url, PROMPT, 16, false)?;
     drop(tls);
     drop(nodes);
@@ -169,6 +182,46 @@ fn the_api_needs_its_key() -> anyhow::Result<()> {
     assert_eq!(code, 200, "/health stays open");
     let (code, _) = get(&format!("{}/metrics", coord.url))?;
     assert_eq!(code, 401, "/metrics needs the metrics key");
+    Ok(())
+}
+
+/// HTTPS on the API (`--http-tls-cert`, `--http-tls-key`), with a key: over TLS with the key
+/// 200, without it 401; plain HTTP to the port gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_over_https() -> anyhow::Result<()> {
+    let certs = ClusterCerts::new(&[])?;
+    let node = ShardProcess::spawn(&models_dir(), &[])?;
+    let flags = certs.flags("coord");
+    let key = "sk-test-0123456789abcdef";
+    let args = [
+        "--nodes",
+        node.addr.as_str(),
+        "--api-key",
+        key,
+        "--http-tls-cert",
+        flags[3].as_str(),
+        "--http-tls-key",
+        flags[5].as_str(),
+    ];
+    let coord = CoordinatorProcess::spawn_with(&default_model(), &args)?;
+    let addr = coord.url.trim_start_matches("http://").to_string();
+    let bearer = format!("Bearer {key}");
+    let (code, body) = https_request(
+        &addr,
+        &certs.ca(),
+        "GET",
+        "/v1/models",
+        &[("authorization", &bearer)],
+    )
+    .await?;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("SmolLM2"), "{body}");
+    let (code, _) = https_request(&addr, &certs.ca(), "GET", "/v1/models", &[]).await?;
+    assert_eq!(code, 401);
+    let (code, _) = https_request(&addr, &certs.ca(), "GET", "/health", &[]).await?;
+    assert_eq!(code, 200);
+    let plain = get(&format!("{}/health", coord.url));
+    assert!(!matches!(plain, Ok((200, _))), "plain HTTP was answered");
     Ok(())
 }
 

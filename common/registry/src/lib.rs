@@ -13,8 +13,10 @@
 //! - [`error`]: its error type, [`RegistryError`].
 
 pub mod error;
+pub mod tls;
 
 pub use error::{RegistryError, Result};
+pub use tls::EtcdTlsArgs;
 
 /// The shortest TTL of an etcd lease this cluster takes (a node's registration, a
 /// coordinator's leader lease), in seconds: keepalives go out every third of it, and a shorter
@@ -78,9 +80,12 @@ impl Registry {
             )));
         }
         let urls: Vec<&str> = url.split(',').map(str::trim).collect();
-        let opts = etcd_client::ConnectOptions::new()
+        let mut opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(3))
             .with_timeout(std::time::Duration::from_secs(5));
+        if let Some(tls) = tls::options() {
+            opts = opts.with_tls(tls);
+        }
         let client = Client::connect(urls, Some(opts)).await?;
         let mut r = Registry {
             client,

@@ -24,6 +24,15 @@ impl ChatMessage {
     }
 }
 
+/// The most instructions one rendering may run: real templates take a few thousand per
+/// message; a template from a hostile file that loops stops here with an error, after a few
+/// milliseconds, instead of holding the request forever.
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// The longest text a rendering may produce (bytes); the prompt is bounded by the context
+/// anyway, far below this.
+pub const MAX_RENDERED_BYTES: usize = 8 << 20;
+
 /// A compiled chat template.
 #[derive(Debug)]
 pub struct ChatTemplate {
@@ -40,6 +49,8 @@ impl ChatTemplate {
     /// Compiles `source`; `bos` and `eos` are the texts of those tokens.
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(64);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.to_string())
@@ -60,19 +71,48 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| Error::Template(e.to_string()))?;
-        tmpl.render(context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos,
-            eos_token => self.eos,
-        })
-        .map_err(|e| Error::Template(format!("cannot render: {e}")))
+        let text = tmpl
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos,
+                eos_token => self.eos,
+            })
+            .map_err(|e| Error::Template(format!("cannot render: {e}")))?;
+        if text.len() > MAX_RENDERED_BYTES {
+            return Err(Error::Template(format!(
+                "the rendered prompt has {} bytes, more than {MAX_RENDERED_BYTES}",
+                text.len()
+            )));
+        }
+        Ok(text)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_template_that_loops_forever_is_stopped() {
+        let hostile = [
+            // 10^10 iterations
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+            // unbounded recursion
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+        ];
+        for source in hostile {
+            let t = ChatTemplate::new(source, "<s>", "</s>").expect("compiles");
+            let started = std::time::Instant::now();
+            let r = t.render(&[ChatMessage::new("user", "hi")], true);
+            assert!(matches!(r, Err(Error::Template(_))), "{source}: {r:?}");
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(1),
+                "{source}: took {:?}",
+                started.elapsed()
+            );
+        }
+    }
 
     #[test]
     fn renders_and_reports_errors() -> Result<()> {

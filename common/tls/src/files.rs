@@ -127,3 +127,33 @@ impl Identity {
         })
     }
 }
+
+/// A server configuration for the HTTP API: `cert` (PEM, chain) and `key`, no client
+/// certificates (API clients authenticate with keys), HTTP/2 and HTTP/1.1 offered.
+pub fn http_server(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
+    let chain = certs(cert)?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e))?;
+    let mut c = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| file_err(key, format!("does not go with the certificate: {e}")))?;
+    c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
+/// A client configuration that trusts the CA in `ca` (PEM) and presents no certificate: for
+/// clients of the HTTPS API (and its tests).
+pub fn client_trusting(ca: &Path) -> Result<Arc<ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca)? {
+        roots.add(c).map_err(|e| file_err(ca, e))?;
+    }
+    let c = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(c))
+}

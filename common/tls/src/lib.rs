@@ -21,6 +21,7 @@ pub mod role;
 
 pub use args::TlsArgs;
 pub use error::{Result, TlsError};
-pub use files::{Identity, TlsFiles};
+pub use files::{client_trusting, http_server, Identity, TlsFiles};
 pub use link::{Acceptor, Dialer};
 pub use role::Role;
+pub use tokio_rustls;

@@ -4,11 +4,13 @@
 //! - [`openai`]: request and response shapes.
 //! - [`trace`]: the request's root span (GenAI conventions, W3C trace context).
 //! - [`auth`]: API keys.
+//! - [`tls`]: the API over HTTPS.
 //! - this module: routes, handlers, errors, SSE.
 
 pub mod auth;
 pub mod openai;
 pub mod stats;
+pub mod tls;
 pub mod trace;
 
 use std::convert::Infallible;
@@ -24,7 +26,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use common::generate::FinishReason;
-use common::sampling::SamplingParams;
 use common::tokenizer::TextTokenizer;
 use futures::Stream;
 use serde_json::{json, Value};
@@ -160,12 +161,16 @@ fn gen_request(
     prompt: &str,
     c: &Common,
 ) -> Result<GenRequest, ApiError> {
+    let Checked {
+        max_tokens,
+        sampling,
+        stop,
+    } = c.checked().map_err(bad)?;
     // The tokenizer failing is the coordinator's problem, not the request's.
     let ids = st.tok.encode(prompt).map_err(CoordError::from)?;
     if ids.is_empty() {
         return Err(bad("the prompt is empty"));
     }
-    let max_tokens = c.max_tokens.unwrap_or(16) as usize;
     if ids.len() + max_tokens > cluster.max_ctx {
         return Err(bad(format!(
             "the prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds the context of {} tokens",
@@ -173,19 +178,11 @@ fn gen_request(
             cluster.max_ctx
         )));
     }
-    let sampling = SamplingParams {
-        temperature: c.temperature.unwrap_or(1.0),
-        top_k: c.top_k.unwrap_or(0) as usize,
-        top_p: c.top_p.unwrap_or(1.0),
-        seed: c.seed.unwrap_or(0),
-    }
-    .validate()
-    .map_err(|e| bad(e.to_string()))?;
     Ok(GenRequest {
         prompt: ids,
         max_tokens,
         sampling,
-        stop: c.stop.clone().map(Stop::into_vec).unwrap_or_default(),
+        stop,
         ignore_eos: c.ignore_eos,
     })
 }
@@ -217,6 +214,7 @@ async fn chat(
     let (id, trace) = st.open_trace(&headers, true);
     let run = async {
         let cluster = st.serving.current()?;
+        req.checked().map_err(bad)?;
         let g = {
             let _s = trace.step("chat template and tokenize");
             let prompt = st

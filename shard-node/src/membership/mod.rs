@@ -42,6 +42,9 @@ pub struct JoinOptions {
     /// node records the abort in etcd first) and freed.
     #[arg(long, default_value_t = 30_000)]
     pub prepare_timeout_ms: u64,
+    /// etcd over TLS.
+    #[command(flatten)]
+    pub etcd_tls: cluster_registry::EtcdTlsArgs,
 }
 
 /// The checked options of joining a cluster.
@@ -165,6 +168,7 @@ mod tests {
             node_id: Some("a".into()),
             etcd_ttl_secs: 5,
             prepare_timeout_ms: 30_000,
+            etcd_tls: Default::default(),
         }
     }
 
