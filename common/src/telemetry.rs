@@ -20,18 +20,44 @@ pub fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
 }
 
-/// Runs `f` with nothing recorded, no span and no event: for work that the traces leave out
-/// (the decode steps between traced ones, lease heartbeats), at no cost to this process. A
-/// tarpc call made inside sends the trace context it is given as it is, so the caller marks
-/// that context unsampled, and the processes downstream leave the work out too.
-pub fn quietly<F: std::future::Future>(f: F) -> tracing::instrument::WithDispatch<F> {
-    use tracing::instrument::WithSubscriber;
-    f.with_subscriber(tracing::subscriber::NoSubscriber::default())
+/// The name of the span under which the trace exporter records nothing (see
+/// [`untraced_span`]).
+pub const UNTRACED: &str = "untraced";
+
+/// A span whose work the traces leave out (the decode steps between traced ones, lease
+/// heartbeats): the exporter's layer takes no span or event made under it, so a tarpc call
+/// made inside sends the trace context it is given as it is (the caller marks it
+/// unsampled, and the processes downstream leave the work out too). The span itself is
+/// the exporter's one cost, and it is dropped unsampled. Without export: no span at all.
+///
+/// (Running the work under `tracing`'s `NoSubscriber` instead costs far more: every poll
+/// that switches the default dispatcher rebuilds the interest of every callsite.)
+pub fn untraced_span() -> tracing::Span {
+    if !exporting() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!("untraced");
+    #[cfg(feature = "otlp")]
+    {
+        use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
+        use opentelemetry_sdk::trace::IdGenerator;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let ids = opentelemetry_sdk::trace::RandomIdGenerator::default();
+        let off = SpanContext::new(
+            ids.new_trace_id(),
+            ids.new_span_id(),
+            TraceFlags::default(),
+            true,
+            TraceState::default(),
+        );
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(off));
+    }
+    span
 }
 
 /// Marks a tarpc call's context as one that no trace records (a lease heartbeat, a decode
 /// step left out): its trace, or a fresh one outside any request, unsampled, so that no node
-/// records it either. Make the call inside [`quietly`]. Without export, nothing changes.
+/// records it either. Make the call inside [`unrecorded`]. Without export, nothing changes.
 #[cfg(feature = "otlp")]
 pub fn untraced(mut c: tarpc::context::Context) -> tarpc::context::Context {
     use opentelemetry_sdk::trace::IdGenerator;
@@ -47,14 +73,10 @@ pub fn untraced(mut c: tarpc::context::Context) -> tarpc::context::Context {
     c
 }
 
-/// Awaits `f` with nothing recorded when spans are exported (see [`quietly`]); its tarpc
-/// calls take an [`untraced`] context.
+/// Awaits `f` under an [`untraced_span`]; its tarpc calls take an [`untraced`] context.
 pub async fn unrecorded<F: std::future::Future>(f: F) -> F::Output {
-    if exporting() {
-        quietly(f).await
-    } else {
-        f.await
-    }
+    use tracing::Instrument;
+    f.instrument(untraced_span()).await
 }
 
 /// One decode step in this many is traced in full (the coordinator's call, every stage's
@@ -256,6 +278,13 @@ fn export(o: &TelemetryOptions, endpoint: String) -> Result<Telemetry> {
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
     let tracer = provider.tracer(o.service);
+    // nothing under an `untraced` span reaches the exporter (see `untraced_span`)
+    let untraced = tracing_subscriber::filter::DynFilterFn::new(
+        |_: &tracing::Metadata<'_>, cx: &tracing_subscriber::layer::Context<'_, _>| {
+            cx.lookup_current()
+                .is_none_or(|s| s.scope().all(|a| a.name() != UNTRACED))
+        },
+    );
     let otel_filter = std::env::var("OTEL_LOG_FILTER")
         .ok()
         .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
@@ -265,7 +294,10 @@ fn export(o: &TelemetryOptions, endpoint: String) -> Result<Telemetry> {
         .with(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
-                .with_filter(otel_filter),
+                .with_filter(tracing_subscriber::filter::FilterExt::and(
+                    otel_filter,
+                    untraced,
+                )),
         )
         .try_init()
         .map_err(|e| Error::Config(format!("installing the trace exporter: {e}")))?;

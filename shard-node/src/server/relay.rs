@@ -23,7 +23,9 @@ pub async fn run(
         let go = async move { deliver(o, &peers, &metrics).await };
         match span {
             Some(span) => tokio::spawn(go.instrument(span)),
-            None if common::telemetry::exporting() => tokio::spawn(common::telemetry::quietly(go)),
+            None if common::telemetry::exporting() => {
+                tokio::spawn(go.instrument(common::telemetry::untraced_span()))
+            }
             None => tokio::spawn(go),
         };
     }
