@@ -33,6 +33,28 @@ pub const TEMPLATE_FUEL: u64 = 2_000_000;
 /// anyway, far below this.
 pub const MAX_RENDERED_BYTES: usize = 8 << 20;
 
+/// A buffer that refuses to grow past [`MAX_RENDERED_BYTES`] (and remembers that it did).
+#[derive(Default)]
+struct Bounded {
+    buf: Vec<u8>,
+    full: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.full = true;
+            return Err(std::io::Error::other("the rendered prompt is too long"));
+        }
+        self.buf.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A compiled chat template.
 #[derive(Debug)]
 pub struct ChatTemplate {
@@ -71,20 +93,26 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| Error::Template(e.to_string()))?;
-        let text = tmpl
-            .render(context! {
+        // Written through a bounded buffer: a template that renders without end fails at
+        // the bound instead of first allocating all of it.
+        let mut out = Bounded::default();
+        tmpl.render_to_write(
+            context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos,
                 eos_token => self.eos,
-            })
-            .map_err(|e| Error::Template(format!("cannot render: {e}")))?;
-        if text.len() > MAX_RENDERED_BYTES {
-            return Err(Error::Template(format!(
-                "the rendered prompt has {} bytes, more than {MAX_RENDERED_BYTES}",
-                text.len()
-            )));
-        }
+            },
+            &mut out,
+        )
+        .map_err(|e| match out.full {
+            true => Error::Template(format!(
+                "the rendered prompt passes {MAX_RENDERED_BYTES} bytes"
+            )),
+            false => Error::Template(format!("cannot render: {e}")),
+        })?;
+        let text = String::from_utf8(out.buf)
+            .map_err(|_| Error::Template("the rendered prompt is not UTF-8".into()))?;
         Ok(text)
     }
 }
