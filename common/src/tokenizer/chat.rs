@@ -96,7 +96,7 @@ impl ChatTemplate {
         // Written through a bounded buffer: a template that renders without end fails at
         // the bound instead of first allocating all of it.
         let mut out = Bounded::default();
-        tmpl.render_to_write(
+        tmpl.render_captured_to(
             context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
@@ -105,6 +105,7 @@ impl ChatTemplate {
             },
             &mut out,
         )
+        .map(drop)
         .map_err(|e| match out.full {
             true => Error::Template(format!(
                 "the rendered prompt passes {MAX_RENDERED_BYTES} bytes"
