@@ -294,6 +294,11 @@ fn export(o: &TelemetryOptions, endpoint: String) -> Result<Telemetry> {
         .with(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
+                // Nothing of ours reads OpenTelemetry's thread-local current context (the
+                // spans' contexts are read from the spans), and busy/idle times are not worth
+                // a clock read on every poll: both off, so entering a span costs nothing.
+                .with_context_activation(false)
+                .with_tracked_inactivity(false)
                 .with_filter(tracing_subscriber::filter::FilterExt::and(
                     otel_filter,
                     untraced,
