@@ -25,12 +25,12 @@ for t in $targets; do
   # -rss_limit_mb: a target that allocates without bound fails; -timeout: one that hangs
   if cargo +nightly fuzz run --fuzz-dir tests/fuzz "$t" "$corpus" -- \
       -max_total_time=$((minutes * 60)) -rss_limit_mb=2048 -timeout=10 -max_len=65536 \
-      -print_final_stats=1 2>&1 | tee "$log" | grep -E '^(#[0-9]+ +(pulse|DONE)|==|SUMMARY|artifact_prefix|Test unit written)'; then
+      -print_final_stats=1 2>&1 | tee "$log" | grep -E '^(#[0-9]+[[:space:]]+(pulse|DONE)|==|SUMMARY|artifact_prefix|Test unit written)'; then
     :
   fi
   execs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}' | tail -1)
   crashes=$(ls "tests/fuzz/artifacts/$t" | wc -l)
-  summary+=("$t: ${execs:-?} executions in $minutes min, $crashes crash inputs in tests/fuzz/artifacts/$t")
+  summary+=("$t: ${execs:-?} executions (a run stops at its first crash; at most $minutes min), $crashes crash inputs in tests/fuzz/artifacts/$t")
   rm -f "$log"
 done
 printf 'fuzz: %s\n' "${summary[@]}"

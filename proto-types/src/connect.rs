@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tarpc::serde_transport::Transport;
-use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_util::codec::LengthDelimitedCodec;
+
+use crate::codec::SafeBincode;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::limits::{MAX_FRAME_BYTES, PROTOCOL_VERSION};
@@ -26,8 +27,9 @@ pub enum ConnectError {
 }
 
 /// The framed bincode transport over `io`; a frame longer than [`MAX_FRAME_BYTES`] is refused
-/// from its length prefix, before any buffer for it is allocated.
-pub fn transport<S, In, Out>(io: S) -> Transport<S, In, Out, Bincode<In, Out>>
+/// from its length prefix, before any buffer for it is allocated, and a frame whose decoding
+/// panics is an error (see [`crate::codec`]).
+pub fn transport<S, In, Out>(io: S) -> Transport<S, In, Out, SafeBincode<In, Out>>
 where
     S: AsyncRead + AsyncWrite,
     In: for<'de> Deserialize<'de>,
@@ -36,7 +38,7 @@ where
     let framed = LengthDelimitedCodec::builder()
         .max_frame_length(MAX_FRAME_BYTES)
         .new_framed(io);
-    tarpc::serde_transport::new(framed, Bincode::default())
+    tarpc::serde_transport::new(framed, SafeBincode::default())
 }
 
 /// Starts a client over `io` (a connected stream) and handshakes as `client` within

@@ -14,6 +14,7 @@
 //! bincode encodes enum variants by position: only ever append variants, and bump
 //! [`PROTOCOL_VERSION`] when a message changes.
 
+pub mod codec;
 pub mod connect;
 pub mod error;
 pub mod ids;
