@@ -85,6 +85,9 @@ pub enum Error {
     /// The chat template could not be parsed or rendered.
     #[error("chat template: {0}")]
     Template(String),
+    /// A health probe found the service down.
+    #[error("unhealthy: {0}")]
+    Unhealthy(String),
     /// Invalid configuration or sampling parameters.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -15,14 +15,19 @@
 //! - [`device`]: `cpu` / `cuda:N` device names and the CPU thread pool.
 //! - [`warmup`]: running every kind of CUDA kernel once at start-up, so that candle's
 //!   lazily kept device memory is allocated before anything a client causes.
+//! - [`config_file`]: `--config FILE`, a TOML file of a command's flags laid under its
+//!   command line.
+//! - [`health`]: the probe of the container images' health checks.
 //! - [`error`]: [`Error`], this crate's one error type.
 
+pub mod config_file;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod cuda_options;
 pub mod device;
 pub mod error;
 pub mod gguf;
+pub mod health;
 pub mod kernels;
 pub mod memory;
 pub mod model;

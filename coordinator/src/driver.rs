@@ -43,7 +43,11 @@ pub async fn run(cfg: DriverConfig, serving: Arc<Serving>, stop: CancellationTok
                 lost.clone(),
                 stop.clone(),
             ));
-            reg.campaign(&cfg.twopc.who, lease).await?;
+            // waits while another coordinator leads; gives up when our lease is lost
+            tokio::select! {
+                r = reg.campaign(&cfg.twopc.who, lease) => r?,
+                _ = lost.cancelled() => return Ok(()),
+            }
             tracing::info!(who = cfg.twopc.who, "elected the 2PC driver");
             drive(&cfg, &serving, &lost).await;
             Ok::<(), cluster_registry::RegistryError>(())

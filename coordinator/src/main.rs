@@ -48,6 +48,11 @@ enum Command {
     /// Certificates for mutual TLS: a cluster CA, and certificates for coordinators and nodes.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Probe a coordinator: exit 0 when it answers (the container image's HEALTHCHECK).
+    ///
+    /// Example: coordinator health http://127.0.0.1:8080/health
+    ///          coordinator health tcp://127.0.0.1:8443   (an HTTPS port accepts)
+    Health(common::health::HealthArgs),
     /// Start a local cluster: fetch the default model if missing, start shard nodes, serve.
     Up {
         /// Number of shard nodes.
@@ -70,6 +75,12 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
+    #[allow(dead_code)] // read by common::config_file::parse, before this struct is made
+    /// Read flags from this TOML file: each key is a flag's name without the dashes
+    /// (`http = "0.0.0.0:8080"`, `nodes = ["10.0.0.2:7070", "10.0.0.3:7070"]`, `tls-ca = ...`);
+    /// a flag given on the command line wins over its key. Examples in cluster-configs/.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// HTTP listen address; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
@@ -143,7 +154,7 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = common::config_file::parse::<Cli>();
     let started = match &cli.command {
         Command::Serve(a) => telemetry(a.id.as_deref(), a.http, a.otlp_endpoint.clone()),
         // its nodes inherit the environment: OTEL_EXPORTER_OTLP_ENDPOINT traces them all
@@ -249,6 +260,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", coordinator::status_cmd::run(&etcd, &cluster).await?);
             Ok(())
         }
+        Command::Health(h) => Ok(h.run()?),
         Command::Up {
             nodes,
             http,
@@ -281,5 +293,64 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             drop(local);
             r
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use coordinator::config::Membership;
+    use std::ffi::OsString;
+
+    /// `coordinator serve --config FILE ARGS...` as main parses it.
+    fn serve(file: &str, args: &[&str]) -> RawServeConfig {
+        let path = format!("{}/../cluster-configs/{file}", env!("CARGO_MANIFEST_DIR"));
+        let mut argv: Vec<OsString> = vec!["coordinator".into(), "serve".into(), "--config".into()];
+        argv.push(path.into());
+        argv.extend(args.iter().map(OsString::from));
+        let layered = common::config_file::layer(&Cli::command(), argv).expect(file);
+        match Cli::try_parse_from(&layered.argv).expect(file).command {
+            Command::Serve(a) => {
+                assert!(a.tls.tls_ca.is_some() || file.starts_with("local/"));
+                (*a).into()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The example files in cluster-configs/ load and validate.
+    #[test]
+    fn example_configs_load() {
+        let local = serve("local/coordinator.toml", &[])
+            .validate()
+            .expect("valid");
+        assert_eq!(
+            local.membership,
+            Membership::Static(vec!["127.0.0.1:7071".into(), "127.0.0.1:7072".into()])
+        );
+        let c = serve("compose/coordinator.toml", &["--id", "coordinator-2"])
+            .validate()
+            .expect("valid");
+        match c.membership {
+            Membership::Etcd {
+                id,
+                min_nodes,
+                ttl_secs,
+                ..
+            } => assert_eq!((id.as_str(), min_nodes, ttl_secs), ("coordinator-2", 2, 4)),
+            other => panic!("{other:?}"),
+        }
+        // a flag wins: static nodes on the command line conflict with the file's etcd
+        let path = format!(
+            "{}/../cluster-configs/compose/coordinator.toml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let argv: Vec<OsString> = ["coordinator", "serve", "--config", &path, "--nodes", "a:1"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let layered = common::config_file::layer(&Cli::command(), argv).expect("layer");
+        assert!(Cli::try_parse_from(&layered.argv).is_err());
     }
 }

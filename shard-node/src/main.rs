@@ -121,6 +121,11 @@ enum Command {
     SynthModel(shard_node::synth_cmd::SynthOptions),
     /// Drain a node and take it out of its etcd cluster; waits until it has left.
     Leave(shard_node::leave_cmd::LeaveOptions),
+    /// Probe a node: exit 0 when it answers (the container image's HEALTHCHECK).
+    ///
+    /// Example: shard-node health http://127.0.0.1:9100/metrics   (a node's --metrics-listen)
+    ///          shard-node health tcp://127.0.0.1:7070             (its tarpc port accepts)
+    Health(common::health::HealthArgs),
     /// Time prompt processing and decode (JSON lines on stdout).
     Bench {
         #[command(flatten)]
@@ -149,7 +154,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    match run(common::config_file::parse::<Cli>()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Our errors carry their causes in their messages: one line, no backtrace.
@@ -191,6 +196,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_ctx,
         }),
         Command::Serve(o) => shard_node::serve_cmd::run(*o),
+        Command::Health(h) => Ok(h.run()?),
         Command::Compare(o) => shard_node::compare_cmd::run(o),
         Command::SynthModel(o) => shard_node::synth_cmd::run(o),
         Command::Leave(o) => tokio::runtime::Builder::new_current_thread()
@@ -217,5 +223,66 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
             check_batch,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use std::ffi::OsString;
+
+    /// `shard-node serve --config FILE ARGS...` as main parses it.
+    fn serve(file: &str, args: &[&str]) -> shard_node::serve_cmd::ServeOptions {
+        let path = format!("{}/../cluster-configs/{file}", env!("CARGO_MANIFEST_DIR"));
+        let mut argv: Vec<OsString> = vec!["shard-node".into(), "serve".into(), "--config".into()];
+        argv.push(path.into());
+        argv.extend(args.iter().map(OsString::from));
+        let layered = common::config_file::layer(&Cli::command(), argv).expect(file);
+        match Cli::try_parse_from(&layered.argv).expect(file).command {
+            Command::Serve(o) => *o,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The example files in cluster-configs/ load, and mean what their comments say.
+    #[test]
+    fn example_configs_load() {
+        let a = serve("local/node-a.toml", &[]);
+        assert_eq!(a.listen, "127.0.0.1:7071".parse().expect("addr"));
+        assert_eq!(a.threads, Some(1));
+        assert!(a.join.validate().expect("join").is_none());
+        let b = serve("local/node-b.toml", &[]);
+        assert_eq!(b.listen.port(), 7072);
+
+        let n = serve(
+            "compose/node.toml",
+            &["--node-id", "node-a", "--advertise", "node-a:7070"],
+        );
+        let join = n.join.validate().expect("join").expect("joins etcd");
+        assert_eq!(join.etcd.split(',').count(), 3);
+        assert_eq!(join.node_id.as_deref(), Some("node-a"));
+        assert_eq!(join.ttl_secs, 4);
+        assert!(n.tls.tls_ca.is_some());
+
+        // one node per GPU: the file's device and port, overridden per process
+        let g = serve(
+            "gpu-host.toml",
+            &[
+                "--device",
+                "cuda:1",
+                "--listen",
+                "0.0.0.0:7071",
+                "--node-id",
+                "h1-cuda1",
+            ],
+        );
+        assert_eq!(g.device, DeviceSpec::Cuda(1));
+        assert_eq!(g.listen.port(), 7071);
+        assert_eq!(g.memory_limit, Some(72_000_000_000));
+        assert!(g.join.etcd_tls.etcd_ca.is_some() && g.tls.tls_key.is_some());
+        let j = g.join.validate().expect("join").expect("joins etcd");
+        assert_eq!(j.node_id.as_deref(), Some("h1-cuda1"));
+        assert_eq!(serve("gpu-host.toml", &[]).device, DeviceSpec::Cuda(0));
     }
 }

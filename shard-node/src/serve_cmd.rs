@@ -17,6 +17,11 @@ use crate::server::{metrics, relay, serve, Admission, Server};
 /// Options of `serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeOptions {
+    /// Read flags from this TOML file: each key is a flag's name without the dashes
+    /// (`listen = "0.0.0.0:7070"`, `device = "cuda:0"`, `tls-ca = "certs/ca.pem"`); a flag
+    /// given on the command line wins over its key. Examples in cluster-configs/.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
@@ -58,7 +63,7 @@ pub struct ServeOptions {
     pub poll_us: Option<u64>,
     /// Shut down once this process is no longer our parent (set by `coordinator up`, so
     /// that its nodes end with it even when it is killed).
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub parent_pid: Option<u32>,
     /// Export traces over OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317` (Jaeger);
     /// wins over `OTEL_EXPORTER_OTLP_ENDPOINT`. Without either, nothing is exported.

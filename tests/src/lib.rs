@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`process`]: `shard-node serve` and `coordinator serve` processes, the binaries' paths.
+//! - [`compose`]: Docker Compose projects of the cluster's images (several hosts).
 //! - [`etcd`]: a real etcd server.
 //! - [`http`]: HTTP requests, OpenAI SSE streams, streams running in the background.
 //! - [`otlp`]: a real OTLP trace receiver.
@@ -10,6 +11,7 @@
 //! - [`model`]: the default model's folder, and single-process `shard-node generate`, the
 //!   reference output.
 
+pub mod compose;
 pub mod etcd;
 pub mod http;
 pub mod model;

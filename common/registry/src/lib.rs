@@ -35,6 +35,9 @@ use serde::de::DeserializeOwned;
 #[derive(Clone)]
 pub struct Registry {
     client: Client,
+    /// For the election's campaign, which waits as long as another leads: the same endpoints
+    /// without the per-request timeout (a dead connection is found by HTTP/2 keep-alives).
+    election: Client,
     cluster: String,
 }
 
@@ -80,15 +83,24 @@ impl Registry {
             )));
         }
         let urls: Vec<&str> = url.split(',').map(str::trim).collect();
-        let mut opts = etcd_client::ConnectOptions::new()
+        let mut waiting = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(3))
-            .with_timeout(std::time::Duration::from_secs(5));
+            .with_keep_alive(
+                std::time::Duration::from_secs(2),
+                std::time::Duration::from_secs(2),
+            )
+            .with_keep_alive_while_idle(true);
         if let Some(tls) = tls::options() {
-            opts = opts.with_tls(tls);
+            waiting = waiting.with_tls(tls);
         }
-        let client = Client::connect(urls, Some(opts)).await?;
+        let opts = waiting
+            .clone()
+            .with_timeout(std::time::Duration::from_secs(5));
+        let client = Client::connect(urls.clone(), Some(opts)).await?;
+        let election = Client::connect(urls, Some(waiting)).await?;
         let mut r = Registry {
             client,
+            election,
             cluster: cluster.to_string(),
         };
         // Fail now, not at the first use, when nothing answers.
@@ -383,7 +395,7 @@ impl Registry {
     /// Waits until this caller (`who`, under its etcd leader lease `lease`) leads the election
     /// of the coordinator that runs re-plans.
     pub async fn campaign(&self, who: &str, lease: i64) -> Result<()> {
-        self.client
+        self.election
             .clone()
             .campaign(self.key("election"), who, lease)
             .await?;

@@ -1,0 +1,232 @@
+//! The cluster as deployed: cluster-configs/compose.yml on Docker (3 etcd members, 2
+//! coordinators, 3 shard nodes, mutual TLS), with containers killed, cut off and restarted.
+//! Each test is its own compose project, torn down when it ends; the images are built once
+//! per run (scripts/build-images.sh, from this run's binaries). After each test every live
+//! node holds exactly one committed slice, no prepared one, no session and no cache.
+//!
+//! Set LLMC_SKIP_DOCKER=1 to leave these out on a machine without Docker.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use integration_tests::compose::{build_images, eventually, held, Compose, Held};
+use integration_tests::{
+    completion, default_model, generate, sse_text, workspace_root, BackgroundStream,
+};
+
+/// One project at a time: each runs 8 containers on a 2-core machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
+const PROMPT: &str = "The capital of France is";
+
+fn skipped() -> bool {
+    std::env::var("LLMC_SKIP_DOCKER").is_ok_and(|v| v == "1")
+}
+
+/// The one-host compose, up and serving through both coordinators.
+struct Demo {
+    c: Compose,
+    coord: [String; 2],
+}
+
+impl Demo {
+    fn up(name: &str) -> anyhow::Result<Self> {
+        build_images()?;
+        let c = Compose::new(
+            name,
+            &["cluster-configs/compose.yml"],
+            &[("HTTP_PORT_1", "0"), ("HTTP_PORT_2", "0")],
+        );
+        c.up(&[])?;
+        let coord = [c.url("coordinator-1", 8080)?, c.url("coordinator-2", 8080)?];
+        let d = Demo { c, coord };
+        for url in &d.coord {
+            eventually(Duration::from_secs(120), || completion(url, "Hi", 2, false))
+                .map_err(|e| e.context(d.c.logs("coordinator-1")))?;
+        }
+        d.settled(&NODES, 0)?;
+        Ok(d)
+    }
+
+    fn node_url(&self, node: &str) -> anyhow::Result<String> {
+        self.c.url(node, 9100)
+    }
+
+    /// Every node in `live` serves the same epoch, later than `after`, holds exactly one
+    /// committed slice, and nothing else: no prepared slice, no session, no cache. Returns
+    /// the epoch.
+    fn settled(&self, live: &[&str], after: u64) -> anyhow::Result<u64> {
+        self.planned(live, after, true)
+    }
+
+    /// As [`Demo::settled`]; with `idle` false, sessions and their caches may be open (a
+    /// client is streaming).
+    fn planned(&self, live: &[&str], after: u64, idle: bool) -> anyhow::Result<u64> {
+        eventually(Duration::from_secs(60), || {
+            let mut epochs = Vec::new();
+            for n in live {
+                let mut h = held(&self.node_url(n)?)?;
+                if !idle {
+                    (h.sessions, h.transient) = (0, 0);
+                }
+                anyhow::ensure!(
+                    h == Held {
+                        epoch: h.epoch,
+                        weight_leases: 1,
+                        ..Held::default()
+                    } && h.epoch > after,
+                    "{n} holds {h:?} (waiting for an epoch after {after})"
+                );
+                epochs.push(h.epoch);
+            }
+            epochs.dedup();
+            anyhow::ensure!(epochs.len() == 1, "nodes on epochs {epochs:?}");
+            Ok(epochs[0])
+        })
+    }
+
+    /// Seconds from `fault` until a completion succeeds through `url`.
+    fn heal(&self, url: &str, fault: Instant) -> anyhow::Result<f64> {
+        eventually(Duration::from_secs(90), || completion(url, "Hi", 2, false))?;
+        Ok(fault.elapsed().as_secs_f64())
+    }
+}
+
+fn guard() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// (a) The official `openai` client against a coordinator in the compose gets the text that
+/// `shard-node generate` gives in one process.
+#[test]
+fn compose_serves_what_generate_gives() -> anyhow::Result<()> {
+    if skipped() {
+        return Ok(());
+    }
+    let _g = guard();
+    let d = Demo::up("a")?;
+    let out = std::process::Command::new("python3")
+        .arg(workspace_root().join("tests/openai_client.py"))
+        .arg(&d.coord[1])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "the openai client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let want = generate(&default_model(), PROMPT, 12)?;
+    assert_eq!(v["plain"].as_str(), Some(want.as_str()), "{v}");
+    assert_eq!(v["streamed"].as_str(), Some(want.as_str()), "{v}");
+    d.settled(&NODES, 0)?;
+    Ok(())
+}
+
+/// (b) A shard node killed mid-stream: that stream ends with an error event, the node's
+/// registration expires, the leader re-plans on the two left, and requests succeed again.
+#[test]
+fn killed_node_is_planned_around() -> anyhow::Result<()> {
+    if skipped() {
+        return Ok(());
+    }
+    let _g = guard();
+    let d = Demo::up("b")?;
+    let before = d.settled(&NODES, 0)?;
+    let stream = BackgroundStream::completion(&d.coord[0], 2000, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(1500));
+    let fault = Instant::now();
+    d.c.kill("node-b")?;
+    let (code, body) = stream.finish()?;
+    assert_eq!(code, 200);
+    let err = sse_text(&body).expect_err("the stream through the killed node must fail");
+    assert!(err.to_string().contains("error event"), "{err}");
+    let healed = d.heal(&d.coord[0], fault)?;
+    eprintln!("heal: node killed -> first success after {healed:.1} s");
+    let after = d.settled(&["node-a", "node-c"], before)?;
+    eprintln!("re-planned on the survivors: epoch {before} -> {after}");
+    // the other coordinator follows the same plan
+    completion(&d.coord[1], PROMPT, 4, true)?;
+    Ok(())
+}
+
+/// (e) One of the three etcd members killed: serving goes on, and a join still commits.
+#[test]
+fn losing_one_etcd_member_keeps_the_cluster_going() -> anyhow::Result<()> {
+    if skipped() {
+        return Ok(());
+    }
+    let _g = guard();
+    let d = Demo::up("e")?;
+    // node-c goes (a plan of two), then etcd-3 dies, then node-c comes back: a join
+    let three = d.settled(&NODES, 0)?;
+    d.c.compose(&["stop", "-t", "10", "node-c"], Duration::from_secs(60))?;
+    let two = d.settled(&["node-a", "node-b"], three)?;
+    d.c.kill("etcd-3")?;
+    for url in &d.coord {
+        assert!(!completion(url, PROMPT, 4, false)?.is_empty());
+    }
+    let fault = Instant::now();
+    d.c.up(&["node-c"])?;
+    d.settled(&NODES, two)?;
+    eprintln!(
+        "heal: join with an etcd member down committed after {:.1} s",
+        fault.elapsed().as_secs_f64()
+    );
+    completion(&d.coord[0], PROMPT, 4, true)?;
+    Ok(())
+}
+
+/// (f) Every shard node drained with `shard-node leave` and restarted in turn while a client
+/// streams without pause: no request fails.
+#[test]
+fn rolling_restart_fails_no_request() -> anyhow::Result<()> {
+    if skipped() {
+        return Ok(());
+    }
+    let _g = guard();
+    let d = Demo::up("f")?;
+    let mut epoch = d.settled(&NODES, 0)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (url, stop) = (d.coord[0].clone(), stop.clone());
+        std::thread::spawn(move || -> anyhow::Result<usize> {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                completion(&url, PROMPT, 16, true)
+                    .map_err(|e| e.context(format!("request {n} failed")))?;
+                n += 1;
+            }
+            Ok(n)
+        })
+    };
+    for node in NODES {
+        d.c.compose(
+            &[
+                "exec",
+                "-T",
+                node,
+                "shard-node",
+                "leave",
+                "--etcd",
+                "http://etcd-1:2379",
+                "--node",
+                node,
+                "--drain-timeout",
+                "30",
+            ],
+            Duration::from_secs(90),
+        )?;
+        // left and drained: restart it, and it joins again
+        d.c.compose(&["restart", "-t", "10", node], Duration::from_secs(60))?;
+        // it left (a plan without it), then joined again (a plan with it)
+        epoch = d.planned(&NODES, epoch + 1, false)?;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let served = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    assert!(served >= 3, "the client kept streaming ({served} requests)");
+    d.settled(&NODES, epoch - 1)?;
+    Ok(())
+}
