@@ -71,13 +71,23 @@ async fn keep(
     lost: CancellationToken,
     stop: CancellationToken,
 ) {
+    let half = Duration::from_millis(ttl.max(1) as u64 * 500);
     let alive = async {
         let (mut keeper, mut stream) = reg.keep_alive(lease).await?;
         loop {
             keeper.keep_alive().await?;
-            match stream.message().await? {
-                Some(r) if r.ttl() > 0 => {}
-                _ => return Ok::<(), cluster_registry::RegistryError>(()),
+            // Fencing by time: a renewal not answered within half the TTL counts as lost, so
+            // that a leader cut off from etcd stops driving before its lease can expire there
+            // and another coordinator be elected (a stream over a cut connection just waits).
+            let answer = tokio::time::timeout(half, stream.message()).await;
+            match answer {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                Ok(Ok(_)) => return Ok::<(), cluster_registry::RegistryError>(()),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    tracing::warn!(?half, "no answer to the election lease's renewal");
+                    return Ok(());
+                }
             }
             tokio::time::sleep(Duration::from_secs((ttl as u64 / 3).max(1))).await;
         }

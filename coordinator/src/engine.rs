@@ -13,7 +13,7 @@ use proto_types::*;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::cluster::{ctx, rpc, untraced, untraced_ctx, Cluster};
+use crate::cluster::{ctx, rpc, untraced_ctx, Cluster};
 use crate::error::{CoordError, Result};
 use crate::timeouts::TIMEOUTS;
 
@@ -161,6 +161,7 @@ async fn run(
         client: cluster.nodes[0].client()?,
         cluster: &cluster,
         session,
+        quiet: common::telemetry::untraced_span(),
     };
     let params = GenerateParams {
         max_tokens: req.max_tokens,
@@ -192,6 +193,9 @@ struct RemoteChain<'c> {
     cluster: &'c Cluster,
     client: ShardNodeClient,
     session: SessionId,
+    /// The one `untraced` span of the request's steps left out of its trace (made once: a
+    /// span per step cost the exporter's layer a span to build and drop every token).
+    quiet: tracing::Span,
 }
 
 impl StageChain for RemoteChain<'_> {
@@ -217,7 +221,10 @@ impl StageChain for RemoteChain<'_> {
         let reply = if sampled {
             self.client.forward(ctx(TIMEOUTS.step), req).await
         } else {
-            untraced(self.client.forward(untraced_ctx(TIMEOUTS.step), req)).await
+            self.client
+                .forward(untraced_ctx(TIMEOUTS.step), req)
+                .instrument(self.quiet.clone())
+                .await
         };
         let reply = rpc(addr, reply)?;
         match reply.outputs.into_iter().next() {

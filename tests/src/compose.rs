@@ -79,6 +79,29 @@ pub fn build_images() -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
 }
 
+/// The OTLP receiver (`otlp-sink --print`) as the image `llm-cluster/otlp-sink`, standing in
+/// for Jaeger (tests/fixtures/otlp-sink.Dockerfile); built once per run.
+pub fn build_sink_image() -> anyhow::Result<()> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let built = (|| {
+                let bin = crate::shard_node_bin().with_file_name("otlp-sink");
+                anyhow::ensure!(bin.exists(), "{} is missing", bin.display());
+                let ctx = tempfile::tempdir()?;
+                std::fs::copy(&bin, ctx.path().join("otlp-sink"))?;
+                let mut cmd = Command::new("docker");
+                cmd.args(["build", "-q", "-t", "llm-cluster/otlp-sink:latest", "-f"])
+                    .arg(workspace_root().join("tests/fixtures/otlp-sink.Dockerfile"))
+                    .arg(ctx.path());
+                run(cmd, Duration::from_secs(300)).map(|_| ())
+            })();
+            built.map_err(|e| format!("building the otlp-sink image: {e}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 /// A running compose project.
 pub struct Compose {
     project: String,

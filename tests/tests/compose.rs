@@ -28,25 +28,67 @@ fn skipped() -> bool {
 struct Demo {
     c: Compose,
     coord: [String; 2],
+    /// Every epoch a node was seen serving.
+    seen: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl Demo {
     fn up(name: &str) -> anyhow::Result<Self> {
         build_images()?;
-        let c = Compose::new(
+        Self::start(Compose::new(
             name,
             &["cluster-configs/compose.yml"],
             &[("HTTP_PORT_1", "0"), ("HTTP_PORT_2", "0")],
-        );
+        ))
+    }
+
+    fn start(c: Compose) -> anyhow::Result<Self> {
         c.up(&[])?;
         let coord = [c.url("coordinator-1", 8080)?, c.url("coordinator-2", 8080)?];
-        let d = Demo { c, coord };
+        let d = Demo {
+            c,
+            coord,
+            seen: Mutex::default(),
+        };
         for url in &d.coord {
             eventually(Duration::from_secs(120), || completion(url, "Hi", 2, false))
                 .map_err(|e| e.context(d.c.logs("coordinator-1")))?;
         }
         d.settled(&NODES, 0)?;
         Ok(d)
+    }
+
+    /// The decision etcd holds for `epoch` (through etcd-1, or etcd-2 if it is down).
+    fn decision(
+        &self,
+        epoch: u64,
+    ) -> anyhow::Result<Option<proto_types::registry::DecisionRecord>> {
+        let urls = format!(
+            "{},{}",
+            self.c.url("etcd-1", 2379)?,
+            self.c.url("etcd-2", 2379)?
+        );
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let r = cluster_registry::Registry::connect(&urls, "llm").await?;
+                Ok(r.decision(proto_types::PlanEpoch(epoch)).await?)
+            })
+    }
+
+    /// Every epoch a node was seen serving was committed in etcd first.
+    fn only_committed_epochs_served(&self) -> anyhow::Result<()> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for e in seen {
+            let d = self.decision(e)?;
+            anyhow::ensure!(
+                d.as_ref()
+                    .is_some_and(|d| d.decision == proto_types::registry::Decision::Commit),
+                "a node served epoch {e}, whose decision in etcd is {d:?}"
+            );
+        }
+        Ok(())
     }
 
     fn node_url(&self, node: &str) -> anyhow::Result<String> {
@@ -79,6 +121,10 @@ impl Demo {
                     "{n} holds {h:?} (waiting for an epoch after {after})"
                 );
                 epochs.push(h.epoch);
+                self.seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(h.epoch);
             }
             epochs.dedup();
             anyhow::ensure!(epochs.len() == 1, "nodes on epochs {epochs:?}");
@@ -228,5 +274,160 @@ fn rolling_restart_fails_no_request() -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     assert!(served >= 3, "the client kept streaming ({served} requests)");
     d.settled(&NODES, epoch - 1)?;
+    Ok(())
+}
+
+/// (c) A node cut off the network for longer than its registration's TTL: planned around as
+/// if killed. Back on the network it registers again, the plan is redone once more, and it
+/// holds exactly one slice. No node ever serves an epoch that etcd has not committed.
+#[test]
+fn partitioned_node_is_planned_around_and_rejoins() -> anyhow::Result<()> {
+    if skipped() {
+        return Ok(());
+    }
+    let _g = guard();
+    let d = Demo::up("c")?;
+    let before = d.settled(&NODES, 0)?;
+    let fault = Instant::now();
+    d.c.disconnect("node-c")?;
+    let healed = d.heal(&d.coord[0], fault)?;
+    let two = d.settled(&["node-a", "node-b"], before)?;
+    eprintln!("heal: node cut off -> first success after {healed:.1} s (epoch {before} -> {two})");
+    // well past the TTL (4 s) and the plan owner's lease (5 s): its slice is freed
+    std::thread::sleep(Duration::from_secs(6));
+    let back = Instant::now();
+    d.c.reconnect("node-c")?;
+    let three = d.settled(&NODES, two)?;
+    eprintln!(
+        "heal: node reconnected -> planned back in after {:.1} s (epoch {three})",
+        back.elapsed().as_secs_f64()
+    );
+    for url in &d.coord {
+        completion(url, PROMPT, 4, true)?;
+    }
+    d.settled(&NODES, two)?;
+    d.only_committed_epochs_served()
+}
+
+/// (d) The 2PC leader cut off from etcd: the other coordinator wins the election and drives
+/// the next plan; the cut-off one drives nothing; every node stays on one epoch.
+#[test]
+fn cut_off_leader_hands_the_2pc_over() -> anyhow::Result<()> {
+    if skipped() {
+        return Ok(());
+    }
+    let _g = guard();
+    let d = Demo::up("d")?;
+    let before = d.settled(&NODES, 0)?;
+    let leader = d
+        .decision(before)?
+        .map(|r| r.by)
+        .ok_or_else(|| anyhow::anyhow!("no decision for epoch {before}"))?;
+    let (cut, other, other_url) = if leader.starts_with("coordinator-1") {
+        ("coordinator-1", "coordinator-2", d.coord[1].clone())
+    } else {
+        ("coordinator-2", "coordinator-1", d.coord[0].clone())
+    };
+    let fault = Instant::now();
+    d.c.disconnect(cut)?;
+    // the survivor leads once the cut-off one's election lease (4 s) has expired
+    eventually(Duration::from_secs(60), || {
+        anyhow::ensure!(
+            d.c.logs(other).contains("elected the 2PC driver"),
+            "{other} not elected yet"
+        );
+        Ok(())
+    })?;
+    eprintln!(
+        "heal: leader cut off -> {other} elected after {:.1} s",
+        fault.elapsed().as_secs_f64()
+    );
+    // a change of membership: the new leader plans it
+    let kill = Instant::now();
+    d.c.kill("node-c")?;
+    let after = d.settled(&["node-a", "node-b"], before)?;
+    let healed = d.heal(&other_url, kill)?;
+    eprintln!("heal: node killed under the new leader -> first success after {healed:.1} s");
+    let by = d.decision(after)?.map(|r| r.by).unwrap_or_default();
+    assert!(
+        by.starts_with(other),
+        "epoch {after} decided by {by}, not {other}"
+    );
+    // back on the network, the old leader follows; nothing moves
+    d.c.reconnect(cut)?;
+    std::thread::sleep(Duration::from_secs(5));
+    let now = d.settled(&["node-a", "node-b"], before)?;
+    if now != after {
+        let by = d.decision(now)?;
+        panic!(
+            "epoch {after} -> {now} after the old leader came back, decided {by:?}\n{}\n{}",
+            d.c.logs(cut),
+            d.c.logs(other)
+        );
+    }
+    d.only_committed_epochs_served()
+}
+
+/// (h) With the `tracing` profile, Jaeger replaced by the test harness's OTLP receiver (as an
+/// image): one request, sent with a known `traceparent`, yields one trace with spans from the
+/// coordinator's container and from every node's.
+#[test]
+fn compose_exports_one_trace_per_request() -> anyhow::Result<()> {
+    if skipped() {
+        return Ok(());
+    }
+    let _g = guard();
+    build_images()?;
+    integration_tests::compose::build_sink_image()?;
+    let c = Compose::new(
+        "h",
+        &["cluster-configs/compose.yml"],
+        &[
+            ("HTTP_PORT_1", "0"),
+            ("HTTP_PORT_2", "0"),
+            ("JAEGER_IMAGE", "llm-cluster/otlp-sink:latest"),
+            ("JAEGER_UI_PORT", "0"),
+            ("JAEGER_OTLP_PORT", "0"),
+            ("OTLP_ENDPOINT", "http://jaeger:4317"),
+        ],
+    )
+    .profile("tracing");
+    let d = Demo::start(c)?;
+    const TRACE: &str = "5b8efff798038103d269b633813fc60c";
+    let body = serde_json::json!({"prompt": PROMPT, "max_tokens": 8, "temperature": 0});
+    let (code, text) = integration_tests::post_with(
+        &format!("{}/v1/completions", d.coord[0]),
+        &body.to_string(),
+        &[("traceparent", &format!("00-{TRACE}-eee19b7ec3c1b174-01"))],
+    )?;
+    assert_eq!(code, 200, "{text}");
+    let sink = d.c.container("jaeger")?;
+    let instances = eventually(Duration::from_secs(30), || {
+        let logs = Compose::docker(&["logs", &sink])?;
+        let mut who = std::collections::BTreeSet::new();
+        for line in logs.lines().filter(|l| l.starts_with('{')) {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            if v["trace_id"] == TRACE {
+                who.insert(format!(
+                    "{}/{}",
+                    v["service"].as_str().unwrap_or_default(),
+                    v["instance"].as_str().unwrap_or_default()
+                ));
+            }
+        }
+        let want = [
+            "coordinator/coordinator-1",
+            "shard-node/node-a",
+            "shard-node/node-b",
+            "shard-node/node-c",
+        ];
+        anyhow::ensure!(
+            want.iter().all(|w| who.contains(*w)),
+            "the trace has spans from {who:?}"
+        );
+        Ok(who)
+    })?;
+    eprintln!("trace {TRACE}: spans from {instances:?}");
+    d.settled(&NODES, 0)?;
     Ok(())
 }
