@@ -10,10 +10,10 @@ out=/var/lib/llm-cluster/certs
 cp "$ca/ca.pem" "$out/ca.pem"
 for n in ${NODES:-node-a node-b node-c}; do
   # a node's certificate names every address it is dialed at: its service name, and the
-  # host's address where another host dials it (ADVERTISE_HOST)
-  extra=""
-  [ -n "${ADVERTISE_HOST:-}" ] && extra="--san $ADVERTISE_HOST"
-  [ -f "$out/$n.pem" ] || coordinator certs issue --ca "$ca" --role node --name "$n" $extra --out "$out"
+  # addresses of the hosts where other hosts dial it (ADVERTISE_HOST, space-separated)
+  set -- --ca "$ca" --role node --name "$n" --out "$out"
+  for h in ${ADVERTISE_HOST:-}; do set -- "$@" --san "$h"; done
+  [ -f "$out/$n.pem" ] || coordinator certs issue "$@"
 done
 for c in ${COORDINATORS:-coordinator-1 coordinator-2}; do
   [ -f "$out/$c.pem" ] || coordinator certs issue --ca "$ca" --role coordinator --name "$c" --out "$out"

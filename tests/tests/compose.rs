@@ -431,3 +431,104 @@ fn compose_exports_one_trace_per_request() -> anyhow::Result<()> {
     d.settled(&NODES, 0)?;
     Ok(())
 }
+
+/// This host's address as containers on any network reach it (where published ports are).
+fn host_address() -> anyhow::Result<String> {
+    let out = std::process::Command::new("hostname").arg("-I").output()?;
+    String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .find(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("no IPv4 address for this host"))
+}
+
+/// (g) Multi-host: the control compose and a node compose as two projects on separate
+/// networks that reach each other only through this host's published ports, the nodes
+/// advertising that address. It serves, and survives a restart of the node project.
+#[test]
+fn control_and_node_hosts_serve_through_published_ports() -> anyhow::Result<()> {
+    if skipped() {
+        return Ok(());
+    }
+    let _g = guard();
+    build_images()?;
+    let host = host_address()?;
+    let port = || integration_tests::free_port().map(|p| p.to_string());
+    let (e1, e2, e3, n1, n2) = (port()?, port()?, port()?, port()?, port()?);
+    let etcd_ports = [
+        ("ETCD_PORT_1", e1.as_str()),
+        ("ETCD_PORT_2", e2.as_str()),
+        ("ETCD_PORT_3", e3.as_str()),
+    ];
+    let mut env = vec![
+        ("CONTROL_HOST", host.as_str()),
+        ("NODE_HOSTS", host.as_str()),
+        ("NODES", "h1-cpu0 h1-cpu1"),
+        ("HTTP_PORT_1", "0"),
+        ("HTTP_PORT_2", "0"),
+    ];
+    env.extend(etcd_ports);
+    let control = Compose::new("gc", &["cluster-configs/compose.control.yml"], &env);
+    control.up(&[])?;
+    // the node host gets the certificates the control host issued (an operator copies them)
+    let certs = tempfile::tempdir()?;
+    let from = format!(
+        "{}:/var/lib/llm-cluster/certs/.",
+        control.container("certs")?
+    );
+    Compose::docker(&["cp", &from, &certs.path().display().to_string()])?;
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "65532:65532"])
+        .arg(certs.path())
+        .status()?;
+    anyhow::ensure!(chown.success(), "chown of the copied certificates");
+    let certs_dir = certs.path().display().to_string();
+    let mut env = vec![
+        ("CONTROL_HOST", host.as_str()),
+        ("NODE_HOST", host.as_str()),
+        ("CERTS_DIR", certs_dir.as_str()),
+        ("NODE_PORT_1", n1.as_str()),
+        ("NODE_PORT_2", n2.as_str()),
+    ];
+    env.extend(etcd_ports);
+    let nodes = Compose::new("gn", &["cluster-configs/compose.cpu-node.yml"], &env);
+    nodes.up(&[])?;
+    let url = control.url("coordinator-1", 8080)?;
+    let want = generate(&default_model(), PROMPT, 8)?;
+    let got = eventually(Duration::from_secs(120), || {
+        completion(&url, PROMPT, 8, false)
+    })
+    .map_err(|e| {
+        e.context(format!(
+            "{}\n{}",
+            control.logs("coordinator-1"),
+            nodes.logs("cpu0")
+        ))
+    })?;
+    assert_eq!(got, want);
+    let fault = Instant::now();
+    nodes.compose(&["restart", "-t", "10"], Duration::from_secs(120))?;
+    eventually(Duration::from_secs(120), || {
+        completion(&url, PROMPT, 8, false)
+    })?;
+    eprintln!(
+        "heal: node host restarted -> first success after {:.1} s",
+        fault.elapsed().as_secs_f64()
+    );
+    let url2 = control.url("coordinator-2", 8080)?;
+    assert_eq!(completion(&url2, PROMPT, 8, true)?, want);
+    // both nodes hold one slice of the same committed plan and nothing else
+    eventually(Duration::from_secs(60), || {
+        let a = held(&nodes.url("cpu0", 9100)?)?;
+        let b = held(&nodes.url("cpu1", 9100)?)?;
+        anyhow::ensure!(
+            a.weight_leases == 1
+                && a == b
+                && a.sessions == 0
+                && a.prepared == 0
+                && a.transient == 0,
+            "nodes hold {a:?} and {b:?}"
+        );
+        Ok(())
+    })
+}
