@@ -215,6 +215,9 @@ fn losing_one_etcd_member_keeps_the_cluster_going() -> anyhow::Result<()> {
     let fault = Instant::now();
     d.c.up(&["node-c"])?;
     d.settled(&NODES, two)?;
+    if std::env::var_os("LLMC_COMPOSE_LOGS").is_some() {
+        eprintln!("{}\n{}", d.c.logs("node-c"), d.c.logs("coordinator-1"));
+    }
     eprintln!(
         "heal: join with an etcd member down committed after {:.1} s",
         fault.elapsed().as_secs_f64()
