@@ -31,6 +31,9 @@ use proto_types::registry::*;
 use proto_types::PlanEpoch;
 use serde::de::DeserializeOwned;
 
+/// gRPC's status code `UNAVAILABLE`.
+const GRPC_UNAVAILABLE: i32 = 14;
+
 /// A connection to etcd, scoped to one cluster's keys.
 #[derive(Clone)]
 pub struct Registry {
@@ -98,13 +101,13 @@ impl Registry {
             .with_timeout(std::time::Duration::from_secs(5));
         let client = Client::connect(urls.clone(), Some(opts)).await?;
         let election = Client::connect(urls, Some(waiting)).await?;
-        let mut r = Registry {
+        let r = Registry {
             client,
             election,
             cluster: cluster.to_string(),
         };
         // Fail now, not at the first use, when nothing answers.
-        r.client.status().await?;
+        r.read(|mut c| async move { c.status().await }).await?;
         Ok(r)
     }
 
@@ -118,8 +121,32 @@ impl Registry {
         format!("/{}/{rest}", self.cluster)
     }
 
+    /// A read, tried up to three times while the call is `Unavailable`: the client spreads
+    /// calls over the endpoints, and one that is down (a lost member, whose name may no
+    /// longer resolve) fails the calls sent to it though the others answer.
+    async fn read<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let mut tries = 0;
+        loop {
+            match f(self.client.clone()).await {
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if tries < 2 && i32::from(s.code()) == GRPC_UNAVAILABLE =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                r => return Ok(r?),
+            }
+        }
+    }
+
     async fn get_one(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
-        let r = self.client.clone().get(key, None).await?;
+        let r = self
+            .read(|mut c| async move { c.get(key, None).await })
+            .await?;
         Ok(r.kvs()
             .first()
             .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
@@ -127,9 +154,7 @@ impl Registry {
 
     async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let r = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .read(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
             .await?;
         Ok(r.kvs()
             .iter()
