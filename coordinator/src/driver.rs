@@ -123,14 +123,19 @@ async fn drive(cfg: &DriverConfig, serving: &Serving, lost: &CancellationToken) 
             _ = lost.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let ((members, bad), leaving, plan) =
-            match futures::try_join!(reg.members(), reg.leaving(), reg.plan()) {
-                Ok(x) => x,
-                Err(e) => {
-                    complaint.error(format!("not re-planning: {e}"));
-                    continue;
-                }
-            };
+        // Reads that outlast the leadership (a call stuck on a cut connection, answered when
+        // it heals) must not lead to a plan: they are dropped when the lease is lost.
+        let read = tokio::select! {
+            r = async { futures::try_join!(reg.members(), reg.leaving(), reg.plan()) } => r,
+            _ = lost.cancelled() => return,
+        };
+        let ((members, bad), leaving, plan) = match read {
+            Ok(x) => x,
+            Err(e) => {
+                complaint.error(format!("not re-planning: {e}"));
+                continue;
+            }
+        };
         if !bad.is_empty() {
             bad_members.error(format!("ignoring node records: {}", bad.join("; ")));
         }
@@ -191,6 +196,9 @@ async fn drive(cfg: &DriverConfig, serving: &Serving, lost: &CancellationToken) 
             }
         }
         let rev = plan.as_ref().map_or(0, |p| p.1);
+        if lost.is_cancelled() {
+            return;
+        }
         tracing::info!(nodes = ?key, "membership changed: re-planning");
         match cfg.twopc.apply(&desired, rev).await {
             Ok(c) => {

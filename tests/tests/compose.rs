@@ -189,11 +189,11 @@ fn killed_node_is_planned_around() -> anyhow::Result<()> {
     assert!(err.to_string().contains("error event"), "{err}");
     let healed = d.heal(&d.coord[0], fault)?;
     eprintln!("heal: node killed -> first success after {healed:.1} s");
-    let after = d.settled(&["node-a", "node-c"], before)?;
-    eprintln!("re-planned on the survivors: epoch {before} -> {after}");
     // the other coordinator follows the same plan
     completion(&d.coord[1], PROMPT, 4, true)?;
-    Ok(())
+    let after = d.settled(&["node-a", "node-c"], before)?;
+    eprintln!("re-planned on the survivors: epoch {before} -> {after}");
+    d.only_committed_epochs_served()
 }
 
 /// (e) One of the three etcd members killed: serving goes on, and a join still commits.
@@ -223,7 +223,8 @@ fn losing_one_etcd_member_keeps_the_cluster_going() -> anyhow::Result<()> {
         fault.elapsed().as_secs_f64()
     );
     completion(&d.coord[0], PROMPT, 4, true)?;
-    Ok(())
+    d.settled(&NODES, two)?;
+    d.only_committed_epochs_served()
 }
 
 /// (f) Every shard node drained with `shard-node leave` and restarted in turn while a client
