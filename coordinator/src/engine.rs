@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use crate::cluster::{ctx, rpc, untraced_ctx, Cluster};
 use crate::error::{CoordError, Result};
+use crate::serving::Serving;
 use crate::timeouts::TIMEOUTS;
 
 /// What a request asks for, already tokenized.
@@ -89,7 +90,13 @@ impl Drop for SessionGuard {
 /// Starts generating; events arrive on the returned channel. Dropping the receiver stops the
 /// generation and frees the session on every stage. `admitted` is called once the session is
 /// open on every stage.
+///
+/// A request whose admission fails on `cluster` while `serving` has meanwhile moved to a newer
+/// plan is admitted again on that plan, once: a coordinator that follows the plans learns of a
+/// commit a moment after the nodes, and a node leaving the old plan refuses new sessions on it
+/// as soon as its last one ends. Nothing has been streamed then, so the client sees no failure.
 pub fn start(
+    serving: Arc<Serving>,
     cluster: Arc<Cluster>,
     tok: Arc<TextTokenizer>,
     req: GenRequest,
@@ -100,7 +107,20 @@ pub fn start(
     // In the request's span: the RPCs to the nodes carry its trace.
     tokio::spawn(
         async move {
-            if let Err(e) = run(cluster, &tok, req, &tx, admitted).await {
+            let mut admitted = Some(admitted);
+            let epoch = cluster.epoch;
+            let mut r = run(cluster, &tok, req.clone(), &tx, || {
+                if let Some(a) = admitted.take() {
+                    a();
+                }
+            })
+            .await;
+            let newer = serving.current().ok().filter(|c| c.epoch > epoch);
+            if let (Err(e), Some(newer), Some(a)) = (&r, newer, admitted.take()) {
+                tracing::info!(%epoch, newer = %newer.epoch, "admission failed on an old plan ({e}); admitting on the new one");
+                r = run(newer, &tok, req, &tx, a).await;
+            }
+            if let Err(e) = r {
                 let _ = tx.send(GenEvent::Error(e)).await;
             }
         }

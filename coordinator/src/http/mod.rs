@@ -266,7 +266,14 @@ async fn serve(
         let t = trace.clone();
         move || t.admitted()
     };
-    let mut rx = engine::start(cluster, st.tok.clone(), g, trace.span.clone(), admitted);
+    let mut rx = engine::start(
+        st.serving.clone(),
+        cluster,
+        st.tok.clone(),
+        g,
+        trace.span.clone(),
+        admitted,
+    );
     if stream {
         let model = st.model_id.clone();
         let s = async_stream(move |tx| async move {
