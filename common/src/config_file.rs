@@ -112,28 +112,34 @@ pub fn layer(cmd: &Command, argv: Vec<OsString>) -> Result<Layered> {
     Ok(Layered { argv: out, origins })
 }
 
+/// Why a command line with its config file did not parse.
+#[derive(Debug)]
+pub enum Refused {
+    /// The file could not be read, or a key of it is refused (the message names the line).
+    File(String),
+    /// Clap's own verdict on the command line (also `--help` and `--version`).
+    Args(clap::Error),
+}
+
+/// Parses `argv` with the file of `--config` laid under it.
+pub fn try_parse_from<P: clap::Parser>(argv: Vec<OsString>) -> std::result::Result<P, Refused> {
+    let layered = layer(&P::command(), argv).map_err(|e| Refused::File(e.to_string()))?;
+    P::try_parse_from(&layered.argv).map_err(|e| match layered.explain(&e) {
+        Some(m) => Refused::File(m),
+        None => Refused::Args(e),
+    })
+}
+
 /// Parses this process's command line, with the file of `--config` laid under it; exits
 /// with clap's usual message (or one naming the file's line) when it does not parse.
 pub fn parse<P: clap::Parser>() -> P {
-    let argv: Vec<OsString> = std::env::args_os().collect();
-    let cmd = P::command();
-    let bin = cmd.get_name().to_string();
-    let layered = match layer(&cmd, argv) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("{bin}: error: {e}");
+    match try_parse_from::<P>(std::env::args_os().collect()) {
+        Ok(p) => p,
+        Err(Refused::Args(e)) => e.exit(),
+        Err(Refused::File(m)) => {
+            eprintln!("{}: error: {m}", P::command().get_name());
             std::process::exit(2);
         }
-    };
-    match P::try_parse_from(&layered.argv) {
-        Ok(p) => p,
-        Err(e) => match layered.explain(&e) {
-            Some(m) => {
-                eprintln!("{bin}: error: {m}");
-                std::process::exit(2);
-            }
-            None => e.exit(),
-        },
     }
 }
 
@@ -283,7 +289,7 @@ mod tests {
         },
     }
 
-    fn parse(file: &str, args: &[&str]) -> Result<std::result::Result<Tool, String>> {
+    fn parse(file: &str, args: &[&str]) -> std::result::Result<Tool, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("serve.toml");
         std::fs::write(&path, file).expect("write");
@@ -293,13 +299,10 @@ mod tests {
             .collect();
         argv.push(path.clone().into());
         argv.extend(args.iter().map(OsString::from));
-        let layered = layer(&<Tool as clap::CommandFactory>::command(), argv)?;
-        Ok(Tool::try_parse_from(&layered.argv).map_err(|e| {
-            layered
-                .explain(&e)
-                .map(|m| m.replace(&path.display().to_string(), "FILE"))
-                .unwrap_or_else(|| e.to_string())
-        }))
+        try_parse_from::<Tool>(argv).map_err(|e| match e {
+            Refused::File(m) => m.replace(&path.display().to_string(), "FILE"),
+            Refused::Args(e) => e.to_string(),
+        })
     }
 
     fn serve(t: Tool) -> (std::net::SocketAddr, PathBuf, Vec<String>, bool, usize) {
@@ -317,7 +320,7 @@ mod tests {
     #[test]
     fn keys_fill_flags_and_flags_win() {
         let file = "listen = \"0.0.0.0:9000\"\nmodel = \"m.gguf\"\nnodes = [\"a:1\", \"b:2\"]\nquiet = true\nmax-sessions = 8\n";
-        let t = serve(parse(file, &[]).expect("layer").expect("parse"));
+        let t = serve(parse(file, &[]).expect("parse"));
         assert_eq!(
             t,
             (
@@ -340,34 +343,24 @@ mod tests {
                     "2",
                 ],
             )
-            .expect("layer")
             .expect("parse"),
         );
         assert_eq!(t.0, "127.0.0.1:1".parse().expect("addr"));
         assert_eq!(t.2, vec!["c:3".to_string()]);
         assert_eq!(t.4, 2);
         // what neither gives keeps clap's default
-        let t = serve(
-            parse("model = \"m.gguf\"\n", &[])
-                .expect("layer")
-                .expect("parse"),
-        );
+        let t = serve(parse("model = \"m.gguf\"\n", &[]).expect("parse"));
         assert_eq!(t.0, "127.0.0.1:7070".parse().expect("addr"));
         assert!(!t.3);
         // a required flag may come from the file alone, or from the command line alone
-        let t = serve(
-            parse("", &["--model", "x.gguf"])
-                .expect("layer")
-                .expect("parse"),
-        );
+        let t = serve(parse("", &["--model", "x.gguf"]).expect("parse"));
         assert_eq!(t.1, PathBuf::from("x.gguf"));
     }
 
     fn refusal(file: &str) -> String {
         match parse(file, &[]) {
-            Err(Error::Config(m)) => m,
-            Ok(Err(m)) => m,
-            other => panic!("expected a refusal, got {other:?}"),
+            Err(m) => m,
+            Ok(t) => panic!("expected a refusal, got {t:?}"),
         }
     }
 

@@ -87,14 +87,19 @@ impl Drop for SessionGuard {
     }
 }
 
+/// How long a request refused for an old epoch waits for this coordinator to learn of the
+/// newer plan (it follows etcd; the nodes hear of a commit first).
+const EPOCH_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Starts generating; events arrive on the returned channel. Dropping the receiver stops the
 /// generation and frees the session on every stage. `admitted` is called once the session is
 /// open on every stage.
 ///
-/// A request whose admission fails on `cluster` while `serving` has meanwhile moved to a newer
-/// plan is admitted again on that plan, once: a coordinator that follows the plans learns of a
-/// commit a moment after the nodes, and a node leaving the old plan refuses new sessions on it
-/// as soon as its last one ends. Nothing has been streamed then, so the client sees no failure.
+/// A request whose admission fails on `cluster` while `serving` has moved, or is about to
+/// move, to a newer plan is admitted again on that plan, once: a node that has committed a
+/// newer plan refuses new sessions on the old one, and a coordinator that follows the plans
+/// learns of the commit a moment after the nodes. Nothing has been streamed then, so the
+/// client sees no failure.
 pub fn start(
     serving: Arc<Serving>,
     cluster: Arc<Cluster>,
@@ -115,10 +120,18 @@ pub fn start(
                 }
             })
             .await;
-            let newer = serving.current().ok().filter(|c| c.epoch > epoch);
-            if let (Err(e), Some(newer), Some(a)) = (&r, newer, admitted.take()) {
-                tracing::info!(%epoch, newer = %newer.epoch, "admission failed on an old plan ({e}); admitting on the new one");
-                r = run(newer, &tok, req, &tx, a).await;
+            if let (Err(e), Some(a)) = (&r, admitted.take()) {
+                // A node that has committed a newer plan refuses sessions on this one: this
+                // coordinator hears of the commit a moment later, so it waits for it then.
+                let wait = if matches!(e, CoordError::Shard { err, .. } if err.code == ErrorCode::EpochMismatch) {
+                    EPOCH_CATCH_UP
+                } else {
+                    std::time::Duration::ZERO
+                };
+                if let Some(newer) = serving.newer_than(epoch, wait).await {
+                    tracing::info!(%epoch, newer = %newer.epoch, "admission failed on an old plan ({e}); admitting on the new one");
+                    r = run(newer, &tok, req, &tx, a).await;
+                }
             }
             if let Err(e) = r {
                 let _ = tx.send(GenEvent::Error(e)).await;

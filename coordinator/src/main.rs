@@ -299,7 +299,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
     use coordinator::config::Membership;
     use std::ffi::OsString;
 
@@ -309,8 +308,9 @@ mod tests {
         let mut argv: Vec<OsString> = vec!["coordinator".into(), "serve".into(), "--config".into()];
         argv.push(path.into());
         argv.extend(args.iter().map(OsString::from));
-        let layered = common::config_file::layer(&Cli::command(), argv).expect(file);
-        match Cli::try_parse_from(&layered.argv).expect(file).command {
+        let cli = common::config_file::try_parse_from::<Cli>(argv)
+            .unwrap_or_else(|e| panic!("{file}: {e:?}"));
+        match cli.command {
             Command::Serve(a) => {
                 assert!(a.tls.tls_ca.is_some() || file.starts_with("local/"));
                 (*a).into()
@@ -350,7 +350,6 @@ mod tests {
             .iter()
             .map(OsString::from)
             .collect();
-        let layered = common::config_file::layer(&Cli::command(), argv).expect("layer");
-        assert!(Cli::try_parse_from(&layered.argv).is_err());
+        assert!(common::config_file::try_parse_from::<Cli>(argv).is_err());
     }
 }

@@ -14,6 +14,8 @@ use crate::error::{CoordError, Result};
 #[derive(Debug, Default)]
 pub struct Serving {
     current: RwLock<Option<Arc<Cluster>>>,
+    /// Woken at every replacement.
+    replaced: tokio::sync::Notify,
     /// Apart from the process's shutdown: requests still draining after a shutdown signal
     /// need their leases on the nodes until they end.
     heartbeats: CancellationToken,
@@ -46,7 +48,31 @@ impl Serving {
         c.spawn_heartbeats(stop.clone());
         tracing::info!(epoch = %c.epoch, stages = c.nodes.len(), "serving plan");
         *slot = Some(c);
+        drop(slot);
+        self.replaced.notify_waiters();
         true
+    }
+
+    /// The plan served once it is newer than `epoch`, waiting for it up to `within`; `None`
+    /// if none came.
+    pub async fn newer_than(
+        &self,
+        epoch: PlanEpoch,
+        within: std::time::Duration,
+    ) -> Option<Arc<Cluster>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // registered before the check, so that a replacement in between is not missed
+            let replaced = self.replaced.notified();
+            tokio::pin!(replaced);
+            replaced.as_mut().enable();
+            if let Some(c) = self.current().ok().filter(|c| c.epoch > epoch) {
+                return Some(c);
+            }
+            if tokio::time::timeout_at(deadline, replaced).await.is_err() {
+                return None;
+            }
+        }
     }
 
     /// Ends the heartbeats: the last step of a shutdown, once no request runs any more.

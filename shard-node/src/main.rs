@@ -229,7 +229,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
     use std::ffi::OsString;
 
     /// `shard-node serve --config FILE ARGS...` as main parses it.
@@ -238,8 +237,9 @@ mod tests {
         let mut argv: Vec<OsString> = vec!["shard-node".into(), "serve".into(), "--config".into()];
         argv.push(path.into());
         argv.extend(args.iter().map(OsString::from));
-        let layered = common::config_file::layer(&Cli::command(), argv).expect(file);
-        match Cli::try_parse_from(&layered.argv).expect(file).command {
+        let cli = common::config_file::try_parse_from::<Cli>(argv)
+            .unwrap_or_else(|e| panic!("{file}: {e:?}"));
+        match cli.command {
             Command::Serve(o) => *o,
             other => panic!("{other:?}"),
         }

@@ -230,7 +230,7 @@ impl Compose {
     /// The last lines of `service`'s log, for failure messages.
     pub fn logs(&self, service: &str) -> String {
         self.compose(
-            &["logs", "--no-color", "--tail", "40", service],
+            &["logs", "--no-color", "--tail", "80", service],
             Duration::from_secs(30),
         )
         .unwrap_or_else(|e| e.to_string())
