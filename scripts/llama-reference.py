@@ -4,10 +4,13 @@
 For each prompt: the exact prompt token ids llama.cpp makes (special tokens parsed, BOS as the
 model asks), then greedy decode step by step, recording each chosen id and the top-2 logit
 margin at that step. Chat prompts are rendered with the model's own template (jinja2, as
-llama-cpp-python does), and the rendered text is stored so the Rust side can compare it.
+llama-cpp-python does), or, for a file without one (Gemma 3 270M), with llama.cpp's built-in
+format for its architecture; the rendered text is stored so the Rust side can compare it.
+The `tokenize` list holds llama.cpp's ids for strings that probe the tokenizer alone.
 
     pip install llama-cpp-python jinja2
     scripts/llama-reference.py [MODEL] [OUT]
+    scripts/llama-reference.py models/gemma-3-270m-q4_k_m.gguf tests/fixtures/gemma3_reference.json
 """
 import json
 import sys
@@ -35,11 +38,54 @@ CASES = [
 ]
 
 
+# Strings for the tokenizer alone: Unicode, runs of spaces and newlines, code, special tokens.
+TOKENIZE = [
+    "Hello world",
+    " leading space",
+    "two  spaces and   three",
+    "tabs\tand\t\ttabs",
+    "line one\nline two\n\n\nafter three newlines",
+    "trailing spaces   ",
+    "\n\n",
+    "naïve café, Zürich, São Paulo",
+    "日本語のテキストと中文文本",
+    "Emoji: 🙂🚀👍🏽 and ❤️",
+    "Привет, как дела?",
+    "مرحبا بالعالم",
+    "def f(x):\n    return x ** 2  # square\n",
+    "for (int i = 0; i < n; ++i) { sum += a[i]; }",
+    "{\"key\": [1, 2.5, -3e10], \"nested\": {\"a\": null}}",
+    "https://example.com/path?q=1&r=two#frag",
+    "1234567890 3.14159 1,000,000",
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+    "<bos>text after a bos",
+    "unknown <unused0> token and <end_of_turn> inside",
+    "MiXeD CaSe WoRdS and ALLCAPS",
+    "a" * 64,
+    "    indented with four spaces",
+]
+
+
+def builtin_chat(llm, text):
+    """llama.cpp's own turn format for the architecture, for a file without a template."""
+    arch = llm.metadata["general.architecture"]
+    name = {"gemma3": b"gemma", "gemma2": b"gemma", "gemma": b"gemma"}[arch]
+    msgs = (llama_cpp.llama_chat_message * 1)()
+    msgs[0].role = b"user"
+    msgs[0].content = text.encode()
+    buf = llama_cpp.ctypes.create_string_buffer(1 << 16)
+    n = llama_cpp.llama_chat_apply_template(name, msgs, 1, True, buf, len(buf))
+    assert 0 < n < len(buf), n
+    return buf.raw[:n].decode()
+
+
 def render_chat(llm, text):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     meta = llm.metadata
-    template = meta["tokenizer.chat_template"]
+    template = meta.get("tokenizer.chat_template")
+    if template is None:
+        return builtin_chat(llm, text)
     vocab = llm._model.vocab
 
     def tok_text(key):
@@ -82,6 +128,8 @@ def main():
                              "text": llm.detokenize([t for t in gen if t not in eog]).decode("utf-8", "replace")})
         print(f"{case['prompt'][:40]!r}: {len(ids)} prompt ids, {len(gen)} generated, "
               f"min margin {min(margins):.3f}", file=sys.stderr)
+    out["tokenize"] = [{"text": t, "ids": llm.tokenize(t.encode(), add_bos=add_bos, special=True)}
+                       for t in TOKENIZE]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {OUT}", file=sys.stderr)

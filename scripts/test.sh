@@ -9,6 +9,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 command -v cargo >/dev/null || { echo "test: cargo is needed (https://rustup.rs)" >&2; exit 1; }
 scripts/fetch-model.sh >/dev/null
+# Gemma 3 270M, the second real model (tests/tests/gemma3.rs, synthetic gemma models' tokenizer)
+scripts/fetch-model.sh gemma3 >/dev/null
 # etcd (the 2PC tests start a real one) and protoc (etcd-client's build compiles its protos)
 scripts/setup.sh
 # the official OpenAI client, which tests/tests/openai_client.rs drives

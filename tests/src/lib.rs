@@ -17,10 +17,11 @@ pub mod http;
 pub mod model;
 pub mod otlp;
 pub mod process;
+pub mod reference;
 pub mod rpc;
 pub mod tls;
 
-pub use common::testing::{default_model, workspace_root};
+pub use common::testing::{default_model, gemma3_model, workspace_root};
 pub use etcd::{EtcdProcess, EtcdTlsFiles};
 pub use http::{
     completion, completion_with, get, get_json, metric, post, post_with, sse_text, BackgroundStream,

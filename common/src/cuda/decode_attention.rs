@@ -122,6 +122,7 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
         layer: li,
         rope,
         shape: s,
+        ..
     } = rows;
     let n = segs.len();
     let (width, kvw) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
@@ -273,6 +274,7 @@ pub fn warm_up(device: &candle_core::Device) -> Result<()> {
             layer: 0,
             rope: &rope,
             shape: s,
+            window: None,
         },
         &mut segs,
     )?;
@@ -618,6 +620,7 @@ mod tests {
             layer: 0,
             rope: &rope,
             shape: s,
+            window: None,
         };
         fn segs_of<'a>(caches: &'a mut [KvCache], plan: &[(usize, usize)]) -> Vec<Segment<'a>> {
             caches
@@ -723,6 +726,7 @@ mod tests {
                     layer: 0,
                     rope: &rope,
                     shape: s,
+                    window: None,
                 },
                 &mut segs,
             )?;

@@ -861,14 +861,10 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::InvalidInput(e.to_string()))?;
         for quant in [SynthQuant::Q4_0, SynthQuant::Q8_0] {
             let spec = SynthSpec {
-                layers: 2,
-                hidden: 768,
-                ffn: 4352,
-                heads: 12,
-                kv_heads: 4,
                 context: 512,
                 quant,
                 seed: 7,
+                ..SynthSpec::llama(2, 768, 4352, 12, 4)
             };
             let path = dir.path().join(format!("{quant:?}.gguf"));
             synth::write(&spec, &tokenizer, &path)?;

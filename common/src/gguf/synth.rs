@@ -1,6 +1,9 @@
-//! Synthetic llama models: a valid GGUF with random weights of a chosen shape and quantization
-//! and a real model's tokenizer metadata, written with `gguf-rs-lib`'s writer. Used where
-//! weights cannot be downloaded (benchmarks at 8B scale on the GPU machine) and to test loaders.
+//! Synthetic models of every supported architecture: a valid GGUF with random weights of a
+//! chosen shape and quantization and a real model's tokenizer metadata, written with
+//! `gguf-rs-lib`'s writer. Used where weights cannot be downloaded (benchmarks at 8B scale on
+//! the GPU machine), to test loaders, and to check each architecture against llama.cpp on
+//! small random models (`scripts/llama_reference.py`). The random blocks are in
+//! [`super::synth_blocks`].
 
 use std::path::Path;
 
@@ -11,32 +14,15 @@ use gguf_rs_lib::tensor::TensorType;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
-/// The weight type of a synthetic model's matrices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SynthQuant {
-    /// 4-bit blocks of 32 with an f16 scale.
-    Q4_0,
-    /// 8-bit blocks of 32 with an f16 scale.
-    Q8_0,
-    /// f16.
-    F16,
-}
+pub use super::synth_blocks::SynthQuant;
+use super::synth_blocks::{matrix, Rng};
+use super::Architecture;
 
-impl std::str::FromStr for SynthQuant {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "q4_0" => Ok(SynthQuant::Q4_0),
-            "q8_0" => Ok(SynthQuant::Q8_0),
-            "f16" => Ok(SynthQuant::F16),
-            _ => Err(format!("`{s}`: use q4_0, q8_0 or f16")),
-        }
-    }
-}
-
-/// The shape of a synthetic llama model.
+/// The shape of a synthetic model.
 #[derive(Debug, Clone)]
 pub struct SynthSpec {
+    /// The family: which tensors and metadata the file has.
+    pub arch: Architecture,
     /// Transformer blocks.
     pub layers: u32,
     /// Embedding width.
@@ -53,6 +39,38 @@ pub struct SynthSpec {
     pub quant: SynthQuant,
     /// Random seed.
     pub seed: u64,
+    /// Gemma 3's sliding window (keys a local layer sees).
+    pub window: u32,
+    /// Llama 3.1's per-frequency RoPE factors (`rope_freqs.weight`), llama only.
+    pub rope_freqs: bool,
+}
+
+impl SynthSpec {
+    /// A llama of this shape with defaults for the rest.
+    pub fn llama(layers: u32, hidden: u32, ffn: u32, heads: u32, kv_heads: u32) -> Self {
+        SynthSpec {
+            arch: Architecture::Llama,
+            layers,
+            hidden,
+            ffn,
+            heads,
+            kv_heads,
+            context: 4096,
+            quant: SynthQuant::Q4_0,
+            seed: 1,
+            window: 512,
+            rope_freqs: false,
+        }
+    }
+
+    /// The head width: gemma 3 and qwen3 write theirs (wider than `hidden / heads` here, as
+    /// in the real models); the others split the embedding.
+    pub fn head_dim(&self) -> u32 {
+        match self.arch {
+            Architecture::Gemma3 | Architecture::Qwen3 => 2 * self.hidden / self.heads,
+            _ => self.hidden / self.heads,
+        }
+    }
 }
 
 impl SynthSpec {
@@ -82,70 +100,66 @@ impl SynthSpec {
         if !(self.hidden / self.heads * self.kv_heads).is_multiple_of(32) {
             return bad("the key/value width must be a multiple of 32".into());
         }
+        let k_widths = [self.hidden, self.ffn, self.head_dim() * self.heads];
+        if self.quant.has_k_blocks() && k_widths.iter().any(|w| !w.is_multiple_of(256)) {
+            return bad(format!(
+                "{:?} needs hidden, ffn and the query width to be multiples of 256",
+                self.quant
+            ));
+        }
+        if self.rope_freqs && self.arch != Architecture::Llama {
+            return bad("rope frequency factors are llama 3.1's; use --arch llama".into());
+        }
+        if self.window == 0 {
+            return bad("the sliding window must be at least 1".into());
+        }
         Ok(())
     }
 }
 
-/// xorshift64*: fast, seeded, good enough for random weights.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn fill(&mut self, out: &mut [u8]) {
-        for c in out.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
+/// Norm weights about 1 (gemma's files hold `1 + w`), random so that a norm that is
+/// skipped or misplaced changes the output.
+fn norm(rng: &mut Rng, n: u64) -> Vec<u8> {
+    (0..n)
+        .flat_map(|_| {
+            let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
+            (0.8 + 0.4 * u).to_le_bytes()
+        })
+        .collect()
 }
 
-/// Random bytes of a `rows × cols` matrix (`cols` along a row) in `q`, scaled so that each
-/// weight is about ±0.02, like a trained model's.
-fn matrix(rng: &mut Rng, q: SynthQuant, rows: u64, cols: u64) -> (TensorType, Vec<u8>) {
-    let n = (rows * cols) as usize;
-    let scale = |rng: &mut Rng, max: f32| {
-        let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
-        half::f16::from_f32(max * (0.5 + 0.5 * u)).to_le_bytes()
-    };
-    match q {
-        SynthQuant::Q4_0 => {
-            let mut v = vec![0u8; n / 32 * 18];
-            for b in v.chunks_mut(18) {
-                b[..2].copy_from_slice(&scale(rng, 0.003));
-                rng.fill(&mut b[2..]);
-            }
-            (TensorType::Q4_0, v)
-        }
-        SynthQuant::Q8_0 => {
-            let mut v = vec![0u8; n / 32 * 34];
-            for b in v.chunks_mut(34) {
-                b[..2].copy_from_slice(&scale(rng, 0.0002));
-                rng.fill(&mut b[2..]);
-            }
-            (TensorType::Q8_0, v)
-        }
-        SynthQuant::F16 => {
-            let mut v = vec![0u8; n * 2];
-            for w in v.chunks_mut(2) {
-                let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
-                w.copy_from_slice(&half::f16::from_f32((u - 0.5) * 0.04).to_le_bytes());
-            }
-            (TensorType::F16, v)
-        }
-    }
+/// Small random biases (qwen2).
+fn bias(rng: &mut Rng, n: u64) -> Vec<u8> {
+    (0..n)
+        .flat_map(|_| {
+            let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
+            ((u - 0.5) * 0.2).to_le_bytes()
+        })
+        .collect()
 }
 
-fn ones(n: u32) -> Vec<u8> {
-    (0..n).flat_map(|_| 1.0f32.to_le_bytes()).collect()
+/// Llama 3.1's frequency divisors (factor 8, low 1, high 4, original context 8192) for heads
+/// of `head_dim` with base `base`.
+fn llama3_freq_factors(head_dim: u32, base: f32) -> Vec<u8> {
+    let (factor, low, high, original) = (8.0f64, 1.0f64, 4.0f64, 8192.0f64);
+    (0..head_dim / 2)
+        .flat_map(|i| {
+            let freq = f64::from(base).powf(-2.0 * f64::from(i) / f64::from(head_dim));
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let f = if wavelen < original / high {
+                1.0
+            } else if wavelen > original / low {
+                factor
+            } else {
+                let smooth = (original / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            (f as f32).to_le_bytes()
+        })
+        .collect()
 }
 
-/// Writes a synthetic llama GGUF to `out` with `tokenizer`'s tokenizer metadata (and vocabulary
+/// Writes a synthetic GGUF to `out` with `tokenizer`'s tokenizer metadata (and vocabulary
 /// size); returns the bytes of its tensors.
 pub fn write(spec: &SynthSpec, tokenizer: &GgufFile, out: &Path) -> Result<u64> {
     spec.validate()?;
@@ -161,88 +175,125 @@ pub fn write(spec: &SynthSpec, tokenizer: &GgufFile, out: &Path) -> Result<u64> 
         path: out.to_path_buf(),
         source,
     };
+    let arch = spec.arch;
+    let p = arch.as_str();
+    let k = |s: &str| format!("{p}.{s}");
+    let hd = spec.head_dim();
     let (h, f) = (u64::from(spec.hidden), u64::from(spec.ffn));
-    let kv = h / u64::from(spec.heads) * u64::from(spec.kv_heads);
+    let (qw, kv) = (u64::from(hd * spec.heads), u64::from(hd * spec.kv_heads));
+    let base = match arch {
+        Architecture::Gemma3 => 1_000_000.0,
+        _ => 10_000.0,
+    };
     let mut b = GGUFBuilder::new()
-        .add_metadata(
-            "general.architecture",
-            MetadataValue::String("llama".into()),
-        )
+        .add_metadata("general.architecture", MetadataValue::String(p.into()))
         .add_metadata(
             "general.name",
-            MetadataValue::String(format!("synthetic-{}x{}", spec.layers, spec.hidden)),
+            MetadataValue::String(format!("synthetic-{p}-{}x{}", spec.layers, spec.hidden)),
         )
         .add_metadata("general.alignment", MetadataValue::U32(32))
-        .add_metadata("llama.block_count", MetadataValue::U32(spec.layers))
-        .add_metadata("llama.context_length", MetadataValue::U32(spec.context))
-        .add_metadata("llama.embedding_length", MetadataValue::U32(spec.hidden))
-        .add_metadata("llama.feed_forward_length", MetadataValue::U32(spec.ffn))
-        .add_metadata("llama.attention.head_count", MetadataValue::U32(spec.heads))
+        .add_metadata(k("block_count"), MetadataValue::U32(spec.layers))
+        .add_metadata(k("context_length"), MetadataValue::U32(spec.context))
+        .add_metadata(k("embedding_length"), MetadataValue::U32(spec.hidden))
+        .add_metadata(k("feed_forward_length"), MetadataValue::U32(spec.ffn))
+        .add_metadata(k("attention.head_count"), MetadataValue::U32(spec.heads))
         .add_metadata(
-            "llama.attention.head_count_kv",
+            k("attention.head_count_kv"),
             MetadataValue::U32(spec.kv_heads),
         )
+        .add_metadata(k("rope.dimension_count"), MetadataValue::U32(hd))
+        .add_metadata(k("rope.freq_base"), MetadataValue::F32(base))
         .add_metadata(
-            "llama.rope.dimension_count",
-            MetadataValue::U32(spec.hidden / spec.heads),
+            k("attention.layer_norm_rms_epsilon"),
+            MetadataValue::F32(if arch == Architecture::Gemma3 {
+                1e-6
+            } else {
+                1e-5
+            }),
         )
-        .add_metadata("llama.rope.freq_base", MetadataValue::F32(10_000.0))
-        .add_metadata(
-            "llama.attention.layer_norm_rms_epsilon",
-            MetadataValue::F32(1e-5),
-        )
-        .add_metadata("llama.vocab_size", MetadataValue::U32(vocab as u32));
-    for (k, v) in tokenizer.metadata().iter() {
-        if k.starts_with("tokenizer.") {
-            b = b.add_metadata(k.clone(), v.clone());
+        .add_metadata(k("vocab_size"), MetadataValue::U32(vocab as u32));
+    if matches!(arch, Architecture::Gemma3 | Architecture::Qwen3) {
+        b = b
+            .add_metadata(k("attention.key_length"), MetadataValue::U32(hd))
+            .add_metadata(k("attention.value_length"), MetadataValue::U32(hd));
+    }
+    if arch == Architecture::Gemma3 {
+        b = b.add_metadata(
+            k("attention.sliding_window"),
+            MetadataValue::U32(spec.window),
+        );
+    }
+    for (key, v) in tokenizer.metadata().iter() {
+        if key.starts_with("tokenizer.") {
+            b = b.add_metadata(key.clone(), v.clone());
         }
     }
-    let mut rng = Rng(spec.seed.max(1));
+    let mut rng = Rng::new(spec.seed);
     let mut total = 0u64;
     let mut add = |b: GGUFBuilder, name: String, shape: Vec<u64>, t: TensorType, d: Vec<u8>| {
         total += d.len() as u64;
         b.add_tensor(name, shape, t, d).map_err(gerr)
     };
-    let (t, d) = matrix(&mut rng, spec.quant, vocab, h);
+    let q = spec.quant;
+    let (t, d) = matrix(&mut rng, q.embedding(), vocab, h);
     b = add(b, "token_embd.weight".into(), vec![h, vocab], t, d)?;
+    if spec.rope_freqs {
+        b = add(
+            b,
+            "rope_freqs.weight".into(),
+            vec![u64::from(hd / 2)],
+            TensorType::F32,
+            llama3_freq_factors(hd, base),
+        )?;
+    }
     for i in 0..spec.layers {
         let p = |n: &str| format!("blk.{i}.{n}.weight");
-        b = add(
-            b,
-            p("attn_norm"),
-            vec![h],
-            TensorType::F32,
-            ones(spec.hidden),
-        )?;
-        b = add(
-            b,
-            p("ffn_norm"),
-            vec![h],
-            TensorType::F32,
-            ones(spec.hidden),
-        )?;
+        let mut norms = vec!["attn_norm", "ffn_norm"];
+        if arch == Architecture::Gemma3 {
+            norms.extend(["post_attention_norm", "post_ffw_norm"]);
+        }
+        for n in norms {
+            let d = norm(&mut rng, h);
+            b = add(b, p(n), vec![h], TensorType::F32, d)?;
+        }
+        if matches!(arch, Architecture::Gemma3 | Architecture::Qwen3) {
+            for n in ["attn_q_norm", "attn_k_norm"] {
+                let d = norm(&mut rng, u64::from(hd));
+                b = add(b, p(n), vec![u64::from(hd)], TensorType::F32, d)?;
+            }
+        }
         for (name, rows, cols) in [
-            ("attn_q", h, h),
+            ("attn_q", qw, h),
             ("attn_k", kv, h),
             ("attn_v", kv, h),
-            ("attn_output", h, h),
+            ("attn_output", h, qw),
             ("ffn_gate", f, h),
             ("ffn_up", f, h),
             ("ffn_down", h, f),
         ] {
-            let (t, d) = matrix(&mut rng, spec.quant, rows, cols);
+            let (t, d) = matrix(&mut rng, q.matrix(name), rows, cols);
             b = add(b, p(name), vec![cols, rows], t, d)?;
         }
+        if arch == Architecture::Qwen2 {
+            for (name, rows) in [("attn_q", qw), ("attn_k", kv), ("attn_v", kv)] {
+                let d = bias(&mut rng, rows);
+                b = add(
+                    b,
+                    format!("blk.{i}.{name}.bias"),
+                    vec![rows],
+                    TensorType::F32,
+                    d,
+                )?;
+            }
+        }
     }
-    b = add(
-        b,
-        "output_norm.weight".into(),
-        vec![h],
-        TensorType::F32,
-        ones(spec.hidden),
-    )?;
-    let (t, d) = matrix(&mut rng, spec.quant, vocab, h);
-    b = add(b, "output.weight".into(), vec![h, vocab], t, d)?;
+    let d = norm(&mut rng, h);
+    b = add(b, "output_norm.weight".into(), vec![h], TensorType::F32, d)?;
+    // Gemma ties its head to the embedding, as the real files do.
+    if arch != Architecture::Gemma3 {
+        let (t, d) = matrix(&mut rng, q.output(), vocab, h);
+        b = add(b, "output.weight".into(), vec![h, vocab], t, d)?;
+    }
     b.build_to_file(out).map_err(gerr)?;
     Ok(total)
 }

@@ -11,7 +11,7 @@
 
 use std::sync::OnceLock;
 
-use super::blocks::ActBlock;
+use super::blocks::{ActBlock, QuantKind};
 use super::dot::{TileFn, TILE};
 
 /// Tokens per tile of [`Tile8Fn`].
@@ -19,7 +19,7 @@ pub const TILE8: usize = 8;
 
 /// A [`TileFn`] over [`TILE8`] tokens: each weight block is unpacked once for twice as many
 /// tokens, and each (row, token) sum is still formed in the order of the one-token kernel.
-pub type Tile8Fn = fn(&[u8], usize, [&[ActBlock]; TILE8], &mut [[f32; TILE8]], usize);
+pub type Tile8Fn<A = ActBlock> = fn(&[u8], usize, [&[A]; TILE8], &mut [[f32; TILE8]], usize);
 
 /// Whether these kernels can run here.
 pub fn available() -> bool {
@@ -38,32 +38,36 @@ pub fn available() -> bool {
     })
 }
 
-/// The 8-token AVX-512 tile kernel for Q4_1 or Q8_0 (`block_bytes` 20 or 34), where the CPU
-/// has it.
-pub fn tile8(block_bytes: usize) -> Option<Tile8Fn> {
+/// The 8-token AVX-512 tile kernel for Q4_1, Q5_0, Q5_1 or Q8_0, where the CPU has it (the
+/// K-quants' are in [`super::kquants`]).
+pub fn tile8(kind: QuantKind) -> Option<Tile8Fn> {
     #[cfg(target_arch = "x86_64")]
     if available() {
-        return match block_bytes {
-            20 => Some(x86::q4_1_tile8),
-            34 => Some(x86::q8_0_tile8),
+        return match kind {
+            QuantKind::Q4_1 => Some(x86::q4_1_tile8),
+            QuantKind::Q8_0 => Some(x86::q8_0_tile8),
+            QuantKind::Q5_0 => Some(x86::q5_0_tile8),
+            QuantKind::Q5_1 => Some(x86::q5_1_tile8),
             _ => None,
         };
     }
-    let _ = block_bytes;
+    let _ = kind;
     None
 }
 
-/// The AVX-512 tile kernel for Q4_1 or Q8_0 (`block_bytes` 20 or 34), where the CPU has it.
-pub fn tile(block_bytes: usize) -> Option<TileFn> {
+/// The AVX-512 tile kernel for Q4_1, Q5_0, Q5_1 or Q8_0, where the CPU has it.
+pub fn tile(kind: QuantKind) -> Option<TileFn> {
     #[cfg(target_arch = "x86_64")]
     if available() {
-        return match block_bytes {
-            20 => Some(x86::q4_1_tile),
-            34 => Some(x86::q8_0_tile),
+        return match kind {
+            QuantKind::Q4_1 => Some(x86::q4_1_tile),
+            QuantKind::Q8_0 => Some(x86::q8_0_tile),
+            QuantKind::Q5_0 => Some(x86::q5_0_tile),
+            QuantKind::Q5_1 => Some(x86::q5_1_tile),
             _ => None,
         };
     }
-    let _ = block_bytes;
+    let _ = kind;
     None
 }
 
@@ -141,6 +145,10 @@ pub(crate) mod x86 {
     entry!(q8_0_tile, TILE, q8_0_pairs, q8_0_tile, 34);
     entry!(q4_1_tile8, TILE8, q4_1_pairs, q4_1_tile, 20);
     entry!(q8_0_tile8, TILE8, q8_0_pairs, q8_0_tile, 34);
+    entry!(q5_0_tile, TILE, q5_0_pairs, q5_0_tile, 22);
+    entry!(q5_1_tile, TILE, q5_1_pairs, q5_1_tile, 24);
+    entry!(q5_0_tile8, TILE8, q5_0_pairs, q5_0_tile, 22);
+    entry!(q5_1_tile8, TILE8, q5_1_pairs, q5_1_tile, 24);
 
     /// Lanes 0..8 and 8..16 summed separately, each as [`hsum`] sums 8 lanes.
     #[inline(always)]
@@ -279,6 +287,104 @@ pub(crate) mod x86 {
             r += 2;
         }
     }
+
+    /// The fifth bits of two 5-bit blocks (`qh` at `h0` and `h1`) as a byte mask over
+    /// [`nibbles2`]'s lanes: row 0's values in bits 0..32, row 1's in 32..64.
+    #[inline(always)]
+    unsafe fn fifth_bits(h0: *const u8, h1: *const u8) -> __mmask64 {
+        let lo = std::ptr::read_unaligned(h0 as *const u32);
+        let hi = std::ptr::read_unaligned(h1 as *const u32);
+        u64::from(lo) | (u64::from(hi) << 32)
+    }
+
+    // Q5_0 as `q8_0_pairs`, with the values `q - 16` built from the nibbles and the fifth bits:
+    // negative exactly where the fifth bit is clear, so that mask signs the activations.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q5_0_pairs<const N: usize>(
+        w: &[u8],
+        rb: usize,
+        acts: [&[ActBlock]; N],
+        out: &mut [[f32; N]],
+        row0: usize,
+    ) {
+        let kb = acts[0].len();
+        let sixteen = _mm512_set1_epi8(16);
+        let mut r = row0;
+        for pair in out.chunks_exact_mut(2) {
+            let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
+            let mut acc = [_mm512_setzero_ps(); N];
+            for k in 0..kb {
+                let (b0, b1) = (p0.add(k * 22), p1.add(k * 22));
+                let d = two(_mm_cvtss_f32(f16x2(b0)), _mm_cvtss_f32(f16x2(b1)));
+                let neg = !fifth_bits(b0.add(2), b1.add(2));
+                let q = nibbles2(b0.add(6), b1.add(6));
+                let qabs = _mm512_abs_epi8(_mm512_mask_sub_epi8(q, neg, q, sixteen));
+                let a = blocks_at(&acts, k);
+                for j in 0..N {
+                    let x = acts2(a[j]);
+                    let x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+                    let sc = _mm512_mul_ps(d, _mm512_set1_ps(a[j].d));
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qabs, x);
+                    acc[j] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(dot), acc[j]);
+                }
+            }
+            for j in 0..N {
+                let (s0, s1) = halves(acc[j]);
+                pair[0][j] = s0;
+                pair[1][j] = s1;
+            }
+            r += 2;
+        }
+    }
+
+    // Q5_1 as `q4_1_pairs`, with 16 added to the nibbles where the fifth bit is set.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q5_1_pairs<const N: usize>(
+        w: &[u8],
+        rb: usize,
+        acts: [&[ActBlock]; N],
+        out: &mut [[f32; N]],
+        row0: usize,
+    ) {
+        let kb = acts[0].len();
+        let sixteen = _mm512_set1_epi8(16);
+        let mut r = row0;
+        for pair in out.chunks_exact_mut(2) {
+            let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
+            let mut acc = [_mm512_setzero_ps(); N];
+            let mut mins = _mm512_setzero_ps();
+            for k in 0..kb {
+                let (b0, b1) = (p0.add(k * 24), p1.add(k * 24));
+                let (dm0, dm1) = (f16x2(b0), f16x2(b1));
+                let d = two(_mm_cvtss_f32(dm0), _mm_cvtss_f32(dm1));
+                let m = two(
+                    _mm_cvtss_f32(_mm_movehdup_ps(dm0)),
+                    _mm_cvtss_f32(_mm_movehdup_ps(dm1)),
+                );
+                let high = fifth_bits(b0.add(4), b1.add(4));
+                let q = nibbles2(b0.add(8), b1.add(8));
+                let q = _mm512_mask_add_epi8(q, high, q, sixteen);
+                let a = blocks_at(&acts, k);
+                let mut s = [0f32; 16];
+                for j in 0..N {
+                    let sc = _mm512_mul_ps(d, _mm512_set1_ps(a[j].d));
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, acts2(a[j]));
+                    acc[j] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(dot), acc[j]);
+                    s[j] = a[j].s;
+                    s[8 + j] = a[j].s;
+                }
+                mins = _mm512_add_ps(mins, _mm512_mul_ps(m, _mm512_loadu_ps(s.as_ptr())));
+            }
+            let mut n = [0f32; 16];
+            _mm512_storeu_ps(n.as_mut_ptr(), mins);
+            for j in 0..N {
+                let (s0, s1) = halves(acc[j]);
+                pair[0][j] = s0 + n[j];
+                pair[1][j] = s1 + n[8 + j];
+            }
+            r += 2;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -303,6 +409,8 @@ mod tests {
                 avx2::plain::q4_1_tile as TileFn,
             ),
             (QuantKind::Q8_0, x86::q8_0_tile, avx2::plain::q8_0_tile),
+            (QuantKind::Q5_0, x86::q5_0_tile, avx2::plain::q5_0_tile),
+            (QuantKind::Q5_1, x86::q5_1_tile, avx2::plain::q5_1_tile),
         ] {
             for (rows, blocks) in [(1usize, 1usize), (6, 18), (7, 24), (16, 3)] {
                 let w: Vec<u8> = (0..rows)
@@ -333,16 +441,13 @@ mod tests {
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
-            let (eight, four) = (
-                tile8(kind.block_bytes()).expect("tile8"),
-                avx2::plain::q4_1_tile as TileFn,
-            );
-            let four = if kind == QuantKind::Q8_0 {
-                avx2::plain::q8_0_tile as TileFn
-            } else {
-                four
-            };
+        for (kind, four) in [
+            (QuantKind::Q4_1, avx2::plain::q4_1_tile as TileFn),
+            (QuantKind::Q8_0, avx2::plain::q8_0_tile),
+            (QuantKind::Q5_0, avx2::plain::q5_0_tile),
+            (QuantKind::Q5_1, avx2::plain::q5_1_tile),
+        ] {
+            let eight = tile8(kind).expect("tile8");
             for (rows, blocks) in [(1usize, 1usize), (6, 18), (7, 48), (16, 3)] {
                 let w: Vec<u8> = (0..rows)
                     .flat_map(|_| random_row(kind, blocks, &mut rng))

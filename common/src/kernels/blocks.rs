@@ -3,6 +3,8 @@
 
 use half::f16;
 
+use super::kquants::QK_K;
+
 /// Elements per block, for every format here.
 pub const BLOCK: usize = 32;
 
@@ -15,15 +17,43 @@ pub enum QuantKind {
     Q4_1,
     /// 8-bit: `f16 d, i8 qs[32]` (34 bytes), value = d * q.
     Q8_0,
+    /// 5-bit, scale only: `f16 d, u8 qh[4], u8 qs[16]` (22 bytes), value = d * (q - 16), bit
+    /// `j` of the little-endian `qh` being bit 4 of value `j`.
+    Q5_0,
+    /// 5-bit, scale and min: `f16 d, f16 m, u8 qh[4], u8 qs[16]` (24 bytes), value = d * q + m.
+    Q5_1,
+    /// 4-bit K-quant, super-blocks of 256 in eight sub-blocks of 32 with 6-bit scales and mins:
+    /// `f16 d, f16 dmin, u8 scales[12], u8 qs[128]` (144 bytes), value = d·sc·q − dmin·m.
+    Q4K,
+    /// 5-bit K-quant: Q4_K's layout with `u8 qh[32]` before `qs` (176 bytes).
+    Q5K,
+    /// 6-bit K-quant, sixteen sub-blocks of 16 with 8-bit scales:
+    /// `u8 ql[128], u8 qh[64], i8 scales[16], f16 d` (210 bytes), value = d·sc·(q − 32).
+    Q6K,
 }
 
 impl QuantKind {
-    /// Bytes per block of 32 weights.
+    /// Bytes per block of [`QuantKind::block_elems`] weights.
     pub const fn block_bytes(self) -> usize {
         match self {
             QuantKind::Q4_0 => 18,
             QuantKind::Q4_1 => 20,
             QuantKind::Q8_0 => 34,
+            QuantKind::Q5_0 => 22,
+            QuantKind::Q5_1 => 24,
+            QuantKind::Q4K => 144,
+            QuantKind::Q5K => 176,
+            QuantKind::Q6K => 210,
+        }
+    }
+
+    /// Weights per block: [`BLOCK`], or [`QK_K`] for the K-quants (whose activations are
+    /// quantized to Q8_K blocks of as many, see [`super::kquants`]).
+    pub const fn block_elems(self) -> usize {
+        match self {
+            QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q8_0 => BLOCK,
+            QuantKind::Q5_0 | QuantKind::Q5_1 => BLOCK,
+            QuantKind::Q4K | QuantKind::Q5K | QuantKind::Q6K => QK_K,
         }
     }
 
@@ -34,13 +64,29 @@ impl QuantKind {
             G::Q4_0 => Some(QuantKind::Q4_0),
             G::Q4_1 => Some(QuantKind::Q4_1),
             G::Q8_0 => Some(QuantKind::Q8_0),
+            G::Q5_0 => Some(QuantKind::Q5_0),
+            G::Q5_1 => Some(QuantKind::Q5_1),
+            G::Q4K => Some(QuantKind::Q4K),
+            G::Q5K => Some(QuantKind::Q5K),
+            G::Q6K => Some(QuantKind::Q6K),
             _ => None,
         }
     }
 }
 
+/// A format of quantized activations: a token's row is cut into blocks of [`Acts::ELEMS`]
+/// values, quantized once per product and dotted with every weight row.
+pub trait Acts: Copy + Default + Send + Sync + 'static {
+    /// Values per block.
+    const ELEMS: usize;
+    /// Quantizes `x` (a multiple of [`Acts::ELEMS`] long) into `out`, one block per
+    /// [`Acts::ELEMS`] values, exactly as llama.cpp does for the weight formats using it.
+    fn quantize(x: &[f32], out: &mut [Self]);
+}
+
 /// One block of 32 quantized activations: `x ≈ d * qs`, with `s = d * Σ qs` kept for
-/// formats that carry a min (Q4_1). Scales are f16-exact values held as f32.
+/// formats that carry a min (Q4_1, Q5_1). Scales are f16-exact values held as f32. The
+/// activations of every 32-block format: llama.cpp's Q8_0 (`d`) and Q8_1 (`d` and `s`).
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(16))]
 pub struct ActBlock {
@@ -59,6 +105,14 @@ impl Default for ActBlock {
             s: 0.0,
             qs: [0; BLOCK],
         }
+    }
+}
+
+impl Acts for ActBlock {
+    const ELEMS: usize = BLOCK;
+
+    fn quantize(x: &[f32], out: &mut [Self]) {
+        quantize_acts(x, out)
     }
 }
 
@@ -160,10 +214,26 @@ mod avx2 {
     }
 }
 
+/// Value `j` (0..32) of a 5-bit block: the nibble of `qs` (values 0..16 low nibbles, 16..32
+/// high) with bit `j` of `qh` as bit 4.
+#[inline(always)]
+pub(crate) fn q5_quant(qh: u32, qs: &[u8], j: usize) -> i32 {
+    let nibble = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
+    i32::from(nibble) | (((qh >> j) & 1) << 4) as i32
+}
+
+#[inline(always)]
+pub(crate) fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
 /// Dequantizes one row of `k` weights of `kind` from its raw bytes (the reference for tests).
 pub fn dequantize_row(kind: QuantKind, row: &[u8], out: &mut [f32]) {
     let bb = kind.block_bytes();
-    for (b, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
+    for (b, o) in row
+        .chunks_exact(bb)
+        .zip(out.chunks_exact_mut(kind.block_elems()))
+    {
         let d = f16_at(b, 0);
         match kind {
             QuantKind::Q4_0 => {
@@ -184,6 +254,21 @@ pub fn dequantize_row(kind: QuantKind, row: &[u8], out: &mut [f32]) {
                     o[j] = d * f32::from(b[2 + j] as i8);
                 }
             }
+            QuantKind::Q5_0 => {
+                let qh = u32_at(b, 2);
+                for (j, y) in o.iter_mut().enumerate() {
+                    *y = d * (q5_quant(qh, &b[6..], j) - 16) as f32;
+                }
+            }
+            QuantKind::Q5_1 => {
+                let (m, qh) = (f16_at(b, 2), u32_at(b, 4));
+                for (j, y) in o.iter_mut().enumerate() {
+                    *y = d * q5_quant(qh, &b[8..], j) as f32 + m;
+                }
+            }
+            QuantKind::Q4K | QuantKind::Q5K | QuantKind::Q6K => {
+                super::kquants::dequantize_block(kind, b, o)
+            }
         }
     }
 }
@@ -191,7 +276,52 @@ pub fn dequantize_row(kind: QuantKind, row: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_data::random_row;
     use rand::{Rng, SeedableRng};
+
+    /// [`dequantize_row`] against candle's own dequantization of the same bytes, an
+    /// independent reading of every block layout.
+    #[test]
+    fn dequantization_equals_candle() -> anyhow::Result<()> {
+        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType as G};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        for (kind, dtype) in [
+            (QuantKind::Q4_0, G::Q4_0),
+            (QuantKind::Q4_1, G::Q4_1),
+            (QuantKind::Q8_0, G::Q8_0),
+            (QuantKind::Q5_0, G::Q5_0),
+            (QuantKind::Q5_1, G::Q5_1),
+            (QuantKind::Q4K, G::Q4K),
+            (QuantKind::Q5K, G::Q5K),
+            (QuantKind::Q6K, G::Q6K),
+        ] {
+            assert_eq!(QuantKind::from_ggml(dtype), Some(kind));
+            assert_eq!(kind.block_bytes(), dtype.type_size(), "{kind:?}");
+            assert_eq!(kind.block_elems(), dtype.block_size(), "{kind:?}");
+            let (rows, k) = (3, 2 * QK_K);
+            let blocks = k / kind.block_elems();
+            let bytes: Vec<u8> = (0..rows)
+                .flat_map(|_| random_row(kind, blocks, &mut rng))
+                .collect();
+            let q = qtensor_from_ggml(dtype, &bytes, vec![rows, k], &candle_core::Device::Cpu)?;
+            let theirs = q
+                .dequantize(&candle_core::Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let mut ours = vec![0f32; rows * k];
+            let rb = bytes.len() / rows;
+            for (r, o) in ours.chunks_exact_mut(k).enumerate() {
+                dequantize_row(kind, &bytes[r * rb..(r + 1) * rb], o);
+            }
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                    "{kind:?} value {i}: {a} vs candle {b}"
+                );
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn quantizer_equals_scalar_bit_for_bit() {

@@ -1,33 +1,35 @@
 //! `y = x · Wᵀ` for a quantized `W` held as raw GGUF bytes, threaded on [`super::pool`].
 
 use super::avx512::{Tile8Fn, TILE8};
-use super::blocks::{quantize_acts, ActBlock, QuantKind, BLOCK};
-use super::dot::{best, best_tile, RowsFn, TileFn, TILE};
+use super::blocks::{ActBlock, Acts, QuantKind};
+use super::dot::{RowsFn, TileFn, TILE};
+use super::kquants::{self, ActBlockK};
 use super::pool::{global, parallel_chunks_mut};
 
-/// Activations quantized once per call and shared by every weight row.
+/// Activations quantized once per call and shared by every weight row: [`ActBlock`]s for the
+/// 32-block formats, Q8_K [`ActBlockK`]s for the K-quants.
 #[derive(Debug, Default)]
-pub struct QuantizedActs {
-    blocks: Vec<ActBlock>,
+pub struct QuantizedActs<A = ActBlock> {
+    blocks: Vec<A>,
     k_blocks: usize,
 }
 
-impl QuantizedActs {
+impl<A: Acts> QuantizedActs<A> {
     /// Quantizes `n` rows of `k` values each.
     pub fn new(x: &[f32], k: usize) -> Self {
-        let k_blocks = k / BLOCK;
-        let mut blocks = vec![ActBlock::default(); x.len() / BLOCK];
+        let k_blocks = k / A::ELEMS;
+        let mut blocks = vec![A::default(); x.len() / A::ELEMS];
         if x.len() >= 4 * k {
             parallel_chunks_mut(&mut blocks, k_blocks, |t, o| {
-                quantize_acts(&x[t * k..(t + 1) * k], o)
+                A::quantize(&x[t * k..(t + 1) * k], o)
             });
         } else {
-            quantize_acts(x, &mut blocks);
+            A::quantize(x, &mut blocks);
         }
         QuantizedActs { blocks, k_blocks }
     }
 
-    fn row(&self, t: usize) -> &[ActBlock] {
+    fn row(&self, t: usize) -> &[A] {
         &self.blocks[t * self.k_blocks..(t + 1) * self.k_blocks]
     }
 }
@@ -35,11 +37,11 @@ impl QuantizedActs {
 /// Weight rows dotted with every token of a task while they are hot in L1.
 const ROWS: usize = 16;
 
-/// The row kernel of a format, and its tile kernel where there is one.
-struct Kernels {
-    rows: RowsFn,
-    tile: Option<TileFn>,
-    tile8: Option<Tile8Fn>,
+/// The row kernel of a format, and its tile kernels where there are.
+struct Kernels<A> {
+    rows: RowsFn<A>,
+    tile: Option<TileFn<A>>,
+    tile8: Option<Tile8Fn<A>>,
 }
 
 /// Dots `w` weight rows from `row0` (at most `ROWS`) with every token of `tokens`, while the
@@ -47,11 +49,11 @@ struct Kernels {
 /// time ([`TILE8`] tokens at a time first, where the CPU has such a kernel). `put(i, t, v)`
 /// stores row `row0 + i` of token `t`.
 #[allow(clippy::too_many_arguments)]
-fn block_all_tokens(
-    kern: &Kernels,
+fn block_all_tokens<A: Acts>(
+    kern: &Kernels<A>,
     weight: &[u8],
     row_bytes: usize,
-    acts: &QuantizedActs,
+    acts: &QuantizedActs<A>,
     tokens: std::ops::Range<usize>,
     row0: usize,
     w: usize,
@@ -62,7 +64,7 @@ fn block_all_tokens(
     if let Some(tile8) = kern.tile8 {
         let mut tmp = [[0f32; TILE8]; ROWS];
         while t + TILE8 <= tokens.end {
-            let a: [&[ActBlock]; TILE8] = std::array::from_fn(|j| acts.row(t + j));
+            let a: [&[A]; TILE8] = std::array::from_fn(|j| acts.row(t + j));
             tile8(weight, row_bytes, a, &mut tmp[..w], row0);
             for (i, r) in tmp[..w].iter().enumerate() {
                 for (j, &v) in r.iter().enumerate() {
@@ -120,21 +122,48 @@ const SMALL_BATCH: usize = 32;
 
 /// Computes `out[t][r] = Σ_j x[t][j] · W[r][j]` for `n = x.len() / k` tokens.
 ///
-/// `weight` is `rows` rows of `k / 32` blocks of `kind`; `out` is `n × rows`, row-major.
-/// The caller guarantees the sizes (checked by `debug_assert`s and by the slicing).
+/// `weight` is `rows` rows of `k / kind.block_elems()` blocks of `kind` (for a K-quant, `k`
+/// is a multiple of 256); `out` is `n × rows`, row-major. The activations are quantized as
+/// llama.cpp does for `kind`: to Q8_0/Q8_1 blocks of 32, or to Q8_K blocks of 256. The caller
+/// guarantees the sizes (checked by `debug_assert`s and by the slicing).
 pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], out: &mut [f32]) {
-    debug_assert_eq!(k % BLOCK, 0);
-    let row_bytes = k / BLOCK * kind.block_bytes();
+    debug_assert_eq!(k % kind.block_elems(), 0);
+    let row_bytes = k / kind.block_elems() * kind.block_bytes();
     debug_assert_eq!(weight.len(), rows * row_bytes);
+    match kind {
+        QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q8_0 | QuantKind::Q5_0 | QuantKind::Q5_1 => {
+            let kern = Kernels::<ActBlock> {
+                rows: super::dot::best(kind),
+                tile: super::dot::best_tile(kind),
+                tile8: super::avx512::tile8(kind),
+            };
+            product(&kern, weight, rows, row_bytes, k, x, out)
+        }
+        QuantKind::Q4K | QuantKind::Q5K | QuantKind::Q6K => {
+            let kern = Kernels::<ActBlockK> {
+                rows: kquants::best(kind),
+                tile: kquants::best_tile(kind),
+                tile8: kquants::best_tile8(kind),
+            };
+            product(&kern, weight, rows, row_bytes, k, x, out)
+        }
+    }
+}
+
+/// [`matmul`] with the kernels of one format and its activations `A`.
+fn product<A: Acts>(
+    kern: &Kernels<A>,
+    weight: &[u8],
+    rows: usize,
+    row_bytes: usize,
+    k: usize,
+    x: &[f32],
+    out: &mut [f32],
+) {
     let n = x.len() / k;
     debug_assert_eq!(out.len(), n * rows);
-    let acts = QuantizedActs::new(x, k);
-    let rows_fn = best(kind);
-    let kern = Kernels {
-        rows: rows_fn,
-        tile: best_tile(kind),
-        tile8: super::avx512::tile8(kind.block_bytes()),
-    };
+    let acts = QuantizedActs::<A>::new(x, k);
+    let rows_fn = kern.rows;
     let threads = global().threads();
 
     if n == 1 {
@@ -164,7 +193,7 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
             for rb in (0..nr).step_by(ROWS) {
                 let w = (nr - rb).min(ROWS);
                 block_all_tokens(
-                    &kern,
+                    kern,
                     weight,
                     row_bytes,
                     &acts,
@@ -197,7 +226,7 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
             for r0 in (0..rows).step_by(ROWS) {
                 let w = (rows - r0).min(ROWS);
                 block_all_tokens(
-                    &kern,
+                    kern,
                     weight,
                     row_bytes,
                     &acts,
@@ -216,8 +245,63 @@ pub fn matmul(kind: QuantKind, weight: &[u8], rows: usize, k: usize, x: &[f32], 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::blocks::dequantize_row;
+    use crate::kernels::blocks::{dequantize_row, BLOCK};
+    use crate::kernels::test_data::random_row;
     use rand::{Rng, SeedableRng};
+
+    /// For every kind and every path (1 token, the few-token row split with 8- and 4-token
+    /// tiles and single tokens, the many-token split), each token gets bit for bit what it
+    /// gets alone, within a tolerance of the dequantized f32 product.
+    #[test]
+    fn every_kind_one_token_equals_many_bit_for_bit() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let (rows, k) = (37, 512);
+        for kind in [
+            QuantKind::Q4_0,
+            QuantKind::Q4_1,
+            QuantKind::Q8_0,
+            QuantKind::Q5_0,
+            QuantKind::Q5_1,
+            QuantKind::Q4K,
+            QuantKind::Q5K,
+            QuantKind::Q6K,
+        ] {
+            let blocks = k / kind.block_elems();
+            let row_bytes = blocks * kind.block_bytes();
+            let weight: Vec<u8> = (0..rows)
+                .flat_map(|_| random_row(kind, blocks, &mut rng))
+                .collect();
+            let mut w = vec![0f32; rows * k];
+            for (r, o) in w.chunks_exact_mut(k).enumerate() {
+                dequantize_row(kind, &weight[r * row_bytes..(r + 1) * row_bytes], o);
+            }
+            for n in [1usize, 3, 13, 40] {
+                let x: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                let mut out = vec![0f32; n * rows];
+                matmul(kind, &weight, rows, k, &x, &mut out);
+                for t in 0..n {
+                    let xt = &x[t * k..(t + 1) * k];
+                    let mut alone = vec![0f32; rows];
+                    matmul(kind, &weight, rows, k, xt, &mut alone);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&out[t * rows..(t + 1) * rows]),
+                        bits(&alone),
+                        "{kind:?} n={n} t={t}"
+                    );
+                    for (r, wr) in w.chunks_exact(k).enumerate() {
+                        let exact: f32 = wr.iter().zip(xt).map(|(a, b)| a * b).sum();
+                        let mag: f32 = wr.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
+                        let got = out[t * rows + r];
+                        assert!(
+                            (got - exact).abs() <= 0.02 * mag + 1e-3,
+                            "{kind:?} n={n} t={t} r={r}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn matmul_matches_dequantized_reference_for_one_and_many_tokens() {

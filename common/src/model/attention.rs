@@ -24,6 +24,8 @@ pub struct StepRows<'a> {
     pub rope: &'a Rope,
     /// Heads and widths.
     pub shape: AttnShape,
+    /// The layer's sliding window (keys a query sees, itself included); `None`: all.
+    pub window: Option<usize>,
 }
 
 impl<'a> StepRows<'a> {
@@ -47,8 +49,25 @@ pub struct AttnShape {
 /// `q: [n, heads * hd]` at positions `start..start+n`; `k`, `v`: cache `[cap, kv_heads * hd]`
 /// whose first `start + n` rows are filled. Returns `[n, heads * hd]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, s: AttnShape, start: usize) -> Result<Tensor> {
+    let n = q.dims2()?.0;
+    let keys = |t: &Tensor| t.narrow(0, 0, start + n);
+    windowed(q, &keys(k)?, &keys(v)?, s, start, 0, None)
+}
+
+/// `q: [n, heads * hd]` at positions `start..start+n` against keys and values
+/// `[start + n - lo, kv_heads * hd]` of positions `lo..start+n`: each query sees the keys at
+/// or before its position and, with a `window`, the `window` latest of them.
+fn windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: AttnShape,
+    start: usize,
+    lo: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let (n, _) = q.dims2()?;
-    let total = start + n;
+    let total = start + n - lo;
     let group = s.heads / s.kv_heads;
     let hd = s.head_dim;
     // [n, heads, hd] -> [kv, group * n, hd]
@@ -58,8 +77,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, s: AttnShape, start: usize)
         .contiguous()?;
     let q = q.reshape((s.kv_heads, group * n, hd))?;
     let kv = |t: &Tensor| -> Result<Tensor> {
-        Ok(t.narrow(0, 0, total)?
-            .to_dtype(DType::F32)?
+        Ok(t.to_dtype(DType::F32)?
             .reshape((total, s.kv_heads, hd))?
             .transpose(0, 1)?
             .contiguous()?)
@@ -67,11 +85,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, s: AttnShape, start: usize)
     let (k, v) = (kv(k)?, kv(v)?);
     let scale = 1.0 / (hd as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?; // [kv, group*n, total]
+    let reach = window.unwrap_or(usize::MAX);
+    // One query sees exactly the keys given; several need the causal (and window) mask.
     let scores = if n > 1 {
         let mask: Vec<f32> = (0..n)
             .flat_map(|i| {
                 (0..total).map(move |j| {
-                    if j <= start + i {
+                    let (key, query) = (lo + j, start + i);
+                    if key <= query && query - key < reach {
                         0.0
                     } else {
                         f32::NEG_INFINITY
@@ -107,6 +128,7 @@ pub fn attend_each(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tenso
         layer: li,
         rope,
         shape: s,
+        window,
     } = rows;
     let mut outs = Vec::with_capacity(segs.len());
     let mut at = 0;
@@ -116,7 +138,30 @@ pub fn attend_each(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tenso
         let k = rope.apply(&rows(k)?, s.kv_heads, seg.start)?;
         seg.cache.write(li, seg.start, &k, &rows(v)?)?;
         let (kc, vc) = seg.cache.buffers(li)?;
-        outs.push(attention(&q, kc, vc, s, seg.start)?);
+        let end = seg.start + seg.len;
+        // The keys the first query still sees; a ring holds them in at most two runs.
+        let lo = window.map_or(0, |w| (seg.start + 1).saturating_sub(w));
+        let spans = seg.cache.spans(li, lo, end);
+        let gather = |t: &Tensor| -> Result<Tensor> {
+            let parts = spans
+                .iter()
+                .filter(|r| !r.is_empty())
+                .map(|r| t.narrow(0, r.start, r.len()))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(match parts.len() {
+                1 => parts[0].clone(),
+                _ => Tensor::cat(&parts, 0)?,
+            })
+        };
+        outs.push(windowed(
+            &q,
+            &gather(kc)?,
+            &gather(vc)?,
+            s,
+            seg.start,
+            lo,
+            window,
+        )?);
         at += seg.len;
     }
     Ok(match outs.len() {

@@ -1,4 +1,7 @@
-//! One transformer block: RMSNorm, grouped-query attention with RoPE, RMSNorm, SwiGLU.
+//! One transformer block: RMSNorm, grouped-query attention with RoPE, RMSNorm, a gated
+//! feed-forward network; with the parts some families add: RMS norms on each head's query
+//! and key (qwen3, gemma 3), norms after attention and after the FFN (gemma 3), GELU gating
+//! (gemma 3) and a sliding attention window (gemma 3's local layers).
 
 use candle_core::{Device, Tensor};
 
@@ -8,7 +11,7 @@ use super::linear::{load_vector, MultiLinear, QLinear};
 use super::rope::Rope;
 use super::{host_attention, host_rows};
 use crate::error::{Error, Result};
-use crate::gguf::{GgufFile, ModelConfig};
+use crate::gguf::{Activation, GgufFile, ModelConfig};
 
 /// Weights of one block.
 #[derive(Debug)]
@@ -21,7 +24,25 @@ pub struct Block {
     down: QLinear,
     shape: AttnShape,
     eps: f32,
+    /// Per-head RMS norms of the queries and keys, before RoPE.
+    qk_norm: Option<(Tensor, Tensor)>,
+    /// Norms of the attention output and of the FFN output, before each residual add.
+    post_norms: Option<(Tensor, Tensor)>,
+    activation: Activation,
+    /// Keys a query sees on this layer, itself included (`None`: all).
+    window: Option<usize>,
 }
+
+/// The optional per-block tensors, by GGUF suffix.
+const OPTIONAL: [&str; 7] = [
+    "attn_q.bias",
+    "attn_k.bias",
+    "attn_v.bias",
+    "attn_q_norm.weight",
+    "attn_k_norm.weight",
+    "post_attention_norm.weight",
+    "post_ffw_norm.weight",
+];
 
 impl Block {
     /// The GGUF tensor names of block `i` (biases included when present).
@@ -41,7 +62,7 @@ impl Block {
         .iter()
         .map(|s| format!("{p}{s}"))
         .collect();
-        for b in ["attn_q.bias", "attn_k.bias", "attn_v.bias"] {
+        for b in OPTIONAL {
             let n = format!("{p}{b}");
             if file.tensor(&n).is_some() {
                 names.push(n);
@@ -65,7 +86,25 @@ impl Block {
             device,
         )?;
         let (gn, un) = (n("ffn_gate.weight"), n("ffn_up.weight"));
+        // Norm pairs: both or neither (one alone is a broken file).
+        let pair = |a: &str, b: &str, len: usize| -> Result<Option<(Tensor, Tensor)>> {
+            match (file.tensor(&n(a)).is_some(), file.tensor(&n(b)).is_some()) {
+                (false, false) => Ok(None),
+                (true, true) => Ok(Some((
+                    load_vector(file, &n(a), len, device)?,
+                    load_vector(file, &n(b), len, device)?,
+                ))),
+                _ => Err(Error::BadTensor {
+                    tensor: n(a),
+                    reason: format!("{a} and {b} come in pairs; this block has one"),
+                }),
+            }
+        };
         Ok(Block {
+            qk_norm: pair("attn_q_norm.weight", "attn_k_norm.weight", cfg.head_dim)?,
+            post_norms: pair("post_attention_norm.weight", "post_ffw_norm.weight", h)?,
+            activation: cfg.activation,
+            window: cfg.window_of(i as usize),
             attn_norm: load_vector(file, &n("attn_norm.weight"), h, device)?,
             qkv,
             o: QLinear::load(file, &n("attn_output.weight"), h, q, device)?,
@@ -83,7 +122,13 @@ impl Block {
 
     /// Bytes held by the block's weights.
     pub fn nbytes(&self) -> usize {
+        let pair = |p: &Option<(Tensor, Tensor)>| {
+            p.as_ref()
+                .map_or(0, |(a, b)| (a.elem_count() + b.elem_count()) * 4)
+        };
         (self.attn_norm.elem_count() + self.ffn_norm.elem_count()) * 4
+            + pair(&self.qk_norm)
+            + pair(&self.post_norms)
             + self.qkv.nbytes()
             + self.o.nbytes()
             + self.gate_up.nbytes()
@@ -106,6 +151,13 @@ impl Block {
         let parts = self.qkv.forward(&h)?;
         let [q, k, v] = <[Tensor; 3]>::try_from(parts)
             .map_err(|_| Error::InvalidInput("qkv projection did not split in three".into()))?;
+        let (q, k) = match &self.qk_norm {
+            Some((qn, kn)) => (
+                host_rows::rms_norm_heads(&q, qn, s.head_dim, self.eps)?,
+                host_rows::rms_norm_heads(&k, kn, s.head_dim, self.eps)?,
+            ),
+            None => (q, k),
+        };
         let rows = StepRows {
             q: &q,
             k: &k,
@@ -113,6 +165,7 @@ impl Block {
             layer: li,
             rope,
             shape: s,
+            window: self.window,
         };
         let a = if segs.iter().all(|g| g.cache.is_host()) {
             host_attention::attend(rows, segs)?
@@ -121,19 +174,25 @@ impl Block {
         } else {
             attend_each(rows, segs)?
         };
-        let x = (x + self.o.forward(&a)?)?;
+        let post = |t: Tensor, which: usize| -> Result<Tensor> {
+            match &self.post_norms {
+                Some(p) => host_rows::rms_norm(&t, if which == 0 { &p.0 } else { &p.1 }, self.eps),
+                None => Ok(t),
+            }
+        };
+        let x = (x + post(self.o.forward(&a)?, 0)?)?;
         let h = host_rows::rms_norm(&x, &self.ffn_norm, self.eps)?;
-        let act = match self.gate_up.silu_mul_host(&h)? {
+        let act = match self.gate_up.gate_mul_host(&h, self.activation)? {
             Some(act) => act,
             None => {
                 let parts = self.gate_up.forward(&h)?;
                 let [g, u] = <[Tensor; 2]>::try_from(parts).map_err(|_| {
                     Error::InvalidInput("gate/up projection did not split in two".into())
                 })?;
-                host_rows::silu_mul(&g, &u)?
+                host_rows::gate_mul(&g, &u, self.activation)?
             }
         };
-        Ok((x + self.down.forward(&act)?)?)
+        Ok((x + post(self.down.forward(&act)?, 1)?)?)
     }
 }
 
@@ -162,7 +221,12 @@ impl Block {
     /// The block's parts for the fused path: `None` when q/k/v or gate/up are not each one
     /// matrix (their types differ) or a projection has a bias.
     pub fn fused_parts(&self) -> Option<FusedParts<'_>> {
-        if self.o.has_bias() || self.down.has_bias() {
+        // The fused kernels implement the llama block only.
+        let llama_block = self.qk_norm.is_none()
+            && self.post_norms.is_none()
+            && self.activation == Activation::Silu
+            && self.window.is_none();
+        if !llama_block || self.o.has_bias() || self.down.has_bias() {
             return None;
         }
         Some(FusedParts {
@@ -184,7 +248,7 @@ impl Block {
 /// comparisons.
 fn cuda_decode(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
-    {
+    if rows.window.is_none() {
         use crate::cuda::decode_attention;
         let o = crate::cuda_options::get();
         // `mixed` off: steps that hold a prefill chunk take candle's ops throughout.

@@ -33,6 +33,7 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
         layer: li,
         rope,
         shape: s,
+        window,
     } = rows;
     let hd = s.head_dim;
     let (width, kvw) = (s.heads * hd, s.kv_heads * hd);
@@ -81,7 +82,9 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
     let mut tmp = vec![0f32; kvw];
     let mut at = 0;
     for g in segs.iter_mut() {
-        let span = g.start * kvw..(g.start + g.len) * kvw;
+        // Position p of the layer lives in row p % rows (the identity until a windowed
+        // layer becomes a ring).
+        let rows_held = g.cache.layer_rows(li).max(1);
         let layer = g
             .cache
             .host_layer_mut(li)
@@ -90,34 +93,27 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
             HostKvMut::F16(l) => l.k.len(),
             HostKvMut::F32(l) => l.k.len(),
         };
-        if span.end > room {
+        if (g.start + g.len).min(rows_held) * kvw > room || g.len > rows_held {
             return Err(Error::InvalidInput(format!(
                 "host attention: rows up to {} but room for {} reserved",
                 g.start + g.len,
                 room / kvw
             )));
         }
-        let (kd, vd) = match layer {
-            HostKvMut::F16(l) => (
-                KvDst::F16(&mut l.k[span.clone()]),
-                KvDst::F16(&mut l.v[span]),
-            ),
-            HostKvMut::F32(l) => (
-                KvDst::F32(&mut l.k[span.clone()]),
-                KvDst::F32(&mut l.v[span]),
-            ),
+        let (mut kd, mut vd) = match layer {
+            HostKvMut::F16(l) => (KvDst::F16(&mut l.k[..]), KvDst::F16(&mut l.v[..])),
+            HostKvMut::F32(l) => (KvDst::F32(&mut l.k[..]), KvDst::F32(&mut l.v[..])),
         };
-        let mut kd = kd;
+        let row_of = |t: usize| (g.start + t) % rows_held * kvw;
         with_rows(k, |rows| {
             for t in 0..g.len {
                 rope.rotate_row(rows.row(at + t), &mut tmp, s.kv_heads, g.start + t);
-                kd.put(t * kvw, &tmp);
+                kd.put(row_of(t), &tmp);
             }
         })?;
-        let mut vd = vd;
         with_rows(v, |rows| {
             for t in 0..g.len {
-                vd.put(t * kvw, rows.row(at + t));
+                vd.put(row_of(t), rows.row(at + t));
             }
         })?;
         at += g.len;
@@ -126,8 +122,9 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
     // 2. One parallel region over every (row, KV head) of every segment.
     struct RowAt<'a> {
         kv: HostKv<'a>,
-        /// Position of the row: it attends to cache rows `0..=pos`.
-        pos: usize,
+        /// The cache rows of the positions the row attends to, in position order: one run,
+        /// or two around a ring.
+        runs: [std::ops::Range<usize>; 2],
     }
     let mut row_at = Vec::with_capacity(n);
     for g in segs.iter() {
@@ -136,12 +133,14 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
             .host_layer(li)
             .ok_or_else(|| Error::InvalidInput("host attention needs a host cache".into()))??;
         for t in 0..g.len {
+            let pos = g.start + t;
+            let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
             row_at.push(RowAt {
                 kv: match kv {
                     HostKv::F16(l) => HostKv::F16(l),
                     HostKv::F32(l) => HostKv::F32(l),
                 },
-                pos: g.start + t,
+                runs: g.cache.spans(li, lo, pos + 1),
             });
         }
     }
@@ -152,9 +151,10 @@ pub fn attend(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
         let at = &row_at[r];
         let q0 = r * width + kvh * group * hd;
         let qg = &qr[q0..q0 + group * hd];
+        let runs = &at.runs;
         match at.kv {
-            HostKv::F16(l) => group_heads(qg, &l.k, &l.v, kvw, kvh * hd, hd, at.pos + 1, o),
-            HostKv::F32(l) => group_heads(qg, &l.k, &l.v, kvw, kvh * hd, hd, at.pos + 1, o),
+            HostKv::F16(l) => group_heads(qg, &l.k, &l.v, kvw, kvh * hd, hd, runs, o),
+            HostKv::F32(l) => group_heads(qg, &l.k, &l.v, kvw, kvh * hd, hd, runs, o),
         }
     });
     Ok(Tensor::from_vec(out, (n, width), &Device::Cpu)?)
@@ -193,8 +193,8 @@ struct Scratch {
 }
 
 /// The query heads of one KV head for one row: attends each head of `q` (`o.len() / hd`
-/// heads of `hd`) to cache rows `0..upto` (each `kvw` wide, this KV head's columns starting
-/// at `col`), writing the weighted values into `o`. The keys and values are widened to f32
+/// heads of `hd`) to the cache rows of `runs`, in order (each `kvw` wide, this KV head's
+/// columns starting at `col`), writing the weighted values into `o`. The keys and values are widened to f32
 /// once for the whole group; every head's scores, softmax and sums are formed exactly as
 /// attending it alone forms them (see [`dots`] and [`weighted_sum`]).
 #[allow(clippy::too_many_arguments)]
@@ -205,16 +205,25 @@ fn group_heads<T: KvElem>(
     kvw: usize,
     col: usize,
     hd: usize,
-    upto: usize,
+    runs: &[std::ops::Range<usize>; 2],
     o: &mut [f32],
 ) {
     let scale = 1.0 / (hd as f32).sqrt();
     let heads = o.len() / hd;
+    let upto = runs[0].len() + runs[1].len();
+    let widen = |src: &[T], rows: &mut [f32]| {
+        let mut at = 0;
+        for r in runs.iter().filter(|r| !r.is_empty()) {
+            let dst = &mut rows[at * hd..(at + r.len()) * hd];
+            T::widen_rows(&src[r.start * kvw + col..], kvw, hd, dst);
+            at += r.len();
+        }
+    };
     SCRATCH.with(|s| {
         let Scratch { rows, qh, weights } = &mut *s.borrow_mut();
         rows.resize(upto * hd, 0.0);
         weights.resize(heads * upto, 0.0);
-        T::widen_rows(&k[col..], kvw, hd, rows);
+        widen(k, rows);
         for (h, sc) in weights.chunks_exact_mut(upto).enumerate() {
             qh.clear();
             qh.extend(q[h * hd..(h + 1) * hd].iter().map(|&x| T::round(x)));
@@ -234,7 +243,7 @@ fn group_heads<T: KvElem>(
                 *x = T::round(*x * inv);
             }
         }
-        T::widen_rows(&v[col..], kvw, hd, rows);
+        widen(v, rows);
         for (oh, w) in o.chunks_exact_mut(hd).zip(weights.chunks_exact(upto)) {
             weighted_sum(oh, w, rows);
         }
@@ -300,8 +309,8 @@ mod tests {
                 let col = kvh * hd;
                 let mut got16 = vec![0f32; group * hd];
                 let mut got32 = vec![0f32; group * hd];
-                group_heads(&q, &k16, &v16, kvw, col, hd, upto, &mut got16);
-                group_heads(&q, &k32, &v32, kvw, col, hd, upto, &mut got32);
+                group_heads(&q, &k16, &v16, kvw, col, hd, &[0..upto, 0..0], &mut got16);
+                group_heads(&q, &k32, &v32, kvw, col, hd, &[0..upto, 0..0], &mut got32);
                 for h in 0..group {
                     let qh = &q[h * hd..(h + 1) * hd];
                     let mut want = vec![0f32; hd];
@@ -380,6 +389,7 @@ mod tests {
                             layer: 0,
                             rope: &rope,
                             shape: s,
+                            window: None,
                         },
                         &mut seg,
                     )?;
@@ -437,6 +447,7 @@ mod tests {
                     layer: 0,
                     rope: &rope,
                     shape: s,
+                    window: None,
                 },
                 &mut segs,
             )?;
@@ -465,6 +476,7 @@ mod tests {
                 kv_heads: 1,
                 head_dim: 8,
             },
+            window: None,
         };
         // three rows for a segment of two
         let mut segs = [Segment {

@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Storage, Tensor};
 
 use crate::error::{Error, Result};
+use crate::gguf::Activation;
 use crate::kernels::pool::parallel_chunks_mut;
 
 /// Rows of a CPU f32 tensor `[n, width]`, possibly a column slice of a wider one.
@@ -85,16 +86,24 @@ pub fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
 
 /// `silu(g) * u` for `g`, `u: [n, w]` (column slices of one tensor are fine).
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    gate_mul(g, u, Activation::Silu)
+}
+
+/// `act(g) * u` for `g`, `u: [n, w]` (column slices of one tensor are fine). On the CPU the
+/// GELU is llama.cpp's (see [`gelu_mul_row`]); elsewhere candle's tanh approximation.
+pub fn gate_mul(g: &Tensor, u: &Tensor, act: Activation) -> Result<Tensor> {
     if !host_f32(g) || !host_f32(u) || g.dims() != u.dims() {
-        return Ok((candle_nn::ops::silu(g)? * u)?);
+        return Ok(match act {
+            Activation::Silu => (candle_nn::ops::silu(g)? * u)?,
+            Activation::GeluTanh => (g.gelu()? * u)?,
+        });
     }
     let (n, w) = g.dims2()?;
+    let row_fn = row_fn(act);
     let mut out = vec![0f32; n * w];
     with_rows(g, |gr| {
         with_rows(u, |ur| {
-            parallel_chunks_mut(&mut out, w, |r, dst| {
-                silu_mul_row(gr.row(r), ur.row(r), dst)
-            })
+            parallel_chunks_mut(&mut out, w, |r, dst| row_fn(gr.row(r), ur.row(r), dst))
         })
     })??;
     Ok(Tensor::from_vec(out, (n, w), &Device::Cpu)?)
@@ -102,13 +111,66 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 
 /// [`silu_mul`] of rows `[gate | up]` of `2 w` values each, `y` holding them row-major.
 pub fn silu_mul_halves(y: &[f32], w: usize) -> Result<Tensor> {
+    gate_mul_halves(y, w, Activation::Silu)
+}
+
+/// [`gate_mul`] of rows `[gate | up]` of `2 w` values each, `y` holding them row-major.
+pub fn gate_mul_halves(y: &[f32], w: usize, act: Activation) -> Result<Tensor> {
     let n = y.len() / (2 * w).max(1);
+    let row_fn = row_fn(act);
     let mut out = vec![0f32; n * w];
     parallel_chunks_mut(&mut out, w, |r, dst| {
         let row = &y[r * 2 * w..(r + 1) * 2 * w];
-        silu_mul_row(&row[..w], &row[w..], dst)
+        row_fn(&row[..w], &row[w..], dst)
     });
     Ok(Tensor::from_vec(out, (n, w), &Device::Cpu)?)
+}
+
+fn row_fn(act: Activation) -> fn(&[f32], &[f32], &mut [f32]) {
+    match act {
+        Activation::Silu => silu_mul_row,
+        Activation::GeluTanh => gelu_mul_row,
+    }
+}
+
+/// `gelu_tanh(v) * b` as llama.cpp's CPU backend forms it: the GELU looked up for the
+/// f16-rounded input in a table of f16 values (0 below -10, the identity above 10).
+fn gelu_mul_row(g: &[f32], u: &[f32], dst: &mut [f32]) {
+    for ((d, &v), &b) in dst.iter_mut().zip(g).zip(u) {
+        let a = if v <= -10.0 {
+            0.0
+        } else if v >= 10.0 {
+            v
+        } else {
+            let x = half::f16::from_f32(v).to_f32();
+            half::f16::from_f32(gelu_tanh(x)).to_f32()
+        };
+        *d = a * b;
+    }
+}
+
+/// The tanh approximation of GELU, in llama.cpp's arrangement.
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh())
+}
+
+/// RMS norm of each `width`-wide piece of each row of `x: [n, pieces * width]`, times
+/// `alpha: [width]` (the per-head query and key norms of qwen3 and gemma 3).
+pub fn rms_norm_heads(x: &Tensor, alpha: &Tensor, width: usize, eps: f32) -> Result<Tensor> {
+    let (n, w) = x.dims2()?;
+    if width == 0 || !w.is_multiple_of(width) {
+        return Err(Error::InvalidInput(format!(
+            "rms_norm_heads: rows of {w} do not split into heads of {width}"
+        )));
+    }
+    let y = rms_norm(
+        &x.contiguous()?.reshape((n * (w / width), width))?,
+        alpha,
+        eps,
+    )?;
+    Ok(y.reshape((n, w))?)
 }
 
 /// candle's `silu(v) * b`, element by element.
@@ -133,6 +195,25 @@ mod tests {
         let (a, b): (Vec<f32>, Vec<f32>) =
             (a.flatten_all()?.to_vec1()?, b.flatten_all()?.to_vec1()?);
         Ok(a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()))
+    }
+
+    #[test]
+    fn gelu_follows_the_f16_table_and_candle_closely() -> Result<()> {
+        let g = data(3, 64, 0.1)?;
+        let u = data(3, 64, 0.7)?;
+        let ours = gate_mul(&g, &u, Activation::GeluTanh)?;
+        let exact = (g.gelu()? * &u)?;
+        let diff = (ours - exact)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        // f16 rounding of |gelu| < 4 and of its input: a few thousandths, times |u| < 4.
+        assert!(diff > 0.0 && diff < 0.05, "diff {diff}");
+        let mut d = [0f32; 3];
+        gelu_mul_row(&[-11.0, 12.0, 0.0], &[2.0, 2.0, 2.0], &mut d);
+        assert_eq!(d, [0.0, 24.0, 0.0]);
+        Ok(())
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! are the chunk-wise regrowths. Keys and values are stored as f16 by default, as llama.cpp
 //! does (half the memory of f32), or as f32 when asked.
 //!
+//! Layers that attend through a sliding window keep only the rows the window can still reach:
+//! once a session passes [`KvCache::ring_rows`] tokens, such a layer is a ring whose row for
+//! position `p` is `p % ring_rows`; [`KvCache::spans`] turns a range of positions into the
+//! (at most two) row ranges that hold them. A step may then write at most [`STEP_ROWS`] rows
+//! ([`crate::model::Stage`] splits longer ones).
+//!
 //! On the CPU the rows live in plain vectors ([`HostKv`]), which the batched host attention
 //! reads and writes directly for every session of a step at once; on other devices they are
 //! tensors that candle ops write and read.
@@ -18,6 +24,11 @@ use crate::kernels::vec::KvElem;
 
 /// Rows added per regrowth.
 pub const CHUNK: usize = 256;
+
+/// The most rows one step may write into a cache with windowed layers: a windowed layer
+/// keeps `window - 1 + STEP_ROWS` rows, the keys the step's first query still sees plus the
+/// step's own.
+pub const STEP_ROWS: usize = 256;
 
 /// Storage type of cached keys and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -103,10 +114,12 @@ impl Store {
     }
 }
 
-/// Grows every layer to exactly `elems` elements (not `Vec`'s doubling, so that the bytes
-/// held are the bytes counted); an allocation failure is an error, not an abort.
-fn grow_host<T: KvElem>(layers: &mut [HostLayer<T>], elems: usize) -> Result<()> {
-    for l in layers {
+/// Grows layer `i` to exactly `elems(i)` elements (not `Vec`'s doubling, so that the bytes
+/// held are the bytes counted), keeping its rows where they are; an allocation failure is
+/// an error, not an abort.
+fn grow_host<T: KvElem>(layers: &mut [HostLayer<T>], elems: impl Fn(usize) -> usize) -> Result<()> {
+    for (i, l) in layers.iter_mut().enumerate() {
+        let elems = elems(i);
         for buf in [&mut l.k, &mut l.v] {
             buf.try_reserve_exact(elems.saturating_sub(buf.len()))
                 .map_err(|e| {
@@ -128,6 +141,10 @@ pub struct KvCache {
     kv_dim: usize,
     dtype: DType,
     device: Device,
+    /// Per layer: whether it attends through a window (and so may become a ring).
+    windowed: Vec<bool>,
+    /// Rows a windowed layer keeps at most; `usize::MAX` when no layer is windowed.
+    ring_rows: usize,
 }
 
 impl KvCache {
@@ -139,6 +156,20 @@ impl KvCache {
         dtype: KvDtype,
         device: &Device,
     ) -> Result<Self> {
+        Self::windowed(&vec![None; n_layers], kv_dim, max_ctx, dtype, device)
+    }
+
+    /// An empty cache for blocks that attend through `windows[i]` (`None`: the whole
+    /// context). Windowed layers keep at most `window - 1 + STEP_ROWS` rows (the largest
+    /// window sets the bound).
+    pub fn windowed(
+        windows: &[Option<usize>],
+        kv_dim: usize,
+        max_ctx: usize,
+        dtype: KvDtype,
+        device: &Device,
+    ) -> Result<Self> {
+        let n_layers = windows.len();
         if max_ctx == 0 {
             return Err(Error::Config("max context must be at least 1".into()));
         }
@@ -159,6 +190,10 @@ impl KvCache {
             kv_dim,
             dtype: dtype.dtype(),
             device: device.clone(),
+            windowed: windows.iter().map(Option::is_some).collect(),
+            ring_rows: windows.iter().flatten().max().map_or(usize::MAX, |w| {
+                w.saturating_sub(1).saturating_add(STEP_ROWS)
+            }),
         };
         if matches!(c.store, Store::Device(_)) {
             c.store = Store::Device(
@@ -190,14 +225,57 @@ impl KvCache {
         self.max_ctx
     }
 
+    /// Rows layer `i` holds when the cache holds `capacity` positions.
+    fn rows_at(&self, i: usize, capacity: usize) -> usize {
+        match self.windowed.get(i) {
+            Some(true) => capacity.min(self.ring_rows),
+            _ => capacity,
+        }
+    }
+
+    /// Rows layer `i` holds now: a windowed layer past [`KvCache::ring_rows`] positions is a
+    /// ring of that many rows.
+    pub fn layer_rows(&self, i: usize) -> usize {
+        self.rows_at(i, self.capacity)
+    }
+
+    /// The most rows a windowed layer keeps (`usize::MAX` when no layer is windowed).
+    pub fn ring_rows(&self) -> usize {
+        self.ring_rows
+    }
+
+    /// The row ranges of layer `i` holding positions `a..b`, in position order: one range,
+    /// or two when they wrap around a ring (the second empty otherwise). The positions must
+    /// be within the layer's reach (`b - a` at most its rows).
+    pub fn spans(&self, i: usize, a: usize, b: usize) -> [std::ops::Range<usize>; 2] {
+        let rows = self.layer_rows(i).max(1);
+        debug_assert!(
+            b - a <= rows,
+            "positions {a}..{b} past the {rows} rows of layer {i}"
+        );
+        let (ra, n) = (a % rows, b - a);
+        if ra + n <= rows {
+            [ra..ra + n, 0..0]
+        } else {
+            [ra..rows, 0..ra + n - rows]
+        }
+    }
+
+    fn bytes_for(&self, capacity: usize) -> usize {
+        let rows: usize = (0..self.store.n_layers())
+            .map(|i| self.rows_at(i, capacity))
+            .sum();
+        2 * rows * self.kv_dim * self.dtype.size_in_bytes()
+    }
+
     /// Bytes held on the device.
     pub fn nbytes(&self) -> usize {
-        self.store.n_layers() * 2 * self.capacity * self.kv_dim * self.dtype.size_in_bytes()
+        self.bytes_for(self.capacity)
     }
 
     /// Bytes it would hold at its maximum context.
     pub fn max_nbytes(&self) -> usize {
-        self.store.n_layers() * 2 * self.max_ctx * self.kv_dim * self.dtype.size_in_bytes()
+        self.bytes_for(self.max_ctx)
     }
 
     /// Makes room for `n` more tokens, or fails without changing anything.
@@ -209,6 +287,11 @@ impl KvCache {
                 max: self.max_ctx,
             });
         }
+        if n > STEP_ROWS && self.ring_rows != usize::MAX {
+            return Err(Error::InvalidInput(format!(
+                "a step of {n} rows on a cache with windowed layers (at most {STEP_ROWS})"
+            )));
+        }
         if needed <= self.capacity {
             return Ok(());
         }
@@ -216,17 +299,34 @@ impl KvCache {
             .div_ceil(CHUNK)
             .saturating_mul(CHUNK)
             .min(self.max_ctx);
+        // A layer only grows while it holds every position so far (a ring never regrows),
+        // so its rows stay where they are.
+        let kv_dim = self.kv_dim;
+        let rows: Vec<usize> = (0..self.store.n_layers())
+            .map(|i| self.rows_at(i, cap))
+            .collect();
+        let old: Vec<usize> = (0..self.store.n_layers())
+            .map(|i| self.layer_rows(i))
+            .collect();
         match &mut self.store {
-            Store::HostF16(l) => grow_host(l, cap * self.kv_dim)?,
-            Store::HostF32(l) => grow_host(l, cap * self.kv_dim)?,
+            Store::HostF16(l) => grow_host(l, |i| rows[i] * kv_dim)?,
+            Store::HostF32(l) => grow_host(l, |i| rows[i] * kv_dim)?,
             Store::Device(layers) => {
                 let mut grown = Vec::with_capacity(layers.len());
-                for l in layers.iter() {
-                    let z = || Tensor::zeros((cap, self.kv_dim), self.dtype, &self.device);
+                for (i, l) in layers.iter().enumerate() {
+                    if rows[i] == old[i] {
+                        grown.push(LayerKv {
+                            k: l.k.clone(),
+                            v: l.v.clone(),
+                        });
+                        continue;
+                    }
+                    let z = || Tensor::zeros((rows[i], kv_dim), self.dtype, &self.device);
                     let (k, v) = (z()?, z()?);
-                    if self.len > 0 {
-                        k.slice_set(&l.k.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
-                        v.slice_set(&l.v.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
+                    let kept = self.len.min(old[i]);
+                    if kept > 0 {
+                        k.slice_set(&l.k.narrow(0, 0, kept)?.contiguous()?, 0, 0)?;
+                        v.slice_set(&l.v.narrow(0, 0, kept)?.contiguous()?, 0, 0)?;
                     }
                     grown.push(LayerKv { k, v });
                 }
@@ -264,22 +364,33 @@ impl KvCache {
                 .zip(src)
                 .for_each(|(d, &s)| *d = T::from_f32(s));
         }
-        let span = start * w..(start + n) * w;
-        match self.host_layer_mut(i) {
-            Some(Ok(HostKvMut::F16(l))) => {
-                put(&mut l.k[span.clone()], &rows(k)?);
-                put(&mut l.v[span], &rows(v)?);
+        let spans = self.spans(i, start, start + n);
+        let (kr, vr) = (rows(k)?, rows(v)?);
+        let mut at = 0;
+        for span in spans.into_iter().filter(|s| !s.is_empty()) {
+            let (len, rs) = (span.len(), span.start);
+            let src = at * w..(at + len) * w;
+            let dst = rs * w..(rs + len) * w;
+            match self.host_layer_mut(i) {
+                Some(Ok(HostKvMut::F16(l))) => {
+                    put(&mut l.k[dst.clone()], &kr[src.clone()]);
+                    put(&mut l.v[dst], &vr[src]);
+                }
+                Some(Ok(HostKvMut::F32(l))) => {
+                    put(&mut l.k[dst.clone()], &kr[src.clone()]);
+                    put(&mut l.v[dst], &vr[src]);
+                }
+                Some(Err(e)) => return Err(e),
+                None => {
+                    let l = self.device_layer(i)?;
+                    let part = |t: &Tensor| -> Result<Tensor> {
+                        Ok(t.narrow(0, at, len)?.to_dtype(self.dtype)?.contiguous()?)
+                    };
+                    l.k.slice_set(&part(k)?, 0, rs)?;
+                    l.v.slice_set(&part(v)?, 0, rs)?;
+                }
             }
-            Some(Ok(HostKvMut::F32(l))) => {
-                put(&mut l.k[span.clone()], &rows(k)?);
-                put(&mut l.v[span], &rows(v)?);
-            }
-            Some(Err(e)) => return Err(e),
-            None => {
-                let l = self.device_layer(i)?;
-                l.k.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 0, start)?;
-                l.v.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 0, start)?;
-            }
+            at += len;
         }
         Ok(())
     }
@@ -289,7 +400,8 @@ impl KvCache {
         !matches!(self.store, Store::Device(_))
     }
 
-    /// The whole `[capacity, kv_dim]` buffers of layer `i` of a device cache.
+    /// The whole `[rows, kv_dim]` buffers of layer `i` of a device cache (see
+    /// [`KvCache::spans`] for which row holds which position).
     pub fn buffers(&self, i: usize) -> Result<(&Tensor, &Tensor)> {
         let l = self.device_layer(i)?;
         Ok((&l.k, &l.v))
@@ -329,11 +441,6 @@ impl KvCache {
     /// Marks `n` more tokens as cached, after every layer wrote them.
     pub fn advance(&mut self, n: usize) {
         self.len = (self.len + n).min(self.capacity);
-    }
-
-    /// Forgets everything after the first `len` tokens (kept capacity is reused).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
     }
 }
 
@@ -383,6 +490,44 @@ mod tests {
             })
         ));
         assert_eq!(c.len(), 10);
+        Ok(())
+    }
+
+    /// Gemma 3 270M's shape: 15 local layers (window 512) and 3 global ones, one KV head of
+    /// 256. At 8,192 tokens the local layers hold a ring of 767 rows each; positions map to
+    /// rows modulo the ring, in at most two runs.
+    #[test]
+    fn windowed_layers_keep_a_ring() -> Result<()> {
+        let windows: Vec<Option<usize>> = (0..18)
+            .map(|i| if (i + 1) % 6 == 0 { None } else { Some(512) })
+            .collect();
+        let mut c = KvCache::windowed(&windows, 256, 8192, KvDtype::F16, &Device::Cpu)?;
+        assert_eq!(c.ring_rows(), 767);
+        let full = 18 * 2 * 8192 * 256 * 2;
+        let ring = (15 * 767 + 3 * 8192) * 2 * 256 * 2;
+        assert_eq!(c.max_nbytes(), ring);
+        assert!(ring * 4 < full);
+        let k = Tensor::zeros((STEP_ROWS, 256), DType::F32, &Device::Cpu)?;
+        while c.len() < 8192 {
+            c.reserve(STEP_ROWS)?;
+            for i in 0..18 {
+                c.write(i, c.len(), &k, &k)?;
+            }
+            c.advance(STEP_ROWS);
+        }
+        assert_eq!(c.nbytes(), ring);
+        assert_eq!((c.layer_rows(0), c.layer_rows(5)), (767, 8192));
+        // The window of position 8191 starts at 7680 = 10 × 767 + 10: one run. 7600..7700
+        // wraps at 10 × 767 = 7670.
+        assert_eq!(c.spans(0, 7680, 8192), [10..522, 0..0]);
+        assert_eq!(c.spans(0, 7600, 7700), [697..767, 0..30]);
+        assert_eq!(c.spans(5, 7600, 7700), [7600..7700, 0..0]);
+        // a step longer than STEP_ROWS is refused: a ring could not hold it
+        let mut fresh = KvCache::windowed(&windows, 256, 8192, KvDtype::F16, &Device::Cpu)?;
+        assert!(matches!(
+            fresh.reserve(STEP_ROWS + 1),
+            Err(Error::InvalidInput(_))
+        ));
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! [`QLinear`]: a linear layer over a quantized GGUF weight.
 //!
 //! On CUDA (and for formats without a fast CPU path) it is candle's `QMatMul`. On CPU, for
-//! Q4_0, Q4_1 and Q8_0, it runs [`crate::kernels`] directly over the `QTensor`'s raw blocks.
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K and Q6_K, it runs
+//! [`crate::kernels`] directly over the `QTensor`'s raw blocks.
 
 use std::sync::Arc;
 
@@ -344,12 +345,16 @@ impl MultiLinear {
         }
     }
 
-    /// `silu(gate) * up` of a fused `[gate; up]` projection on the CPU's fast path, the
+    /// `act(gate) * up` of a fused `[gate; up]` projection on the CPU's fast path, the
     /// product itself held in scratch ([`QLinear::with_host_product`]); `Ok(None)` elsewhere.
-    pub fn silu_mul_host(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    pub fn gate_mul_host(
+        &self,
+        x: &Tensor,
+        act: crate::gguf::Activation,
+    ) -> Result<Option<Tensor>> {
         match self {
             MultiLinear::Fused(l, outs) if outs.len() == 2 && outs[0] == outs[1] => l
-                .with_host_product(x, |y| super::host_rows::silu_mul_halves(y, outs[0]))?
+                .with_host_product(x, |y| super::host_rows::gate_mul_halves(y, outs[0], act))?
                 .transpose(),
             _ => Ok(None),
         }

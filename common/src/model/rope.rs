@@ -17,6 +17,15 @@ pub struct Rope {
     sin_host: Vec<f32>,
 }
 
+/// How a model stretches RoPE past its training length.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RopeScaling {
+    /// Positions are divided by this (`rope.scaling.type = linear`); 1 or 0 for none.
+    pub linear: f32,
+    /// Per-frequency divisors (llama 3.1's `rope_freqs.weight`, `head_dim / 2` of them).
+    pub freq_factors: Option<Vec<f32>>,
+}
+
 impl Rope {
     /// Tables for heads of `head_dim` with base `base`, up to `max_pos` positions.
     pub fn new(
@@ -26,12 +35,48 @@ impl Rope {
         max_pos: usize,
         device: &Device,
     ) -> Result<Self> {
+        Self::scaled(
+            style,
+            head_dim,
+            base,
+            &RopeScaling::default(),
+            max_pos,
+            device,
+        )
+    }
+
+    /// As [`Rope::new`], with the model's scaling: the angle of pair `i` at position `p` is
+    /// `p / linear * base^(-2i/d) / freq_factors[i]`.
+    pub fn scaled(
+        style: RopeStyle,
+        head_dim: usize,
+        base: f32,
+        scaling: &RopeScaling,
+        max_pos: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
+        if let Some(f) = &scaling.freq_factors {
+            if f.len() != half || f.iter().any(|&x| !(x.is_finite() && x > 0.0)) {
+                return Err(crate::error::Error::InvalidInput(format!(
+                    "rope frequency factors: {} values, expected {half} positive ones",
+                    f.len()
+                )));
+            }
+        }
+        let linear = if scaling.linear > 0.0 {
+            f64::from(scaling.linear)
+        } else {
+            1.0
+        };
         let mut cos = Vec::with_capacity(max_pos * half);
         let mut sin = Vec::with_capacity(max_pos * half);
         for p in 0..max_pos {
             for i in 0..half {
-                let theta = f64::from(base).powf(-2.0 * i as f64 / head_dim as f64);
+                let mut theta = f64::from(base).powf(-2.0 * i as f64 / head_dim as f64) / linear;
+                if let Some(f) = &scaling.freq_factors {
+                    theta /= f64::from(f[i]);
+                }
                 let a = p as f64 * theta;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);

@@ -10,16 +10,18 @@ use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 use super::block::{Block, Segment};
+use super::kv_cache::STEP_ROWS;
 use super::kv_cache::{KvCache, KvDtype};
 use super::layer_range::LayerRange;
 use super::linear::{load_qtensor, load_vector, QLinear};
-use super::rope::Rope;
+use super::rope::{Rope, RopeScaling};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, ModelConfig};
 
 const EMBD: &str = "token_embd.weight";
 const OUT: &str = "output.weight";
 const OUT_NORM: &str = "output_norm.weight";
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 #[derive(Debug)]
 struct Head {
@@ -39,6 +41,8 @@ pub struct Stage {
     blocks: Vec<Block>,
     head: Option<Head>,
     rope: Rope,
+    /// The tables of the sliding-window layers, when their RoPE base differs.
+    rope_local: Option<Rope>,
     tensor_names: Vec<String>,
 }
 
@@ -124,7 +128,32 @@ impl Stage {
         // A last stage that is not first keeps the tied embedding only as its head.
         let embedding = if first { embedding } else { None };
 
-        let rope = Rope::new(cfg.rope_style, cfg.head_dim, cfg.rope_base, max_ctx, device)?;
+        let freq_factors = match file.tensor(ROPE_FREQS) {
+            Some(_) => {
+                tensor_names.push(ROPE_FREQS.to_string());
+                let f = load_vector(file, ROPE_FREQS, cfg.head_dim / 2, &Device::Cpu)?;
+                Some(f.to_vec1::<f32>()?)
+            }
+            None => None,
+        };
+        let scaling = RopeScaling {
+            linear: cfg.rope_linear_scale,
+            freq_factors,
+        };
+        let rope = Rope::scaled(
+            cfg.rope_style,
+            cfg.head_dim,
+            cfg.rope_base,
+            &scaling,
+            max_ctx,
+            device,
+        )?;
+        let rope_local = match cfg.sliding_window {
+            Some(w) if range.iter().any(|i| cfg.window_of(i as usize).is_some()) => Some(
+                Rope::new(cfg.rope_style, cfg.head_dim, w.rope_base, max_ctx, device)?,
+            ),
+            _ => None,
+        };
         Ok(Stage {
             cfg,
             range,
@@ -135,6 +164,7 @@ impl Stage {
             blocks,
             head,
             rope,
+            rope_local,
             tensor_names,
         })
     }
@@ -209,13 +239,12 @@ impl Stage {
                 self.max_ctx
             )));
         }
-        KvCache::new(
-            self.blocks.len(),
-            self.cfg.kv_dim(),
-            max_ctx,
-            dtype,
-            &self.device,
-        )
+        let windows: Vec<Option<usize>> = self
+            .range
+            .iter()
+            .map(|i| self.cfg.window_of(i as usize))
+            .collect();
+        KvCache::windowed(&windows, self.cfg.kv_dim(), max_ctx, dtype, &self.device)
     }
 
     /// Token ids -> `[n, hidden]` hidden states. First stage only.
@@ -234,7 +263,11 @@ impl Stage {
             )));
         }
         let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
-        Ok(e.embedding(&ids)?)
+        let x = e.embedding(&ids)?;
+        Ok(match self.cfg.embed_scale {
+            Some(f) => (x * f64::from(f))?,
+            None => x,
+        })
     }
 
     /// Runs this stage's blocks on `x: [n, hidden]`, whose rows are the session's tokens at
@@ -264,6 +297,9 @@ impl Stage {
                 "{n} activation rows for segments of {rows}"
             )));
         }
+        if self.cfg.sliding_window.is_some() && segs.iter().any(|s| s.len > STEP_ROWS) {
+            return self.forward_in_steps(x, segs);
+        }
         for s in segs.iter_mut() {
             if s.cache.len() != s.start {
                 return Err(Error::PositionMismatch {
@@ -282,12 +318,44 @@ impl Stage {
             return Ok(y);
         }
         for (li, b) in self.blocks.iter().enumerate() {
-            x = b.forward(&x, segs, li, &self.rope)?;
+            let local = self
+                .cfg
+                .window_of(self.range.start() as usize + li)
+                .is_some();
+            let rope = match (&self.rope_local, local) {
+                (Some(r), true) => r,
+                _ => &self.rope,
+            };
+            x = b.forward(&x, segs, li, rope)?;
         }
         for s in segs.iter_mut() {
             s.cache.advance(s.len);
         }
         Ok(x)
+    }
+
+    /// [`Stage::forward_batch`] for a step with a segment longer than [`STEP_ROWS`] on a
+    /// model with windowed layers (whose caches take at most that many rows a step): each
+    /// segment alone, [`STEP_ROWS`] rows at a time, which causal attention makes the same.
+    fn forward_in_steps(&self, x: &Tensor, segs: &mut [Segment<'_>]) -> Result<Tensor> {
+        let mut outs = Vec::new();
+        let mut at = 0;
+        for s in segs.iter_mut() {
+            let mut done = 0;
+            while done < s.len {
+                let len = (s.len - done).min(STEP_ROWS);
+                let rows = x.narrow(0, at + done, len)?;
+                let mut one = [Segment {
+                    cache: &mut *s.cache,
+                    start: s.start + done,
+                    len,
+                }];
+                outs.push(self.forward_batch(&rows, &mut one)?);
+                done += len;
+            }
+            at += s.len;
+        }
+        Ok(Tensor::cat(&outs, 0)?)
     }
 
     /// The blocks and the rope tables, for comparing paths in tests.

@@ -33,6 +33,33 @@ pub const TEMPLATE_FUEL: u64 = 2_000_000;
 /// anyway, far below this.
 pub const MAX_RENDERED_BYTES: usize = 8 << 20;
 
+/// Gemma's turn format, as llama.cpp applies it when a gemma file carries no template:
+/// `assistant` is `model`, system messages are trimmed and put before the next user turn,
+/// every message is trimmed and ends with `<end_of_turn>`.
+const GEMMA_TURNS: &str = r"{%- set ns = namespace(system='') -%}
+{%- for m in messages -%}
+{%- if m.role == 'system' -%}
+{%- set ns.system = ns.system ~ (m.content | trim) -%}
+{%- else -%}
+{%- set role = 'model' if m.role == 'assistant' else m.role -%}
+{{- '<start_of_turn>' ~ role ~ '\n' -}}
+{%- if ns.system and role != 'model' -%}
+{{- ns.system ~ '\n\n' -}}
+{%- set ns.system = '' -%}
+{%- endif -%}
+{{- (m.content | trim) ~ '<end_of_turn>\n' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}";
+
+/// The template an architecture falls back to when its file has none.
+pub fn builtin_for(architecture: &str) -> Option<&'static str> {
+    match architecture {
+        "gemma" | "gemma2" | "gemma3" => Some(GEMMA_TURNS),
+        _ => None,
+    }
+}
+
 /// A buffer that refuses to grow past [`MAX_RENDERED_BYTES`] (and remembers that it did).
 #[derive(Default)]
 struct Bounded {
@@ -141,6 +168,28 @@ mod tests {
                 started.elapsed()
             );
         }
+    }
+
+    #[test]
+    fn gemma_turns_follow_llama_cpp() -> Result<()> {
+        let t = ChatTemplate::new(builtin_for("gemma3").expect("gemma has one"), "<bos>", "")?;
+        let out = t.render(
+            &[
+                ChatMessage::new("system", " Be brief. "),
+                ChatMessage::new("user", "Hi\n"),
+                ChatMessage::new("assistant", "Hello."),
+                ChatMessage::new("user", "Why?"),
+            ],
+            true,
+        )?;
+        assert_eq!(
+            out,
+            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n\
+             <start_of_turn>model\nHello.<end_of_turn>\n\
+             <start_of_turn>user\nWhy?<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert!(builtin_for("llama").is_none());
+        Ok(())
     }
 
     #[test]

@@ -27,6 +27,8 @@ const EOG_TEXTS: &[&str] = &[
     "<end_of_turn>",
     "<|endoftext|>",
     "<|eom_id|>",
+    "</s>",
+    "<end_of_utterance>",
     "<EOT>",
     "_<EOT>",
     "<|end_of_text|>",
@@ -97,7 +99,22 @@ impl TextTokenizer {
             }
         }
         let text = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize)).map_or("", |s| *s);
-        let chat = match meta.opt_str("tokenizer.chat_template")? {
+        let arch = meta.opt_str("general.architecture")?;
+        let source = match meta.opt_str("tokenizer.chat_template")? {
+            Some(src) => Some(src),
+            None => {
+                let fallback = chat::builtin_for(arch.unwrap_or(""));
+                if fallback.is_some() {
+                    tracing::info!(
+                        architecture = arch.unwrap_or(""),
+                        "the model file has no tokenizer.chat_template; using the \
+                         architecture's own turn format"
+                    );
+                }
+                fallback
+            }
+        };
+        let chat = match source {
             Some(src) => Some(ChatTemplate::new(
                 src,
                 text(bos),
