@@ -39,7 +39,7 @@ pub enum Error {
         reason: String,
     },
     /// The model's architecture is not one this runtime implements.
-    #[error("unsupported model architecture `{0}` (supported: llama, qwen2)")]
+    #[error("unsupported model architecture `{0}` (supported: llama, qwen2, qwen3, gemma3)")]
     UnsupportedArchitecture(String),
     /// A tensor uses a quantization this runtime does not implement.
     #[error("tensor `{tensor}` uses unsupported type {dtype}")]

@@ -85,3 +85,40 @@ fn matmul_versus_candle() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The decode head of Gemma 3 270M (262,144 × 640, Q8_0, 178 MB): our product's read
+/// bandwidth for one token, against a plain parallel sum over the same bytes.
+#[test]
+#[ignore = "a timing, not a check: run with --ignored --nocapture"]
+fn head_bandwidth() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let (kind, rows, k) = (QuantKind::Q8_0, 262_144usize, 640usize);
+    let blocks = k / kind.block_elems();
+    let bytes: Vec<u8> = (0..rows)
+        .flat_map(|_| random_row(kind, blocks, &mut rng))
+        .collect();
+    let x: Vec<f32> = (0..k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let mut out = vec![0f32; rows];
+    let ours = time(|| matmul(kind, &bytes, rows, k, &x, &mut out));
+    let words: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    let mut sums = vec![0u64; 64];
+    let sum = time(|| {
+        let per = words.len().div_ceil(64);
+        super::pool::parallel_chunks_mut(&mut sums, 1, |i, s| {
+            let part = &words[(i * per).min(words.len())..((i + 1) * per).min(words.len())];
+            s[0] = part.iter().fold(0u64, |a, &w| a.wrapping_add(w));
+        });
+    });
+    let gb = bytes.len() as f64 / 1e9;
+    println!(
+        "head {rows}x{k} Q8_0 ({:.0} MB): ours {:.2} ms ({:.1} GB/s); plain sum {:.2} ms ({:.1} GB/s)",
+        gb * 1e3,
+        ours.as_secs_f64() * 1e3,
+        gb / ours.as_secs_f64(),
+        sum.as_secs_f64() * 1e3,
+        gb / sum.as_secs_f64(),
+    );
+}

@@ -188,6 +188,7 @@ unsafe fn q4_1_rows<D: Dot>(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let (mut mins0, mut mins1) = (0f32, 0f32);
         for (k, a) in acts.iter().enumerate() {
+            prefetch_ahead(p0, k * 40);
             let qa = acts_q(a);
             mins0 += q4_1_block::<D>(p0.add(k * 20), a, qa, &mut acc0);
             mins1 += q4_1_block::<D>(p1.add(k * 20), a, qa, &mut acc1);
@@ -214,12 +215,24 @@ unsafe fn q4_0_rows<D: Dot>(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f
         let mut acc = _mm256_setzero_ps();
         for (k, a) in acts.iter().enumerate() {
             let b = p.add(k * 18);
+            prefetch_ahead(b, 0);
             let d = _mm_cvtss_f32(f16x2(b));
             let qx = _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot_ss::<D>(qx, acts_q(a)), acc);
         }
         *y = hsum(acc);
     }
+}
+
+/// Bytes ahead of the current position that the row kernels ask the cache for. With short
+/// rows (the 640-wide head of Gemma 3: 20 blocks) the loads stalled on memory: the kernel
+/// read 13.7 GB/s where a plain sum over the same bytes reads 55.
+const PREFETCH_AHEAD: usize = 4096;
+
+/// Asks for the cache line `PREFETCH_AHEAD` bytes past `p + at` (a hint: it never faults).
+#[inline(always)]
+pub(crate) unsafe fn prefetch_ahead(p: *const u8, at: usize) {
+    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at + PREFETCH_AHEAD) as *const i8);
 }
 
 #[inline(always)]
@@ -237,6 +250,7 @@ unsafe fn q8_0_rows<D: Dot>(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f
         let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for (k, a) in acts.iter().enumerate() {
+            prefetch_ahead(p0, k * 68);
             let qa = acts_q(a);
             q8_0_block::<D>(p0.add(k * 34), a, qa, &mut acc0);
             q8_0_block::<D>(p1.add(k * 34), a, qa, &mut acc1);

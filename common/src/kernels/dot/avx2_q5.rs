@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{acts_q, dot_ss, f16x2, hsum, nibbles, tile_scales, Dot};
+use super::avx2::{acts_q, dot_ss, f16x2, hsum, nibbles, prefetch_ahead, tile_scales, Dot};
 use super::{ActBlock, TILE};
 
 /// The 32 bits at `p` (little-endian) as 32 bytes, 0xFF where bit `j` is set: llama.cpp's
@@ -78,6 +78,7 @@ pub(crate) unsafe fn q5_0_rows<D: Dot>(
         let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for (k, a) in acts.iter().enumerate() {
+            prefetch_ahead(p0, k * 44);
             let qa = acts_q(a);
             q5_0_block::<D>(p0.add(k * 22), a, qa, &mut acc0);
             q5_0_block::<D>(p1.add(k * 22), a, qa, &mut acc1);
@@ -111,6 +112,7 @@ pub(crate) unsafe fn q5_1_rows<D: Dot>(
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let (mut mins0, mut mins1) = (0f32, 0f32);
         for (k, a) in acts.iter().enumerate() {
+            prefetch_ahead(p0, k * 48);
             let qa = acts_q(a);
             mins0 += q5_1_block::<D>(p0.add(k * 24), a, qa, &mut acc0);
             mins1 += q5_1_block::<D>(p1.add(k * 24), a, qa, &mut acc1);

@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::ActBlockK;
-use crate::kernels::dot::avx2::{f16x2, hsum};
+use crate::kernels::dot::avx2::{f16x2, hsum, prefetch_ahead};
 use crate::kernels::dot::TILE;
 
 /// The bounds every kernel relies on: the tokens' rows all `kb` blocks long, and `rows` weight
@@ -165,6 +165,9 @@ unsafe fn q45_k_dots<const N: usize, const Q5: bool>(
     let mut summs = [0f32; N];
     for k in 0..acts[0].len() {
         let b = p.add(k * bb);
+        for line in (0..bb).step_by(64) {
+            prefetch_ahead(b, line);
+        }
         let a = blocks_at(acts, k);
         let dm = f16x2(b);
         let (d, dmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
@@ -247,6 +250,9 @@ pub(super) unsafe fn q6_k_dots<const N: usize>(p: *const u8, acts: &[&[ActBlockK
     let mut acc = [_mm256_setzero_ps(); N];
     for k in 0..acts[0].len() {
         let b = p.add(k * 210);
+        for line in (0..210).step_by(64) {
+            prefetch_ahead(b, line);
+        }
         let a = blocks_at(acts, k);
         let d = _mm_cvtss_f32(f16x2(b.add(208)));
         let scales = _mm_loadu_si128(b.add(192) as *const __m128i);

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# On the GPU machine, one call: the model families and K-quants on CUDA, against llama.cpp
+# built for CUDA in the same run.
+#   bash scripts/gpu-models.sh PACK OUT
+# PACK holds bins.tar.xz (shard-node built by scripts/build-cuda.sh), tok.gguf (a tokenizer:
+# any small GGUF with one) and llama-src.tar.xz (llama.cpp's sources, as vendored by
+# llama-cpp-python). Writes logs and JSON lines under OUT:
+#   llama-build.log   llama.cpp's CUDA build (sm_90, llama-bench only), run in the background
+#   compare-*.jsonl   `shard-node compare` CPU against cuda:0, per step, for small synthetic
+#                     gemma3 (window 64, prompts past it), qwen3 and llama Q4_K_M models
+#   bench-*.jsonl     `shard-node bench` on an 8B-shaped Q4_K_M model (and Q4_0 for scale)
+#   llama-bench.jsonl llama.cpp's llama-bench on the same files
+set -uo pipefail
+pack=${1:?pack folder}
+out=${2:?output folder}
+mkdir -p "$out" /tmp/gm
+here=$(cd "$(dirname "$0")/.." && pwd)
+run() { bash "$here/scripts/on-device.sh" "$@"; }
+
+tar xJf "$pack/bins.tar.xz" -C /tmp/gm
+bin=/tmp/gm/shard-node
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
+
+# llama.cpp for CUDA, in the background while ours runs
+(
+  cd /tmp/gm && tar xJf "$pack/llama-src.tar.xz" && cd llama.cpp &&
+  cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release &&
+  cmake --build build --target llama-bench -j 12
+) > "$out/llama-build.log" 2>&1 &
+llama_build=$!
+
+# 1. Correctness on cuda:0 against the CPU, small synthetic models of each new family.
+prompt=$(for i in $(seq 1 50); do printf 'item %d is %d. ' "$i" $((i * 7 % 13)); done)
+small="--layers 6 --hidden 512 --ffn 1024 --heads 4 --kv-heads 2 --context 2048 --seed 7"
+for spec in "gemma3 q4_k_m --sliding-window 64" "qwen3 q4_k_m" "llama q4_k_m --rope-freqs" "qwen2 q8_0"; do
+  set -- $spec
+  name="$1-$2"
+  arch=$1; quant=$2; shift 2
+  run "$bin" synth-model --arch "$arch" --quant "$quant" $small "$@" \
+    --tokenizer-from "$pack/tok.gguf" --out "/tmp/gm/$name.gguf" > /dev/null
+  run "$bin" compare --model "/tmp/gm/$name.gguf" --device cuda:0 --prompt "$prompt" \
+    --max-tokens 24 > "$out/compare-$name.jsonl" 2> "$out/compare-$name.log"
+  echo "compare $name rc=$?"
+done
+
+# 2. Speed: 8B-shaped files, ours then llama.cpp's.
+for quant in q4_k_m q4_0; do
+  run "$bin" synth-model --quant "$quant" --tokenizer-from "$pack/tok.gguf" \
+    --out "/tmp/gm/8b-$quant.gguf" > /dev/null
+  run "$bin" bench --model "/tmp/gm/8b-$quant.gguf" --device cuda:0 --prompt-tokens 512 \
+    --gen-tokens 128 --runs 2 > "$out/bench-$quant.jsonl" 2> "$out/bench-$quant.log"
+  echo "bench $quant rc=$?"
+done
+wait "$llama_build"
+echo "llama.cpp build rc=$?"
+lb=/tmp/gm/llama.cpp/build/bin/llama-bench
+if [ -x "$lb" ]; then
+  for quant in q4_k_m q4_0; do
+    run "$lb" -m "/tmp/gm/8b-$quant.gguf" -p 512 -n 128 -r 2 -ngl 99 -o jsonl \
+      >> "$out/llama-bench.jsonl" 2>> "$out/llama-bench.log"
+    echo "llama-bench $quant rc=$?"
+  done
+fi
