@@ -181,31 +181,9 @@ unsafe fn q4_1_block<D: Dot>(b: *const u8, a: &ActBlock, qa: __m256i, acc: &mut 
 // sums. Two rows run interleaved to hide the FMA latency without changing that order.
 #[inline(always)]
 unsafe fn q4_1_rows<D: Dot>(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f32], row0: usize) {
-    let mut pairs = out.chunks_exact_mut(2);
-    let mut r = row0;
-    for pair in &mut pairs {
-        let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut mins0, mut mins1) = (0f32, 0f32);
-        for (k, a) in acts.iter().enumerate() {
-            prefetch_ahead(p0, k * 40);
-            let qa = acts_q(a);
-            mins0 += q4_1_block::<D>(p0.add(k * 20), a, qa, &mut acc0);
-            mins1 += q4_1_block::<D>(p1.add(k * 20), a, qa, &mut acc1);
-        }
-        pair[0] = hsum(acc0) + mins0;
-        pair[1] = hsum(acc1) + mins1;
-        r += 2;
-    }
-    for y in pairs.into_remainder() {
-        let p = w.as_ptr().add(r * rb);
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for (k, a) in acts.iter().enumerate() {
-            mins += q4_1_block::<D>(p.add(k * 20), a, acts_q(a), &mut acc);
-        }
-        *y = hsum(acc) + mins;
-    }
+    pair_rows::<true>(w, rb, acts, out, row0, 20, |b, a, qa, acc| {
+        q4_1_block::<D>(b, a, qa, acc)
+    });
 }
 
 #[inline(always)]
@@ -235,6 +213,48 @@ pub(crate) unsafe fn prefetch_ahead(p: *const u8, at: usize) {
     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at + PREFETCH_AHEAD) as *const i8);
 }
 
+/// The row kernel of a 32-value block format, two rows at a time: `block(b, a, qa, acc)` adds
+/// one block's `d·ad·Σ q·qa` to `acc` and returns its min term (`m·s`, for the formats with a
+/// min: `MIN`), which is summed apart and added after the horizontal sum, in llama.cpp's
+/// order. `bb` is the block's bytes.
+#[inline(always)]
+pub(crate) unsafe fn pair_rows<const MIN: bool>(
+    w: &[u8],
+    rb: usize,
+    acts: &[ActBlock],
+    out: &mut [f32],
+    row0: usize,
+    bb: usize,
+    block: impl Fn(*const u8, &ActBlock, __m256i, &mut __m256) -> f32,
+) {
+    let finish = |acc: __m256, mins: f32| if MIN { hsum(acc) + mins } else { hsum(acc) };
+    let mut pairs = out.chunks_exact_mut(2);
+    let mut r = row0;
+    for pair in &mut pairs {
+        let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut mins0, mut mins1) = (0f32, 0f32);
+        for (k, a) in acts.iter().enumerate() {
+            prefetch_ahead(p0, k * 2 * bb);
+            let qa = acts_q(a);
+            mins0 += block(p0.add(k * bb), a, qa, &mut acc0);
+            mins1 += block(p1.add(k * bb), a, qa, &mut acc1);
+        }
+        pair[0] = finish(acc0, mins0);
+        pair[1] = finish(acc1, mins1);
+        r += 2;
+    }
+    for y in pairs.into_remainder() {
+        let p = w.as_ptr().add(r * rb);
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for (k, a) in acts.iter().enumerate() {
+            mins += block(p.add(k * bb), a, acts_q(a), &mut acc);
+        }
+        *y = finish(acc, mins);
+    }
+}
+
 #[inline(always)]
 unsafe fn q8_0_block<D: Dot>(b: *const u8, a: &ActBlock, qa: __m256i, acc: &mut __m256) {
     let d = _mm256_set1_ps(_mm_cvtss_f32(f16x2(b)) * a.d);
@@ -244,29 +264,10 @@ unsafe fn q8_0_block<D: Dot>(b: *const u8, a: &ActBlock, qa: __m256i, acc: &mut 
 
 #[inline(always)]
 unsafe fn q8_0_rows<D: Dot>(w: &[u8], rb: usize, acts: &[ActBlock], out: &mut [f32], row0: usize) {
-    let mut pairs = out.chunks_exact_mut(2);
-    let mut r = row0;
-    for pair in &mut pairs {
-        let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for (k, a) in acts.iter().enumerate() {
-            prefetch_ahead(p0, k * 68);
-            let qa = acts_q(a);
-            q8_0_block::<D>(p0.add(k * 34), a, qa, &mut acc0);
-            q8_0_block::<D>(p1.add(k * 34), a, qa, &mut acc1);
-        }
-        pair[0] = hsum(acc0);
-        pair[1] = hsum(acc1);
-        r += 2;
-    }
-    for y in pairs.into_remainder() {
-        let p = w.as_ptr().add(r * rb);
-        let mut acc = _mm256_setzero_ps();
-        for (k, a) in acts.iter().enumerate() {
-            q8_0_block::<D>(p.add(k * 34), a, acts_q(a), &mut acc);
-        }
-        *y = hsum(acc);
-    }
+    pair_rows::<false>(w, rb, acts, out, row0, 34, |b, a, qa, acc| {
+        q8_0_block::<D>(b, a, qa, acc);
+        0.0
+    });
 }
 
 /// The 4 tokens' scales `d` and min terms `s` of block `k`.

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{acts_q, dot_ss, f16x2, hsum, nibbles, prefetch_ahead, tile_scales, Dot};
+use super::avx2::{acts_q, dot_ss, f16x2, hsum, nibbles, pair_rows, tile_scales, Dot};
 use super::{ActBlock, TILE};
 
 /// The 32 bits at `p` (little-endian) as 32 bytes, 0xFF where bit `j` is set: llama.cpp's
@@ -72,29 +72,10 @@ pub(crate) unsafe fn q5_0_rows<D: Dot>(
     out: &mut [f32],
     row0: usize,
 ) {
-    let mut pairs = out.chunks_exact_mut(2);
-    let mut r = row0;
-    for pair in &mut pairs {
-        let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for (k, a) in acts.iter().enumerate() {
-            prefetch_ahead(p0, k * 44);
-            let qa = acts_q(a);
-            q5_0_block::<D>(p0.add(k * 22), a, qa, &mut acc0);
-            q5_0_block::<D>(p1.add(k * 22), a, qa, &mut acc1);
-        }
-        pair[0] = hsum(acc0);
-        pair[1] = hsum(acc1);
-        r += 2;
-    }
-    for y in pairs.into_remainder() {
-        let p = w.as_ptr().add(r * rb);
-        let mut acc = _mm256_setzero_ps();
-        for (k, a) in acts.iter().enumerate() {
-            q5_0_block::<D>(p.add(k * 22), a, acts_q(a), &mut acc);
-        }
-        *y = hsum(acc);
-    }
+    pair_rows::<false>(w, rb, acts, out, row0, 22, |b, a, qa, acc| {
+        q5_0_block::<D>(b, a, qa, acc);
+        0.0
+    });
 }
 
 #[inline(always)]
@@ -105,31 +86,9 @@ pub(crate) unsafe fn q5_1_rows<D: Dot>(
     out: &mut [f32],
     row0: usize,
 ) {
-    let mut pairs = out.chunks_exact_mut(2);
-    let mut r = row0;
-    for pair in &mut pairs {
-        let (p0, p1) = (w.as_ptr().add(r * rb), w.as_ptr().add((r + 1) * rb));
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut mins0, mut mins1) = (0f32, 0f32);
-        for (k, a) in acts.iter().enumerate() {
-            prefetch_ahead(p0, k * 48);
-            let qa = acts_q(a);
-            mins0 += q5_1_block::<D>(p0.add(k * 24), a, qa, &mut acc0);
-            mins1 += q5_1_block::<D>(p1.add(k * 24), a, qa, &mut acc1);
-        }
-        pair[0] = hsum(acc0) + mins0;
-        pair[1] = hsum(acc1) + mins1;
-        r += 2;
-    }
-    for y in pairs.into_remainder() {
-        let p = w.as_ptr().add(r * rb);
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for (k, a) in acts.iter().enumerate() {
-            mins += q5_1_block::<D>(p.add(k * 24), a, acts_q(a), &mut acc);
-        }
-        *y = hsum(acc) + mins;
-    }
+    pair_rows::<true>(w, rb, acts, out, row0, 24, |b, a, qa, acc| {
+        q5_1_block::<D>(b, a, qa, acc)
+    });
 }
 
 // A Q5_0 tile, in the order of `q5_0_rows`: the block's |q| and signs are formed once for the
