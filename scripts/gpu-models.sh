@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, one call: the model families and K-quants on CUDA, against llama.cpp
 # built for CUDA in the same run.
-#   bash scripts/gpu-models.sh PACK OUT
+#   bash scripts/gpu-models.sh PACK OUT        (QUANTS="q4_k_m" times only that 8B file)
 # PACK holds bins.tar.xz (shard-node built by scripts/build-cuda.sh), tok.gguf (a tokenizer:
 # any small GGUF with one) and llama-src.tar.xz (llama.cpp's sources, as vendored by
 # llama-cpp-python). Writes logs and JSON lines under OUT:
@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
   cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release &&
-  cmake --build build --target llama-bench -j 12
+  cmake --build build --target llama-bench -j 16
 ) > "$out/llama-build.log" 2>&1 &
 llama_build=$!
 
@@ -46,7 +46,7 @@ for spec in "gemma3 q4_k_m --sliding-window 64" "qwen3 q4_k_m" "llama q4_k_m --r
 done
 
 # 2. Speed: 8B-shaped files, ours then llama.cpp's.
-for quant in q4_k_m q4_0; do
+for quant in ${QUANTS:-q4_k_m q4_0}; do
   run "$bin" synth-model --quant "$quant" --tokenizer-from "$pack/tok.gguf" \
     --out "/tmp/gm/8b-$quant.gguf" > /dev/null
   run "$bin" bench --model "/tmp/gm/8b-$quant.gguf" --device cuda:0 --prompt-tokens 512 \
@@ -57,7 +57,7 @@ wait "$llama_build"
 echo "llama.cpp build rc=$?"
 lb=/tmp/gm/llama.cpp/build/bin/llama-bench
 if [ -x "$lb" ]; then
-  for quant in q4_k_m q4_0; do
+  for quant in ${QUANTS:-q4_k_m q4_0}; do
     run "$lb" -m "/tmp/gm/8b-$quant.gguf" -p 512 -n 128 -r 2 -ngl 99 -o jsonl \
       >> "$out/llama-bench.jsonl" 2>> "$out/llama-bench.log"
     echo "llama-bench $quant rc=$?"
