@@ -11,7 +11,7 @@
 #   bench-*.jsonl     `shard-node bench` on an 8B-shaped Q4_K_M model (and Q4_0 for scale)
 #   llama-bench.jsonl llama.cpp's llama-bench on the same files
 set -uo pipefail
-pack=${1:?pack folder}
+pack=$(cd "${1:?pack folder}" && pwd)
 out=${2:?output folder}
 mkdir -p "$out" /tmp/gm
 here=$(cd "$(dirname "$0")/.." && pwd)
