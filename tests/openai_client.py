@@ -21,5 +21,25 @@ try:
     bad = None
 except Exception as e:  # openai.BadRequestError
     bad = getattr(e, "status_code", None)
+# content as an array of text parts, as frameworks send it: the same answer as the string
+parts = client.chat.completions.create(
+    model="m", max_tokens=16, temperature=0,
+    messages=[{"role": "user", "content": [{"type": "text", "text": "What is "},
+                                           {"type": "text", "text": "2+2?"}]}])
+# a field this server does not implement yet is refused by name, not ignored
+try:
+    client.completions.create(model="m", prompt="x", max_tokens=4, n=2)
+    refused = None
+except Exception as e:
+    refused = [getattr(e, "status_code", None), str(e)]
+served = client.models.list().data[0].id
+retrieved = client.models.retrieve(served).id
+try:
+    client.models.retrieve("no-such-model")
+    missing = None
+except Exception as e:  # openai.NotFoundError
+    missing = [getattr(e, "status_code", None), getattr(e, "code", None)]
 print(json.dumps({"streamed": streamed, "plain": plain.choices[0].text,
-                  "usage": plain.usage.completion_tokens, "chat": chat, "bad_status": bad}))
+                  "usage": plain.usage.completion_tokens, "chat": chat, "bad_status": bad,
+                  "parts": parts.choices[0].message.content, "refused": refused,
+                  "served": served, "retrieved": retrieved, "missing": missing}))

@@ -30,5 +30,15 @@ fn python_openai_client_reads_the_api() -> anyhow::Result<()> {
     assert_eq!(v["usage"], 12);
     assert!(v["chat"].as_str().is_some_and(|t| !t.is_empty()));
     assert_eq!(v["bad_status"], 400);
+    // text parts joined: the same answer as the plain string's (streamed above)
+    assert_eq!(v["parts"], v["chat"], "{v}");
+    assert_eq!(v["refused"][0], 400, "{v}");
+    assert!(
+        v["refused"][1].as_str().is_some_and(|m| m.contains("`n`")),
+        "{v}"
+    );
+    assert_eq!(v["retrieved"], v["served"]);
+    assert_eq!(v["missing"][0], 404, "{v}");
+    assert_eq!(v["missing"][1], "model_not_found", "{v}");
     Ok(())
 }

@@ -12,6 +12,9 @@ pub struct ChatMessage {
     pub role: String,
     /// The text.
     pub content: String,
+    /// The speaker's name, when the client gives one (templates may render it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -20,6 +23,7 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            name: None,
         }
     }
 }

@@ -63,6 +63,7 @@ pub fn router(state: Arc<AppState>, api_keys: auth::Keys, metrics_keys: auth::Ke
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/cluster", get(cluster))
         .layer(axum::middleware::from_fn_with_state(
             api_keys,
@@ -166,6 +167,10 @@ fn gen_request(
         sampling,
         stop,
     } = c.checked().map_err(bad)?;
+    let ignored = c.ignored_fields();
+    if !ignored.is_empty() {
+        tracing::info!(fields = ?ignored, "ignoring request fields that are not OpenAI's");
+    }
     // The tokenizer failing is the coordinator's problem, not the request's.
     let ids = st.tok.encode(prompt).map_err(CoordError::from)?;
     if ids.is_empty() {
@@ -217,9 +222,10 @@ async fn chat(
         req.checked().map_err(bad)?;
         let g = {
             let _s = trace.step("chat template and tokenize");
+            let messages = req.chat_messages().map_err(bad)?;
             let prompt = st
                 .tok
-                .apply_chat_template(&req.messages)
+                .apply_chat_template(&messages)
                 .map_err(|e| bad(e.to_string()))?;
             gen_request(&st, &cluster, &prompt, &req.common)?
         };
@@ -390,10 +396,25 @@ impl Drop for AbortOnDrop {
     }
 }
 
+fn model_object(id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-cluster"})
+}
+
 async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
-    Json(
-        json!({"object": "list", "data": [{"id": st.model_id, "object": "model", "owned_by": "llm-cluster"}]}),
-    )
+    Json(json!({"object": "list", "data": [model_object(&st.model_id)]}))
+}
+
+/// `GET /v1/models/{id}`: the served model, or OpenAI's 404 `model_not_found`.
+async fn model(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if id == st.model_id {
+        return Json(model_object(&id)).into_response();
+    }
+    let body = json!({"error": {"message": format!("The model `{id}` does not exist"),
+        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
 }
 
 /// Every node's status, asked concurrently; `None` for a node that is down.

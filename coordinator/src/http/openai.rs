@@ -1,6 +1,7 @@
 //! OpenAI request and response shapes.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 /// `stop`: one string or several.
 #[derive(Debug, Clone, Deserialize)]
@@ -46,7 +47,60 @@ pub struct Common {
     /// to `max_tokens`. For benchmarks.
     #[serde(default)]
     pub ignore_eos: bool,
+    /// OpenAI's newer name of `max_tokens`; both may be given only when they agree.
+    pub max_completion_tokens: Option<u32>,
+    /// Every other field: OpenAI fields this server does not implement yet are refused unless
+    /// they ask for their default (see [`NOT_YET`]); other fields are ignored and logged.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
 }
+
+/// Whether a field's value asks for the field's default.
+pub type IsDefault = fn(&Value) -> bool;
+
+/// OpenAI request fields not implemented yet, each with the test for "asks for the default",
+/// which is accepted: a request that asks for more is refused with a 400 naming the field,
+/// rather than answered as if the field were not there.
+pub const NOT_YET: &[(&str, IsDefault)] = &[
+    ("n", |v| v.as_u64() == Some(1)),
+    ("best_of", |v| v.as_u64() == Some(1)),
+    ("logprobs", |v| v.as_bool() == Some(false)),
+    ("top_logprobs", |v| v.as_u64() == Some(0)),
+    ("echo", |v| v.as_bool() == Some(false)),
+    ("presence_penalty", |v| v.as_f64() == Some(0.0)),
+    ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
+    ("repetition_penalty", |v| v.as_f64() == Some(1.0)),
+    ("min_p", |v| v.as_f64() == Some(0.0)),
+    ("logit_bias", |v| v.as_object().is_some_and(Map::is_empty)),
+    ("suffix", |v| v.as_str() == Some("")),
+    ("response_format", |v| v["type"].as_str() == Some("text")),
+    ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("tool_choice", |v| v.as_str() == Some("none")),
+    ("parallel_tool_calls", |_| true),
+    ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("function_call", |v| v.as_str() == Some("none")),
+    ("stream_options", |v| {
+        v["include_usage"].as_bool() != Some(true)
+    }),
+    ("audio", |_| false),
+    ("modalities", |v| {
+        v.as_array()
+            .is_some_and(|m| m.iter().all(|x| x.as_str() == Some("text")))
+    }),
+    ("prediction", |_| false),
+    ("web_search_options", |_| false),
+];
+
+/// OpenAI fields that do not change the output, accepted and ignored.
+pub const IGNORED: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "reasoning_effort",
+    "safety_identifier",
+    "prompt_cache_key",
+];
 
 /// `POST /v1/completions`.
 #[derive(Debug, Clone, Deserialize)]
@@ -58,11 +112,81 @@ pub struct CompletionRequest {
     pub common: Common,
 }
 
+/// A message's `content`: a string, or an array of parts (text parts are joined).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Parts, as many clients send them.
+    Parts(Vec<Part>),
+}
+
+/// One part of a message's content.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Part {
+    /// `text`, `image_url`, `input_audio`, `file`...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a `text` part.
+    pub text: Option<String>,
+}
+
+/// One chat message as it comes in.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WireMessage {
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// The text (`null` is allowed on assistant turns with tool calls, taken as empty).
+    pub content: Option<Content>,
+    /// The speaker's name, handed to the template.
+    pub name: Option<String>,
+}
+
+/// The roles OpenAI defines.
+pub const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+impl WireMessage {
+    /// The message for the chat template: text parts joined, any other part refused.
+    pub fn to_chat(&self) -> Result<common::tokenizer::ChatMessage, String> {
+        if !ROLES.contains(&self.role.as_str()) {
+            return Err(format!(
+                "unknown message role `{}` (use one of {})",
+                self.role,
+                ROLES.join(", ")
+            ));
+        }
+        let content = match &self.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        ("text", None) => return Err("a `text` part has no `text`".into()),
+                        (other, _) => {
+                            return Err(format!(
+                                "content parts of type `{other}` are not supported: this \
+                                 model reads text only"
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        let mut m = common::tokenizer::ChatMessage::new(self.role.clone(), content);
+        m.name = self.name.clone();
+        Ok(m)
+    }
+}
+
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     /// The conversation.
-    pub messages: Vec<common::tokenizer::ChatMessage>,
+    pub messages: Vec<WireMessage>,
     /// Everything else.
     #[serde(flatten)]
     pub common: Common,
@@ -87,8 +211,36 @@ pub struct Checked {
 }
 
 impl Common {
-    /// Checks every field: sampling ranges, the stop strings' count and lengths.
+    /// The fields of [`Common::rest`] that are not OpenAI's and so are ignored.
+    pub fn ignored_fields(&self) -> Vec<&str> {
+        self.rest
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !IGNORED.contains(k) && !NOT_YET.iter().any(|(n, _)| n == k))
+            .collect()
+    }
+
+    /// Checks every field: sampling ranges, the stop strings' count and lengths, and that no
+    /// field asks for something this server does not do.
     pub fn checked(&self) -> Result<Checked, String> {
+        for (name, is_default) in NOT_YET {
+            if let Some(v) = self.rest.get(*name) {
+                if !v.is_null() && !is_default(v) {
+                    return Err(format!(
+                        "`{name}` is not supported by this server yet (value {v}); leave it \
+                         out or at its default"
+                    ));
+                }
+            }
+        }
+        let max_tokens = match (self.max_tokens, self.max_completion_tokens) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!(
+                    "`max_tokens` ({a}) and `max_completion_tokens` ({b}) disagree; give one"
+                ))
+            }
+            (a, b) => a.or(b).unwrap_or(16),
+        };
         let sampling = common::sampling::SamplingParams {
             temperature: self.temperature.unwrap_or(1.0),
             top_k: self.top_k.unwrap_or(0) as usize,
@@ -114,7 +266,7 @@ impl Common {
             ));
         }
         Ok(Checked {
-            max_tokens: self.max_tokens.unwrap_or(16) as usize,
+            max_tokens: max_tokens as usize,
             sampling,
             stop,
         })
@@ -122,7 +274,12 @@ impl Common {
 }
 
 impl ChatRequest {
-    /// Checks the conversation's size and the common fields.
+    /// The messages for the chat template (see [`WireMessage::to_chat`]).
+    pub fn chat_messages(&self) -> Result<Vec<common::tokenizer::ChatMessage>, String> {
+        self.messages.iter().map(WireMessage::to_chat).collect()
+    }
+
+    /// Checks the conversation's size and messages, and the common fields.
     pub fn checked(&self) -> Result<Checked, String> {
         if self.messages.is_empty() {
             return Err("`messages` is empty".into());
@@ -133,6 +290,7 @@ impl ChatRequest {
                 self.messages.len()
             ));
         }
+        self.chat_messages()?;
         self.common.checked()
     }
 }
@@ -203,5 +361,77 @@ mod tests {
         assert!(validate_chat(br#"{"messages": []}"#).is_err());
         assert!(validate_completion(br#"{"prompt": "x", "temperature": -1}"#).is_err());
         assert!(validate_completion(b"\xff").is_err());
+    }
+
+    #[test]
+    fn fields_not_done_yet_are_refused_by_name_unless_at_their_default() {
+        for (field, value) in [
+            ("n", "2"),
+            ("logprobs", "true"),
+            ("top_logprobs", "3"),
+            ("echo", "true"),
+            ("presence_penalty", "0.5"),
+            ("frequency_penalty", "-1"),
+            ("logit_bias", r#"{"50256": -100}"#),
+            ("response_format", r#"{"type": "json_object"}"#),
+            (
+                "tools",
+                r#"[{"type": "function", "function": {"name": "f"}}]"#,
+            ),
+            ("tool_choice", r#""required""#),
+            ("stream_options", r#"{"include_usage": true}"#),
+            ("suffix", r#""tail""#),
+        ] {
+            let body = format!(r#"{{"prompt": "x", "{field}": {value}}}"#);
+            let e = validate_completion(body.as_bytes()).expect_err(field);
+            assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        }
+        for (field, value) in [
+            ("n", "1"),
+            ("logprobs", "false"),
+            ("logprobs", "null"),
+            ("presence_penalty", "0"),
+            ("logit_bias", "{}"),
+            ("response_format", r#"{"type": "text"}"#),
+            ("tools", "[]"),
+            ("stream_options", r#"{"include_usage": false}"#),
+            ("user", r#""someone""#),
+            ("my_own_extension", "42"),
+        ] {
+            let body = format!(r#"{{"prompt": "x", "{field}": {value}}}"#);
+            assert!(
+                validate_completion(body.as_bytes()).is_ok(),
+                "{field}: {value}"
+            );
+        }
+        let r: CompletionRequest =
+            serde_json::from_str(r#"{"prompt": "x", "user": "u", "my_own_extension": 1}"#)
+                .expect("parses");
+        assert_eq!(r.common.ignored_fields(), ["my_own_extension"]);
+        let c = validate_completion(br#"{"prompt": "x", "max_completion_tokens": 7}"#);
+        assert_eq!(c.map(|c| c.max_tokens), Ok(7));
+        assert!(validate_completion(
+            br#"{"prompt": "x", "max_tokens": 7, "max_completion_tokens": 8}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn content_parts_are_joined_and_other_parts_and_roles_refused() {
+        let r: ChatRequest = serde_json::from_str(
+            r#"{"messages": [
+                {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+                {"role": "user", "name": "ann", "content": "hi"},
+                {"role": "assistant", "content": null}]}"#,
+        )
+        .expect("parses");
+        let m = r.chat_messages().expect("text only");
+        assert_eq!(m[0].content, "Be brief.");
+        assert_eq!(m[1].name.as_deref(), Some("ann"));
+        assert_eq!(m[2].content, "");
+        let image = r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}"#;
+        assert!(matches!(validate_chat(image.as_bytes()), Err(e) if e.contains("`image_url`")));
+        let role = r#"{"messages": [{"role": "wizard", "content": "hi"}]}"#;
+        assert!(matches!(validate_chat(role.as_bytes()), Err(e) if e.contains("`wizard`")));
     }
 }
