@@ -3,6 +3,7 @@
 test (tests/tests/openai_client.rs) to check. Usage: openai_client.py BASE_URL"""
 import json
 import sys
+import urllib.request
 
 from openai import OpenAI
 
@@ -39,7 +40,29 @@ try:
     missing = None
 except Exception as e:  # openai.NotFoundError
     missing = [getattr(e, "status_code", None), getattr(e, "code", None)]
+
+
+def post(path, body):
+    req = urllib.request.Request(sys.argv[1] + path, json.dumps(body).encode(),
+                                 {"content-type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)
+
+
+# /tokenize then /detokenize gives each string back (the BOS the model adds aside)
+strings = ["Hello world", " leading space", "two  spaces", "tabs\tand\ttabs", "a\nb\n\nc",
+           "naïve café", "日本語のテキスト", "emoji 🙂🚀", "Привет", "مرحبا", "def f(x):\n    return x",
+           "{\"k\": [1, 2]}", "https://example.com/?q=1", "3.14159", "MiXeD CaSe", "a" * 40,
+           "trailing   ", "<|im_start|>user", "x", "The end."]
+round_trip = []
+for text in strings:
+    ids = post("/tokenize", {"content": text})["tokens"]
+    round_trip.append(post("/detokenize", {"tokens": ids})["content"] == text)
+# a prompt as token ids gives what its text gives
+ids = post("/tokenize", {"content": "The capital of France is"})["tokens"]
+by_ids = client.completions.create(model="m", prompt=ids, max_tokens=12, temperature=0)
 print(json.dumps({"streamed": streamed, "plain": plain.choices[0].text,
                   "usage": plain.usage.completion_tokens, "chat": chat, "bad_status": bad,
                   "parts": parts.choices[0].message.content, "refused": refused,
-                  "served": served, "retrieved": retrieved, "missing": missing}))
+                  "served": served, "retrieved": retrieved, "missing": missing,
+                  "round_trip": round_trip, "by_ids": by_ids.choices[0].text}))

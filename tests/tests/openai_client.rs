@@ -40,5 +40,14 @@ fn python_openai_client_reads_the_api() -> anyhow::Result<()> {
     assert_eq!(v["retrieved"], v["served"]);
     assert_eq!(v["missing"][0], 404, "{v}");
     assert_eq!(v["missing"][1], "model_not_found", "{v}");
+    let trips = v["round_trip"].as_array().map(Vec::len).unwrap_or(0);
+    assert_eq!(trips, 20, "{v}");
+    assert!(
+        v["round_trip"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|b| b == true)),
+        "tokenize then detokenize: {v}"
+    );
+    assert_eq!(v["by_ids"], v["plain"], "a prompt of token ids");
     Ok(())
 }

@@ -134,12 +134,18 @@ impl TextTokenizer {
 
     /// Text to ids, with BOS when the model asks for it, special tokens parsed.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    /// Text to ids, special tokens parsed; BOS (when the model asks for it) only with
+    /// `add_special`.
+    pub fn encode_with(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
-        if self.add_bos {
+        if self.add_bos && add_special {
             ids.extend(self.bos);
         }
         ids.extend_from_slice(enc.get_ids());
@@ -150,6 +156,13 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Ids to text with every token rendered, special ones included (`/detokenize`).
+    pub fn decode_all(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 

@@ -55,8 +55,7 @@ pub struct AppState {
     pub stats: Arc<stats::RequestStats>,
 }
 
-/// The router.
-/// The router: `/v1/*` behind `api_keys`, `/metrics` behind `metrics_keys` (either open when
+/// The router: `/v1/*`, `/tokenize` and `/detokenize` behind `api_keys`, `/metrics` behind `metrics_keys` (either open when
 /// it has none), `/health` always open.
 pub fn router(state: Arc<AppState>, api_keys: auth::Keys, metrics_keys: auth::Keys) -> Router {
     let api = Router::new()
@@ -64,6 +63,8 @@ pub fn router(state: Arc<AppState>, api_keys: auth::Keys, metrics_keys: auth::Ke
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/v1/cluster", get(cluster))
         .layer(axum::middleware::from_fn_with_state(
             api_keys,
@@ -159,7 +160,7 @@ fn now() -> u64 {
 fn gen_request(
     st: &AppState,
     cluster: &Cluster,
-    prompt: &str,
+    prompt: &OnePrompt,
     c: &Common,
 ) -> Result<GenRequest, ApiError> {
     let Checked {
@@ -171,8 +172,19 @@ fn gen_request(
     if !ignored.is_empty() {
         tracing::info!(fields = ?ignored, "ignoring request fields that are not OpenAI's");
     }
-    // The tokenizer failing is the coordinator's problem, not the request's.
-    let ids = st.tok.encode(prompt).map_err(CoordError::from)?;
+    let ids = match prompt {
+        // The tokenizer failing is the coordinator's problem, not the request's.
+        OnePrompt::Text(t) => st.tok.encode(t).map_err(CoordError::from)?,
+        OnePrompt::Ids(ids) => {
+            let vocab = st.tok.vocab_size();
+            if let Some(bad_id) = ids.iter().find(|&&i| i as usize >= vocab) {
+                return Err(bad(format!(
+                    "token id {bad_id} in `prompt` is outside the vocabulary of {vocab}"
+                )));
+            }
+            ids.clone()
+        }
+    };
     if ids.is_empty() {
         return Err(bad("the prompt is empty"));
     }
@@ -203,7 +215,8 @@ async fn completions(
         let cluster = st.serving.current()?;
         let g = {
             let _s = trace.step("tokenize");
-            gen_request(&st, &cluster, &req.prompt, &req.common)?
+            let prompt = req.prompt.single().map_err(bad)?;
+            gen_request(&st, &cluster, &prompt, &req.common)?
         };
         serve(&st, cluster, g, req.common.stream, false, id, &trace).await
     };
@@ -227,7 +240,7 @@ async fn chat(
                 .tok
                 .apply_chat_template(&messages)
                 .map_err(|e| bad(e.to_string()))?;
-            gen_request(&st, &cluster, &prompt, &req.common)?
+            gen_request(&st, &cluster, &OnePrompt::Text(prompt), &req.common)?
         };
         serve(&st, cluster, g, req.common.stream, true, id, &trace).await
     };
@@ -394,6 +407,50 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// `POST /tokenize`: the ids of a text, special tokens parsed, BOS as asked (`add_special`,
+/// default false, for llama.cpp's `content`; `add_special_tokens`, default true, for vLLM's
+/// `prompt`), as those servers answer it.
+async fn tokenize(
+    State(st): State<Arc<AppState>>,
+    body: Result<Json<TokenizeRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    // llama.cpp's `add_special` defaults to false, vLLM's `add_special_tokens` to true.
+    let add_special = match (req.add_special, req.add_special_tokens, &req.content) {
+        (Some(a), _, _) | (None, Some(a), _) => a,
+        (None, None, content) => content.is_none(),
+    };
+    let text = req
+        .content
+        .or(req.prompt)
+        .ok_or_else(|| bad("give the text as `content` (or `prompt`)"))?;
+    let ids = st
+        .tok
+        .encode_with(&text, add_special)
+        .map_err(CoordError::from)?;
+    let max = st.serving.current().map(|c| c.max_ctx).ok();
+    Ok(Json(
+        json!({"tokens": ids, "count": ids.len(), "max_model_len": max}),
+    ))
+}
+
+/// `POST /detokenize`: the text of token ids, special tokens rendered, so that it tokenizes
+/// back to the same ids.
+async fn detokenize(
+    State(st): State<Arc<AppState>>,
+    body: Result<Json<DetokenizeRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let vocab = st.tok.vocab_size();
+    if let Some(bad_id) = req.tokens.iter().find(|&&i| i as usize >= vocab) {
+        return Err(bad(format!(
+            "token id {bad_id} is outside the vocabulary of {vocab}"
+        )));
+    }
+    let text = st.tok.decode_all(&req.tokens).map_err(CoordError::from)?;
+    Ok(Json(json!({"content": text, "prompt": text})))
 }
 
 fn model_object(id: &str) -> Value {

@@ -102,11 +102,54 @@ pub const IGNORED: &[&str] = &[
     "prompt_cache_key",
 ];
 
+/// A completion's `prompt`, in each of OpenAI's four forms.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// Text.
+    Text(String),
+    /// Several texts (one choice each).
+    Texts(Vec<String>),
+    /// Token ids.
+    Ids(Vec<u32>),
+    /// Several lists of token ids.
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// One prompt, as text or as token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OnePrompt {
+    /// Text, tokenized by the server.
+    Text(String),
+    /// Token ids, taken as they are.
+    Ids(Vec<u32>),
+}
+
+impl Prompt {
+    /// The one prompt of the request: several in one request are not served yet.
+    pub fn single(&self) -> Result<OnePrompt, String> {
+        let several = |n: usize| {
+            Err(format!(
+                "`prompt` holds {n} prompts; one request serves one prompt for now"
+            ))
+        };
+        match self {
+            Prompt::Text(t) => Ok(OnePrompt::Text(t.clone())),
+            Prompt::Ids(ids) => Ok(OnePrompt::Ids(ids.clone())),
+            Prompt::Texts(v) if v.len() == 1 => Ok(OnePrompt::Text(v[0].clone())),
+            Prompt::IdLists(v) if v.len() == 1 => Ok(OnePrompt::Ids(v[0].clone())),
+            Prompt::Texts(v) if v.is_empty() => Err("`prompt` is an empty list".into()),
+            Prompt::Texts(v) => several(v.len()),
+            Prompt::IdLists(v) => several(v.len()),
+        }
+    }
+}
+
 /// `POST /v1/completions`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     /// The prompt.
-    pub prompt: String,
+    pub prompt: Prompt,
     /// Everything else.
     #[serde(flatten)]
     pub common: Common,
@@ -298,7 +341,28 @@ impl ChatRequest {
 /// A `/v1/completions` body as the handler checks it (for the fuzzer and the tests).
 pub fn validate_completion(body: &[u8]) -> Result<Checked, String> {
     let r: CompletionRequest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    r.prompt.single()?;
     r.common.checked()
+}
+
+/// `POST /tokenize` (llama.cpp's server takes `content`, vLLM's `prompt`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizeRequest {
+    /// The text (llama.cpp's name).
+    pub content: Option<String>,
+    /// The text (vLLM's name).
+    pub prompt: Option<String>,
+    /// Add the model's BOS as generation does (llama.cpp's name; default false, as there).
+    pub add_special: Option<bool>,
+    /// The same, vLLM's name (default true there).
+    pub add_special_tokens: Option<bool>,
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DetokenizeRequest {
+    /// Token ids.
+    pub tokens: Vec<u32>,
 }
 
 /// A `/v1/chat/completions` body as the handler checks it.
@@ -414,6 +478,23 @@ mod tests {
             br#"{"prompt": "x", "max_tokens": 7, "max_completion_tokens": 8}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn prompts_come_in_four_forms_one_at_a_time() {
+        let one = |body: &str| -> Result<OnePrompt, String> {
+            serde_json::from_str::<CompletionRequest>(body)
+                .map_err(|e| e.to_string())?
+                .prompt
+                .single()
+        };
+        assert_eq!(one(r#"{"prompt": "a"}"#), Ok(OnePrompt::Text("a".into())));
+        assert_eq!(one(r#"{"prompt": ["a"]}"#), Ok(OnePrompt::Text("a".into())));
+        assert_eq!(one(r#"{"prompt": [1, 2]}"#), Ok(OnePrompt::Ids(vec![1, 2])));
+        assert_eq!(one(r#"{"prompt": [[3]]}"#), Ok(OnePrompt::Ids(vec![3])));
+        assert!(matches!(one(r#"{"prompt": ["a", "b"]}"#), Err(e) if e.contains("2 prompts")));
+        assert!(one(r#"{"prompt": []}"#).is_err());
+        assert!(one(r#"{"prompt": [-1]}"#).is_err());
     }
 
     #[test]
