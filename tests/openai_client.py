@@ -61,7 +61,17 @@ for text in strings:
 # a prompt as token ids gives what its text gives
 ids = post("/tokenize", {"content": "The capital of France is"})["tokens"]
 by_ids = client.completions.create(model="m", prompt=ids, max_tokens=12, temperature=0)
-print(json.dumps({"streamed": streamed, "plain": plain.choices[0].text,
+# stream_options.include_usage: only then a last chunk with usage and no choices
+chunks = list(client.completions.create(model="m", prompt="The capital of France is", max_tokens=12,
+                                        temperature=0, stream=True,
+                                        stream_options={"include_usage": True}))
+with_usage = [len(chunks[-1].choices), chunks[-1].usage.completion_tokens,
+              sum(1 for c in chunks[:-1] if c.usage is not None)]
+plain_chunks = list(client.completions.create(model="m", prompt="The capital of France is", max_tokens=12,
+                                              temperature=0, stream=True))
+without_usage = sum(1 for c in plain_chunks if getattr(c, "usage", None) is not None)
+print(json.dumps({"with_usage": with_usage, "without_usage": without_usage,
+                  "streamed": streamed, "plain": plain.choices[0].text,
                   "usage": plain.usage.completion_tokens, "chat": chat, "bad_status": bad,
                   "parts": parts.choices[0].message.content, "refused": refused,
                   "served": served, "retrieved": retrieved, "missing": missing,

@@ -49,5 +49,8 @@ fn python_openai_client_reads_the_api() -> anyhow::Result<()> {
         "tokenize then detokenize: {v}"
     );
     assert_eq!(v["by_ids"], v["plain"], "a prompt of token ids");
+    // include_usage: a last chunk with no choices and the counts; none before it
+    assert_eq!(v["with_usage"], serde_json::json!([0, 12, 0]), "{v}");
+    assert_eq!(v["without_usage"], 0, "{v}");
     Ok(())
 }

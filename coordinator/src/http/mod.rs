@@ -218,7 +218,8 @@ async fn completions(
             let prompt = req.prompt.single().map_err(bad)?;
             gen_request(&st, &cluster, &prompt, &req.common)?
         };
-        serve(&st, cluster, g, req.common.stream, false, id, &trace).await
+        let stream = Streaming::of(&req.common);
+        serve(&st, cluster, g, stream, false, id, &trace).await
     };
     run.await.inspect_err(|e| trace.failed(e.2))
 }
@@ -242,7 +243,8 @@ async fn chat(
                 .map_err(|e| bad(e.to_string()))?;
             gen_request(&st, &cluster, &OnePrompt::Text(prompt), &req.common)?
         };
-        serve(&st, cluster, g, req.common.stream, true, id, &trace).await
+        let stream = Streaming::of(&req.common);
+        serve(&st, cluster, g, stream, true, id, &trace).await
     };
     run.await.inspect_err(|e| trace.failed(e.2))
 }
@@ -265,11 +267,28 @@ fn chunk(
     }
 }
 
+/// How a response is sent: whole, or as Server-Sent Events (with a usage chunk at the end
+/// when the client asked for one).
+#[derive(Debug, Clone, Copy)]
+struct Streaming {
+    on: bool,
+    usage: bool,
+}
+
+impl Streaming {
+    fn of(c: &Common) -> Self {
+        Streaming {
+            on: c.stream,
+            usage: c.include_usage(),
+        }
+    }
+}
+
 async fn serve(
     st: &AppState,
     cluster: Arc<Cluster>,
     g: GenRequest,
-    stream: bool,
+    stream: Streaming,
     chat: bool,
     id: String,
     trace: &RequestSpan,
@@ -293,15 +312,23 @@ async fn serve(
         trace.span.clone(),
         admitted,
     );
-    if stream {
+    if stream.on {
         let model = st.model_id.clone();
+        // With `include_usage`, every chunk carries `usage` (null but in the last).
+        let with_usage = move |mut c: Value| {
+            if stream.usage {
+                c["usage"] = Value::Null;
+            }
+            c
+        };
         let s = async_stream(move |tx| async move {
             let _permit = permit;
             while let Some(ev) = rx.recv().await {
                 let ev = match ev {
                     GenEvent::Text(t) => {
                         trace.first_text();
-                        Event::default().data(chunk(chat, &id, &model, Some(&t), None).to_string())
+                        let c = with_usage(chunk(chat, &id, &model, Some(&t), None));
+                        Event::default().data(c.to_string())
                     }
                     GenEvent::Done {
                         finish,
@@ -309,13 +336,23 @@ async fn serve(
                         completion_tokens,
                     } => {
                         trace.done(finish, prompt_tokens, completion_tokens);
-                        let mut c = chunk(chat, &id, &model, None, Some(finish));
-                        c["usage"] = json!(Usage {
-                            prompt_tokens,
-                            completion_tokens,
-                            total_tokens: prompt_tokens + completion_tokens
-                        });
+                        let c = with_usage(chunk(chat, &id, &model, None, Some(finish)));
                         let _ = tx.send(Event::default().data(c.to_string())).await;
+                        if stream.usage {
+                            let object = if chat {
+                                "chat.completion.chunk"
+                            } else {
+                                "text_completion"
+                            };
+                            let usage = Usage {
+                                prompt_tokens,
+                                completion_tokens,
+                                total_tokens: prompt_tokens + completion_tokens,
+                            };
+                            let last = json!({"id": id, "object": object, "created": now(),
+                                "model": model, "choices": [], "usage": usage});
+                            let _ = tx.send(Event::default().data(last.to_string())).await;
+                        }
                         let _ = tx.send(Event::default().data("[DONE]")).await;
                         return;
                     }

@@ -49,10 +49,30 @@ pub struct Common {
     pub ignore_eos: bool,
     /// OpenAI's newer name of `max_tokens`; both may be given only when they agree.
     pub max_completion_tokens: Option<u32>,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
     /// Every other field: OpenAI fields this server does not implement yet are refused unless
     /// they ask for their default (see [`NOT_YET`]); other fields are ignored and logged.
     #[serde(flatten)]
     pub rest: Map<String, Value>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// A last chunk with the token counts and no choices (every chunk carries `usage`,
+    /// `null` but in that one).
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+impl Common {
+    /// Whether a stream ends with a usage chunk.
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
 }
 
 /// Whether a field's value asks for the field's default.
@@ -443,7 +463,6 @@ mod tests {
                 r#"[{"type": "function", "function": {"name": "f"}}]"#,
             ),
             ("tool_choice", r#""required""#),
-            ("stream_options", r#"{"include_usage": true}"#),
             ("suffix", r#""tail""#),
         ] {
             let body = format!(r#"{{"prompt": "x", "{field}": {value}}}"#);
@@ -458,7 +477,7 @@ mod tests {
             ("logit_bias", "{}"),
             ("response_format", r#"{"type": "text"}"#),
             ("tools", "[]"),
-            ("stream_options", r#"{"include_usage": false}"#),
+            ("stream_options", r#"{"include_usage": true}"#),
             ("user", r#""someone""#),
             ("my_own_extension", "42"),
         ] {
