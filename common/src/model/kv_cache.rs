@@ -365,7 +365,12 @@ impl KvCache {
                 .for_each(|(d, &s)| *d = T::from_f32(s));
         }
         let spans = self.spans(i, start, start + n);
-        let (kr, vr) = (rows(k)?, rows(v)?);
+        // Host caches take the rows as f32 on the host; device caches are written in place
+        // with candle's ops, with no copy through the host.
+        let (kr, vr) = match self.is_host() {
+            true => (rows(k)?, rows(v)?),
+            false => (Vec::new(), Vec::new()),
+        };
         let mut at = 0;
         for span in spans.into_iter().filter(|s| !s.is_empty()) {
             let (len, rs) = (span.len(), span.start);

@@ -96,7 +96,6 @@ pub const NOT_YET: &[(&str, IsDefault)] = &[
     ("response_format", |v| v["type"].as_str() == Some("text")),
     ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
     ("tool_choice", |v| v.as_str() == Some("none")),
-    ("parallel_tool_calls", |_| true),
     ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
     ("function_call", |v| v.as_str() == Some("none")),
     ("stream_options", |v| {
@@ -120,6 +119,7 @@ pub const IGNORED: &[&str] = &[
     "reasoning_effort",
     "safety_identifier",
     "prompt_cache_key",
+    "parallel_tool_calls",
 ];
 
 /// A completion's `prompt`, in each of OpenAI's four forms.
