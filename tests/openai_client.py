@@ -70,7 +70,45 @@ with_usage = [len(chunks[-1].choices), chunks[-1].usage.completion_tokens,
 plain_chunks = list(client.completions.create(model="m", prompt="The capital of France is", max_tokens=12,
                                               temperature=0, stream=True))
 without_usage = sum(1 for c in plain_chunks if getattr(c, "usage", None) is not None)
-print(json.dumps({"with_usage": with_usage, "without_usage": without_usage,
+# log-probabilities: at temperature 0 the chosen token is the top one; streamed as whole
+lp = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "What is 2+2?"}],
+                                    max_tokens=16, temperature=0, logprobs=True, top_logprobs=3)
+entries = lp.choices[0].logprobs.content
+lp_check = {
+    "count": len(entries), "tokens": lp.usage.completion_tokens,
+    "top_is_chosen": all(e.top_logprobs[0].token == e.token and abs(e.top_logprobs[0].logprob - e.logprob) < 1e-5
+                         and len(e.top_logprobs) == 3 and e.logprob <= 0 for e in entries),
+    "text": "".join(e.token for e in entries) == lp.choices[0].message.content,
+}
+lp_stream = []
+for c in client.chat.completions.create(model="m", messages=[{"role": "user", "content": "What is 2+2?"}],
+                                        max_tokens=16, temperature=0, logprobs=True, top_logprobs=3,
+                                        stream=True):
+    if c.choices and c.choices[0].logprobs:
+        lp_stream += [(e.token, round(e.logprob, 4)) for e in c.choices[0].logprobs.content]
+lp_check["stream"] = lp_stream == [(e.token, round(e.logprob, 4)) for e in entries]
+clp = client.completions.create(model="m", prompt="The capital of France is", max_tokens=12, temperature=0,
+                                logprobs=2).choices[0]
+lp_check["completion"] = [len(clp.logprobs.tokens), len(clp.logprobs.token_logprobs),
+                          all(len(t) == 2 for t in clp.logprobs.top_logprobs),
+                          clp.logprobs.text_offset == sorted(clp.logprobs.text_offset),
+                          "".join(clp.logprobs.tokens) == clp.text]
+# a strong negative bias keeps a token out: ban the greedy answer's first token
+first = post("/tokenize", {"content": clp.logprobs.tokens[0]})["tokens"][0]
+banned = client.completions.create(model="m", prompt="The capital of France is", max_tokens=12, temperature=0,
+                                   logprobs=0, logit_bias={str(first): -100}).choices[0]
+bias_check = [clp.logprobs.tokens[0], banned.logprobs.tokens[0],
+              clp.logprobs.tokens[0] in banned.logprobs.tokens]
+# penalties change a repetitive output: fewer repeats of its most repeated token
+rep_prompt = "one one one one one one one one one one one one"
+def repeats(**kw):
+    c = client.completions.create(model="m", prompt=rep_prompt, max_tokens=24, temperature=0, logprobs=0,
+                                  **kw).choices[0]
+    toks = c.logprobs.tokens
+    return max(toks.count(t) for t in toks), c.text
+penalties = [repeats(), repeats(frequency_penalty=1.5, presence_penalty=1.0), repeats(extra_body={"repetition_penalty": 1.8})]
+print(json.dumps({"logprobs": lp_check, "bias": bias_check, "penalties": penalties,
+                  "with_usage": with_usage, "without_usage": without_usage,
                   "streamed": streamed, "plain": plain.choices[0].text,
                   "usage": plain.usage.completion_tokens, "chat": chat, "bad_status": bad,
                   "parts": parts.choices[0].message.content, "refused": refused,

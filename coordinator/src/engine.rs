@@ -5,8 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::generate::{generate, FinishReason, GenerateParams, StageChain};
-use common::sampling::SamplingParams;
+use common::generate::{generate, FinishReason, GenerateParams, Piece, StageChain};
+use common::sampling::{Pick, SamplingParams, TokenLogprobs};
 use common::telemetry::DECODE_TRACE_EVERY;
 use common::tokenizer::TextTokenizer;
 use proto_types::*;
@@ -36,8 +36,8 @@ pub struct GenRequest {
 /// What the generation task streams back.
 #[derive(Debug)]
 pub enum GenEvent {
-    /// A piece of text.
-    Text(String),
+    /// A piece of text, with its tokens' log-probabilities when they were asked for.
+    Piece(Piece),
     /// The end.
     Done {
         /// Why.
@@ -161,6 +161,18 @@ async fn run(
         top_k: s.top_k as u32,
         top_p: s.top_p,
         seed: s.seed,
+        min_p: s.min_p,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        repetition_penalty: s.repetition_penalty,
+        logit_bias: s.logit_bias.clone(),
+        logprobs: s.logprobs,
+        // The repetition penalty counts the prompt's tokens too: only then are they sent.
+        prompt: if s.repetition_penalty != 1.0 {
+            req.prompt.clone()
+        } else {
+            Vec::new()
+        },
     };
     let max_ctx = (req.prompt.len() + req.max_tokens).min(cluster.max_ctx) as u32;
     // Admission: a session on every stage, last stage first (each needs the next one's),
@@ -202,8 +214,8 @@ async fn run(
         stop: req.stop,
         ignore_eos: req.ignore_eos,
     };
-    let g = generate(&mut chain, tok, &req.prompt, &params, |text| async move {
-        tx.send(GenEvent::Text(text)).await.is_ok()
+    let g = generate(&mut chain, tok, &req.prompt, &params, |piece| async move {
+        tx.send(GenEvent::Piece(piece)).await.is_ok()
     })
     .await?;
     // The client went away: the guard frees the session.
@@ -235,13 +247,14 @@ impl StageChain for RemoteChain<'_> {
     type Error = CoordError;
 
     /// One step of the session through the whole pipeline: the first stage relays it on, and
-    /// the last stage's sampled token comes back.
-    async fn step(&mut self, start: usize, ids: &[u32]) -> Result<u32> {
+    /// the last stage's sampled token comes back (when `pick`).
+    async fn step(&mut self, start: usize, ids: &[u32], pick: bool) -> Result<Option<Pick>> {
         let addr = &self.cluster.nodes[0].addr;
         let item = ForwardItem {
             session: self.session,
             start: start as u32,
             input: StageInput::Tokens(ids.to_vec()),
+            pick,
             want_logits: false,
         };
         let req = ForwardRequest {
@@ -261,7 +274,12 @@ impl StageChain for RemoteChain<'_> {
         };
         let reply = rpc(addr, reply)?;
         match reply.outputs.into_iter().next() {
-            Some(Ok(o)) => Ok(o.token),
+            Some(Ok(o)) => Ok(o.pick.map(|p| Pick {
+                token: p.token,
+                logprobs: p
+                    .logprobs
+                    .map(|(logprob, top)| TokenLogprobs { logprob, top }),
+            })),
             Some(Err(err)) => Err(CoordError::Shard {
                 addr: addr.clone(),
                 err,

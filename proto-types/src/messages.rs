@@ -87,6 +87,39 @@ pub struct WireSampling {
     pub top_p: f32,
     /// Random seed.
     pub seed: u64,
+    /// 0: off.
+    pub min_p: f32,
+    /// 0: off.
+    pub presence_penalty: f32,
+    /// 0: off.
+    pub frequency_penalty: f32,
+    /// 1: off.
+    pub repetition_penalty: f32,
+    /// Added to these tokens' logits.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Send back the chosen token's log-probability and this many alternatives'.
+    pub logprobs: Option<u32>,
+    /// The prompt's ids, sent only where the repetition penalty counts them.
+    pub prompt: Vec<u32>,
+}
+
+impl Default for WireSampling {
+    /// Greedy, nothing adjusted, no log-probabilities.
+    fn default() -> Self {
+        WireSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
+            prompt: Vec::new(),
+        }
+    }
 }
 
 /// Open a session on this node's slice.
@@ -122,6 +155,9 @@ pub struct ForwardItem {
     pub start: u32,
     /// The rows.
     pub input: StageInput,
+    /// Pick a token after the last row (the last chunk of a prompt, and every decode step);
+    /// a prompt's earlier chunks skip the head.
+    pub pick: bool,
     /// Return the last row's logits too (they are large: only when asked).
     pub want_logits: bool,
 }
@@ -140,10 +176,19 @@ pub struct ForwardRequest {
 pub struct ForwardOutput {
     /// The session.
     pub session: SessionId,
-    /// The token sampled after the item's last row.
-    pub token: u32,
+    /// The token picked after the item's last row, if the item asked for one.
+    pub pick: Option<WirePick>,
     /// The last row's logits, when asked for.
     pub logits: Option<WireTensor>,
+}
+
+/// A token the last stage picked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WirePick {
+    /// The token.
+    pub token: u32,
+    /// Its log-probability and the most likely tokens' (ids, most likely first), when asked.
+    pub logprobs: Option<(f32, Vec<(u32, f32)>)>,
 }
 
 /// Reply to [`ForwardRequest`], one output per item, in order.

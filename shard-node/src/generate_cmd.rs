@@ -67,10 +67,14 @@ pub fn run(o: &GenerateOptions) -> anyhow::Result<()> {
         stop: o.stop.clone(),
         ignore_eos: false,
     };
-    let mut chain = LocalChain::new(&pipe, max_ctx, Sampler::new(params.sampling.clone())?)?;
+    let mut chain = LocalChain::new(
+        &pipe,
+        max_ctx,
+        Sampler::new(params.sampling.clone())?.with_prompt(&prompt),
+    )?;
     let mut out = std::io::stdout().lock();
     let g = futures::executor::block_on(generate(&mut chain, &tok, &prompt, &params, |piece| {
-        let _ = out.write_all(piece.as_bytes());
+        let _ = out.write_all(piece.text.as_bytes());
         let _ = out.flush();
         std::future::ready(true)
     }))?;

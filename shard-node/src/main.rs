@@ -188,6 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 top_k,
                 top_p,
                 seed,
+                ..SamplingParams::default()
             },
             stop,
             device: m.device,

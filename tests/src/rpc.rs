@@ -71,11 +71,6 @@ pub fn last_stage_session(
         epoch,
         max_ctx,
         next: None,
-        sampling: proto_types::WireSampling {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        },
+        sampling: proto_types::WireSampling::default(),
     }
 }

@@ -182,6 +182,7 @@ async fn reload_ten_times_returns_to_baseline() -> anyhow::Result<()> {
             session,
             start: 0,
             input: StageInput::Tokens((1..300).collect()),
+            pick: true,
             want_logits: false,
         };
         let reply = c
@@ -316,6 +317,7 @@ async fn unknown_and_stale_ids_get_typed_errors() -> anyhow::Result<()> {
             session: SessionId(1),
             start: 0,
             input: StageInput::Tokens(vec![1]),
+            pick: true,
             want_logits: false,
         }],
     };

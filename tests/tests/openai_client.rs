@@ -52,5 +52,28 @@ fn python_openai_client_reads_the_api() -> anyhow::Result<()> {
     // include_usage: a last chunk with no choices and the counts; none before it
     assert_eq!(v["with_usage"], serde_json::json!([0, 12, 0]), "{v}");
     assert_eq!(v["without_usage"], 0, "{v}");
+    // log-probabilities: one entry per token; at temperature 0 the chosen token is the top
+    // one; the entries spell the text; streamed the same; completions' lists line up
+    let lp = &v["logprobs"];
+    assert_eq!(lp["count"], lp["tokens"], "{lp}");
+    assert!(lp["count"].as_u64().is_some_and(|n| n > 0), "{lp}");
+    for k in ["top_is_chosen", "text", "stream"] {
+        assert_eq!(lp[k], true, "{k}: {lp}");
+    }
+    assert_eq!(
+        lp["completion"],
+        serde_json::json!([12, 12, true, true, true]),
+        "{lp}"
+    );
+    // logit_bias -100 on the greedy first token: another first token, and it never appears
+    let bias = &v["bias"];
+    assert_ne!(bias[0], bias[1], "{bias}");
+    assert_eq!(bias[2], false, "{bias}");
+    // penalties: the most repeated token repeats less than without them
+    let p = &v["penalties"];
+    let plain = p[0][0].as_u64().unwrap_or(0);
+    for with in [&p[1], &p[2]] {
+        assert!(with[0].as_u64().is_some_and(|n| n < plain), "{p}");
+    }
     Ok(())
 }

@@ -104,6 +104,7 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
             session: SessionId(404),
             start: 0,
             input: StageInput::Tokens(vec![1]),
+            pick: true,
             want_logits: false,
         }],
     };
@@ -120,12 +121,7 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
 
     // Open two sessions, last stage first, each stage pointing at the next.
     let sessions = [SessionId(1), SessionId(2)];
-    let greedy = WireSampling {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-    };
+    let greedy = WireSampling::default();
     for session in sessions {
         for i in (0..3).rev() {
             let next = (i < 2).then(|| nodes[i + 1].addr.clone());
@@ -153,6 +149,7 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
             session,
             start,
             input: StageInput::Tokens(input.clone()),
+            pick: true,
             want_logits: false,
         };
         let mut items: Vec<ForwardItem> = sessions.iter().map(|&s| item(s)).collect();
@@ -167,6 +164,8 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
             g.push(
                 outs.next()
                     .ok_or_else(|| anyhow::anyhow!("short reply"))??
+                    .pick
+                    .ok_or_else(|| anyhow::anyhow!("no pick"))?
                     .token,
             );
         }

@@ -8,7 +8,7 @@ use super::{StageChain, PREFILL_CHUNK};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::model::{KvCache, KvDtype, LayerRange, Segment, Stage};
-use crate::sampling::Sampler;
+use crate::sampling::{Pick, Sampler};
 
 /// Stages chained in one process.
 #[derive(Debug)]
@@ -242,15 +242,19 @@ impl<'p> LocalChain<'p> {
 impl StageChain for LocalChain<'_> {
     type Error = Error;
 
-    async fn step(&mut self, start: usize, ids: &[u32]) -> Result<u32> {
+    async fn step(&mut self, start: usize, ids: &[u32], pick: bool) -> Result<Option<Pick>> {
         if start != self.session.len() {
             return Err(Error::PositionMismatch {
                 cached: self.session.len(),
                 start,
             });
         }
+        if !pick {
+            self.pipe.hidden(&mut self.session, ids, false)?;
+            return Ok(None);
+        }
         let logits = self.pipe.logits(&mut self.session, ids, false)?;
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
-        self.sampler.sample(&row)
+        self.sampler.pick(&row).map(Some)
     }
 }

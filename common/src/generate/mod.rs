@@ -20,7 +20,7 @@ use tracing::Instrument;
 pub use local::{LocalChain, LocalPipeline, LocalSession};
 
 use crate::error::Result;
-use crate::sampling::SamplingParams;
+use crate::sampling::{Pick, SamplingParams, TokenLogprobs};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{TextStream, TextTokenizer};
 
@@ -32,10 +32,25 @@ pub trait StageChain {
     /// What a step can fail with.
     type Error: From<crate::Error>;
 
-    /// Runs `ids`, at positions from `start`, through every stage; returns the token the last
-    /// stage sampled after the last of them.
-    fn step(&mut self, start: usize, ids: &[u32])
-        -> impl Future<Output = Result<u32, Self::Error>>;
+    /// Runs `ids`, at positions from `start`, through every stage; with `pick`, returns the
+    /// token the last stage sampled after the last of them (without, the last stage skips
+    /// its head and returns `None`: a prompt's earlier chunks).
+    fn step(
+        &mut self,
+        start: usize,
+        ids: &[u32],
+        pick: bool,
+    ) -> impl Future<Output = Result<Option<Pick>, Self::Error>>;
+}
+
+/// Text that became final, with the log-probabilities of the tokens generated since the last
+/// piece (when they were asked for).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Piece {
+    /// The text (never empty, except in the last piece, which may carry only log-probs).
+    pub text: String,
+    /// Each token's id and log-probabilities, in order.
+    pub logprobs: Vec<(u32, TokenLogprobs)>,
 }
 
 /// What a generation asks for.
@@ -152,6 +167,8 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     /// Generated text, stop string excluded.
     pub text: String,
+    /// Each generated token's log-probabilities, when they were asked for.
+    pub logprobs: Vec<(u32, TokenLogprobs)>,
     /// Why it ended; `None`: whoever took the text went away first.
     pub finish: Option<FinishReason>,
     /// Time spent on the prompt.
@@ -161,14 +178,15 @@ pub struct Generation {
 }
 
 /// Generates from `prompt` (token ids) on `chain`, handing each piece of text to `emit` as
-/// it becomes final (never an empty one). When `emit` answers `false` the consumer is gone
-/// and generation stops.
+/// it becomes final (never an empty one), with the log-probabilities of the tokens since the
+/// last piece; log-probabilities left when generation ends go out in a last piece of no
+/// text. When `emit` answers `false` the consumer is gone and generation stops.
 pub async fn generate<C, F>(
     chain: &mut C,
     tok: &TextTokenizer,
     prompt: &[u32],
     params: &GenerateParams,
-    mut emit: impl FnMut(String) -> F,
+    mut emit: impl FnMut(Piece) -> F,
 ) -> Result<Generation, C::Error>
 where
     C: StageChain,
@@ -178,6 +196,7 @@ where
         prompt_tokens: prompt.len(),
         tokens: Vec::new(),
         text: String::new(),
+        logprobs: Vec::new(),
         finish: None,
         prefill: Duration::ZERO,
         decode: Duration::ZERO,
@@ -192,8 +211,13 @@ where
     let t0 = Instant::now();
     let mut pos = 0;
     let mut next = None;
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
-        next = Some(chain.step(pos, chunk).instrument(prefill.clone()).await?);
+    let chunks = prompt.len().div_ceil(PREFILL_CHUNK);
+    for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+        let last = i + 1 == chunks;
+        next = chain
+            .step(pos, chunk, last)
+            .instrument(prefill.clone())
+            .await?;
         pos += chunk.len();
     }
     drop(prefill);
@@ -203,16 +227,34 @@ where
     let t1 = Instant::now();
     let mut decoder = Decoder::new(tok, params);
     let Some(mut next) = next else {
-        return Err(crate::Error::InvalidInput("the prompt is empty".into()).into());
+        let what = if prompt.is_empty() {
+            "the prompt is empty"
+        } else {
+            "the last stage picked no token"
+        };
+        return Err(crate::Error::InvalidInput(what.into()).into());
     };
+    let mut pending: Vec<(u32, TokenLogprobs)> = Vec::new();
     loop {
-        let (text, finish) = match decoder.push(next)? {
+        let pushed = decoder.tokens().len();
+        let (text, finish) = match decoder.push(next.token)? {
             Decoded::Text(t) => (t, None),
             Decoded::Done(t, f) => (t, Some(f)),
         };
-        if !text.is_empty() {
+        // The token's log-probabilities, if it is part of the output.
+        if let Some(l) = next.logprobs.take() {
+            if decoder.tokens().len() > pushed {
+                pending.push((next.token, l));
+            }
+        }
+        if !text.is_empty() || (finish.is_some() && !pending.is_empty()) {
             out.text.push_str(&text);
-            if !emit(text).await {
+            out.logprobs.extend(pending.iter().cloned());
+            let piece = Piece {
+                text,
+                logprobs: std::mem::take(&mut pending),
+            };
+            if !emit(piece).await {
                 break;
             }
         }
@@ -220,7 +262,11 @@ where
             out.finish = finish;
             break;
         }
-        next = chain.step(pos, &[next]).instrument(decode.clone()).await?;
+        next = chain
+            .step(pos, &[next.token], true)
+            .instrument(decode.clone())
+            .await?
+            .ok_or_else(|| crate::Error::InvalidInput("the last stage picked no token".into()))?;
         pos += 1;
         steps += 1;
     }

@@ -10,18 +10,41 @@ fn tokenizer() -> TextTokenizer {
     TextTokenizer::from_gguf(&file).expect("its tokenizer")
 }
 
-/// Answers each step with the next scripted token, and checks the positions it is given.
+/// Answers each step that picks with the next scripted token (its log-probability minus its
+/// id, when `logprobs`), and records the positions and picks it is given.
 struct Scripted {
     tokens: Vec<u32>,
     steps: Vec<(usize, usize)>,
+    picks: Vec<bool>,
+    logprobs: bool,
+}
+
+impl Scripted {
+    fn new(tokens: Vec<u32>) -> Self {
+        Scripted {
+            tokens,
+            steps: Vec::new(),
+            picks: Vec::new(),
+            logprobs: false,
+        }
+    }
 }
 
 impl StageChain for Scripted {
     type Error = crate::Error;
 
-    async fn step(&mut self, start: usize, ids: &[u32]) -> Result<u32> {
+    async fn step(&mut self, start: usize, ids: &[u32], pick: bool) -> Result<Option<Pick>> {
         self.steps.push((start, ids.len()));
-        Ok(self.tokens.remove(0))
+        self.picks.push(pick);
+        if !pick {
+            return Ok(None);
+        }
+        let token = self.tokens.remove(0);
+        let logprobs = self.logprobs.then(|| TokenLogprobs {
+            logprob: -(token as f32),
+            top: vec![(token, -(token as f32))],
+        });
+        Ok(Some(Pick { token, logprobs }))
     }
 }
 
@@ -39,17 +62,23 @@ fn run(
     script: Vec<u32>,
     p: &GenerateParams,
 ) -> (Generation, Vec<String>, Vec<(usize, usize)>) {
-    let mut chain = Scripted {
-        tokens: script,
-        steps: Vec::new(),
-    };
+    let (g, pieces, chain) = run_chain(tok, prompt, Scripted::new(script), p);
+    (g, pieces.into_iter().map(|p| p.text).collect(), chain.steps)
+}
+
+fn run_chain(
+    tok: &TextTokenizer,
+    prompt: &[u32],
+    mut chain: Scripted,
+    p: &GenerateParams,
+) -> (Generation, Vec<Piece>, Scripted) {
     let mut pieces = Vec::new();
     let g = futures::executor::block_on(generate(&mut chain, tok, prompt, p, |t| {
         pieces.push(t);
         std::future::ready(true)
     }))
     .expect("generates");
-    (g, pieces, chain.steps)
+    (g, pieces, chain)
 }
 
 #[test]
@@ -57,9 +86,11 @@ fn max_tokens_ends_with_length_and_positions_follow_the_prompt() {
     let tok = tokenizer();
     let ids = tok.encode(" one two three four").expect("encode");
     let prompt = vec![1u32; PREFILL_CHUNK + 3];
-    // the first chunk's sampled token is not used: only the last chunk's is
-    let script = [vec![0], ids.clone()].concat();
-    let (g, pieces, steps) = run(&tok, &prompt, script, &params(3, &[]));
+    // the first chunk picks no token: only the last chunk does
+    let (g, pieces, chain) = run_chain(&tok, &prompt, Scripted::new(ids.clone()), &params(3, &[]));
+    assert_eq!(chain.picks, [false, true, true, true]);
+    let steps = chain.steps;
+    let pieces: Vec<String> = pieces.into_iter().map(|p| p.text).collect();
     assert_eq!(g.finish, Some(FinishReason::Length));
     assert_eq!(g.tokens, ids[..3]);
     assert_eq!(g.text, tok.decode(&ids[..3]).expect("decode"));
@@ -101,10 +132,7 @@ fn a_stop_string_cuts_the_text_before_it() {
 fn a_consumer_that_goes_away_stops_the_loop() {
     let tok = tokenizer();
     let script = tok.encode(" a b c d e f").expect("encode");
-    let mut chain = Scripted {
-        tokens: script,
-        steps: Vec::new(),
-    };
+    let mut chain = Scripted::new(script);
     let g = futures::executor::block_on(generate(&mut chain, &tok, &[1], &params(20, &[]), |_| {
         std::future::ready(false)
     }))
@@ -116,12 +144,30 @@ fn a_consumer_that_goes_away_stops_the_loop() {
 #[test]
 fn an_empty_prompt_is_an_error() {
     let tok = tokenizer();
-    let mut chain = Scripted {
-        tokens: vec![],
-        steps: Vec::new(),
-    };
+    let mut chain = Scripted::new(vec![]);
     let r = futures::executor::block_on(generate(&mut chain, &tok, &[], &params(2, &[]), |_| {
         std::future::ready(true)
     }));
     assert!(matches!(r, Err(crate::Error::InvalidInput(_))));
+}
+
+/// Each output token's log-probabilities come out once, in order, with the pieces; the
+/// end-of-generation token's do not.
+#[test]
+fn log_probabilities_follow_the_output_tokens() {
+    let tok = tokenizer();
+    let eog = *tok.eog_ids().iter().next().expect("an eog id");
+    let word = tok.encode(" hello wonderful world").expect("encode");
+    let mut chain = Scripted::new([word.clone(), vec![eog]].concat());
+    chain.logprobs = true;
+    let (g, pieces, _) = run_chain(&tok, &[1], chain, &params(10, &[]));
+    assert_eq!(g.finish, Some(FinishReason::Stop));
+    let ids: Vec<u32> = g.logprobs.iter().map(|(t, _)| *t).collect();
+    assert_eq!(ids, word);
+    assert!(g.logprobs.iter().all(|(t, l)| l.logprob == -(*t as f32)));
+    let streamed: Vec<(u32, TokenLogprobs)> =
+        pieces.iter().flat_map(|p| p.logprobs.clone()).collect();
+    assert_eq!(streamed, g.logprobs);
+    let text: String = pieces.iter().map(|p| p.text.as_str()).collect();
+    assert_eq!(text, g.text);
 }

@@ -5,15 +5,16 @@
 //! - [`trace`]: the request's root span (GenAI conventions, W3C trace context).
 //! - [`auth`]: API keys.
 //! - [`tls`]: the API over HTTPS.
-//! - this module: routes, handlers, errors, SSE.
+//! - `generation`: the completion and chat handlers, whole or streamed (SSE).
+//! - this module: routes, the other handlers, errors.
 
 pub mod auth;
+mod generation;
 pub mod openai;
 pub mod stats;
 pub mod tls;
 pub mod trace;
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -21,18 +22,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use common::generate::FinishReason;
 use common::tokenizer::TextTokenizer;
-use futures::Stream;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use crate::cluster::Cluster;
-use crate::engine::{self, GenEvent, GenRequest};
 use crate::error::CoordError;
 use crate::serving::Serving;
 use openai::*;
@@ -59,8 +56,8 @@ pub struct AppState {
 /// it has none), `/health` always open.
 pub fn router(state: Arc<AppState>, api_keys: auth::Keys, metrics_keys: auth::Keys) -> Router {
     let api = Router::new()
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(generation::completions))
+        .route("/v1/chat/completions", post(generation::chat))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/tokenize", post(tokenize))
@@ -155,295 +152,6 @@ fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn gen_request(
-    st: &AppState,
-    cluster: &Cluster,
-    prompt: &OnePrompt,
-    c: &Common,
-) -> Result<GenRequest, ApiError> {
-    let Checked {
-        max_tokens,
-        sampling,
-        stop,
-    } = c.checked().map_err(bad)?;
-    let ignored = c.ignored_fields();
-    if !ignored.is_empty() {
-        tracing::info!(fields = ?ignored, "ignoring request fields that are not OpenAI's");
-    }
-    let ids = match prompt {
-        // The tokenizer failing is the coordinator's problem, not the request's.
-        OnePrompt::Text(t) => st.tok.encode(t).map_err(CoordError::from)?,
-        OnePrompt::Ids(ids) => {
-            let vocab = st.tok.vocab_size();
-            if let Some(bad_id) = ids.iter().find(|&&i| i as usize >= vocab) {
-                return Err(bad(format!(
-                    "token id {bad_id} in `prompt` is outside the vocabulary of {vocab}"
-                )));
-            }
-            ids.clone()
-        }
-    };
-    if ids.is_empty() {
-        return Err(bad("the prompt is empty"));
-    }
-    if ids.len() + max_tokens > cluster.max_ctx {
-        return Err(bad(format!(
-            "the prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds the context of {} tokens",
-            ids.len(),
-            cluster.max_ctx
-        )));
-    }
-    Ok(GenRequest {
-        prompt: ids,
-        max_tokens,
-        sampling,
-        stop,
-        ignore_eos: c.ignore_eos,
-    })
-}
-
-async fn completions(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
-    let (id, trace) = st.open_trace(&headers, false);
-    let run = async {
-        let cluster = st.serving.current()?;
-        let g = {
-            let _s = trace.step("tokenize");
-            let prompt = req.prompt.single().map_err(bad)?;
-            gen_request(&st, &cluster, &prompt, &req.common)?
-        };
-        let stream = Streaming::of(&req.common);
-        serve(&st, cluster, g, stream, false, id, &trace).await
-    };
-    run.await.inspect_err(|e| trace.failed(e.2))
-}
-
-async fn chat(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Json<ChatRequest>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
-    let (id, trace) = st.open_trace(&headers, true);
-    let run = async {
-        let cluster = st.serving.current()?;
-        req.checked().map_err(bad)?;
-        let g = {
-            let _s = trace.step("chat template and tokenize");
-            let messages = req.chat_messages().map_err(bad)?;
-            let prompt = st
-                .tok
-                .apply_chat_template(&messages)
-                .map_err(|e| bad(e.to_string()))?;
-            gen_request(&st, &cluster, &OnePrompt::Text(prompt), &req.common)?
-        };
-        let stream = Streaming::of(&req.common);
-        serve(&st, cluster, g, stream, true, id, &trace).await
-    };
-    run.await.inspect_err(|e| trace.failed(e.2))
-}
-
-fn chunk(
-    chat: bool,
-    id: &str,
-    model: &str,
-    text: Option<&str>,
-    finish: Option<FinishReason>,
-) -> Value {
-    let f = finish.map(FinishReason::as_str);
-    if chat {
-        let delta = text.map_or(json!({}), |t| json!({"role": "assistant", "content": t}));
-        json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": f}]})
-    } else {
-        json!({"id": id, "object": "text_completion", "created": now(), "model": model,
-               "choices": [{"index": 0, "text": text.unwrap_or(""), "finish_reason": f}]})
-    }
-}
-
-/// How a response is sent: whole, or as Server-Sent Events (with a usage chunk at the end
-/// when the client asked for one).
-#[derive(Debug, Clone, Copy)]
-struct Streaming {
-    on: bool,
-    usage: bool,
-}
-
-impl Streaming {
-    fn of(c: &Common) -> Self {
-        Streaming {
-            on: c.stream,
-            usage: c.include_usage(),
-        }
-    }
-}
-
-async fn serve(
-    st: &AppState,
-    cluster: Arc<Cluster>,
-    g: GenRequest,
-    stream: Streaming,
-    chat: bool,
-    id: String,
-    trace: &RequestSpan,
-) -> Result<Response, ApiError> {
-    trace.request(&g);
-    let permit = st
-        .admission
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::from(CoordError::Busy("too many requests in flight".into())))?;
-    let trace = trace.clone();
-    let admitted = {
-        let t = trace.clone();
-        move || t.admitted()
-    };
-    let mut rx = engine::start(
-        st.serving.clone(),
-        cluster,
-        st.tok.clone(),
-        g,
-        trace.span.clone(),
-        admitted,
-    );
-    if stream.on {
-        let model = st.model_id.clone();
-        // With `include_usage`, every chunk carries `usage` (null but in the last).
-        let with_usage = move |mut c: Value| {
-            if stream.usage {
-                c["usage"] = Value::Null;
-            }
-            c
-        };
-        let s = async_stream(move |tx| async move {
-            let _permit = permit;
-            while let Some(ev) = rx.recv().await {
-                let ev = match ev {
-                    GenEvent::Text(t) => {
-                        trace.first_text();
-                        let c = with_usage(chunk(chat, &id, &model, Some(&t), None));
-                        Event::default().data(c.to_string())
-                    }
-                    GenEvent::Done {
-                        finish,
-                        prompt_tokens,
-                        completion_tokens,
-                    } => {
-                        trace.done(finish, prompt_tokens, completion_tokens);
-                        let c = with_usage(chunk(chat, &id, &model, None, Some(finish)));
-                        let _ = tx.send(Event::default().data(c.to_string())).await;
-                        if stream.usage {
-                            let object = if chat {
-                                "chat.completion.chunk"
-                            } else {
-                                "text_completion"
-                            };
-                            let usage = Usage {
-                                prompt_tokens,
-                                completion_tokens,
-                                total_tokens: prompt_tokens + completion_tokens,
-                            };
-                            let last = json!({"id": id, "object": object, "created": now(),
-                                "model": model, "choices": [], "usage": usage});
-                            let _ = tx.send(Event::default().data(last.to_string())).await;
-                        }
-                        let _ = tx.send(Event::default().data("[DONE]")).await;
-                        return;
-                    }
-                    GenEvent::Error(e) => {
-                        let ApiError(code, message, kind) = ApiError::from(e);
-                        trace.failed(kind);
-                        let body = json!({"error": {"message": message, "type": kind, "code": code.as_u16()}});
-                        let _ = tx
-                            .send(Event::default().event("error").data(body.to_string()))
-                            .await;
-                        return;
-                    }
-                };
-                if tx.send(ev).await.is_err() {
-                    return; // client gone: dropping `rx` stops the generation
-                }
-            }
-        });
-        return Ok(Sse::new(s).into_response());
-    }
-    let _permit = permit;
-    let mut text = String::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            GenEvent::Text(t) => {
-                trace.first_text();
-                text.push_str(&t);
-            }
-            GenEvent::Done {
-                finish,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                trace.done(finish, prompt_tokens, completion_tokens);
-                let usage = Usage {
-                    prompt_tokens,
-                    completion_tokens,
-                    total_tokens: prompt_tokens + completion_tokens,
-                };
-                let choice = if chat {
-                    json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.as_str()})
-                } else {
-                    json!({"index": 0, "text": text, "finish_reason": finish.as_str()})
-                };
-                let obj = if chat {
-                    "chat.completion"
-                } else {
-                    "text_completion"
-                };
-                return Ok(Json(
-                    json!({"id": id, "object": obj, "created": now(), "model": st.model_id,
-                                      "choices": [choice], "usage": usage}),
-                )
-                .into_response());
-            }
-            GenEvent::Error(e) => {
-                let e = ApiError::from(e);
-                trace.failed(e.2);
-                return Err(e);
-            }
-        }
-    }
-    Err(ApiError(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "generation ended without a result".into(),
-        "server_error",
-    ))
-}
-
-/// A stream fed by a task through a channel.
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let task = tokio::spawn(f(tx));
-    let guard = AbortOnDrop(task);
-    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), move |e| {
-        let _ = &guard;
-        Ok(e)
-    })
-}
-
-/// Aborts the feeding task when the response stream is dropped (the client went away).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// `POST /tokenize`: the ids of a text, special tokens parsed, BOS as asked (`add_special`,

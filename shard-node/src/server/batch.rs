@@ -12,12 +12,13 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use common::model::Segment;
+use common::sampling::Pick;
 use proto_types::*;
 use tarpc::context::Context;
 use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::Metrics;
-use super::wire::{candle_err, shard_err, to_tensor, to_wire};
+use super::wire::{candle_err, shard_err, to_tensor, to_wire, wire_pick};
 use crate::node::{lock, now_ms, Charge, SessionEntry, Slice};
 
 /// Wire type of activations sent to the next stage (f32 keeps the cluster's output identical
@@ -216,6 +217,13 @@ enum Out {
     Next(String, WireTensor),
 }
 
+fn set_pick(out: &mut Out, pick: Option<WirePick>, logits: Option<WireTensor>) {
+    if let Out::Done(o) = out {
+        o.pick = pick;
+        o.logits = logits;
+    }
+}
+
 fn run(pendings: &[Pending], xs: &[Tensor], lens: &[usize]) -> Result<Vec<Out>, ShardError> {
     let stage = &pendings[0].slice.stage;
     let x = match xs {
@@ -236,51 +244,72 @@ fn run(pendings: &[Pending], xs: &[Tensor], lens: &[usize]) -> Result<Vec<Out>, 
     let y = stage.forward_batch(&x, &mut segs).map_err(shard_err)?;
     drop(segs);
     if stage.is_last() {
-        let mut last = Vec::with_capacity(lens.len());
+        // Only the items that pick a token or want logits need the head: a prompt's earlier
+        // chunks do not.
+        let mut need = Vec::with_capacity(lens.len());
         let mut at = 0u32;
-        for &n in lens {
+        for (i, &n) in lens.iter().enumerate() {
             at += n as u32;
-            last.push(at - 1);
+            let it = &pendings[i].item;
+            if it.pick || it.want_logits {
+                need.push((i, at - 1));
+            }
         }
+        let mut outs: Vec<Out> = pendings
+            .iter()
+            .map(|p| {
+                Out::Done(ForwardOutput {
+                    session: p.item.session,
+                    pick: None,
+                    logits: None,
+                })
+            })
+            .collect();
+        if need.is_empty() {
+            return Ok(outs);
+        }
+        let last: Vec<u32> = need.iter().map(|&(_, r)| r).collect();
         let idx = Tensor::new(last.as_slice(), y.device()).map_err(candle_err)?;
         let rows = y.index_select(&idx, 0).map_err(candle_err)?;
         // Greedy sessions that want no logits back get their picks made where the logits
         // are (on a GPU, only the picks are copied to the host; on the CPU the logits stay
         // in scratch).
-        if guards.iter().all(|g| g.sampler.is_greedy())
-            && pendings.iter().all(|p| !p.item.want_logits)
-        {
+        if need.iter().all(|&(i, _)| {
+            let it = &pendings[i].item;
+            guards[i].sampler.is_greedy() && it.pick && !it.want_logits
+        }) {
             let picks = stage.greedy_head(&rows).map_err(shard_err)?;
-            return Ok(pendings
-                .iter()
-                .zip(picks)
-                .map(|(p, token)| {
-                    Out::Done(ForwardOutput {
-                        session: p.item.session,
+            for (&(i, _), token) in need.iter().zip(picks) {
+                guards[i].sampler.record(token);
+                set_pick(
+                    &mut outs[i],
+                    Some(wire_pick(Pick {
                         token,
-                        logits: None,
-                    })
-                })
-                .collect());
+                        logprobs: None,
+                    })),
+                    None,
+                );
+            }
+            return Ok(outs);
         }
         let logits = stage.head(&rows).map_err(shard_err)?;
-        let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(candle_err)?;
-        let mut outs = Vec::with_capacity(rows.len());
-        for (i, (v, g)) in rows.iter().zip(guards.iter_mut()).enumerate() {
-            let token = g.sampler.sample(v).map_err(shard_err)?;
-            let logits = if pendings[i].item.want_logits {
+        let host: Vec<Vec<f32>> = logits.to_vec2().map_err(candle_err)?;
+        for (j, (&(i, _), v)) in need.iter().zip(&host).enumerate() {
+            let it = &pendings[i].item;
+            let pick = if it.pick {
+                Some(wire_pick(guards[i].sampler.pick(v).map_err(shard_err)?))
+            } else {
+                None
+            };
+            let wire = if it.want_logits {
                 Some(to_wire(
-                    &logits.get(i).map_err(candle_err)?,
+                    &logits.get(j).map_err(candle_err)?,
                     WireDType::F32,
                 )?)
             } else {
                 None
             };
-            outs.push(Out::Done(ForwardOutput {
-                session: pendings[i].item.session,
-                token,
-                logits,
-            }));
+            set_pick(&mut outs[i], pick, wire);
         }
         Ok(outs)
     } else {

@@ -210,7 +210,9 @@ impl ShardNode for Conn {
         let lease = self.coordinator_lease("open_session")?;
         let slice = self.node().slice_for(req.epoch)?;
         let params = sampling(&req.sampling)?;
-        let sampler = Sampler::new(params).map_err(shard_err)?;
+        let sampler = Sampler::new(params)
+            .map_err(shard_err)?
+            .with_prompt(&req.sampling.prompt);
         let cache = slice
             .stage
             .new_cache(req.max_ctx as usize, Default::default())

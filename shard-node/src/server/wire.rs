@@ -3,8 +3,10 @@
 use crate::node::NodeError;
 use candle_core::{DType, Device, Tensor};
 use common::model::LayerRange;
-use common::sampling::SamplingParams;
-use proto_types::{ErrorCode, ShardError, WireDType, WireLayerRange, WireSampling, WireTensor};
+use common::sampling::{Pick, SamplingParams};
+use proto_types::{
+    ErrorCode, ShardError, WireDType, WireLayerRange, WirePick, WireSampling, WireTensor,
+};
 
 /// A domain error as a wire error (details logged by the caller).
 pub fn shard_err(e: common::Error) -> ShardError {
@@ -75,10 +77,24 @@ pub fn sampling(s: &WireSampling) -> Result<SamplingParams, ShardError> {
         temperature: s.temperature,
         top_k: s.top_k as usize,
         top_p: s.top_p,
+        min_p: s.min_p,
         seed: s.seed,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        repetition_penalty: s.repetition_penalty,
+        logit_bias: s.logit_bias.clone(),
+        logprobs: s.logprobs,
     }
     .validate()
     .map_err(shard_err)
+}
+
+/// A pick to the wire.
+pub fn wire_pick(p: Pick) -> WirePick {
+    WirePick {
+        token: p.token,
+        logprobs: p.logprobs.map(|l| (l.logprob, l.top)),
+    }
 }
 
 /// A wire tensor to an f32 candle tensor on `device`.
