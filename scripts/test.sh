@@ -13,9 +13,10 @@ scripts/fetch-model.sh >/dev/null
 scripts/fetch-model.sh gemma3 >/dev/null
 # etcd (the 2PC tests start a real one) and protoc (etcd-client's build compiles its protos)
 scripts/setup.sh
-# the official OpenAI client, which tests/tests/openai_client.rs drives
-python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai \
-  || { echo "test: could not install the python openai package" >&2; exit 1; }
+# the official OpenAI client, which tests/tests/openai_client.rs drives, and jsonschema, which
+# checks its structured outputs
+python3 -c 'import openai, jsonschema' 2>/dev/null || python3 -m pip install --quiet openai jsonschema \
+  || { echo "test: could not install the python openai and jsonschema packages" >&2; exit 1; }
 # the cross-process tests start the real binaries: build them first (`cargo test` alone
 # builds only the binaries of packages that have their own integration tests)
 cargo build --profile ci --workspace --bins

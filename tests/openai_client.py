@@ -5,6 +5,7 @@ import json
 import sys
 import urllib.request
 
+import jsonschema
 from openai import OpenAI
 
 client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
@@ -107,7 +108,57 @@ def repeats(**kw):
     toks = c.logprobs.tokens
     return max(toks.count(t) for t in toks), c.text
 penalties = [repeats(), repeats(frequency_penalty=1.5, presence_penalty=1.0), repeats(extra_body={"repetition_penalty": 1.8})]
-print(json.dumps({"logprobs": lp_check, "bias": bias_check, "penalties": penalties,
+# structured output: every answer parses and validates against its schema, streamed too
+schemas = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                      "address": {"type": "object", "properties": {
+                                          "city": {"type": "string", "maxLength": 20},
+                                          "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                                          "required": ["city", "zip"], "additionalProperties": False}},
+     "required": ["name", "address"], "additionalProperties": False},
+    {"type": "object", "properties": {"colors": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                                 "minItems": 2, "maxItems": 4}},
+     "required": ["colors"], "additionalProperties": False},
+    {"type": "object", "properties": {"answer": {"enum": ["yes", "no", "maybe"]},
+                                      "confidence": {"type": "string", "enum": ["low", "high"]}},
+     "required": ["answer", "confidence"], "additionalProperties": False},
+    {"type": "object", "properties": {"id": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
+                                      "done": {"type": "boolean"}},
+     "required": ["id", "done"], "additionalProperties": False},
+    {"type": "object", "properties": {"age": {"type": "integer", "minimum": 18, "maximum": 99},
+                                      "score": {"type": "number", "minimum": 0, "maximum": 1}},
+     "required": ["age", "score"], "additionalProperties": False},
+]
+structured = []
+for i, schema in enumerate(schemas):
+    rf = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}
+    msgs = [{"role": "user", "content": "Describe a person as JSON."}]
+    r = client.chat.completions.create(model="m", messages=msgs, max_tokens=160, temperature=0, response_format=rf)
+    text = r.choices[0].message.content
+    streamed_text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="m", messages=msgs, max_tokens=160, temperature=0, response_format=rf, stream=True))
+    try:
+        jsonschema.validate(json.loads(text), schema)
+        ok = True
+    except Exception as e:
+        ok = f"{e}: {text!r}"
+    structured.append([ok, r.choices[0].finish_reason, streamed_text == text])
+# (a prompt this small model answers with a short object; others make it ramble to max_tokens)
+json_object = client.chat.completions.create(model="m", max_tokens=200, temperature=0,
+                                             messages=[{"role": "user", "content": "Name a color, as JSON."}],
+                                             response_format={"type": "json_object"}).choices[0].message.content
+regex = client.completions.create(model="m", prompt="The year is", max_tokens=10, temperature=0,
+                                  extra_body={"response_format": {"type": "regex", "regex": "[0-9]{4}"}}).choices[0].text
+try:
+    client.chat.completions.create(model="m", max_tokens=8, messages=[{"role": "user", "content": "x"}],
+                                   response_format={"type": "json_schema",
+                                                    "json_schema": {"name": "bad", "schema": {"type": "no-such"}}})
+    bad_schema = None
+except Exception as e:
+    bad_schema = [getattr(e, "status_code", None), str(e)]
+print(json.dumps({"structured": structured, "json_object": json_object, "regex": regex,
+                  "bad_schema": bad_schema,
+                  "logprobs": lp_check, "bias": bias_check, "penalties": penalties,
                   "with_usage": with_usage, "without_usage": without_usage,
                   "streamed": streamed, "plain": plain.choices[0].text,
                   "usage": plain.usage.completion_tokens, "chat": chat, "bad_status": bad,

@@ -8,7 +8,9 @@
 //! - [`kernels`]: SIMD CPU kernels for quantized products.
 //! - `cuda` (with the `cuda` feature): our own CUDA kernels, for batched decode attention.
 //! - [`tokenizer`]: the tokenizer from GGUF metadata, chat templates, streaming decode.
-//! - [`sampling`]: greedy, temperature, top-k, top-p, seeded.
+//! - [`sampling`]: greedy, temperature, top-k, top-p, min-p, seeded; penalties, biases,
+//!   log-probabilities.
+//! - [`grammar`]: structured output (JSON schema, JSON object, regex, Lark) with llguidance.
 //! - [`stop`]: stop strings over streamed text.
 //! - [`generate`]: a local chain of stages and the generation loop.
 //! - [`cuda_options`]: the switches of our CUDA kernels, set once at start.
@@ -34,6 +36,7 @@ pub mod model;
 
 pub use error::{Error, Result};
 pub mod generate;
+pub mod grammar;
 pub mod sampling;
 pub mod stop;
 pub mod telemetry;

@@ -31,6 +31,8 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     /// Go on past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// What the output must match (checked to compile).
+    pub grammar: Option<common::grammar::Grammar>,
 }
 
 /// What the generation task streams back.
@@ -49,6 +51,17 @@ pub enum GenEvent {
     },
     /// A failure; nothing follows.
     Error(CoordError),
+}
+
+/// A grammar to the wire.
+fn wire_grammar(g: &common::grammar::Grammar) -> WireGrammar {
+    use common::grammar::Grammar;
+    match g {
+        Grammar::JsonObject => WireGrammar::JsonObject,
+        Grammar::JsonSchema(s) => WireGrammar::JsonSchema(s.clone()),
+        Grammar::Regex(s) => WireGrammar::Regex(s.clone()),
+        Grammar::Lark(s) => WireGrammar::Lark(s.clone()),
+    }
 }
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -173,6 +186,7 @@ async fn run(
         } else {
             Vec::new()
         },
+        grammar: req.grammar.as_ref().map(wire_grammar),
     };
     let max_ctx = (req.prompt.len() + req.max_tokens).min(cluster.max_ctx) as u32;
     // Admission: a session on every stage, last stage first (each needs the next one's),

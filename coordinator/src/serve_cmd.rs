@@ -107,6 +107,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         admission: Arc::new(tokio::sync::Semaphore::new(crate::MAX_IN_FLIGHT)),
         requests: AtomicU64::new(0),
         stats: Default::default(),
+        grammar: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.http).await?;
     {

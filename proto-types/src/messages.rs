@@ -101,6 +101,21 @@ pub struct WireSampling {
     pub logprobs: Option<u32>,
     /// The prompt's ids, sent only where the repetition penalty counts them.
     pub prompt: Vec<u32>,
+    /// What the output must match, if anything.
+    pub grammar: Option<WireGrammar>,
+}
+
+/// A grammar the last stage holds the output to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireGrammar {
+    /// Any JSON object.
+    JsonObject,
+    /// A JSON schema (its JSON text).
+    JsonSchema(String),
+    /// A regular expression.
+    Regex(String),
+    /// A Lark grammar.
+    Lark(String),
 }
 
 impl Default for WireSampling {
@@ -118,6 +133,7 @@ impl Default for WireSampling {
             logit_bias: Vec::new(),
             logprobs: None,
             prompt: Vec::new(),
+            grammar: None,
         }
     }
 }

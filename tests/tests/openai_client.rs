@@ -69,6 +69,30 @@ fn python_openai_client_reads_the_api() -> anyhow::Result<()> {
     let bias = &v["bias"];
     assert_ne!(bias[0], bias[1], "{bias}");
     assert_eq!(bias[2], false, "{bias}");
+    // structured output: five schemas, each answer valid (jsonschema), finished by the
+    // grammar (not by max_tokens), the same streamed
+    let st = v["structured"].as_array().cloned().unwrap_or_default();
+    assert_eq!(st.len(), 5, "{v}");
+    for s in &st {
+        assert_eq!(s[0], true, "{s}");
+        assert_eq!(s[1], "stop", "{s}");
+        assert_eq!(s[2], true, "streamed the same: {s}");
+    }
+    let obj: serde_json::Value =
+        serde_json::from_str(v["json_object"].as_str().unwrap_or("")).unwrap_or_default();
+    assert!(obj.is_object(), "{v}");
+    let year = v["regex"].as_str().unwrap_or("");
+    assert!(
+        year.len() == 4 && year.bytes().all(|b| b.is_ascii_digit()),
+        "{v}"
+    );
+    assert_eq!(v["bad_schema"][0], 400, "{v}");
+    assert!(
+        v["bad_schema"][1]
+            .as_str()
+            .is_some_and(|m| m.contains("does not compile")),
+        "{v}"
+    );
     // penalties: the most repeated token repeats less than without them
     let p = &v["penalties"];
     let plain = p[0][0].as_u64().unwrap_or(0);

@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
+use crate::grammar::Constraint;
 use adjust::History;
 pub use logprobs::TokenLogprobs;
 
@@ -141,6 +142,8 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     history: History,
+    /// The grammar the picks must follow, if any.
+    constraint: Option<Constraint>,
 }
 
 /// Index of the largest value (the first one on ties, as llama.cpp).
@@ -214,7 +217,10 @@ impl Sampler {
     /// ([`greedy_rows`]), with [`Sampler::record`] told of them.
     pub fn is_greedy(&self) -> bool {
         let p = &self.params;
-        (p.temperature == 0.0 || p.top_k == 1) && !p.adjusts() && p.logprobs.is_none()
+        (p.temperature == 0.0 || p.top_k == 1)
+            && !p.adjusts()
+            && p.logprobs.is_none()
+            && self.constraint.is_none()
     }
 
     /// A sampler with its own random stream.
@@ -223,8 +229,15 @@ impl Sampler {
         Ok(Sampler {
             rng: StdRng::seed_from_u64(params.seed),
             history: History::default(),
+            constraint: None,
             params,
         })
+    }
+
+    /// Picks only what `c` allows, and tells it of each pick.
+    pub fn with_constraint(mut self, c: Constraint) -> Self {
+        self.constraint = Some(c);
+        self
     }
 
     /// The prompt's tokens, which the repetition penalty counts too.
@@ -252,14 +265,20 @@ impl Sampler {
     pub fn pick(&mut self, logits: &[f32]) -> Result<Pick> {
         checked(logits)?;
         let raw = logits;
-        let logits: Cow<'_, [f32]> = if self.params.adjusts() {
+        let logits: Cow<'_, [f32]> = if self.params.adjusts() || self.constraint.is_some() {
             let mut v = raw.to_vec();
             self.history.adjust(&self.params, &mut v);
+            if let Some(c) = &mut self.constraint {
+                c.mask(&mut v)?;
+            }
             Cow::Owned(v)
         } else {
             Cow::Borrowed(raw)
         };
         let token = self.choose(&logits);
+        if let Some(c) = &mut self.constraint {
+            c.commit(token)?;
+        }
         self.record(token);
         let logprobs = self
             .params

@@ -57,6 +57,7 @@ pub struct TextTokenizer {
     bos: Option<u32>,
     add_bos: bool,
     eog: BTreeSet<u32>,
+    eos: Option<u32>,
     chat: Option<ChatTemplate>,
     vocab_size: usize,
 }
@@ -114,12 +115,9 @@ impl TextTokenizer {
                 fallback
             }
         };
+        let eos = id("tokenizer.ggml.eos_token_id")?;
         let chat = match source {
-            Some(src) => Some(ChatTemplate::new(
-                src,
-                text(bos),
-                text(id("tokenizer.ggml.eos_token_id")?),
-            )?),
+            Some(src) => Some(ChatTemplate::new(src, text(bos), text(eos))?),
             None => None,
         };
         Ok(TextTokenizer {
@@ -127,9 +125,34 @@ impl TextTokenizer {
             bos,
             add_bos,
             eog,
+            eos,
             chat,
             vocab_size,
         })
+    }
+
+    /// The end-of-sequence token: the file's `eos_token_id`, else the first
+    /// end-of-generation token, else 0.
+    pub fn eos(&self) -> u32 {
+        self.eos
+            .or_else(|| self.eog.iter().next().copied())
+            .unwrap_or(0)
+    }
+
+    /// Each token's bytes, as a grammar matches them (special tokens behind a 0xFF marker,
+    /// so that no text matches them), read from the tokenizer's own description.
+    pub fn token_bytes(&self) -> Result<Vec<Vec<u8>>> {
+        let json: serde_json::Value = serde_json::from_str(
+            &self
+                .inner
+                .to_string(false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?,
+        )
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut words = llguidance::token_bytes_from_tokenizer_json(&json)
+            .map_err(|e| Error::Tokenizer(format!("token bytes: {e}")))?;
+        words.resize(self.vocab_size, Vec::new());
+        Ok(words)
     }
 
     /// Text to ids, with BOS when the model asks for it, special tokens parsed.

@@ -32,6 +32,7 @@ fn gen_request(
         max_tokens,
         sampling,
         stop,
+        grammar,
     } = c.checked(at).map_err(bad)?;
     let ignored = c.ignored_fields();
     if !ignored.is_empty() {
@@ -75,6 +76,7 @@ fn gen_request(
         sampling,
         stop,
         ignore_eos: c.ignore_eos,
+        grammar,
     })
 }
 
@@ -92,6 +94,9 @@ pub(super) async fn completions(
             let prompt = req.prompt.single().map_err(bad)?;
             gen_request(&st, &cluster, &prompt, &req.common, Endpoint::Completion)?
         };
+        if let Some(grammar) = &g.grammar {
+            st.check_grammar(grammar).await?;
+        }
         let stream = Streaming::of(&req.common);
         serve(&st, cluster, g, stream, false, id, &trace).await
     };
@@ -123,6 +128,9 @@ pub(super) async fn chat(
                 Endpoint::Chat,
             )?
         };
+        if let Some(grammar) = &g.grammar {
+            st.check_grammar(grammar).await?;
+        }
         let stream = Streaming::of(&req.common);
         serve(&st, cluster, g, stream, true, id, &trace).await
     };

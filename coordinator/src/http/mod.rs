@@ -48,6 +48,9 @@ pub struct AppState {
     pub admission: Arc<Semaphore>,
     /// Requests served, for /metrics.
     pub requests: AtomicU64,
+    /// The grammar compiler of the model's vocabulary, built at the first request with a
+    /// `response_format`, to refuse grammars that do not compile with a 400.
+    pub grammar: std::sync::OnceLock<Result<Arc<common::grammar::GrammarCompiler>, String>>,
     /// Latency histograms and token counters, for /metrics.
     pub stats: Arc<stats::RequestStats>,
 }
@@ -328,6 +331,31 @@ async fn metrics(State(st): State<Arc<AppState>>) -> String {
 }
 
 impl AppState {
+    /// Checks that `g` compiles (the first call builds the compiler): off the async workers.
+    async fn check_grammar(self: &Arc<Self>, g: &common::grammar::Grammar) -> Result<(), ApiError> {
+        let (st, g) = (self.clone(), g.clone());
+        tokio::task::spawn_blocking(move || {
+            let c = st
+                .grammar
+                .get_or_init(|| {
+                    common::grammar::GrammarCompiler::new(&st.tok, st.tok.eos())
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string())
+                })
+                .clone()
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e, "server_error"))?;
+            c.compile(&g).map(drop).map_err(|e| bad(e.to_string()))
+        })
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+                "server_error",
+            )
+        })?
+    }
+
     /// Numbers a request and opens its root span.
     fn open_trace(&self, headers: &HeaderMap, chat: bool) -> (String, RequestSpan) {
         let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;

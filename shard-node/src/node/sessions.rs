@@ -5,8 +5,11 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use common::gguf::GgufFile;
+use common::grammar::GrammarCompiler;
 use common::model::{KvCache, Stage};
 use common::sampling::Sampler;
+use common::tokenizer::TextTokenizer;
 use proto_types::{LeaseId, PlanEpoch};
 
 /// A loaded slice of a model: what a plan epoch has this node run.
@@ -18,6 +21,27 @@ pub struct Slice {
     pub model: String,
     /// The stage.
     pub stage: Stage,
+    /// The model file, for the tokenizer a grammar needs.
+    pub path: std::path::PathBuf,
+    /// The grammar compiler of the model's vocabulary, built at the first session that asks
+    /// for a grammar (last stage only).
+    pub grammar: std::sync::OnceLock<Result<Arc<GrammarCompiler>, String>>,
+}
+
+impl Slice {
+    /// The grammar compiler, built once (blocking: run it off the async workers).
+    pub fn grammar_compiler(&self) -> Result<Arc<GrammarCompiler>, String> {
+        self.grammar
+            .get_or_init(|| {
+                let file = GgufFile::open(&self.path).map_err(|e| e.to_string())?;
+                let tok = TextTokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
+                let t0 = std::time::Instant::now();
+                let c = GrammarCompiler::new(&tok, tok.eos()).map_err(|e| e.to_string())?;
+                tracing::info!(model = %self.model, ms = t0.elapsed().as_millis() as u64, "grammar compiler built");
+                Ok(Arc::new(c))
+            })
+            .clone()
+    }
 }
 
 /// One session's state on this node, locked by the compute thread while a step runs.

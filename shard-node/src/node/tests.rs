@@ -24,6 +24,8 @@ fn slice(epoch: u64) -> Slice {
         epoch: PlanEpoch(epoch),
         model: "default".into(),
         stage,
+        path: common::testing::default_model(),
+        grammar: Default::default(),
     }
 }
 

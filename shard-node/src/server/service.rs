@@ -14,7 +14,7 @@ use cluster_tls::link::Peer;
 use cluster_tls::Role;
 
 use super::batch::Pending;
-use super::wire::{layer_range, sampling, shard_err, wire_range};
+use super::wire::{grammar, layer_range, sampling, shard_err, wire_range};
 use super::Server;
 use crate::node::{lock, report, Node, NodeError, Session, SessionEntry, Slice, SliceState};
 
@@ -129,8 +129,10 @@ impl Conn {
         .map_err(|e| err(ErrorCode::Internal, format!("slice loader failed: {e}")))??;
         let slice = Slice {
             epoch: req.epoch,
+            path: self.node().cfg.models_dir.join(&req.model),
             model: req.model,
             stage,
+            grammar: Default::default(),
         };
         let out = info(&slice);
         self.node().put_slice(lease, slice, committed)?;
@@ -210,9 +212,23 @@ impl ShardNode for Conn {
         let lease = self.coordinator_lease("open_session")?;
         let slice = self.node().slice_for(req.epoch)?;
         let params = sampling(&req.sampling)?;
-        let sampler = Sampler::new(params)
+        let mut sampler = Sampler::new(params)
             .map_err(shard_err)?
             .with_prompt(&req.sampling.prompt);
+        if let (Some(g), true) = (&req.sampling.grammar, slice.stage.is_last()) {
+            // Building the model's grammar compiler (once) and compiling take a moment: off
+            // the async workers.
+            let (s, g) = (slice.clone(), grammar(g));
+            let c = tokio::task::spawn_blocking(move || {
+                s.grammar_compiler()
+                    .map_err(|e| err(ErrorCode::Internal, format!("grammar compiler: {e}")))?
+                    .compile(&g)
+                    .map_err(shard_err)
+            })
+            .await
+            .map_err(|e| err(ErrorCode::Internal, format!("grammar compiler failed: {e}")))??;
+            sampler = sampler.with_constraint(c);
+        }
         let cache = slice
             .stage
             .new_cache(req.max_ctx as usize, Default::default())

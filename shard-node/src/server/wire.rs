@@ -2,10 +2,12 @@
 
 use crate::node::NodeError;
 use candle_core::{DType, Device, Tensor};
+use common::grammar::Grammar;
 use common::model::LayerRange;
 use common::sampling::{Pick, SamplingParams};
 use proto_types::{
-    ErrorCode, ShardError, WireDType, WireLayerRange, WirePick, WireSampling, WireTensor,
+    ErrorCode, ShardError, WireDType, WireGrammar, WireLayerRange, WirePick, WireSampling,
+    WireTensor,
 };
 
 /// A domain error as a wire error (details logged by the caller).
@@ -87,6 +89,16 @@ pub fn sampling(s: &WireSampling) -> Result<SamplingParams, ShardError> {
     }
     .validate()
     .map_err(shard_err)
+}
+
+/// A grammar from the wire.
+pub fn grammar(g: &WireGrammar) -> Grammar {
+    match g {
+        WireGrammar::JsonObject => Grammar::JsonObject,
+        WireGrammar::JsonSchema(s) => Grammar::JsonSchema(s.clone()),
+        WireGrammar::Regex(s) => Grammar::Regex(s.clone()),
+        WireGrammar::Lark(s) => Grammar::Lark(s.clone()),
+    }
 }
 
 /// A pick to the wire.

@@ -64,6 +64,9 @@ pub struct Common {
     pub logprobs: Option<Value>,
     /// Chat: how many alternatives with each token's log-probability (needs `logprobs`).
     pub top_logprobs: Option<u32>,
+    /// `{"type": "text" | "json_object" | "json_schema", ...}`, and this server's extensions
+    /// `{"type": "regex", "regex": "..."}` and `{"type": "grammar", "grammar": "<Lark>"}`.
+    pub response_format: Option<Value>,
     /// Streaming options.
     pub stream_options: Option<StreamOptions>,
     /// Every other field: OpenAI fields this server does not implement yet are refused unless
@@ -101,7 +104,6 @@ pub const NOT_YET: &[(&str, IsDefault)] = &[
     ("best_of", |v| v.as_u64() == Some(1)),
     ("echo", |v| v.as_bool() == Some(false)),
     ("suffix", |v| v.as_str() == Some("")),
-    ("response_format", |v| v["type"].as_str() == Some("text")),
     ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
     ("tool_choice", |v| v.as_str() == Some("none")),
     ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
@@ -156,6 +158,8 @@ pub struct Checked {
     pub sampling: common::sampling::SamplingParams,
     /// Stop strings, within the limits.
     pub stop: Vec<String>,
+    /// What the output must match (`response_format`), not compiled yet.
+    pub grammar: Option<common::grammar::Grammar>,
 }
 
 impl Common {
@@ -205,6 +209,42 @@ impl Common {
                         }),
                 }
             }
+        }
+    }
+
+    /// The grammar `response_format` asks for.
+    fn grammar(&self) -> Result<Option<common::grammar::Grammar>, String> {
+        use common::grammar::Grammar;
+        let Some(f) = self.response_format.as_ref().filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let text = |key: &str| {
+            f[key].as_str().map(str::to_string).ok_or_else(|| {
+                format!(
+                    "`response_format` of type `{}` needs a string `{key}`",
+                    f["type"]
+                )
+            })
+        };
+        match f["type"].as_str() {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(Grammar::JsonObject)),
+            Some("json_schema") => {
+                let schema = &f["json_schema"]["schema"];
+                if !schema.is_object() && !schema.is_boolean() {
+                    return Err(
+                        "`response_format.json_schema.schema` must be a JSON schema object".into(),
+                    );
+                }
+                Ok(Some(Grammar::JsonSchema(schema.to_string())))
+            }
+            Some("regex") => Ok(Some(Grammar::Regex(text("regex")?))),
+            Some("grammar") => Ok(Some(Grammar::Lark(text("grammar")?))),
+            other => Err(format!(
+                "`response_format` type {} is not one of text, json_object, json_schema, regex, \
+                 grammar",
+                other.map_or_else(|| "(missing)".to_string(), |t| format!("`{t}`"))
+            )),
         }
     }
 
@@ -287,6 +327,7 @@ impl Common {
             max_tokens: max_tokens as usize,
             sampling,
             stop,
+            grammar: self.grammar()?,
         })
     }
 }
