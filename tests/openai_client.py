@@ -30,10 +30,30 @@ parts = client.chat.completions.create(
                                            {"type": "text", "text": "2+2?"}]}])
 # a field this server does not implement yet is refused by name, not ignored
 try:
-    client.completions.create(model="m", prompt="x", max_tokens=4, n=2)
+    client.completions.create(model="m", prompt="x", max_tokens=4, best_of=2)
     refused = None
 except Exception as e:
     refused = [getattr(e, "status_code", None), str(e)]
+# n choices: reproducible with a seed, different from each other; several prompts, one
+# choice each (index order); echo; a suffix on a model without fill-in-the-middle tokens
+def texts(r):
+    return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+sampled = [texts(client.completions.create(model="m", prompt="Once upon a time", max_tokens=12,
+                                           temperature=1.0, seed=42, n=3)) for _ in range(2)]
+prompts = texts(client.completions.create(model="m", prompt=["The capital of France is", "One plus one is"],
+                                          max_tokens=12, temperature=0))
+streamed_n = {}
+for c in client.completions.create(model="m", prompt="The capital of France is", max_tokens=12, temperature=0,
+                                   n=2, stream=True):
+    for ch in c.choices:
+        streamed_n[ch.index] = streamed_n.get(ch.index, "") + ch.text
+echoed = client.completions.create(model="m", prompt="The capital of France is", max_tokens=12, temperature=0,
+                                   echo=True).choices[0].text
+try:
+    client.completions.create(model="m", prompt="def f(", suffix="return x", max_tokens=4)
+    suffix = None
+except Exception as e:
+    suffix = [getattr(e, "status_code", None), str(e)]
 served = client.models.list().data[0].id
 retrieved = client.models.retrieve(served).id
 try:
@@ -156,7 +176,9 @@ try:
     bad_schema = None
 except Exception as e:
     bad_schema = [getattr(e, "status_code", None), str(e)]
-print(json.dumps({"structured": structured, "json_object": json_object, "regex": regex,
+print(json.dumps({"sampled": sampled, "prompts": prompts, "streamed_n": [streamed_n.get(0), streamed_n.get(1)],
+                  "echoed": echoed, "suffix": suffix,
+                  "structured": structured, "json_object": json_object, "regex": regex,
                   "bad_schema": bad_schema,
                   "logprobs": lp_check, "bias": bias_check, "penalties": penalties,
                   "with_usage": with_usage, "without_usage": without_usage,

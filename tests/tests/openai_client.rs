@@ -34,7 +34,51 @@ fn python_openai_client_reads_the_api() -> anyhow::Result<()> {
     assert_eq!(v["parts"], v["chat"], "{v}");
     assert_eq!(v["refused"][0], 400, "{v}");
     assert!(
-        v["refused"][1].as_str().is_some_and(|m| m.contains("`n`")),
+        v["refused"][1]
+            .as_str()
+            .is_some_and(|m| m.contains("`best_of`")),
+        "{v}"
+    );
+    // n: three choices, the same again with the same seed, not all alike
+    let sampled = &v["sampled"];
+    assert_eq!(sampled[0].as_array().map(Vec::len), Some(3), "{v}");
+    assert_eq!(
+        sampled[0], sampled[1],
+        "a seed reproduces every choice: {v}"
+    );
+    assert!(
+        sampled[0]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|t| t != &c[0])),
+        "choices differ: {v}"
+    );
+    // several prompts: one choice each, in order; the first is the greedy answer above
+    assert_eq!(v["prompts"][0], v["plain"], "{v}");
+    assert!(
+        v["prompts"][1].as_str().is_some_and(|t| !t.is_empty()),
+        "{v}"
+    );
+    // n streamed: both choices, each the greedy text
+    assert_eq!(
+        v["streamed_n"],
+        serde_json::json!([v["plain"], v["plain"]]),
+        "{v}"
+    );
+    // echo: the prompt, then the completion
+    assert_eq!(
+        v["echoed"].as_str(),
+        v["plain"]
+            .as_str()
+            .map(|p| format!("The capital of France is{p}"))
+            .as_deref(),
+        "{v}"
+    );
+    // suffix on a model without fill-in-the-middle tokens: 400 naming it
+    assert_eq!(v["suffix"][0], 400, "{v}");
+    assert!(
+        v["suffix"][1]
+            .as_str()
+            .is_some_and(|m| m.contains("`suffix`")),
         "{v}"
     );
     assert_eq!(v["retrieved"], v["served"]);

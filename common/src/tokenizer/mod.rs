@@ -20,6 +20,12 @@ use crate::gguf::meta::Meta;
 use crate::gguf::GgufFile;
 
 /// Token texts llama.cpp treats as end of generation when the vocabulary has them.
+/// Fill-in-the-middle tokens as StarCoder-style and Qwen-style vocabularies spell them.
+const FIM_TEXTS: &[[&str; 3]] = &[
+    ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"],
+    ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"],
+];
+
 const EOG_TEXTS: &[&str] = &[
     "<|eot_id|>",
     "<|im_end|>",
@@ -58,6 +64,7 @@ pub struct TextTokenizer {
     add_bos: bool,
     eog: BTreeSet<u32>,
     eos: Option<u32>,
+    fim: Option<(u32, u32, u32)>,
     chat: Option<ChatTemplate>,
     vocab_size: usize,
 }
@@ -116,6 +123,18 @@ impl TextTokenizer {
             }
         };
         let eos = id("tokenizer.ggml.eos_token_id")?;
+        // Fill-in-the-middle tokens: the file's ids, else the usual spellings.
+        let by_text = |t: &str| tokens.iter().position(|x| *x == t).map(|i| i as u32);
+        let fim = match (
+            id("tokenizer.ggml.fim_pre_token_id")?,
+            id("tokenizer.ggml.fim_suf_token_id")?,
+            id("tokenizer.ggml.fim_mid_token_id")?,
+        ) {
+            (Some(p), Some(s), Some(m)) => Some((p, s, m)),
+            _ => FIM_TEXTS
+                .iter()
+                .find_map(|[p, s, m]| Some((by_text(p)?, by_text(s)?, by_text(m)?))),
+        };
         let chat = match source {
             Some(src) => Some(ChatTemplate::new(src, text(bos), text(eos))?),
             None => None,
@@ -126,9 +145,15 @@ impl TextTokenizer {
             add_bos,
             eog,
             eos,
+            fim,
             chat,
             vocab_size,
         })
+    }
+
+    /// The fill-in-the-middle tokens (prefix, suffix, middle), if the model has them.
+    pub fn fim_tokens(&self) -> Option<(u32, u32, u32)> {
+        self.fim
     }
 
     /// The end-of-sequence token: the file's `eos_token_id`, else the first

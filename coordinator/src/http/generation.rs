@@ -80,6 +80,53 @@ fn gen_request(
     })
 }
 
+/// Most choices one request may ask for (prompts times `n`).
+pub const MAX_CHOICES: usize = 16;
+
+/// One choice of a response: its index, its generation, and the text echoed before it.
+struct Choice {
+    index: usize,
+    req: GenRequest,
+    echo: Option<String>,
+}
+
+/// A response's choices, and its prompt tokens (each prompt once, however many choices it
+/// has, as OpenAI counts them).
+struct Choices {
+    choices: Vec<Choice>,
+    prompt_tokens: usize,
+}
+
+/// The choices of `reqs` (one per prompt) times `n`, indexed prompt by prompt as OpenAI does;
+/// choice `c` of a prompt samples with `seed + c`, so a seeded request is reproducible and
+/// its choices differ.
+fn fan_out(reqs: Vec<(GenRequest, Option<String>)>, n: usize) -> Result<Choices, ApiError> {
+    if reqs.len() * n > MAX_CHOICES {
+        return Err(bad(format!(
+            "{} prompts times `n` = {n} asks for {} choices; at most {MAX_CHOICES}",
+            reqs.len(),
+            reqs.len() * n
+        )));
+    }
+    let mut out = Vec::with_capacity(reqs.len() * n);
+    let prompt_tokens = reqs.iter().map(|(r, _)| r.prompt.len()).sum();
+    for (req, echo) in reqs {
+        for c in 0..n {
+            let mut req = req.clone();
+            req.sampling.seed = req.sampling.seed.wrapping_add(c as u64);
+            out.push(Choice {
+                index: out.len(),
+                req,
+                echo: echo.clone(),
+            });
+        }
+    }
+    Ok(Choices {
+        choices: out,
+        prompt_tokens,
+    })
+}
+
 pub(super) async fn completions(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -89,18 +136,53 @@ pub(super) async fn completions(
     let (id, trace) = st.open_trace(&headers, false);
     let run = async {
         let cluster = st.serving.current()?;
-        let g = {
+        let n = req.common.n().map_err(bad)?;
+        let reqs = {
             let _s = trace.step("tokenize");
-            let prompt = req.prompt.single().map_err(bad)?;
-            gen_request(&st, &cluster, &prompt, &req.common, Endpoint::Completion)?
+            let mut reqs = Vec::new();
+            for prompt in req.prompt.all().map_err(bad)? {
+                let echo = req.echo_text(&prompt, &st.tok).map_err(bad)?;
+                let prompt = match &req.suffix {
+                    Some(suffix) if !suffix.is_empty() => fill_in_the_middle(&st, &prompt, suffix)?,
+                    _ => prompt,
+                };
+                let g = gen_request(&st, &cluster, &prompt, &req.common, Endpoint::Completion)?;
+                reqs.push((g, echo));
+            }
+            reqs
         };
-        if let Some(grammar) = &g.grammar {
+        if let Some(grammar) = &reqs[0].0.grammar {
             st.check_grammar(grammar).await?;
         }
         let stream = Streaming::of(&req.common);
-        serve(&st, cluster, g, stream, false, id, &trace).await
+        serve(&st, cluster, fan_out(reqs, n)?, stream, false, id, &trace).await
     };
     run.await.inspect_err(|e| trace.failed(e.2))
+}
+
+/// The prompt in prefix-suffix-middle order with the model's fill-in-the-middle tokens, as
+/// ids; a model without them: 400.
+fn fill_in_the_middle(
+    st: &AppState,
+    prompt: &OnePrompt,
+    suffix: &str,
+) -> Result<OnePrompt, ApiError> {
+    let Some((pre, suf, mid)) = st.tok.fim_tokens() else {
+        return Err(bad(
+            "`suffix` needs a model with fill-in-the-middle tokens; this one has none",
+        ));
+    };
+    let enc = |t: &str| st.tok.encode_with(t, false).map_err(CoordError::from);
+    let prefix = match prompt {
+        OnePrompt::Text(t) => enc(t)?,
+        OnePrompt::Ids(ids) => ids.clone(),
+    };
+    let mut ids = vec![pre];
+    ids.extend(prefix);
+    ids.push(suf);
+    ids.extend(enc(suffix)?);
+    ids.push(mid);
+    Ok(OnePrompt::Ids(ids))
 }
 
 pub(super) async fn chat(
@@ -113,6 +195,7 @@ pub(super) async fn chat(
     let run = async {
         let cluster = st.serving.current()?;
         req.checked().map_err(bad)?;
+        let n = req.common.n().map_err(bad)?;
         let g = {
             let _s = trace.step("chat template and tokenize");
             let messages = req.chat_messages().map_err(bad)?;
@@ -132,17 +215,26 @@ pub(super) async fn chat(
             st.check_grammar(grammar).await?;
         }
         let stream = Streaming::of(&req.common);
-        serve(&st, cluster, g, stream, true, id, &trace).await
+        serve(
+            &st,
+            cluster,
+            fan_out(vec![(g, None)], n)?,
+            stream,
+            true,
+            id,
+            &trace,
+        )
+        .await
     };
     run.await.inspect_err(|e| trace.failed(e.2))
 }
 
-/// One streamed chunk: a piece of text (none in the last chunk) with its `logprobs` (`null`
-/// unless asked for).
+/// One streamed chunk of choice `index`: a piece of text (none in its last chunk) with its
+/// `logprobs` (`null` unless asked for).
 fn chunk(
     chat: bool,
-    id: &str,
-    model: &str,
+    (id, model): (&str, &str),
+    index: usize,
     text: Option<&str>,
     logprobs: Value,
     finish: Option<FinishReason>,
@@ -151,10 +243,10 @@ fn chunk(
     if chat {
         let delta = text.map_or(json!({}), |t| json!({"role": "assistant", "content": t}));
         json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
-               "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": f}]})
+               "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": f}]})
     } else {
         json!({"id": id, "object": "text_completion", "created": now(), "model": model,
-               "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs,
+               "choices": [{"index": index, "text": text.unwrap_or(""), "logprobs": logprobs,
                             "finish_reason": f}]})
     }
 }
@@ -176,38 +268,69 @@ impl Streaming {
     }
 }
 
+/// One event of one choice.
+type Tagged = (usize, GenEvent);
+
+/// What a finished choice holds (for a whole response).
+#[derive(Default)]
+struct Done {
+    text: String,
+    logprobs: Vec<(u32, common::sampling::TokenLogprobs)>,
+    finish: Option<FinishReason>,
+}
+
 async fn serve(
     st: &AppState,
     cluster: Arc<Cluster>,
-    g: GenRequest,
+    Choices {
+        choices,
+        prompt_tokens,
+    }: Choices,
     stream: Streaming,
     chat: bool,
     id: String,
     trace: &RequestSpan,
 ) -> Result<Response, ApiError> {
-    trace.request(&g);
-    let asked = g.sampling.logprobs.is_some();
+    trace.request(&choices[0].req);
+    let asked = choices[0].req.sampling.logprobs.is_some();
     let tok = st.tok.clone();
     let permit = st
         .admission
         .clone()
-        .try_acquire_owned()
+        .try_acquire_many_owned(choices.len() as u32)
         .map_err(|_| ApiError::from(CoordError::Busy("too many requests in flight".into())))?;
     let trace = trace.clone();
-    let admitted = {
+    let k = choices.len();
+    let echoes: Vec<Option<String>> = choices.iter().map(|c| c.echo.clone()).collect();
+    // One generation task per choice, their events merged and tagged with the choice.
+    let (merged_tx, mut rx) = tokio::sync::mpsc::channel::<Tagged>(64);
+    for (i, c) in choices.into_iter().enumerate() {
         let t = trace.clone();
-        move || t.admitted()
-    };
-    let mut rx = engine::start(
-        st.serving.clone(),
-        cluster,
-        st.tok.clone(),
-        g,
-        trace.span.clone(),
-        admitted,
-    );
+        let admitted = move || {
+            if i == 0 {
+                t.admitted()
+            }
+        };
+        let mut one = engine::start(
+            st.serving.clone(),
+            cluster.clone(),
+            st.tok.clone(),
+            c.req,
+            trace.span.clone(),
+            admitted,
+        );
+        let tx = merged_tx.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = one.recv().await {
+                if tx.send((c.index, ev)).await.is_err() {
+                    return; // the response is gone: dropping `one` stops the generation
+                }
+            }
+        });
+    }
+    drop(merged_tx);
+    let model = st.model_id.clone();
     if stream.on {
-        let model = st.model_id.clone();
         // With `include_usage`, every chunk carries `usage` (null but in the last).
         let with_usage = move |mut c: Value| {
             if stream.usage {
@@ -217,25 +340,60 @@ async fn serve(
         };
         let s = async_stream(move |tx| async move {
             let _permit = permit;
-            let mut offset = 0;
-            while let Some(ev) = rx.recv().await {
+            let mut offsets = vec![0usize; k];
+            let (mut left, mut completion_tokens) = (k, 0);
+            let send = |v: Value| Event::default().data(v.to_string());
+            for (i, echo) in echoes.iter().enumerate() {
+                if let Some(e) = echo {
+                    offsets[i] = e.chars().count();
+                    let c = with_usage(chunk(chat, (&id, &model), i, Some(e), Value::Null, None));
+                    if tx.send(send(c)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            while let Some((i, ev)) = rx.recv().await {
                 let ev = match ev {
                     GenEvent::Piece(p) => {
                         trace.first_text();
-                        let lp =
-                            openai::logprobs::field(&tok, chat, asked, &p.logprobs, &mut offset);
-                        let c = with_usage(chunk(chat, &id, &model, Some(&p.text), lp, None));
-                        Event::default().data(c.to_string())
+                        let lp = openai::logprobs::field(
+                            &tok,
+                            chat,
+                            asked,
+                            &p.logprobs,
+                            &mut offsets[i],
+                        );
+                        send(with_usage(chunk(
+                            chat,
+                            (&id, &model),
+                            i,
+                            Some(&p.text),
+                            lp,
+                            None,
+                        )))
                     }
                     GenEvent::Done {
                         finish,
-                        prompt_tokens,
-                        completion_tokens,
+                        completion_tokens: n,
+                        ..
                     } => {
+                        completion_tokens += n;
+                        left -= 1;
+                        let c = with_usage(chunk(
+                            chat,
+                            (&id, &model),
+                            i,
+                            None,
+                            Value::Null,
+                            Some(finish),
+                        ));
+                        if tx.send(send(c)).await.is_err() {
+                            return;
+                        }
+                        if left > 0 {
+                            continue;
+                        }
                         trace.done(finish, prompt_tokens, completion_tokens);
-                        let c =
-                            with_usage(chunk(chat, &id, &model, None, Value::Null, Some(finish)));
-                        let _ = tx.send(Event::default().data(c.to_string())).await;
                         if stream.usage {
                             let object = if chat {
                                 "chat.completion.chunk"
@@ -249,7 +407,7 @@ async fn serve(
                             };
                             let last = json!({"id": id, "object": object, "created": now(),
                                 "model": model, "choices": [], "usage": usage});
-                            let _ = tx.send(Event::default().data(last.to_string())).await;
+                            let _ = tx.send(send(last)).await;
                         }
                         let _ = tx.send(Event::default().data("[DONE]")).await;
                         return;
@@ -265,49 +423,64 @@ async fn serve(
                     }
                 };
                 if tx.send(ev).await.is_err() {
-                    return; // client gone: dropping `rx` stops the generation
+                    return; // client gone: dropping `rx` stops the generations
                 }
             }
         });
         return Ok(Sse::new(s).into_response());
     }
     let _permit = permit;
-    let mut text = String::new();
-    let mut logprobs = Vec::new();
-    while let Some(ev) = rx.recv().await {
+    let mut done: Vec<Done> = (0..k).map(|_| Done::default()).collect();
+    let (mut left, mut completion_tokens) = (k, 0);
+    while let Some((i, ev)) = rx.recv().await {
         match ev {
             GenEvent::Piece(p) => {
                 trace.first_text();
-                text.push_str(&p.text);
-                logprobs.extend(p.logprobs);
+                done[i].text.push_str(&p.text);
+                done[i].logprobs.extend(p.logprobs);
             }
             GenEvent::Done {
                 finish,
-                prompt_tokens,
-                completion_tokens,
+                completion_tokens: n,
+                ..
             } => {
+                done[i].finish = Some(finish);
+                completion_tokens += n;
+                left -= 1;
+                if left > 0 {
+                    continue;
+                }
                 trace.done(finish, prompt_tokens, completion_tokens);
                 let usage = Usage {
                     prompt_tokens,
                     completion_tokens,
                     total_tokens: prompt_tokens + completion_tokens,
                 };
-                let lp = openai::logprobs::field(&tok, chat, asked, &logprobs, &mut 0);
-                let choice = if chat {
-                    json!({"index": 0, "message": {"role": "assistant", "content": text},
-                           "logprobs": lp, "finish_reason": finish.as_str()})
-                } else {
-                    json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish.as_str()})
-                };
+                let choices: Vec<Value> = done
+                    .iter()
+                    .zip(&echoes)
+                    .enumerate()
+                    .map(|(i, (d, echo))| {
+                        let f = d.finish.map(FinishReason::as_str);
+                        let mut offset = echo.as_ref().map_or(0, |e| e.chars().count());
+                        let lp =
+                            openai::logprobs::field(&tok, chat, asked, &d.logprobs, &mut offset);
+                        if chat {
+                            json!({"index": i, "message": {"role": "assistant", "content": d.text},
+                                   "logprobs": lp, "finish_reason": f})
+                        } else {
+                            let text = format!("{}{}", echo.as_deref().unwrap_or(""), d.text);
+                            json!({"index": i, "text": text, "logprobs": lp, "finish_reason": f})
+                        }
+                    })
+                    .collect();
                 let obj = if chat {
                     "chat.completion"
                 } else {
                     "text_completion"
                 };
-                return Ok(Json(
-                    json!({"id": id, "object": obj, "created": now(), "model": st.model_id,
-                                      "choices": [choice], "usage": usage}),
-                )
+                return Ok(Json(json!({"id": id, "object": obj, "created": now(),
+                    "model": model, "choices": choices, "usage": usage}))
                 .into_response());
             }
             GenEvent::Error(e) => {

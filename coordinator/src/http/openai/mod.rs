@@ -21,7 +21,7 @@ pub use tokenize::{DetokenizeRequest, TokenizeRequest};
 /// A `/v1/completions` body as the handler checks it (for the fuzzer and the tests).
 pub fn validate_completion(body: &[u8]) -> Result<Checked, String> {
     let r: CompletionRequest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-    r.prompt.single()?;
+    r.prompt.all()?;
     r.common.checked(Endpoint::Completion)
 }
 

@@ -28,22 +28,18 @@ pub enum OnePrompt {
 }
 
 impl Prompt {
-    /// The one prompt of the request: several in one request are not served yet.
-    pub fn single(&self) -> Result<OnePrompt, String> {
-        let several = |n: usize| {
-            Err(format!(
-                "`prompt` holds {n} prompts; one request serves one prompt for now"
-            ))
+    /// Every prompt of the request, in order (each gets its own choices).
+    pub fn all(&self) -> Result<Vec<OnePrompt>, String> {
+        let v = match self {
+            Prompt::Text(t) => vec![OnePrompt::Text(t.clone())],
+            Prompt::Ids(ids) => vec![OnePrompt::Ids(ids.clone())],
+            Prompt::Texts(v) => v.iter().cloned().map(OnePrompt::Text).collect(),
+            Prompt::IdLists(v) => v.iter().cloned().map(OnePrompt::Ids).collect(),
         };
-        match self {
-            Prompt::Text(t) => Ok(OnePrompt::Text(t.clone())),
-            Prompt::Ids(ids) => Ok(OnePrompt::Ids(ids.clone())),
-            Prompt::Texts(v) if v.len() == 1 => Ok(OnePrompt::Text(v[0].clone())),
-            Prompt::IdLists(v) if v.len() == 1 => Ok(OnePrompt::Ids(v[0].clone())),
-            Prompt::Texts(v) if v.is_empty() => Err("`prompt` is an empty list".into()),
-            Prompt::Texts(v) => several(v.len()),
-            Prompt::IdLists(v) => several(v.len()),
+        if v.is_empty() {
+            return Err("`prompt` is an empty list".into());
         }
+        Ok(v)
     }
 }
 
@@ -52,7 +48,43 @@ impl Prompt {
 pub struct CompletionRequest {
     /// The prompt.
     pub prompt: Prompt,
+    /// Put the prompt's text before each choice's.
+    #[serde(default)]
+    pub echo: bool,
+    /// Text after the completion: the prompt is then completed in the middle, with the
+    /// model's fill-in-the-middle tokens.
+    pub suffix: Option<String>,
     /// Everything else.
     #[serde(flatten)]
     pub common: Common,
+}
+
+impl CompletionRequest {
+    /// The text `echo` puts before a choice: the prompt's (its ids decoded, special tokens
+    /// rendered). `echo` with log-probabilities would need the prompt's own: refused.
+    pub fn echo_text(
+        &self,
+        prompt: &OnePrompt,
+        tok: &common::tokenizer::TextTokenizer,
+    ) -> Result<Option<String>, String> {
+        if !self.echo {
+            return Ok(None);
+        }
+        if self
+            .common
+            .logprobs
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v.as_bool() != Some(false))
+        {
+            return Err(
+                "`echo` with `logprobs` (the prompt's own log-probabilities) is not supported; \
+                 ask for one of them"
+                    .into(),
+            );
+        }
+        Ok(Some(match prompt {
+            OnePrompt::Text(t) => t.clone(),
+            OnePrompt::Ids(ids) => tok.decode_all(ids).map_err(|e| e.to_string())?,
+        }))
+    }
 }

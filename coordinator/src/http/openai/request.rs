@@ -64,6 +64,8 @@ pub struct Common {
     pub logprobs: Option<Value>,
     /// Chat: how many alternatives with each token's log-probability (needs `logprobs`).
     pub top_logprobs: Option<u32>,
+    /// Choices per prompt, default 1.
+    pub n: Option<u32>,
     /// `{"type": "text" | "json_object" | "json_schema", ...}`, and this server's extensions
     /// `{"type": "regex", "regex": "..."}` and `{"type": "grammar", "grammar": "<Lark>"}`.
     pub response_format: Option<Value>,
@@ -100,8 +102,8 @@ pub type IsDefault = fn(&Value) -> bool;
 /// which is accepted: a request that asks for more is refused with a 400 naming the field,
 /// rather than answered as if the field were not there.
 pub const NOT_YET: &[(&str, IsDefault)] = &[
-    ("n", |v| v.as_u64() == Some(1)),
     ("best_of", |v| v.as_u64() == Some(1)),
+    // completions take `echo` and `suffix` (`CompletionRequest`); chat requests do not
     ("echo", |v| v.as_bool() == Some(false)),
     ("suffix", |v| v.as_str() == Some("")),
     ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
@@ -131,6 +133,9 @@ pub const IGNORED: &[&str] = &[
     "prompt_cache_key",
     "parallel_tool_calls",
 ];
+
+/// Most choices per prompt (`n`).
+pub const MAX_N: u32 = 16;
 
 /// Most entries of `logit_bias` (OpenAI's limit is not documented; vLLM takes any).
 pub const MAX_LOGIT_BIAS: usize = 1024;
@@ -209,6 +214,14 @@ impl Common {
                         }),
                 }
             }
+        }
+    }
+
+    /// `n`, checked: 1 to [`MAX_N`].
+    pub fn n(&self) -> Result<usize, String> {
+        match self.n.unwrap_or(1) {
+            n @ 1..=MAX_N => Ok(n as usize),
+            n => Err(format!("`n` is {n}; it must be 1 to {MAX_N}")),
         }
     }
 

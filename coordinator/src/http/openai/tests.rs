@@ -27,15 +27,12 @@ fn bodies_are_checked() {
 #[test]
 fn fields_not_done_yet_are_refused_by_name_unless_at_their_default() {
     for (field, value) in [
-        ("n", "2"),
-        ("echo", "true"),
-        ("response_format", r#"{"type": "json_object"}"#),
+        ("best_of", "2"),
         (
             "tools",
             r#"[{"type": "function", "function": {"name": "f"}}]"#,
         ),
         ("tool_choice", r#""required""#),
-        ("suffix", r#""tail""#),
     ] {
         let body = format!(r#"{{"prompt": "x", "{field}": {value}}}"#);
         let e = validate_completion(body.as_bytes()).expect_err(field);
@@ -43,6 +40,8 @@ fn fields_not_done_yet_are_refused_by_name_unless_at_their_default() {
     }
     for (field, value) in [
         ("n", "1"),
+        ("echo", "true"),
+        ("suffix", r#""""#),
         ("logprobs", "false"),
         ("logprobs", "null"),
         ("presence_penalty", "0"),
@@ -72,20 +71,35 @@ fn fields_not_done_yet_are_refused_by_name_unless_at_their_default() {
 }
 
 #[test]
-fn prompts_come_in_four_forms_one_at_a_time() {
-    let one = |body: &str| -> Result<OnePrompt, String> {
+fn prompts_come_in_four_forms() {
+    let all = |body: &str| -> Result<Vec<OnePrompt>, String> {
         serde_json::from_str::<CompletionRequest>(body)
             .map_err(|e| e.to_string())?
             .prompt
-            .single()
+            .all()
     };
-    assert_eq!(one(r#"{"prompt": "a"}"#), Ok(OnePrompt::Text("a".into())));
-    assert_eq!(one(r#"{"prompt": ["a"]}"#), Ok(OnePrompt::Text("a".into())));
-    assert_eq!(one(r#"{"prompt": [1, 2]}"#), Ok(OnePrompt::Ids(vec![1, 2])));
-    assert_eq!(one(r#"{"prompt": [[3]]}"#), Ok(OnePrompt::Ids(vec![3])));
-    assert!(matches!(one(r#"{"prompt": ["a", "b"]}"#), Err(e) if e.contains("2 prompts")));
-    assert!(one(r#"{"prompt": []}"#).is_err());
-    assert!(one(r#"{"prompt": [-1]}"#).is_err());
+    let text = |t: &str| OnePrompt::Text(t.into());
+    assert_eq!(all(r#"{"prompt": "a"}"#), Ok(vec![text("a")]));
+    assert_eq!(all(r#"{"prompt": ["a"]}"#), Ok(vec![text("a")]));
+    assert_eq!(
+        all(r#"{"prompt": ["a", "b"]}"#),
+        Ok(vec![text("a"), text("b")])
+    );
+    assert_eq!(
+        all(r#"{"prompt": [1, 2]}"#),
+        Ok(vec![OnePrompt::Ids(vec![1, 2])])
+    );
+    assert_eq!(
+        all(r#"{"prompt": [[3], [4, 5]]}"#),
+        Ok(vec![OnePrompt::Ids(vec![3]), OnePrompt::Ids(vec![4, 5])])
+    );
+    assert!(all(r#"{"prompt": []}"#).is_err());
+    assert!(all(r#"{"prompt": [-1]}"#).is_err());
+    let n = |body: &str| serde_json::from_str::<CompletionRequest>(body).map(|r| r.common.n());
+    assert!(matches!(n(r#"{"prompt": "a", "n": 3}"#), Ok(Ok(3))));
+    assert!(matches!(n(r#"{"prompt": "a"}"#), Ok(Ok(1))));
+    assert!(matches!(n(r#"{"prompt": "a", "n": 0}"#), Ok(Err(e)) if e.contains("`n`")));
+    assert!(matches!(n(r#"{"prompt": "a", "n": 17}"#), Ok(Err(e)) if e.contains("`n`")));
 }
 
 #[test]
@@ -158,6 +172,18 @@ fn sampling_fields_are_checked_per_endpoint() {
         ),
         (completion(r#""logit_bias": {"abc": 1}"#), "logit_bias"),
         (completion(r#""logit_bias": {"1": 200}"#), "logit_bias"),
+        (
+            completion(r#""response_format": {"type": "xml"}"#),
+            "response_format",
+        ),
+        (
+            completion(r#""response_format": {"type": "regex"}"#),
+            "regex",
+        ),
+        (
+            chat(r#""response_format": {"type": "json_schema", "json_schema": {"schema": 3}}"#),
+            "schema",
+        ),
     ] {
         let e = bad.expect_err(field);
         assert!(e.contains(field), "{field}: {e}");
