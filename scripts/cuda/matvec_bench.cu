@@ -43,7 +43,7 @@ extern "C" __global__ void __launch_bounds__(128, 5)
     mv_4x2(const uint8_t* __restrict__ w, const uint8_t* __restrict__ y, float* __restrict__ dst,
            int ncols_x, int nrows_x, int stride_col_y, int stride_col_dst)
 {
-    matvec<4, 1, 4, 2>(w, y, dst, ncols_x, nrows_x, stride_col_y, stride_col_dst);
+    matvec<Q4_0, 1, 4, 2>(w, y, dst, ncols_x, nrows_x, stride_col_y, stride_col_dst);
 }
 
 // ---- Host ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-//! Our quantized matrix-vector products for decode steps, Q4_0 and Q8_0 weights against Q8_1
-//! activations (kernels in `matvec.cu`, whose header says how they differ from candle's
-//! `mmvq`). They take the same arguments as candle's mmvq launchers, so the fused decode path
+//! Our quantized matrix-vector products for decode steps, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+//! Q5_K and Q6_K weights against Q8_1 activations (kernels in `matvec.cu`, whose header says
+//! how they differ from candle's `mmvq`). They take the same arguments as candle's mmvq launchers, so the fused decode path
 //! calls whichever applies: these where [`MatvecType::of`] accepts the weight, candle's
-//! otherwise. `--cuda-matvec off` (or `LLMC_CUDA_MATVEC=0`) turns them off, so one run can compare both.
+//! otherwise. `--cuda-matvec off` (or `LLMC_CUDA_MATVEC=0`) turns them off, so one run can
+//! compare both.
 #![allow(unsafe_code)]
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
@@ -32,46 +33,92 @@ pub fn enabled() -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum MatvecType {
     Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl MatvecType {
+    /// Every type, in the order [`MatvecFuncs`] holds their kernels.
+    pub(crate) const ALL: [MatvecType; 8] = [
+        MatvecType::Q4_0,
+        MatvecType::Q4_1,
+        MatvecType::Q5_0,
+        MatvecType::Q5_1,
+        MatvecType::Q8_0,
+        MatvecType::Q4K,
+        MatvecType::Q5K,
+        MatvecType::Q6K,
+    ];
+
     /// The kernels' type for a weight of `t` with rows of `cols` values at device address
-    /// `ptr`, if they take it: Q4_0 or Q8_0, whole groups of 8 blocks a row (256 values, so
-    /// that rows and passes start 16-byte aligned), a 16-byte-aligned start.
+    /// `ptr`, if they take it: a type above, whole groups of 256 values a row (2048 for Q6_K,
+    /// whose 210-byte blocks need 8 to a 16-byte boundary) so that rows and passes start
+    /// 16-byte aligned, and a 16-byte-aligned start.
     pub(crate) fn of(t: GgmlDType, cols: usize, ptr: u64) -> Option<Self> {
         if !enabled() || cols == 0 || !cols.is_multiple_of(256) || !ptr.is_multiple_of(16) {
             return None;
         }
-        match t {
-            GgmlDType::Q4_0 => Some(MatvecType::Q4_0),
-            GgmlDType::Q8_0 => Some(MatvecType::Q8_0),
-            _ => None,
-        }
+        let t = match t {
+            GgmlDType::Q4_0 => MatvecType::Q4_0,
+            GgmlDType::Q4_1 => MatvecType::Q4_1,
+            GgmlDType::Q5_0 => MatvecType::Q5_0,
+            GgmlDType::Q5_1 => MatvecType::Q5_1,
+            GgmlDType::Q8_0 => MatvecType::Q8_0,
+            GgmlDType::Q4K => MatvecType::Q4K,
+            GgmlDType::Q5K => MatvecType::Q5K,
+            GgmlDType::Q6K => MatvecType::Q6K,
+            _ => return None,
+        };
+        (t.group_bytes() * (cols / 256))
+            .is_multiple_of(16)
+            .then_some(t)
     }
 
     fn name(self) -> &'static str {
         match self {
             MatvecType::Q4_0 => "q4_0",
+            MatvecType::Q4_1 => "q4_1",
+            MatvecType::Q5_0 => "q5_0",
+            MatvecType::Q5_1 => "q5_1",
             MatvecType::Q8_0 => "q8_0",
+            MatvecType::Q4K => "q4_k",
+            MatvecType::Q5K => "q5_k",
+            MatvecType::Q6K => "q6_k",
         }
     }
 
+    /// Its index in [`MatvecType::ALL`].
+    fn index(self) -> usize {
+        self as usize
+    }
+
     /// Warps a CTA for `cols` activation rows, as `MATVEC_COLS` in the kernel instantiates
-    /// them: 8 warps of one row for Q4_0 with one activation row, 4 warps of two otherwise.
+    /// them: 4 warps of two rows for Q8_0 and for more than one activation row, 8 warps of
+    /// one otherwise.
     fn warps(self, cols: usize) -> usize {
-        if self == MatvecType::Q4_0 && cols == 1 {
+        if self != MatvecType::Q8_0 && cols == 1 {
             8
         } else {
             4
         }
     }
 
-    /// Bytes of a weight block.
-    fn block_bytes(self) -> usize {
+    /// Bytes of 256 values (`G8` in the kernel's formats).
+    fn group_bytes(self) -> usize {
         match self {
-            MatvecType::Q4_0 => 18,
-            MatvecType::Q8_0 => 34,
+            MatvecType::Q4_0 => 8 * 18,
+            MatvecType::Q4_1 => 8 * 20,
+            MatvecType::Q5_0 => 8 * 22,
+            MatvecType::Q5_1 => 8 * 24,
+            MatvecType::Q8_0 => 8 * 34,
+            MatvecType::Q4K => 144,
+            MatvecType::Q5K => 176,
+            MatvecType::Q6K => 210,
         }
     }
 }
@@ -79,13 +126,13 @@ impl MatvecType {
 /// The dynamic shared memory of a CTA: a pass of each activation row, then a pass of each of
 /// its rows.
 fn smem_bytes(t: MatvecType, cols: usize) -> usize {
-    cols * PASS * Q8_1_BYTES + CTA_ROWS * PASS * t.block_bytes()
+    cols * PASS * Q8_1_BYTES + CTA_ROWS * PASS / 8 * t.group_bytes()
 }
 
 /// The kernels for one number of activation rows, by type.
 pub(crate) struct MatvecFuncs {
     cols: usize,
-    funcs: [CudaFunction; 2],
+    funcs: Vec<CudaFunction>,
 }
 
 impl MatvecFuncs {
@@ -108,7 +155,10 @@ impl MatvecFuncs {
         };
         Ok(MatvecFuncs {
             cols,
-            funcs: [f(MatvecType::Q4_0)?, f(MatvecType::Q8_0)?],
+            funcs: MatvecType::ALL
+                .into_iter()
+                .map(f)
+                .collect::<candle_core::Result<_>>()?,
         })
     }
 
@@ -132,10 +182,7 @@ impl MatvecFuncs {
         (rows, k): (usize, usize),
         (stride_y, stride_dst): (usize, usize),
     ) -> candle_core::Result<()> {
-        let f = &self.funcs[match t {
-            MatvecType::Q4_0 => 0,
-            MatvecType::Q8_0 => 1,
-        }];
+        let f = &self.funcs[t.index()];
         let int = |v: usize, what: &str| {
             i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("matvec: {what} {v}")))
         };
@@ -198,30 +245,58 @@ mod tests {
         Error::InvalidInput(format!("cuda: {e:?}"))
     }
 
-    /// Random GGUF blocks for a `[rows, k]` weight, and each block's values as f64.
-    fn weight(t: MatvecType, rows: usize, k: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f64>) {
-        let mut bytes = Vec::new();
-        let mut vals = Vec::with_capacity(rows * k);
-        for _ in 0..rows * k / 32 {
-            let d = rng.scale();
-            bytes.extend_from_slice(&d.to_le_bytes());
-            let d = f64::from(d.to_f32());
-            match t {
-                MatvecType::Q4_0 => {
-                    let qs: Vec<u8> = (0..16).map(|_| rng.byte()).collect();
-                    bytes.extend_from_slice(&qs);
-                    let lo = qs.iter().map(|b| f64::from(b & 15) - 8.0);
-                    let hi = qs.iter().map(|b| f64::from(b >> 4) - 8.0);
-                    vals.extend(lo.chain(hi).map(|q| q * d));
-                }
-                MatvecType::Q8_0 => {
-                    let qs: Vec<u8> = (0..32).map(|_| rng.byte()).collect();
-                    bytes.extend_from_slice(&qs);
-                    vals.extend(qs.iter().map(|&b| f64::from(b as i8) * d));
-                }
+    impl MatvecType {
+        fn ggml(self) -> GgmlDType {
+            match self {
+                MatvecType::Q4_0 => GgmlDType::Q4_0,
+                MatvecType::Q4_1 => GgmlDType::Q4_1,
+                MatvecType::Q5_0 => GgmlDType::Q5_0,
+                MatvecType::Q5_1 => GgmlDType::Q5_1,
+                MatvecType::Q8_0 => GgmlDType::Q8_0,
+                MatvecType::Q4K => GgmlDType::Q4K,
+                MatvecType::Q5K => GgmlDType::Q5K,
+                MatvecType::Q6K => GgmlDType::Q6K,
             }
         }
-        (bytes, vals)
+
+        /// Values a block, its bytes, and the byte offsets of its f16 scales.
+        fn layout(self) -> (usize, usize, &'static [usize]) {
+            match self {
+                MatvecType::Q4_0 => (32, 18, &[0]),
+                MatvecType::Q4_1 => (32, 20, &[0, 2]),
+                MatvecType::Q5_0 => (32, 22, &[0]),
+                MatvecType::Q5_1 => (32, 24, &[0, 2]),
+                MatvecType::Q8_0 => (32, 34, &[0]),
+                MatvecType::Q4K => (256, 144, &[0, 2]),
+                MatvecType::Q5K => (256, 176, &[0, 2]),
+                MatvecType::Q6K => (256, 210, &[208]),
+            }
+        }
+    }
+
+    /// Random GGUF blocks for a `[rows, k]` weight (random bytes, with small positive f16
+    /// scales), and its values as candle's CPU dequantization gives them.
+    fn weight(t: MatvecType, rows: usize, k: usize, rng: &mut Rng) -> Result<(Vec<u8>, Vec<f64>)> {
+        let (per, size, scales) = t.layout();
+        let mut bytes = Vec::with_capacity(rows * k / per * size);
+        for _ in 0..rows * k / per {
+            let at = bytes.len();
+            bytes.extend((0..size).map(|_| rng.byte()));
+            for &o in scales {
+                bytes[at + o..at + o + 2].copy_from_slice(&rng.scale().to_le_bytes());
+            }
+        }
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            t.ggml(),
+            &bytes,
+            vec![rows, k],
+            &Device::Cpu,
+        )?;
+        let vals = q
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok((bytes, vals.into_iter().map(f64::from).collect()))
     }
 
     /// Random Q8_1 rows of `stride` blocks (zero past `k`), and their values as f64. The sum
@@ -265,17 +340,23 @@ mod tests {
         let stream = cuda.cuda_stream();
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut worst = 0f64;
-        for t in [MatvecType::Q4_0, MatvecType::Q8_0] {
-            for (rows, k) in [(5, 256), (37, 768), (4102, 4096), (301, 8448)] {
-                let (wb, wv) = weight(t, rows, k, &mut rng);
+        for t in MatvecType::ALL {
+            for (rows, k) in [
+                (5usize, 256usize),
+                (37, 768),
+                (4102, 4096),
+                (301, 8448),
+                (19, 14336),
+            ] {
+                if t == MatvecType::Q6K && !k.is_multiple_of(2048) {
+                    continue;
+                }
+                let (wb, wv) = weight(t, rows, k, &mut rng)?;
                 let stride = k.div_ceil(512) * 16;
                 let (yb, yv) = activations(MAX_COLS, k, stride, &mut rng);
                 let w_dev = stream.clone_htod(&wb).map_err(drv)?;
                 let y_dev = stream.clone_htod(&yb).map_err(drv)?;
-                let gt = match t {
-                    MatvecType::Q4_0 => GgmlDType::Q4_0,
-                    MatvecType::Q8_0 => GgmlDType::Q8_0,
-                };
+                let gt = t.ggml();
                 let (wp, yp) = (w_dev.device_ptr(&stream).0, y_dev.device_ptr(&stream).0);
                 assert_eq!(MatvecType::of(gt, k, wp), Some(t));
                 for cols in 1..=MAX_COLS {
@@ -295,7 +376,13 @@ mod tests {
                         )?;
                         let mmvq = match t {
                             MatvecType::Q4_0 => ffi::launch_mmvq_gguf_q4_0_f32_plain,
+                            MatvecType::Q4_1 => ffi::launch_mmvq_gguf_q4_1_f32_plain,
+                            MatvecType::Q5_0 => ffi::launch_mmvq_gguf_q5_0_f32_plain,
+                            MatvecType::Q5_1 => ffi::launch_mmvq_gguf_q5_1_f32_plain,
                             MatvecType::Q8_0 => ffi::launch_mmvq_gguf_q8_0_f32_plain,
+                            MatvecType::Q4K => ffi::launch_mmvq_gguf_q4_k_f32_plain,
+                            MatvecType::Q5K => ffi::launch_mmvq_gguf_q5_k_f32_plain,
+                            MatvecType::Q6K => ffi::launch_mmvq_gguf_q6_k_f32_plain,
                         };
                         mmvq(
                             wp as *const _,
