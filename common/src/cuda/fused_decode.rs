@@ -191,7 +191,8 @@ impl Weight {
 /// One block's addresses.
 struct LayerPtrs {
     attn_norm: u64,
-    qkv: Weight,
+    /// One matrix, or the query, key and value matrices, whose outputs sit side by side.
+    qkv: Vec<Weight>,
     o: Weight,
     ffn_norm: u64,
     gate_up: Weight,
@@ -269,8 +270,21 @@ pub fn forward(
         .map_err(|e| Error::InvalidInput(format!("fused decode: bind context: {e:?}")))?;
     let mut layers = Vec::with_capacity(parts.len());
     for p in &parts {
-        let (Some(qkv), Some(o), Some(gate_up), Some(down)) = (
-            Weight::of(p.qkv, d.q + 2 * d.kv, d.hidden)?,
+        let qkv_rows: &[usize] = match p.qkv.len() {
+            1 => &[d.q + 2 * d.kv],
+            _ => &[d.q, d.kv, d.kv],
+        };
+        if p.qkv.len() != qkv_rows.len() {
+            return Ok(None);
+        }
+        let mut qkv = Vec::with_capacity(qkv_rows.len());
+        for (l, &rows) in p.qkv.iter().zip(qkv_rows) {
+            match Weight::of(l, rows, d.hidden)? {
+                Some(w) => qkv.push(w),
+                None => return Ok(None),
+            }
+        }
+        let (Some(o), Some(gate_up), Some(down)) = (
             Weight::of(p.o, d.hidden, d.q)?,
             Weight::of(p.gate_up, 2 * d.ffn, d.hidden)?,
             Weight::of(p.down, d.hidden, d.ffn)?,
@@ -435,12 +449,14 @@ impl Products {
     /// (`[n, w.cols]`, contiguous); for mmvq, the Q8_1 rows already written.
     ///
     /// # Safety
-    /// The buffers must hold `n` rows of their widths and `out` room for `n * w.rows` f32.
+    /// The buffers must hold `n` rows of their widths and `out` room for `n` rows of
+    /// `out_stride` f32 (this product writes the first `w.rows` of each).
     unsafe fn matvec(
         &self,
         w: &Weight,
         x: u64,
         out: u64,
+        out_stride: usize,
         n: usize,
         stream: &CudaStream,
     ) -> candle_core::Result<()> {
@@ -459,7 +475,7 @@ impl Products {
                             *xq,
                             out,
                             (w.rows, w.cols),
-                            (blocks_per_row, w.rows),
+                            (blocks_per_row, out_stride),
                         )
                     };
                 }
@@ -467,7 +483,7 @@ impl Products {
                 while at < n {
                     let b = (n - at).min(MMVQ_MAX_BATCH);
                     let y = xq + (at * blocks_per_row * Q8_1_BYTES) as u64;
-                    let dst = out + (at * w.rows * 4) as u64;
+                    let dst = out + (at * out_stride * 4) as u64;
                     // SAFETY: candle's launcher, with the arguments its own fast path passes.
                     unsafe {
                         (w.mmvq)(
@@ -477,7 +493,7 @@ impl Products {
                             w.cols as i32,
                             w.rows as i32,
                             blocks_per_row as i32,
-                            w.rows as i32,
+                            out_stride as i32,
                             b as i32,
                             s,
                         );
@@ -518,7 +534,7 @@ impl Products {
                         w.rows as i64,
                         n as i64,
                         (w.cols / w.mmq.qk) as i64,
-                        w.rows as i64,
+                        out_stride as i64,
                         info.cc,
                         info.nsm,
                         info.smpbo,
@@ -583,8 +599,9 @@ impl CustomOp1 for FusedDecode {
         } else {
             let xq = alloc_bytes(n * padded(kmax) / 32 * Q8_1_BYTES)?;
             let ours = self.layers.iter().any(|l| {
-                [&l.qkv, &l.o, &l.gate_up, &l.down]
+                l.qkv
                     .iter()
+                    .chain([&l.o, &l.gate_up, &l.down])
                     .any(|w| w.own.is_some())
             });
             let p = Products::Mmvq {
@@ -712,7 +729,14 @@ impl CustomOp1 for FusedDecode {
             cur = out;
             // SAFETY (the products below): the buffers were allocated above for n rows of
             // their widths.
-            unsafe { products.matvec(&l.qkv, act_in, qkvp, n, &stream) }?;
+            let mut at = 0u64;
+            for w in &l.qkv {
+                // SAFETY: as above; each part writes its columns of the qkv rows.
+                unsafe {
+                    products.matvec(w, act_in, qkvp + at * 4, qkv_stride as usize, n, &stream)
+                }?;
+                at += w.rows as u64;
+            }
             let raw = RawAttn {
                 q: qkvp,
                 q_stride: qkv_stride,
@@ -738,11 +762,11 @@ impl CustomOp1 for FusedDecode {
             // SAFETY: the caches were checked in `forward` (contiguous f16, room at pos, pos
             // inside the rope tables), the rest are the buffers above.
             unsafe { decode_attention::launch(&attn_fs, &raw)? };
-            unsafe { products.matvec(&l.o, attnp, deltap, n, &stream) }?;
+            unsafe { products.matvec(&l.o, attnp, deltap, l.o.rows, n, &stream) }?;
             let out = next();
             launch_norm(cur, out, deltap, l.ffn_norm, l.eps)?;
             cur = out;
-            unsafe { products.matvec(&l.gate_up, act_in, gup, n, &stream) }?;
+            unsafe { products.matvec(&l.gate_up, act_in, gup, l.gate_up.rows, n, &stream) }?;
             let (mut f, mut fpad) = (d.ffn as i32, padded(d.ffn) as i32);
             let (mut gu_in, mut act) = (gup, act_out);
             let mut params = vec![arg(&mut gu_in), arg(&mut act), arg(&mut f)];
@@ -760,7 +784,7 @@ impl CustomOp1 for FusedDecode {
             // kernel waits for its predecessor first.
             unsafe { pdl::launch(&stream, &silu, cfg, &mut params, true) }
                 .map_err(|e| err("silu_mul", e))?;
-            unsafe { products.matvec(&l.down, act_in, deltap, n, &stream) }?;
+            unsafe { products.matvec(&l.down, act_in, deltap, l.down.rows, n, &stream) }?;
         }
         let (mut x, mut dl, mut len) = (cur, deltap, (n * d.hidden) as i64);
         let cfg = LaunchConfig {
@@ -873,7 +897,12 @@ mod tests {
             let parts = stage.parts().0[0]
                 .fused_parts()
                 .ok_or_else(|| Error::InvalidInput("no fused parts".into()))?;
-            for l in [parts.qkv, parts.o, parts.gate_up, parts.down] {
+            for l in parts
+                .qkv
+                .iter()
+                .copied()
+                .chain([parts.o, parts.gate_up, parts.down])
+            {
                 let w = l.weight();
                 if MatvecType::of(w.dtype(), l.in_features(), w.device_ptr()? as u64).is_none() {
                     return Err(Error::InvalidInput(format!(

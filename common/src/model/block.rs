@@ -197,12 +197,13 @@ impl Block {
 }
 
 /// What the fused CUDA decode path reads of a block (see `crate::cuda::fused_decode`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FusedParts<'a> {
     /// `[hidden]` f32.
     pub attn_norm: &'a Tensor,
-    /// `[q + 2 kv, hidden]`: the query, key and value rows in one matrix.
-    pub qkv: &'a QLinear,
+    /// `[q + 2 kv, hidden]`: the query, key and value rows, in one matrix or, where their
+    /// types differ (Q4_K_M files keep some value matrices in Q6_K), in three.
+    pub qkv: Vec<&'a QLinear>,
     /// `[hidden, q]`.
     pub o: &'a QLinear,
     /// `[hidden]` f32.
@@ -218,8 +219,8 @@ pub struct FusedParts<'a> {
 }
 
 impl Block {
-    /// The block's parts for the fused path: `None` when q/k/v or gate/up are not each one
-    /// matrix (their types differ) or a projection has a bias.
+    /// The block's parts for the fused path: `None` when gate/up is not one matrix (their
+    /// types differ) or a projection has a bias.
     pub fn fused_parts(&self) -> Option<FusedParts<'_>> {
         // The fused kernels implement the llama block only.
         let llama_block = self.qk_norm.is_none()
@@ -231,7 +232,7 @@ impl Block {
         }
         Some(FusedParts {
             attn_norm: &self.attn_norm,
-            qkv: self.qkv.single()?,
+            qkv: self.qkv.parts_without_bias()?,
             o: &self.o,
             ffn_norm: &self.ffn_norm,
             gate_up: self.gate_up.single()?,

@@ -362,8 +362,18 @@ impl MultiLinear {
 
     /// The one matrix of a fused projection without biases; `None` when split.
     pub fn single(&self) -> Option<&QLinear> {
+        match self.parts_without_bias()?.as_slice() {
+            [l] => Some(*l),
+            _ => None,
+        }
+    }
+
+    /// Its matrices, one (fused) or one per part (types differ), when none has a bias: their
+    /// outputs side by side are this projection's.
+    pub fn parts_without_bias(&self) -> Option<Vec<&QLinear>> {
         match self {
-            MultiLinear::Fused(l, _) if !l.has_bias() => Some(l),
+            MultiLinear::Fused(l, _) if !l.has_bias() => Some(vec![l]),
+            MultiLinear::Split(ls) if ls.iter().all(|l| !l.has_bias()) => Some(ls.iter().collect()),
             _ => None,
         }
     }
