@@ -119,21 +119,27 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
         ErrorCode::UnknownLease
     );
 
-    // Open two sessions, last stage first, each stage pointing at the next.
-    let sessions = [SessionId(1), SessionId(2)];
-    let greedy = WireSampling::default();
-    for session in sessions {
-        for i in (0..3).rev() {
-            let next = (i < 2).then(|| nodes[i + 1].addr.clone());
-            let req = OpenSession {
-                session,
-                epoch,
-                max_ctx: 512,
-                next,
-                sampling: greedy.clone(),
-            };
-            clients[i].open_session(ctx(), req).await??;
+    // Opens a session on every stage, last stage first, each stage pointing at the next.
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let open = |session, sampling: WireSampling| {
+        let (clients, addrs) = (&clients, &addrs);
+        async move {
+            for i in (0..clients.len()).rev() {
+                let req = OpenSession {
+                    session,
+                    epoch,
+                    max_ctx: 512,
+                    next: addrs.get(i + 1).cloned(),
+                    sampling: sampling.clone(),
+                };
+                clients[i].open_session(ctx(), req).await??;
+            }
+            anyhow::Ok(())
         }
+    };
+    let sessions = [SessionId(1), SessionId(2)];
+    for session in sessions {
+        open(session, WireSampling::default()).await?;
     }
 
     let file = GgufFile::open(&model)?;
@@ -201,6 +207,48 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
     let st = clients[1].status(ctx()).await?;
     assert_eq!(st.sessions, 2);
     assert!(st.leases.iter().any(|l| l.kv_cache > 0));
+
+    // A prompt chunk that picks nothing skips the head: no token comes back. A session that
+    // asks for log-probabilities gets the chosen token's and the top two, the greedy pick
+    // first among them.
+    let sampling = [
+        WireSampling::default(),
+        WireSampling {
+            logprobs: Some(2),
+            ..WireSampling::default()
+        },
+    ];
+    for (session, sampling) in [SessionId(3), SessionId(4)].into_iter().zip(sampling) {
+        open(session, sampling).await?;
+    }
+    let step = |session, pick| ForwardItem {
+        session,
+        start: 0,
+        input: StageInput::Tokens(prompt.clone()),
+        pick,
+        want_logits: false,
+    };
+    let items = vec![step(SessionId(3), false), step(SessionId(4), true)];
+    let reply = clients[0]
+        .forward(ctx(), ForwardRequest { epoch, items })
+        .await??;
+    let mut outs = reply.outputs.into_iter();
+    let skipped = outs
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("short reply"))??;
+    assert_eq!(skipped.pick, None, "no pick asked for, none made");
+    let picked = outs
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("short reply"))??
+        .pick
+        .ok_or_else(|| anyhow::anyhow!("no pick"))?;
+    assert_eq!(picked.token, got[0][0], "the greedy first token");
+    let (lp, top) = picked
+        .logprobs
+        .ok_or_else(|| anyhow::anyhow!("no log-probabilities"))?;
+    assert_eq!(top.len(), 2);
+    assert_eq!(top[0].0, picked.token);
+    assert!(lp <= 0.0 && (lp - top[0].1).abs() < 1e-6 && top[1].1 <= top[0].1);
 
     // Dropping the client's connections frees its sessions on every node.
     drop(clients);
