@@ -164,51 +164,30 @@ __device__ __forceinline__ void k4_scales(uint32_t s0, uint32_t s1, uint32_t s2,
     }
 }
 
-// Q4_K: 144-byte super-blocks of 256 values: d, dmin, 12 bytes of 6-bit scales and mins,
-// 128 bytes of nibbles (bytes 32c..32c+31 hold sub-block 2c in their low nibbles and 2c+1 in
-// their high ones); values nibble * d * scale - dmin * min.
-struct Q4_K {
-    static constexpr int G8 = 144;
+// Q4_K and Q5_K: super-blocks of 256 values: d, dmin, 12 bytes of 6-bit scales and mins;
+// for Q5_K (QH) 32 bytes of fifth bits (bit j of byte l: value l of sub-block j); then 128
+// bytes of nibbles (bytes 32c..32c+31 hold sub-block 2c in their low nibbles and 2c+1 in
+// their high ones). Values (nibble, with its fifth bit) * d * scale - dmin * min; 144 bytes
+// (Q4_K) or 176 (Q5_K).
+template <bool QH>
+struct KBlocks {
+    static constexpr int G8 = QH ? 176 : 144;
+    static constexpr int QS = QH ? 48 : 16;  // offset of the nibbles
     struct Unit {
         uint32_t q[16];
+        uint32_t qh[QH ? 8 : 1];  // shifted right by 4h: bit k is sub-block 4h + k's
         float dsc[4], dm[4];
     };
     static __device__ __forceinline__ void load(const uint8_t* s, int lane, Unit& u)
     {
-        const int h = lane & 1, b = (lane >> 1) * 144;
+        const int h = lane & 1, b = (lane >> 1) * G8;
         const uint4 hd = *reinterpret_cast<const uint4*>(s + b);
-        words_as<uint4>(s, b + 16 + 64 * h, u.q);
-        const float2 d = __half22float2(*reinterpret_cast<const half2*>(&hd.x));
-        k4_scales(hd.y, hd.z, hd.w, h, d.x, d.y, u.dsc, u.dm);
-    }
-    template <int K>
-    static __device__ __forceinline__ float dot(const Unit& w, const int (&u)[8], float2 ds)
-    {
-        int s = 0;
+        if (QH) {
+            words_as<uint4>(s, b + 16, u.qh);
 #pragma unroll
-        for (int m = 0; m < 8; ++m)
-            s = __dp4a((int)(w.q[8 * (K >> 1) + m] >> (4 * (K & 1))) & 0x0F0F0F0F, u[m], s);
-        return w.dsc[K] * ds.x * (float)s - w.dm[K] * ds.y;
-    }
-};
-
-// Q5_K: 176-byte super-blocks: d, dmin, 12 bytes of scales and mins as Q4_K, 32 bytes of
-// fifth bits (bit j of byte l: value l of sub-block j), 128 bytes of nibbles as Q4_K.
-struct Q5_K {
-    static constexpr int G8 = 176;
-    struct Unit {
-        uint32_t q[16];
-        uint32_t qh[8];  // shifted right by 4h: bit k is sub-block 4h + k's
-        float dsc[4], dm[4];
-    };
-    static __device__ __forceinline__ void load(const uint8_t* s, int lane, Unit& u)
-    {
-        const int h = lane & 1, b = (lane >> 1) * 176;
-        const uint4 hd = *reinterpret_cast<const uint4*>(s + b);
-        words_as<uint4>(s, b + 16, u.qh);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) u.qh[i] >>= 4 * h;
-        words_as<uint4>(s, b + 48 + 64 * h, u.q);
+            for (int i = 0; i < 8; ++i) u.qh[i] >>= 4 * h;
+        }
+        words_as<uint4>(s, b + QS + 64 * h, u.q);
         const float2 d = __half22float2(*reinterpret_cast<const half2*>(&hd.x));
         k4_scales(hd.y, hd.z, hd.w, h, d.x, d.y, u.dsc, u.dm);
     }
@@ -218,13 +197,16 @@ struct Q5_K {
         int s = 0;
 #pragma unroll
         for (int m = 0; m < 8; ++m) {
-            const uint32_t lo = (w.q[8 * (K >> 1) + m] >> (4 * (K & 1))) & 0x0F0F0F0Fu;
-            const uint32_t hi = ((w.qh[m] >> K) & 0x01010101u) << 4;
-            s = __dp4a((int)(lo | hi), u[m], s);
+            uint32_t v = (w.q[8 * (K >> 1) + m] >> (4 * (K & 1))) & 0x0F0F0F0Fu;
+            if (QH) v |= ((w.qh[m] >> K) & 0x01010101u) << 4;
+            s = __dp4a((int)v, u[m], s);
         }
         return w.dsc[K] * ds.x * (float)s - w.dm[K] * ds.y;
     }
 };
+
+using Q4_K = KBlocks<false>;
+using Q5_K = KBlocks<true>;
 
 // Q6_K: 210-byte super-blocks: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16
 // int8 scales (one a 16 values), d last. Each half of 128 values takes 64 low bytes, 32 high

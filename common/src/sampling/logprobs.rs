@@ -21,18 +21,20 @@ impl TokenLogprobs {
                 .get(id as usize)
                 .map_or(f32::NEG_INFINITY, |v| v - lse)
         };
+        // The k best in one pass, kept sorted (k is at most 20): no vocabulary-sized buffer
+        // per token.
         let k = (k as usize).min(logits.len());
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let order = |a: &u32, b: &u32| {
-            logits[*b as usize]
-                .total_cmp(&logits[*a as usize])
-                .then(a.cmp(b))
-        };
-        if k > 0 && k < idx.len() {
-            idx.select_nth_unstable_by(k - 1, order);
+        let mut idx: Vec<u32> = Vec::with_capacity(k + 1);
+        if k > 0 {
+            for (i, &v) in logits.iter().enumerate() {
+                if idx.len() == k && v <= logits[idx[k - 1] as usize] {
+                    continue;
+                }
+                let at = idx.partition_point(|&j| logits[j as usize] >= v);
+                idx.insert(at, i as u32);
+                idx.truncate(k);
+            }
         }
-        idx.truncate(k);
-        idx.sort_unstable_by(order);
         TokenLogprobs {
             logprob: lp(token),
             top: idx.into_iter().map(|i| (i, lp(i))).collect(),

@@ -21,25 +21,16 @@ use crate::cluster::Cluster;
 use crate::engine::{self, GenEvent, GenRequest};
 use crate::error::CoordError;
 
-fn gen_request(
-    st: &AppState,
-    cluster: &Cluster,
-    prompt: &OnePrompt,
-    c: &Common,
-    at: Endpoint,
-) -> Result<GenRequest, ApiError> {
-    let Checked {
-        max_tokens,
-        sampling,
-        stop,
-        grammar,
-    } = c.checked(at).map_err(bad)?;
+/// The shared fields once checked (`checked`): non-OpenAI fields logged, `logit_bias` ids
+/// checked against the vocabulary.
+fn with_vocab(st: &AppState, c: &Common, checked: Checked) -> Result<Checked, ApiError> {
     let ignored = c.ignored_fields();
     if !ignored.is_empty() {
         tracing::info!(fields = ?ignored, "ignoring request fields that are not OpenAI's");
     }
     let vocab = st.tok.vocab_size();
-    if let Some((id, _)) = sampling
+    if let Some((id, _)) = checked
+        .sampling
         .logit_bias
         .iter()
         .find(|(i, _)| *i as usize >= vocab)
@@ -48,6 +39,20 @@ fn gen_request(
             "token id {id} in `logit_bias` is outside the vocabulary of {vocab}"
         )));
     }
+    Ok(checked)
+}
+
+/// One prompt's generation under `checked`: the prompt tokenized (or its ids checked) and
+/// fitted to the context.
+fn gen_request(
+    st: &AppState,
+    cluster: &Cluster,
+    prompt: &OnePrompt,
+    checked: &Checked,
+    ignore_eos: bool,
+) -> Result<GenRequest, ApiError> {
+    let max_tokens = checked.max_tokens;
+    let vocab = st.tok.vocab_size();
     let ids = match prompt {
         // The tokenizer failing is the coordinator's problem, not the request's.
         OnePrompt::Text(t) => st.tok.encode(t).map_err(CoordError::from)?,
@@ -73,10 +78,10 @@ fn gen_request(
     Ok(GenRequest {
         prompt: ids,
         max_tokens,
-        sampling,
-        stop,
-        ignore_eos: c.ignore_eos,
-        grammar,
+        sampling: checked.sampling.clone(),
+        stop: checked.stop.clone(),
+        ignore_eos,
+        grammar: checked.grammar.clone(),
     })
 }
 
@@ -137,21 +142,24 @@ pub(super) async fn completions(
     let run = async {
         let cluster = st.serving.current()?;
         let n = req.common.n().map_err(bad)?;
+        let checked = req.common.checked(Endpoint::Completion).map_err(bad)?;
+        let checked = with_vocab(&st, &req.common, checked)?;
+        let asked = checked.sampling.logprobs.is_some();
         let reqs = {
             let _s = trace.step("tokenize");
             let mut reqs = Vec::new();
             for prompt in req.prompt.all().map_err(bad)? {
-                let echo = req.echo_text(&prompt, &st.tok).map_err(bad)?;
+                let echo = req.echo_text(&prompt, &st.tok, asked).map_err(bad)?;
                 let prompt = match &req.suffix {
                     Some(suffix) if !suffix.is_empty() => fill_in_the_middle(&st, &prompt, suffix)?,
                     _ => prompt,
                 };
-                let g = gen_request(&st, &cluster, &prompt, &req.common, Endpoint::Completion)?;
+                let g = gen_request(&st, &cluster, &prompt, &checked, req.common.ignore_eos)?;
                 reqs.push((g, echo));
             }
             reqs
         };
-        if let Some(grammar) = &reqs[0].0.grammar {
+        if let Some(grammar) = &checked.grammar {
             st.check_grammar(grammar).await?;
         }
         let stream = Streaming::of(&req.common);
@@ -194,7 +202,7 @@ pub(super) async fn chat(
     let (id, trace) = st.open_trace(&headers, true);
     let run = async {
         let cluster = st.serving.current()?;
-        req.checked().map_err(bad)?;
+        let checked = with_vocab(&st, &req.common, req.checked().map_err(bad)?)?;
         let n = req.common.n().map_err(bad)?;
         let g = {
             let _s = trace.step("chat template and tokenize");
@@ -203,15 +211,10 @@ pub(super) async fn chat(
                 .tok
                 .apply_chat_template(&messages)
                 .map_err(|e| bad(e.to_string()))?;
-            gen_request(
-                &st,
-                &cluster,
-                &OnePrompt::Text(prompt),
-                &req.common,
-                Endpoint::Chat,
-            )?
+            let prompt = OnePrompt::Text(prompt);
+            gen_request(&st, &cluster, &prompt, &checked, req.common.ignore_eos)?
         };
-        if let Some(grammar) = &g.grammar {
+        if let Some(grammar) = &checked.grammar {
             st.check_grammar(grammar).await?;
         }
         let stream = Streaming::of(&req.common);

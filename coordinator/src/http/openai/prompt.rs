@@ -61,21 +61,18 @@ pub struct CompletionRequest {
 
 impl CompletionRequest {
     /// The text `echo` puts before a choice: the prompt's (its ids decoded, special tokens
-    /// rendered). `echo` with log-probabilities would need the prompt's own: refused.
+    /// rendered). `echo` with log-probabilities (`logprobs`) would need the prompt's own:
+    /// refused.
     pub fn echo_text(
         &self,
         prompt: &OnePrompt,
         tok: &common::tokenizer::TextTokenizer,
+        logprobs: bool,
     ) -> Result<Option<String>, String> {
         if !self.echo {
             return Ok(None);
         }
-        if self
-            .common
-            .logprobs
-            .as_ref()
-            .is_some_and(|v| !v.is_null() && v.as_bool() != Some(false))
-        {
+        if logprobs {
             return Err(
                 "`echo` with `logprobs` (the prompt's own log-probabilities) is not supported; \
                  ask for one of them"
