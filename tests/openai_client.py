@@ -54,6 +54,13 @@ try:
     suffix = None
 except Exception as e:
     suffix = [getattr(e, "status_code", None), str(e)]
+# tools on a model whose template shows no tools (SmolLM2's): 400 saying so
+try:
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                   tools=[{"type": "function", "function": {"name": "f"}}])
+    no_tools = None
+except Exception as e:
+    no_tools = [getattr(e, "status_code", None), str(e)]
 served = client.models.list().data[0].id
 retrieved = client.models.retrieve(served).id
 try:
@@ -177,7 +184,7 @@ try:
 except Exception as e:
     bad_schema = [getattr(e, "status_code", None), str(e)]
 print(json.dumps({"sampled": sampled, "prompts": prompts, "streamed_n": [streamed_n.get(0), streamed_n.get(1)],
-                  "echoed": echoed, "suffix": suffix,
+                  "echoed": echoed, "suffix": suffix, "no_tools": no_tools,
                   "structured": structured, "json_object": json_object, "regex": regex,
                   "bad_schema": bad_schema,
                   "logprobs": lp_check, "bias": bias_check, "penalties": penalties,

@@ -73,6 +73,31 @@ pub fn untraced(mut c: tarpc::context::Context) -> tarpc::context::Context {
     c
 }
 
+thread_local! {
+    /// Whether the tarpc request a server is about to start came with a trace that left it
+    /// out (see [`note_rpc`]).
+    static RPC_UNSAMPLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Tells the exporter's layer about the tarpc request that the server's channel is about to
+/// start on this thread: `unsampled` when its caller traces the request but left this call
+/// out (a decode step between traced ones, a heartbeat). tarpc makes its server span in the
+/// same poll that read the request, so the layer then skips that span entirely instead of
+/// building it for the sampler to drop. Call it from the server transport's stream, on
+/// every request.
+pub fn note_rpc(unsampled: bool) {
+    RPC_UNSAMPLED.set(unsampled);
+}
+
+/// Whether `meta` is tarpc's server span of a request noted unsampled by [`note_rpc`].
+#[cfg(feature = "otlp")]
+fn unsampled_rpc(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_span()
+        && meta.name() == "RPC"
+        && meta.target().starts_with("tarpc::server")
+        && RPC_UNSAMPLED.get()
+}
+
 /// Awaits `f` under an [`untraced_span`]; its tarpc calls take an [`untraced`] context.
 pub async fn unrecorded<F: std::future::Future>(f: F) -> F::Output {
     use tracing::Instrument;
@@ -278,11 +303,14 @@ fn export(o: &TelemetryOptions, endpoint: String) -> Result<Telemetry> {
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
     let tracer = provider.tracer(o.service);
-    // nothing under an `untraced` span reaches the exporter (see `untraced_span`)
+    // nothing under an `untraced` span reaches the exporter (see `untraced_span`), nor the
+    // server span of a call its caller left out (see `note_rpc`)
     let untraced = tracing_subscriber::filter::DynFilterFn::new(
-        |_: &tracing::Metadata<'_>, cx: &tracing_subscriber::layer::Context<'_, _>| {
-            cx.lookup_current()
-                .is_none_or(|s| s.scope().all(|a| a.name() != UNTRACED))
+        |meta: &tracing::Metadata<'_>, cx: &tracing_subscriber::layer::Context<'_, _>| {
+            !unsampled_rpc(meta)
+                && cx
+                    .lookup_current()
+                    .is_none_or(|s| s.scope().all(|a| a.name() != UNTRACED))
         },
     );
     let otel_filter = std::env::var("OTEL_LOG_FILTER")

@@ -52,6 +52,10 @@ pub struct SynthOptions {
     /// The GGUF whose tokenizer metadata (and vocabulary size) the model takes.
     #[arg(long)]
     pub tokenizer_from: PathBuf,
+    /// A file whose text becomes the model's chat template (instead of the tokenizer
+    /// file's), e.g. one that shows the model tools.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
     /// Output file.
     #[arg(long)]
     pub out: PathBuf,
@@ -60,10 +64,18 @@ pub struct SynthOptions {
 /// Writes the model and prints its size.
 pub fn run(o: SynthOptions) -> anyhow::Result<()> {
     let tok = GgufFile::open(&o.tokenizer_from)?;
+    let chat_template = match &o.chat_template {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("reading the chat template {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
     let spec = SynthSpec {
         arch: o.arch,
         window: o.sliding_window,
         rope_freqs: o.rope_freqs,
+        chat_template,
         layers: o.layers,
         hidden: o.hidden,
         ffn: o.ffn,

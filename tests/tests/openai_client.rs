@@ -81,6 +81,14 @@ fn python_openai_client_reads_the_api() -> anyhow::Result<()> {
             .is_some_and(|m| m.contains("`suffix`")),
         "{v}"
     );
+    // tools on a model whose template shows none: 400 saying so
+    assert_eq!(v["no_tools"][0], 400, "{v}");
+    assert!(
+        v["no_tools"][1]
+            .as_str()
+            .is_some_and(|m| m.contains("does not show the model any tools")),
+        "{v}"
+    );
     assert_eq!(v["retrieved"], v["served"]);
     assert_eq!(v["missing"][0], 404, "{v}");
     assert_eq!(v["missing"][1], "model_not_found", "{v}");
@@ -143,5 +151,81 @@ fn python_openai_client_reads_the_api() -> anyhow::Result<()> {
     for with in [&p[1], &p[2]] {
         assert!(with[0].as_u64().is_some_and(|n| n < plain), "{p}");
     }
+    Ok(())
+}
+
+/// A synthetic qwen2 model (random weights, the default model's vocabulary) whose chat
+/// template shows it tools, in `dir`.
+fn tool_model(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let out = dir.join("tools-qwen2.gguf");
+    let status = Command::new(integration_tests::shard_node_bin())
+        .args([
+            "synth-model",
+            "--arch",
+            "qwen2",
+            "--layers",
+            "2",
+            "--hidden",
+            "64",
+        ])
+        .args([
+            "--ffn",
+            "128",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--quant",
+            "q8_0",
+        ])
+        .args(["--context", "2048", "--tokenizer-from"])
+        .arg(default_model())
+        .arg("--chat-template")
+        .arg(workspace_root().join("tests/fixtures/tool-template.jinja"))
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "synth-model failed");
+    Ok(out)
+}
+
+#[test]
+fn python_openai_client_calls_tools() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = tool_model(dir.path())?;
+    let node = ShardProcess::spawn(dir.path(), &[])?;
+    let coord = CoordinatorProcess::spawn(&model, &[&node])?;
+    let out = Command::new("python3")
+        .arg(workspace_root().join("tests/openai_tools.py"))
+        .arg(&coord.url)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "the tools script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    // required, one call: a valid call of one of the tools (the script checks the schema)
+    let req = &v["required"];
+    assert_eq!(req["finish"], "tool_calls", "{v}");
+    assert_eq!(req["calls"].as_array().map(Vec::len), Some(1), "{v}");
+    assert!(req["content"].is_null(), "{v}");
+    // named: that function
+    assert_eq!(v["named"][0][0], "get_weather", "{v}");
+    // streamed: the same call as whole
+    assert_eq!(v["streamed"]["calls"], req["calls"], "{v}");
+    assert_eq!(v["streamed"]["finish"], "tool_calls", "{v}");
+    // the call and its answer render back into the conversation
+    assert!(v["follow_up"].is_string(), "{v}");
+    assert!(v["auto"].is_string(), "{v}");
+    assert_eq!(v["bad_choice"][0], 400, "{v}");
+    assert!(
+        v["bad_choice"][1]
+            .as_str()
+            .is_some_and(|m| m.contains("`nope`")),
+        "{v}"
+    );
+    assert_eq!(v["with_format"][0], 400, "{v}");
     Ok(())
 }

@@ -43,6 +43,8 @@ pub struct SynthSpec {
     pub window: u32,
     /// Llama 3.1's per-frequency RoPE factors (`rope_freqs.weight`), llama only.
     pub rope_freqs: bool,
+    /// A chat template in place of the tokenizer file's.
+    pub chat_template: Option<String>,
 }
 
 impl SynthSpec {
@@ -60,6 +62,7 @@ impl SynthSpec {
             seed: 1,
             window: 512,
             rope_freqs: false,
+            chat_template: None,
         }
     }
 
@@ -224,9 +227,16 @@ pub fn write(spec: &SynthSpec, tokenizer: &GgufFile, out: &Path) -> Result<u64> 
         );
     }
     for (key, v) in tokenizer.metadata().iter() {
-        if key.starts_with("tokenizer.") {
+        let replaced = key == "tokenizer.chat_template" && spec.chat_template.is_some();
+        if key.starts_with("tokenizer.") && !replaced {
             b = b.add_metadata(key.clone(), v.clone());
         }
+    }
+    if let Some(t) = &spec.chat_template {
+        b = b.add_metadata(
+            "tokenizer.chat_template".to_string(),
+            MetadataValue::String(t.clone()),
+        );
     }
     let mut rng = Rng::new(spec.seed);
     let mut total = 0u64;

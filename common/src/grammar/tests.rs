@@ -112,3 +112,48 @@ fn json_objects_are_compact_objects() {
     );
     assert!(!follows(&tok, &c, &g, "{\n\"a\": 1}"), "no free whitespace");
 }
+
+#[test]
+fn tool_call_grammars_produce_calls_that_parse() {
+    use crate::tokenizer::tools::{ToolDef, ToolSyntax};
+    let (tok, c) = compiler();
+    let tools = [
+        ToolDef {
+            name: "get_weather".into(),
+            parameters: serde_json::json!({"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+                "required": ["city", "unit"], "additionalProperties": false}),
+        },
+        ToolDef {
+            name: "get_time".into(),
+            parameters: serde_json::json!({"type": "object", "properties": {
+                "zone": {"type": "integer", "minimum": -12, "maximum": 14}},
+                "required": ["zone"], "additionalProperties": false}),
+        },
+    ];
+    for syntax in [ToolSyntax::Tagged, ToolSyntax::BareJson] {
+        let g = Grammar::Lark(syntax.grammar(&tools, false));
+        for seed in 1..4 {
+            let text = walk(&tok, &c, &g, seed);
+            let p = syntax.parse(&text);
+            assert_eq!(p.calls.len(), 1, "{syntax:?}: {text}");
+            assert_eq!(p.content, "", "{text}");
+            let args: Value = serde_json::from_str(&p.calls[0].arguments).expect("JSON");
+            match p.calls[0].name.as_str() {
+                "get_weather" => {
+                    assert!(
+                        ["c", "f"].contains(&args["unit"].as_str().unwrap_or("")),
+                        "{text}"
+                    )
+                }
+                "get_time" => assert!(
+                    args["zone"]
+                        .as_i64()
+                        .is_some_and(|z| (-12..=14).contains(&z)),
+                    "{text}"
+                ),
+                other => panic!("unknown tool {other}: {text}"),
+            }
+        }
+    }
+}

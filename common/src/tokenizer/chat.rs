@@ -15,6 +15,13 @@ pub struct ChatMessage {
     /// The speaker's name, when the client gives one (templates may render it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant turn's tool calls, OpenAI's shape with each call's `arguments` as a JSON
+    /// object (templates render them as such).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` turn's answer to this call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -24,6 +31,8 @@ impl ChatMessage {
             role: role.into(),
             content: content.into(),
             name: None,
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }
@@ -90,8 +99,10 @@ impl std::io::Write for Bounded {
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos: String,
     eos: String,
+    tools: std::sync::OnceLock<std::result::Result<super::tools::ToolSyntax, String>>,
 }
 
 fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
@@ -110,13 +121,39 @@ impl ChatTemplate {
             .map_err(|e| Error::Template(format!("cannot parse: {e}")))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_string(),
             bos: bos.to_string(),
             eos: eos.to_string(),
+            tools: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// How this template's model calls tools, or why it cannot (see
+    /// [`super::tools::ToolSyntax::of`]); worked out once.
+    pub fn tool_syntax(&self) -> std::result::Result<super::tools::ToolSyntax, String> {
+        self.tools
+            .get_or_init(|| super::tools::ToolSyntax::of(self))
+            .clone()
     }
 
     /// Renders the conversation, ending with the assistant's prompt when asked.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders the conversation with `tools` (OpenAI's list of tool definitions), for
+    /// templates that show the model its tools.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         if messages.is_empty() {
             return Err(Error::Template("no messages".into()));
         }
@@ -127,12 +164,18 @@ impl ChatTemplate {
         // Written through a bounded buffer: a template that renders without end fails at
         // the bound instead of first allocating all of it.
         let mut out = Bounded::default();
+        // `tools` is left undefined, not null, when there are none: templates test both ways
+        let tools = match tools {
+            Some(t) => context! { tools => t },
+            None => context! {},
+        };
         tmpl.render_captured_to(
             context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos,
                 eos_token => self.eos,
+                ..tools
             },
             &mut out,
         )

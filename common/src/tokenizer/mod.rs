@@ -5,10 +5,13 @@
 //! - [`build`]: vocabulary metadata to a `tokenizers::Tokenizer` (gpt2 BPE, llama SPM).
 //! - [`chat`]: [`ChatTemplate`], `tokenizer.chat_template` rendered with minijinja.
 //! - [`stream`]: [`TextStream`], incremental detokenization that never splits a character.
+//! - [`tools`]: how a model's template calls tools: the grammar of a call, and calls parsed
+//!   out of its output.
 
 pub mod build;
 pub mod chat;
 pub mod stream;
+pub mod tools;
 
 use std::collections::BTreeSet;
 

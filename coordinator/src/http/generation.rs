@@ -11,6 +11,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use common::generate::FinishReason;
+use common::tokenizer::tools::{ToolStream, ToolSyntax};
 use futures::Stream;
 use serde_json::{json, Value};
 
@@ -163,7 +164,16 @@ pub(super) async fn completions(
             st.check_grammar(grammar).await?;
         }
         let stream = Streaming::of(&req.common);
-        serve(&st, cluster, fan_out(reqs, n)?, stream, false, id, &trace).await
+        serve(
+            &st,
+            cluster,
+            fan_out(reqs, n)?,
+            stream,
+            Answer::Text,
+            id,
+            &trace,
+        )
+        .await
     };
     run.await.inspect_err(|e| trace.failed(e.2))
 }
@@ -202,14 +212,29 @@ pub(super) async fn chat(
     let (id, trace) = st.open_trace(&headers, true);
     let run = async {
         let cluster = st.serving.current()?;
-        let checked = with_vocab(&st, &req.common, req.checked().map_err(bad)?)?;
+        let mut checked = with_vocab(&st, &req.common, req.checked().map_err(bad)?)?;
         let n = req.common.n().map_err(bad)?;
+        let template = st
+            .tok
+            .chat_template()
+            .ok_or_else(|| bad("the model has no chat template; use /v1/completions"))?;
+        // tools shown to the model, and the syntax its calls are read in
+        let tools = req.tools().map_err(bad)?.filter(Tools::active);
+        let syntax = match &tools {
+            Some(t) => {
+                let syntax = template.tool_syntax().map_err(bad)?;
+                if let Some(g) = t.grammar(syntax) {
+                    checked.grammar = Some(common::grammar::Grammar::Lark(g));
+                }
+                Some(syntax)
+            }
+            None => None,
+        };
         let g = {
             let _s = trace.step("chat template and tokenize");
             let messages = req.chat_messages().map_err(bad)?;
-            let prompt = st
-                .tok
-                .apply_chat_template(&messages)
+            let prompt = template
+                .render_with_tools(&messages, tools.as_ref().map(|t| &t.list), true)
                 .map_err(|e| bad(e.to_string()))?;
             let prompt = OnePrompt::Text(prompt);
             gen_request(&st, &cluster, &prompt, &checked, req.common.ignore_eos)?
@@ -223,7 +248,7 @@ pub(super) async fn chat(
             cluster,
             fan_out(vec![(g, None)], n)?,
             stream,
-            true,
+            Answer::Chat(syntax),
             id,
             &trace,
         )
@@ -232,19 +257,47 @@ pub(super) async fn chat(
     run.await.inspect_err(|e| trace.failed(e.2))
 }
 
+/// What the answers are: completions' text, or chat messages (with calls read out of them
+/// in this syntax when tools are offered).
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    Text,
+    Chat(Option<ToolSyntax>),
+}
+
+/// The finish reason of a choice: `tool_calls` when its answer holds calls.
+fn finish_reason(finish: Option<FinishReason>, calls: bool) -> Option<&'static str> {
+    match calls {
+        true => Some("tool_calls"),
+        false => finish.map(FinishReason::as_str),
+    }
+}
+
 /// One streamed chunk of choice `index`: a piece of text (none in its last chunk) with its
 /// `logprobs` (`null` unless asked for).
 fn chunk(
     chat: bool,
-    (id, model): (&str, &str),
+    ids: (&str, &str),
     index: usize,
     text: Option<&str>,
     logprobs: Value,
-    finish: Option<FinishReason>,
+    finish: Option<&str>,
 ) -> Value {
-    let f = finish.map(FinishReason::as_str);
+    let delta = text.map_or(json!({}), |t| json!({"role": "assistant", "content": t}));
+    chunk_with(chat, ids, index, text, delta, logprobs, finish)
+}
+
+/// [`chunk`] with a chat `delta` of its own (tool calls).
+fn chunk_with(
+    chat: bool,
+    (id, model): (&str, &str),
+    index: usize,
+    text: Option<&str>,
+    delta: Value,
+    logprobs: Value,
+    f: Option<&str>,
+) -> Value {
     if chat {
-        let delta = text.map_or(json!({}), |t| json!({"role": "assistant", "content": t}));
         json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": f}]})
     } else {
@@ -290,10 +343,15 @@ async fn serve(
         prompt_tokens,
     }: Choices,
     stream: Streaming,
-    chat: bool,
+    answer: Answer,
     id: String,
     trace: &RequestSpan,
 ) -> Result<Response, ApiError> {
+    let chat = matches!(answer, Answer::Chat(_));
+    let syntax = match answer {
+        Answer::Chat(s) => s,
+        Answer::Text => None,
+    };
     trace.request(&choices[0].req);
     let asked = choices[0].req.sampling.logprobs.is_some();
     let tok = st.tok.clone();
@@ -344,6 +402,7 @@ async fn serve(
         let s = async_stream(move |tx| async move {
             let _permit = permit;
             let mut offsets = vec![0usize; k];
+            let mut calls: Vec<Option<ToolStream>> = vec![syntax.map(ToolStream::new); k];
             let (mut left, mut completion_tokens) = (k, 0);
             let send = |v: Value| Event::default().data(v.to_string());
             for (i, echo) in echoes.iter().enumerate() {
@@ -366,11 +425,18 @@ async fn serve(
                             &p.logprobs,
                             &mut offsets[i],
                         );
+                        let shown = match &mut calls[i] {
+                            Some(c) => c.push(&p.text),
+                            None => p.text,
+                        };
+                        if shown.is_empty() && lp.is_null() {
+                            continue; // held: it may be a tool call
+                        }
                         send(with_usage(chunk(
                             chat,
                             (&id, &model),
                             i,
-                            Some(&p.text),
+                            Some(&shown),
                             lp,
                             None,
                         )))
@@ -382,16 +448,40 @@ async fn serve(
                     } => {
                         completion_tokens += n;
                         left -= 1;
-                        let c = with_usage(chunk(
-                            chat,
-                            (&id, &model),
-                            i,
-                            None,
-                            Value::Null,
-                            Some(finish),
-                        ));
-                        if tx.send(send(c)).await.is_err() {
-                            return;
+                        // what was held back: the rest of the text, then each call
+                        let mut end = Vec::new();
+                        let mut called = false;
+                        if let Some(c) = calls[i].take() {
+                            let p = c.finish();
+                            if !p.content.is_empty() {
+                                end.push(chunk(
+                                    chat,
+                                    (&id, &model),
+                                    i,
+                                    Some(&p.content),
+                                    Value::Null,
+                                    None,
+                                ));
+                            }
+                            for d in tools::deltas(&p, &id, i) {
+                                end.push(chunk_with(
+                                    chat,
+                                    (&id, &model),
+                                    i,
+                                    None,
+                                    d,
+                                    Value::Null,
+                                    None,
+                                ));
+                            }
+                            called = !p.calls.is_empty();
+                        }
+                        let f = finish_reason(Some(finish), called);
+                        end.push(chunk(chat, (&id, &model), i, None, Value::Null, f));
+                        for c in end {
+                            if tx.send(send(with_usage(c))).await.is_err() {
+                                return;
+                            }
                         }
                         if left > 0 {
                             continue;
@@ -464,14 +554,21 @@ async fn serve(
                     .zip(&echoes)
                     .enumerate()
                     .map(|(i, (d, echo))| {
-                        let f = d.finish.map(FinishReason::as_str);
                         let mut offset = echo.as_ref().map_or(0, |e| e.chars().count());
                         let lp =
                             openai::logprobs::field(&tok, chat, asked, &d.logprobs, &mut offset);
                         if chat {
-                            json!({"index": i, "message": {"role": "assistant", "content": d.text},
-                                   "logprobs": lp, "finish_reason": f})
+                            let (message, called) = match syntax {
+                                Some(s) => {
+                                    let p = s.parse(&d.text);
+                                    (tools::message(&p, &id, i), !p.calls.is_empty())
+                                }
+                                None => (json!({"role": "assistant", "content": d.text}), false),
+                            };
+                            let f = finish_reason(d.finish, called);
+                            json!({"index": i, "message": message, "logprobs": lp, "finish_reason": f})
                         } else {
+                            let f = d.finish.map(FinishReason::as_str);
                             let text = format!("{}{}", echo.as_deref().unwrap_or(""), d.text);
                             json!({"index": i, "text": text, "logprobs": lp, "finish_reason": f})
                         }

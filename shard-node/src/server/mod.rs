@@ -177,7 +177,8 @@ async fn connection(
         lease: Arc::new(Mutex::new(None)),
     };
     let lease = conn.lease.clone();
-    let requests = BaseChannel::with_defaults(proto_types::transport(stream))
+    let transport = proto_types::transport(stream).inspect(trace::note_request);
+    let requests = BaseChannel::with_defaults(transport)
         .max_concurrent_requests(max_requests)
         .execute(trace::Named(conn.serve()))
         .for_each(|f| async {

@@ -37,6 +37,19 @@ pub fn sampled(ctx: &Context) -> bool {
     ctx.trace_context.sampling_decision == tarpc::trace::SamplingDecision::Sampled
 }
 
+/// Tells the exporter which requests to leave tarpc's server span out for (see
+/// [`common::telemetry::note_rpc`]): those whose caller traces the request but not this
+/// call. A call with no trace at all keeps its span (the node's own root).
+pub fn note_request<Req>(message: &std::io::Result<tarpc::ClientMessage<Req>>) {
+    if let Ok(tarpc::ClientMessage::Request(r)) = message {
+        let t = &r.context.trace_context;
+        common::telemetry::note_rpc(
+            !t.trace_id.is_none()
+                && t.sampling_decision == tarpc::trace::SamplingDecision::Unsampled,
+        );
+    }
+}
+
 /// The relay's span, a child of this stage's `forward` call: the next stage's `forward`
 /// call, made inside it, links the next stage into the same trace (tarpc takes a call's
 /// parent from the current span, not from its context). `None` when the call is not

@@ -2,6 +2,8 @@
 
 use serde::Deserialize;
 
+use common::tokenizer::tools::ToolSyntax;
+
 use super::{Checked, Common, Endpoint};
 
 /// A message's `content`: a string, or an array of parts (text parts are joined).
@@ -33,6 +35,10 @@ pub struct WireMessage {
     pub content: Option<Content>,
     /// The speaker's name, handed to the template.
     pub name: Option<String>,
+    /// An assistant turn's calls (OpenAI's shape, `arguments` as JSON text).
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` turn: the call it answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// The roles OpenAI defines.
@@ -70,6 +76,11 @@ impl WireMessage {
         };
         let mut m = common::tokenizer::ChatMessage::new(self.role.clone(), content);
         m.name = self.name.clone();
+        m.tool_calls = match &self.tool_calls {
+            None | Some(serde_json::Value::Null) => None,
+            Some(calls) => Some(super::tools::for_template(calls)?),
+        };
+        m.tool_call_id = self.tool_call_id.clone();
         Ok(m)
     }
 }
@@ -79,6 +90,12 @@ impl WireMessage {
 pub struct ChatRequest {
     /// The conversation.
     pub messages: Vec<WireMessage>,
+    /// Functions the model may call.
+    pub tools: Option<serde_json::Value>,
+    /// `none`, `auto` (the default), `required`, or a named function.
+    pub tool_choice: Option<serde_json::Value>,
+    /// Whether a required answer may hold several calls (default true).
+    pub parallel_tool_calls: Option<bool>,
     /// Everything else.
     #[serde(flatten)]
     pub common: Common,
@@ -93,7 +110,16 @@ impl ChatRequest {
         self.messages.iter().map(WireMessage::to_chat).collect()
     }
 
-    /// Checks the conversation's size and messages, and the common fields.
+    /// The tools offered, checked; `None` when there are none.
+    pub fn tools(&self) -> Result<Option<super::Tools>, String> {
+        super::tools::checked(
+            self.tools.as_ref(),
+            self.tool_choice.as_ref(),
+            self.parallel_tool_calls,
+        )
+    }
+
+    /// Checks the conversation's size and messages, its tools, and the common fields.
     pub fn checked(&self) -> Result<Checked, String> {
         if self.messages.is_empty() {
             return Err("`messages` is empty".into());
@@ -105,6 +131,19 @@ impl ChatRequest {
             ));
         }
         self.chat_messages()?;
-        self.common.checked(Endpoint::Chat)
+        let tools = self.tools()?;
+        let checked = self.common.checked(Endpoint::Chat)?;
+        if checked.grammar.is_some()
+            && tools
+                .as_ref()
+                .is_some_and(|t| t.grammar(ToolSyntax::Tagged).is_some())
+        {
+            return Err(
+                "`response_format` and a `tool_choice` that requires a call both constrain \
+                 the answer; give one of them"
+                    .into(),
+            );
+        }
+        Ok(checked)
     }
 }

@@ -1,22 +1,25 @@
 //! OpenAI request and response shapes: the shared fields and their checks ([`request`]),
 //! prompts ([`prompt`]), chat messages ([`chat`]), log-probabilities in responses
-//! ([`logprobs`]), and the tokenizer endpoints' bodies ([`tokenize`]).
+//! ([`logprobs`]), tools and tool calls ([`tools`]), and the tokenizer endpoints' bodies
+//! ([`tokenize`]).
 
 mod chat;
 pub mod logprobs;
 mod prompt;
 mod request;
 mod tokenize;
+pub mod tools;
 
 use serde::Serialize;
 
 pub use chat::{ChatRequest, Content, Part, WireMessage, MAX_MESSAGES, ROLES};
 pub use prompt::{CompletionRequest, OnePrompt, Prompt};
 pub use request::{
-    Checked, Common, Endpoint, IsDefault, Stop, StreamOptions, IGNORED, MAX_LOGIT_BIAS, MAX_STOP,
-    MAX_STOP_BYTES, NOT_YET,
+    Checked, Common, Endpoint, IsDefault, Stop, StreamOptions, CHAT_ONLY, IGNORED, MAX_LOGIT_BIAS,
+    MAX_STOP, MAX_STOP_BYTES, NOT_YET,
 };
 pub use tokenize::{DetokenizeRequest, TokenizeRequest};
+pub use tools::{ToolChoice, Tools};
 
 /// A `/v1/completions` body as the handler checks it (for the fuzzer and the tests).
 pub fn validate_completion(body: &[u8]) -> Result<Checked, String> {

@@ -106,8 +106,6 @@ pub const NOT_YET: &[(&str, IsDefault)] = &[
     // completions take `echo` and `suffix` (`CompletionRequest`); chat requests do not
     ("echo", |v| v.as_bool() == Some(false)),
     ("suffix", |v| v.as_str() == Some("")),
-    ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
-    ("tool_choice", |v| v.as_str() == Some("none")),
     ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
     ("function_call", |v| v.as_str() == Some("none")),
     ("stream_options", |v| {
@@ -131,7 +129,16 @@ pub const IGNORED: &[&str] = &[
     "reasoning_effort",
     "safety_identifier",
     "prompt_cache_key",
-    "parallel_tool_calls",
+];
+
+/// Chat fields a completion request may carry only at a value that asks for nothing (the
+/// chat request takes them itself).
+pub const CHAT_ONLY: &[(&str, IsDefault)] = &[
+    ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("tool_choice", |v| {
+        matches!(v.as_str(), Some("none" | "auto"))
+    }),
+    ("parallel_tool_calls", Value::is_boolean),
 ];
 
 /// Most choices per prompt (`n`).
@@ -173,7 +180,11 @@ impl Common {
         self.rest
             .keys()
             .map(String::as_str)
-            .filter(|k| !IGNORED.contains(k) && !NOT_YET.iter().any(|(n, _)| n == k))
+            .filter(|k| {
+                !IGNORED.contains(k)
+                    && !CHAT_ONLY.iter().any(|(n, _)| n == k)
+                    && !NOT_YET.iter().any(|(n, _)| n == k)
+            })
             .collect()
     }
 
@@ -288,6 +299,15 @@ impl Common {
     /// Checks every field: sampling ranges, the stop strings' count and lengths, and that no
     /// field asks for something this server does not do.
     pub fn checked(&self, at: Endpoint) -> Result<Checked, String> {
+        for (name, is_default) in CHAT_ONLY {
+            if let Some(v) = self.rest.get(*name) {
+                if !v.is_null() && !is_default(v) {
+                    return Err(format!(
+                        "`{name}` is a chat field: send it to /v1/chat/completions"
+                    ));
+                }
+            }
+        }
         for (name, is_default) in NOT_YET {
             if let Some(v) = self.rest.get(*name) {
                 if !v.is_null() && !is_default(v) {

@@ -37,6 +37,9 @@ fn fields_not_done_yet_are_refused_by_name_unless_at_their_default() {
         let body = format!(r#"{{"prompt": "x", "{field}": {value}}}"#);
         let e = validate_completion(body.as_bytes()).expect_err(field);
         assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        if field != "best_of" {
+            assert!(e.contains("chat field"), "{field}: {e}");
+        }
     }
     for (field, value) in [
         ("n", "1"),
@@ -48,6 +51,7 @@ fn fields_not_done_yet_are_refused_by_name_unless_at_their_default() {
         ("logit_bias", "{}"),
         ("response_format", r#"{"type": "text"}"#),
         ("tools", "[]"),
+        ("tool_choice", r#""none""#),
         ("stream_options", r#"{"include_usage": true}"#),
         ("user", r#""someone""#),
         ("my_own_extension", "42"),
