@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, one call: the model families and K-quants on CUDA, against llama.cpp
 # built for CUDA in the same run.
-#   bash scripts/gpu-models.sh PACK OUT        (QUANTS="q4_k_m" times only that 8B file)
+#   bash scripts/gpu-models.sh PACK OUT        (QUANTS="q4_k_m" times only that 8B file;
+#                                               ONLY_LLAMA=1 compares only the llama model;
+#                                               CANDLE=0 skips the runs with candle's mmvq)
 # PACK holds bins.tar.xz (shard-node built by scripts/build-cuda.sh, and optionally
 # common-tests, the `common` crate's CUDA test binary), tok.gguf (a tokenizer: any small GGUF
 # with one) and llama-src.tar.xz (llama.cpp's sources, as vendored by llama-cpp-python).
@@ -44,7 +46,9 @@ fi
 # 1. Correctness on cuda:0 against the CPU, small synthetic models of each new family.
 prompt=$(for i in $(seq 1 50); do printf 'item %d is %d. ' "$i" $((i * 7 % 13)); done)
 small="--layers 6 --hidden 512 --ffn 1024 --heads 4 --kv-heads 2 --context 2048 --seed 7"
-for spec in "gemma3 q4_k_m --sliding-window 64" "qwen3 q4_k_m" "llama q4_k_m --rope-freqs" "qwen2 q8_0"; do
+specs=("gemma3 q4_k_m --sliding-window 64" "qwen3 q4_k_m" "llama q4_k_m --rope-freqs" "qwen2 q8_0")
+[ -n "${ONLY_LLAMA:-}" ] && specs=("llama q4_k_m --rope-freqs")
+for spec in "${specs[@]}"; do
   set -- $spec
   name="$1-$2"
   arch=$1; quant=$2; shift 2
@@ -62,7 +66,7 @@ for quant in ${QUANTS:-q4_k_m q5_k_m q4_0}; do
   run "$bin" bench --model "/tmp/gm/8b-$quant.gguf" --device cuda:0 --prompt-tokens 512 \
     --gen-tokens 128 --runs 2 > "$out/bench-$quant.jsonl" 2> "$out/bench-$quant.log"
   echo "bench $quant rc=$?"
-  case $quant in *_k*)
+  case ${CANDLE:-1}$quant in 1*_k*)
     LLMC_CUDA_MATVEC=0 run "$bin" bench --model "/tmp/gm/8b-$quant.gguf" --device cuda:0 \
       --prompt-tokens 512 --gen-tokens 128 --runs 1 > "$out/bench-$quant-candle.jsonl" \
       2> "$out/bench-$quant-candle.log"

@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::generate::{generate, FinishReason, GenerateParams, Piece, StageChain};
+
 use common::sampling::{Pick, SamplingParams, TokenLogprobs};
 use common::telemetry::DECODE_TRACE_EVERY;
 use common::tokenizer::TextTokenizer;
 use proto_types::*;
+pub use shared::start_shared;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -17,6 +19,8 @@ use crate::cluster::{ctx, rpc, untraced_ctx, Cluster};
 use crate::error::{CoordError, Result};
 use crate::serving::Serving;
 use crate::timeouts::TIMEOUTS;
+
+mod shared;
 
 /// What a request asks for, already tokenized.
 #[derive(Debug, Clone)]
@@ -122,17 +126,61 @@ pub fn start(
     admitted: impl FnOnce() + Send + 'static,
 ) -> mpsc::Receiver<GenEvent> {
     let (tx, rx) = mpsc::channel(64);
-    // In the request's span: the RPCs to the nodes carry its trace.
+    spawn_job(serving, cluster, tok, Job::One(req, tx), span, admitted);
+    rx
+}
+
+/// What one generation task does.
+enum Job {
+    /// One choice.
+    One(GenRequest, mpsc::Sender<GenEvent>),
+    /// Several choices of one prompt, its prefill shared ([`start_shared`]).
+    Shared(Vec<GenRequest>, Vec<mpsc::Sender<GenEvent>>),
+}
+
+impl Job {
+    async fn run(
+        &self,
+        cluster: Arc<Cluster>,
+        tok: &TextTokenizer,
+        admitted: impl FnOnce(),
+    ) -> Result<()> {
+        match self {
+            Job::One(req, tx) => run(cluster, tok, req.clone(), tx, admitted).await,
+            Job::Shared(reqs, txs) => shared::run(cluster, tok, reqs, txs, admitted).await,
+        }
+    }
+
+    /// Where a failure of the job as a whole is reported.
+    fn first(&self) -> &mpsc::Sender<GenEvent> {
+        match self {
+            Job::One(_, tx) => tx,
+            Job::Shared(_, txs) => &txs[0],
+        }
+    }
+}
+
+/// Runs `job` in a task of its own, in the request's span (the RPCs to the nodes carry its
+/// trace), admitting it again on a newer plan when it was refused on an old one.
+fn spawn_job(
+    serving: Arc<Serving>,
+    cluster: Arc<Cluster>,
+    tok: Arc<TextTokenizer>,
+    job: Job,
+    span: tracing::Span,
+    admitted: impl FnOnce() + Send + 'static,
+) {
     tokio::spawn(
         async move {
             let mut admitted = Some(admitted);
             let epoch = cluster.epoch;
-            let mut r = run(cluster, &tok, req.clone(), &tx, || {
-                if let Some(a) = admitted.take() {
-                    a();
-                }
-            })
-            .await;
+            let mut r = job
+                .run(cluster, &tok, || {
+                    if let Some(a) = admitted.take() {
+                        a();
+                    }
+                })
+                .await;
             if let (Err(e), Some(a)) = (&r, admitted.take()) {
                 // A node that has committed a newer plan refuses sessions on this one: this
                 // coordinator hears of the commit a moment later, so it waits for it then.
@@ -143,16 +191,15 @@ pub fn start(
                 };
                 if let Some(newer) = serving.newer_than(epoch, wait).await {
                     tracing::info!(%epoch, newer = %newer.epoch, "admission failed on an old plan ({e}); admitting on the new one");
-                    r = run(newer, &tok, req, &tx, a).await;
+                    r = job.run(newer, &tok, a).await;
                 }
             }
             if let Err(e) = r {
-                let _ = tx.send(GenEvent::Error(e)).await;
+                let _ = job.first().send(GenEvent::Error(e)).await;
             }
         }
         .instrument(span),
     );
-    rx
 }
 
 async fn run(
@@ -162,14 +209,20 @@ async fn run(
     tx: &mpsc::Sender<GenEvent>,
     admitted: impl FnOnce(),
 ) -> Result<()> {
-    let session = SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed));
-    let guard = SessionGuard {
-        cluster: cluster.clone(),
-        session,
-        open: true,
-    };
+    let session = next_session();
+    let guard = open(&cluster, session, &req).await?;
+    admitted();
+    decode(&cluster, tok, guard, req, 0, tx).await
+}
+
+fn next_session() -> SessionId {
+    SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed))
+}
+
+/// How the last stage picks `req`'s tokens, for the wire.
+fn wire_sampling(req: &GenRequest) -> WireSampling {
     let s = &req.sampling;
-    let sampling = WireSampling {
+    WireSampling {
         temperature: s.temperature,
         top_k: s.top_k as u32,
         top_p: s.top_p,
@@ -187,10 +240,23 @@ async fn run(
             Vec::new()
         },
         grammar: req.grammar.as_ref().map(wire_grammar),
+    }
+}
+
+/// Admission: `session` opened on every stage, last stage first (each needs the next
+/// one's), each reserving its KV cache within the node's memory limit.
+async fn open(
+    cluster: &Arc<Cluster>,
+    session: SessionId,
+    req: &GenRequest,
+) -> Result<SessionGuard> {
+    let guard = SessionGuard {
+        cluster: cluster.clone(),
+        session,
+        open: true,
     };
+    let sampling = wire_sampling(req);
     let max_ctx = (req.prompt.len() + req.max_tokens).min(cluster.max_ctx) as u32;
-    // Admission: a session on every stage, last stage first (each needs the next one's),
-    // each reserving its KV cache within the node's memory limit.
     let open_all = async {
         let n = cluster.nodes.len();
         for i in (0..n).rev() {
@@ -215,18 +281,26 @@ async fn run(
     open_all
         .instrument(tracing::info_span!("admission", %session, stages = cluster.nodes.len()))
         .await?;
-    admitted();
-    let mut chain = RemoteChain {
-        client: cluster.nodes[0].client()?,
-        cluster: &cluster,
-        session,
-        quiet: common::telemetry::untraced_span(),
-    };
+    Ok(guard)
+}
+
+/// Generates `req` on the open session of `guard`, whose KV cache holds the prompt's first
+/// `cached` tokens already, streaming to `tx`; closes the session at the end.
+async fn decode(
+    cluster: &Arc<Cluster>,
+    tok: &TextTokenizer,
+    guard: SessionGuard,
+    req: GenRequest,
+    cached: usize,
+    tx: &mpsc::Sender<GenEvent>,
+) -> Result<()> {
+    let mut chain = RemoteChain::new(cluster, guard.session)?;
     let params = GenerateParams {
         max_tokens: req.max_tokens,
         sampling: req.sampling,
         stop: req.stop,
         ignore_eos: req.ignore_eos,
+        cached,
     };
     let g = generate(&mut chain, tok, &req.prompt, &params, |piece| async move {
         tx.send(GenEvent::Piece(piece)).await.is_ok()
@@ -255,6 +329,18 @@ struct RemoteChain<'c> {
     /// The one `untraced` span of the request's steps left out of its trace (made once: a
     /// span per step cost the exporter's layer a span to build and drop every token).
     quiet: tracing::Span,
+}
+
+impl<'c> RemoteChain<'c> {
+    /// The chain of `session` on `cluster`'s stages.
+    fn new(cluster: &'c Cluster, session: SessionId) -> Result<Self> {
+        Ok(RemoteChain {
+            client: cluster.nodes[0].client()?,
+            cluster,
+            session,
+            quiet: common::telemetry::untraced_span(),
+        })
+    }
 }
 
 impl StageChain for RemoteChain<'_> {

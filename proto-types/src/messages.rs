@@ -153,6 +153,19 @@ pub struct OpenSession {
     pub sampling: WireSampling,
 }
 
+/// Open a session that starts where another of the same lease stands: a copy of its KV cache
+/// (its own memory, reserved as `open_session` reserves), its next stage and context bound,
+/// and a sampler of its own. Choices of one prompt share the prompt's prefill this way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForkSession {
+    /// The session copied; no step of it may be running.
+    pub from: SessionId,
+    /// The new session.
+    pub to: SessionId,
+    /// How the new session's last stage picks tokens.
+    pub sampling: WireSampling,
+}
+
 /// Input of one session's forward step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StageInput {

@@ -66,6 +66,7 @@ pub fn run(o: &GenerateOptions) -> anyhow::Result<()> {
         sampling: o.sampling.clone(),
         stop: o.stop.clone(),
         ignore_eos: false,
+        cached: 0,
     };
     let mut chain = LocalChain::new(
         &pipe,

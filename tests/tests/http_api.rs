@@ -220,3 +220,39 @@ fn a_node_killed_mid_stream_gives_503_and_the_cluster_recovers() -> anyhow::Resu
     }
     Ok(())
 }
+
+#[test]
+fn n_choices_run_the_prompt_once() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let c = cluster()?;
+    let at = c.nodes[0].metrics.clone().unwrap_or_default();
+    let rows = || -> anyhow::Result<f64> {
+        let (_, text) = get(&format!("http://{at}/metrics"))?;
+        metric(&text, "shard_forward_rows_total")
+    };
+    let prompt = "Once upon a time, in a small village by the sea, there lived a";
+    let body = |n: u32| {
+        serde_json::json!({"prompt": prompt, "max_tokens": 4, "n": n, "temperature": 0.8,
+                           "seed": 5, "ignore_eos": true})
+        .to_string()
+    };
+    let before = rows()?;
+    let (code, text) = post(&format!("{}/v1/completions", c.url), &body(4))?;
+    anyhow::ensure!(code == 200, "{code}: {text}");
+    let reply: serde_json::Value = serde_json::from_str(&text)?;
+    let prompt_tokens = reply["usage"]["prompt_tokens"].as_f64().unwrap_or(0.0);
+    assert!(prompt_tokens > 8.0, "{reply}");
+    // the prompt but its last token once, then per choice that token and 3 decode steps
+    assert_eq!(rows()? - before, prompt_tokens - 1.0 + 4.0 * 4.0, "{reply}");
+    // each choice as it would be alone: choice c of n is the request with seed 5 + c
+    for (i, choice) in reply["choices"].as_array().into_iter().flatten().enumerate() {
+        let alone = serde_json::json!({"prompt": prompt, "max_tokens": 4, "temperature": 0.8,
+                                       "seed": 5 + i, "ignore_eos": true});
+        let (_, one) = post(&format!("{}/v1/completions", c.url), &alone.to_string())?;
+        let one: serde_json::Value = serde_json::from_str(&one)?;
+        assert_eq!(choice["text"], one["choices"][0]["text"], "choice {i}");
+    }
+    Ok(())
+}

@@ -250,6 +250,70 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
     assert_eq!(top[0].0, picked.token);
     assert!(lp <= 0.0 && (lp - top[0].1).abs() < 1e-6 && top[1].1 <= top[0].1);
 
+    // A fork: session 5 runs all of the prompt but its last token; session 6 is forked
+    // from it on every stage and both go on from there apart, each with the greedy tokens
+    // of the whole prompt, though 6 never ran its start. Closing 5 leaves 6 whole.
+    open(SessionId(5), WireSampling::default()).await?;
+    let (head, last) = prompt.split_at(prompt.len() - 1);
+    let item = |session, start: usize, ids: &[u32], pick| ForwardItem {
+        session,
+        start: start as u32,
+        input: StageInput::Tokens(ids.to_vec()),
+        pick,
+        want_logits: false,
+    };
+    let items = vec![item(SessionId(5), 0, head, false)];
+    clients[0]
+        .forward(ctx(), ForwardRequest { epoch, items })
+        .await??;
+    let fork = |from, to| ForkSession {
+        from: SessionId(from),
+        to: SessionId(to),
+        sampling: WireSampling::default(),
+    };
+    for c in &clients {
+        c.fork_session(ctx(), fork(5, 6)).await??;
+    }
+    assert!(
+        clients[0].fork_session(ctx(), fork(5, 6)).await?.is_err(),
+        "6 is open"
+    );
+    assert_eq!(
+        code(clients[0].fork_session(ctx(), fork(404, 7)).await?),
+        ErrorCode::UnknownSession
+    );
+    let (stranger, _) = connect(&nodes[0].addr).await?;
+    assert_eq!(
+        code(stranger.fork_session(ctx(), fork(5, 7)).await?),
+        ErrorCode::UnknownSession,
+        "another connection's session cannot be forked"
+    );
+    let st = clients[2].status(ctx()).await?;
+    assert_eq!(st.sessions, 6, "1 to 6");
+    let (mut pos, mut next) = (head.len(), [last[0], last[0]]);
+    for (step, &want) in got[0][..4].iter().enumerate() {
+        if step == 1 {
+            for c in &clients {
+                c.close_session(ctx(), SessionId(5)).await??;
+            }
+        }
+        let live: &[u32] = if step == 0 { &[5, 6] } else { &[6] };
+        let items = live
+            .iter()
+            .zip(next)
+            .map(|(&s, t)| item(SessionId(u64::from(s)), pos, &[t], true))
+            .collect();
+        let reply = clients[0]
+            .forward(ctx(), ForwardRequest { epoch, items })
+            .await??;
+        for (k, out) in reply.outputs.into_iter().enumerate() {
+            let token = out?.pick.ok_or_else(|| anyhow::anyhow!("no pick"))?.token;
+            assert_eq!(token, want, "session {} at step {step}", live[k]);
+            next[k] = token;
+        }
+        pos += 1;
+    }
+
     // Dropping the client's connections frees its sessions on every node.
     drop(clients);
     for node in &nodes {

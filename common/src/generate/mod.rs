@@ -64,6 +64,10 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Go on past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// Prompt tokens the session's KV cache holds already (a prefix computed once for
+    /// several choices): the prefill starts after them. The prompt's last token always runs,
+    /// since its pick is the first output token.
+    pub cached: usize,
 }
 
 /// Why a generation ended, in OpenAI's words.
@@ -203,16 +207,14 @@ where
     };
     // One span per phase, the chain's steps under it (a trace shows where the time went
     // without a span per token: see `crate::telemetry::DECODE_TRACE_EVERY`).
-    let prefill = tracing::info_span!(
-        "prefill",
-        tokens = prompt.len(),
-        chunks = prompt.len().div_ceil(PREFILL_CHUNK)
-    );
+    let cached = params.cached.min(prompt.len().saturating_sub(1));
+    let fresh = &prompt[cached..];
+    let chunks = fresh.len().div_ceil(PREFILL_CHUNK);
+    let prefill = tracing::info_span!("prefill", tokens = fresh.len(), cached, chunks);
     let t0 = Instant::now();
-    let mut pos = 0;
+    let mut pos = cached;
     let mut next = None;
-    let chunks = prompt.len().div_ceil(PREFILL_CHUNK);
-    for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+    for (i, chunk) in fresh.chunks(PREFILL_CHUNK).enumerate() {
         let last = i + 1 == chunks;
         next = chain
             .step(pos, chunk, last)

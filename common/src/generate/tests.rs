@@ -82,6 +82,30 @@ fn run_chain(
 }
 
 #[test]
+fn a_cached_prefix_is_not_prefilled_again() {
+    let tok = tokenizer();
+    let ids = tok.encode(" one two").expect("encode");
+    let prompt = vec![1u32; PREFILL_CHUNK + 10];
+    let cached = GenerateParams {
+        cached: PREFILL_CHUNK + 4,
+        ..params(2, &[])
+    };
+    let (g, _, chain) = run_chain(&tok, &prompt, Scripted::new(ids.clone()), &cached);
+    // the 6 uncached prompt tokens in one step at their positions, then the decode
+    assert_eq!(chain.steps[0], (PREFILL_CHUNK + 4, 6));
+    assert_eq!(chain.picks, [true, true]);
+    assert_eq!(g.prompt_tokens, prompt.len());
+    assert_eq!(g.tokens, ids[..2]);
+    // all of it cached: the last prompt token still runs, for the first pick
+    let all = GenerateParams {
+        cached: prompt.len(),
+        ..params(1, &[])
+    };
+    let (_, _, chain) = run_chain(&tok, &prompt, Scripted::new(ids), &all);
+    assert_eq!(chain.steps, [(prompt.len() - 1, 1)]);
+}
+
+#[test]
 fn max_tokens_ends_with_length_and_positions_follow_the_prompt() {
     let tok = tokenizer();
     let ids = tok.encode(" one two three four").expect("encode");

@@ -96,10 +96,11 @@ struct Choice {
     echo: Option<String>,
 }
 
-/// A response's choices, and its prompt tokens (each prompt once, however many choices it
-/// has, as OpenAI counts them).
+/// A response's choices, `n` per prompt in a row, and its prompt tokens (each prompt once,
+/// however many choices it has, as OpenAI counts them).
 struct Choices {
     choices: Vec<Choice>,
+    n: usize,
     prompt_tokens: usize,
 }
 
@@ -129,6 +130,7 @@ fn fan_out(reqs: Vec<(GenRequest, Option<String>)>, n: usize) -> Result<Choices,
     }
     Ok(Choices {
         choices: out,
+        n,
         prompt_tokens,
     })
 }
@@ -340,6 +342,7 @@ async fn serve(
     cluster: Arc<Cluster>,
     Choices {
         choices,
+        n,
         prompt_tokens,
     }: Choices,
     stream: Streaming,
@@ -363,31 +366,58 @@ async fn serve(
     let trace = trace.clone();
     let k = choices.len();
     let echoes: Vec<Option<String>> = choices.iter().map(|c| c.echo.clone()).collect();
-    // One generation task per choice, their events merged and tagged with the choice.
+    // One generation per choice, their events merged and tagged with the choice. The `n`
+    // choices of a prompt share its prefill: one task runs the prompt once and forks its
+    // session for the others.
     let (merged_tx, mut rx) = tokio::sync::mpsc::channel::<Tagged>(64);
-    for (i, c) in choices.into_iter().enumerate() {
+    let mut choices = choices.into_iter().peekable();
+    let mut first = true;
+    while choices.peek().is_some() {
+        let group: Vec<Choice> = choices.by_ref().take(n).collect();
         let t = trace.clone();
+        let lead = std::mem::take(&mut first);
         let admitted = move || {
-            if i == 0 {
+            if lead {
                 t.admitted()
             }
         };
-        let mut one = engine::start(
-            st.serving.clone(),
-            cluster.clone(),
-            st.tok.clone(),
-            c.req,
-            trace.span.clone(),
-            admitted,
-        );
-        let tx = merged_tx.clone();
-        tokio::spawn(async move {
-            while let Some(ev) = one.recv().await {
-                if tx.send((c.index, ev)).await.is_err() {
-                    return; // the response is gone: dropping `one` stops the generation
+        let indices: Vec<usize> = group.iter().map(|c| c.index).collect();
+        let streams = if group.len() > 1 && group[0].req.prompt.len() > 1 {
+            engine::start_shared(
+                st.serving.clone(),
+                cluster.clone(),
+                st.tok.clone(),
+                group.into_iter().map(|c| c.req).collect(),
+                trace.span.clone(),
+                admitted,
+            )
+        } else {
+            let mut admitted = Some(admitted);
+            group
+                .into_iter()
+                .map(|c| {
+                    let a = admitted.take();
+                    engine::start(
+                        st.serving.clone(),
+                        cluster.clone(),
+                        st.tok.clone(),
+                        c.req,
+                        trace.span.clone(),
+                        move || a.into_iter().for_each(|a| a()),
+                    )
+                })
+                .collect()
+        };
+        for (index, mut one) in indices.into_iter().zip(streams) {
+            let tx = merged_tx.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = one.recv().await {
+                    if tx.send((index, ev)).await.is_err() {
+                        return; // the response is gone: dropping `one` stops the generation
+                    }
                 }
-            }
-        });
+            });
+        }
     }
     drop(merged_tx);
     let model = st.model_id.clone();

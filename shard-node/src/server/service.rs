@@ -30,6 +30,28 @@ pub struct Conn {
     pub lease: Arc<Mutex<Option<LeaseId>>>,
 }
 
+/// The sampler a session's sampling asks for; on the last stage with its grammar compiled
+/// (building the model's grammar compiler, once, and compiling take a moment: off the async
+/// workers).
+async fn sampler_for(slice: &Arc<Slice>, w: &WireSampling) -> Result<Sampler, ShardError> {
+    let mut sampler = Sampler::new(sampling(w)?)
+        .map_err(shard_err)?
+        .with_prompt(&w.prompt);
+    if let (Some(g), true) = (&w.grammar, slice.stage.is_last()) {
+        let (s, g) = (slice.clone(), grammar(g));
+        let c = tokio::task::spawn_blocking(move || {
+            s.grammar_compiler()
+                .map_err(|e| err(ErrorCode::Internal, format!("grammar compiler: {e}")))?
+                .compile(&g)
+                .map_err(shard_err)
+        })
+        .await
+        .map_err(|e| err(ErrorCode::Internal, format!("grammar compiler failed: {e}")))??;
+        sampler = sampler.with_constraint(c);
+    }
+    Ok(sampler)
+}
+
 fn err(code: ErrorCode, d: impl Into<String>) -> ShardError {
     ShardError::new(code, d)
 }
@@ -211,24 +233,7 @@ impl ShardNode for Conn {
     async fn open_session(self, _: Context, req: OpenSession) -> Result<(), ShardError> {
         let lease = self.coordinator_lease("open_session")?;
         let slice = self.node().slice_for(req.epoch)?;
-        let params = sampling(&req.sampling)?;
-        let mut sampler = Sampler::new(params)
-            .map_err(shard_err)?
-            .with_prompt(&req.sampling.prompt);
-        if let (Some(g), true) = (&req.sampling.grammar, slice.stage.is_last()) {
-            // Building the model's grammar compiler (once) and compiling take a moment: off
-            // the async workers.
-            let (s, g) = (slice.clone(), grammar(g));
-            let c = tokio::task::spawn_blocking(move || {
-                s.grammar_compiler()
-                    .map_err(|e| err(ErrorCode::Internal, format!("grammar compiler: {e}")))?
-                    .compile(&g)
-                    .map_err(shard_err)
-            })
-            .await
-            .map_err(|e| err(ErrorCode::Internal, format!("grammar compiler failed: {e}")))??;
-            sampler = sampler.with_constraint(c);
-        }
+        let sampler = sampler_for(&slice, &req.sampling).await?;
         let cache = slice
             .stage
             .new_cache(req.max_ctx as usize, Default::default())
@@ -261,6 +266,48 @@ impl ShardNode for Conn {
         };
         self.node()
             .open_session(req.session, SessionEntry::new(lease, session))?;
+        Ok(())
+    }
+
+    async fn fork_session(self, _: Context, req: ForkSession) -> Result<(), ShardError> {
+        let lease = self.coordinator_lease("fork_session")?;
+        let from = self.node().session(req.from)?;
+        if from.lease != lease {
+            return Err(NodeError::UnknownSession {
+                id: req.from,
+                owner: Some(lease),
+                left: false,
+            }
+            .into());
+        }
+        let slice = lock(&from.state).slice.clone();
+        let sampler = sampler_for(&slice, &req.sampling).await?;
+        // Copying the cache (a device copy, or megabytes of host rows) blocks: off the async
+        // workers. It waits for a step of `from` that is still running.
+        let (cache, next) = tokio::task::spawn_blocking(move || {
+            let s = lock(&from.state);
+            Ok::<_, ShardError>((s.cache.fork().map_err(shard_err)?, s.next.clone()))
+        })
+        .await
+        .map_err(|e| {
+            err(
+                ErrorCode::Internal,
+                format!("copying the KV cache failed: {e}"),
+            )
+        })??;
+        let bytes = cache.nbytes() as u64;
+        let session = Session {
+            slice,
+            cache,
+            next,
+            sampler,
+        };
+        let entry = self
+            .node()
+            .open_session(req.to, SessionEntry::new(lease, session))?;
+        entry
+            .kv_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

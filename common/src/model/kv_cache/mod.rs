@@ -278,6 +278,59 @@ impl KvCache {
         self.bytes_for(self.max_ctx)
     }
 
+    /// A copy of this cache (its rows, length and capacity) whose memory is its own: a
+    /// session that goes on from the same prefix, such as another choice of the same prompt.
+    pub fn fork(&self) -> Result<KvCache> {
+        fn host<T: Clone>(layers: &[HostLayer<T>]) -> Result<Vec<HostLayer<T>>> {
+            let copy = |src: &Vec<T>| -> Result<Vec<T>> {
+                let mut v = Vec::new();
+                v.try_reserve_exact(src.len()).map_err(|e| {
+                    Error::InvalidInput(format!(
+                        "copying a KV cache of {} elements: {e}",
+                        src.len()
+                    ))
+                })?;
+                v.extend_from_slice(src);
+                Ok(v)
+            };
+            layers
+                .iter()
+                .map(|l| {
+                    Ok(HostLayer {
+                        k: copy(&l.k)?,
+                        v: copy(&l.v)?,
+                    })
+                })
+                .collect()
+        }
+        let store = match &self.store {
+            Store::Device(layers) => Store::Device(
+                layers
+                    .iter()
+                    .map(|l| {
+                        Ok(LayerKv {
+                            k: l.k.copy()?,
+                            v: l.v.copy()?,
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            Store::HostF16(l) => Store::HostF16(host(l)?),
+            Store::HostF32(l) => Store::HostF32(host(l)?),
+        };
+        Ok(KvCache {
+            store,
+            len: self.len,
+            capacity: self.capacity,
+            max_ctx: self.max_ctx,
+            kv_dim: self.kv_dim,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            windowed: self.windowed.clone(),
+            ring_rows: self.ring_rows,
+        })
+    }
+
     /// Makes room for `n` more tokens, or fails without changing anything.
     pub fn reserve(&mut self, n: usize) -> Result<()> {
         let needed = self.len + n;
@@ -460,79 +513,4 @@ impl Drop for KvCache {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grows_in_chunks_and_refuses_past_max() -> Result<()> {
-        let mut c = KvCache::new(2, 8, 300, KvDtype::F16, &Device::Cpu)?;
-        assert_eq!(c.nbytes(), 0);
-        c.reserve(10)?;
-        assert_eq!(c.nbytes(), 2 * 2 * CHUNK * 8 * 2);
-        let k = Tensor::ones((10, 8), DType::F32, &Device::Cpu)?;
-        c.write(0, 0, &k, &k)?;
-        c.write(1, 0, &k, &k)?;
-        c.advance(10);
-        c.reserve(250)?; // regrows to the bound, 300, keeping the rows
-        assert_eq!(c.nbytes(), 2 * 2 * 300 * 8 * 2);
-        let Some(Ok(HostKv::F16(l))) = c.host_layer(1) else {
-            panic!("a CPU cache of f16 lives in host memory");
-        };
-        // what is counted is what is held
-        assert_eq!((l.k.capacity(), l.v.capacity()), (300 * 8, 300 * 8));
-        let wrong = Tensor::ones((2, 7), DType::F32, &Device::Cpu)?;
-        assert!(c.write(0, 10, &wrong, &wrong).is_err());
-        let Some(Ok(HostKv::F16(l))) = c.host_layer(0) else {
-            panic!("a CPU cache of f16 lives in host memory");
-        };
-        let kept: f32 = l.k[..10 * 8].iter().map(|x| x.to_f32()).sum();
-        assert_eq!(kept, 80.0);
-        assert!(matches!(
-            c.reserve(291),
-            Err(Error::ContextOverflow {
-                needed: 301,
-                max: 300
-            })
-        ));
-        assert_eq!(c.len(), 10);
-        Ok(())
-    }
-
-    /// Gemma 3 270M's shape: 15 local layers (window 512) and 3 global ones, one KV head of
-    /// 256. At 8,192 tokens the local layers hold a ring of 767 rows each; positions map to
-    /// rows modulo the ring, in at most two runs.
-    #[test]
-    fn windowed_layers_keep_a_ring() -> Result<()> {
-        let windows: Vec<Option<usize>> = (0..18)
-            .map(|i| if (i + 1) % 6 == 0 { None } else { Some(512) })
-            .collect();
-        let mut c = KvCache::windowed(&windows, 256, 8192, KvDtype::F16, &Device::Cpu)?;
-        assert_eq!(c.ring_rows(), 767);
-        let full = 18 * 2 * 8192 * 256 * 2;
-        let ring = (15 * 767 + 3 * 8192) * 2 * 256 * 2;
-        assert_eq!(c.max_nbytes(), ring);
-        assert!(ring * 4 < full);
-        let k = Tensor::zeros((STEP_ROWS, 256), DType::F32, &Device::Cpu)?;
-        while c.len() < 8192 {
-            c.reserve(STEP_ROWS)?;
-            for i in 0..18 {
-                c.write(i, c.len(), &k, &k)?;
-            }
-            c.advance(STEP_ROWS);
-        }
-        assert_eq!(c.nbytes(), ring);
-        assert_eq!((c.layer_rows(0), c.layer_rows(5)), (767, 8192));
-        // The window of position 8191 starts at 7680 = 10 × 767 + 10: one run. 7600..7700
-        // wraps at 10 × 767 = 7670.
-        assert_eq!(c.spans(0, 7680, 8192), [10..522, 0..0]);
-        assert_eq!(c.spans(0, 7600, 7700), [697..767, 0..30]);
-        assert_eq!(c.spans(5, 7600, 7700), [7600..7700, 0..0]);
-        // a step longer than STEP_ROWS is refused: a ring could not hold it
-        let mut fresh = KvCache::windowed(&windows, 256, 8192, KvDtype::F16, &Device::Cpu)?;
-        assert!(matches!(
-            fresh.reserve(STEP_ROWS + 1),
-            Err(Error::InvalidInput(_))
-        ));
-        Ok(())
-    }
-}
+mod tests;
