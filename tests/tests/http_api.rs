@@ -247,7 +247,12 @@ fn n_choices_run_the_prompt_once() -> anyhow::Result<()> {
     // the prompt but its last token once, then per choice that token and 3 decode steps
     assert_eq!(rows()? - before, prompt_tokens - 1.0 + 4.0 * 4.0, "{reply}");
     // each choice as it would be alone: choice c of n is the request with seed 5 + c
-    for (i, choice) in reply["choices"].as_array().into_iter().flatten().enumerate() {
+    for (i, choice) in reply["choices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         let alone = serde_json::json!({"prompt": prompt, "max_tokens": 4, "temperature": 0.8,
                                        "seed": 5 + i, "ignore_eos": true});
         let (_, one) = post(&format!("{}/v1/completions", c.url), &alone.to_string())?;

@@ -11,6 +11,7 @@
 pub mod auth;
 mod generation;
 pub mod openai;
+mod respond;
 pub mod stats;
 pub mod tls;
 pub mod trace;
