@@ -10,6 +10,7 @@ import jsonschema
 from openai import OpenAI
 
 client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
+MODEL = client.models.list().data[0].id  # requests name the served model
 WEATHER = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 12},
     "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -37,17 +38,17 @@ def calls(message):
 
 
 # required: the answer is calls, each valid against its schema, finish_reason tool_calls
-r = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required",
+r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
                                    max_tokens=96, temperature=0, parallel_tool_calls=False)
 out["required"] = {"calls": calls(r.choices[0].message), "finish": r.choices[0].finish_reason,
                    "content": r.choices[0].message.content}
 # a named function: that one, whatever the model would pick
-r = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, max_tokens=96, temperature=0,
+r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=96, temperature=0,
                                    tool_choice={"type": "function", "function": {"name": "get_weather"}})
 out["named"] = calls(r.choices[0].message)
 # streamed: the same calls, assembled from the deltas by index
 acc, finish = {}, None
-for ch in client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required",
+for ch in client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
                                          max_tokens=96, temperature=0, parallel_tool_calls=False,
                                          stream=True):
     for c in ch.choices:
@@ -61,7 +62,7 @@ out["streamed"] = {"calls": [[a["name"], json.loads(a["arguments"])] for _, a in
 # the conversation goes on: the call and its answer rendered back through the template
 call = r.choices[0].message.tool_calls[0]
 follow = client.chat.completions.create(
-    model="m", max_tokens=8, temperature=0, tools=TOOLS,
+    model=MODEL, max_tokens=8, temperature=0, tools=TOOLS,
     messages=ASK + [{"role": "assistant", "content": None,
                      "tool_calls": [{"id": call.id, "type": "function",
                                      "function": {"name": call.function.name,
@@ -69,12 +70,12 @@ follow = client.chat.completions.create(
                     {"role": "tool", "tool_call_id": call.id, "content": "-3 C"}])
 out["follow_up"] = follow.choices[0].finish_reason
 # auto on a random-weight model: a well-formed answer, calls or text
-r = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, max_tokens=16, temperature=0)
+r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=16, temperature=0)
 out["auto"] = r.choices[0].finish_reason
 # refusals name what is wrong
 def refused(**kw):
     try:
-        client.chat.completions.create(model="m", messages=ASK, max_tokens=4, **kw)
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **kw)
         return None
     except Exception as e:
         return [getattr(e, "status_code", None), str(e)]

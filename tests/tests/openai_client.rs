@@ -36,7 +36,7 @@ fn python_openai_client_reads_the_api() -> anyhow::Result<()> {
     assert!(
         v["refused"][1]
             .as_str()
-            .is_some_and(|m| m.contains("`best_of`")),
+            .is_some_and(|m| m.contains("`functions`")),
         "{v}"
     );
     // n: three choices, the same again with the same seed, not all alike
@@ -81,6 +81,12 @@ fn python_openai_client_reads_the_api() -> anyhow::Result<()> {
             .is_some_and(|m| m.contains("`suffix`")),
         "{v}"
     );
+    // best_of: the two likeliest of four candidates, best first, without log-probabilities
+    // (not asked for); all four candidates' tokens are counted
+    let b = &v["best_of"];
+    assert_eq!(b["got"], b["want"], "{b}");
+    assert_eq!(b["no_logprobs"], true, "{b}");
+    assert_eq!(b["usage"], 32, "{b}");
     // tools on a model whose template shows none: 400 saying so
     assert_eq!(v["no_tools"][0], 400, "{v}");
     assert!(

@@ -95,6 +95,10 @@ pub(super) struct Choice {
 pub(super) struct Choices {
     pub(super) choices: Vec<Choice>,
     pub(super) n: usize,
+    /// Choices answered per prompt: `n`, or with `best_of` the best of the `n` generated.
+    pub(super) keep: usize,
+    /// Whether the client asked for log-probabilities (`best_of` asks for them itself).
+    pub(super) shown_logprobs: bool,
     pub(super) prompt_tokens: usize,
 }
 
@@ -125,6 +129,8 @@ fn fan_out(reqs: Vec<(GenRequest, Option<String>)>, n: usize) -> Result<Choices,
     Ok(Choices {
         choices: out,
         n,
+        keep: n,
+        shown_logprobs: false,
         prompt_tokens,
     })
 }
@@ -139,9 +145,14 @@ pub(super) async fn completions(
     let run = async {
         let cluster = st.serving.current()?;
         let n = req.common.n().map_err(bad)?;
+        let best_of = req.best_of(n).map_err(bad)?;
         let checked = req.common.checked(Endpoint::Completion).map_err(bad)?;
-        let checked = with_vocab(&st, &req.common, checked)?;
+        let mut checked = with_vocab(&st, &req.common, checked)?;
         let asked = checked.sampling.logprobs.is_some();
+        if best_of > n && !asked {
+            // the candidates are ranked by their tokens' log-probabilities
+            checked.sampling.logprobs = Some(0);
+        }
         let reqs = {
             let _s = trace.step("tokenize");
             let mut reqs = Vec::new();
@@ -160,16 +171,10 @@ pub(super) async fn completions(
             st.check_grammar(grammar).await?;
         }
         let stream = Streaming::of(&req.common);
-        serve(
-            &st,
-            cluster,
-            fan_out(reqs, n)?,
-            stream,
-            Answer::Text,
-            id,
-            &trace,
-        )
-        .await
+        let mut choices = fan_out(reqs, best_of)?;
+        choices.keep = n;
+        choices.shown_logprobs = asked;
+        serve(&st, cluster, choices, stream, Answer::Text, id, &trace).await
     };
     run.await.inspect_err(|e| trace.failed(e.2))
 }
@@ -239,10 +244,12 @@ pub(super) async fn chat(
             st.check_grammar(grammar).await?;
         }
         let stream = Streaming::of(&req.common);
+        let mut choices = fan_out(vec![(g, None)], n)?;
+        choices.shown_logprobs = checked.sampling.logprobs.is_some();
         serve(
             &st,
             cluster,
-            fan_out(vec![(g, None)], n)?,
+            choices,
             stream,
             Answer::Chat(syntax),
             id,

@@ -104,7 +104,9 @@ pub(super) async fn serve(
     cluster: Arc<Cluster>,
     Choices {
         choices,
-        n,
+        n: group,
+        keep,
+        shown_logprobs,
         prompt_tokens,
     }: Choices,
     stream: Streaming,
@@ -118,7 +120,7 @@ pub(super) async fn serve(
         Answer::Text => None,
     };
     trace.request(&choices[0].req);
-    let asked = choices[0].req.sampling.logprobs.is_some();
+    let asked = shown_logprobs;
     let tok = st.tok.clone();
     let permit = st
         .admission
@@ -135,7 +137,7 @@ pub(super) async fn serve(
     let mut choices = choices.into_iter().peekable();
     let mut first = true;
     while choices.peek().is_some() {
-        let group: Vec<Choice> = choices.by_ref().take(n).collect();
+        let members: Vec<Choice> = choices.by_ref().take(group).collect();
         let t = trace.clone();
         let lead = std::mem::take(&mut first);
         let admitted = move || {
@@ -143,19 +145,19 @@ pub(super) async fn serve(
                 t.admitted()
             }
         };
-        let indices: Vec<usize> = group.iter().map(|c| c.index).collect();
-        let streams = if group.len() > 1 && group[0].req.prompt.len() > 1 {
+        let indices: Vec<usize> = members.iter().map(|c| c.index).collect();
+        let streams = if members.len() > 1 && members[0].req.prompt.len() > 1 {
             engine::start_shared(
                 st.serving.clone(),
                 cluster.clone(),
                 st.tok.clone(),
-                group.into_iter().map(|c| c.req).collect(),
+                members.into_iter().map(|c| c.req).collect(),
                 trace.span.clone(),
                 admitted,
             )
         } else {
             let mut admitted = Some(admitted);
-            group
+            members
                 .into_iter()
                 .map(|c| {
                     let a = admitted.take();
@@ -235,10 +237,10 @@ pub(super) async fn serve(
                     }
                     GenEvent::Done {
                         finish,
-                        completion_tokens: n,
+                        completion_tokens: generated,
                         ..
                     } => {
-                        completion_tokens += n;
+                        completion_tokens += generated;
                         left -= 1;
                         // what was held back: the rest of the text, then each call
                         let mut end = Vec::new();
@@ -326,11 +328,11 @@ pub(super) async fn serve(
             }
             GenEvent::Done {
                 finish,
-                completion_tokens: n,
+                completion_tokens: generated,
                 ..
             } => {
                 done[i].finish = Some(finish);
-                completion_tokens += n;
+                completion_tokens += generated;
                 left -= 1;
                 if left > 0 {
                     continue;
@@ -341,9 +343,10 @@ pub(super) async fn serve(
                     completion_tokens,
                     total_tokens: prompt_tokens + completion_tokens,
                 };
-                let choices: Vec<Value> = done
-                    .iter()
-                    .zip(&echoes)
+                let picked = best(&done, group, keep);
+                let choices: Vec<Value> = picked
+                    .into_iter()
+                    .map(|c| (&done[c], &echoes[c]))
                     .enumerate()
                     .map(|(i, (d, echo))| {
                         let mut offset = echo.as_ref().map_or(0, |e| e.chars().count());
@@ -387,6 +390,32 @@ pub(super) async fn serve(
         "generation ended without a result".into(),
         "server_error",
     ))
+}
+
+/// The choices answered, in order: all of them, or with `best_of` (`keep` below the group
+/// size `n`) the `keep` of each prompt's `n` whose tokens are likeliest on average (OpenAI's
+/// "highest log probability per token"), best first.
+fn best(done: &[Done], n: usize, keep: usize) -> Vec<usize> {
+    if keep >= n {
+        return (0..done.len()).collect();
+    }
+    let score = |d: &Done| match d.logprobs.len() {
+        0 => f64::NEG_INFINITY,
+        k => {
+            d.logprobs
+                .iter()
+                .map(|(_, l)| f64::from(l.logprob))
+                .sum::<f64>()
+                / k as f64
+        }
+    };
+    let mut out = Vec::with_capacity(done.len() / n * keep);
+    for group in (0..done.len()).collect::<Vec<_>>().chunks(n) {
+        let mut g = group.to_vec();
+        g.sort_by(|&a, &b| score(&done[b]).total_cmp(&score(&done[a])));
+        out.extend(g.into_iter().take(keep));
+    }
+    out
 }
 
 /// A stream fed by a task through a channel.

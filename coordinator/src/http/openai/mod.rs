@@ -15,8 +15,8 @@ use serde::Serialize;
 pub use chat::{ChatRequest, Content, Part, WireMessage, MAX_MESSAGES, ROLES};
 pub use prompt::{CompletionRequest, OnePrompt, Prompt};
 pub use request::{
-    Checked, Common, Endpoint, IsDefault, Stop, StreamOptions, CHAT_ONLY, IGNORED, MAX_LOGIT_BIAS,
-    MAX_STOP, MAX_STOP_BYTES, NOT_YET,
+    Checked, Common, Endpoint, IsDefault, Stop, StreamOptions, CHAT_ONLY, COMPLETION_ONLY, IGNORED,
+    MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_BYTES, NOT_YET,
 };
 pub use tokenize::{DetokenizeRequest, TokenizeRequest};
 pub use tools::{ToolChoice, Tools};
@@ -25,6 +25,7 @@ pub use tools::{ToolChoice, Tools};
 pub fn validate_completion(body: &[u8]) -> Result<Checked, String> {
     let r: CompletionRequest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     r.prompt.all()?;
+    r.best_of(r.common.n()?)?;
     r.common.checked(Endpoint::Completion)
 }
 

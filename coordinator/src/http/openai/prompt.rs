@@ -54,12 +54,37 @@ pub struct CompletionRequest {
     /// Text after the completion: the prompt is then completed in the middle, with the
     /// model's fill-in-the-middle tokens.
     pub suffix: Option<String>,
+    /// Candidates generated per prompt, of which the `n` likeliest are answered.
+    pub best_of: Option<u32>,
     /// Everything else.
     #[serde(flatten)]
     pub common: Common,
 }
 
 impl CompletionRequest {
+    /// `best_of`, checked against `n`: the candidates per prompt (`n` when not given). Not
+    /// streamed: the best are known only at the end.
+    pub fn best_of(&self, n: usize) -> Result<usize, String> {
+        let Some(b) = self.best_of else {
+            return Ok(n);
+        };
+        let b = b as usize;
+        if b < n || b > super::request::MAX_N as usize {
+            return Err(format!(
+                "`best_of` is {b}; it must be at least `n` ({n}) and at most {}",
+                super::request::MAX_N
+            ));
+        }
+        if b > n && self.common.stream {
+            return Err(
+                "`best_of` above `n` cannot be streamed: the best candidates are \
+                        known only at the end"
+                    .into(),
+            );
+        }
+        Ok(b)
+    }
+
     /// The text `echo` puts before a choice: the prompt's (its ids decoded, special tokens
     /// rendered). `echo` with log-probabilities (`logprobs`) would need the prompt's own:
     /// refused.

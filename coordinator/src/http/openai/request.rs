@@ -102,10 +102,6 @@ pub type IsDefault = fn(&Value) -> bool;
 /// which is accepted: a request that asks for more is refused with a 400 naming the field,
 /// rather than answered as if the field were not there.
 pub const NOT_YET: &[(&str, IsDefault)] = &[
-    ("best_of", |v| v.as_u64() == Some(1)),
-    // completions take `echo` and `suffix` (`CompletionRequest`); chat requests do not
-    ("echo", |v| v.as_bool() == Some(false)),
-    ("suffix", |v| v.as_str() == Some("")),
     ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
     ("function_call", |v| v.as_str() == Some("none")),
     ("stream_options", |v| {
@@ -129,6 +125,14 @@ pub const IGNORED: &[&str] = &[
     "reasoning_effort",
     "safety_identifier",
     "prompt_cache_key",
+];
+
+/// Completion fields a chat request may carry only at their default (the completion request
+/// takes them itself).
+pub const COMPLETION_ONLY: &[(&str, IsDefault)] = &[
+    ("best_of", |v| v.as_u64() == Some(1)),
+    ("echo", |v| v.as_bool() == Some(false)),
+    ("suffix", |v| v.as_str() == Some("")),
 ];
 
 /// Chat fields a completion request may carry only at a value that asks for nothing (the
@@ -183,6 +187,7 @@ impl Common {
             .filter(|k| {
                 !IGNORED.contains(k)
                     && !CHAT_ONLY.iter().any(|(n, _)| n == k)
+                    && !COMPLETION_ONLY.iter().any(|(n, _)| n == k)
                     && !NOT_YET.iter().any(|(n, _)| n == k)
             })
             .collect()
@@ -299,11 +304,15 @@ impl Common {
     /// Checks every field: sampling ranges, the stop strings' count and lengths, and that no
     /// field asks for something this server does not do.
     pub fn checked(&self, at: Endpoint) -> Result<Checked, String> {
-        for (name, is_default) in CHAT_ONLY {
+        let (other, fields) = match at {
+            Endpoint::Completion => ("/v1/chat/completions", CHAT_ONLY),
+            Endpoint::Chat => ("/v1/completions", COMPLETION_ONLY),
+        };
+        for (name, is_default) in fields {
             if let Some(v) = self.rest.get(*name) {
                 if !v.is_null() && !is_default(v) {
                     return Err(format!(
-                        "`{name}` is a chat field: send it to /v1/chat/completions"
+                        "`{name}` is not a field of this endpoint: send it to {other}"
                     ));
                 }
             }

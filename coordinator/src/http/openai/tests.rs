@@ -27,7 +27,6 @@ fn bodies_are_checked() {
 #[test]
 fn fields_not_done_yet_are_refused_by_name_unless_at_their_default() {
     for (field, value) in [
-        ("best_of", "2"),
         (
             "tools",
             r#"[{"type": "function", "function": {"name": "f"}}]"#,
@@ -37,9 +36,7 @@ fn fields_not_done_yet_are_refused_by_name_unless_at_their_default() {
         let body = format!(r#"{{"prompt": "x", "{field}": {value}}}"#);
         let e = validate_completion(body.as_bytes()).expect_err(field);
         assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
-        if field != "best_of" {
-            assert!(e.contains("chat field"), "{field}: {e}");
-        }
+        assert!(e.contains("/v1/chat/completions"), "{field}: {e}");
     }
     for (field, value) in [
         ("n", "1"),
@@ -52,6 +49,7 @@ fn fields_not_done_yet_are_refused_by_name_unless_at_their_default() {
         ("response_format", r#"{"type": "text"}"#),
         ("tools", "[]"),
         ("tool_choice", r#""none""#),
+        ("best_of", "3"),
         ("stream_options", r#"{"include_usage": true}"#),
         ("user", r#""someone""#),
         ("my_own_extension", "42"),
@@ -192,4 +190,28 @@ fn sampling_fields_are_checked_per_endpoint() {
         let e = bad.expect_err(field);
         assert!(e.contains(field), "{field}: {e}");
     }
+}
+
+#[test]
+fn best_of_is_at_least_n_and_not_streamed() {
+    let ok = |body: &str| validate_completion(body.as_bytes());
+    assert!(ok(r#"{"prompt": "x", "best_of": 4, "n": 2}"#).is_ok());
+    assert!(ok(r#"{"prompt": "x", "best_of": 2, "n": 2, "stream": true}"#).is_ok());
+    for (body, want) in [
+        (r#"{"prompt": "x", "best_of": 1, "n": 2}"#, "at least `n`"),
+        (r#"{"prompt": "x", "best_of": 17}"#, "at most 16"),
+        (
+            r#"{"prompt": "x", "best_of": 3, "stream": true}"#,
+            "cannot be streamed",
+        ),
+    ] {
+        let e = ok(body).expect_err(body);
+        assert!(e.contains(want), "{body}: {e}");
+    }
+    let e = validate_chat(br#"{"messages": [{"role": "user", "content": "x"}], "best_of": 2}"#)
+        .expect_err("a completions field");
+    assert!(
+        e.contains("`best_of`") && e.contains("/v1/completions"),
+        "{e}"
+    );
 }
