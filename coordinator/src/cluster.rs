@@ -78,6 +78,9 @@ pub struct ModelRef {
     pub first_extra: u64,
     /// Bytes the last stage holds besides its layers (norm and head).
     pub last_extra: u64,
+    /// Served beside other models: its slices retire only older slices of the same model
+    /// (see [`LoadSlice::beside`]).
+    pub beside: bool,
 }
 
 impl ModelRef {
@@ -96,6 +99,7 @@ impl ModelRef {
             layer_bytes,
             first_extra,
             last_extra,
+            beside: false,
         })
     }
 
@@ -176,6 +180,7 @@ impl NodeConn {
             },
             epoch,
             max_ctx: max_ctx as u32,
+            beside: model.beside,
         }
     }
 }

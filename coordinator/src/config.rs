@@ -13,8 +13,10 @@ use crate::twopc::Failpoint;
 pub struct RawServeConfig {
     /// HTTP listen address.
     pub http: SocketAddr,
-    /// GGUF model file.
+    /// GGUF model file (the default model).
     pub model: PathBuf,
+    /// More models served beside it (static membership only).
+    pub more_models: Vec<PathBuf>,
     /// Static membership: node addresses, first stage first.
     pub nodes: Vec<String>,
     /// Context bound of each session.
@@ -39,6 +41,8 @@ pub struct RawServeConfig {
     pub api_key_file: Option<PathBuf>,
     /// The key `/metrics` needs (none: open).
     pub metrics_key: Option<String>,
+    /// The key `/admin/*` needs (none: the admin API is off).
+    pub admin_key: Option<String>,
     /// The API's certificate (PEM): HTTPS with `http_tls_key`.
     pub http_tls_cert: Option<PathBuf>,
     /// Its key (PEM).
@@ -70,8 +74,10 @@ pub enum Membership {
 pub struct ServeConfig {
     /// HTTP listen address.
     pub http: SocketAddr,
-    /// GGUF model file.
+    /// GGUF model file (the default model).
     pub model: PathBuf,
+    /// More models served beside it, each on a plan of its own over the same nodes.
+    pub more_models: Vec<PathBuf>,
     /// Context bound of each session (at most the model's, applied at start).
     pub max_ctx: usize,
     /// Where the nodes come from.
@@ -84,6 +90,8 @@ pub struct ServeConfig {
     pub api_keys: Vec<String>,
     /// The keys `/metrics` accepts (empty: open).
     pub metrics_keys: Vec<String>,
+    /// The key `/admin/*` needs (none: the admin API is off).
+    pub admin_key: Option<String>,
     /// HTTPS, when configured.
     pub http_tls: Option<std::sync::Arc<cluster_tls::tokio_rustls::rustls::ServerConfig>>,
 }
@@ -104,6 +112,7 @@ impl RawServeConfig {
         RawServeConfig {
             http,
             model,
+            more_models: Vec::new(),
             nodes,
             max_ctx,
             etcd: None,
@@ -116,6 +125,7 @@ impl RawServeConfig {
             api_keys: Vec::new(),
             api_key_file: None,
             metrics_key: None,
+            admin_key: None,
             http_tls_cert: None,
             http_tls_key: None,
         }
@@ -183,7 +193,11 @@ impl RawServeConfig {
                 )));
             }
         }
-        for k in api_keys.iter().chain(&self.metrics_key) {
+        for k in api_keys
+            .iter()
+            .chain(&self.metrics_key)
+            .chain(&self.admin_key)
+        {
             check_key(k)?;
         }
         let http_tls = match (&self.http_tls_cert, &self.http_tls_key) {
@@ -197,15 +211,34 @@ impl RawServeConfig {
                 ))
             }
         };
+        let id = |p: &PathBuf| p.file_stem().map(|s| s.to_string_lossy().into_owned());
+        let mut ids = vec![id(&self.model)];
+        for m in &self.more_models {
+            if matches!(membership, Membership::Etcd { .. }) {
+                return Err(bad(
+                    "several models are served with static membership (--nodes) only, so far"
+                        .into(),
+                ));
+            }
+            if ids.contains(&id(m)) {
+                return Err(bad(format!(
+                    "--model {} is given twice (models are named by their file name)",
+                    m.display()
+                )));
+            }
+            ids.push(id(m));
+        }
         Ok(ServeConfig {
             http: self.http,
             model: self.model,
+            more_models: self.more_models,
             max_ctx: self.max_ctx,
             membership,
             drain: Duration::from_secs(self.drain_secs),
             failpoint: self.failpoint,
             api_keys,
             metrics_keys: self.metrics_key.into_iter().collect(),
+            admin_key: self.admin_key,
             http_tls,
         })
     }

@@ -84,9 +84,12 @@ struct ServeArgs {
     /// HTTP listen address; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
-    /// GGUF model file (the nodes must have the same file in their models directory).
-    #[arg(long)]
-    model: PathBuf,
+    /// GGUF model file (the nodes must have the same file in their models directory). Give
+    /// it more than once to serve several models at once, each on a plan of its own over the
+    /// same nodes; requests choose one by `model` (its file name without `.gguf`), and name
+    /// none for the first.
+    #[arg(long, required = true)]
+    model: Vec<PathBuf>,
     /// Static membership: shard node addresses, first stage first.
     #[arg(
         long,
@@ -136,6 +139,16 @@ struct ServeArgs {
         hide_env_values = true
     )]
     metrics_key: Option<String>,
+    /// Turn the admin API on (`/admin/models`: list, load and unload models at run time;
+    /// static membership only), behind this key (`Authorization: Bearer KEY`). Without it the
+    /// admin routes do not exist.
+    #[arg(
+        long,
+        env = "LLMC_ADMIN_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    admin_key: Option<String>,
     /// Serve the API over HTTPS with this certificate (PEM; with --http-tls-key).
     #[arg(long, value_name = "FILE")]
     http_tls_cert: Option<PathBuf>,
@@ -208,9 +221,11 @@ fn telemetry(
 
 impl From<ServeArgs> for RawServeConfig {
     fn from(a: ServeArgs) -> Self {
+        let mut models = a.model.into_iter();
         RawServeConfig {
             http: a.http,
-            model: a.model,
+            model: models.next().unwrap_or_default(),
+            more_models: models.collect(),
             nodes: a.nodes,
             max_ctx: a.max_ctx,
             etcd: a.etcd,
@@ -223,6 +238,7 @@ impl From<ServeArgs> for RawServeConfig {
             api_keys: a.api_key,
             api_key_file: a.api_key_file,
             metrics_key: a.metrics_key,
+            admin_key: a.admin_key,
             http_tls_cert: a.http_tls_cert,
             http_tls_key: a.http_tls_key,
         }

@@ -20,7 +20,8 @@ use crate::config::{Membership, ServeConfig};
 use crate::driver::{self, DriverConfig};
 use crate::error::Result;
 use crate::follow;
-use crate::http::{auth, router, AppState};
+use crate::http::admin::Admin;
+use crate::http::{auth, router, AppState, ServedModel};
 use crate::serving::Serving;
 use crate::twopc::TwoPc;
 
@@ -49,65 +50,86 @@ pub fn cancel_on_signal(token: CancellationToken) {
 
 /// Serves until `shutdown` is cancelled, then drains.
 pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
-    let file = GgufFile::open(&cfg.model)?;
-    let tok = Arc::new(TextTokenizer::from_gguf(&file)?);
-    let max_ctx = cfg.max_ctx.min(file.config()?.context_length);
-    let model = Arc::new(ModelRef::inspect(&cfg.model)?);
-    let serving = Arc::new(Serving::default());
     let tasks = TaskTracker::new();
-    match &cfg.membership {
-        Membership::Static(nodes) => {
-            let c = tokio::select! {
-                c = Cluster::start(nodes, model, max_ctx, PlanEpoch(1)) => c?,
-                _ = shutdown.cancelled() => return Ok(()),
-            };
-            serving.replace(Arc::new(c));
+    let paths: Vec<&std::path::PathBuf> = std::iter::once(&cfg.model)
+        .chain(&cfg.more_models)
+        .collect();
+    let mut models = Vec::with_capacity(paths.len());
+    // Several models: each on a plan of its own over the same nodes (epochs 1, 2, ...), its
+    // slices served beside the others'.
+    for (i, path) in paths.iter().enumerate() {
+        let file = GgufFile::open(path)?;
+        let tok = Arc::new(TextTokenizer::from_gguf(&file)?);
+        let max_ctx = cfg.max_ctx.min(file.config()?.context_length);
+        let mut model = ModelRef::inspect(path)?;
+        model.beside = paths.len() > 1 || cfg.admin_key.is_some();
+        let model = Arc::new(model);
+        let serving = Arc::new(Serving::default());
+        match &cfg.membership {
+            Membership::Static(nodes) => {
+                let c = tokio::select! {
+                    c = Cluster::start(nodes, model, max_ctx, PlanEpoch(i as u64 + 1)) => c?,
+                    _ = shutdown.cancelled() => return Ok(()),
+                };
+                serving.replace(Arc::new(c));
+            }
+            Membership::Etcd {
+                url,
+                cluster,
+                min_nodes,
+                id,
+                ttl_secs,
+            } => {
+                let registry = tokio::select! {
+                    r = Registry::connect(url, cluster) => r?,
+                    _ = shutdown.cancelled() => return Ok(()),
+                };
+                tasks.spawn(follow::run(
+                    registry.clone(),
+                    model.clone(),
+                    serving.clone(),
+                    shutdown.clone(),
+                ));
+                let driver = DriverConfig {
+                    twopc: TwoPc {
+                        registry,
+                        model,
+                        max_ctx,
+                        who: id.clone(),
+                        failpoint: cfg.failpoint,
+                    },
+                    min_nodes: *min_nodes,
+                    ttl_secs: *ttl_secs,
+                };
+                tasks.spawn(driver::run(driver, serving.clone(), shutdown.clone()));
+            }
         }
-        Membership::Etcd {
-            url,
-            cluster,
-            min_nodes,
-            id,
-            ttl_secs,
-        } => {
-            let registry = tokio::select! {
-                r = Registry::connect(url, cluster) => r?,
-                _ = shutdown.cancelled() => return Ok(()),
-            };
-            tasks.spawn(follow::run(
-                registry.clone(),
-                model.clone(),
-                serving.clone(),
-                shutdown.clone(),
-            ));
-            let driver = DriverConfig {
-                twopc: TwoPc {
-                    registry,
-                    model,
-                    max_ctx,
-                    who: id.clone(),
-                    failpoint: cfg.failpoint,
-                },
-                min_nodes: *min_nodes,
-                ttl_secs: *ttl_secs,
-            };
-            tasks.spawn(driver::run(driver, serving.clone(), shutdown.clone()));
-        }
+        let id = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("model")
+            .to_string();
+        models.push(Arc::new(ServedModel::new(id, serving, tok)));
     }
-    let model_id = cfg
-        .model
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("model")
-        .to_string();
+    let admin = match &cfg.membership {
+        Membership::Static(nodes) => Some(Admin::new(
+            nodes.clone(),
+            cfg.model
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default(),
+            cfg.max_ctx,
+            cfg.drain,
+            models.len() as u64 + 1,
+        )),
+        Membership::Etcd { .. } => None,
+    };
     let state = Arc::new(AppState {
-        serving: serving.clone(),
-        tok,
-        model_id,
+        models: std::sync::RwLock::new(models),
+        admin,
         admission: Arc::new(tokio::sync::Semaphore::new(crate::MAX_IN_FLIGHT)),
         requests: AtomicU64::new(0),
         stats: Default::default(),
-        grammar: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.http).await?;
     {
@@ -116,9 +138,10 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         out.flush()?;
     }
     let app = router(
-        state,
+        state.clone(),
         auth::Keys::new(cfg.api_keys.clone()),
         auth::Keys::new(cfg.metrics_keys.clone()),
+        cfg.admin_key.clone(),
     );
     match &cfg.http_tls {
         None => serve_http(listener, app, &shutdown, cfg.drain).await?,
@@ -129,7 +152,9 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         }
     }
     // No request runs any more: the leases on the nodes can go (the nodes free what they held).
-    serving.stop_heartbeats();
+    for m in &state.models() {
+        m.serving.stop_heartbeats();
+    }
     tasks.close();
     if tokio::time::timeout(cfg.drain, tasks.wait()).await.is_err() {
         tracing::warn!("background tasks still running at the drain deadline");

@@ -59,6 +59,10 @@ pub struct LoadSlice {
     pub epoch: PlanEpoch,
     /// Most tokens any session may hold.
     pub max_ctx: u32,
+    /// Served beside the slices of other models: its commit retires only older slices of
+    /// the same model (a coordinator serving several models). Otherwise its commit retires
+    /// every slice served before it.
+    pub beside: bool,
 }
 
 /// A loaded slice.

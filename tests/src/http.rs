@@ -41,6 +41,25 @@ pub fn get(url: &str) -> anyhow::Result<(u16, String)> {
     Ok((code, r.body_mut().read_to_string()?))
 }
 
+/// A GET or DELETE of `url` with `headers`; the status and the body.
+pub fn call_with(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String)> {
+    let a = agent(Duration::from_secs(120));
+    let mut req = match method {
+        "DELETE" => a.delete(url),
+        _ => a.get(url),
+    };
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut r = req.call()?;
+    let code = r.status().as_u16();
+    Ok((code, r.body_mut().read_to_string()?))
+}
+
 /// GETs `url` as JSON.
 pub fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
     let (code, body) = get(url)?;
@@ -180,4 +199,20 @@ impl Drop for BackgroundStream {
     fn drop(&mut self) {
         self.hang_up.store(true, Ordering::Relaxed);
     }
+}
+
+/// Runs `jobs` on threads of their own, all at once; their results in order.
+pub fn all_at_once<T: Send>(
+    jobs: Vec<Box<dyn FnOnce() -> anyhow::Result<T> + Send + '_>>,
+) -> anyhow::Result<Vec<T>> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = jobs.into_iter().map(|j| s.spawn(j)).collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("thread panicked"))
+                    .and_then(|r| r)
+            })
+            .collect()
+    })
 }

@@ -24,7 +24,8 @@ pub mod tls;
 pub use common::testing::{default_model, gemma3_model, workspace_root};
 pub use etcd::{EtcdProcess, EtcdTlsFiles};
 pub use http::{
-    completion, completion_with, get, get_json, metric, post, post_with, sse_text, BackgroundStream,
+    all_at_once, call_with, completion, completion_with, get, get_json, metric, post, post_with,
+    sse_text, BackgroundStream,
 };
 pub use model::{generate, models_dir};
 pub use otlp::{OtlpReceiver, ReceivedSpan};

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    completion, default_model, generate, get, metric, post, sse_text, CoordinatorProcess,
-    ShardProcess,
+    all_at_once, completion, default_model, generate, get, metric, post, sse_text,
+    CoordinatorProcess, ShardProcess,
 };
 
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -76,19 +76,12 @@ fn concurrent_streams_equal_their_sequential_output_and_are_batched() -> anyhow:
         .iter()
         .map(|p| completion(url, p, 12, true))
         .collect::<anyhow::Result<_>>()?;
-    let concurrent = std::thread::scope(|s| -> anyhow::Result<Vec<String>> {
-        let hs: Vec<_> = prompts
+    let concurrent = all_at_once(
+        prompts
             .iter()
-            .map(|p| s.spawn(|| completion(url, p, 12, true)))
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("thread panicked"))
-                    .and_then(|r| r)
-            })
-            .collect()
-    })?;
+            .map(|p| Box::new(move || completion(url, p, 12, true)) as Box<_>)
+            .collect(),
+    )?;
     assert_eq!(concurrent, sequential);
 
     // The first stage batched those streams' steps: fewer passes than session steps.

@@ -173,6 +173,7 @@ async fn reload_ten_times_returns_to_baseline() -> anyhow::Result<()> {
             layers: WireLayerRange { start: 0, end: 30 },
             epoch,
             max_ctx: 512,
+            beside: false,
         };
         c.load_slice(ctx(), load).await??;
         let session = SessionId(i);

@@ -123,6 +123,7 @@ async fn a_node_certificate_may_not_change_what_a_node_holds() -> anyhow::Result
         layers: proto_types::WireLayerRange { start: 0, end: 30 },
         epoch: PlanEpoch(1),
         max_ctx: 64,
+        beside: false,
     };
     let denied = |r: Result<_, proto_types::ShardError>, what: &str| {
         let e = r.err().unwrap_or_else(|| panic!("{what} was allowed"));

@@ -63,6 +63,7 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
                     layers: WireLayerRange { start, end },
                     epoch,
                     max_ctx: 512,
+                    beside: false,
                 },
             )
             .await??;
@@ -77,6 +78,7 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
         layers: WireLayerRange { start: 0, end: 10 },
         epoch: PlanEpoch(9),
         max_ctx: 512,
+        beside: false,
     };
     assert_eq!(
         code(clients[0].load_slice(ctx(), wrong_sha).await?),
@@ -342,5 +344,6 @@ fn default_load() -> LoadSlice {
         layers: WireLayerRange { start: 0, end: 1 },
         epoch: PlanEpoch(1),
         max_ctx: 16,
+        beside: false,
     }
 }

@@ -410,6 +410,7 @@ async fn bad_input_changes_nothing() -> anyhow::Result<()> {
         layers: proto_types::WireLayerRange { start: 0, end: 30 },
         epoch: PlanEpoch(1),
         max_ctx: 64,
+        beside: false,
     };
     let e = client.prepare_slice(ctx(), stale).await?.err();
     assert_eq!(e.map(|e| e.code), Some(ErrorCode::EpochMismatch));

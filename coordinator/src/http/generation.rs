@@ -11,14 +11,14 @@ use axum::Json;
 
 use super::openai::*;
 use super::respond::{serve, Answer, Streaming};
-use super::{bad, ApiError, AppState};
+use super::{bad, ApiError, AppState, ServedModel};
 use crate::cluster::Cluster;
 use crate::engine::GenRequest;
 use crate::error::CoordError;
 
 /// The shared fields once checked (`checked`): non-OpenAI fields logged, `logit_bias` ids
 /// checked against the vocabulary.
-fn with_vocab(st: &AppState, c: &Common, checked: Checked) -> Result<Checked, ApiError> {
+fn with_vocab(st: &ServedModel, c: &Common, checked: Checked) -> Result<Checked, ApiError> {
     let ignored = c.ignored_fields();
     if !ignored.is_empty() {
         tracing::info!(fields = ?ignored, "ignoring request fields that are not OpenAI's");
@@ -40,7 +40,7 @@ fn with_vocab(st: &AppState, c: &Common, checked: Checked) -> Result<Checked, Ap
 /// One prompt's generation under `checked`: the prompt tokenized (or its ids checked) and
 /// fitted to the context.
 fn gen_request(
-    st: &AppState,
+    st: &ServedModel,
     cluster: &Cluster,
     prompt: &OnePrompt,
     checked: &Checked,
@@ -141,13 +141,14 @@ pub(super) async fn completions(
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
-    let (id, trace) = st.open_trace(&headers, false);
+    let m = st.model(req.common.model.as_deref())?;
+    let (id, trace) = st.open_trace(&headers, false, &m.id);
     let run = async {
-        let cluster = st.serving.current()?;
+        let cluster = m.serving.current()?;
         let n = req.common.n().map_err(bad)?;
         let best_of = req.best_of(n).map_err(bad)?;
         let checked = req.common.checked(Endpoint::Completion).map_err(bad)?;
-        let mut checked = with_vocab(&st, &req.common, checked)?;
+        let mut checked = with_vocab(&m, &req.common, checked)?;
         let asked = checked.sampling.logprobs.is_some();
         if best_of > n && !asked {
             // the candidates are ranked by their tokens' log-probabilities
@@ -157,24 +158,33 @@ pub(super) async fn completions(
             let _s = trace.step("tokenize");
             let mut reqs = Vec::new();
             for prompt in req.prompt.all().map_err(bad)? {
-                let echo = req.echo_text(&prompt, &st.tok, asked).map_err(bad)?;
+                let echo = req.echo_text(&prompt, &m.tok, asked).map_err(bad)?;
                 let prompt = match &req.suffix {
-                    Some(suffix) if !suffix.is_empty() => fill_in_the_middle(&st, &prompt, suffix)?,
+                    Some(suffix) if !suffix.is_empty() => fill_in_the_middle(&m, &prompt, suffix)?,
                     _ => prompt,
                 };
-                let g = gen_request(&st, &cluster, &prompt, &checked, req.common.ignore_eos)?;
+                let g = gen_request(&m, &cluster, &prompt, &checked, req.common.ignore_eos)?;
                 reqs.push((g, echo));
             }
             reqs
         };
         if let Some(grammar) = &checked.grammar {
-            st.check_grammar(grammar).await?;
+            m.check_grammar(grammar).await?;
         }
         let stream = Streaming::of(&req.common);
         let mut choices = fan_out(reqs, best_of)?;
         choices.keep = n;
         choices.shown_logprobs = asked;
-        serve(&st, cluster, choices, stream, Answer::Text, id, &trace).await
+        serve(
+            &st,
+            &m,
+            cluster,
+            choices,
+            stream,
+            Answer::Text,
+            (id, &trace),
+        )
+        .await
     };
     run.await.inspect_err(|e| trace.failed(e.2))
 }
@@ -182,7 +192,7 @@ pub(super) async fn completions(
 /// The prompt in prefix-suffix-middle order with the model's fill-in-the-middle tokens, as
 /// ids; a model without them: 400.
 fn fill_in_the_middle(
-    st: &AppState,
+    st: &ServedModel,
     prompt: &OnePrompt,
     suffix: &str,
 ) -> Result<OnePrompt, ApiError> {
@@ -210,12 +220,13 @@ pub(super) async fn chat(
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
-    let (id, trace) = st.open_trace(&headers, true);
+    let m = st.model(req.common.model.as_deref())?;
+    let (id, trace) = st.open_trace(&headers, true, &m.id);
     let run = async {
-        let cluster = st.serving.current()?;
-        let mut checked = with_vocab(&st, &req.common, req.checked().map_err(bad)?)?;
+        let cluster = m.serving.current()?;
+        let mut checked = with_vocab(&m, &req.common, req.checked().map_err(bad)?)?;
         let n = req.common.n().map_err(bad)?;
-        let template = st
+        let template = m
             .tok
             .chat_template()
             .ok_or_else(|| bad("the model has no chat template; use /v1/completions"))?;
@@ -238,22 +249,22 @@ pub(super) async fn chat(
                 .render_with_tools(&messages, tools.as_ref().map(|t| &t.list), true)
                 .map_err(|e| bad(e.to_string()))?;
             let prompt = OnePrompt::Text(prompt);
-            gen_request(&st, &cluster, &prompt, &checked, req.common.ignore_eos)?
+            gen_request(&m, &cluster, &prompt, &checked, req.common.ignore_eos)?
         };
         if let Some(grammar) = &checked.grammar {
-            st.check_grammar(grammar).await?;
+            m.check_grammar(grammar).await?;
         }
         let stream = Streaming::of(&req.common);
         let mut choices = fan_out(vec![(g, None)], n)?;
         choices.shown_logprobs = checked.sampling.logprobs.is_some();
         serve(
             &st,
+            &m,
             cluster,
             choices,
             stream,
             Answer::Chat(syntax),
-            id,
-            &trace,
+            (id, &trace),
         )
         .await
     };

@@ -8,6 +8,7 @@
 //! - `generation`: the completion and chat handlers, whole or streamed (SSE).
 //! - this module: routes, the other handlers, errors.
 
+pub mod admin;
 pub mod auth;
 mod generation;
 pub mod openai;
@@ -36,29 +37,56 @@ use crate::serving::Serving;
 use openai::*;
 use trace::RequestSpan;
 
-/// What the handlers share.
+/// One model the coordinator serves: its plan, tokenizer and grammar compiler.
 #[derive(Debug)]
-pub struct AppState {
+pub struct ServedModel {
+    /// Its id (the file name without `.gguf`), what requests name in `model`.
+    pub id: String,
     /// The plan new requests run on.
     pub serving: Arc<Serving>,
     /// The tokenizer.
     pub tok: Arc<TextTokenizer>,
-    /// The model id reported.
-    pub model_id: String,
+    /// The grammar compiler of the model's vocabulary, built at the first request with a
+    /// `response_format`, to refuse grammars that do not compile with a 400.
+    pub grammar: std::sync::OnceLock<Result<Arc<common::grammar::GrammarCompiler>, String>>,
+}
+
+impl ServedModel {
+    /// A model served by `serving`, as `id`.
+    pub fn new(id: String, serving: Arc<Serving>, tok: Arc<TextTokenizer>) -> Self {
+        ServedModel {
+            id,
+            serving,
+            tok,
+            grammar: Default::default(),
+        }
+    }
+}
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    /// The models served, the default (for requests that name none) first.
+    pub models: std::sync::RwLock<Vec<Arc<ServedModel>>>,
+    /// Loads and unloads at run time (static membership only).
+    pub admin: Option<admin::Admin>,
     /// Admission: one permit per running request.
     pub admission: Arc<Semaphore>,
     /// Requests served, for /metrics.
     pub requests: AtomicU64,
-    /// The grammar compiler of the model's vocabulary, built at the first request with a
-    /// `response_format`, to refuse grammars that do not compile with a 400.
-    pub grammar: std::sync::OnceLock<Result<Arc<common::grammar::GrammarCompiler>, String>>,
     /// Latency histograms and token counters, for /metrics.
     pub stats: Arc<stats::RequestStats>,
 }
 
-/// The router: `/v1/*`, `/tokenize` and `/detokenize` behind `api_keys`, `/metrics` behind `metrics_keys` (either open when
-/// it has none), `/health` always open.
-pub fn router(state: Arc<AppState>, api_keys: auth::Keys, metrics_keys: auth::Keys) -> Router {
+/// The router: `/v1/*`, `/tokenize` and `/detokenize` behind `api_keys`, `/metrics` behind
+/// `metrics_keys` (either open when it has none), `/admin/*` behind `admin_key` (and absent
+/// without one), `/health` always open.
+pub fn router(
+    state: Arc<AppState>,
+    api_keys: auth::Keys,
+    metrics_keys: auth::Keys,
+    admin_key: Option<String>,
+) -> Router {
     let api = Router::new()
         .route("/v1/completions", post(generation::completions))
         .route("/v1/chat/completions", post(generation::chat))
@@ -78,6 +106,13 @@ pub fn router(state: Arc<AppState>, api_keys: auth::Keys, metrics_keys: auth::Ke
                 metrics_keys,
                 auth::require,
             ));
+    let api = match admin_key {
+        Some(key) => api.merge(admin::routes().layer(axum::middleware::from_fn_with_state(
+            auth::Keys::new(vec![key]),
+            auth::require,
+        ))),
+        None => api,
+    };
     api.merge(metrics)
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .with_state(state)
@@ -88,12 +123,14 @@ pub struct ApiError(StatusCode, String, &'static str);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // the one 404 a request gets is a model it names that is not served
+        let missing = self.0 == StatusCode::NOT_FOUND;
         let body = ErrorBody {
             error: ErrorDetail {
                 message: self.1,
                 kind: self.2.into(),
-                param: None,
-                code: None,
+                param: missing.then(|| "model".into()),
+                code: missing.then(|| "model_not_found".into()),
             },
         };
         (self.0, Json(body)).into_response()
@@ -166,6 +203,7 @@ async fn tokenize(
     body: Result<Json<TokenizeRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let m = st.model(req.model.as_deref())?;
     // llama.cpp's `add_special` defaults to false, vLLM's `add_special_tokens` to true.
     let add_special = match (req.add_special, req.add_special_tokens, &req.content) {
         (Some(a), _, _) | (None, Some(a), _) => a,
@@ -175,11 +213,11 @@ async fn tokenize(
         .content
         .or(req.prompt)
         .ok_or_else(|| bad("give the text as `content` (or `prompt`)"))?;
-    let ids = st
+    let ids = m
         .tok
         .encode_with(&text, add_special)
         .map_err(CoordError::from)?;
-    let max = st.serving.current().map(|c| c.max_ctx).ok();
+    let max = m.serving.current().map(|c| c.max_ctx).ok();
     Ok(Json(
         json!({"tokens": ids, "count": ids.len(), "max_model_len": max}),
     ))
@@ -192,13 +230,14 @@ async fn detokenize(
     body: Result<Json<DetokenizeRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
-    let vocab = st.tok.vocab_size();
+    let m = st.model(req.model.as_deref())?;
+    let vocab = m.tok.vocab_size();
     if let Some(bad_id) = req.tokens.iter().find(|&&i| i as usize >= vocab) {
         return Err(bad(format!(
             "token id {bad_id} is outside the vocabulary of {vocab}"
         )));
     }
-    let text = st.tok.decode_all(&req.tokens).map_err(CoordError::from)?;
+    let text = m.tok.decode_all(&req.tokens).map_err(CoordError::from)?;
     Ok(Json(json!({"content": text, "prompt": text})))
 }
 
@@ -207,20 +246,17 @@ fn model_object(id: &str) -> Value {
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_object(&st.model_id)]}))
+    let data: Vec<Value> = st.models().iter().map(|m| model_object(&m.id)).collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
-/// `GET /v1/models/{id}`: the served model, or OpenAI's 404 `model_not_found`.
+/// `GET /v1/models/{id}`: a served model, or OpenAI's 404 `model_not_found`.
 async fn model(
     State(st): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> Response {
-    if id == st.model_id {
-        return Json(model_object(&id)).into_response();
-    }
-    let body = json!({"error": {"message": format!("The model `{id}` does not exist"),
-        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}});
-    (StatusCode::NOT_FOUND, Json(body)).into_response()
+) -> Result<Json<Value>, ApiError> {
+    let m = st.model(Some(&id))?;
+    Ok(Json(model_object(&m.id)))
 }
 
 /// Every node's status, asked concurrently; `None` for a node that is down.
@@ -241,9 +277,27 @@ fn kind_sum(s: &proto_types::NodeStatus, f: impl Fn(&proto_types::LeaseBytes) ->
     s.leases.iter().map(f).sum()
 }
 
+/// `GET /v1/cluster`: the default model's plan and nodes at the top level (as before several
+/// models were served), and every model's under `models`.
 async fn cluster(State(st): State<Arc<AppState>>) -> Json<Value> {
-    let Ok(c) = st.serving.current() else {
-        return Json(json!({"epoch": null, "nodes": []}));
+    let mut models = Vec::new();
+    for m in &st.models() {
+        let mut plan = model_plan(m).await;
+        plan["model"] = json!(m.id);
+        models.push(plan);
+    }
+    let mut top = models.first().cloned().unwrap_or_else(|| json!({}));
+    if let Some(o) = top.as_object_mut() {
+        o.remove("model");
+    }
+    top["models"] = Value::Array(models);
+    Json(top)
+}
+
+/// One model's plan: its epoch and its nodes, each with its status.
+async fn model_plan(m: &ServedModel) -> Value {
+    let Ok(c) = m.serving.current() else {
+        return json!({"epoch": null, "nodes": []});
     };
     let mut nodes = Vec::new();
     for (n, status) in c.nodes.iter().zip(statuses(&c).await) {
@@ -280,7 +334,7 @@ async fn cluster(State(st): State<Arc<AppState>>) -> Json<Value> {
             "memory": memory,
         }));
     }
-    Json(json!({"epoch": c.epoch.0, "nodes": nodes}))
+    json!({"epoch": c.epoch.0, "nodes": nodes})
 }
 
 /// A node gauge: its value from the node's status.
@@ -292,10 +346,14 @@ async fn metrics(State(st): State<Arc<AppState>>) -> String {
         "# TYPE coordinator_requests_in_flight gauge\ncoordinator_requests_in_flight {}\n\
          # TYPE coordinator_plan_epoch gauge\ncoordinator_plan_epoch {}\n",
         st.admission_in_flight(),
-        st.serving.epoch().map_or(0, |e| e.0),
+        st.model(None)
+            .ok()
+            .and_then(|m| m.serving.epoch())
+            .map_or(0, |e| e.0),
     );
     st.stats.encode(&mut out);
-    let Ok(c) = st.serving.current() else {
+    // the nodes of the default model's plan (the models share the nodes)
+    let Some(c) = st.model(None).ok().and_then(|m| m.serving.current().ok()) else {
         return out;
     };
     let all = statuses(&c).await;
@@ -332,6 +390,49 @@ async fn metrics(State(st): State<Arc<AppState>>) -> String {
 }
 
 impl AppState {
+    /// The models served now, the default first.
+    pub fn models(&self) -> Vec<Arc<ServedModel>> {
+        self.models
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The model a request names (`None`: the default), or OpenAI's 404 `model_not_found`.
+    fn model(&self, name: Option<&str>) -> Result<Arc<ServedModel>, ApiError> {
+        let models = self.models();
+        let found = match name {
+            None => models.first(),
+            Some(n) => models.iter().find(|m| m.id == n),
+        };
+        found.cloned().ok_or_else(|| {
+            let served: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "The model `{}` does not exist; this server serves {}",
+                    name.unwrap_or(""),
+                    served.join(", ")
+                ),
+                "invalid_request_error",
+            )
+        })
+    }
+
+    /// Numbers a request and opens its root span.
+    fn open_trace(&self, headers: &HeaderMap, chat: bool, model: &str) -> (String, RequestSpan) {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
+        let trace = RequestSpan::open(headers, self.stats.clone(), chat, model, &id);
+        (id, trace)
+    }
+
+    fn admission_in_flight(&self) -> usize {
+        crate::MAX_IN_FLIGHT.saturating_sub(self.admission.available_permits())
+    }
+}
+
+impl ServedModel {
     /// Checks that `g` compiles (the first call builds the compiler): off the async workers.
     async fn check_grammar(self: &Arc<Self>, g: &common::grammar::Grammar) -> Result<(), ApiError> {
         let (st, g) = (self.clone(), g.clone());
@@ -348,24 +449,15 @@ impl AppState {
             c.compile(&g).map(drop).map_err(|e| bad(e.to_string()))
         })
         .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                e.to_string(),
-                "server_error",
-            )
-        })?
+        .map_err(internal)?
     }
+}
 
-    /// Numbers a request and opens its root span.
-    fn open_trace(&self, headers: &HeaderMap, chat: bool) -> (String, RequestSpan) {
-        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
-        let id = format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" });
-        let trace = RequestSpan::open(headers, self.stats.clone(), chat, &self.model_id, &id);
-        (id, trace)
-    }
-
-    fn admission_in_flight(&self) -> usize {
-        crate::MAX_IN_FLIGHT.saturating_sub(self.admission.available_permits())
-    }
+/// A 500 for a failure inside the coordinator (a blocking task that did not finish).
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        e.to_string(),
+        "server_error",
+    )
 }

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use super::generation::{Choice, Choices};
 use super::openai::{self, tools, Common, Usage};
 use super::trace::RequestSpan;
-use super::{now, ApiError, AppState};
+use super::{now, ApiError, AppState, ServedModel};
 use crate::cluster::Cluster;
 use crate::engine::{self, GenEvent};
 use crate::error::CoordError;
@@ -101,6 +101,7 @@ struct Done {
 
 pub(super) async fn serve(
     st: &AppState,
+    m: &ServedModel,
     cluster: Arc<Cluster>,
     Choices {
         choices,
@@ -111,8 +112,7 @@ pub(super) async fn serve(
     }: Choices,
     stream: Streaming,
     answer: Answer,
-    id: String,
-    trace: &RequestSpan,
+    (id, trace): (String, &RequestSpan),
 ) -> Result<Response, ApiError> {
     let chat = matches!(answer, Answer::Chat(_));
     let syntax = match answer {
@@ -121,7 +121,7 @@ pub(super) async fn serve(
     };
     trace.request(&choices[0].req);
     let asked = shown_logprobs;
-    let tok = st.tok.clone();
+    let tok = m.tok.clone();
     let permit = st
         .admission
         .clone()
@@ -148,9 +148,9 @@ pub(super) async fn serve(
         let indices: Vec<usize> = members.iter().map(|c| c.index).collect();
         let streams = if members.len() > 1 && members[0].req.prompt.len() > 1 {
             engine::start_shared(
-                st.serving.clone(),
+                m.serving.clone(),
                 cluster.clone(),
-                st.tok.clone(),
+                m.tok.clone(),
                 members.into_iter().map(|c| c.req).collect(),
                 trace.span.clone(),
                 admitted,
@@ -162,9 +162,9 @@ pub(super) async fn serve(
                 .map(|c| {
                     let a = admitted.take();
                     engine::start(
-                        st.serving.clone(),
+                        m.serving.clone(),
                         cluster.clone(),
-                        st.tok.clone(),
+                        m.tok.clone(),
                         c.req,
                         trace.span.clone(),
                         move || a.into_iter().for_each(|a| a()),
@@ -184,7 +184,7 @@ pub(super) async fn serve(
         }
     }
     drop(merged_tx);
-    let model = st.model_id.clone();
+    let model = m.id.clone();
     if stream.on {
         // With `include_usage`, every chunk carries `usage` (null but in the last).
         let with_usage = move |mut c: Value| {

@@ -265,8 +265,15 @@ impl Node {
 
     /// Installs a slice owned by `lease`, committed (served at once) or prepared (PREPARE,
     /// which also checks that it fits beside what is held, and that its epoch is newer than
-    /// the served one).
-    pub fn put_slice(&self, lease: LeaseId, slice: Slice, committed: bool) -> Result<()> {
+    /// the served one). `beside`: served beside other models' slices (see
+    /// [`proto_types::LoadSlice::beside`]).
+    pub fn put_slice(
+        &self,
+        lease: LeaseId,
+        slice: Slice,
+        committed: bool,
+        beside: bool,
+    ) -> Result<()> {
         let mut h = lock(&self.held);
         // under the lock: `leave` sets the flag before it takes the lock to clear everything
         if self.has_left() {
@@ -275,6 +282,7 @@ impl Node {
         self.leases.check(lease)?;
         let epoch = slice.epoch;
         let bytes = slice.stage.weight_bytes() as u64;
+        let group = beside.then(|| slice.model.clone());
         if !committed {
             if let Some(limit) = self.cfg.memory_limit {
                 let held = h.reserved();
@@ -289,7 +297,7 @@ impl Node {
             }
         }
         h.slices
-            .prepare(epoch, Arc::new(slice), bytes, lease, !committed)?;
+            .prepare(epoch, Arc::new(slice), bytes, lease, !committed, group)?;
         if committed {
             let owner = h.plan_owner;
             if let Err(e) = h.slices.commit(epoch, owner) {

@@ -47,9 +47,21 @@ pub struct SliceEntry<S> {
     pub lease: LeaseId,
     /// Where it is in the 2PC.
     pub state: SliceState,
+    /// The model it serves beside others' (see [`proto_types::LoadSlice::beside`]): its commit
+    /// retires only older slices of this model. `None`: its commit retires every slice.
+    pub beside: Option<String>,
 }
 
-/// The slices by epoch. At most one is [`SliceState::Serving`].
+impl<S> SliceEntry<S> {
+    /// Whether a commit of `by` replaces this slice: an exclusive commit replaces every
+    /// slice, one beside others only the slices of its model.
+    fn replaced_by(&self, by: &Option<String>) -> bool {
+        by.is_none() || *by == self.beside
+    }
+}
+
+/// The slices by epoch. At most one is [`SliceState::Serving`] per model served beside
+/// others, and at most one of the rest.
 #[derive(Debug)]
 pub struct SliceTable<S> {
     map: HashMap<PlanEpoch, SliceEntry<S>>,
@@ -74,11 +86,16 @@ impl<S> SliceTable<S> {
         self.map.iter().map(|(&e, s)| (e, s))
     }
 
-    /// The served epoch and slice, if any.
+    /// The newest served epoch and slice, if any.
     pub fn served(&self) -> Option<(PlanEpoch, &Arc<S>)> {
+        self.served_among(&None)
+    }
+
+    /// The newest served epoch and slice among those a commit of `by` would replace.
+    fn served_among(&self, by: &Option<String>) -> Option<(PlanEpoch, &Arc<S>)> {
         self.map
             .iter()
-            .filter(|(_, s)| s.state == SliceState::Serving)
+            .filter(|(_, s)| s.state == SliceState::Serving && s.replaced_by(by))
             .max_by_key(|(&e, _)| e)
             .map(|(&e, s)| (e, &s.slice))
     }
@@ -105,8 +122,9 @@ impl<S> SliceTable<S> {
     }
 
     /// PREPARE: holds `slice` of `epoch` for `lease`, waiting for the decision. `newer` also
-    /// requires the epoch to be newer than the served one (a load outside a 2PC, committed at
-    /// once after, may replace any epoch).
+    /// requires the epoch to be newer than the served one it would replace (a load outside a
+    /// 2PC, committed at once after, may replace any epoch). `beside`: the model it serves
+    /// beside others (see [`SliceEntry::beside`]).
     pub fn prepare(
         &mut self,
         epoch: PlanEpoch,
@@ -114,12 +132,13 @@ impl<S> SliceTable<S> {
         bytes: u64,
         lease: LeaseId,
         newer: bool,
+        beside: Option<String>,
     ) -> Result<()> {
         if self.map.contains_key(&epoch) {
             return Err(NodeError::EpochTaken(epoch));
         }
         if newer {
-            if let Some((served, _)) = self.served() {
+            if let Some((served, _)) = self.served_among(&beside) {
                 if served >= epoch {
                     return Err(NodeError::NotNewer { epoch, served });
                 }
@@ -133,35 +152,39 @@ impl<S> SliceTable<S> {
                 bytes,
                 lease,
                 state,
+                beside,
             },
         );
         Ok(())
     }
 
     /// COMMIT (idempotent): the prepared slice of `epoch` becomes the served one, owned by
-    /// `owner` when given. The slice served so far retires; prepared slices of older epochs
-    /// are dropped. Retiring slices no session runs on are left to [`SliceTable::collect`].
+    /// `owner` when given. The slice it replaces (any served so far, or with `beside` the
+    /// served one of its model) retires; prepared slices of older epochs it would replace are
+    /// dropped. Retiring slices no session runs on are left to [`SliceTable::collect`].
     pub fn commit(&mut self, epoch: PlanEpoch, owner: Option<LeaseId>) -> Result<()> {
-        match self.map.get(&epoch).map(|e| e.state) {
+        let by = match self.map.get(&epoch) {
             None => return Err(NodeError::NotPrepared(epoch)),
-            Some(SliceState::Serving) => return Ok(()),
-            Some(SliceState::Retiring) => return Err(NodeError::Replaced(epoch)),
-            Some(SliceState::Prepared(_)) => {}
-        }
-        if let Some((served, _)) = self.served() {
+            Some(e) => match e.state {
+                SliceState::Serving => return Ok(()),
+                SliceState::Retiring => return Err(NodeError::Replaced(epoch)),
+                SliceState::Prepared(_) => e.beside.clone(),
+            },
+        };
+        if let Some((served, _)) = self.served_among(&by) {
             if served > epoch {
                 return Err(NodeError::Behind { epoch, served });
             }
         }
         self.map
-            .retain(|&e, s| e >= epoch || !s.state.is_prepared());
+            .retain(|&e, s| e >= epoch || !s.state.is_prepared() || !s.replaced_by(&by));
         for (&e, s) in self.map.iter_mut() {
             if e == epoch {
                 s.state = SliceState::Serving;
                 if let Some(p) = owner {
                     s.lease = p;
                 }
-            } else if s.state == SliceState::Serving {
+            } else if s.state == SliceState::Serving && s.replaced_by(&by) {
                 s.state = SliceState::Retiring;
             }
         }
@@ -277,7 +300,7 @@ mod tests {
     fn table(epochs: &[u64]) -> SliceTable<&'static str> {
         let mut t = SliceTable::default();
         for &e in epochs {
-            t.prepare(ep(e), Arc::new("slice"), 100 * e, A, true)
+            t.prepare(ep(e), Arc::new("slice"), 100 * e, A, true, None)
                 .expect("prepare");
         }
         t
@@ -308,7 +331,7 @@ mod tests {
     fn a_newer_commit_retires_the_served_slice_until_its_sessions_end() {
         let mut t = table(&[1]);
         t.commit(ep(1), None).expect("commit 1");
-        t.prepare(ep(2), Arc::new("two"), 200, A, true)
+        t.prepare(ep(2), Arc::new("two"), 200, A, true, None)
             .expect("prepare 2");
         t.commit(ep(2), None).expect("commit 2");
         assert_eq!(state(&t, 1), Some(SliceState::Retiring));
@@ -320,6 +343,37 @@ mod tests {
         assert_eq!(t.collect(&HashSet::new()), vec![(ep(1), 100)]);
         assert_eq!(state(&t, 1), None);
         assert_eq!(t.commit(ep(1), None), Err(NodeError::NotPrepared(ep(1))));
+    }
+
+    #[test]
+    fn slices_beside_others_retire_only_their_models_slices() {
+        let mut t: SliceTable<&'static str> = SliceTable::default();
+        let beside = |m: &str| Some(m.to_string());
+        for (e, m) in [(1, "a"), (2, "b")] {
+            t.prepare(ep(e), Arc::new(m), 10, A, true, beside(m))
+                .expect("prepare");
+            t.commit(ep(e), None).expect("commit");
+        }
+        // two models served at once
+        assert_eq!(state(&t, 1), Some(SliceState::Serving));
+        assert_eq!(state(&t, 2), Some(SliceState::Serving));
+        // a newer slice of `a` replaces only `a`'s
+        t.prepare(ep(3), Arc::new("a2"), 10, A, true, beside("a"))
+            .expect("prepare 3");
+        t.commit(ep(3), None).expect("commit 3");
+        assert_eq!(state(&t, 1), Some(SliceState::Retiring));
+        assert_eq!(state(&t, 2), Some(SliceState::Serving));
+        // `b`'s served epoch is older than 3, yet a new `b` slice at 4 is newer than it only
+        assert!(t
+            .prepare(ep(4), Arc::new("b2"), 10, A, true, beside("b"))
+            .is_ok());
+        // an exclusive commit replaces every model's slice
+        t.prepare(ep(5), Arc::new("x"), 10, A, true, None)
+            .expect("prepare 5");
+        t.commit(ep(5), None).expect("commit 5");
+        assert_eq!(state(&t, 2), Some(SliceState::Retiring));
+        assert_eq!(state(&t, 3), Some(SliceState::Retiring));
+        assert_eq!(state(&t, 4), None, "its older prepared slices are dropped");
     }
 
     #[test]
@@ -348,23 +402,23 @@ mod tests {
     fn illegal_transitions_are_typed_errors() {
         let mut t = table(&[2]);
         assert_eq!(
-            t.prepare(ep(2), Arc::new("again"), 1, A, true),
+            t.prepare(ep(2), Arc::new("again"), 1, A, true, None),
             Err(NodeError::EpochTaken(ep(2)))
         );
         t.commit(ep(2), None).expect("commit");
         assert_eq!(
-            t.prepare(ep(2), Arc::new("x"), 1, A, true),
+            t.prepare(ep(2), Arc::new("x"), 1, A, true, None),
             Err(NodeError::EpochTaken(ep(2)))
         );
         assert_eq!(
-            t.prepare(ep(1), Arc::new("old"), 1, A, true),
+            t.prepare(ep(1), Arc::new("old"), 1, A, true, None),
             Err(NodeError::NotNewer {
                 epoch: ep(1),
                 served: ep(2)
             })
         );
         // an old epoch prepared outside a 2PC cannot be committed behind the served one
-        t.prepare(ep(1), Arc::new("old"), 1, A, false)
+        t.prepare(ep(1), Arc::new("old"), 1, A, false, None)
             .expect("held, not checked");
         assert_eq!(
             t.commit(ep(1), None),

@@ -70,7 +70,7 @@ fn serving(room: Option<u64>) -> (Arc<Node>, LeaseId, Arc<Slice>) {
     let limit = room.map(|n| weights + n * kv + kv / 2);
     let node = Arc::new(Node::new(config(limit), Device::Cpu));
     let lease = node.leases.grant("test".into());
-    node.put_slice(lease, s, true).expect("load");
+    node.put_slice(lease, s, true, false).expect("load");
     let served = node.slice_for(PlanEpoch(1)).expect("served");
     (node, lease, served)
 }
@@ -129,7 +129,7 @@ fn releasing_a_lease_frees_its_sessions_and_slices() {
     assert_eq!(node.leases_released(), 1);
     // a released lease creates nothing more
     assert_eq!(
-        node.put_slice(lease, slice(2), true),
+        node.put_slice(lease, slice(2), true, false),
         Err(NodeError::UnknownLease(lease))
     );
 }
@@ -171,7 +171,10 @@ fn the_plan_owner_keeps_committed_slices_when_their_loader_goes() {
         Err(NodeError::UnknownLease(owner))
     );
     let l = node.leases.grant("late".into());
-    assert_eq!(node.put_slice(l, slice(3), false), Err(NodeError::Left));
+    assert_eq!(
+        node.put_slice(l, slice(3), false, false),
+        Err(NodeError::Left)
+    );
 }
 
 #[test]
@@ -180,7 +183,8 @@ fn idle_sessions_expire_and_their_retired_slice_goes_with_them() {
     node.open_session(SessionId(1), session(lease, &served))
         .expect("open");
     drop(served);
-    node.put_slice(lease, slice(2), true).expect("epoch 2");
+    node.put_slice(lease, slice(2), true, false)
+        .expect("epoch 2");
     // epoch 1 retires while its session lives
     assert_eq!(
         node.slice_states(),
@@ -204,7 +208,8 @@ fn a_committed_load_that_replaces_an_idle_slice_frees_it_at_once() {
     let (node, lease, served) = serving(None);
     drop(served);
     node.take_freed();
-    node.put_slice(lease, slice(2), true).expect("epoch 2");
+    node.put_slice(lease, slice(2), true, false)
+        .expect("epoch 2");
     assert_eq!(
         node.slice_states(),
         vec![(PlanEpoch(2), SliceState::Serving)]
@@ -220,7 +225,8 @@ fn a_session_cannot_open_on_a_slice_freed_while_it_was_being_built() {
     let (node, lease, served) = serving(None);
     // built against epoch 1, which a newer commit then retires and frees
     let s = session(lease, &served);
-    node.put_slice(lease, slice(2), true).expect("epoch 2");
+    node.put_slice(lease, slice(2), true, false)
+        .expect("epoch 2");
     assert_eq!(
         node.open_session(SessionId(1), s).err(),
         Some(NodeError::ServesOther {

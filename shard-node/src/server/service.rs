@@ -149,6 +149,7 @@ impl Conn {
         })
         .await
         .map_err(|e| err(ErrorCode::Internal, format!("slice loader failed: {e}")))??;
+        let beside = req.beside;
         let slice = Slice {
             epoch: req.epoch,
             path: self.node().cfg.models_dir.join(&req.model),
@@ -157,7 +158,7 @@ impl Conn {
             grammar: Default::default(),
         };
         let out = info(&slice);
-        self.node().put_slice(lease, slice, committed)?;
+        self.node().put_slice(lease, slice, committed, beside)?;
         tracing::info!(epoch = %out.epoch, layers = %range, bytes = out.weight_bytes, committed, "slice loaded");
         Ok(out)
     }

@@ -5,6 +5,8 @@ use serde::Deserialize;
 /// `POST /tokenize` (llama.cpp's server takes `content`, vLLM's `prompt`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct TokenizeRequest {
+    /// The model whose tokenizer (default: the default model).
+    pub model: Option<String>,
     /// The text (llama.cpp's name).
     pub content: Option<String>,
     /// The text (vLLM's name).
@@ -18,6 +20,8 @@ pub struct TokenizeRequest {
 /// `POST /detokenize`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct DetokenizeRequest {
+    /// The model whose tokenizer (default: the default model).
+    pub model: Option<String>,
     /// Token ids.
     pub tokens: Vec<u32>,
 }

@@ -1,0 +1,211 @@
+//! The admin API, on when `coordinator serve --admin-key KEY` is given (every call needs
+//! `Authorization: Bearer KEY`; without the flag the routes do not exist): the models served,
+//! and models loaded and unloaded while the others go on serving.
+//!
+//! - `GET /admin/models`: each model's id, file, plan epoch and stages.
+//! - `POST /admin/models` `{"file": "NAME.gguf"}`: plans the file (in the coordinator's models
+//!   folder, and the nodes') over the nodes beside the models served, and serves it as
+//!   `NAME`. A load that fails (it does not fit, a node lacks the file) leaves nothing: the
+//!   connections it opened close, and with their leases the nodes free what they loaded.
+//! - `DELETE /admin/models/{id}`: stops routing requests to the model, lets those running
+//!   finish (up to the drain time), then closes its connections: every node frees its slices
+//!   and sessions with the lease.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use common::gguf::GgufFile;
+use common::tokenizer::TextTokenizer;
+use proto_types::PlanEpoch;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{bad, internal, ApiError, AppState, ServedModel};
+use crate::cluster::{Cluster, ModelRef};
+use crate::serving::Serving;
+
+/// What loads need: where models come from and what they are planned over.
+#[derive(Debug)]
+pub struct Admin {
+    /// The nodes (static membership), first stage first.
+    pub nodes: Vec<String>,
+    /// Where model files are, here (the nodes have their own folder with the same files).
+    pub models_dir: PathBuf,
+    /// The context bound asked for (each model's own bound caps it).
+    pub max_ctx: usize,
+    /// How long an unload waits for the model's running requests.
+    pub drain: Duration,
+    /// The epoch of the next load's plan.
+    next_epoch: AtomicU64,
+    /// One load or unload at a time.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Admin {
+    /// Loads plan over `nodes` from epoch `next_epoch` on.
+    pub fn new(
+        nodes: Vec<String>,
+        models_dir: PathBuf,
+        max_ctx: usize,
+        drain: Duration,
+        next_epoch: u64,
+    ) -> Self {
+        Admin {
+            nodes,
+            models_dir,
+            max_ctx,
+            drain,
+            next_epoch: AtomicU64::new(next_epoch),
+            busy: Default::default(),
+        }
+    }
+}
+
+/// The admin routes (mounted behind the admin key).
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/admin/models", get(list).post(load))
+        .route("/admin/models/{id}", delete(unload))
+}
+
+fn admin(st: &AppState) -> Result<&Admin, ApiError> {
+    st.admin.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the admin API needs static membership (--nodes)".into(),
+            "server_error",
+        )
+    })
+}
+
+async fn list(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let models: Vec<Value> = st
+        .models()
+        .iter()
+        .map(|m| {
+            let plan = m.serving.current().ok();
+            json!({
+                "id": m.id,
+                "epoch": plan.as_ref().map(|c| c.epoch.0),
+                "file": plan.as_ref().map(|c| c.model.name.clone()),
+                "stages": plan.as_ref().map(|c| c.nodes.iter().map(|n| json!({
+                    "address": n.addr, "layers": [n.range.start(), n.range.end()],
+                    "weight_bytes": n.weight_bytes,
+                })).collect::<Vec<_>>()),
+            })
+        })
+        .collect();
+    Json(json!({"models": models}))
+}
+
+/// `POST /admin/models`.
+#[derive(Debug, Deserialize)]
+struct LoadRequest {
+    /// A GGUF file name in the models folder.
+    file: String,
+}
+
+async fn load(
+    State(st): State<Arc<AppState>>,
+    body: Result<Json<LoadRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let admin = admin(&st)?;
+    let file = req.file;
+    if file.contains(['/', '\\']) || !file.ends_with(".gguf") || file.starts_with('.') {
+        return Err(bad(format!(
+            "`file` is a GGUF file name in the models folder, such as model.gguf (got `{file}`)"
+        )));
+    }
+    let id = file.trim_end_matches(".gguf").to_string();
+    let _one = admin.busy.lock().await;
+    if st.models().iter().any(|m| m.id == id) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("`{id}` is served already"),
+            "invalid_request_error",
+        ));
+    }
+    let path = admin.models_dir.join(&file);
+    if !path.is_file() {
+        return Err(bad(format!(
+            "{file} is not in the models folder {}",
+            admin.models_dir.display()
+        )));
+    }
+    // reading the header and hashing the file take a while: off the async workers
+    let max_ctx = admin.max_ctx;
+    let (tok, model, max_ctx) = tokio::task::spawn_blocking(move || {
+        let f = GgufFile::open(&path)?;
+        let tok = TextTokenizer::from_gguf(&f)?;
+        let max_ctx = max_ctx.min(f.config()?.context_length);
+        let mut model = ModelRef::inspect(&path)?;
+        model.beside = true;
+        Ok::<_, crate::error::CoordError>((tok, model, max_ctx))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| bad(format!("{file}: {e}")))?;
+    let epoch = PlanEpoch(admin.next_epoch.fetch_add(1, Ordering::Relaxed));
+    let cluster = Cluster::start(&admin.nodes, Arc::new(model), max_ctx, epoch)
+        .await
+        .map_err(|e| bad(format!("{file} cannot be served: {e}")))?;
+    let serving = Arc::new(Serving::default());
+    serving.replace(Arc::new(cluster));
+    let m = Arc::new(ServedModel::new(id.clone(), serving, Arc::new(tok)));
+    st.models.write().unwrap_or_else(|e| e.into_inner()).push(m);
+    tracing::info!(model = %id, %epoch, "model loaded");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "epoch": epoch.0})),
+    ))
+}
+
+async fn unload(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let admin = admin(&st)?;
+    let _one = admin.busy.lock().await;
+    let m = {
+        let mut models = st.models.write().unwrap_or_else(|e| e.into_inner());
+        let i = models.iter().position(|m| m.id == id).ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("The model `{id}` is not served"),
+                "invalid_request_error",
+            )
+        })?;
+        if models.len() == 1 {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("`{id}` is the only model served; load another first"),
+                "invalid_request_error",
+            ));
+        }
+        models.remove(i)
+    };
+    // No new request reaches it; those running hold its plan until they end (the plan is
+    // held here and by its `Serving` besides).
+    let plan = m.serving.current().ok();
+    let running = || plan.as_ref().is_some_and(|c| Arc::strong_count(c) > 2);
+    let deadline = tokio::time::Instant::now() + admin.drain;
+    while running() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drained = !running();
+    drop(plan);
+    // Its heartbeats end and, with the last reference, its connections: every node frees
+    // the slices and sessions of those leases.
+    m.serving.stop_heartbeats();
+    drop(m);
+    tracing::info!(model = %id, drained, "model unloaded");
+    Ok(Json(json!({"id": id, "drained": drained})))
+}
