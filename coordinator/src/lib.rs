@@ -27,6 +27,7 @@ pub mod engine;
 pub mod error;
 pub mod follow;
 pub mod http;
+pub mod models_cmd;
 pub mod plan;
 pub mod serve_cmd;
 pub mod serving;

@@ -45,6 +45,8 @@ enum Command {
         #[command(flatten)]
         tls: TlsArgs,
     },
+    /// List, load, unload or switch the models a coordinator serves (its admin API).
+    Models(coordinator::models_cmd::ModelsArgs),
     /// Certificates for mutual TLS: a cluster CA, and certificates for coordinators and nodes.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -277,6 +279,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Health(h) => Ok(h.run()?),
+        Command::Models(m) => {
+            print!("{}", coordinator::models_cmd::run(&m)?);
+            Ok(())
+        }
         Command::Up {
             nodes,
             http,

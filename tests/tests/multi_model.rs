@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use integration_tests::{
-    all_at_once, call_with, completion_with, default_model, gemma3_model, generate, get, get_json,
-    node_status, post, post_with, BackgroundStream, CoordinatorProcess, ShardProcess,
+    all_at_once, call_with, completion_with, coordinator_bin, default_model, gemma3_model,
+    generate, get, get_json, node_status, post, post_with, BackgroundStream, CoordinatorProcess,
+    ShardProcess,
 };
 
 fn id(p: &std::path::Path) -> String {
@@ -199,5 +200,33 @@ fn models_load_and_unload_at_run_time() -> anyhow::Result<()> {
         &ask(&id(&smol), 4).to_string(),
     )?;
     assert_eq!(code, 200);
+
+    // the CLI: a switch (both fit: the new one loads first), then the list
+    let cli = |args: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new(coordinator_bin())
+            .args(["models", "--url", url.as_str()])
+            .args(args)
+            .env("LLMC_ADMIN_KEY", key)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "coordinator models {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let switched = cli(&["switch", &id(&smol), &file])?;
+    assert!(switched.contains("load, then unload"), "{switched}");
+    let listed: serde_json::Value = serde_json::from_str(&cli(&["list"])?)?;
+    assert_eq!(
+        listed["models"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    assert_eq!(listed["models"][0]["id"], gemma_id, "{listed}");
+    assert_eq!(
+        completion_with(url, ask(&gemma_id, 12))?,
+        generate(&gemma, prompt, 12)?
+    );
     Ok(())
 }

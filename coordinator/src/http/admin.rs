@@ -10,6 +10,9 @@
 //! - `DELETE /admin/models/{id}`: stops routing requests to the model, lets those running
 //!   finish (up to the drain time), then closes its connections: every node frees its slices
 //!   and sessions with the lease.
+//! - `POST /admin/models/switch` `{"from": ID, "to": "NAME.gguf"}`: a load of the new model
+//!   and an unload of the old, in that order when both fit, else the reverse (said in the
+//!   answer's `order`).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +22,7 @@ use std::time::Duration;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use common::gguf::GgufFile;
 use common::tokenizer::TextTokenizer;
@@ -72,6 +75,7 @@ impl Admin {
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/admin/models", get(list).post(load))
+        .route("/admin/models/switch", post(switch))
         .route("/admin/models/{id}", delete(unload))
 }
 
@@ -112,28 +116,35 @@ struct LoadRequest {
     file: String,
 }
 
-async fn load(
-    State(st): State<Arc<AppState>>,
-    body: Result<Json<LoadRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
-    let admin = admin(&st)?;
-    let file = req.file;
+/// `POST /admin/models/switch`.
+#[derive(Debug, Deserialize)]
+struct SwitchRequest {
+    /// The id of the model served now.
+    from: String,
+    /// The GGUF file name of the model to serve instead.
+    to: String,
+}
+
+fn conflict(message: String) -> ApiError {
+    ApiError(StatusCode::CONFLICT, message, "invalid_request_error")
+}
+
+/// A load refused before anything was planned (`Err`), or its plan's outcome (`Ok`: the id
+/// and epoch served, or why the plan failed, having left nothing loaded).
+type LoadOutcome = Result<Result<(String, PlanEpoch), ApiError>, ApiError>;
+
+/// Loads `file` beside the models served (the caller holds `busy`).
+async fn load_file(st: &AppState, admin: &Admin, file: &str) -> LoadOutcome {
     if file.contains(['/', '\\']) || !file.ends_with(".gguf") || file.starts_with('.') {
         return Err(bad(format!(
-            "`file` is a GGUF file name in the models folder, such as model.gguf (got `{file}`)"
+            "`{file}` is not a GGUF file name in the models folder, such as model.gguf"
         )));
     }
     let id = file.trim_end_matches(".gguf").to_string();
-    let _one = admin.busy.lock().await;
     if st.models().iter().any(|m| m.id == id) {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            format!("`{id}` is served already"),
-            "invalid_request_error",
-        ));
+        return Err(conflict(format!("`{id}` is served already")));
     }
-    let path = admin.models_dir.join(&file);
+    let path = admin.models_dir.join(file);
     if !path.is_file() {
         return Err(bad(format!(
             "{file} is not in the models folder {}",
@@ -154,26 +165,27 @@ async fn load(
     .map_err(internal)?
     .map_err(|e| bad(format!("{file}: {e}")))?;
     let epoch = PlanEpoch(admin.next_epoch.fetch_add(1, Ordering::Relaxed));
-    let cluster = Cluster::start(&admin.nodes, Arc::new(model), max_ctx, epoch)
-        .await
-        .map_err(|e| bad(format!("{file} cannot be served: {e}")))?;
+    let cluster = match Cluster::start(&admin.nodes, Arc::new(model), max_ctx, epoch).await {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(bad(format!("{file} cannot be served: {e}")))),
+    };
     let serving = Arc::new(Serving::default());
     serving.replace(Arc::new(cluster));
     let m = Arc::new(ServedModel::new(id.clone(), serving, Arc::new(tok)));
     st.models.write().unwrap_or_else(|e| e.into_inner()).push(m);
     tracing::info!(model = %id, %epoch, "model loaded");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"id": id, "epoch": epoch.0})),
-    ))
+    Ok(Ok((id, epoch)))
 }
 
-async fn unload(
-    State(st): State<Arc<AppState>>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let admin = admin(&st)?;
-    let _one = admin.busy.lock().await;
+/// Unloads `id` (the caller holds `busy`): no new request reaches it, those running get up
+/// to the drain time, then its connections close and the nodes free its slices. Whether
+/// its requests had all ended.
+async fn unload_id(
+    st: &AppState,
+    admin: &Admin,
+    id: &str,
+    last_too: bool,
+) -> Result<bool, ApiError> {
     let m = {
         let mut models = st.models.write().unwrap_or_else(|e| e.into_inner());
         let i = models.iter().position(|m| m.id == id).ok_or_else(|| {
@@ -183,17 +195,15 @@ async fn unload(
                 "invalid_request_error",
             )
         })?;
-        if models.len() == 1 {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("`{id}` is the only model served; load another first"),
-                "invalid_request_error",
-            ));
+        if models.len() == 1 && !last_too {
+            return Err(conflict(format!(
+                "`{id}` is the only model served; load another first, or switch"
+            )));
         }
         models.remove(i)
     };
-    // No new request reaches it; those running hold its plan until they end (the plan is
-    // held here and by its `Serving` besides).
+    // Those running hold its plan until they end (the plan is held here and by its
+    // `Serving` besides).
     let plan = m.serving.current().ok();
     let running = || plan.as_ref().is_some_and(|c| Arc::strong_count(c) > 2);
     let deadline = tokio::time::Instant::now() + admin.drain;
@@ -207,5 +217,69 @@ async fn unload(
     m.serving.stop_heartbeats();
     drop(m);
     tracing::info!(model = %id, drained, "model unloaded");
+    Ok(drained)
+}
+
+async fn load(
+    State(st): State<Arc<AppState>>,
+    body: Result<Json<LoadRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let admin = admin(&st)?;
+    let _one = admin.busy.lock().await;
+    let (id, epoch) = load_file(&st, admin, &req.file).await??;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "epoch": epoch.0})),
+    ))
+}
+
+async fn unload(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let admin = admin(&st)?;
+    let _one = admin.busy.lock().await;
+    let drained = unload_id(&st, admin, &id, false).await?;
     Ok(Json(json!({"id": id, "drained": drained})))
+}
+
+/// A switch: the new model loaded, then the old one unloaded; when the new one does not fit
+/// beside the old, the old one first, then the new (requests for either get 404 between).
+async fn switch(
+    State(st): State<Arc<AppState>>,
+    body: Result<Json<SwitchRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let admin = admin(&st)?;
+    let _one = admin.busy.lock().await;
+    if !st.models().iter().any(|m| m.id == req.from) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("The model `{}` is not served", req.from),
+            "invalid_request_error",
+        ));
+    }
+    let (order, (id, epoch), drained) = match load_file(&st, admin, &req.to).await? {
+        Ok(loaded) => {
+            let drained = unload_id(&st, admin, &req.from, true).await?;
+            ("load, then unload", loaded, drained)
+        }
+        Err(beside) => {
+            tracing::info!(from = %req.from, to = %req.to, "the new model does not fit beside the old one ({}): unloading first", beside.1);
+            let drained = unload_id(&st, admin, &req.from, true).await?;
+            let loaded = load_file(&st, admin, &req.to).await?.map_err(|e| {
+                ApiError(
+                    e.0,
+                    format!("`{}` was unloaded, but {}", req.from, e.1),
+                    e.2,
+                )
+            })?;
+            ("unload, then load", loaded, drained)
+        }
+    };
+    Ok(Json(
+        json!({"unloaded": req.from, "loaded": id, "epoch": epoch.0,
+                   "order": order, "drained": drained}),
+    ))
 }
