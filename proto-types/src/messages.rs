@@ -262,6 +262,32 @@ pub struct LeaseBytes {
     pub prepared: u64,
 }
 
+/// Where a held slice is in the two-phase commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireSliceState {
+    /// Loaded by PREPARE, waiting for the decision.
+    Prepared,
+    /// New sessions open on it.
+    Serving,
+    /// Replaced; its sessions finish on it, then it is freed.
+    Retiring,
+}
+
+/// One slice a node holds: which model and plan it belongs to, and its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceStatus {
+    /// Its plan epoch.
+    pub epoch: PlanEpoch,
+    /// The model file.
+    pub model: String,
+    /// Its blocks.
+    pub layers: WireLayerRange,
+    /// Where it is in the two-phase commit.
+    pub state: WireSliceState,
+    /// Its weight bytes.
+    pub bytes: u64,
+}
+
 /// A node's state and memory, from its own accounting and from outside it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -279,6 +305,8 @@ pub struct NodeStatus {
     pub sessions: u32,
     /// Live leases and what each holds.
     pub leases: Vec<LeaseBytes>,
+    /// Every slice held, in any state, with its model and bytes.
+    pub slices: Vec<SliceStatus>,
     /// Sum of every lease's bytes.
     pub attributed_bytes: u64,
     /// The node's memory limit, if any.

@@ -153,6 +153,21 @@ fn models_load_and_unload_at_run_time() -> anyhow::Result<()> {
     );
     let both = weights(&nodes)?;
     assert!(both > only_smol, "{both} against {only_smol}");
+    // each node reports a served slice of each model, with its bytes
+    let cluster = get_json(&format!("{url}/v1/cluster"))?;
+    for plan in cluster["models"].as_array().into_iter().flatten() {
+        for n in plan["nodes"].as_array().into_iter().flatten() {
+            let models: Vec<&str> = n["slices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|x| x["state"] == "serving" && x["bytes"].as_u64() > Some(0))
+                .filter_map(|x| x["model"].as_str())
+                .collect();
+            assert_eq!(models.len(), 2, "{n}");
+            assert!(models.contains(&file.as_str()), "{n}");
+        }
+    }
 
     // unload SmolLM2 while a Gemma stream runs: the stream ends well, SmolLM2 is gone
     let mut body = ask(&gemma_id, 48);

@@ -331,10 +331,22 @@ async fn model_plan(m: &ServedModel) -> Value {
             "prepared_epochs": status.as_ref().map(|s| s.prepared_epochs.iter().map(|e| e.0).collect::<Vec<_>>()),
             "retiring_epochs": status.as_ref().map(|s| s.retiring_epochs.iter().map(|e| e.0).collect::<Vec<_>>()),
             "sessions": status.as_ref().map(|s| s.sessions),
+            "slices": status.as_ref().map(|s| s.slices.iter().map(slice_json).collect::<Vec<_>>()),
             "memory": memory,
         }));
     }
     json!({"epoch": c.epoch.0, "nodes": nodes})
+}
+
+/// One slice a node holds, by model and epoch.
+fn slice_json(x: &proto_types::SliceStatus) -> Value {
+    let state = match x.state {
+        proto_types::WireSliceState::Prepared => "prepared",
+        proto_types::WireSliceState::Serving => "serving",
+        proto_types::WireSliceState::Retiring => "retiring",
+    };
+    json!({"epoch": x.epoch.0, "model": x.model, "layers": [x.layers.start, x.layers.end],
+           "state": state, "bytes": x.bytes})
 }
 
 /// A node gauge: its value from the node's status.
@@ -377,6 +389,19 @@ async fn metrics(State(st): State<Arc<AppState>>) -> String {
             n.addr,
             s.is_some() as u8
         );
+    }
+    let _ = writeln!(out, "# TYPE cluster_node_slice_bytes gauge");
+    for (n, s) in c.nodes.iter().zip(&all) {
+        for x in s.iter().flat_map(|s| &s.slices) {
+            let _ = writeln!(
+                out,
+                "cluster_node_slice_bytes{{node=\"{}\",model=\"{}\",epoch=\"{}\"}} {}",
+                n.addr,
+                x.model.replace(['"', '\\', '\n'], "_"),
+                x.epoch.0,
+                x.bytes
+            );
+        }
     }
     for (name, f) in gauges {
         let _ = writeln!(out, "# TYPE cluster_node_{name} gauge");

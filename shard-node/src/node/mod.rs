@@ -237,6 +237,26 @@ impl Node {
         lock(&self.held).slices.served().map(|(_, s)| s.clone())
     }
 
+    /// Every slice held: epoch, model, blocks, state and bytes, oldest first.
+    pub fn slices_held(&self) -> Vec<(PlanEpoch, String, LayerRange, SliceState, u64)> {
+        let h = lock(&self.held);
+        let mut v: Vec<_> = h
+            .slices
+            .entries()
+            .map(|(e, s)| {
+                (
+                    e,
+                    s.slice.model.clone(),
+                    s.slice.stage.range(),
+                    s.state,
+                    s.bytes,
+                )
+            })
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v
+    }
+
     /// Epochs and states of every slice held, oldest first.
     pub fn slice_states(&self) -> Vec<(PlanEpoch, SliceState)> {
         lock(&self.held).slices.states()

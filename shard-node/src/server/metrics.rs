@@ -8,7 +8,7 @@ use std::time::Duration;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::node::{report, Node};
+use crate::node::{report, Node, SliceState};
 
 /// The latency histograms.
 #[derive(Debug)]
@@ -212,6 +212,23 @@ pub fn render(node: &Node, m: &Metrics) -> String {
                 h.client.replace(['"', '\\', '\n'], "_")
             );
         }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP shard_slice_bytes Weight bytes of each slice held, by model, epoch and state.\n# TYPE shard_slice_bytes gauge"
+    );
+    for (epoch, model, _, state, bytes) in node.slices_held() {
+        let state = match state {
+            SliceState::Prepared(_) => "prepared",
+            SliceState::Serving => "serving",
+            SliceState::Retiring => "retiring",
+        };
+        let _ = writeln!(
+            out,
+            "shard_slice_bytes{{model=\"{}\",epoch=\"{}\",state=\"{state}\"}} {bytes}",
+            model.replace(['"', '\\', '\n'], "_"),
+            epoch.0
+        );
     }
     line(
         &mut out,

@@ -439,6 +439,22 @@ impl ShardNode for Conn {
                     prepared: h.prepared,
                 })
                 .collect(),
+            slices: self
+                .node()
+                .slices_held()
+                .into_iter()
+                .map(|(epoch, model, range, state, bytes)| SliceStatus {
+                    epoch,
+                    model,
+                    layers: wire_range(range),
+                    state: match state {
+                        SliceState::Prepared(_) => WireSliceState::Prepared,
+                        SliceState::Serving => WireSliceState::Serving,
+                        SliceState::Retiring => WireSliceState::Retiring,
+                    },
+                    bytes,
+                })
+                .collect(),
             attributed_bytes: r.attributed,
             memory_limit: self.node().cfg.memory_limit,
             device_total_bytes: r.device_total,
