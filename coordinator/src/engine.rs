@@ -6,14 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::generate::{generate, FinishReason, GenerateParams, Piece, StageChain};
-
 use common::sampling::{Pick, SamplingParams, TokenLogprobs};
 use common::telemetry::DECODE_TRACE_EVERY;
 use common::tokenizer::TextTokenizer;
 use proto_types::*;
-pub use shared::start_shared;
 use tokio::sync::mpsc;
 use tracing::Instrument;
+
+pub use shared::start_shared;
 
 use crate::cluster::{ctx, rpc, untraced_ctx, Cluster};
 use crate::error::{CoordError, Result};

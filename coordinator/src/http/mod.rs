@@ -261,7 +261,14 @@ async fn model(
 
 /// Every node's status, asked concurrently; `None` for a node that is down.
 async fn statuses(c: &Cluster) -> Vec<Option<proto_types::NodeStatus>> {
-    futures::future::join_all(c.nodes.iter().map(|n| async move {
+    node_statuses(c.nodes.iter()).await
+}
+
+/// The status of each of `nodes`, asked concurrently; `None` for a node that is down.
+async fn node_statuses<'a>(
+    nodes: impl Iterator<Item = &'a crate::cluster::StageNode>,
+) -> Vec<Option<proto_types::NodeStatus>> {
+    futures::future::join_all(nodes.map(|n| async move {
         match n.client() {
             Ok(c) => c
                 .status(crate::cluster::ctx(crate::timeouts::TIMEOUTS.heartbeat))
@@ -280,10 +287,28 @@ fn kind_sum(s: &proto_types::NodeStatus, f: impl Fn(&proto_types::LeaseBytes) ->
 /// `GET /v1/cluster`: the default model's plan and nodes at the top level (as before several
 /// models were served), and every model's under `models`.
 async fn cluster(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let plans: Vec<(String, Option<Arc<Cluster>>)> = st
+        .models()
+        .iter()
+        .map(|m| (m.id.clone(), m.serving.current().ok()))
+        .collect();
+    // the models share their nodes: each node is asked once, through the first plan with it
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<&crate::cluster::StageNode> = plans
+        .iter()
+        .filter_map(|(_, c)| c.as_deref())
+        .flat_map(|c| c.nodes.iter())
+        .filter(|n| seen.insert(n.addr.clone()))
+        .collect();
+    let status: std::collections::HashMap<&str, Option<proto_types::NodeStatus>> = unique
+        .iter()
+        .map(|n| n.addr.as_str())
+        .zip(node_statuses(unique.iter().copied()).await)
+        .collect();
     let mut models = Vec::new();
-    for m in &st.models() {
-        let mut plan = model_plan(m).await;
-        plan["model"] = json!(m.id);
+    for (id, c) in &plans {
+        let mut plan = model_plan(c.as_deref(), &status);
+        plan["model"] = json!(id);
         models.push(plan);
     }
     let mut top = models.first().cloned().unwrap_or_else(|| json!({}));
@@ -294,13 +319,17 @@ async fn cluster(State(st): State<Arc<AppState>>) -> Json<Value> {
     Json(top)
 }
 
-/// One model's plan: its epoch and its nodes, each with its status.
-async fn model_plan(m: &ServedModel) -> Value {
-    let Ok(c) = m.serving.current() else {
+/// One model's plan: its epoch and its nodes, each with its status (by address).
+fn model_plan(
+    c: Option<&Cluster>,
+    statuses: &std::collections::HashMap<&str, Option<proto_types::NodeStatus>>,
+) -> Value {
+    let Some(c) = c else {
         return json!({"epoch": null, "nodes": []});
     };
     let mut nodes = Vec::new();
-    for (n, status) in c.nodes.iter().zip(statuses(&c).await) {
+    for n in &c.nodes {
+        let status = statuses.get(n.addr.as_str()).cloned().flatten();
         let memory = status.as_ref().map(|s| {
             json!({
                 "attributed_bytes": s.attributed_bytes,

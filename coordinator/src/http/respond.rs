@@ -399,21 +399,24 @@ fn best(done: &[Done], n: usize, keep: usize) -> Vec<usize> {
     if keep >= n {
         return (0..done.len()).collect();
     }
-    let score = |d: &Done| match d.logprobs.len() {
-        0 => f64::NEG_INFINITY,
-        k => {
-            d.logprobs
-                .iter()
-                .map(|(_, l)| f64::from(l.logprob))
-                .sum::<f64>()
-                / k as f64
-        }
-    };
+    let score: Vec<f64> = done
+        .iter()
+        .map(|d| match d.logprobs.len() {
+            0 => f64::NEG_INFINITY,
+            k => {
+                d.logprobs
+                    .iter()
+                    .map(|(_, l)| f64::from(l.logprob))
+                    .sum::<f64>()
+                    / k as f64
+            }
+        })
+        .collect();
     let mut out = Vec::with_capacity(done.len() / n * keep);
-    for group in (0..done.len()).collect::<Vec<_>>().chunks(n) {
-        let mut g = group.to_vec();
-        g.sort_by(|&a, &b| score(&done[b]).total_cmp(&score(&done[a])));
-        out.extend(g.into_iter().take(keep));
+    for start in (0..done.len()).step_by(n) {
+        let mut group: Vec<usize> = (start..(start + n).min(done.len())).collect();
+        group.sort_by(|&a, &b| score[b].total_cmp(&score[a]));
+        out.extend(group.into_iter().take(keep));
     }
     out
 }

@@ -448,19 +448,30 @@ impl Node {
         if h.sessions.len() >= self.cfg.max_sessions {
             return Err(NodeError::TooManySessions(h.sessions.len()));
         }
+        self.room_for(&h, s.max_kv_bytes)?;
+        let s = Arc::new(s);
+        h.sessions.insert(id, s.clone());
+        Ok(s)
+    }
+
+    /// Whether a session reserving `kv_bytes` fits the memory limit now: a fork checks
+    /// before it copies a cache (`open_session` checks again as it inserts).
+    pub fn session_fits(&self, kv_bytes: u64) -> Result<()> {
+        self.room_for(&lock(&self.held), kv_bytes)
+    }
+
+    fn room_for(&self, h: &Holdings, kv_bytes: u64) -> Result<()> {
         if let Some(limit) = self.cfg.memory_limit {
             let reserved = h.reserved();
-            if reserved + s.max_kv_bytes > limit {
+            if reserved + kv_bytes > limit {
                 return Err(NodeError::SessionDoesNotFit {
-                    kv_bytes: s.max_kv_bytes,
+                    kv_bytes,
                     reserved,
                     limit,
                 });
             }
         }
-        let s = Arc::new(s);
-        h.sessions.insert(id, s.clone());
-        Ok(s)
+        Ok(())
     }
 
     /// A session by id.

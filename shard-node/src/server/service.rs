@@ -281,7 +281,10 @@ impl ShardNode for Conn {
             }
             .into());
         }
-        let slice = lock(&from.state).slice.clone();
+        // (its slice by epoch, not from its state: a step of `from` may hold that lock)
+        let slice = self.node().slice_for(from.epoch)?;
+        // a copy that cannot be kept is not made
+        self.node().session_fits(from.max_kv_bytes)?;
         let sampler = sampler_for(&slice, &req.sampling).await?;
         // Copying the cache (a device copy, or megabytes of host rows) blocks: off the async
         // workers. It waits for a step of `from` that is still running.
