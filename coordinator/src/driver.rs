@@ -1,16 +1,20 @@
 //! The 2PC driver: coordinators campaign in an etcd election, and the leader watches
 //! membership (`nodes/` minus `leaving/`). When the nodes differ from the served plan's, it
-//! computes a new plan and applies it with [`crate::twopc`]. A plan that aborts is retried
+//! computes a new plan and applies it with [`crate::twopc`]; then the same for each model
+//! loaded at run time (`models/` in etcd), each with its own plan. A plan that aborts is retried
 //! when membership changes again, or after a back-off.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cluster_registry::Registry;
-use proto_types::registry::NodeRecord;
+use std::collections::HashMap;
+
+use cluster_registry::{PlanKey, Registry};
+use proto_types::registry::{NodeRecord, PlanRecord};
 use tokio_util::sync::CancellationToken;
 
 use crate::follow::{Complaint, EVERY};
+use crate::model_set::ModelFiles;
 use crate::serving::Serving;
 use crate::twopc::TwoPc;
 
@@ -26,6 +30,8 @@ pub struct DriverConfig {
     pub min_nodes: usize,
     /// TTL of the election lease, in seconds.
     pub ttl_secs: i64,
+    /// Where the files of models loaded at run time are.
+    pub models_dir: std::path::PathBuf,
 }
 
 /// Campaigns, then drives until `stop`. Leadership is lost with the election lease; the
@@ -112,11 +118,47 @@ fn same(a: &[NodeRecord], b: &[(String, String)]) -> bool {
             .all(|(n, (id, addr))| &n.id == id && &n.addr == addr)
 }
 
+/// The nodes a plan should have: those of `now` still active keep their place, new active
+/// members go last.
+fn desired(now: &[(String, String)], active: &[NodeRecord]) -> Vec<NodeRecord> {
+    let mut out: Vec<NodeRecord> = now
+        .iter()
+        .filter_map(|(id, _)| active.iter().find(|m| &m.id == id).cloned())
+        .collect();
+    out.extend(
+        active
+            .iter()
+            .filter(|m| !now.iter().any(|(id, _)| id == &m.id))
+            .cloned(),
+    );
+    out
+}
+
+fn stages(p: &PlanRecord) -> Vec<(String, String)> {
+    p.stages
+        .iter()
+        .map(|s| (s.node.clone(), s.addr.clone()))
+        .collect()
+}
+
+/// Plans that failed, by plan key: not retried for the same nodes within [`RETRY_AFTER`].
+#[derive(Debug, Default)]
+struct Failed(HashMap<PlanKey, (Vec<(String, String)>, Instant)>);
+
+impl Failed {
+    fn recent(&self, key: &PlanKey, nodes: &[(String, String)]) -> bool {
+        self.0
+            .get(key)
+            .is_some_and(|(k, at)| k == nodes && at.elapsed() < RETRY_AFTER)
+    }
+}
+
 async fn drive(cfg: &DriverConfig, serving: &Serving, lost: &CancellationToken) {
     let reg = &cfg.twopc.registry;
     let mut complaint = Complaint::default();
     let mut bad_members = Complaint::default();
-    let mut failed: Option<(Vec<(String, String)>, Instant)> = None;
+    let mut failed = Failed::default();
+    let mut models = ModelFiles::new(cfg.models_dir.clone());
     let mut tick = tokio::time::interval(EVERY);
     loop {
         tokio::select! {
@@ -126,90 +168,146 @@ async fn drive(cfg: &DriverConfig, serving: &Serving, lost: &CancellationToken) 
         // Reads that outlast the leadership (a call stuck on a cut connection, answered when
         // it heals) must not lead to a plan: they are dropped when the lease is lost.
         let read = tokio::select! {
-            r = async { futures::try_join!(reg.members(), reg.leaving(), reg.plan()) } => r,
+            r = async { futures::try_join!(reg.members(), reg.leaving(), reg.plan(), reg.models()) } => r,
             _ = lost.cancelled() => return,
         };
-        let ((members, bad), leaving, plan) = match read {
+        let ((members, bad), leaving, plan, (loaded, bad_models)) = match read {
             Ok(x) => x,
             Err(e) => {
                 complaint.error(format!("not re-planning: {e}"));
                 continue;
             }
         };
-        if !bad.is_empty() {
-            bad_members.error(format!("ignoring node records: {}", bad.join("; ")));
+        if !bad.is_empty() || !bad_models.is_empty() {
+            let all: Vec<String> = bad.into_iter().chain(bad_models).collect();
+            bad_members.error(format!("ignoring records: {}", all.join("; ")));
         }
-        let served = serving.current().ok();
-        if let (Some((p, _)), Some(c)) = (&plan, &served) {
-            if p.epoch < c.epoch {
-                complaint.error(format!(
-                    "not re-planning: the plan in etcd (epoch {}) is behind the served {}",
-                    p.epoch, c.epoch
-                ));
-                continue;
-            }
-        }
-        // The served plan's stages, in order: the ones still members keep their place, new
-        // members go last.
-        let now: Vec<(String, String)> = match (&served, &plan) {
-            (Some(c), _) => c
-                .record()
-                .stages
-                .into_iter()
-                .map(|s| (s.node, s.addr))
-                .collect(),
-            (None, Some((p, _))) => p
-                .stages
-                .iter()
-                .map(|s| (s.node.clone(), s.addr.clone()))
-                .collect(),
-            (None, None) => Vec::new(),
-        };
         let active: Vec<NodeRecord> = members
             .into_iter()
             .filter(|m| !leaving.contains(&m.id))
             .collect();
-        let mut desired: Vec<NodeRecord> = now
-            .iter()
-            .filter_map(|(id, _)| active.iter().find(|m| &m.id == id).cloned())
-            .collect();
-        desired.extend(
-            active
-                .iter()
-                .filter(|m| !now.iter().any(|(id, _)| id == &m.id))
-                .cloned(),
-        );
-        if desired.is_empty()
-            || (served.is_none() && desired.len() < cfg.min_nodes)
-            || same(&desired, &now)
+        if !replan_base(
+            cfg,
+            serving,
+            &active,
+            plan,
+            &mut failed,
+            &mut complaint,
+            lost,
+        )
+        .await
         {
-            complaint.clear();
             continue;
         }
-        let key: Vec<(String, String)> = desired
-            .iter()
-            .map(|m| (m.id.clone(), m.addr.clone()))
-            .collect();
-        if let Some((k, at)) = &failed {
-            if *k == key && at.elapsed() < RETRY_AFTER {
+        // The models loaded at run time follow the same members, once the base model's plan
+        // is settled.
+        for m in loaded {
+            if lost.is_cancelled() {
+                return;
+            }
+            let now = stages(&m.plan);
+            let want = desired(&now, &active);
+            if want.is_empty() || same(&want, &now) {
                 continue;
             }
-        }
-        let rev = plan.as_ref().map_or(0, |p| p.1);
-        if lost.is_cancelled() {
-            return;
-        }
-        tracing::info!(nodes = ?key, "membership changed: re-planning");
-        match cfg.twopc.apply(&desired, rev).await {
-            Ok(c) => {
-                failed = None;
-                complaint.clear();
-                serving.replace(c);
+            let key = PlanKey::Model(m.id.clone());
+            let nodes: Vec<(String, String)> = want
+                .iter()
+                .map(|n| (n.id.clone(), n.addr.clone()))
+                .collect();
+            if failed.recent(&key, &nodes) {
+                continue;
             }
-            Err(e) => {
-                tracing::error!("re-plan failed: {e}");
-                failed = Some((key, Instant::now()));
+            let model = match models.get(&m.plan).await {
+                Ok(x) => x.model.clone(),
+                Err(e) => {
+                    complaint.error(format!("not re-planning {}: {e}", m.id));
+                    continue;
+                }
+            };
+            tracing::info!(model = m.id, nodes = ?nodes, "membership changed: re-planning");
+            let twopc = TwoPc {
+                model,
+                key: key.clone(),
+                max_ctx: m.plan.max_ctx as usize,
+                ..cfg.twopc.clone()
+            };
+            match twopc.apply(&want, m.rev).await {
+                // every coordinator, this one too, serves it by following `models/`
+                Ok(_) => {
+                    failed.0.remove(&key);
+                }
+                Err(e) => {
+                    tracing::error!(model = m.id, "re-plan failed: {e}");
+                    failed.0.insert(key, (nodes, Instant::now()));
+                }
             }
+        }
+    }
+}
+
+/// The base model's step: re-plans it when its nodes differ from the active members. Whether
+/// its plan is settled (the other models' re-plans wait until it is).
+async fn replan_base(
+    cfg: &DriverConfig,
+    serving: &Serving,
+    active: &[NodeRecord],
+    plan: Option<(PlanRecord, i64)>,
+    failed: &mut Failed,
+    complaint: &mut Complaint,
+    lost: &CancellationToken,
+) -> bool {
+    let served = serving.current().ok();
+    if let (Some((p, _)), Some(c)) = (&plan, &served) {
+        if p.epoch < c.epoch {
+            complaint.error(format!(
+                "not re-planning: the plan in etcd (epoch {}) is behind the served {}",
+                p.epoch, c.epoch
+            ));
+            return false;
+        }
+    }
+    // The served plan's stages, in order: the ones still members keep their place, new
+    // members go last.
+    let now: Vec<(String, String)> = match (&served, &plan) {
+        (Some(c), _) => c
+            .record()
+            .stages
+            .into_iter()
+            .map(|s| (s.node, s.addr))
+            .collect(),
+        (None, Some((p, _))) => stages(p),
+        (None, None) => Vec::new(),
+    };
+    let want = desired(&now, active);
+    if want.is_empty() || (served.is_none() && want.len() < cfg.min_nodes) {
+        complaint.clear();
+        return served.is_some();
+    }
+    if same(&want, &now) {
+        complaint.clear();
+        return true;
+    }
+    let key: Vec<(String, String)> = want
+        .iter()
+        .map(|m| (m.id.clone(), m.addr.clone()))
+        .collect();
+    if failed.recent(&PlanKey::Base, &key) || lost.is_cancelled() {
+        return false;
+    }
+    let rev = plan.as_ref().map_or(0, |p| p.1);
+    tracing::info!(nodes = ?key, "membership changed: re-planning");
+    match cfg.twopc.apply(&want, rev).await {
+        Ok(c) => {
+            failed.0.remove(&PlanKey::Base);
+            complaint.clear();
+            serving.replace(c);
+            true
+        }
+        Err(e) => {
+            tracing::error!("re-plan failed: {e}");
+            failed.0.insert(PlanKey::Base, (key, Instant::now()));
+            false
         }
     }
 }

@@ -13,6 +13,7 @@
 //! - [`driver`]: the 2PC driver: the leader election in etcd, and the leader's membership
 //!   watch that triggers re-plans.
 //! - [`follow`]: every coordinator follows the committed plan in etcd.
+//! - [`model_set`]: the models loaded at run time, followed in etcd (`models/`).
 //! - [`timeouts`]: the deadline of every call to a node.
 //! - [`status_cmd`]: `coordinator status`, the cluster as a table.
 //! - [`up`]: `coordinator up`, a local cluster in one command.
@@ -27,6 +28,7 @@ pub mod engine;
 pub mod error;
 pub mod follow;
 pub mod http;
+pub mod model_set;
 pub mod models_cmd;
 pub mod plan;
 pub mod serve_cmd;

@@ -7,7 +7,7 @@ use crate::error::{CoordError, Result};
 /// Splits `layer_bytes.len()` layers over nodes with `free` bytes each, in proportion to
 /// `free`, every node getting at least one layer. `first_extra` and `last_extra` are the
 /// embedding and head bytes the first and last node hold too. A split that does not fit
-/// every node is refused, naming the node.
+/// every node is refused, naming each node that is short and by how much.
 pub fn split(
     layer_bytes: &[u64],
     free: &[u64],
@@ -47,6 +47,7 @@ pub fn split(
         counts[i] -= 1;
     }
     let mut ranges = Vec::with_capacity(k);
+    let mut short = Vec::new();
     let mut start = 0usize;
     for (i, &c) in counts.iter().enumerate() {
         let r = LayerRange::new(start as u32, (start + c) as u32)?;
@@ -58,13 +59,17 @@ pub fn split(
             need += last_extra;
         }
         if need > free[i] {
-            return Err(CoordError::Plan(format!(
-                "node {i} would hold layers {r} ({need} bytes) but has {} bytes free",
-                free[i]
-            )));
+            short.push(format!(
+                "node {i} would hold layers {r} ({need} bytes) but has {} bytes free, {} short",
+                free[i],
+                need - free[i]
+            ));
         }
         ranges.push(r);
         start += c;
+    }
+    if !short.is_empty() {
+        return Err(CoordError::Plan(short.join("; ")));
     }
     Ok(ranges)
 }

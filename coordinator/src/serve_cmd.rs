@@ -8,7 +8,7 @@ use std::io::Write;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use cluster_registry::Registry;
+use cluster_registry::{PlanKey, Registry};
 use common::gguf::GgufFile;
 use common::tokenizer::TextTokenizer;
 use proto_types::PlanEpoch;
@@ -20,8 +20,9 @@ use crate::config::{Membership, ServeConfig};
 use crate::driver::{self, DriverConfig};
 use crate::error::Result;
 use crate::follow;
-use crate::http::admin::Admin;
+use crate::http::admin::{Admin, Placement};
 use crate::http::{auth, router, AppState, ServedModel};
+use crate::model_set;
 use crate::serving::Serving;
 use crate::twopc::TwoPc;
 
@@ -55,6 +56,13 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         .chain(&cfg.more_models)
         .collect();
     let mut models = Vec::with_capacity(paths.len());
+    // Where the models loaded at run time are: beside the first.
+    let models_dir = cfg
+        .model
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let mut etcd = None;
     // Several models: each on a plan of its own over the same nodes (epochs 1, 2, ...), its
     // slices served beside the others'.
     for (i, path) in paths.iter().enumerate() {
@@ -92,15 +100,18 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
                 ));
                 let driver = DriverConfig {
                     twopc: TwoPc {
-                        registry,
+                        registry: registry.clone(),
                         model,
+                        key: PlanKey::Base,
                         max_ctx,
                         who: id.clone(),
                         failpoint: cfg.failpoint,
                     },
                     min_nodes: *min_nodes,
                     ttl_secs: *ttl_secs,
+                    models_dir: models_dir.clone(),
                 };
+                etcd = Some((registry, id.clone()));
                 tasks.spawn(driver::run(driver, serving.clone(), shutdown.clone()));
             }
         }
@@ -111,18 +122,25 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
             .to_string();
         models.push(Arc::new(ServedModel::new(id, serving, tok)));
     }
-    let admin = match &cfg.membership {
-        Membership::Static(nodes) => Some(Admin::new(
+    let admin = match (&cfg.membership, &etcd) {
+        (Membership::Static(nodes), _) => Some(Admin::fixed(
             nodes.clone(),
-            cfg.model
-                .parent()
-                .map(std::path::Path::to_path_buf)
-                .unwrap_or_default(),
+            models_dir.clone(),
             cfg.max_ctx,
             cfg.drain,
             models.len() as u64 + 1,
         )),
-        Membership::Etcd { .. } => None,
+        (Membership::Etcd { .. }, Some((registry, who))) => Some(Admin {
+            placement: Placement::Etcd {
+                registry: Box::new(registry.clone()),
+                who: who.clone(),
+                failpoint: cfg.failpoint,
+            },
+            models_dir: models_dir.clone(),
+            max_ctx: cfg.max_ctx,
+            drain: cfg.drain,
+        }),
+        (Membership::Etcd { .. }, None) => None,
     };
     let state = Arc::new(AppState {
         models: std::sync::RwLock::new(models),
@@ -130,7 +148,18 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         admission: Arc::new(tokio::sync::Semaphore::new(crate::MAX_IN_FLIGHT)),
         requests: AtomicU64::new(0),
         stats: Default::default(),
+        changing: Default::default(),
     });
+    if let Some((registry, _)) = etcd {
+        // every coordinator serves the models loaded at run time that etcd holds
+        tasks.spawn(model_set::follow(
+            registry,
+            state.clone(),
+            models_dir,
+            cfg.drain,
+            shutdown.clone(),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(cfg.http).await?;
     {
         let mut out = std::io::stdout().lock();

@@ -1,4 +1,5 @@
-//! `coordinator status`: the cluster as etcd and its nodes see it, as a table.
+//! `coordinator status`: the cluster as etcd and its nodes see it, as a table (the base
+//! model's layers per node; each model loaded at run time on a line of its own above).
 
 use std::fmt::Write;
 
@@ -39,6 +40,27 @@ pub async fn run(etcd: &str, cluster: &str) -> anyhow::Result<String> {
             None
         }
     };
+    // the models loaded at run time, each on a plan of its own
+    let (models, bad_models) = reg.models().await?;
+    for m in &models {
+        let stages: Vec<String> = m
+            .plan
+            .stages
+            .iter()
+            .map(|s| format!("{} {}..{}", s.node, s.start, s.end))
+            .collect();
+        writeln!(
+            out,
+            "model {}: plan epoch {} ({} stages: {})",
+            m.id,
+            m.plan.epoch,
+            m.plan.stages.len(),
+            stages.join(", ")
+        )?;
+    }
+    for b in bad_models {
+        writeln!(out, "ignored: {b}")?;
+    }
     let leaving = reg.leaving().await?;
     writeln!(
         out,

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use cluster_registry::Registry;
+use cluster_registry::{PlanKey, Registry};
 use proto_types::registry::{Decision, NodeRecord, PlanRecord, StageRecord};
 use proto_types::PlanEpoch;
 
@@ -30,6 +30,9 @@ pub enum Failpoint {
     AfterPrepare,
     /// After COMMIT is written to etcd, before any node hears it.
     AfterDecision,
+    /// After every node voted YES on the plan of a model loaded at run time (the admin API),
+    /// before the decision is written.
+    LoadAfterPrepare,
 }
 
 /// What a 2PC run needs.
@@ -39,6 +42,8 @@ pub struct TwoPc {
     pub registry: Registry,
     /// The model.
     pub model: Arc<ModelRef>,
+    /// Where its plan is kept: the base model's `plan`, or `models/<id>`.
+    pub key: PlanKey,
     /// Context bound of every session.
     pub max_ctx: usize,
     /// This coordinator, as recorded in decisions.
@@ -53,6 +58,7 @@ async fn failpoint(at: Option<Failpoint>, here: Failpoint, epoch: PlanEpoch) {
         let name = match here {
             Failpoint::AfterPrepare => "after-prepare",
             Failpoint::AfterDecision => "after-decision",
+            Failpoint::LoadAfterPrepare => "load-after-prepare",
         };
         {
             let mut out = std::io::stdout().lock();
@@ -74,6 +80,7 @@ impl TwoPc {
         let span = tracing::info_span!(
             parent: None,
             "plan change",
+            plan = %self.key,
             epoch = tracing::field::Empty,
             nodes = members.len(),
             decision = tracing::field::Empty,
@@ -137,7 +144,11 @@ impl TwoPc {
             }
             return Err(CoordError::Plan(format!("epoch {epoch} aborted: {why}")));
         }
-        failpoint(self.failpoint, Failpoint::AfterPrepare, epoch).await;
+        let at = match self.key {
+            PlanKey::Base => Failpoint::AfterPrepare,
+            PlanKey::Model(_) => Failpoint::LoadAfterPrepare,
+        };
+        failpoint(self.failpoint, at, epoch).await;
         let plan = PlanRecord {
             epoch,
             model: self.model.name.clone(),
@@ -156,7 +167,7 @@ impl TwoPc {
         };
         let decided = self
             .registry
-            .decide_commit(&plan, plan_rev, &self.who)
+            .decide_commit(&self.key, &plan, plan_rev, &self.who)
             .instrument(tracing::info_span!("decide in etcd", %epoch, decision = "COMMIT"))
             .await;
         match decided {

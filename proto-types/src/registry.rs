@@ -3,7 +3,10 @@
 //! | key | value | lifetime |
 //! |---|---|---|
 //! | `nodes/<id>` | [`NodeRecord`] | the node's etcd lease (kept alive while it runs) |
-//! | `plan` | [`PlanRecord`], the committed plan | written with each COMMIT decision |
+//! | `plan` | [`PlanRecord`], the committed plan of the model `coordinator serve --model` names | written with each COMMIT decision |
+//! | `models/<id>` | [`PlanRecord`], the committed plan of a model loaded at run time (`<id>`: its file name without `.gguf`) | written with each COMMIT decision; deleted by its unload |
+//! | `unloaded/<epoch>` | [`UnloadRecord`]: the model served by that epoch's plan was unloaded, and every node frees its slices | written once, with the unload |
+//! | `epoch` | the last epoch reserved by a plan change | rewritten by each (a guarded transaction) |
 //! | `txn/<epoch>` | [`DecisionRecord`], the 2PC decision of an epoch | written once, never changed |
 //! | `leaving/<id>` | [`LeaveRecord`], a drain request | until the node has left |
 //! | `election` | the 2PC driver's election (etcd's election API) | the driver's etcd lease |
@@ -112,6 +115,18 @@ pub struct DecisionRecord {
     /// What was decided.
     pub decision: Decision,
     /// Who decided (a coordinator id, or a node that timed out), and why.
+    pub by: String,
+}
+
+/// `unloaded/<epoch>`: the plan of `epoch` served `model`, which was unloaded; every node
+/// retires its slice of that epoch (and frees it once its sessions end).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnloadRecord {
+    /// The epoch of the unloaded plan.
+    pub epoch: PlanEpoch,
+    /// The model's id.
+    pub model: String,
+    /// Who unloaded it.
     pub by: String,
 }
 

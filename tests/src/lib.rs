@@ -30,7 +30,8 @@ pub use http::{
 pub use model::{generate, models_dir};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use process::{
-    coordinator_bin, free_port, rss_kib, shard_node_bin, CoordinatorProcess, ShardProcess,
+    coordinator_bin, free_port, rss_kib, shard_node_bin, shard_node_leave, CoordinatorProcess,
+    ShardProcess,
 };
 pub use rpc::{connect, keep_alive, kv_bytes, last_stage_session, node_status, wait_status};
 pub use tls::{https_request, ClusterCerts};

@@ -19,6 +19,21 @@ pub fn shard_node_bin() -> PathBuf {
     bin
 }
 
+/// `shard-node leave --etcd ETCD --node ID --drain-timeout SECS`: asks node `id` to leave and
+/// waits until it has (the command's own wait).
+pub fn shard_node_leave(etcd: &str, id: &str, drain_secs: u64) -> anyhow::Result<()> {
+    let out = std::process::Command::new(shard_node_bin())
+        .args(["leave", "--etcd", etcd, "--node", id, "--drain-timeout"])
+        .arg(drain_secs.to_string())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "shard-node leave: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// Waits up to `within` for `child` to exit by itself; its status, if it did.
 fn wait_exit(
     child: &mut std::process::Child,

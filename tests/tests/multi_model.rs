@@ -245,3 +245,164 @@ fn models_load_and_unload_at_run_time() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Each node's resident set, once it holds slices of `file` only and no session, and the
+/// figure has settled (the node hands freed heap back to the OS from its reaper, a moment
+/// after the free): two reads 700 ms apart within 256 KiB.
+fn settled_rss(nodes: &[ShardProcess], file: &str) -> anyhow::Result<Vec<i64>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut out = Vec::new();
+    for n in nodes {
+        let only = |s: &proto_types::NodeStatus| {
+            s.sessions == 0 && !s.slices.is_empty() && s.slices.iter().all(|x| x.model == file)
+        };
+        let (s, _) = rt.block_on(integration_tests::wait_status(
+            &n.addr,
+            Duration::from_secs(15),
+            only,
+        ))?;
+        let mut last = s.process_rss_bytes as i64;
+        let start = std::time::Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(700));
+            let now = rt.block_on(node_status(&n.addr))?.process_rss_bytes as i64;
+            if (now - last).abs() <= 256 << 10 || start.elapsed() > Duration::from_secs(10) {
+                out.push(now);
+                break;
+            }
+            last = now;
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn ten_switches_leave_every_node_where_it_was() -> anyhow::Result<()> {
+    const MIB: i64 = 1 << 20;
+    let (smol, gemma) = (default_model(), gemma3_model());
+    let (nodes, list) = two_nodes(&smol)?;
+    let key = "admin-key-switches-0123";
+    let coord = CoordinatorProcess::spawn_with(&smol, &["--nodes", &list, "--admin-key", key])?;
+    let url = &coord.url;
+    let auth = format!("Bearer {key}");
+    let models = [&smol, &gemma];
+    let files: Vec<String> = models
+        .iter()
+        .map(|m| {
+            m.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    let prompt = "The capital of Japan is";
+    let alone: Vec<String> = models
+        .iter()
+        .map(|m| generate(m, prompt, 8))
+        .collect::<Result<_, _>>()?;
+    let ask = |i: usize| serde_json::json!({"model": id(models[i]), "prompt": prompt, "max_tokens": 8, "temperature": 0});
+    assert_eq!(completion_with(url, ask(0))?, alone[0]);
+    // A round trip first, so that state set up once by the first loads is not counted. Then
+    // each model's level is its resident set the first time it is served after that, and
+    // every switch after must come back to it.
+    const WARM_UP: usize = 2;
+    let mut levels: Vec<Option<Vec<i64>>> = vec![None, None];
+    let mut served = 0;
+    for i in 1..=WARM_UP + 10 {
+        let to = 1 - served;
+        let body = serde_json::json!({"from": id(models[served]), "to": files[to]}).to_string();
+        let (code, text) = post_with(
+            &format!("{url}/admin/models/switch"),
+            &body,
+            &[("authorization", auth.as_str())],
+        )?;
+        assert_eq!(code, 200, "switch {i}: {text}");
+        assert!(text.contains("load, then unload"), "switch {i}: {text}");
+        served = to;
+        assert_eq!(
+            completion_with(url, ask(served))?,
+            alone[served],
+            "switch {i}"
+        );
+        if i < WARM_UP {
+            continue;
+        }
+        let rss = settled_rss(&nodes, &files[served])?;
+        match &levels[served] {
+            None => {
+                eprintln!("level with {} served: {rss:?} bytes", files[served]);
+                levels[served] = Some(rss);
+            }
+            Some(level) => {
+                for (n, (now, was)) in rss.iter().zip(level).enumerate() {
+                    assert!(
+                        (now - was).abs() <= 2 * MIB,
+                        "switch {i}, node {n}: {} KiB resident with {} served, {} KiB at its level",
+                        now / 1024,
+                        files[served],
+                        was / 1024
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_switch_that_does_not_fit_beside_unloads_first() -> anyhow::Result<()> {
+    let (smol, gemma) = (default_model(), gemma3_model());
+    let dir = smol.parent().ok_or_else(|| anyhow::anyhow!("no folder"))?;
+    // one node with room for either model alone, not for both (a model's need as the planner
+    // counts it: every tensor, and a tied head as a second copy of the embedding)
+    let need = |p: &std::path::Path| -> anyhow::Result<u64> {
+        let f = common::gguf::GgufFile::open(p)?;
+        let all: u64 = f.tensors().map(|t| t.nbytes).sum();
+        let tied = match (f.tensor("output.weight"), f.tensor("token_embd.weight")) {
+            (None, Some(e)) => e.nbytes,
+            _ => 0,
+        };
+        Ok(all + tied)
+    };
+    let (a, b) = (need(&smol)?, need(&gemma)?);
+    let limit = a.max(b) + (16 << 20);
+    assert!(
+        limit < a + b,
+        "the test needs models that do not fit together"
+    );
+    let limit = limit.to_string();
+    let node = ShardProcess::spawn(dir, &["--memory-limit", &limit])?;
+    let key = "admin-key-unload-first-0";
+    let coord =
+        CoordinatorProcess::spawn_with(&smol, &["--nodes", &node.addr, "--admin-key", key])?;
+    let url = &coord.url;
+    let gemma_file = gemma
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let body = serde_json::json!({"from": id(&smol), "to": gemma_file}).to_string();
+    let auth = format!("Bearer {key}");
+    let (code, text) = post_with(
+        &format!("{url}/admin/models/switch"),
+        &body,
+        &[("authorization", auth.as_str())],
+    )?;
+    assert_eq!(code, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    assert_eq!(v["order"], "unload, then load", "{text}");
+    let prompt = "The capital of Japan is";
+    assert_eq!(
+        completion_with(
+            url,
+            serde_json::json!({"model": id(&gemma), "prompt": prompt, "max_tokens": 8, "temperature": 0})
+        )?,
+        generate(&gemma, prompt, 8)?
+    );
+    let (code, _) = post(
+        &format!("{url}/v1/completions"),
+        &serde_json::json!({"model": id(&smol), "prompt": prompt, "max_tokens": 2}).to_string(),
+    )?;
+    assert_eq!(code, 404);
+    Ok(())
+}

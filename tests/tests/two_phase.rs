@@ -164,22 +164,7 @@ async fn join_and_leave_during_streams() -> anyhow::Result<()> {
     // (e) leave during a stream
     let stream = start_stream(&coord.url, 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let leave = Command::new(shard_node_bin())
-        .args([
-            "leave",
-            "--etcd",
-            &etcd.url,
-            "--node",
-            "c",
-            "--drain-timeout",
-            "60",
-        ])
-        .output()?;
-    assert!(
-        leave.status.success(),
-        "leave: {}",
-        String::from_utf8_lossy(&leave.stderr)
-    );
+    shard_node_leave(&etcd.url, "c", 60)?;
     assert_eq!(finish(stream)?, reference, "the stream across the leave");
     wait_serving(&coord.url, 3, 2).await?;
     wait_same_epoch(&[&a, &b], 3).await?;

@@ -10,12 +10,15 @@
 //!
 //! # Layout
 //! - [`Registry`]: the connection and its calls (this file).
+//! - [`models`]: the plans of models loaded at run time, and their unloads.
 //! - [`error`]: its error type, [`RegistryError`].
 
 pub mod error;
+pub mod models;
 pub mod tls;
 
 pub use error::{RegistryError, Result};
+pub use models::PlanKey;
 pub use tls::EtcdTlsArgs;
 
 /// The shortest TTL of an etcd lease this cluster takes (a node's registration, a
@@ -61,18 +64,18 @@ pub fn valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
 }
 
-fn parse<T: DeserializeOwned>(key: &str, v: &[u8]) -> Result<T> {
+pub(crate) fn parse<T: DeserializeOwned>(key: &str, v: &[u8]) -> Result<T> {
     serde_json::from_slice(v).map_err(|e| RegistryError::BadRecord {
         key: key.to_string(),
         reason: e.to_string(),
     })
 }
 
-fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
     Ok(serde_json::to_vec(v)?)
 }
 
-fn epoch_key(epoch: PlanEpoch) -> String {
+pub(crate) fn epoch_key(epoch: PlanEpoch) -> String {
     // zero-padded so that keys sort by epoch
     format!("{:020}", epoch.0)
 }
@@ -143,7 +146,7 @@ impl Registry {
         }
     }
 
-    async fn get_one(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
+    pub(crate) async fn get_one(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
         let r = self
             .read(|mut c| async move { c.get(key, None).await })
             .await?;
@@ -152,7 +155,8 @@ impl Registry {
             .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
     }
 
-    async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    /// Every key under `prefix`, with its value and revision.
+    pub(crate) async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>, i64)>> {
         let r = self
             .read(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
             .await?;
@@ -162,6 +166,7 @@ impl Registry {
                 (
                     String::from_utf8_lossy(kv.key()).into_owned(),
                     kv.value().to_vec(),
+                    kv.mod_revision(),
                 )
             })
             .collect())
@@ -248,7 +253,7 @@ impl Registry {
     pub async fn members(&self) -> Result<(Vec<NodeRecord>, Vec<String>)> {
         let mut out = Vec::new();
         let mut bad = Vec::new();
-        for (key, v) in self.get_prefix(&self.key("nodes/")).await? {
+        for (key, v, _) in self.get_prefix(&self.key("nodes/")).await? {
             match parse::<NodeRecord>(&key, &v) {
                 Ok(n) if key.ends_with(&format!("/{}", n.id)) => out.push(n),
                 Ok(n) => bad.push(format!("etcd record {key}: it names node {}", n.id)),
@@ -261,18 +266,11 @@ impl Registry {
 
     // --- plan and decisions ---
 
-    /// The committed plan and its key's revision (the guard of the next decision), if any.
+    /// The committed plan of the base model (the one `coordinator serve --model` names) and its
+    /// key's revision (the guard of the next decision), if any. Models loaded at run time:
+    /// [`Registry::plan_at`], [`Registry::models`].
     pub async fn plan(&self) -> Result<Option<(PlanRecord, i64)>> {
-        let key = self.key("plan");
-        let Some((v, rev)) = self.get_one(&key).await? else {
-            return Ok(None);
-        };
-        let p: PlanRecord = parse(&key, &v)?;
-        p.validate().map_err(|reason| RegistryError::BadRecord {
-            key: key.clone(),
-            reason,
-        })?;
-        Ok(Some((p, rev)))
+        self.plan_at(&PlanKey::Base).await
     }
 
     /// The decision of `epoch`, if one was written.
@@ -293,33 +291,63 @@ impl Registry {
         }
     }
 
-    /// The epoch a new plan takes: one past both the committed plan and every decision.
+    /// The epoch a new plan takes, reserved for the caller: one past every plan, decision,
+    /// unload and earlier reservation (`epoch`, written by a guarded transaction, so that two
+    /// plan changes run at once, a re-plan and a model load, never share an epoch).
     pub async fn next_epoch(&self) -> Result<PlanEpoch> {
-        let mut top = 0u64;
-        if let Some((v, _)) = self.get_one(&self.key("plan")).await? {
-            // even a malformed plan's epoch, if readable, must not be reused
-            if let Ok(p) = serde_json::from_slice::<PlanRecord>(&v) {
-                top = top.max(p.epoch.0);
+        let counter = self.key("epoch");
+        loop {
+            let mut top = 0u64;
+            let (last, rev) = match self.get_one(&counter).await? {
+                Some((v, rev)) => (parse::<PlanEpoch>(&counter, &v).map_or(0, |e| e.0), rev),
+                None => (0, 0),
+            };
+            top = top.max(last);
+            if let Some((v, _)) = self.get_one(&self.key("plan")).await? {
+                // even a malformed plan's epoch, if readable, must not be reused
+                if let Ok(p) = serde_json::from_slice::<PlanRecord>(&v) {
+                    top = top.max(p.epoch.0);
+                }
             }
-        }
-        for (key, _) in self.get_prefix(&self.key("txn/")).await? {
-            if let Some(e) = key.rsplit('/').next().and_then(|e| e.parse::<u64>().ok()) {
-                top = top.max(e);
+            for (_, v, _) in self.get_prefix(&self.key("models/")).await? {
+                if let Ok(p) = serde_json::from_slice::<PlanRecord>(&v) {
+                    top = top.max(p.epoch.0);
+                }
             }
+            for prefix in ["txn/", "unloaded/"] {
+                for (key, _, _) in self.get_prefix(&self.key(prefix)).await? {
+                    if let Some(e) = key.rsplit('/').next().and_then(|e| e.parse::<u64>().ok()) {
+                        top = top.max(e);
+                    }
+                }
+            }
+            let next =
+                top.checked_add(1)
+                    .map(PlanEpoch)
+                    .ok_or_else(|| RegistryError::BadRecord {
+                        key: self.key("txn/"),
+                        reason: "the epochs are used up (a decision names the last one)".into(),
+                    })?;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    counter.as_str(),
+                    CompareOp::Equal,
+                    rev,
+                )])
+                .and_then([TxnOp::put(counter.as_str(), json(&next)?, None)]);
+            if self.client.clone().txn(txn).await?.succeeded() {
+                return Ok(next);
+            }
+            // another plan change reserved one meanwhile: read again
         }
-        top.checked_add(1)
-            .map(PlanEpoch)
-            .ok_or_else(|| RegistryError::BadRecord {
-                key: self.key("txn/"),
-                reason: "the epochs are used up (a decision names the last one)".into(),
-            })
     }
 
-    /// Writes the COMMIT decision of `plan` and `plan` itself in one transaction, guarded on
-    /// no decision for its epoch yet and on the plan key still being at `plan_rev` (0: no
-    /// plan yet). Returns the decision that holds: this one, or the one written first.
+    /// Writes the COMMIT decision of `plan` and `plan` itself (at `key`) in one transaction,
+    /// guarded on no decision for its epoch yet and on the plan key still being at `plan_rev`
+    /// (0: no plan yet). Returns the decision that holds: this one, or the one written first.
     pub async fn decide_commit(
         &self,
+        key: &PlanKey,
         plan: &PlanRecord,
         plan_rev: i64,
         by: &str,
@@ -333,7 +361,7 @@ impl Registry {
             by: by.to_string(),
         };
         let txn_key = self.key(&format!("txn/{}", epoch_key(plan.epoch)));
-        let plan_key = self.key("plan");
+        let plan_key = self.key(&key.rest());
         let txn = Txn::new()
             .when([
                 Compare::version(txn_key.as_str(), CompareOp::Equal, 0),
@@ -402,7 +430,7 @@ impl Registry {
             .get_prefix(&prefix)
             .await?
             .into_iter()
-            .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string))
+            .filter_map(|(k, _, _)| k.strip_prefix(&prefix).map(str::to_string))
             .collect())
     }
 

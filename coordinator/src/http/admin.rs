@@ -13,6 +13,12 @@
 //! - `POST /admin/models/switch` `{"from": ID, "to": "NAME.gguf"}`: a load of the new model
 //!   and an unload of the old, in that order when both fit, else the reverse (said in the
 //!   answer's `order`).
+//!
+//! With etcd, a load is a two-phase commit of the model's plan at `models/<id>` over the
+//! registered nodes (PREPARE loads beside what is served; the decision is recorded in etcd;
+//! COMMIT makes it routable), and an unload deletes that plan and records the unload: every
+//! coordinator follows the set ([`crate::model_set`]) and every node frees the slices. The
+//! base model (`--model`) stays.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,36 +30,54 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use common::gguf::GgufFile;
-use common::tokenizer::TextTokenizer;
+use cluster_registry::{PlanKey, Registry, RegistryError};
 use proto_types::PlanEpoch;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{bad, internal, ApiError, AppState, ServedModel};
-use crate::cluster::{Cluster, ModelRef};
+use super::{bad, ApiError, AppState, ServedModel};
+use crate::cluster::Cluster;
+use crate::model_set::ModelFile;
 use crate::serving::Serving;
+use crate::twopc::{Failpoint, TwoPc};
+
+/// What a load is planned over.
+#[derive(Debug)]
+pub enum Placement {
+    /// These nodes (static membership), first stage first; each load takes the next epoch.
+    Static {
+        /// The nodes.
+        nodes: Vec<String>,
+        /// The epoch of the next load's plan.
+        next_epoch: AtomicU64,
+    },
+    /// The registered nodes, by a two-phase commit recorded in etcd.
+    Etcd {
+        /// etcd.
+        registry: Box<Registry>,
+        /// This coordinator, as recorded in decisions.
+        who: String,
+        /// Where the 2PC stops, in tests.
+        failpoint: Option<Failpoint>,
+    },
+}
 
 /// What loads need: where models come from and what they are planned over.
 #[derive(Debug)]
 pub struct Admin {
-    /// The nodes (static membership), first stage first.
-    pub nodes: Vec<String>,
+    /// Static nodes, or etcd.
+    pub placement: Placement,
     /// Where model files are, here (the nodes have their own folder with the same files).
     pub models_dir: PathBuf,
     /// The context bound asked for (each model's own bound caps it).
     pub max_ctx: usize,
     /// How long an unload waits for the model's running requests.
     pub drain: Duration,
-    /// The epoch of the next load's plan.
-    next_epoch: AtomicU64,
-    /// One load or unload at a time.
-    busy: tokio::sync::Mutex<()>,
 }
 
 impl Admin {
-    /// Loads plan over `nodes` from epoch `next_epoch` on.
-    pub fn new(
+    /// Loads planned over static `nodes`, from epoch `next_epoch` on.
+    pub fn fixed(
         nodes: Vec<String>,
         models_dir: PathBuf,
         max_ctx: usize,
@@ -61,13 +85,21 @@ impl Admin {
         next_epoch: u64,
     ) -> Self {
         Admin {
-            nodes,
+            placement: Placement::Static {
+                nodes,
+                next_epoch: AtomicU64::new(next_epoch),
+            },
             models_dir,
             max_ctx,
             drain,
-            next_epoch: AtomicU64::new(next_epoch),
-            busy: Default::default(),
         }
+    }
+
+    /// The base model, which an etcd cluster's coordinators all name: it is not unloaded.
+    fn pinned<'a>(&self, st: &AppState, id: &'a str) -> Option<&'a str> {
+        let etcd = matches!(self.placement, Placement::Etcd { .. });
+        let base = st.models().first().is_some_and(|m| m.id == id);
+        (etcd && base).then_some(id)
     }
 }
 
@@ -83,10 +115,18 @@ fn admin(st: &AppState) -> Result<&Admin, ApiError> {
     st.admin.as_ref().ok_or_else(|| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the admin API needs static membership (--nodes)".into(),
+            "the admin API is not set up on this coordinator".into(),
             "server_error",
         )
     })
+}
+
+fn etcd_error(e: RegistryError) -> ApiError {
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("etcd: {e}"),
+        "server_error",
+    )
 }
 
 async fn list(State(st): State<Arc<AppState>>) -> Json<Value> {
@@ -133,7 +173,7 @@ fn conflict(message: String) -> ApiError {
 /// and epoch served, or why the plan failed, having left nothing loaded).
 type LoadOutcome = Result<Result<(String, PlanEpoch), ApiError>, ApiError>;
 
-/// Loads `file` beside the models served (the caller holds `busy`).
+/// Loads `file` beside the models served (the caller holds `AppState::changing`).
 async fn load_file(st: &AppState, admin: &Admin, file: &str) -> LoadOutcome {
     if file.contains(['/', '\\']) || !file.ends_with(".gguf") || file.starts_with('.') {
         return Err(bad(format!(
@@ -151,33 +191,87 @@ async fn load_file(st: &AppState, admin: &Admin, file: &str) -> LoadOutcome {
             admin.models_dir.display()
         )));
     }
-    // reading the header and hashing the file take a while: off the async workers
-    let max_ctx = admin.max_ctx;
-    let (tok, model, max_ctx) = tokio::task::spawn_blocking(move || {
-        let f = GgufFile::open(&path)?;
-        let tok = TextTokenizer::from_gguf(&f)?;
-        let max_ctx = max_ctx.min(f.config()?.context_length);
-        let mut model = ModelRef::inspect(&path)?;
-        model.beside = true;
-        Ok::<_, crate::error::CoordError>((tok, model, max_ctx))
-    })
-    .await
-    .map_err(internal)?
-    .map_err(|e| bad(format!("{file}: {e}")))?;
-    let epoch = PlanEpoch(admin.next_epoch.fetch_add(1, Ordering::Relaxed));
-    let cluster = match Cluster::start(&admin.nodes, Arc::new(model), max_ctx, epoch).await {
-        Ok(c) => c,
-        Err(e) => return Ok(Err(bad(format!("{file} cannot be served: {e}")))),
+    let f = ModelFile::read(path, admin.max_ctx)
+        .await
+        .map_err(|e| bad(format!("{file}: {e}")))?;
+    let (cluster, epoch) = match &admin.placement {
+        Placement::Static { nodes, next_epoch } => {
+            let epoch = PlanEpoch(next_epoch.fetch_add(1, Ordering::Relaxed));
+            match Cluster::start(nodes, f.model.clone(), f.max_ctx, epoch).await {
+                Ok(c) => (Arc::new(c), epoch),
+                Err(e) => return Ok(Err(bad(format!("{file} cannot be served: {e}")))),
+            }
+        }
+        Placement::Etcd {
+            registry,
+            who,
+            failpoint,
+        } => {
+            let key = PlanKey::Model(id.clone());
+            let read = futures::try_join!(
+                registry.members(),
+                registry.leaving(),
+                registry.plan_at(&key)
+            );
+            let ((members, _), leaving, there) = read.map_err(etcd_error)?;
+            if there.is_some() {
+                return Err(conflict(format!(
+                    "`{id}` has a plan in etcd already (another coordinator loaded it)"
+                )));
+            }
+            let active: Vec<_> = members
+                .into_iter()
+                .filter(|m| !leaving.contains(&m.id))
+                .collect();
+            if active.is_empty() {
+                return Ok(Err(bad(format!(
+                    "{file} cannot be served: no node is registered"
+                ))));
+            }
+            let twopc = TwoPc {
+                registry: (**registry).clone(),
+                model: f.model.clone(),
+                key,
+                max_ctx: f.max_ctx,
+                who: who.clone(),
+                failpoint: *failpoint,
+            };
+            match twopc.apply(&active, 0).await {
+                Ok(c) => {
+                    let epoch = c.epoch;
+                    (c, epoch)
+                }
+                Err(e) => return Ok(Err(bad(format!("{file} cannot be served: {e}")))),
+            }
+        }
     };
     let serving = Arc::new(Serving::default());
-    serving.replace(Arc::new(cluster));
-    let m = Arc::new(ServedModel::new(id.clone(), serving, Arc::new(tok)));
+    serving.replace(cluster);
+    let m = Arc::new(ServedModel::new(id.clone(), serving, f.tok.clone()));
     st.models.write().unwrap_or_else(|e| e.into_inner()).push(m);
     tracing::info!(model = %id, %epoch, "model loaded");
     Ok(Ok((id, epoch)))
 }
 
-/// Unloads `id` (the caller holds `busy`): no new request reaches it, those running get up
+/// Waits for the requests running on `m` (up to `drain`), then ends its leases: every node
+/// frees the sessions, and the slices its connections own. Whether its requests had all
+/// ended. (`m` is no longer routed to.)
+pub async fn retire(m: Arc<ServedModel>, drain: Duration) -> bool {
+    // Those running hold its plan until they end (the plan is held here and by its
+    // `Serving` besides).
+    let plan = m.serving.current().ok();
+    let running = || plan.as_ref().is_some_and(|c| Arc::strong_count(c) > 2);
+    let deadline = tokio::time::Instant::now() + drain;
+    while running() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drained = !running();
+    drop(plan);
+    m.serving.stop_heartbeats();
+    drained
+}
+
+/// Unloads `id` (the caller holds `AppState::changing`): no new request reaches it, those running get up
 /// to the drain time, then its connections close and the nodes free its slices. Whether
 /// its requests had all ended.
 async fn unload_id(
@@ -186,6 +280,11 @@ async fn unload_id(
     id: &str,
     last_too: bool,
 ) -> Result<bool, ApiError> {
+    if let Some(id) = admin.pinned(st, id) {
+        return Err(conflict(format!(
+            "`{id}` is the base model of this etcd cluster (every coordinator's --model): it stays; change --model and restart the coordinators to replace it"
+        )));
+    }
     let m = {
         let mut models = st.models.write().unwrap_or_else(|e| e.into_inner());
         let i = models.iter().position(|m| m.id == id).ok_or_else(|| {
@@ -202,20 +301,30 @@ async fn unload_id(
         }
         models.remove(i)
     };
-    // Those running hold its plan until they end (the plan is held here and by its
-    // `Serving` besides).
-    let plan = m.serving.current().ok();
-    let running = || plan.as_ref().is_some_and(|c| Arc::strong_count(c) > 2);
-    let deadline = tokio::time::Instant::now() + admin.drain;
-    while running() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let drained = retire(m, admin.drain).await;
+    // With etcd: its plan goes, and the unload is recorded, so that every coordinator stops
+    // serving it and every node frees its slices (a re-plan committed meanwhile changes the
+    // plan's revision: read it again).
+    if let Placement::Etcd { registry, who, .. } = &admin.placement {
+        let key = PlanKey::Model(id.to_string());
+        let mut tries = 0;
+        loop {
+            let Some((_, rev)) = registry.plan_at(&key).await.map_err(etcd_error)? else {
+                break;
+            };
+            match registry.unload_model(id, rev, who).await {
+                Ok(rec) => {
+                    tracing::info!(model = %id, epoch = %rec.epoch, "unload recorded in etcd");
+                    break;
+                }
+                Err(RegistryError::Conflict(e)) if tries < 5 => {
+                    tracing::info!(model = %id, "unloading: {e}; again");
+                    tries += 1;
+                }
+                Err(e) => return Err(etcd_error(e)),
+            }
+        }
     }
-    let drained = !running();
-    drop(plan);
-    // Its heartbeats end and, with the last reference, its connections: every node frees
-    // the slices and sessions of those leases.
-    m.serving.stop_heartbeats();
-    drop(m);
     tracing::info!(model = %id, drained, "model unloaded");
     Ok(drained)
 }
@@ -226,7 +335,7 @@ async fn load(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
     let admin = admin(&st)?;
-    let _one = admin.busy.lock().await;
+    let _one = st.changing.lock().await;
     let (id, epoch) = load_file(&st, admin, &req.file).await??;
     Ok((
         StatusCode::CREATED,
@@ -239,7 +348,7 @@ async fn unload(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let admin = admin(&st)?;
-    let _one = admin.busy.lock().await;
+    let _one = st.changing.lock().await;
     let drained = unload_id(&st, admin, &id, false).await?;
     Ok(Json(json!({"id": id, "drained": drained})))
 }
@@ -252,13 +361,18 @@ async fn switch(
 ) -> Result<Json<Value>, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
     let admin = admin(&st)?;
-    let _one = admin.busy.lock().await;
+    let _one = st.changing.lock().await;
     if !st.models().iter().any(|m| m.id == req.from) {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("The model `{}` is not served", req.from),
             "invalid_request_error",
         ));
+    }
+    if let Some(id) = admin.pinned(&st, &req.from) {
+        return Err(conflict(format!(
+            "`{id}` is the base model of this etcd cluster (every coordinator's --model): it stays; load the new model beside it instead"
+        )));
     }
     let (order, (id, epoch), drained) = match load_file(&st, admin, &req.to).await? {
         Ok(loaded) => {

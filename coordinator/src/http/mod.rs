@@ -68,8 +68,11 @@ impl ServedModel {
 pub struct AppState {
     /// The models served, the default (for requests that name none) first.
     pub models: std::sync::RwLock<Vec<Arc<ServedModel>>>,
-    /// Loads and unloads at run time (static membership only).
+    /// Loads and unloads at run time.
     pub admin: Option<admin::Admin>,
+    /// Held by each change of the set of models (an admin load, unload or switch; a step of
+    /// following the set in etcd), so that they happen one at a time.
+    pub changing: tokio::sync::Mutex<()>,
     /// Admission: one permit per running request.
     pub admission: Arc<Semaphore>,
     /// Requests served, for /metrics.

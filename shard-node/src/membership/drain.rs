@@ -1,5 +1,5 @@
 //! Leaving: asked through `leaving/<id>` in etcd (by `shard-node leave`), the node waits
-//! until a plan without it is committed and its sessions have finished, or until the
+//! until plans without it are committed (of every model served) and its sessions have finished, or until the
 //! deadline, when the sessions still running are ended with an error. Then it frees
 //! everything and deregisters.
 
@@ -30,7 +30,7 @@ impl Drain {
         &mut self,
         m: &Member,
         reg: &Registration,
-        plan: Option<&PlanRecord>,
+        plans: &[&PlanRecord],
     ) -> cluster_registry::Result<bool> {
         if self.deadline_unix_ms.is_none() {
             match m.registry.leave_request(&m.id).await {
@@ -56,7 +56,7 @@ impl Drain {
         }
         let deadline = self.deadline_unix_ms.unwrap_or(0);
         let sessions = m.node.session_count();
-        let done = !in_plan(plan, &m.id) && sessions == 0;
+        let done = !in_plan(plans, &m.id) && sessions == 0;
         let late = now_unix_ms() >= deadline;
         if !done && !late {
             return Ok(false);

@@ -4,7 +4,8 @@
 //!   died between the decision and COMMIT leaves the decision behind);
 //! - aborts a prepared slice with no decision after the prepare timeout, recording the abort
 //!   in etcd first, so that no late COMMIT can contradict it;
-//! - retires its slice once a plan without it is committed;
+//! - retires its slice of a model once a plan of that model without it is committed, and its
+//!   slice of a model loaded at run time once the model's unload is recorded;
 //! - drains and leaves when asked to ([`super::drain`]).
 
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub async fn run(m: Member, reg: Registration, stop: CancellationToken, left: Ca
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let mut read_all = true;
         let plan = match m.registry.plan().await {
             Ok(p) => {
                 bad_plan = None;
@@ -45,20 +47,30 @@ pub async fn run(m: Member, reg: Registration, stop: CancellationToken, left: Ca
                     tracing::error!("ignoring the plan in etcd: {msg}");
                     bad_plan = Some(msg);
                 }
+                read_all = false;
                 None
             }
         };
         resolve_prepared(&m).await;
         if let Some(p) = &plan {
-            // Only a plan whose COMMIT is recorded retires anything.
+            // Only a plan whose COMMIT is recorded retires anything, and only its model's.
             if p.stage_of(&m.id).is_none()
                 && m.node.slice().is_some_and(|s| s.epoch < p.epoch)
                 && matches!(m.registry.decision(p.epoch).await, Ok(Some(d)) if d.decision == Decision::Commit)
             {
-                m.node.retire_before(p.epoch);
+                m.node.retire_before(p.epoch, &p.model);
             }
         }
-        match drain.step(&m, &reg, plan.as_ref()).await {
+        // the drain needs every model's plan
+        let Some(models) = retire_unloaded_and_replaced(&m).await else {
+            continue;
+        };
+        if !read_all {
+            continue;
+        }
+        let mut plans: Vec<&PlanRecord> = plan.iter().collect();
+        plans.extend(models.iter());
+        match drain.step(&m, &reg, &plans).await {
             Ok(true) => {
                 left.cancel();
                 return;
@@ -117,7 +129,41 @@ fn apply(m: &Member, epoch: PlanEpoch, d: Decision, by: &str) {
     }
 }
 
-/// Whether `plan` names this node (used by the drain).
-pub fn in_plan(plan: Option<&PlanRecord>, id: &str) -> bool {
-    plan.is_some_and(|p| p.stage_of(id).is_some())
+/// The models loaded at run time (`models/` in etcd): a slice of one whose unload is recorded
+/// retires, as does one of an older epoch when a plan of its model without this node is
+/// committed. Returns their plans; `None` when etcd cannot be read (nothing retires then).
+async fn retire_unloaded_and_replaced(m: &Member) -> Option<Vec<PlanRecord>> {
+    // The slices served before etcd is read: one committed after the read began is in a plan
+    // the read may not show yet.
+    let held: Vec<(PlanEpoch, String)> = m
+        .node
+        .slices_held()
+        .into_iter()
+        .filter(|s| s.3 == SliceState::Serving)
+        .map(|s| (s.0, s.1))
+        .collect();
+    let read = futures::try_join!(m.registry.unloaded(), m.registry.models());
+    let (unloaded, (models, _)) = match read {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("reading the models in etcd: {e}");
+            return None;
+        }
+    };
+    for (e, model) in &held {
+        if unloaded.contains(e) {
+            m.node.retire_epoch(*e, &format!("{model} was unloaded"));
+        } else if let Some(x) = models.iter().find(|x| {
+            x.plan.model == *model && x.plan.epoch > *e && x.plan.stage_of(&m.id).is_none()
+        }) {
+            let why = format!("{model}'s plan {} leaves this node out", x.plan.epoch);
+            m.node.retire_epoch(*e, &why);
+        }
+    }
+    Some(models.into_iter().map(|x| x.plan).collect())
+}
+
+/// Whether any of `plans` names this node (used by the drain).
+pub fn in_plan(plans: &[&PlanRecord], id: &str) -> bool {
+    plans.iter().any(|p| p.stage_of(id).is_some())
 }

@@ -354,12 +354,24 @@ impl Node {
         Ok(bytes)
     }
 
-    /// Retires the served slice if it is older than `epoch` (a plan this node is not part
-    /// of was committed).
-    pub fn retire_before(&self, epoch: PlanEpoch) {
+    /// Retires the served slice of `model` if it is older than `epoch` (a plan of that model
+    /// which this node is not part of was committed).
+    pub fn retire_before(&self, epoch: PlanEpoch, model: &str) {
         let mut h = lock(&self.held);
-        if h.slices.retire_before(epoch) {
-            tracing::info!(%epoch, "this node is not in plan {epoch}: its slice retires");
+        if h.slices.retire_before(epoch, model) {
+            tracing::info!(%epoch, model, "this node is not in plan {epoch}: its slice retires");
+            if h.collect_retired() {
+                self.mark_freed();
+            }
+        }
+    }
+
+    /// Retires the served slice of `epoch` (`why`: its model was unloaded, or re-planned
+    /// without this node): it is freed once its sessions end.
+    pub fn retire_epoch(&self, epoch: PlanEpoch, why: &str) {
+        let mut h = lock(&self.held);
+        if h.slices.retire(epoch) {
+            tracing::info!(%epoch, why, "slice retires");
             if h.collect_retired() {
                 self.mark_freed();
             }

@@ -200,16 +200,32 @@ impl<S> SliceTable<S> {
         }
     }
 
-    /// Retires the served slice if it is older than `epoch`; whether it did.
-    pub fn retire_before(&mut self, epoch: PlanEpoch) -> bool {
+    /// Retires the served slices older than `epoch` that a commit of `model` replaces (those
+    /// of that model, and any not served beside others); whether it did.
+    pub fn retire_before(&mut self, epoch: PlanEpoch, model: &str) -> bool {
+        let by = Some(model.to_string());
         let mut n = 0;
         for (&e, s) in self.map.iter_mut() {
-            if e < epoch && s.state == SliceState::Serving {
+            if e < epoch
+                && s.state == SliceState::Serving
+                && (s.beside.is_none() || s.replaced_by(&by))
+            {
                 s.state = SliceState::Retiring;
                 n += 1;
             }
         }
         n > 0
+    }
+
+    /// Retires the served slice of `epoch` (its model was unloaded); whether it did.
+    pub fn retire(&mut self, epoch: PlanEpoch) -> bool {
+        match self.map.get_mut(&epoch) {
+            Some(s) if s.state == SliceState::Serving => {
+                s.state = SliceState::Retiring;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Frees retiring slices whose epoch no session runs on; their epochs and bytes.
@@ -380,14 +396,38 @@ mod tests {
     fn retire_before_retires_only_older_served_slices() {
         let mut t = table(&[3]);
         t.commit(ep(3), None).expect("commit");
-        assert!(!t.retire_before(ep(3)));
-        assert!(t.retire_before(ep(4)));
+        assert!(!t.retire_before(ep(3), "m.gguf"));
+        assert!(t.retire_before(ep(4), "m.gguf"));
         assert_eq!(state(&t, 3), Some(SliceState::Retiring));
         assert_eq!(t.commit(ep(3), None), Err(NodeError::Replaced(ep(3))));
         assert_eq!(
             t.committed(ep(5)).err(),
             Some(NodeError::NotCommitted(ep(5)))
         );
+    }
+
+    #[test]
+    fn a_plan_of_one_model_retires_none_of_the_others_and_an_unload_retires_its_epoch() {
+        let mut t = SliceTable::default();
+        for (e, m) in [(1, "a"), (2, "b")] {
+            t.prepare(ep(e), Arc::new(m), 10, A, true, Some(m.to_string()))
+                .expect("prepare");
+            t.commit(ep(e), Some(OWNER)).expect("commit");
+        }
+        // a plan of `a` at 3 without this node retires `a` only
+        assert!(t.retire_before(ep(3), "a"));
+        assert_eq!(state(&t, 1), Some(SliceState::Retiring));
+        assert_eq!(state(&t, 2), Some(SliceState::Serving));
+        assert!(!t.retire_before(ep(3), "c"));
+        // `b` unloaded: its epoch retires, and only once
+        assert!(t.retire(ep(2)));
+        assert!(!t.retire(ep(2)));
+        assert!(!t.retire(ep(7)));
+        assert_eq!(state(&t, 2), Some(SliceState::Retiring));
+        let mut freed = t.collect(&HashSet::new());
+        freed.sort();
+        assert_eq!(freed, vec![(ep(1), 10), (ep(2), 10)]);
+        assert_eq!(t.bytes(), 0);
     }
 
     #[test]

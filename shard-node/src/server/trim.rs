@@ -13,13 +13,19 @@
 /// top grows past 512 KiB is shrunk on the spot. glibc otherwise raises both thresholds
 /// after the first large free (up to 32 and 64 MiB), and `malloc_trim` never shrinks the
 /// top of a thread's arena, so a burst of sessions left ~45 MiB resident for good (measured:
-/// docs/memory.md).
+/// docs/memory.md). One arena: with one per thread (up to 8 per core), and even with two, a
+/// model load's many small allocations landed in a different arena from one load to the
+/// next, and the pages their neighbours pinned moved the resident set up and down by 5 to
+/// 9 MiB between loads of the same model (measured: docs/memory.md, "Model switches"). Small
+/// allocations take glibc's per-thread cache first, so the one arena's lock is rarely
+/// contended.
 pub fn configure_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called once, at start-up.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
