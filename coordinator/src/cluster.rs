@@ -198,6 +198,8 @@ pub struct Cluster {
     pub heartbeat: Duration,
     /// The model.
     pub model: Arc<ModelRef>,
+    /// Prompts' KV caches kept on its stages.
+    pub prefix: crate::engine::PrefixCache,
 }
 
 /// A context with a deadline `within` from now (see [`TIMEOUTS`]).
@@ -329,6 +331,7 @@ impl Cluster {
             max_ctx,
             heartbeat,
             model,
+            prefix: Default::default(),
         }
     }
 

@@ -33,6 +33,8 @@ pub struct RawServeConfig {
     pub etcd_ttl_secs: i64,
     /// How long in-flight requests may run on after ctrl-c or SIGTERM, in seconds.
     pub drain_secs: u64,
+    /// Bytes of prompts' KV caches kept on each stage for prompts to come (0: none).
+    pub prefix_cache_bytes: u64,
     /// Testing only: stop the 2PC driver at this point.
     pub failpoint: Option<Failpoint>,
     /// API keys given on the command line.
@@ -82,6 +84,8 @@ pub struct ServeConfig {
     pub max_ctx: usize,
     /// Where the nodes come from.
     pub membership: Membership,
+    /// Bytes of prompts' KV caches kept on each stage (0: no prefix cache).
+    pub prefix_cache_bytes: u64,
     /// How long in-flight requests may run on after a shutdown signal.
     pub drain: Duration,
     /// Testing only.
@@ -121,6 +125,7 @@ impl RawServeConfig {
             id: None,
             etcd_ttl_secs: 5,
             drain_secs: 30,
+            prefix_cache_bytes: crate::engine::prefix::DEFAULT_BUDGET,
             failpoint: None,
             api_keys: Vec::new(),
             api_key_file: None,
@@ -235,6 +240,7 @@ impl RawServeConfig {
             max_ctx: self.max_ctx,
             membership,
             drain: Duration::from_secs(self.drain_secs),
+            prefix_cache_bytes: self.prefix_cache_bytes,
             failpoint: self.failpoint,
             api_keys,
             metrics_keys: self.metrics_key.into_iter().collect(),

@@ -13,6 +13,7 @@ use proto_types::*;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+pub use prefix::PrefixCache;
 pub use shared::start_shared;
 
 use crate::cluster::{ctx, rpc, untraced_ctx, Cluster};
@@ -20,6 +21,7 @@ use crate::error::{CoordError, Result};
 use crate::serving::Serving;
 use crate::timeouts::TIMEOUTS;
 
+pub mod prefix;
 mod shared;
 
 /// What a request asks for, already tokenized.
@@ -52,6 +54,8 @@ pub enum GenEvent {
         prompt_tokens: usize,
         /// Generated tokens.
         completion_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        cached_tokens: usize,
     },
     /// A failure; nothing follows.
     Error(CoordError),
@@ -72,13 +76,13 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// Closes the session on every stage: awaited by [`SessionGuard::close`] when a request ends,
 /// spawned from `Drop` when it is cut short (an error, or the client going away).
-struct SessionGuard {
+pub(crate) struct SessionGuard {
     cluster: Arc<Cluster>,
     session: SessionId,
     open: bool,
 }
 
-async fn close_everywhere(c: Arc<Cluster>, s: SessionId) {
+pub(crate) async fn close_everywhere(c: Arc<Cluster>, s: SessionId) {
     for n in &c.nodes {
         // An unknown session is fine: it may never have been opened there. A node that is
         // down has lost the session already.
@@ -210,17 +214,45 @@ async fn run(
     admitted: impl FnOnce(),
 ) -> Result<()> {
     let session = next_session();
-    let guard = open(&cluster, session, &req).await?;
+    // A prompt that begins like a cached one copies that prefix on every stage.
+    let mut cached = 0;
+    let mut guard = None;
+    if let Some(hit) = cluster.prefix.lookup(&req.prompt) {
+        let g = SessionGuard {
+            cluster: cluster.clone(),
+            session,
+            open: true,
+        };
+        match cluster
+            .prefix
+            .open_from(&cluster, session, &req, &hit)
+            .await
+        {
+            Ok(()) => {
+                cached = hit.tokens;
+                guard = Some(g);
+            }
+            Err(e) => {
+                // (an entry evicted meanwhile): computed in full instead
+                tracing::debug!("prefix cache hit not used: {e}");
+                g.close().await;
+            }
+        }
+    }
+    let guard = match guard {
+        Some(g) => g,
+        None => open(&cluster, session, &req).await?,
+    };
     admitted();
-    decode(&cluster, tok, guard, req, 0, tx).await
+    decode(&cluster, tok, guard, req, cached, Some(cached), tx).await
 }
 
-fn next_session() -> SessionId {
+pub(crate) fn next_session() -> SessionId {
     SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed))
 }
 
 /// How the last stage picks `req`'s tokens, for the wire.
-fn wire_sampling(req: &GenRequest) -> WireSampling {
+pub(crate) fn wire_sampling(req: &GenRequest) -> WireSampling {
     let s = &req.sampling;
     WireSampling {
         temperature: s.temperature,
@@ -285,13 +317,16 @@ async fn open(
 }
 
 /// Generates `req` on the open session of `guard`, whose KV cache holds the prompt's first
-/// `cached` tokens already, streaming to `tx`; closes the session at the end.
+/// `cached` tokens already, streaming to `tx`; closes the session at the end. `from_cache`:
+/// how many came from the prefix cache, for a request of its own (whose prompt is then
+/// offered to the cache); `None` for a choice of several that share a prefill.
 async fn decode(
     cluster: &Arc<Cluster>,
     tok: &TextTokenizer,
     guard: SessionGuard,
     req: GenRequest,
     cached: usize,
+    from_cache: Option<usize>,
     tx: &mpsc::Sender<GenEvent>,
 ) -> Result<()> {
     let mut chain = RemoteChain::new(cluster, guard.session)?;
@@ -310,14 +345,23 @@ async fn decode(
     let Some(finish) = g.finish else {
         return Ok(());
     };
-    guard.close().await;
     let _ = tx
         .send(GenEvent::Done {
             finish,
             prompt_tokens: g.prompt_tokens,
             completion_tokens: g.tokens.len(),
+            cached_tokens: from_cache.unwrap_or(0),
         })
         .await;
+    // The prompt's keys and values, for requests to come (after the answer: it costs this
+    // request nothing).
+    if from_cache.is_some_and(|n| n < req.prompt.len()) {
+        cluster
+            .prefix
+            .store(cluster, guard.session, &req.prompt)
+            .await;
+    }
+    guard.close().await;
     Ok(())
 }
 

@@ -122,6 +122,11 @@ struct ServeArgs {
     /// On ctrl-c or SIGTERM, how long in-flight requests may run on, in seconds.
     #[arg(long, default_value_t = 30)]
     drain_secs: u64,
+    /// Bytes of prompts' keys and values kept on each stage, so that a prompt that begins
+    /// like an earlier one (a system prompt, a chat history) reuses them instead of computing
+    /// them again; least recently used first out; 0 turns the prefix cache off.
+    #[arg(long, default_value_t = coordinator::engine::prefix::DEFAULT_BUDGET)]
+    prefix_cache_bytes: u64,
     /// Export traces over OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317` (Jaeger);
     /// wins over `OTEL_EXPORTER_OTLP_ENDPOINT`. Without either, nothing is exported.
     #[arg(long)]
@@ -236,6 +241,7 @@ impl From<ServeArgs> for RawServeConfig {
             id: a.id,
             etcd_ttl_secs: a.etcd_ttl_secs,
             drain_secs: a.drain_secs,
+            prefix_cache_bytes: a.prefix_cache_bytes,
             failpoint: a.failpoint,
             api_keys: a.api_key,
             api_key_file: a.api_key_file,

@@ -168,6 +168,15 @@ pub struct ForkSession {
     pub to: SessionId,
     /// How the new session's last stage picks tokens.
     pub sampling: WireSampling,
+    /// Positions of `from` the copy keeps (`None`: all); a prefix-cache hit keeps the prefix
+    /// it shares. A windowed layer that has wrapped into a ring is only copied whole.
+    pub keep: Option<u32>,
+    /// The copy's context bound (`None`: `from`'s). A prefix-cache entry is bounded by what
+    /// it keeps: it holds exactly those positions and never grows.
+    pub max_ctx: Option<u32>,
+    /// The copy is a prefix-cache entry: it never runs a step, the idle reaper leaves it to
+    /// its owner, and the memory accounting counts it as `prefix_cache`.
+    pub prefix_cache: bool,
 }
 
 /// Input of one session's forward step.
@@ -260,6 +269,8 @@ pub struct LeaseBytes {
     pub activations: u64,
     /// Slices prepared but not committed.
     pub prepared: u64,
+    /// Prefix-cache entries (KV caches kept for prompts to come).
+    pub prefix_cache: u64,
 }
 
 /// Where a held slice is in the two-phase commit.

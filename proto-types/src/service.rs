@@ -18,8 +18,8 @@ pub trait ShardNode {
     async fn unload_slice(epoch: PlanEpoch) -> Result<(), ShardError>;
     /// Opens a session on the current slice.
     async fn open_session(req: OpenSession) -> Result<(), ShardError>;
-    /// Opens a session as a copy of another (see [`ForkSession`]).
-    async fn fork_session(req: ForkSession) -> Result<(), ShardError>;
+    /// Opens a session as a copy of another (see [`ForkSession`]); the bytes the copy holds.
+    async fn fork_session(req: ForkSession) -> Result<u64, ShardError>;
     /// Closes a session and frees its KV cache at once.
     async fn close_session(session: SessionId) -> Result<(), ShardError>;
     /// Runs the slice on each item, forwards to the next stage, and returns what the last

@@ -212,16 +212,12 @@ impl CoordinatorProcess {
     ) -> anyhow::Result<Self> {
         let mut cmd = std::process::Command::new(coordinator_bin());
         cmd.envs(env.iter().copied());
-        cmd.args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--max-ctx",
-            "1024",
-            "--model",
-        ])
-        .arg(model)
-        .args(args);
+        cmd.args(["serve", "--http", "127.0.0.1:0"]);
+        // a context of 1,024 tokens unless `args` asks for another
+        if !args.contains(&"--max-ctx") {
+            cmd.args(["--max-ctx", "1024"]);
+        }
+        cmd.arg("--model").arg(model).args(args);
         let (child, addr, _) = spawn_listening(cmd)?;
         Ok(CoordinatorProcess {
             child,

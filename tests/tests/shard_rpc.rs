@@ -272,6 +272,9 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
         from: SessionId(from),
         to: SessionId(to),
         sampling: WireSampling::default(),
+        keep: None,
+        max_ctx: None,
+        prefix_cache: false,
     };
     for c in &clients {
         c.fork_session(ctx(), fork(5, 6)).await??;

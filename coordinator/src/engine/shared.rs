@@ -57,6 +57,9 @@ async fn fork_everywhere(
         from,
         to,
         sampling: wire_sampling(req),
+        keep: None,
+        max_ctx: None,
+        prefix_cache: false,
     };
     for node in &cluster.nodes {
         rpc(
@@ -116,7 +119,7 @@ pub(super) async fn run(
         .map(|((guard, req), tx)| {
             let cluster = &cluster;
             async move {
-                if let Err(e) = decode(cluster, tok, guard, req.clone(), shared, tx).await {
+                if let Err(e) = decode(cluster, tok, guard, req.clone(), shared, None, tx).await {
                     let _ = tx.send(GenEvent::Error(e)).await;
                 }
             }

@@ -339,6 +339,7 @@ fn model_plan(
                 "weights_bytes": kind_sum(s, |l| l.weights),
                 "prepared_bytes": kind_sum(s, |l| l.prepared),
                 "kv_cache_bytes": kind_sum(s, |l| l.kv_cache),
+                "prefix_cache_bytes": kind_sum(s, |l| l.prefix_cache),
                 "activation_bytes": kind_sum(s, |l| l.activations),
                 "memory_limit": s.memory_limit,
                 "device_total_bytes": s.device_total_bytes,
@@ -350,6 +351,7 @@ fn model_plan(
                     "lease": l.lease.map(|l| l.0), "client": l.client,
                     "weights": l.weights, "prepared": l.prepared,
                     "kv_cache": l.kv_cache, "activations": l.activations,
+                    "prefix_cache": l.prefix_cache,
                 })).collect::<Vec<_>>(),
             })
         });
@@ -401,11 +403,14 @@ async fn metrics(State(st): State<Arc<AppState>>) -> String {
         return out;
     };
     let all = statuses(&c).await;
-    let gauges: [(&str, Gauge); 8] = [
+    let gauges: [(&str, Gauge); 9] = [
         ("sessions", |s| s.sessions as i64),
         ("attributed_bytes", |s| s.attributed_bytes as i64),
         ("weights_bytes", |s| kind_sum(s, |l| l.weights) as i64),
         ("kv_cache_bytes", |s| kind_sum(s, |l| l.kv_cache) as i64),
+        ("prefix_cache_bytes", |s| {
+            kind_sum(s, |l| l.prefix_cache) as i64
+        }),
         ("activation_bytes", |s| {
             kind_sum(s, |l| l.activations) as i64
         }),

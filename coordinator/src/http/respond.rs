@@ -14,7 +14,7 @@ use futures::Stream;
 use serde_json::{json, Value};
 
 use super::generation::{Choice, Choices};
-use super::openai::{self, tools, Common, Usage};
+use super::openai::{self, tools, Common, PromptTokensDetails, Usage};
 use super::trace::RequestSpan;
 use super::{now, ApiError, AppState, ServedModel};
 use crate::cluster::Cluster;
@@ -197,7 +197,7 @@ pub(super) async fn serve(
             let _permit = permit;
             let mut offsets = vec![0usize; k];
             let mut calls: Vec<Option<ToolStream>> = vec![syntax.map(ToolStream::new); k];
-            let (mut left, mut completion_tokens) = (k, 0);
+            let (mut left, mut completion_tokens, mut cached_tokens) = (k, 0, 0);
             let send = |v: Value| Event::default().data(v.to_string());
             for (i, echo) in echoes.iter().enumerate() {
                 if let Some(e) = echo {
@@ -238,9 +238,11 @@ pub(super) async fn serve(
                     GenEvent::Done {
                         finish,
                         completion_tokens: generated,
+                        cached_tokens: c,
                         ..
                     } => {
                         completion_tokens += generated;
+                        cached_tokens = cached_tokens.max(c);
                         left -= 1;
                         // what was held back: the rest of the text, then each call
                         let mut end = Vec::new();
@@ -291,6 +293,7 @@ pub(super) async fn serve(
                                 prompt_tokens,
                                 completion_tokens,
                                 total_tokens: prompt_tokens + completion_tokens,
+                                prompt_tokens_details: PromptTokensDetails { cached_tokens },
                             };
                             let last = json!({"id": id, "object": object, "created": now(),
                                 "model": model, "choices": [], "usage": usage});
@@ -318,7 +321,7 @@ pub(super) async fn serve(
     }
     let _permit = permit;
     let mut done: Vec<Done> = (0..k).map(|_| Done::default()).collect();
-    let (mut left, mut completion_tokens) = (k, 0);
+    let (mut left, mut completion_tokens, mut cached_tokens) = (k, 0, 0);
     while let Some((i, ev)) = rx.recv().await {
         match ev {
             GenEvent::Piece(p) => {
@@ -329,10 +332,12 @@ pub(super) async fn serve(
             GenEvent::Done {
                 finish,
                 completion_tokens: generated,
+                cached_tokens: c,
                 ..
             } => {
                 done[i].finish = Some(finish);
                 completion_tokens += generated;
+                cached_tokens = cached_tokens.max(c);
                 left -= 1;
                 if left > 0 {
                     continue;
@@ -342,6 +347,7 @@ pub(super) async fn serve(
                     prompt_tokens,
                     completion_tokens,
                     total_tokens: prompt_tokens + completion_tokens,
+                    prompt_tokens_details: PromptTokensDetails { cached_tokens },
                 };
                 let picked = best(&done, group, keep);
                 let choices: Vec<Value> = picked

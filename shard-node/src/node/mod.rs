@@ -75,12 +75,14 @@ pub struct Held {
     pub kv_cache: u64,
     /// Activations queued, computing or relayed.
     pub activations: u64,
+    /// Prefix-cache entries.
+    pub prefix_cache: u64,
 }
 
 impl Held {
     /// All kinds.
     pub fn total(&self) -> u64 {
-        self.weights + self.prepared + self.kv_cache + self.activations
+        self.weights + self.prepared + self.kv_cache + self.activations + self.prefix_cache
     }
 }
 
@@ -208,7 +210,8 @@ impl Node {
         let mut h = lock(&self.held);
         let mut closed = Vec::new();
         h.sessions.retain(|&id, s| {
-            let keep = now_ms.saturating_sub(s.last_used_ms.load(Ordering::Relaxed)) <= idle;
+            let keep = s.prefix_cache
+                || now_ms.saturating_sub(s.last_used_ms.load(Ordering::Relaxed)) <= idle;
             if !keep {
                 closed.push((id, s.kv_bytes.load(Ordering::Relaxed)));
             }
@@ -414,8 +417,13 @@ impl Node {
             }
         }
         for s in h.sessions.values() {
-            m.get_mut(&s.lease).unwrap_or(&mut orphan).kv_cache +=
-                s.kv_bytes.load(Ordering::Relaxed);
+            let to = m.get_mut(&s.lease).unwrap_or(&mut orphan);
+            let bytes = s.kv_bytes.load(Ordering::Relaxed);
+            if s.prefix_cache {
+                to.prefix_cache += bytes;
+            } else {
+                to.kv_cache += bytes;
+            }
         }
         drop(h);
         let mut v: Vec<Held> = m.into_values().collect();
@@ -457,8 +465,9 @@ impl Node {
         if h.sessions.contains_key(&id) {
             return Err(NodeError::SessionOpen(id));
         }
-        if h.sessions.len() >= self.cfg.max_sessions {
-            return Err(NodeError::TooManySessions(h.sessions.len()));
+        let running = h.sessions.values().filter(|s| !s.prefix_cache).count();
+        if !s.prefix_cache && running >= self.cfg.max_sessions {
+            return Err(NodeError::TooManySessions(running));
         }
         self.room_for(&h, s.max_kv_bytes)?;
         let s = Arc::new(s);
@@ -528,7 +537,11 @@ impl Node {
 
     /// Open sessions.
     pub fn session_count(&self) -> usize {
-        lock(&self.held).sessions.len()
+        lock(&self.held)
+            .sessions
+            .values()
+            .filter(|s| !s.prefix_cache)
+            .count()
     }
 
     /// The node's id in etcd, once registered.

@@ -71,6 +71,9 @@ pub struct SessionEntry {
     pub kv_bytes: AtomicU64,
     /// When it last ran a step, in [`now_ms`].
     pub last_used_ms: AtomicU64,
+    /// A prefix-cache entry (see [`proto_types::ForkSession::prefix_cache`]): it runs no
+    /// step, the idle reaper leaves it, and it is counted apart from requests' sessions.
+    pub prefix_cache: bool,
     /// The state.
     pub state: Mutex<Session>,
 }
@@ -84,6 +87,7 @@ impl SessionEntry {
             max_kv_bytes: session.cache.max_nbytes() as u64,
             kv_bytes: AtomicU64::new(0),
             last_used_ms: AtomicU64::new(now_ms()),
+            prefix_cache: false,
             state: Mutex::new(session),
         }
     }

@@ -205,6 +205,7 @@ pub fn render(node: &Node, m: &Metrics) -> String {
             ("prepared", h.prepared),
             ("kv_cache", h.kv_cache),
             ("activations", h.activations),
+            ("prefix_cache", h.prefix_cache),
         ] {
             let _ = writeln!(
                 out,

@@ -270,7 +270,7 @@ impl ShardNode for Conn {
         Ok(())
     }
 
-    async fn fork_session(self, _: Context, req: ForkSession) -> Result<(), ShardError> {
+    async fn fork_session(self, _: Context, req: ForkSession) -> Result<u64, ShardError> {
         let lease = self.coordinator_lease("fork_session")?;
         let from = self.node().session(req.from)?;
         if from.lease != lease {
@@ -283,14 +283,22 @@ impl ShardNode for Conn {
         }
         // (its slice by epoch, not from its state: a step of `from` may hold that lock)
         let slice = self.node().slice_for(from.epoch)?;
-        // a copy that cannot be kept is not made
-        self.node().session_fits(from.max_kv_bytes)?;
         let sampler = sampler_for(&slice, &req.sampling).await?;
+        let node = self.server.node.clone();
         // Copying the cache (a device copy, or megabytes of host rows) blocks: off the async
-        // workers. It waits for a step of `from` that is still running.
+        // workers. It waits for a step of `from` that is still running. A copy that cannot be
+        // kept (the memory limit) is not made.
         let (cache, next) = tokio::task::spawn_blocking(move || {
             let s = lock(&from.state);
-            Ok::<_, ShardError>((s.cache.fork().map_err(shard_err)?, s.next.clone()))
+            let keep = req.keep.map_or(s.cache.len(), |k| k as usize);
+            let max_ctx = req.max_ctx.map_or(s.cache.max_ctx(), |m| m as usize);
+            node.session_fits(s.cache.bytes_at(max_ctx) as u64)?;
+            let cache = if keep == s.cache.len() && max_ctx == s.cache.max_ctx() {
+                s.cache.fork()
+            } else {
+                s.cache.fork_prefix(keep, max_ctx)
+            };
+            Ok::<_, ShardError>((cache.map_err(shard_err)?, s.next.clone()))
         })
         .await
         .map_err(|e| {
@@ -306,13 +314,13 @@ impl ShardNode for Conn {
             next,
             sampler,
         };
-        let entry = self
-            .node()
-            .open_session(req.to, SessionEntry::new(lease, session))?;
+        let mut entry = SessionEntry::new(lease, session);
+        entry.prefix_cache = req.prefix_cache;
+        let entry = self.node().open_session(req.to, entry)?;
         entry
             .kv_bytes
             .store(bytes, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        Ok(bytes)
     }
 
     async fn close_session(self, _: Context, session: SessionId) -> Result<(), ShardError> {
@@ -440,6 +448,7 @@ impl ShardNode for Conn {
                     kv_cache: h.kv_cache,
                     activations: h.activations,
                     prepared: h.prepared,
+                    prefix_cache: h.prefix_cache,
                 })
                 .collect(),
             slices: self

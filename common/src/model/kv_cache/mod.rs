@@ -131,6 +131,33 @@ fn grow_host<T: KvElem>(layers: &mut [HostLayer<T>], elems: impl Fn(usize) -> us
     Ok(())
 }
 
+/// A copy of the first `elems(i)` elements of each host layer, in memory of its own (exactly
+/// that much); an allocation failure is an error.
+fn host_copy<T: Clone>(
+    layers: &[HostLayer<T>],
+    elems: impl Fn(usize) -> usize,
+) -> Result<Vec<HostLayer<T>>> {
+    let copy = |src: &[T]| -> Result<Vec<T>> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(src.len()).map_err(|e| {
+            Error::InvalidInput(format!("copying a KV cache of {} elements: {e}", src.len()))
+        })?;
+        v.extend_from_slice(src);
+        Ok(v)
+    };
+    layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let n = elems(i);
+            Ok(HostLayer {
+                k: copy(&l.k[..n])?,
+                v: copy(&l.v[..n])?,
+            })
+        })
+        .collect()
+}
+
 /// Keys and values of one session on one stage.
 #[derive(Debug)]
 pub struct KvCache {
@@ -278,31 +305,14 @@ impl KvCache {
         self.bytes_for(self.max_ctx)
     }
 
+    /// Bytes it would hold at `positions` positions.
+    pub fn bytes_at(&self, positions: usize) -> usize {
+        self.bytes_for(positions)
+    }
+
     /// A copy of this cache (its rows, length and capacity) whose memory is its own: a
     /// session that goes on from the same prefix, such as another choice of the same prompt.
     pub fn fork(&self) -> Result<KvCache> {
-        fn host<T: Clone>(layers: &[HostLayer<T>]) -> Result<Vec<HostLayer<T>>> {
-            let copy = |src: &Vec<T>| -> Result<Vec<T>> {
-                let mut v = Vec::new();
-                v.try_reserve_exact(src.len()).map_err(|e| {
-                    Error::InvalidInput(format!(
-                        "copying a KV cache of {} elements: {e}",
-                        src.len()
-                    ))
-                })?;
-                v.extend_from_slice(src);
-                Ok(v)
-            };
-            layers
-                .iter()
-                .map(|l| {
-                    Ok(HostLayer {
-                        k: copy(&l.k)?,
-                        v: copy(&l.v)?,
-                    })
-                })
-                .collect()
-        }
         let store = match &self.store {
             Store::Device(layers) => Store::Device(
                 layers
@@ -315,14 +325,68 @@ impl KvCache {
                     })
                     .collect::<Result<_>>()?,
             ),
-            Store::HostF16(l) => Store::HostF16(host(l)?),
-            Store::HostF32(l) => Store::HostF32(host(l)?),
+            Store::HostF16(l) => Store::HostF16(host_copy(l, |i| l[i].k.len())?),
+            Store::HostF32(l) => Store::HostF32(host_copy(l, |i| l[i].k.len())?),
         };
         Ok(KvCache {
             store,
             len: self.len,
             capacity: self.capacity,
             max_ctx: self.max_ctx,
+            kv_dim: self.kv_dim,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            windowed: self.windowed.clone(),
+            ring_rows: self.ring_rows,
+        })
+    }
+
+    /// A copy of this cache's first `keep` positions, bounded by `max_ctx` tokens, whose
+    /// memory is its own and holds exactly those positions: a prefix-cache entry (`max_ctx`
+    /// = `keep`: it never grows), or a request that goes on from a cached prefix. A windowed
+    /// layer that has wrapped into a ring is only copied whole (`keep` = [`KvCache::len`]).
+    pub fn fork_prefix(&self, keep: usize, max_ctx: usize) -> Result<KvCache> {
+        if keep > self.len || keep > max_ctx || max_ctx == 0 {
+            return Err(Error::InvalidInput(format!(
+                "a copy of {keep} of {} positions, bounded by {max_ctx}",
+                self.len
+            )));
+        }
+        let n = self.store.n_layers();
+        if keep < self.len {
+            if let Some(i) = (0..n).find(|&i| self.len > self.layer_rows(i)) {
+                return Err(Error::InvalidInput(format!(
+                    "layer {i} holds a ring of {} rows past {} positions: only the whole cache can be copied",
+                    self.layer_rows(i),
+                    self.len
+                )));
+            }
+        }
+        let kv_dim = self.kv_dim;
+        let rows: Vec<usize> = (0..n).map(|i| self.rows_at(i, keep)).collect();
+        let store = match &self.store {
+            Store::HostF16(l) => Store::HostF16(host_copy(l, |i| rows[i] * kv_dim)?),
+            Store::HostF32(l) => Store::HostF32(host_copy(l, |i| rows[i] * kv_dim)?),
+            Store::Device(layers) => Store::Device(
+                layers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        let (k, v) = self.alloc(rows[i])?;
+                        if rows[i] > 0 {
+                            k.slice_set(&l.k.narrow(0, 0, rows[i])?.contiguous()?, 0, 0)?;
+                            v.slice_set(&l.v.narrow(0, 0, rows[i])?.contiguous()?, 0, 0)?;
+                        }
+                        Ok(LayerKv { k, v })
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+        };
+        Ok(KvCache {
+            store,
+            len: keep,
+            capacity: keep,
+            max_ctx,
             kv_dim: self.kv_dim,
             dtype: self.dtype,
             device: self.device.clone(),

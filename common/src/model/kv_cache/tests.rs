@@ -105,3 +105,60 @@ fn a_fork_has_the_rows_and_memory_of_its_own() -> Result<()> {
     assert_eq!(c.len(), 5);
     Ok(())
 }
+
+#[test]
+fn a_prefix_fork_holds_exactly_its_positions_and_goes_on() -> Result<()> {
+    let mut c = KvCache::new(2, 8, 300, KvDtype::F32, &Device::Cpu)?;
+    c.reserve(20)?;
+    for pos in 0..20 {
+        let row = Tensor::full(pos as f32, (1, 8), &Device::Cpu)?;
+        for i in 0..2 {
+            c.write(i, pos, &row, &row)?;
+        }
+    }
+    c.advance(20);
+    // an entry: the first 12 positions, bounded by them
+    let entry = c.fork_prefix(12, 12)?;
+    assert_eq!((entry.len(), entry.max_ctx()), (12, 12));
+    assert_eq!(entry.nbytes(), 2 * 2 * 12 * 8 * 4);
+    assert_eq!(entry.max_nbytes(), entry.nbytes(), "it never grows");
+    // a request going on from 10 of them, with room for 100
+    let mut r = entry.fork_prefix(10, 100)?;
+    assert_eq!((r.len(), r.max_ctx()), (10, 100));
+    r.reserve(1)?;
+    let x = Tensor::full(99f32, (1, 8), &Device::Cpu)?;
+    r.write(0, 10, &x, &x)?;
+    r.advance(1);
+    let Some(Ok(HostKv::F32(l))) = r.host_layer(0) else {
+        panic!("an f32 CPU cache lives in host memory");
+    };
+    let firsts: Vec<f32> = (0..11).map(|p| l.k[p * 8]).collect();
+    assert_eq!(
+        firsts,
+        [0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 99.],
+        "the prefix's rows, then its own"
+    );
+    // more than it holds, or a bound below it, is refused
+    assert!(entry.fork_prefix(13, 20).is_err());
+    assert!(c.fork_prefix(12, 11).is_err());
+    Ok(())
+}
+
+#[test]
+fn a_wrapped_ring_is_only_copied_whole() -> Result<()> {
+    let windows = [Some(4), None];
+    let mut c = KvCache::windowed(&windows, 8, 300, KvDtype::F32, &Device::Cpu)?;
+    let k = Tensor::ones((1, 8), DType::F32, &Device::Cpu)?;
+    while c.len() <= c.ring_rows() {
+        c.reserve(1)?;
+        for i in 0..2 {
+            c.write(i, c.len(), &k, &k)?;
+        }
+        c.advance(1);
+    }
+    let n = c.len();
+    assert!(c.fork_prefix(n - 1, 300).is_err(), "a ring that wrapped");
+    let whole = c.fork_prefix(n, 300)?;
+    assert_eq!(whole.len(), n);
+    Ok(())
+}

@@ -44,6 +44,15 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Both.
     pub total_tokens: usize,
+    /// Of the prompt's tokens, those whose keys and values came from the prefix cache.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens reused from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 /// OpenAI's error body.

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Time to the first token of a long prompt, computed in full and with its prefix reused:
+ours (a 2-node CPU cluster, the prefix cache on) against llama.cpp (llama-cpp-python in one
+process, which reuses the common prefix of the prompt it evaluated last), in the same run.
+
+    python3 scripts/bench_prefix.py --bin-dir target/release --model MODEL [--runs 3]
+        [--prefix-tokens 1000] [--threads 2]
+
+Each run takes a prefix of its own (about PREFIX_TOKENS tokens) and asks two questions
+after it, with one new token each: the first computes the whole prompt ("cold"), the second
+shares the prefix ("warm"). One JSON line per engine and run; llama.cpp's only when
+`llama_cpp` imports.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cluster import spawn  # noqa: E402
+
+
+def prefix(tag, tokens):
+    # about 23 tokens a sentence with the default tokenizers
+    s = f"Notes {tag}. "
+    for i in range(max(1, tokens // 23)):
+        s += f"Item {i} of list {tag}: the quick brown fox jumps over the lazy dog near river {i}. "
+    return s
+
+
+QUESTIONS = ["Question: which animal jumps?", "Question: which river is named last?"]
+
+
+def ours(a, runs):
+    models_dir = os.path.dirname(os.path.abspath(a.model))
+    procs, addrs = [], []
+    try:
+        for _ in range(2):
+            p, addr = spawn([os.path.join(a.bin_dir, "shard-node"), "serve", "--listen",
+                             "127.0.0.1:0", "--threads", str(a.threads), "--models-dir",
+                             models_dir])
+            procs.append(p)
+            addrs.append(addr)
+        p, http = spawn([os.path.join(a.bin_dir, "coordinator"), "serve", "--http",
+                         "127.0.0.1:0", "--max-ctx", "4096", "--model", a.model, "--nodes",
+                         ",".join(addrs)])
+        procs.append(p)
+        url = f"http://{http}/v1/completions"
+
+        def ask(prompt):
+            body = {"prompt": prompt, "max_tokens": 1, "temperature": 0}
+            req = urllib.request.Request(url, json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            t = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=600) as r:
+                usage = json.loads(r.read())["usage"]
+            return time.perf_counter() - t, usage
+
+        ask("Warm up.")
+        for run in range(runs):
+            p = prefix(f"ours-{run}", a.prefix_tokens)
+            cold, u = ask(p + QUESTIONS[0])
+            time.sleep(0.5)  # the entry is kept once the answer is out
+            warm, w = ask(p + QUESTIONS[1])
+            print(json.dumps({"engine": "ours, 2 CPU nodes", "run": run,
+                              "prompt_tokens": u["prompt_tokens"],
+                              "cold_s": round(cold, 4), "warm_s": round(warm, 4),
+                              "cached_tokens": w["prompt_tokens_details"]["cached_tokens"],
+                              "speedup": round(cold / warm, 1)}), flush=True)
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def peer(a, runs):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print(json.dumps({"engine": "llama.cpp", "skipped": "llama_cpp does not import"}))
+        return
+    llm = Llama(a.model, n_ctx=4096, n_threads=a.threads, n_threads_batch=a.threads,
+                n_batch=512, verbose=False)
+    llm.create_completion("Warm up.", max_tokens=1, temperature=0)
+    for run in range(runs):
+        p = prefix(f"peer-{run}", a.prefix_tokens)
+        llm.reset()
+        t = time.perf_counter()
+        llm.create_completion(p + QUESTIONS[0], max_tokens=1, temperature=0)
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        llm.create_completion(p + QUESTIONS[1], max_tokens=1, temperature=0)
+        warm = time.perf_counter() - t
+        n = len(llm.tokenize((p + QUESTIONS[0]).encode()))
+        print(json.dumps({"engine": "llama.cpp (llama-cpp-python, one process)", "run": run,
+                          "prompt_tokens": n, "cold_s": round(cold, 4),
+                          "warm_s": round(warm, 4), "speedup": round(cold / warm, 1)}),
+              flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin-dir", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--prefix-tokens", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    ours(a, a.runs)
+    peer(a, a.runs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
