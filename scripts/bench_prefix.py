@@ -4,12 +4,13 @@ ours (a 2-node CPU cluster, the prefix cache on) against llama.cpp (llama-cpp-py
 process, which reuses the common prefix of the prompt it evaluated last), in the same run.
 
     python3 scripts/bench_prefix.py --bin-dir target/release --model MODEL [--runs 3]
-        [--prefix-tokens 1000] [--threads 2]
+        [--prefix-tokens 1000] [--threads 2] [--device cpu | cuda:0] [--no-peer]
 
 Each run takes a prefix of its own (about PREFIX_TOKENS tokens) and asks two questions
 after it, with one new token each: the first computes the whole prompt ("cold"), the second
-shares the prefix ("warm"). One JSON line per engine and run; llama.cpp's only when
-`llama_cpp` imports.
+shares the prefix ("warm"). Then the second prompt's 16 greedy tokens, from the cache, are
+checked against a coordinator without one on the same nodes ("same_output"). One JSON line
+per engine and run; llama.cpp's only when `llama_cpp` imports.
 """
 import argparse
 import json
@@ -37,10 +38,10 @@ def ours(a, runs):
     models_dir = os.path.dirname(os.path.abspath(a.model))
     procs, addrs = [], []
     try:
-        for _ in range(2):
+        for _ in range(a.nodes):
             p, addr = spawn([os.path.join(a.bin_dir, "shard-node"), "serve", "--listen",
                              "127.0.0.1:0", "--threads", str(a.threads), "--models-dir",
-                             models_dir])
+                             models_dir, "--device", a.device])
             procs.append(p)
             addrs.append(addr)
         p, http = spawn([os.path.join(a.bin_dir, "coordinator"), "serve", "--http",
@@ -48,27 +49,38 @@ def ours(a, runs):
                          ",".join(addrs)])
         procs.append(p)
         url = f"http://{http}/v1/completions"
+        p, plain = spawn([os.path.join(a.bin_dir, "coordinator"), "serve", "--http",
+                          "127.0.0.1:0", "--max-ctx", "4096", "--model", a.model, "--nodes",
+                          ",".join(addrs), "--prefix-cache-bytes", "0"])
+        procs.append(p)
+        plain = f"http://{plain}/v1/completions"
 
-        def ask(prompt):
-            body = {"prompt": prompt, "max_tokens": 1, "temperature": 0}
-            req = urllib.request.Request(url, json.dumps(body).encode(),
+        def ask(prompt, n=1, at=url):
+            body = {"prompt": prompt, "max_tokens": n, "temperature": 0}
+            req = urllib.request.Request(at, json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
             t = time.perf_counter()
             with urllib.request.urlopen(req, timeout=600) as r:
-                usage = json.loads(r.read())["usage"]
-            return time.perf_counter() - t, usage
+                out = json.loads(r.read())
+            return time.perf_counter() - t, out["usage"], out["choices"][0]["text"]
 
         ask("Warm up.")
         for run in range(runs):
             p = prefix(f"ours-{run}", a.prefix_tokens)
-            cold, u = ask(p + QUESTIONS[0])
+            cold, u, _ = ask(p + QUESTIONS[0])
             time.sleep(0.5)  # the entry is kept once the answer is out
-            warm, w = ask(p + QUESTIONS[1])
-            print(json.dumps({"engine": "ours, 2 CPU nodes", "run": run,
+            warm, w, _ = ask(p + QUESTIONS[1])
+            time.sleep(0.5)
+            _, c, cached_text = ask(p + QUESTIONS[1], 16)
+            _, _, full_text = ask(p + QUESTIONS[1], 16, plain)
+            print(json.dumps({"engine": f"ours, {a.nodes} node(s) on {a.device}", "run": run,
                               "prompt_tokens": u["prompt_tokens"],
                               "cold_s": round(cold, 4), "warm_s": round(warm, 4),
                               "cached_tokens": w["prompt_tokens_details"]["cached_tokens"],
-                              "speedup": round(cold / warm, 1)}), flush=True)
+                              "speedup": round(cold / warm, 1),
+                              "same_output": cached_text == full_text,
+                              "checked_with_cached": c["prompt_tokens_details"]["cached_tokens"]}),
+                  flush=True)
     finally:
         for p in procs:
             p.kill()
@@ -81,7 +93,7 @@ def peer(a, runs):
         print(json.dumps({"engine": "llama.cpp", "skipped": "llama_cpp does not import"}))
         return
     llm = Llama(a.model, n_ctx=4096, n_threads=a.threads, n_threads_batch=a.threads,
-                n_batch=512, verbose=False)
+                n_batch=512, verbose=False, n_gpu_layers=0 if a.device == "cpu" else -1)
     llm.create_completion("Warm up.", max_tokens=1, temperature=0)
     for run in range(runs):
         p = prefix(f"peer-{run}", a.prefix_tokens)
@@ -106,9 +118,13 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--prefix-tokens", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--nodes", type=int, default=2)
+    ap.add_argument("--no-peer", action="store_true")
     a = ap.parse_args()
     ours(a, a.runs)
-    peer(a, a.runs)
+    if not a.no_peer:
+        peer(a, a.runs)
 
 
 if __name__ == "__main__":

@@ -233,8 +233,13 @@ async fn run(
                 guard = Some(g);
             }
             Err(e) => {
-                // (an entry evicted meanwhile): computed in full instead
+                // An entry evicted meanwhile, or lost with a node that restarted: computed in
+                // full instead, and an entry a stage no longer has is dropped.
                 tracing::debug!("prefix cache hit not used: {e}");
+                if matches!(&e, CoordError::Shard { err, .. } if err.code == ErrorCode::UnknownSession)
+                {
+                    cluster.prefix.forget(&cluster, &hit);
+                }
                 g.close().await;
             }
         }

@@ -4,7 +4,8 @@
 //!     much was reused, and the prompt is ready at least 5 times sooner;
 //! (b) under 200 requests of random prefixes the cache never holds more than its budget on
 //!     any node, and hits happen;
-//! (c) the coordinator killed: every node frees its entries with its lease.
+//! (c) the coordinator killed: every node frees its entries with its lease;
+//! (d) a node restarted: the entries it held are computed again.
 
 use std::time::{Duration, Instant};
 
@@ -199,5 +200,45 @@ async fn the_cache_keeps_its_budget_and_goes_with_the_coordinator() -> anyhow::R
         .await?;
         assert_eq!(s.sessions, 0);
     }
+    Ok(())
+}
+
+/// (d) a node restarts: the entries it held are gone; the next request with the prefix is
+/// computed in full, the same, and its prompt is kept again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_lost_with_a_restarted_node_are_computed_again() -> anyhow::Result<()> {
+    let (mut nodes, list) = two_nodes()?;
+    let coord =
+        CoordinatorProcess::spawn_with(&default_model(), &["--nodes", &list, "--max-ctx", "2048"])?;
+    let prompt = format!("{}Question: which animal jumps?", long_prefix("r"));
+    let kept = |addr: String| async move {
+        wait_status(&addr, Duration::from_secs(10), |s| {
+            s.leases.iter().map(|l| l.prefix_cache).sum::<u64>() > 0
+        })
+        .await
+    };
+    let (first, tokens, _, _) = complete(&coord.url, &ask(&prompt, 8))?;
+    kept(nodes[1].addr.clone()).await?;
+
+    let addr = nodes[1].addr.clone();
+    nodes[1].kill();
+    nodes[1] = ShardProcess::spawn_at(&addr, &models_dir(), &[])?;
+    let start = Instant::now();
+    let (again, _, cached, _) = loop {
+        match complete(&coord.url, &ask(&prompt, 8)) {
+            Ok(r) => break r,
+            Err(e) => anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "not serving again: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(cached, 0, "the restarted node lost the entry");
+    assert_eq!(again, first);
+    kept(nodes[1].addr.clone()).await?;
+    let (third, _, cached, _) = complete(&coord.url, &ask(&prompt, 8))?;
+    assert_eq!(cached, tokens - 1);
+    assert_eq!(third, first);
     Ok(())
 }

@@ -127,6 +127,17 @@ impl PrefixCache {
         })
     }
 
+    /// Drops the hit's entry (a stage no longer has it: the node restarted, say), closing it
+    /// on every stage.
+    pub fn forget(&self, cluster: &Arc<Cluster>, hit: &Hit) {
+        let mut entries = self.lock();
+        let before = entries.len();
+        entries.retain(|e| !Arc::ptr_eq(e, &hit.entry));
+        if entries.len() < before {
+            tokio::spawn(close_everywhere(cluster.clone(), hit.entry.session));
+        }
+    }
+
     /// Opens `session` on every stage as a copy of the hit's entry cut to its shared prefix,
     /// for `req` (the copies reserve the request's whole context, as `open_session` does).
     pub async fn open_from(
