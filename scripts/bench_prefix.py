@@ -24,9 +24,9 @@ from bench_cluster import spawn  # noqa: E402
 
 
 def prefix(tag, tokens):
-    # about 23 tokens a sentence with the default tokenizers
+    # about 25 tokens a sentence with the default tokenizers
     s = f"Notes {tag}. "
-    for i in range(max(1, tokens // 23)):
+    for i in range(max(1, tokens // 25)):
         s += f"Item {i} of list {tag}: the quick brown fox jumps over the lazy dog near river {i}. "
     return s
 
@@ -45,12 +45,12 @@ def ours(a, runs):
             procs.append(p)
             addrs.append(addr)
         p, http = spawn([os.path.join(a.bin_dir, "coordinator"), "serve", "--http",
-                         "127.0.0.1:0", "--max-ctx", "4096", "--model", a.model, "--nodes",
+                         "127.0.0.1:0", "--max-ctx", "8192", "--model", a.model, "--nodes",
                          ",".join(addrs)])
         procs.append(p)
         url = f"http://{http}/v1/completions"
         p, plain = spawn([os.path.join(a.bin_dir, "coordinator"), "serve", "--http",
-                          "127.0.0.1:0", "--max-ctx", "4096", "--model", a.model, "--nodes",
+                          "127.0.0.1:0", "--max-ctx", "8192", "--model", a.model, "--nodes",
                           ",".join(addrs), "--prefix-cache-bytes", "0"])
         procs.append(p)
         plain = f"http://{plain}/v1/completions"
@@ -92,7 +92,7 @@ def peer(a, runs):
     except ImportError:
         print(json.dumps({"engine": "llama.cpp", "skipped": "llama_cpp does not import"}))
         return
-    llm = Llama(a.model, n_ctx=4096, n_threads=a.threads, n_threads_batch=a.threads,
+    llm = Llama(a.model, n_ctx=8192, n_threads=a.threads, n_threads_batch=a.threads,
                 n_batch=512, verbose=False, n_gpu_layers=0 if a.device == "cpu" else -1)
     llm.create_completion("Warm up.", max_tokens=1, temperature=0)
     for run in range(runs):

@@ -72,7 +72,16 @@ fn wire_grammar(g: &common::grammar::Grammar) -> WireGrammar {
     }
 }
 
-static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+/// The next session id, from a random start: a node's sessions are keyed by id alone (the
+/// next stage hears of them over another connection), and several coordinators share the
+/// nodes, each with its prefix-cache entries open for as long as they last.
+static NEXT_SESSION: std::sync::LazyLock<AtomicU64> = std::sync::LazyLock::new(|| {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    // a quarter of the range left above the start, so that it never wraps to 0
+    AtomicU64::new((h.finish() >> 2).max(1))
+});
 
 /// Closes the session on every stage: awaited by [`SessionGuard::close`] when a request ends,
 /// spawned from `Drop` when it is cut short (an error, or the client going away).

@@ -101,6 +101,11 @@ async fn a_shared_prefix_is_computed_once() -> anyhow::Result<()> {
         cached >= tokens - 12 && cached < tokens2,
         "{cached} of {tokens2} cached"
     );
+    // Another coordinator on the same nodes opens sessions while this one's entries stay
+    // open: session ids must not collide (they are keyed by id alone on a node).
+    for i in 0..6 {
+        complete(&plain.url, &ask(&format!("Hello number {i}"), 1))?;
+    }
     let (alone, _, none, _) = complete(&plain.url, &ask(&second, 16))?;
     assert_eq!(none, 0);
     assert_eq!(text, alone, "the same output as computed in full");
