@@ -121,6 +121,10 @@ impl Drop for SessionGuard {
 /// newer plan (it follows etcd; the nodes hear of a commit first).
 const EPOCH_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// How long a request refused by a node that holds no slice for its plan (restarted, or gone
+/// from the plan) waits for a newer plan: the driver has to notice and commit one first.
+const REPLAN_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Starts generating; events arrive on the returned channel. Dropping the receiver stops the
 /// generation and frees the session on every stage. `admitted` is called once the session is
 /// open on every stage.
@@ -196,11 +200,16 @@ fn spawn_job(
                 .await;
             if let (Err(e), Some(a)) = (&r, admitted.take()) {
                 // A node that has committed a newer plan refuses sessions on this one: this
-                // coordinator hears of the commit a moment later, so it waits for it then.
-                let wait = if matches!(e, CoordError::Shard { err, .. } if err.code == ErrorCode::EpochMismatch) {
-                    EPOCH_CATCH_UP
-                } else {
-                    std::time::Duration::ZERO
+                // coordinator hears of the commit a moment later, so it waits for it then. A
+                // node with no slice at all (it restarted, or left) waits for the re-plan.
+                let wait = match e {
+                    CoordError::Shard { err, .. } if err.code == ErrorCode::EpochMismatch => {
+                        EPOCH_CATCH_UP
+                    }
+                    CoordError::Shard { err, .. } if err.code == ErrorCode::NoSlice => {
+                        REPLAN_CATCH_UP
+                    }
+                    _ => std::time::Duration::ZERO,
                 };
                 if let Some(newer) = serving.newer_than(epoch, wait).await {
                     tracing::info!(%epoch, newer = %newer.epoch, "admission failed on an old plan ({e}); admitting on the new one");
