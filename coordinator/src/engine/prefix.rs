@@ -94,17 +94,6 @@ impl PrefixCache {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Bytes its entries hold on each of `stages` stages.
-    pub fn bytes(&self, stages: usize) -> Vec<u64> {
-        let mut total = vec![0; stages];
-        for e in self.lock().iter() {
-            for (t, b) in total.iter_mut().zip(&e.bytes) {
-                *t += b;
-            }
-        }
-        total
-    }
-
     /// The entry sharing the longest prefix with `prompt`, if it shares at least
     /// [`MIN_TOKENS`]; the hit leaves the prompt's last token to compute.
     pub fn lookup(&self, prompt: &[u32]) -> Option<Hit> {
