@@ -30,7 +30,13 @@ fn main() {
     // for sm_90 or later; `matvec.rs` launches them that way only then.
     println!("cargo:rustc-env=LLMC_CUDA_PTX_ARCH={cap}");
     println!("cargo:rerun-if-changed=src/cuda/q8_1.cuh");
-    let kernels: &[&str] = &["argmax", "decode_attention", "fused_decode", "matvec"];
+    let kernels: &[&str] = &[
+        "argmax",
+        "decode_attention",
+        "fused_decode",
+        "matvec",
+        "prefill_attention",
+    ];
     for name in kernels {
         let src = format!("src/cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");

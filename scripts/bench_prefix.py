@@ -46,7 +46,8 @@ def ours(a, runs):
             addrs.append(addr)
         p, http = spawn([os.path.join(a.bin_dir, "coordinator"), "serve", "--http",
                          "127.0.0.1:0", "--max-ctx", "8192", "--model", a.model, "--nodes",
-                         ",".join(addrs)])
+                         ",".join(addrs)] + (["--prefix-cache-bytes", str(a.cache_bytes)]
+                                             if a.cache_bytes is not None else []))
         procs.append(p)
         url = f"http://{http}/v1/completions"
         p, plain = spawn([os.path.join(a.bin_dir, "coordinator"), "serve", "--http",
@@ -121,6 +122,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--cache-bytes", type=int, default=None,
+                    help="the coordinator's --prefix-cache-bytes (default: its own default)")
     a = ap.parse_args()
     ours(a, a.runs)
     if not a.no_peer:

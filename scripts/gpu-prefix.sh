@@ -25,16 +25,21 @@ tar xJf "$pack/bins.tar.xz" -C /tmp/gp
 llama_build=$!
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 m=/tmp/gp/models/8b-q4_0.gguf
-run /tmp/gp/shard-node synth-model --quant q4_0 --context 8192 --tokenizer-from "$pack/tok.gguf" \
+# the same file as scripts/gpu-prefill.sh's, when that ran first on this machine
+[ -f /tmp/gf/models/8b-q4_0.gguf ] && m=/tmp/gf/models/8b-q4_0.gguf
+[ -f "$m" ] || run /tmp/gp/shard-node synth-model --quant q4_0 --context 8192 --tokenizer-from "$pack/tok.gguf" \
   --out "$m" > /dev/null || exit 1
 OUT=$out run python3 "$here/scripts/bench_prefix.py" --bin-dir /tmp/gp --model "$m" \
-  --device cuda:0 --nodes 1 --prefix-tokens 4000 --runs 3 --no-peer | tee "$out/prefix.jsonl"
-run /tmp/gp/shard-node bench --model "$m" --device cuda:0 --prompt-tokens 4096 --gen-tokens 1 \
-  --runs 2 2> "$out/bench.log" | tee "$out/bench-4096.jsonl"
+  --device cuda:0 --nodes 1 --prefix-tokens 4000 --runs 3 --no-peer \
+  --cache-bytes $((2 << 30)) | tee "$out/prefix.jsonl"
+for p in 512 4096; do
+  run /tmp/gp/shard-node bench --model "$m" --device cuda:0 --prompt-tokens $p --gen-tokens 1 \
+    --runs 2 2>> "$out/bench.log" | tee "$out/bench-$p.jsonl"
+done
 wait "$llama_build"
 echo "llama.cpp build rc=$?"
 lb=/tmp/gp/llama.cpp/build/bin/llama-bench
-[ -x "$lb" ] && run "$lb" -m "$m" -p 4096 -n 0 -r 2 -ngl 99 -o jsonl 2>> "$out/llama-bench.log" |
+[ -x "$lb" ] && run "$lb" -m "$m" -p 512,4096 -n 0 -r 2 -ngl 99 -o jsonl 2>> "$out/llama-bench.log" |
   tee "$out/llama-bench.jsonl" | python3 -c "
 import json, sys
 for l in sys.stdin:

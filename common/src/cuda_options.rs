@@ -20,6 +20,8 @@ pub struct CudaOptions {
     pub matvec: bool,
     /// Launches that overlap the kernel before, on sm_90 and later (`LLMC_CUDA_PDL`).
     pub pdl: bool,
+    /// Prompt chunks' attention on tensor cores (`LLMC_CUDA_PREFILL`); off: candle's ops.
+    pub prefill: bool,
 }
 
 impl Default for CudaOptions {
@@ -30,6 +32,7 @@ impl Default for CudaOptions {
             fused: true,
             matvec: true,
             pdl: true,
+            prefill: true,
         }
     }
 }
@@ -42,13 +45,14 @@ impl CudaOptions {
     }
 
     /// Each switch by name, for logs and metrics.
-    pub fn named(&self) -> [(&'static str, bool); 5] {
+    pub fn named(&self) -> [(&'static str, bool); 6] {
         [
             ("attention", self.attention),
             ("mixed", self.mixed),
             ("fused", self.fused),
             ("matvec", self.matvec),
             ("pdl", self.pdl),
+            ("prefill", self.prefill),
         ]
     }
 }

@@ -48,6 +48,10 @@ struct CudaArgs {
     #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_PDL", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_pdl: bool,
+    /// Prompt chunks' attention on tensor cores (flash-attention style).
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_PREFILL", default_value = "on",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    cuda_prefill: bool,
 }
 
 impl From<&CudaArgs> for CudaOptions {
@@ -58,6 +62,7 @@ impl From<&CudaArgs> for CudaOptions {
             fused: a.cuda_fused,
             matvec: a.cuda_matvec,
             pdl: a.cuda_pdl,
+            prefill: a.cuda_prefill,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`fused_head`]: the last stage's RMSNorm and output product for those steps.
 //! - [`matvec`]: Q4_0 and Q8_0 matrix-vector products for those steps, in place of candle's
 //!   mmvq where they apply.
+//! - [`prefill_attention`]: a prompt chunk's attention on tensor cores, one launch a layer.
 //! - [`pdl`]: launches that overlap the kernel before (programmatic dependent launch).
 
 pub mod argmax;
@@ -16,3 +17,4 @@ pub mod fused_decode;
 pub mod fused_head;
 pub mod matvec;
 pub(crate) mod pdl;
+pub mod prefill_attention;

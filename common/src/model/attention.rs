@@ -56,8 +56,27 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, s: AttnShape, start: usize)
 
 /// `q: [n, heads * hd]` at positions `start..start+n` against keys and values
 /// `[start + n - lo, kv_heads * hd]` of positions `lo..start+n`: each query sees the keys at
-/// or before its position and, with a `window`, the `window` latest of them.
+/// or before its position and, with a `window`, the `window` latest of them. On an f16 CUDA
+/// cache, through the tensor-core kernel where it applies
+/// ([`crate::cuda::prefill_attention`]), else with candle's ops.
 fn windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: AttnShape,
+    start: usize,
+    lo: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = crate::cuda::prefill_attention::attention(q, k, v, s, start, lo, window)? {
+        return Ok(out);
+    }
+    windowed_ops(q, k, v, s, start, lo, window)
+}
+
+/// [`windowed`] with candle's ops.
+pub(crate) fn windowed_ops(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -182,10 +182,22 @@ impl PrefixCache {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map(|p| p.iter().map(|b| b * prompt.len() as u64).collect());
-        if need
+        if let Some(big) = need
             .as_ref()
-            .is_some_and(|n| n.iter().any(|&b| b > self.budget))
+            .and_then(|n| n.iter().copied().max())
+            .filter(|&b| b > self.budget)
         {
+            // Said once: an operator who sees no hits for long prompts learns why.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    tokens = prompt.len(),
+                    bytes = big,
+                    budget = self.budget,
+                    "a prompt's prefix is larger than the prefix cache of a stage and is not \
+                     kept; raise --prefix-cache-bytes to cache prompts this long"
+                );
+            }
             return;
         }
         // room first: what this one extends, then the least recently used
