@@ -34,6 +34,7 @@ fn main() {
         "argmax",
         "decode_attention",
         "fused_decode",
+        "gate_mul",
         "matvec",
         "prefill_attention",
     ];

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# On the GPU machine, one call: prompt processing with the tensor-core attention kernel
-# against candle's ops (`--cuda-prefill on|off`), in the same call.
+# On the GPU machine, one call: prompt processing with our prefill kernels (attention on
+# tensor cores, the fused gate) against candle's ops (`--cuda-prefill on|off`), and with
+# 512- against 256-token chunks (`bench --prefill-chunk`), in the same call.
 #   bash scripts/gpu-prefill.sh PACK OUT
 # PACK holds bins.tar.xz (shard-node and coordinator from scripts/build-cuda.sh, and
 # common-tests, the `common` crate's CUDA test binary) and tok.gguf (a tokenizer). Steps:
-#   1. the kernel's unit test against candle's ops (`common-tests cuda::prefill_attention`);
-#   2. greedy text of an 8B-shaped Q4_0 file and of a SmolLM2-shaped one with the kernel on
-#      and off (a 700-token prompt, 32 new tokens);
-#   3. `shard-node bench` at 512 and 4,096 prompt tokens, on and off, 2 runs each;
-#   4. (PROFILE=1, the default) nsys's GPU time per kernel for both prompt lengths, kernel on.
-# Output: OUT/prefill.log (everything), OUT/kern-*.csv.
+#   1. the kernels' unit tests against candle's ops (`common-tests cuda::prefill_attention
+#      cuda::gate_mul`);
+#   2. greedy text of an 8B-shaped Q4_0 file and of a SmolLM2-shaped one with the kernels on
+#      and off (a 60-sentence prompt, 32 new tokens);
+#   3. `shard-node bench` at 512 and 4,096 prompt tokens, 2 runs each: the kernels on with
+#      512-token chunks (the GPU default) and with 256, and off with 256 (as before both);
+#   4. (PROFILE=1, the default) ncu's time per kernel of a 512-token prompt, kernels on.
+# Output on stdout; logs and ncu's CSV under OUT.
 set -uo pipefail
 pack=$(cd "${1:?pack folder}" && pwd)
 out=${2:?output folder}
@@ -19,7 +22,7 @@ run() { bash "$here/scripts/on-device.sh" "$@"; }
 tar xJf "$pack/bins.tar.xz" -C /tmp/gf
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ -x /tmp/gf/common-tests ]; then
-  run /tmp/gf/common-tests cuda::prefill_attention --nocapture --test-threads 1 2>&1 | tail -12
+  run /tmp/gf/common-tests cuda::prefill_attention cuda::gate_mul --nocapture --test-threads 1 2>&1 | tail -12
 fi
 m=/tmp/gf/models/8b-q4_0.gguf
 s=/tmp/gf/models/smol-q8_0.gguf
@@ -41,10 +44,11 @@ for f in "$s" "$m"; do
   fi
 done
 for p in 512 4096; do
-  for k in on off; do
-    echo "bench prompt $p, kernel $k:"
-    run /tmp/gf/shard-node bench --model "$m" --device cuda:0 --cuda-prefill $k \
-      --prompt-tokens $p --gen-tokens 16 --runs 2 2>> "$out/bench.log" | tail -4
+  for v in "on 512" "on 256" "off 256"; do
+    set -- $v
+    echo "bench prompt $p, kernels $1, chunk $2:"
+    run /tmp/gf/shard-node bench --model "$m" --device cuda:0 --cuda-prefill $1 \
+      --prefill-chunk $2 --prompt-tokens $p --gen-tokens 16 --runs 2 2>> "$out/bench.log" | tail -4
   done
 done
 # Where a prefill goes: ncu's duration of every kernel of a 512-token prompt (kernel on;

@@ -298,6 +298,12 @@ fn layer_bytes(file: &GgufFile) -> Result<(Vec<u64>, u64, u64)> {
 }
 
 impl Cluster {
+    /// Prompt tokens a prefill step takes: longer chunks when every stage is on a GPU
+    /// ([`common::generate::prefill_chunk`]).
+    pub fn prefill_chunk(&self) -> usize {
+        common::generate::prefill_chunk(self.nodes.iter().map(|n| n.device.starts_with("cuda")))
+    }
+
     /// The cluster of connected nodes given their stages (their slices loaded or committed).
     pub fn assemble(
         stages: Vec<(NodeConn, LayerRange, SliceInfo)>,

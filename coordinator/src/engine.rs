@@ -457,4 +457,8 @@ impl StageChain for RemoteChain<'_> {
             }),
         }
     }
+
+    fn prefill_chunk(&self) -> usize {
+        self.cluster.prefill_chunk()
+    }
 }

@@ -45,6 +45,8 @@ pub struct BenchOptions {
     pub batch: usize,
     /// With `batch`: check batched tokens against each session decoded alone.
     pub check_batch: bool,
+    /// Prompt tokens a prefill step takes (`None`: the pipeline's default).
+    pub prefill_chunk: Option<usize>,
 }
 
 /// Runs the benchmark and prints one JSON line per run to stdout.
@@ -69,7 +71,10 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
     ids.truncate(o.prompt_tokens);
     let ranges = LayerRange::from_cuts(&o.split, cfg.n_layers)?;
     let max_ctx = (o.prompt_tokens + o.gen_tokens + 1).min(cfg.context_length);
-    let pipe = LocalPipeline::load(&file, &ranges, &device, max_ctx)?;
+    let mut pipe = LocalPipeline::load(&file, &ranges, &device, max_ctx)?;
+    if let Some(c) = o.prefill_chunk {
+        pipe = pipe.with_prefill_chunk(c);
+    }
     // Warm-up: one short pass, as llama.cpp's own first eval pays page faults too.
     {
         let mut s = pipe.session(max_ctx)?;
@@ -88,9 +93,10 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
         }
         let decode = t1.elapsed().as_secs_f64();
         println!(
-            "{{\"engine\":\"shard-node\",\"run\":{run},\"threads\":{threads},\"stages\":{},\"prompt_tokens\":{},\"prompt_tok_s\":{:.2},\"gen_tokens\":{},\"decode_tok_s\":{:.2}}}",
+            "{{\"engine\":\"shard-node\",\"run\":{run},\"threads\":{threads},\"stages\":{},\"prompt_tokens\":{},\"prefill_chunk\":{},\"prompt_tok_s\":{:.2},\"gen_tokens\":{},\"decode_tok_s\":{:.2}}}",
             ranges.len(),
             ids.len(),
+            pipe.prefill_chunk(),
             ids.len() as f64 / prefill,
             o.gen_tokens,
             o.gen_tokens as f64 / decode

@@ -155,6 +155,9 @@ enum Command {
         /// alone (sessions of different prompt lengths), and print the agreement.
         #[arg(long)]
         check_batch: bool,
+        /// Prompt tokens a prefill step takes (default: 512 on a GPU, 256 on the CPU).
+        #[arg(long)]
+        prefill_chunk: Option<usize>,
     },
 }
 
@@ -217,6 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_event_tracking,
             batch,
             check_batch,
+            prefill_chunk,
         } => bench_cmd::run(&BenchOptions {
             model: m.model,
             prompt_tokens,
@@ -228,6 +232,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_event_tracking,
             batch,
             check_batch,
+            prefill_chunk,
         }),
     }
 }

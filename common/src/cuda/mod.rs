@@ -5,6 +5,7 @@
 //! - [`decode_attention`]: RoPE, the KV-cache write and attention for every decoding session
 //!   of a step, in two kernels per layer instead of ~20 candle kernels per session.
 //! - [`fused_decode`]: a stage's whole decode step, nine launches a block, from raw addresses.
+//! - [`gate_mul`]: a prompt chunk's `act(gate) * up` in one kernel.
 //! - [`fused_head`]: the last stage's RMSNorm and output product for those steps.
 //! - [`matvec`]: Q4_0 and Q8_0 matrix-vector products for those steps, in place of candle's
 //!   mmvq where they apply.
@@ -15,6 +16,7 @@ pub mod argmax;
 pub mod decode_attention;
 pub mod fused_decode;
 pub mod fused_head;
+pub mod gate_mul;
 pub mod matvec;
 pub(crate) mod pdl;
 pub mod prefill_attention;

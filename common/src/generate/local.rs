@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::{StageChain, PREFILL_CHUNK};
+use super::StageChain;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::model::{KvCache, KvDtype, LayerRange, Segment, Stage};
@@ -15,6 +15,8 @@ use crate::sampling::{Pick, Sampler};
 pub struct LocalPipeline {
     stages: Vec<Stage>,
     kv_dtype: KvDtype,
+    /// Prompt tokens a prefill step takes ([`super::prefill_chunk`] of the stages' devices).
+    chunk: usize,
 }
 
 /// One session's caches, one per stage.
@@ -62,18 +64,28 @@ impl LocalPipeline {
             .iter()
             .map(|r| Stage::load(file, *r, device, max_ctx))
             .collect::<Result<_>>()?;
-        Ok(LocalPipeline {
-            stages,
-            kv_dtype: KvDtype::default(),
-        })
+        Ok(Self::from_stages(stages))
     }
 
     /// Wraps stages already loaded (first to last).
     pub fn from_stages(stages: Vec<Stage>) -> Self {
+        let chunk = super::prefill_chunk(stages.iter().map(|s| s.device().is_cuda()));
         LocalPipeline {
             stages,
             kv_dtype: KvDtype::default(),
+            chunk,
         }
+    }
+
+    /// Prefill steps take at most `chunk` prompt tokens (default: [`super::prefill_chunk`]).
+    pub fn with_prefill_chunk(mut self, chunk: usize) -> Self {
+        self.chunk = chunk.max(1);
+        self
+    }
+
+    /// Prompt tokens a prefill step takes at most.
+    pub fn prefill_chunk(&self) -> usize {
+        self.chunk
     }
 
     /// Sessions store keys and values as `dtype`.
@@ -141,7 +153,7 @@ impl LocalPipeline {
     /// Prefills `tokens` in chunks and returns the logits after the last one.
     pub fn prefill(&self, sess: &mut LocalSession, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut last = None;
-        for chunk in tokens.chunks(PREFILL_CHUNK) {
+        for chunk in tokens.chunks(self.chunk) {
             last = Some(self.logits(sess, chunk, false)?);
         }
         let last = last.ok_or_else(|| Error::InvalidInput("empty prompt".into()))?;
@@ -256,5 +268,9 @@ impl StageChain for LocalChain<'_> {
         let logits = self.pipe.logits(&mut self.session, ids, false)?;
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
         self.sampler.pick(&row).map(Some)
+    }
+
+    fn prefill_chunk(&self) -> usize {
+        self.pipe.chunk
     }
 }

@@ -24,8 +24,30 @@ use crate::sampling::{Pick, SamplingParams, TokenLogprobs};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{TextStream, TextTokenizer};
 
-/// Prompt tokens per prefill chunk.
+/// Prompt tokens per prefill chunk where any stage runs on the CPU: a chunk holds up the
+/// decode steps batched beside it, so it stays short there.
 pub const PREFILL_CHUNK: usize = 256;
+
+/// Prompt tokens per prefill chunk when every stage runs on a GPU: the quantized products
+/// (candle's MMQ) fill more of the GPU with tiles, and read each weight once for twice the
+/// tokens, while a chunk still takes tens of milliseconds.
+pub const GPU_PREFILL_CHUNK: usize = 512;
+
+/// The prefill chunk for stages whose devices are GPUs or not (`gpu`, one a stage).
+pub fn prefill_chunk(gpu: impl IntoIterator<Item = bool>) -> usize {
+    let mut any = false;
+    for g in gpu {
+        if !g {
+            return PREFILL_CHUNK;
+        }
+        any = true;
+    }
+    if any {
+        GPU_PREFILL_CHUNK
+    } else {
+        PREFILL_CHUNK
+    }
+}
 
 /// A chain of stages with one session open on it, first stage to last.
 pub trait StageChain {
@@ -41,6 +63,11 @@ pub trait StageChain {
         ids: &[u32],
         pick: bool,
     ) -> impl Future<Output = Result<Option<Pick>, Self::Error>>;
+
+    /// Prompt tokens a prefill step takes at most ([`prefill_chunk`] of the stages).
+    fn prefill_chunk(&self) -> usize {
+        PREFILL_CHUNK
+    }
 }
 
 /// Text that became final, with the log-probabilities of the tokens generated since the last
@@ -209,12 +236,13 @@ where
     // without a span per token: see `crate::telemetry::DECODE_TRACE_EVERY`).
     let cached = params.cached.min(prompt.len().saturating_sub(1));
     let fresh = &prompt[cached..];
-    let chunks = fresh.len().div_ceil(PREFILL_CHUNK);
+    let chunk_len = chain.prefill_chunk().max(1);
+    let chunks = fresh.len().div_ceil(chunk_len);
     let prefill = tracing::info_span!("prefill", tokens = fresh.len(), cached, chunks);
     let t0 = Instant::now();
     let mut pos = cached;
     let mut next = None;
-    for (i, chunk) in fresh.chunks(PREFILL_CHUNK).enumerate() {
+    for (i, chunk) in fresh.chunks(chunk_len).enumerate() {
         let last = i + 1 == chunks;
         next = chain
             .step(pos, chunk, last)

@@ -182,7 +182,11 @@ impl Block {
         };
         let x = (x + post(self.o.forward(&a)?, 0)?)?;
         let h = host_rows::rms_norm(&x, &self.ffn_norm, self.eps)?;
-        let act = match self.gate_up.gate_mul_host(&h, self.activation)? {
+        let fast = match self.gate_up.gate_mul_host(&h, self.activation)? {
+            Some(act) => Some(act),
+            None => self.gate_up.gate_mul_device(&h, self.activation)?,
+        };
+        let act = match fast {
             Some(act) => act,
             None => {
                 let parts = self.gate_up.forward(&h)?;

@@ -360,6 +360,27 @@ impl MultiLinear {
         }
     }
 
+    /// `act(gate) * up` of a fused `[gate; up]` projection on a GPU, in one kernel after the
+    /// product ([`crate::cuda::gate_mul`]); `Ok(None)` elsewhere.
+    pub fn gate_mul_device(
+        &self,
+        x: &Tensor,
+        act: crate::gguf::Activation,
+    ) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let MultiLinear::Fused(l, outs) = self {
+            if outs.len() == 2
+                && outs[0] == outs[1]
+                && x.device().is_cuda()
+                && crate::cuda::prefill_attention::enabled()
+            {
+                return crate::cuda::gate_mul::gate_mul(&l.forward(x)?, outs[0], act);
+            }
+        }
+        let _ = (x, act);
+        Ok(None)
+    }
+
     /// The one matrix of a fused projection without biases; `None` when split.
     pub fn single(&self) -> Option<&QLinear> {
         match self.parts_without_bias()?.as_slice() {

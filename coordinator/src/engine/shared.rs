@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use common::generate::{StageChain, PREFILL_CHUNK};
+use common::generate::StageChain;
 use common::tokenizer::TextTokenizer;
 use proto_types::{ForkSession, SessionId};
 use tokio::sync::mpsc;
@@ -89,7 +89,7 @@ pub(super) async fn run(
     async {
         let mut chain = RemoteChain::new(&cluster, leader.session)?;
         let mut pos = 0;
-        for chunk in first.prompt[..shared].chunks(PREFILL_CHUNK) {
+        for chunk in first.prompt[..shared].chunks(cluster.prefill_chunk()) {
             chain.step(pos, chunk, false).await?;
             pos += chunk.len();
         }
