@@ -27,14 +27,8 @@ bin=/tmp/gm/shard-node
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
 
 # llama.cpp for CUDA, in the background while ours runs
-(
-  cd /tmp/gm && tar xJf "$pack/llama-src.tar.xz" && cd llama.cpp &&
-  { [ -d app ] || { mkdir app && : > app/CMakeLists.txt; }; } &&
-  cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-    -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release &&
-  cmake --build build --target llama-bench -j 16
-) > "$out/llama-build.log" 2>&1 &
+bash "$here/scripts/build-llama-bench.sh" "$pack/llama-src.tar.xz" /tmp/gm \
+  > "$out/llama-build.log" 2>&1 &
 llama_build=$!
 
 # 0. The kernels' unit tests.

@@ -4,14 +4,16 @@
 # 512- against 256-token chunks (`bench --prefill-chunk`), in the same call.
 #   bash scripts/gpu-prefill.sh PACK OUT
 # PACK holds bins.tar.xz (shard-node and coordinator from scripts/build-cuda.sh, and
-# common-tests, the `common` crate's CUDA test binary) and tok.gguf (a tokenizer). Steps:
+# common-tests, the `common` crate's CUDA test binary), tok.gguf (a tokenizer) and, for the
+# peer, llama-src.tar.xz (llama.cpp's sources, see docs/benchmarks.md). Steps:
 #   1. the kernels' unit tests against candle's ops (`common-tests cuda::prefill_attention
 #      cuda::gate_mul`);
 #   2. greedy text of an 8B-shaped Q4_0 file and of a SmolLM2-shaped one with the kernels on
 #      and off (a 60-sentence prompt, 32 new tokens);
 #   3. `shard-node bench` at 512 and 4,096 prompt tokens, 2 runs each: the kernels on with
 #      512-token chunks (the GPU default) and with 256, and off with 256 (as before both);
-#   4. (PROFILE=1, the default) ncu's time per kernel of a 512-token prompt, kernels on.
+#   4. (PROFILE=1, the default) ncu's time per kernel of a 512-token prompt, kernels on;
+#   5. llama.cpp's `llama-bench -p 512,4096` on the same file (built during steps 1-4).
 # Output on stdout; logs and ncu's CSV under OUT.
 set -uo pipefail
 pack=$(cd "${1:?pack folder}" && pwd)
@@ -20,6 +22,13 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out" /tmp/gf/models
 run() { bash "$here/scripts/on-device.sh" "$@"; }
 tar xJf "$pack/bins.tar.xz" -C /tmp/gf
+# llama.cpp's llama-bench, the peer, built in the background while ours runs
+llama_build=
+if [ -f "$pack/llama-src.tar.xz" ]; then
+  bash "$here/scripts/build-llama-bench.sh" "$pack/llama-src.tar.xz" /tmp/gf \
+    > "$out/llama-build.log" 2>&1 &
+  llama_build=$!
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ -x /tmp/gf/common-tests ]; then
   run /tmp/gf/common-tests cuda::prefill_attention cuda::gate_mul --nocapture --test-threads 1 2>&1 | tail -12
@@ -76,4 +85,17 @@ print(f"prompt 512 under ncu: {sum(c for c, _ in per.values())} kernels, {tot/1e
 for k, (c, t) in sorted(per.items(), key=lambda kv: -kv[1][1])[:18]:
     print(f"  {t/1e6:8.2f} ms {c:6d}x  {k}")
 PY
+fi
+if [ -n "$llama_build" ]; then
+  wait "$llama_build"
+  echo "llama.cpp build rc=$?"
+  lb=/tmp/gf/llama.cpp/build/bin/llama-bench
+  [ -x "$lb" ] && run "$lb" -m "$m" -p 512,4096 -n 0 -r 2 -ngl 99 -o jsonl \
+    2>> "$out/llama-bench.log" | python3 -c "
+import json, sys
+for l in sys.stdin:
+    if l.strip():
+        j = json.loads(l)
+        print('llama-bench prompt', j['n_prompt'], [round(x, 1) for x in j['samples_ts']], 'tok/s')
+"
 fi

@@ -14,14 +14,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out" /tmp/gp/models
 run() { bash "$here/scripts/on-device.sh" "$@"; }
 tar xJf "$pack/bins.tar.xz" -C /tmp/gp
-(
-  cd /tmp/gp && tar xJf "$pack/llama-src.tar.xz" && cd llama.cpp &&
-  { [ -d app ] || { mkdir app && : > app/CMakeLists.txt; }; } &&
-  cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-    -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release &&
-  cmake --build build --target llama-bench -j 16
-) > "$out/llama-build.log" 2>&1 &
+bash "$here/scripts/build-llama-bench.sh" "$pack/llama-src.tar.xz" /tmp/gp \
+  > "$out/llama-build.log" 2>&1 &
 llama_build=$!
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 m=/tmp/gp/models/8b-q4_0.gguf
