@@ -13,7 +13,8 @@
 #   3. `shard-node bench` at 512 and 4,096 prompt tokens, 2 runs each: the kernels on with
 #      512-token chunks (the GPU default) and with 256, and off with 256 (as before both);
 #   4. (PROFILE=1, the default) ncu's time per kernel of a 512-token prompt, kernels on;
-#   5. llama.cpp's `llama-bench -p 512,4096` on the same file (built during steps 1-4).
+#   5. (PEER=1, the default) llama.cpp's `llama-bench -p 512,4096` on the same file (built
+#      during steps 1-4).
 # Output on stdout; logs and ncu's CSV under OUT.
 set -uo pipefail
 pack=$(cd "${1:?pack folder}" && pwd)
@@ -24,7 +25,7 @@ run() { bash "$here/scripts/on-device.sh" "$@"; }
 tar xJf "$pack/bins.tar.xz" -C /tmp/gf
 # llama.cpp's llama-bench, the peer, built in the background while ours runs
 llama_build=
-if [ -f "$pack/llama-src.tar.xz" ]; then
+if [ -f "$pack/llama-src.tar.xz" ] && [ "${PEER:-1}" != 0 ]; then
   bash "$here/scripts/build-llama-bench.sh" "$pack/llama-src.tar.xz" /tmp/gf \
     > "$out/llama-build.log" 2>&1 &
   llama_build=$!
