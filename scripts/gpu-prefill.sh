@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, one call: prompt processing with our prefill kernels (attention on
-# tensor cores, the fused gate) against candle's ops (`--cuda-prefill on|off`), and with
+# tensor cores, the fused gate) against candle's ops (`--cuda-prefill` and `--cuda-gate` on
+# or off together), and with
 # 512- against 256-token chunks (`bench --prefill-chunk`), in the same call.
 #   bash scripts/gpu-prefill.sh PACK OUT
 # PACK holds bins.tar.xz (shard-node and coordinator from scripts/build-cuda.sh, and
@@ -44,7 +45,7 @@ s=/tmp/gf/models/smol-q8_0.gguf
 prompt=$(python3 -c "print(' '.join(f'Sentence {i} says that the number {i} is {i*i % 97}.' for i in range(60)))")
 for f in "$s" "$m"; do
   for p in on off; do
-    run /tmp/gf/shard-node generate --model "$f" --device cuda:0 --cuda-prefill $p \
+    run /tmp/gf/shard-node generate --model "$f" --device cuda:0 --cuda-prefill $p --cuda-gate $p \
       --prompt "$prompt" --max-tokens 32 2>/dev/null > "$out/gen-$(basename "$f")-$p.txt"
   done
   if cmp -s "$out/gen-$(basename "$f")-on.txt" "$out/gen-$(basename "$f")-off.txt"; then
@@ -57,7 +58,7 @@ for p in 512 4096; do
   for v in "on 512" "on 256" "off 256"; do
     set -- $v
     echo "bench prompt $p, kernels $1, chunk $2:"
-    run /tmp/gf/shard-node bench --model "$m" --device cuda:0 --cuda-prefill $1 \
+    run /tmp/gf/shard-node bench --model "$m" --device cuda:0 --cuda-prefill $1 --cuda-gate $1 \
       --prefill-chunk $2 --prompt-tokens $p --gen-tokens 16 --runs 2 2>> "$out/bench.log" | tail -4
   done
 done
@@ -66,7 +67,7 @@ done
 ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [ "${PROFILE:-1}" != 0 ] && [ -n "$ncu" ]; then
   run "$ncu" --metrics gpu__time_duration.sum --csv --launch-count ${NCU_KERNELS:-4000} \
-    /tmp/gf/shard-node bench --model "$m" --device cuda:0 --prompt-tokens 512 --gen-tokens 1 \
+    /tmp/gf/shard-node bench --model "$m" --device cuda:0 --cuda-gate on --prompt-tokens 512 --gen-tokens 1 \
     --runs 1 > "$out/ncu-512.csv" 2> "$out/ncu-512.log"
   python3 - "$out/ncu-512.csv" <<'PY'
 import csv, io, sys

@@ -22,6 +22,9 @@ pub struct CudaOptions {
     pub pdl: bool,
     /// Prompt chunks' attention on tensor cores (`LLMC_CUDA_PREFILL`); off: candle's ops.
     pub prefill: bool,
+    /// Prompt chunks' gate `act(gate) * up` in one kernel (`LLMC_CUDA_GATE`); off by default
+    /// until its unit test has run on a GPU.
+    pub gate: bool,
 }
 
 impl Default for CudaOptions {
@@ -33,6 +36,7 @@ impl Default for CudaOptions {
             matvec: true,
             pdl: true,
             prefill: true,
+            gate: false,
         }
     }
 }
@@ -45,7 +49,7 @@ impl CudaOptions {
     }
 
     /// Each switch by name, for logs and metrics.
-    pub fn named(&self) -> [(&'static str, bool); 6] {
+    pub fn named(&self) -> [(&'static str, bool); 7] {
         [
             ("attention", self.attention),
             ("mixed", self.mixed),
@@ -53,6 +57,7 @@ impl CudaOptions {
             ("matvec", self.matvec),
             ("pdl", self.pdl),
             ("prefill", self.prefill),
+            ("gate", self.gate),
         ]
     }
 }
@@ -88,6 +93,7 @@ mod tests {
             ..o
         }
         .fused_step());
-        assert!(o.named().iter().all(|&(_, on)| on));
+        // every switch on but the gate kernel, which waits for its first GPU run
+        assert!(o.named().iter().all(|&(name, on)| on == (name != "gate")));
     }
 }

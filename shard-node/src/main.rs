@@ -52,6 +52,10 @@ struct CudaArgs {
     #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_PREFILL", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_prefill: bool,
+    /// Prompt chunks' gate act(gate)·up in one kernel (off until checked on a GPU).
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_GATE", default_value = "off",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    cuda_gate: bool,
 }
 
 impl From<&CudaArgs> for CudaOptions {
@@ -63,6 +67,7 @@ impl From<&CudaArgs> for CudaOptions {
             matvec: a.cuda_matvec,
             pdl: a.cuda_pdl,
             prefill: a.cuda_prefill,
+            gate: a.cuda_gate,
         }
     }
 }

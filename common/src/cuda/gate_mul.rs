@@ -1,8 +1,8 @@
 //! The gated activation of a fused `[gate | up]` projection in one kernel (`gate_mul.cu`):
 //! `act(gate) * up` straight from the product's rows, where candle's ops run the activation
 //! and then a product that reads `up` through a strided view. Prompt chunks take it (decode
-//! steps have their own fused kernel); `--cuda-prefill off` turns it off with the attention
-//! kernel.
+//! steps have their own fused kernel). `--cuda-gate on` (or `LLMC_CUDA_GATE=1`) turns it on;
+//! it stays off by default until its unit test has run on a GPU.
 #![allow(unsafe_code)]
 
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig};
@@ -18,15 +18,23 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gate_mul.ptx"));
 const MODULE: &str = "llm_cluster_gate_mul";
 const THREADS: u32 = 256;
 
+/// Whether the kernel is on ([`crate::cuda_options::CudaOptions::gate`]).
+pub fn enabled() -> bool {
+    crate::cuda_options::get().gate
+}
+
 /// `act(y[:, ..w]) * y[:, w..]` of `y: [n, 2 w]` (f32 on a CUDA device), as `[n, w]`; `None`
 /// where it does not apply (off, not CUDA f32, or not `2 w` wide).
 pub fn gate_mul(y: &Tensor, w: usize, act: Activation) -> Result<Option<Tensor>> {
-    if !super::prefill_attention::enabled()
-        || !y.device().is_cuda()
-        || y.dtype() != DType::F32
-        || y.dims2()?.1 != 2 * w
-        || w == 0
-    {
+    if !enabled() {
+        return Ok(None);
+    }
+    apply(y, w, act)
+}
+
+/// [`gate_mul`] whether the switch is on or not.
+fn apply(y: &Tensor, w: usize, act: Activation) -> Result<Option<Tensor>> {
+    if !y.device().is_cuda() || y.dtype() != DType::F32 || y.dims2()?.1 != 2 * w || w == 0 {
         return Ok(None);
     }
     let op = GateMul { w, act };
@@ -112,7 +120,8 @@ mod tests {
         let y = Tensor::from_vec(v, (n, 2 * w), &dev)?;
         let (g, u) = (y.narrow(1, 0, w)?, y.narrow(1, w, w)?);
         for act in [Activation::Silu, Activation::GeluTanh] {
-            let ours = gate_mul(&y, w, act)?.ok_or_else(|| crate::Error::Config("off".into()))?;
+            let ours =
+                apply(&y, w, act)?.ok_or_else(|| crate::Error::Config("not taken".into()))?;
             let theirs = crate::model::host_rows::gate_mul(&g, &u, act)?;
             let diff = (ours - theirs)?
                 .abs()?

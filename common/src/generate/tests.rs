@@ -17,6 +17,8 @@ struct Scripted {
     steps: Vec<(usize, usize)>,
     picks: Vec<bool>,
     logprobs: bool,
+    /// Its prefill chunk (`None`: the trait's default).
+    chunk: Option<usize>,
 }
 
 impl Scripted {
@@ -26,6 +28,7 @@ impl Scripted {
             steps: Vec::new(),
             picks: Vec::new(),
             logprobs: false,
+            chunk: None,
         }
     }
 }
@@ -45,6 +48,10 @@ impl StageChain for Scripted {
             top: vec![(token, -(token as f32))],
         });
         Ok(Some(Pick { token, logprobs }))
+    }
+
+    fn prefill_chunk(&self) -> usize {
+        self.chunk.unwrap_or(PREFILL_CHUNK)
     }
 }
 
@@ -194,4 +201,25 @@ fn log_probabilities_follow_the_output_tokens() {
     assert_eq!(streamed, g.logprobs);
     let text: String = pieces.iter().map(|p| p.text.as_str()).collect();
     assert_eq!(text, g.text);
+}
+
+#[test]
+fn gpu_stages_get_longer_prefill_chunks() {
+    assert_eq!(prefill_chunk([]), PREFILL_CHUNK);
+    assert_eq!(prefill_chunk([true]), GPU_PREFILL_CHUNK);
+    assert_eq!(prefill_chunk([true, true, true]), GPU_PREFILL_CHUNK);
+    assert_eq!(prefill_chunk([true, false]), PREFILL_CHUNK);
+    assert_eq!(prefill_chunk([false]), PREFILL_CHUNK);
+}
+
+#[test]
+fn the_prompt_goes_in_the_chains_chunks() {
+    let tok = tokenizer();
+    let ids = tok.encode(" one two").expect("encode");
+    let prompt = vec![1u32; 1100];
+    let mut chain = Scripted::new(ids);
+    chain.chunk = Some(GPU_PREFILL_CHUNK);
+    let (_, _, chain) = run_chain(&tok, &prompt, chain, &params(1, &[]));
+    assert_eq!(chain.steps, [(0, 512), (512, 512), (1024, 76)]);
+    assert_eq!(chain.picks, [false, false, true]);
 }

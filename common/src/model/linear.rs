@@ -372,7 +372,7 @@ impl MultiLinear {
             if outs.len() == 2
                 && outs[0] == outs[1]
                 && x.device().is_cuda()
-                && crate::cuda::prefill_attention::enabled()
+                && crate::cuda::gate_mul::enabled()
             {
                 return crate::cuda::gate_mul::gate_mul(&l.forward(x)?, outs[0], act);
             }
