@@ -73,6 +73,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
     let max_ctx = (o.prompt_tokens + o.gen_tokens + 1).min(cfg.context_length);
     let mut pipe = LocalPipeline::load(&file, &ranges, &device, max_ctx)?;
     if let Some(c) = o.prefill_chunk {
+        anyhow::ensure!(c > 0, "--prefill-chunk must be at least 1 token");
         pipe = pipe.with_prefill_chunk(c);
     }
     // Warm-up: one short pass, as llama.cpp's own first eval pays page faults too.

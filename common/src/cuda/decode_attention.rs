@@ -296,18 +296,6 @@ fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Msg(format!("decode attention: {what}: {e:?}"))
 }
 
-/// `dev`'s stream, its context bound to this thread. A node runs forward passes on its
-/// compute thread, not the one that made the context: bind it before the first driver call
-/// (pointer lookups make some, and cudarc only records their errors for later).
-pub(crate) fn bound_stream(dev: &CudaDevice) -> candle_core::Result<Arc<CudaStream>> {
-    let stream = dev.cuda_stream();
-    stream
-        .context()
-        .bind_to_thread()
-        .map_err(|e| err("bind context", e))?;
-    Ok(stream)
-}
-
 /// The device address of element `l.start_offset()` of a CUDA tensor of `T`, and its row
 /// stride in elements (rows must be contiguous).
 pub(crate) fn address<T: candle_core::cuda_backend::CudaDType>(
@@ -350,7 +338,9 @@ impl CustomOp1 for DecodeAttn<'_> {
 
     fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = &qs.device;
-        let stream = bound_stream(dev)?;
+        // bound before the first driver call (the pointer lookups below make some, and cudarc
+        // only records their errors for later)
+        let stream = super::fused_decode::bound_stream(dev)?;
         let s = self.shape;
         let n = self.pos.len();
         let width = s.heads * s.head_dim;

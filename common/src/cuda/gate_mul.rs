@@ -9,7 +9,8 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig};
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
-use super::decode_attention::{address_of, bound_stream};
+use super::decode_attention::address_of;
+use super::fused_decode::bound_stream;
 use super::pdl::{self, arg};
 use crate::error::Result;
 use crate::gguf::Activation;
@@ -24,16 +25,9 @@ pub fn enabled() -> bool {
 }
 
 /// `act(y[:, ..w]) * y[:, w..]` of `y: [n, 2 w]` (f32 on a CUDA device), as `[n, w]`; `None`
-/// where it does not apply (off, not CUDA f32, or not `2 w` wide).
+/// where it does not apply (not CUDA f32, or not `2 w` wide). The caller asks [`enabled`]
+/// first, before it computes `y`.
 pub fn gate_mul(y: &Tensor, w: usize, act: Activation) -> Result<Option<Tensor>> {
-    if !enabled() {
-        return Ok(None);
-    }
-    apply(y, w, act)
-}
-
-/// [`gate_mul`] whether the switch is on or not.
-fn apply(y: &Tensor, w: usize, act: Activation) -> Result<Option<Tensor>> {
     if !y.device().is_cuda() || y.dtype() != DType::F32 || y.dims2()?.1 != 2 * w || w == 0 {
         return Ok(None);
     }
@@ -121,7 +115,7 @@ mod tests {
         let (g, u) = (y.narrow(1, 0, w)?, y.narrow(1, w, w)?);
         for act in [Activation::Silu, Activation::GeluTanh] {
             let ours =
-                apply(&y, w, act)?.ok_or_else(|| crate::Error::Config("not taken".into()))?;
+                gate_mul(&y, w, act)?.ok_or_else(|| crate::Error::Config("not taken".into()))?;
             let theirs = crate::model::host_rows::gate_mul(&g, &u, act)?;
             let diff = (ours - theirs)?
                 .abs()?

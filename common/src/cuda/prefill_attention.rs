@@ -123,7 +123,7 @@ impl CustomOp1 for PrefillAttn<'_> {
 
     fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = &qs.device;
-        let stream = super::decode_attention::bound_stream(dev)?;
+        let stream = super::fused_decode::bound_stream(dev)?;
         let s = self.shape;
         let d = s.head_dim;
         let (n, width) = ql.shape().dims2()?;

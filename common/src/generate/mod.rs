@@ -35,14 +35,8 @@ pub const GPU_PREFILL_CHUNK: usize = 512;
 
 /// The prefill chunk for stages whose devices are GPUs or not (`gpu`, one a stage).
 pub fn prefill_chunk(gpu: impl IntoIterator<Item = bool>) -> usize {
-    let mut any = false;
-    for g in gpu {
-        if !g {
-            return PREFILL_CHUNK;
-        }
-        any = true;
-    }
-    if any {
+    let mut gpu = gpu.into_iter().peekable();
+    if gpu.peek().is_some() && gpu.all(|g| g) {
         GPU_PREFILL_CHUNK
     } else {
         PREFILL_CHUNK
