@@ -20,6 +20,10 @@ with export off; lines then carry "traces". The first stage count is the baselin
 --tls compares mutual TLS on every tarpc link with plain TCP the same way: certificates are
 made with the build's own `coordinator certs` in a temporary folder; lines carry "tls".
 
+--activations f16 (or f16,bf16) compares the nodes' `--activations` precisions with f32 the
+same way; lines carry "activations". (scripts/activation_precision.py measures what the
+precision does to the output.)
+
 --bin-dir may be given more than once (say, a build before and after a change): each build
 gets its own clusters, and every round goes through all of them, so the builds are compared
 within one run of the machine. Lines then carry "bin_dir".
@@ -122,6 +126,8 @@ def main():
                     help="each build with trace export to an otlp-sink and without")
     ap.add_argument("--tls", action="store_true",
                     help="each build with mutual TLS on its links and without")
+    ap.add_argument("--activations", default="",
+                    help="comma-separated precisions (f16, bf16) compared with f32")
     ap.add_argument("--devices", default="cpu",
                     help="comma-separated; node i runs on device i mod len (e.g. cuda:0,cuda:1)")
     a = ap.parse_args()
@@ -134,8 +140,8 @@ def main():
         p, sink = spawn([os.path.join(a.bin_dir[0], "otlp-sink")])
         procs.append(p)
         sink = "http://" + sink
-    # a variant is a build with trace export on (an endpoint) or off (None), and TLS on (a
-    # folder of certificates) or off (None)
+    # a variant is a build with trace export on (an endpoint) or off (None), TLS on (a
+    # folder of certificates) or off (None), and the nodes' activations (None: f32)
     certs = None
     if a.tls:
         certs = tempfile.mkdtemp(prefix="bench-certs-")
@@ -146,12 +152,13 @@ def main():
             subprocess.run([coord_bin, "certs", "issue", "--ca", certs + "/ca", "--role", role,
                             "--name", name, "--san", "127.0.0.1", "--out", certs],
                            check=True, stdout=subprocess.DEVNULL)
-    variants = [(None, None)]
+    variants = [(None, None, None)]
     if a.traces:
-        variants.append((sink, None))
+        variants.append((sink, None, None))
     if a.tls:
-        variants.append((None, certs))
-    bins = [(b, t, c) for b in a.bin_dir for (t, c) in variants]
+        variants.append((None, certs, None))
+    variants += [(None, None, p) for p in a.activations.split(",") if p]
+    bins = [(b, *v) for b in a.bin_dir for v in variants]
 
     def tls_flags(certs, name):
         if not certs:
@@ -178,14 +185,15 @@ def main():
         return total / tick
 
     def start(variant, stages):
-        bin_dir, otlp, tls = variant
+        bin_dir, otlp, tls, act = variant
         traced = ["--otlp-endpoint", otlp] if otlp else []
+        precision = ["--activations", act] if act else []
         addrs, mets, ps = [], [], []
         for i in range(stages):
             p, addr = spawn([os.path.join(bin_dir, "shard-node"), "serve", "--listen",
                              "127.0.0.1:0", "--threads", str(a.threads), "--models-dir",
                              models_dir, "--device", devices[i % len(devices)],
-                             "--metrics-listen", "127.0.0.1:0"] + traced
+                             "--metrics-listen", "127.0.0.1:0"] + traced + precision
                             + tls_flags(tls, f"node-{i}"))
             procs.append(p)
             ps.append(p.pid)
@@ -207,6 +215,8 @@ def main():
             t["traces"] = v[1] is not None
         if a.tls:
             t["tls"] = v[2] is not None
+        if a.activations:
+            t["activations"] = v[3] or "f32"
         return t
 
     try:

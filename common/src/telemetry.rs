@@ -109,6 +109,12 @@ pub async fn unrecorded<F: std::future::Future>(f: F) -> F::Output {
 /// readable and cheap. Prefill chunks are always traced.
 pub const DECODE_TRACE_EVERY: u32 = 32;
 
+/// Whether the decode step at position `start` is one traced in full (see
+/// [`DECODE_TRACE_EVERY`]).
+pub fn traced_step(start: usize) -> bool {
+    (start as u32).is_multiple_of(DECODE_TRACE_EVERY)
+}
+
 /// What a process's traces are named by.
 #[derive(Debug, Clone, Default)]
 pub struct TelemetryOptions {
@@ -317,6 +323,16 @@ fn export(o: &TelemetryOptions, endpoint: String) -> Result<Telemetry> {
         .ok()
         .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| "info".into());
+    // Without a hint of its own the dynamic filter would lift the process's most verbose
+    // level to TRACE (a combination of filters takes the loosest hint), and every `debug!`
+    // and `trace!` of every crate would then be looked up at each call instead of being
+    // skipped by one comparison.
+    let untraced = untraced.with_max_level_hint(
+        tracing_subscriber::layer::Filter::<tracing_subscriber::Registry>::max_level_hint(
+            &otel_filter,
+        )
+        .unwrap_or(tracing::level_filters::LevelFilter::TRACE),
+    );
     tracing_subscriber::registry()
         .with(log_layer().with_filter(log_filter()))
         .with(

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use common::generate::{generate, FinishReason, GenerateParams, Piece, StageChain};
 use common::sampling::{Pick, SamplingParams, TokenLogprobs};
-use common::telemetry::DECODE_TRACE_EVERY;
 use common::tokenizer::TextTokenizer;
 use proto_types::*;
 use tokio::sync::mpsc;
@@ -428,9 +427,9 @@ impl StageChain for RemoteChain<'_> {
             epoch: self.cluster.epoch,
             items: vec![item],
         };
-        // Decode steps are traced one in DECODE_TRACE_EVERY (see common::telemetry): the
+        // Decode steps are traced one in `DECODE_TRACE_EVERY` (see common::telemetry): the
         // others go out unsampled and unrecorded, so that no stage records them either.
-        let sampled = ids.len() > 1 || (start as u32).is_multiple_of(DECODE_TRACE_EVERY);
+        let sampled = ids.len() > 1 || common::telemetry::traced_step(start);
         let reply = if sampled {
             self.client.forward(ctx(TIMEOUTS.step), req).await
         } else {

@@ -11,7 +11,7 @@ use common::telemetry::TelemetryOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::membership::{self, JoinOptions};
-use crate::node::{Node, NodeConfig};
+use crate::node::{Activations, Node, NodeConfig};
 use crate::server::{metrics, relay, serve, Admission, Server};
 
 /// Options of `serve`.
@@ -61,6 +61,11 @@ pub struct ServeOptions {
     /// stages that share a few cores. Default: 3000 on CUDA, 0 on the CPU.
     #[arg(long)]
     pub poll_us: Option<u64>,
+    /// Precision of the activations sent on to the next stage: f32 (the default, the output
+    /// equals one process's), f16 or bf16 (half the bytes on every hop; the output may differ
+    /// slightly, see docs/benchmarks.md). Each stage decides for what it sends.
+    #[arg(long, value_enum, default_value_t = Activations::F32)]
+    pub activations: Activations,
     /// Shut down once this process is no longer our parent (set by `coordinator up`, so
     /// that its nodes end with it even when it is killed).
     #[arg(long, hide = true)]
@@ -159,6 +164,7 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
             DeviceSpec::Cpu => 0,
             DeviceSpec::Cuda(_) => DEFAULT_CUDA_POLL_US,
         })),
+        activations: o.activations,
     };
     cfg.validate()?;
     if o.device != DeviceSpec::Cpu {

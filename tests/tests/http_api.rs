@@ -12,7 +12,7 @@ use integration_tests::{
 
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// 3 nodes (the first serving metrics) and a coordinator over them.
+/// 3 nodes and a coordinator over them.
 struct Cluster {
     model: PathBuf,
     nodes: Vec<ShardProcess>,
@@ -20,18 +20,20 @@ struct Cluster {
     url: String,
 }
 
+const METRICS: [&str; 2] = ["--metrics-listen", "127.0.0.1:0"];
+
+/// The first node serving metrics.
 fn cluster() -> anyhow::Result<Cluster> {
+    cluster_with([&METRICS, &[], &[]])
+}
+
+/// Each node started with its own extra flags.
+fn cluster_with(flags: [&[&str]; 3]) -> anyhow::Result<Cluster> {
     let model = default_model();
     let dir = model.parent().ok_or_else(|| anyhow::anyhow!("no folder"))?;
-    let nodes: Vec<ShardProcess> = (0..3)
-        .map(|i| {
-            let metrics: &[&str] = if i == 0 {
-                &["--metrics-listen", "127.0.0.1:0"]
-            } else {
-                &[]
-            };
-            ShardProcess::spawn(dir, metrics)
-        })
+    let nodes: Vec<ShardProcess> = flags
+        .iter()
+        .map(|f| ShardProcess::spawn(dir, f))
         .collect::<Result<_, _>>()?;
     let coord = CoordinatorProcess::spawn(&model, &nodes.iter().collect::<Vec<_>>())?;
     Ok(Cluster {
@@ -251,6 +253,28 @@ fn n_choices_run_the_prompt_once() -> anyhow::Result<()> {
         let (_, one) = post(&format!("{}/v1/completions", c.url), &alone.to_string())?;
         let one: serde_json::Value = serde_json::from_str(&one)?;
         assert_eq!(choice["text"], one["choices"][0]["text"], "choice {i}");
+    }
+    Ok(())
+}
+
+/// `--activations f16` halves the bytes a stage sends on; f32 stays the default. Every row a
+/// stage ran went on, at its node's precision (SmolLM2's 576 values a row).
+#[test]
+fn each_stage_sends_activations_at_its_precision() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let half = [METRICS[0], METRICS[1], "--activations", "f16"];
+    let c = cluster_with([&half, &METRICS, &[]])?;
+    let text = completion(&c.url, PROMPT, 16, false)?;
+    assert!(!text.trim().is_empty());
+    for (i, bytes) in [(0, 2.0), (1, 4.0)] {
+        let at = c.nodes[i].metrics.clone().unwrap_or_default();
+        let (_, m) = get(&format!("http://{at}/metrics"))?;
+        let rows = metric(&m, "shard_forward_rows_total")?;
+        assert!(rows > 16.0, "node {i}: {rows} rows");
+        let sent = metric(&m, "shard_activation_bytes_sent_total")?;
+        assert_eq!(sent, rows * 576.0 * bytes, "node {i}");
     }
     Ok(())
 }

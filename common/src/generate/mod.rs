@@ -286,10 +286,16 @@ where
             out.finish = finish;
             break;
         }
-        next = chain
-            .step(pos, &[next.token], true)
-            .instrument(decode.clone())
-            .await?
+        // Only the traced steps run in the `decode` span: the others would enter and leave
+        // it at every poll for nothing.
+        let ids = [next.token];
+        let step = chain.step(pos, &ids, true);
+        let picked = if crate::telemetry::traced_step(pos) {
+            step.instrument(decode.clone()).await?
+        } else {
+            step.await?
+        };
+        next = picked
             .ok_or_else(|| crate::Error::InvalidInput("the last stage picked no token".into()))?;
         pos += 1;
         steps += 1;

@@ -28,6 +28,30 @@ pub struct NodeConfig {
     pub trim: bool,
     /// How long the compute thread polls for the next step after a pass before it sleeps.
     pub poll: Duration,
+    /// The precision of the activations sent on to the next stage.
+    pub activations: Activations,
+}
+
+/// The precision of the activations a stage sends to the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Activations {
+    /// 32-bit floats, as the stage computed them: a cluster's output equals one process's.
+    #[default]
+    F32,
+    /// IEEE half precision: half the bytes on every hop; the output may differ slightly.
+    F16,
+    /// bfloat16: half the bytes, f32's range, fewer mantissa bits than f16.
+    Bf16,
+}
+
+impl Activations {
+    /// Bytes of one value on the wire.
+    pub fn bytes(self) -> usize {
+        match self {
+            Activations::F32 => 4,
+            Activations::F16 | Activations::Bf16 => 2,
+        }
+    }
 }
 
 /// The longest `--poll-us`.
@@ -77,6 +101,7 @@ mod tests {
             session_idle: Duration::from_secs(300),
             trim: true,
             poll: Duration::ZERO,
+            activations: Activations::F32,
         }
     }
 

@@ -49,7 +49,7 @@ use common::telemetry::SPAN_EVENT;
 use proto_types::{LeaseId, PlanEpoch, SessionId};
 
 pub use accounting::{report, Report};
-pub use config::NodeConfig;
+pub use config::{Activations, NodeConfig};
 pub use error::{NodeError, Result};
 pub use leases::{Charge, Leases};
 pub use sessions::{now_ms, Session, SessionEntry, Slice};

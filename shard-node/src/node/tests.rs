@@ -40,6 +40,7 @@ fn config(memory_limit: Option<u64>) -> NodeConfig {
         session_idle: Duration::from_secs(300),
         trim: false,
         poll: Duration::ZERO,
+        activations: Default::default(),
     }
 }
 

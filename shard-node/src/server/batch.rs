@@ -21,10 +21,6 @@ use super::metrics::Metrics;
 use super::wire::{candle_err, shard_err, to_tensor, to_wire, wire_pick};
 use crate::node::{lock, now_ms, Charge, SessionEntry, Slice};
 
-/// Wire type of activations sent to the next stage (f32 keeps the cluster's output identical
-/// to single-process generation).
-pub const ACTIVATION_DTYPE: WireDType = WireDType::F32;
-
 /// Most token rows in one batch: a prefill chunk plus many decode steps.
 pub const MAX_BATCH_ROWS: usize = 512;
 
@@ -131,12 +127,14 @@ fn admit(p: &Pending) -> Result<Tensor, ShardError> {
     Ok(x)
 }
 
-/// Runs one batch (all on one slice, each session once) and routes every outcome.
-/// `computed` is called once the pass is done, before any outcome is sent on.
+/// Runs one batch (all on one slice, each session once) and routes every outcome; the
+/// activations going on to a next stage are sent as `activations`. `computed` is called once
+/// the pass is done, before any outcome is sent on.
 pub fn execute(
     batch: Vec<Pending>,
     onward: &mpsc::UnboundedSender<Onward>,
     metrics: &Metrics,
+    activations: WireDType,
     computed: &mut dyn FnMut(),
 ) {
     let mut ok: Vec<(Pending, Tensor)> = Vec::with_capacity(batch.len());
@@ -158,7 +156,7 @@ pub fn execute(
     let lens: Vec<usize> = xs.iter().map(|x| x.dims()[0]).collect();
     metrics.batch(pendings.len(), lens.iter().sum());
     let spans = super::trace::pass(&pendings, &lens);
-    let r = run(&pendings, &xs, &lens);
+    let r = run(&pendings, &xs, &lens, activations);
     drop(spans);
     computed();
     match r {
@@ -224,7 +222,12 @@ fn set_pick(out: &mut Out, pick: Option<WirePick>, logits: Option<WireTensor>) {
     }
 }
 
-fn run(pendings: &[Pending], xs: &[Tensor], lens: &[usize]) -> Result<Vec<Out>, ShardError> {
+fn run(
+    pendings: &[Pending],
+    xs: &[Tensor],
+    lens: &[usize],
+    activations: WireDType,
+) -> Result<Vec<Out>, ShardError> {
     let stage = &pendings[0].slice.stage;
     let x = match xs {
         [x] => x.clone(),
@@ -321,7 +324,7 @@ fn run(pendings: &[Pending], xs: &[Tensor], lens: &[usize]) -> Result<Vec<Out>, 
                 .clone()
                 .ok_or_else(|| err(ErrorCode::Internal, "no next stage"))?;
             let h = y.narrow(0, at, n).map_err(candle_err)?;
-            outs.push(Out::Next(addr, to_wire(&h, ACTIVATION_DTYPE)?));
+            outs.push(Out::Next(addr, to_wire(&h, activations)?));
             at += n;
         }
         Ok(outs)

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::kernels::pool;
 
+use proto_types::WireDType;
 use tokio::sync::oneshot;
 
 use super::batch::{self, Onward, Pending, MAX_BATCH_ROWS};
@@ -103,12 +104,14 @@ impl std::fmt::Debug for Work {
 impl Compute {
     /// Starts the thread. Activations for a next stage go to `onward`. `cpu`: the passes run
     /// on the CPU kernel pool (a GPU node's pool is not woken for them). `poll`: how long
-    /// the thread polls for work after a pass before it sleeps.
+    /// the thread polls for work after a pass before it sleeps. `activations`: the wire type
+    /// of what goes on to a next stage.
     pub fn start(
         onward: tokio::sync::mpsc::UnboundedSender<Onward>,
         metrics: Arc<Metrics>,
         cpu: bool,
         poll: Duration,
+        activations: WireDType,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Work>();
         let last_pass = Arc::new(AtomicUsize::new(0));
@@ -151,7 +154,7 @@ impl Compute {
                                     pool::global().rest();
                                 }
                             };
-                            batch::execute(batch, &onward, &metrics, &mut computed);
+                            batch::execute(batch, &onward, &metrics, activations, &mut computed);
                             metrics.busy(started.elapsed());
                         }
                     };
@@ -247,7 +250,8 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_job_does_not_stop_the_thread() {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let c = Compute::start(tx, Default::default(), true, Duration::ZERO).expect("thread");
+        let c = Compute::start(tx, Default::default(), true, Duration::ZERO, WireDType::F32)
+            .expect("thread");
         assert_eq!(c.run(|| 2 + 2).await, Some(4));
         assert_eq!(c.run(|| -> i32 { panic!("boom") }).await, None);
         assert_eq!(c.run(|| 5).await, Some(5));

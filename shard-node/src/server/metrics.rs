@@ -59,6 +59,8 @@ pub struct Metrics {
     pub batch_nanos: AtomicU64,
     /// Connections closed on arrival: over `--max-connections`, or a failed TLS handshake.
     pub connections_refused: AtomicU64,
+    /// Bytes of activations sent on to next stages (the tensors' data, without framing).
+    pub activation_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -277,6 +279,13 @@ pub fn render(node: &Node, m: &Metrics) -> String {
         "counter",
         "Connections closed on arrival (over --max-connections, or a failed TLS handshake).",
         get(&m.connections_refused),
+    );
+    line(
+        &mut out,
+        "shard_activation_bytes_sent_total",
+        "counter",
+        "Bytes of activations sent on to next stages (tensor data, at --activations).",
+        get(&m.activation_bytes),
     );
     let mut text = String::new();
     if prometheus_client::encoding::text::encode(&mut text, &m.latency.registry).is_ok() {

@@ -64,7 +64,13 @@ impl Server {
     pub fn new(node: Arc<Node>) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Onward>)> {
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::unbounded_channel();
-        let compute = Compute::start(tx, metrics.clone(), node.device.is_cpu(), node.cfg.poll)?;
+        let compute = Compute::start(
+            tx,
+            metrics.clone(),
+            node.device.is_cpu(),
+            node.cfg.poll,
+            wire::activation_dtype(node.cfg.activations),
+        )?;
         let server = Server {
             node,
             compute,

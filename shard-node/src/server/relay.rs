@@ -17,23 +17,29 @@ pub async fn run(
     peers: Arc<PeerPool>,
     metrics: Arc<Metrics>,
 ) {
+    // The relays of steps left out of the traces run in one `untraced` span, made once (no
+    // span at all without export).
+    let quiet = common::telemetry::untraced_span();
     while let Some(o) = rx.recv().await {
         let (peers, metrics) = (peers.clone(), metrics.clone());
-        let span = super::trace::relay(&o);
-        let go = async move { deliver(o, &peers, &metrics).await };
-        match span {
-            Some(span) => tokio::spawn(go.instrument(span)),
-            None if common::telemetry::exporting() => {
-                tokio::spawn(go.instrument(common::telemetry::untraced_span()))
-            }
-            None => tokio::spawn(go),
-        };
+        let span = super::trace::relay(&o).unwrap_or_else(|| quiet.clone());
+        tokio::spawn(async move { deliver(o, &peers, &metrics).await }.instrument(span));
     }
 }
 
 async fn deliver(o: Onward, peers: &PeerPool, metrics: &Metrics) {
     let (items, replies): (Vec<ForwardItem>, Vec<Reply>) = o.items.into_iter().unzip();
     let n = items.len();
+    let bytes: usize = items
+        .iter()
+        .map(|i| match &i.input {
+            StageInput::Hidden(w) => w.data.len(),
+            StageInput::Tokens(_) => 0,
+        })
+        .sum();
+    metrics
+        .activation_bytes
+        .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     let down =
         |d: String| ShardError::new(ErrorCode::Downstream, format!("next stage {}: {d}", o.addr));
     let outcomes = match peers.get(&o.addr).await {

@@ -55,6 +55,15 @@ impl From<NodeError> for ShardError {
     }
 }
 
+/// The wire type of activations sent on at `a`'s precision.
+pub fn activation_dtype(a: crate::node::Activations) -> WireDType {
+    match a {
+        crate::node::Activations::F32 => WireDType::F32,
+        crate::node::Activations::F16 => WireDType::F16,
+        crate::node::Activations::Bf16 => WireDType::BF16,
+    }
+}
+
 /// A candle error as a wire error.
 pub fn candle_err(e: candle_core::Error) -> ShardError {
     shard_err(common::Error::Candle(e))
