@@ -24,6 +24,10 @@ made with the build's own `coordinator certs` in a temporary folder; lines carry
 same way; lines carry "activations". (scripts/activation_precision.py measures what the
 precision does to the output.)
 
+The decode lines of a variant (export, TLS or a precision on) also carry "paired_ratios":
+each run's tok/s over the same build's plain run of the same round, and their median
+("paired_ratio_median"), which a slow spell of the machine moves less than the means.
+
 --bin-dir may be given more than once (say, a build before and after a change): each build
 gets its own clusters, and every round goes through all of them, so the builds are compared
 within one run of the machine. Lines then carry "bin_dir".
@@ -240,6 +244,15 @@ def main():
                 gaps[k] += [(y - x) * 1e3 for x, y in zip(t, t[1:])]
                 passes = sum((y[0] - x[0]) / max(y[1] - x[1], 1) for x, y in zip(before, after))
                 split[k].append((passes * 1e3, (t[-1] - t[0]) / (len(t) - 1) * 1e3))
+        def paired(b, n):
+            # Against the same build's first variant (export, TLS, precision off), run by
+            # run: both ran in the same round, so a slow spell of the machine cancels out.
+            ref = (b[0], None, None, None)
+            if b == ref or (ref, n) not in rates:
+                return {}
+            r = sorted(x / y for x, y in zip(rates[(b, n)], rates[(ref, n)]))
+            return {"paired_ratios": r, "paired_ratio_median": r[len(r) // 2]}
+
         for b in bins:
             base = sum(rates[(b, stage_counts[0])]) / a.runs
             for n in stage_counts:
@@ -258,7 +271,8 @@ def main():
                                   # the steps a trace records in full (one in 32) show here
                                   "gap_mean_ms": sum(g) / len(g),
                                   "pass_ms": pass_ms, "outside_ms": gap_ms - pass_ms,
-                                  "cpu_ms_per_token": sum(cpu[(b, n)]) / a.runs}),
+                                  "cpu_ms_per_token": sum(cpu[(b, n)]) / a.runs,
+                                  **paired(b, n)}),
                       flush=True)
         counts = [int(s) for s in a.streams.split(",")]
         for stages in [int(x) for x in a.aggregate_stages.split(",") if x]:
