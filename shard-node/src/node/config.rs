@@ -44,16 +44,6 @@ pub enum Activations {
     Bf16,
 }
 
-impl Activations {
-    /// Bytes of one value on the wire.
-    pub fn bytes(self) -> usize {
-        match self {
-            Activations::F32 => 4,
-            Activations::F16 | Activations::Bf16 => 2,
-        }
-    }
-}
-
 /// The longest `--poll-us`.
 const MAX_POLL: Duration = Duration::from_secs(1);
 
