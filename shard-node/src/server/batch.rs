@@ -21,8 +21,10 @@ use super::metrics::Metrics;
 use super::wire::{candle_err, shard_err, to_tensor, to_wire, wire_pick};
 use crate::node::{lock, now_ms, Charge, SessionEntry, Slice};
 
-/// Most token rows in one batch: a prefill chunk plus many decode steps.
-pub const MAX_BATCH_ROWS: usize = 512;
+/// Most token rows in one batch: the longest prefill chunk (a GPU pipeline's) plus 256 decode
+/// steps, so that the decode steps queued beside a chunk run in its pass instead of waiting
+/// for the next one.
+pub const MAX_BATCH_ROWS: usize = common::generate::GPU_PREFILL_CHUNK + 256;
 
 /// Where an item's outcome goes.
 pub type Reply = oneshot::Sender<Result<ForwardOutput, ShardError>>;

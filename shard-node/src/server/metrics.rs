@@ -78,8 +78,11 @@ impl Metrics {
         self.latency.pass.observe(took.as_secs_f64());
     }
 
-    /// A relay to the next stage took `round_trip`, of which that stage spent `there`.
-    pub fn hop(&self, round_trip: Duration, there: Duration) {
+    /// A relay of `bytes` of activations to the next stage took `round_trip`, of which that
+    /// stage spent `there`.
+    pub fn hop(&self, round_trip: Duration, there: Duration, bytes: usize) {
+        self.activation_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         self.latency
             .hop
             .observe(round_trip.saturating_sub(there).as_secs_f64());

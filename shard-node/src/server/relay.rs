@@ -37,9 +37,6 @@ async fn deliver(o: Onward, peers: &PeerPool, metrics: &Metrics) {
             StageInput::Tokens(_) => 0,
         })
         .sum();
-    metrics
-        .activation_bytes
-        .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     let down =
         |d: String| ShardError::new(ErrorCode::Downstream, format!("next stage {}: {d}", o.addr));
     let outcomes = match peers.get(&o.addr).await {
@@ -53,7 +50,7 @@ async fn deliver(o: Onward, peers: &PeerPool, metrics: &Metrics) {
             match client.forward(o.ctx, req).await {
                 Ok(Ok(reply)) if reply.outputs.len() == n => {
                     let there = std::time::Duration::from_micros(reply.handled_micros);
-                    metrics.hop(sent.elapsed(), there);
+                    metrics.hop(sent.elapsed(), there, bytes);
                     Ok(reply.outputs)
                 }
                 Ok(Ok(reply)) => Err(down(format!(
