@@ -24,6 +24,10 @@ made with the build's own `coordinator certs` in a temporary folder; lines carry
 same way; lines carry "activations". (scripts/activation_precision.py measures what the
 precision does to the output.)
 
+--replies chain compares the coordinator's `--replies chain` (each token back through every
+stage) with the default, `direct` (the coordinator collects it from the last stage); lines
+carry "replies".
+
 The decode lines of a variant (export, TLS or a precision on) also carry "paired_ratios":
 each run's tok/s over the same build's plain run of the same round, and their median
 ("paired_ratio_median"), which a slow spell of the machine moves less than the means.
@@ -130,6 +134,8 @@ def main():
                     help="each build with trace export to an otlp-sink and without")
     ap.add_argument("--tls", action="store_true",
                     help="each build with mutual TLS on its links and without")
+    ap.add_argument("--replies", default="",
+                    help="also run with the coordinator's --replies set to this (chain)")
     ap.add_argument("--activations", default="",
                     help="comma-separated precisions (f16, bf16) compared with f32")
     ap.add_argument("--devices", default="cpu",
@@ -145,7 +151,8 @@ def main():
         procs.append(p)
         sink = "http://" + sink
     # a variant is a build with trace export on (an endpoint) or off (None), TLS on (a
-    # folder of certificates) or off (None), and the nodes' activations (None: f32)
+    # folder of certificates) or off (None), the nodes' activations (None: f32) and the
+    # coordinator's replies (None: direct)
     certs = None
     if a.tls:
         certs = tempfile.mkdtemp(prefix="bench-certs-")
@@ -156,12 +163,13 @@ def main():
             subprocess.run([coord_bin, "certs", "issue", "--ca", certs + "/ca", "--role", role,
                             "--name", name, "--san", "127.0.0.1", "--out", certs],
                            check=True, stdout=subprocess.DEVNULL)
-    variants = [(None, None, None)]
+    variants = [(None, None, None, None)]
     if a.traces:
-        variants.append((sink, None, None))
+        variants.append((sink, None, None, None))
     if a.tls:
-        variants.append((None, certs, None))
-    variants += [(None, None, p) for p in a.activations.split(",") if p]
+        variants.append((None, certs, None, None))
+    variants += [(None, None, p, None) for p in a.activations.split(",") if p]
+    variants += [(None, None, None, r) for r in a.replies.split(",") if r]
     bins = [(b, *v) for b in a.bin_dir for v in variants]
 
     def tls_flags(certs, name):
@@ -189,7 +197,7 @@ def main():
         return total / tick
 
     def start(variant, stages):
-        bin_dir, otlp, tls, act = variant
+        bin_dir, otlp, tls, act, replies = variant
         traced = ["--otlp-endpoint", otlp] if otlp else []
         precision = ["--activations", act] if act else []
         addrs, mets, ps = [], [], []
@@ -205,7 +213,8 @@ def main():
             mets.append(METRICS[p.pid])
         p, http = spawn([os.path.join(bin_dir, "coordinator"), "serve", "--http",
                          "127.0.0.1:0", "--max-ctx", "2048", "--model", a.model, "--nodes",
-                         ",".join(addrs)] + traced + tls_flags(tls, "coord"))
+                         ",".join(addrs)] + traced + tls_flags(tls, "coord")
+                        + (["--replies", replies] if replies else []))
         procs.append(p)
         url = "http://" + http
         metrics[url] = mets
@@ -221,6 +230,8 @@ def main():
             t["tls"] = v[2] is not None
         if a.activations:
             t["activations"] = v[3] or "f32"
+        if a.replies:
+            t["replies"] = v[4] or "direct"
         return t
 
     try:
@@ -247,7 +258,7 @@ def main():
         def paired(b, n):
             # Against the same build's first variant (export, TLS, precision off), run by
             # run: both ran in the same round, so a slow spell of the machine cancels out.
-            ref = (b[0], None, None, None)
+            ref = (b[0], None, None, None, None)
             if b == ref or (ref, n) not in rates:
                 return {}
             r = sorted(x / y for x, y in zip(rates[(b, n)], rates[(ref, n)]))

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, one call: the hop between two stages on one GPU (two nodes sharing
-# cuda:0), one stage against two, with the activations sent at f32 and at f16, for the
-# 8B-shaped Q4_0 file and a SmolLM2-shaped Q8_0 one (scripts/bench_cluster.py --stages 1,2
-# --activations f16 --devices cuda:0).
+# cuda:0), one stage against two, with the activations sent at f32 and at f16, and the
+# tokens collected from the last stage (the default) against sent back along the chain, for
+# the 8B-shaped Q4_0 file and a SmolLM2-shaped Q8_0 one (scripts/bench_cluster.py --stages 1,2
+# --activations f16 --replies chain --devices cuda:0).
 #   bash scripts/gpu-hop.sh PACK OUT
 # PACK holds bins.tar.xz (shard-node and coordinator from scripts/build-cuda.sh) and tok.gguf
 # (a tokenizer). JSON lines on stdout and in OUT/hop-*.jsonl.
@@ -25,6 +26,7 @@ for d in /usr/local/cuda/lib64 /usr/local/nvidia/lib64; do
 done
 for f in "$s" "$m"; do
   python3 "$here/scripts/bench_cluster.py" --bin-dir /tmp/gh --model "$f" --stages 1,2 \
-    --aggregate-stages "" --runs ${RUNS:-6} --tokens 128 --activations f16 --devices cuda:0 \
+    --aggregate-stages "" --runs ${RUNS:-6} --tokens 128 --activations f16 --replies chain \
+    --devices cuda:0 \
     | tee "$out/hop-$(basename "$f" .gguf).jsonl"
 done

@@ -35,6 +35,8 @@ pub struct RawServeConfig {
     pub drain_secs: u64,
     /// Bytes of prompts' KV caches kept on each stage for prompts to come (0: none).
     pub prefix_cache_bytes: u64,
+    /// How each step's token comes back from the last stage.
+    pub replies: Replies,
     /// Testing only: stop the 2PC driver at this point.
     pub failpoint: Option<Failpoint>,
     /// API keys given on the command line.
@@ -49,6 +51,17 @@ pub struct RawServeConfig {
     pub http_tls_cert: Option<PathBuf>,
     /// Its key (PEM).
     pub http_tls_key: Option<PathBuf>,
+}
+
+/// How a step's sampled token reaches the coordinator from the last stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Replies {
+    /// Straight from the last stage: the coordinator awaits it there (`collect`) while the
+    /// step goes down the chain, one hop instead of one per stage.
+    #[default]
+    Direct,
+    /// Back along the chain, through every stage (protocol 6's way; for comparison).
+    Chain,
 }
 
 /// Where the nodes come from.
@@ -86,6 +99,8 @@ pub struct ServeConfig {
     pub membership: Membership,
     /// Bytes of prompts' KV caches kept on each stage (0: no prefix cache).
     pub prefix_cache_bytes: u64,
+    /// How each step's token comes back from the last stage.
+    pub replies: Replies,
     /// How long in-flight requests may run on after a shutdown signal.
     pub drain: Duration,
     /// Testing only.
@@ -126,6 +141,7 @@ impl RawServeConfig {
             etcd_ttl_secs: 5,
             drain_secs: 30,
             prefix_cache_bytes: crate::engine::prefix::DEFAULT_BUDGET,
+            replies: Replies::Direct,
             failpoint: None,
             api_keys: Vec::new(),
             api_key_file: None,
@@ -241,6 +257,7 @@ impl RawServeConfig {
             membership,
             drain: Duration::from_secs(self.drain_secs),
             prefix_cache_bytes: self.prefix_cache_bytes,
+            replies: self.replies,
             failpoint: self.failpoint,
             api_keys,
             metrics_keys: self.metrics_key.into_iter().collect(),

@@ -2,7 +2,7 @@
 //! chunks, decodes token by token, streams text out, and closes the session on every stage
 //! when it ends for any reason, the client going away included.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::generate::{generate, FinishReason, GenerateParams, Piece, StageChain};
@@ -387,10 +387,21 @@ async fn decode(
     Ok(())
 }
 
+/// Whether steps' tokens come straight from the last stage (see [`set_replies`]).
+static DIRECT_REPLIES: AtomicBool = AtomicBool::new(true);
+
+/// How the chains made from now on have their tokens come back (`serve --replies`).
+pub fn set_replies(r: crate::config::Replies) {
+    DIRECT_REPLIES.store(r == crate::config::Replies::Direct, Ordering::Relaxed);
+}
+
 /// The stages of the served plan, reached through the first: one session on each.
 struct RemoteChain<'c> {
     cluster: &'c Cluster,
     client: ShardNodeClient,
+    /// The last stage, where each step's token is collected, when it answers directly
+    /// (several stages and `--replies direct`).
+    last: Option<(&'c str, ShardNodeClient)>,
     session: SessionId,
     /// The one `untraced` span of the request's steps left out of its trace (made once: a
     /// span per step cost the exporter's layer a span to build and drop every token).
@@ -400,52 +411,26 @@ struct RemoteChain<'c> {
 impl<'c> RemoteChain<'c> {
     /// The chain of `session` on `cluster`'s stages.
     fn new(cluster: &'c Cluster, session: SessionId) -> Result<Self> {
+        let last = match &cluster.nodes[..] {
+            [_, .., last] if DIRECT_REPLIES.load(Ordering::Relaxed) => {
+                Some((last.addr.as_str(), last.client()?))
+            }
+            _ => None,
+        };
         Ok(RemoteChain {
             client: cluster.nodes[0].client()?,
+            last,
             cluster,
             session,
             quiet: common::telemetry::untraced_span(),
         })
     }
-}
 
-impl StageChain for RemoteChain<'_> {
-    type Error = CoordError;
-
-    /// One step of the session through the whole pipeline: the first stage relays it on, and
-    /// the last stage's sampled token comes back (when `pick`).
-    async fn step(&mut self, start: usize, ids: &[u32], pick: bool) -> Result<Option<Pick>> {
+    /// The outcome of the one item the first stage answered for.
+    fn only(&self, reply: ForwardReply) -> Result<ForwardOutput> {
         let addr = &self.cluster.nodes[0].addr;
-        let item = ForwardItem {
-            session: self.session,
-            start: start as u32,
-            input: StageInput::Tokens(ids.to_vec()),
-            pick,
-            want_logits: false,
-        };
-        let req = ForwardRequest {
-            epoch: self.cluster.epoch,
-            items: vec![item],
-        };
-        // Decode steps are traced one in `DECODE_TRACE_EVERY` (see common::telemetry): the
-        // others go out unsampled and unrecorded, so that no stage records them either.
-        let sampled = ids.len() > 1 || common::telemetry::traced_step(start);
-        let reply = if sampled {
-            self.client.forward(ctx(TIMEOUTS.step), req).await
-        } else {
-            self.client
-                .forward(untraced_ctx(TIMEOUTS.step), req)
-                .instrument(self.quiet.clone())
-                .await
-        };
-        let reply = rpc(addr, reply)?;
         match reply.outputs.into_iter().next() {
-            Some(Ok(o)) => Ok(o.pick.map(|p| Pick {
-                token: p.token,
-                logprobs: p
-                    .logprobs
-                    .map(|(logprob, top)| TokenLogprobs { logprob, top }),
-            })),
+            Some(Ok(o)) => Ok(o),
             Some(Err(err)) => Err(CoordError::Shard {
                 addr: addr.clone(),
                 err,
@@ -455,6 +440,77 @@ impl StageChain for RemoteChain<'_> {
                 detail: "empty reply".into(),
             }),
         }
+    }
+}
+
+impl StageChain for RemoteChain<'_> {
+    type Error = CoordError;
+
+    /// One step of the session through the whole pipeline: the first stage relays it on, and
+    /// the last stage's sampled token comes back (when `pick`): collected from the last
+    /// stage while the step goes down the chain, or back along the chain.
+    async fn step(&mut self, start: usize, ids: &[u32], pick: bool) -> Result<Option<Pick>> {
+        let addr = &self.cluster.nodes[0].addr;
+        let item = ForwardItem {
+            session: self.session,
+            start: start as u32,
+            input: StageInput::Tokens(ids.to_vec()),
+            pick,
+            want_logits: false,
+            reply: match self.last {
+                Some(_) => ReplyRoute::Collect,
+                None => ReplyRoute::Chain,
+            },
+        };
+        let req = ForwardRequest {
+            epoch: self.cluster.epoch,
+            items: vec![item],
+        };
+        // Decode steps are traced one in `DECODE_TRACE_EVERY` (see common::telemetry): the
+        // others go out unsampled and unrecorded, so that no stage records them either.
+        let sampled = ids.len() > 1 || common::telemetry::traced_step(start);
+        let (call, span) = if sampled {
+            (ctx(TIMEOUTS.step), tracing::Span::current())
+        } else {
+            (untraced_ctx(TIMEOUTS.step), self.quiet.clone())
+        };
+        let out = match &self.last {
+            None => {
+                let reply = self.client.forward(call, req).instrument(span).await;
+                self.only(rpc(addr, reply)?)?
+            }
+            Some((last_addr, last)) => {
+                // The chain's answer only says the step was handed on (or why it failed); it
+                // is left to come in the background once the token is here.
+                let client = self.client.clone();
+                let mut chain = tokio::spawn(
+                    async move { client.forward(call, req).await }.instrument(span.clone()),
+                );
+                let collect = last
+                    .collect(call, self.session, start as u32)
+                    .instrument(span);
+                let mut collect = std::pin::pin!(collect);
+                let collected = tokio::select! {
+                    c = &mut collect => c,
+                    j = &mut chain => {
+                        let reply = j.map_err(|e| CoordError::NodeDown {
+                            addr: addr.clone(),
+                            detail: format!("the step's call failed: {e}"),
+                        })?;
+                        // an error anywhere down the chain, or an ack ahead of the token
+                        self.only(rpc(addr, reply)?)?;
+                        collect.await
+                    }
+                };
+                rpc(last_addr, collected)?
+            }
+        };
+        Ok(out.pick.map(|p| Pick {
+            token: p.token,
+            logprobs: p
+                .logprobs
+                .map(|(logprob, top)| TokenLogprobs { logprob, top }),
+        }))
     }
 
     fn prefill_chunk(&self) -> usize {

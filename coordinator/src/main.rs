@@ -9,7 +9,7 @@ use cluster_registry::EtcdTlsArgs;
 use cluster_tls::{Dialer, TlsArgs};
 use common::telemetry::{Telemetry, TelemetryOptions};
 use coordinator::certs_cmd::{self, CertsCommand};
-use coordinator::config::RawServeConfig;
+use coordinator::config::{RawServeConfig, Replies};
 use coordinator::serve_cmd::{self, cancel_on_signal};
 use coordinator::twopc::Failpoint;
 use tokio_util::sync::CancellationToken;
@@ -127,6 +127,10 @@ struct ServeArgs {
     /// them again; least recently used first out; 0 turns the prefix cache off.
     #[arg(long, default_value_t = coordinator::engine::prefix::DEFAULT_BUDGET)]
     prefix_cache_bytes: u64,
+    /// How each step's token comes back from the last stage: `direct` (the coordinator
+    /// awaits it on the last stage, one hop) or `chain` (back through every stage).
+    #[arg(long, value_enum, default_value_t = Replies::Direct)]
+    replies: Replies,
     /// Export traces over OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317` (Jaeger);
     /// wins over `OTEL_EXPORTER_OTLP_ENDPOINT`. Without either, nothing is exported.
     #[arg(long)]
@@ -242,6 +246,7 @@ impl From<ServeArgs> for RawServeConfig {
             etcd_ttl_secs: a.etcd_ttl_secs,
             drain_secs: a.drain_secs,
             prefix_cache_bytes: a.prefix_cache_bytes,
+            replies: a.replies,
             failpoint: a.failpoint,
             api_keys: a.api_key,
             api_key_file: a.api_key_file,

@@ -52,6 +52,7 @@ pub fn cancel_on_signal(token: CancellationToken) {
 /// Serves until `shutdown` is cancelled, then drains.
 pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     crate::engine::prefix::set_budget(cfg.prefix_cache_bytes);
+    crate::engine::set_replies(cfg.replies);
     let tasks = TaskTracker::new();
     let paths: Vec<&std::path::PathBuf> = std::iter::once(&cfg.model)
         .chain(&cfg.more_models)

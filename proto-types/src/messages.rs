@@ -202,6 +202,19 @@ pub struct ForwardItem {
     pub pick: bool,
     /// Return the last row's logits too (they are large: only when asked).
     pub want_logits: bool,
+    /// Where the last stage's outcome goes.
+    pub reply: ReplyRoute,
+}
+
+/// Where the last stage sends a step's outcome (its picked token, or its error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyRoute {
+    /// Back along the chain: each stage's `forward` returns it to the stage before.
+    Chain,
+    /// To whoever awaits it with `collect` on the last stage (the coordinator, one hop away);
+    /// the chain's replies carry an empty output and only say the step was handed on. No
+    /// logits go this way: an item that asks for them takes the chain.
+    Collect,
 }
 
 /// A forward step for one or more sessions (decode steps of many sessions batch together).

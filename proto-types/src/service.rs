@@ -25,6 +25,10 @@ pub trait ShardNode {
     /// Runs the slice on each item, forwards to the next stage, and returns what the last
     /// stage sampled.
     async fn forward(req: ForwardRequest) -> Result<ForwardReply, ShardError>;
+    /// On the last stage: the outcome of `session`'s step at `start` sent with
+    /// [`ReplyRoute::Collect`], once it is there (it may be asked for before the step
+    /// arrives). Only the session's owner may collect it.
+    async fn collect(session: SessionId, start: u32) -> Result<ForwardOutput, ShardError>;
     /// Renews a lease.
     async fn heartbeat(lease: LeaseId) -> Result<LeaseStatus, ShardError>;
     /// Sessions, epoch and memory.

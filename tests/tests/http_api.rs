@@ -270,11 +270,63 @@ fn each_stage_sends_activations_at_its_precision() -> anyhow::Result<()> {
     assert!(!text.trim().is_empty());
     for (i, bytes) in [(0, 2.0), (1, 4.0)] {
         let at = c.nodes[i].metrics.clone().unwrap_or_default();
+        // A hop's bytes count once the next stage has acknowledged it, and the token of the
+        // last step reaches the client straight from the last stage, a moment before that
+        // acknowledgement walks back: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, m) = get(&format!("http://{at}/metrics"))?;
+            let rows = metric(&m, "shard_forward_rows_total")?;
+            assert!(rows > 16.0, "node {i}: {rows} rows");
+            let sent = metric(&m, "shard_activation_bytes_sent_total")?;
+            if sent == rows * 576.0 * bytes {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i}: {sent} bytes sent for {rows} rows"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// By default the last stage hands each step's token straight to the coordinator (it waits
+/// there with `collect`), one hop instead of one per stage; `--replies chain` sends it back
+/// through every stage. Both give the single process's greedy text.
+#[test]
+fn tokens_come_straight_from_the_last_stage() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let model = default_model();
+    let want = generate(&model, PROMPT, 16)?;
+    let dir = model.parent().ok_or_else(|| anyhow::anyhow!("no folder"))?;
+    for replies in ["direct", "chain"] {
+        let flags: [&[&str]; 3] = [&[], &[], &METRICS];
+        let nodes: Vec<ShardProcess> = flags
+            .iter()
+            .map(|f| ShardProcess::spawn(dir, f))
+            .collect::<Result<_, _>>()?;
+        let list: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+        let coord = CoordinatorProcess::spawn_with(
+            &model,
+            &["--nodes", &list.join(","), "--replies", replies],
+        )?;
+        assert_eq!(
+            completion(&coord.url, PROMPT, 16, false)?,
+            want,
+            "{replies}"
+        );
+        let at = nodes[2].metrics.clone().unwrap_or_default();
         let (_, m) = get(&format!("http://{at}/metrics"))?;
-        let rows = metric(&m, "shard_forward_rows_total")?;
-        assert!(rows > 16.0, "node {i}: {rows} rows");
-        let sent = metric(&m, "shard_activation_bytes_sent_total")?;
-        assert_eq!(sent, rows * 576.0 * bytes, "node {i}");
+        let direct = metric(&m, "shard_direct_replies_total")?;
+        match replies {
+            // the prompt's step and a step per token after the first
+            "direct" => assert!(direct >= 8.0, "{direct} steps answered directly"),
+            _ => assert_eq!(direct, 0.0),
+        }
     }
     Ok(())
 }

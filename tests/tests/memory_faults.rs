@@ -185,6 +185,7 @@ async fn reload_ten_times_returns_to_baseline() -> anyhow::Result<()> {
             input: StageInput::Tokens((1..300).collect()),
             pick: true,
             want_logits: false,
+            reply: ReplyRoute::Chain,
         };
         let reply = c
             .forward(
@@ -320,6 +321,7 @@ async fn unknown_and_stale_ids_get_typed_errors() -> anyhow::Result<()> {
             input: StageInput::Tokens(vec![1]),
             pick: true,
             want_logits: false,
+            reply: ReplyRoute::Chain,
         }],
     };
     assert_eq!(

@@ -108,6 +108,7 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
             input: StageInput::Tokens(vec![1]),
             pick: true,
             want_logits: false,
+            reply: ReplyRoute::Chain,
         }],
     };
     let reply = clients[0].forward(ctx(), unknown).await??;
@@ -159,6 +160,7 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
             input: StageInput::Tokens(input.clone()),
             pick: true,
             want_logits: false,
+            reply: ReplyRoute::Chain,
         };
         let mut items: Vec<ForwardItem> = sessions.iter().map(|&s| item(s)).collect();
         if step == 0 {
@@ -229,6 +231,7 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
         input: StageInput::Tokens(prompt.clone()),
         pick,
         want_logits: false,
+        reply: ReplyRoute::Chain,
     };
     let items = vec![step(SessionId(3), false), step(SessionId(4), true)];
     let reply = clients[0]
@@ -263,6 +266,7 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
         input: StageInput::Tokens(ids.to_vec()),
         pick,
         want_logits: false,
+        reply: ReplyRoute::Chain,
     };
     let items = vec![item(SessionId(5), 0, head, false)];
     clients[0]
@@ -318,6 +322,70 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
         }
         pos += 1;
     }
+
+    // A step routed to `collect`: the chain only says it was handed on, and the last stage
+    // keeps its token for the session's owner, whether the collect comes after the step or
+    // before it.
+    open(SessionId(7), WireSampling::default()).await?;
+    let direct = |start: usize, ids: &[u32]| ForwardItem {
+        reply: ReplyRoute::Collect,
+        ..item(SessionId(7), start, ids, true)
+    };
+    let only = |r: ForwardReply| {
+        r.outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no outcome"))
+    };
+    let items = vec![direct(0, &prompt)];
+    let ack = only(
+        clients[0]
+            .forward(ctx(), ForwardRequest { epoch, items })
+            .await??,
+    )??;
+    assert_eq!(
+        ack.pick, None,
+        "the token does not come back along the chain"
+    );
+    let first = clients[2].collect(ctx(), SessionId(7), 0).await??;
+    assert_eq!(first.pick.map(|p| p.token), Some(got[0][0]));
+    let at = prompt.len();
+    let early = {
+        let last = clients[2].clone();
+        tokio::spawn(async move { last.collect(ctx(), SessionId(7), at as u32).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let items = vec![direct(at, &[got[0][0]])];
+    clients[0]
+        .forward(ctx(), ForwardRequest { epoch, items })
+        .await??;
+    let second = early.await???;
+    assert_eq!(second.pick.map(|p| p.token), Some(got[0][1]));
+    assert_eq!(
+        code(clients[2].collect(ctx(), SessionId(7), 0).await?),
+        ErrorCode::InvalidArgument,
+        "a step collected already"
+    );
+    let (stranger, _) = connect(&nodes[2].addr).await?;
+    assert_eq!(
+        code(stranger.collect(ctx(), SessionId(7), at as u32 + 1).await?),
+        ErrorCode::UnknownSession,
+        "another connection's session cannot be collected"
+    );
+    let items = vec![ForwardItem {
+        want_logits: true,
+        ..direct(at + 1, &[got[0][1]])
+    }];
+    let refused = only(
+        clients[0]
+            .forward(ctx(), ForwardRequest { epoch, items })
+            .await??,
+    )?;
+    assert_eq!(
+        code(refused),
+        ErrorCode::InvalidArgument,
+        "logits take the chain"
+    );
 
     // Dropping the client's connections frees its sessions on every node.
     drop(clients);

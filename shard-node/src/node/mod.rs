@@ -36,6 +36,7 @@ pub mod accounting;
 pub mod config;
 pub mod error;
 pub mod leases;
+pub mod outbox;
 pub mod sessions;
 pub mod slices;
 
@@ -52,6 +53,7 @@ pub use accounting::{report, Report};
 pub use config::{Activations, NodeConfig};
 pub use error::{NodeError, Result};
 pub use leases::{Charge, Leases};
+pub use outbox::Outbox;
 pub use sessions::{now_ms, Session, SessionEntry, Slice};
 pub use slices::{SliceState, SliceTable};
 

@@ -76,6 +76,9 @@ pub struct SessionEntry {
     pub prefix_cache: bool,
     /// The state.
     pub state: Mutex<Session>,
+    /// On the last stage, the outcome of a step sent with `ReplyRoute::Collect` until it is
+    /// collected (its own lock: a pass holds `state`).
+    pub outbox: Mutex<super::Outbox>,
 }
 
 impl SessionEntry {
@@ -89,6 +92,7 @@ impl SessionEntry {
             last_used_ms: AtomicU64::new(now_ms()),
             prefix_cache: false,
             state: Mutex::new(session),
+            outbox: Mutex::default(),
         }
     }
 }

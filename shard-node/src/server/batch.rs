@@ -4,7 +4,9 @@
 //! Every step is checked on its own first (session epoch, position, context bound, input), and
 //! one that fails is answered alone. The rest run through [`Stage::forward_batch`]. On the last
 //! stage each step's token is sampled with its session's sampler; on other stages the
-//! activations go on to the next stage as one [`Onward`] request per address.
+//! activations go on to the next stage as one [`Onward`] request per address. A last stage's
+//! outcome routed to `collect` waits in its session's [`crate::node::Outbox`]; errors always
+//! go back along the chain.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -166,6 +168,27 @@ pub fn execute(
             let mut groups: HashMap<String, Onward> = HashMap::new();
             for (p, out) in pendings.into_iter().zip(outs) {
                 match out {
+                    Out::Done(o) if p.item.reply == ReplyRoute::Collect => {
+                        // The outcome waits for the coordinator's `collect`; the chain only
+                        // hears that the step ran. The charge goes first, as in `finish`:
+                        // whoever has the token finds the bytes returned.
+                        let Pending {
+                            item,
+                            session,
+                            reply,
+                            charge,
+                            ..
+                        } = p;
+                        drop(charge);
+                        let ack = ForwardOutput {
+                            session: o.session,
+                            pick: None,
+                            logits: None,
+                        };
+                        lock(&session.outbox).deliver(item.start, Ok(o));
+                        metrics.direct_replies.fetch_add(1, Ordering::Relaxed);
+                        let _ = reply.send(Ok(ack));
+                    }
                     Out::Done(o) => p.finish(Ok(o)),
                     Out::Next(addr, hidden) => {
                         // The activations going on are the next stage's to account for.

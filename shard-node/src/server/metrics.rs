@@ -61,6 +61,8 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Bytes of activations sent on to next stages (the tensors' data, without framing).
     pub activation_bytes: AtomicU64,
+    /// Outcomes this (last) stage left for `collect` instead of sending back along the chain.
+    pub direct_replies: AtomicU64,
 }
 
 impl Metrics {
@@ -289,6 +291,14 @@ pub fn render(node: &Node, m: &Metrics) -> String {
         "counter",
         "Bytes of activations sent on to next stages (tensor data, at --activations).",
         get(&m.activation_bytes),
+    );
+    line(
+        &mut out,
+        "shard_direct_replies_total",
+        "counter",
+        "Steps whose outcome this last stage left for the coordinator's collect call, one hop \
+         away, instead of sending it back along the chain.",
+        get(&m.direct_replies),
     );
     let mut text = String::new();
     if prometheus_client::encoding::text::encode(&mut text, &m.latency.registry).is_ok() {

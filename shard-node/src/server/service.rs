@@ -349,6 +349,13 @@ impl ShardNode for Conn {
                 )));
                 continue;
             }
+            if item.reply == ReplyRoute::Collect && item.want_logits {
+                let _ = reply.send(Err(err(
+                    ErrorCode::InvalidArgument,
+                    "logits come back along the chain: send them with ReplyRoute::Chain",
+                )));
+                continue;
+            }
             let bytes = match &item.input {
                 StageInput::Tokens(t) => t.len() as u64 * 4,
                 StageInput::Hidden(w) => w.data.len() as u64,
@@ -384,6 +391,36 @@ impl ShardNode for Conn {
             outputs,
             handled_micros: u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
         })
+    }
+
+    async fn collect(
+        self,
+        _: Context,
+        session: SessionId,
+        start: u32,
+    ) -> Result<ForwardOutput, ShardError> {
+        let lease = self.coordinator_lease("collect")?;
+        let entry = self.node().session(session)?;
+        if entry.lease != lease {
+            return Err(NodeError::UnknownSession {
+                id: session,
+                owner: Some(lease),
+                left: false,
+            }
+            .into());
+        }
+        let taken = lock(&entry.outbox).take(start);
+        // Only the receiver waits: the session may close meanwhile, which answers it.
+        drop(entry);
+        match taken {
+            Ok(outcome) => outcome,
+            Err(rx) => rx.await.unwrap_or_else(|_| {
+                Err(err(
+                    ErrorCode::UnknownSession,
+                    format!("session {session} closed before its step at {start} came"),
+                ))
+            }),
+        }
     }
 
     async fn heartbeat(self, _: Context, lease: LeaseId) -> Result<LeaseStatus, ShardError> {
