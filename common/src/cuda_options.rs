@@ -22,9 +22,12 @@ pub struct CudaOptions {
     pub pdl: bool,
     /// Prompt chunks' attention on tensor cores (`LLMC_CUDA_PREFILL`); off: candle's ops.
     pub prefill: bool,
-    /// Prompt chunks' gate `act(gate) * up` in one kernel (`LLMC_CUDA_GATE`); off by default
-    /// until its unit test has run on a GPU.
+    /// Prompt chunks' gate `act(gate) * up` in one kernel (`LLMC_CUDA_GATE`); off: two
+    /// candle ops.
     pub gate: bool,
+    /// Prompt chunks' quantized products as cuBLAS products of f16 activations with the
+    /// weight dequantized to f16 (`LLMC_CUDA_GEMM`); off: candle's MMQ (int8 tensor cores).
+    pub gemm: bool,
 }
 
 impl Default for CudaOptions {
@@ -36,7 +39,8 @@ impl Default for CudaOptions {
             matvec: true,
             pdl: true,
             prefill: true,
-            gate: false,
+            gate: true,
+            gemm: false,
         }
     }
 }
@@ -49,7 +53,7 @@ impl CudaOptions {
     }
 
     /// Each switch by name, for logs and metrics.
-    pub fn named(&self) -> [(&'static str, bool); 7] {
+    pub fn named(&self) -> [(&'static str, bool); 8] {
         [
             ("attention", self.attention),
             ("mixed", self.mixed),
@@ -58,6 +62,7 @@ impl CudaOptions {
             ("pdl", self.pdl),
             ("prefill", self.prefill),
             ("gate", self.gate),
+            ("gemm", self.gemm),
         ]
     }
 }
@@ -93,7 +98,7 @@ mod tests {
             ..o
         }
         .fused_step());
-        // every switch on but the gate kernel, which waits for its first GPU run
-        assert!(o.named().iter().all(|&(name, on)| on == (name != "gate")));
+        // every switch on but the f16 products, which wait for their measurement
+        assert!(o.named().iter().all(|&(name, on)| on == (name != "gemm")));
     }
 }

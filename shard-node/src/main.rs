@@ -52,10 +52,15 @@ struct CudaArgs {
     #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_PREFILL", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_prefill: bool,
-    /// Prompt chunks' gate act(gate)·up in one kernel (off until checked on a GPU).
-    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_GATE", default_value = "off",
+    /// Prompt chunks' gate act(gate)·up in one kernel.
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_GATE", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_gate: bool,
+    /// Prompt chunks' quantized products through cuBLAS on the weight dequantized to f16
+    /// (off: candle's MMQ on int8 tensor cores).
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_GEMM", default_value = "off",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    cuda_gemm: bool,
 }
 
 impl From<&CudaArgs> for CudaOptions {
@@ -68,6 +73,7 @@ impl From<&CudaArgs> for CudaOptions {
             pdl: a.cuda_pdl,
             prefill: a.cuda_prefill,
             gate: a.cuda_gate,
+            gemm: a.cuda_gemm,
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The gated activation of a fused `[gate | up]` projection in one kernel (`gate_mul.cu`):
 //! `act(gate) * up` straight from the product's rows, where candle's ops run the activation
 //! and then a product that reads `up` through a strided view. Prompt chunks take it (decode
-//! steps have their own fused kernel). `--cuda-gate on` (or `LLMC_CUDA_GATE=1`) turns it on;
-//! it stays off by default until its unit test has run on a GPU.
+//! steps have their own fused kernel). On by default; `--cuda-gate off` (or
+//! `LLMC_CUDA_GATE=0`) goes back to candle's ops.
 #![allow(unsafe_code)]
 
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig};

@@ -235,6 +235,7 @@ impl QLinear {
                 rows: self.out_features,
                 k: self.in_features,
             })?,
+            None if f16_gemm(x) => self.generic.forward_via_f16(x)?,
             None => self.generic.forward(x)?,
         };
         Ok(match &self.bias {
@@ -242,6 +243,17 @@ impl QLinear {
             None => y,
         })
     }
+}
+
+/// Rows from which a product on CUDA may take cuBLAS on the weight dequantized to f16
+/// (`--cuda-gemm`): a prompt chunk's, where the dequantization, read once for hundreds of
+/// rows, costs less than the tensor cores' f16 rate gains over candle's int8 MMQ.
+const GEMM_MIN_ROWS: usize = 128;
+
+/// Whether the product of `x` takes cuBLAS on an f16 copy of the weight.
+fn f16_gemm(x: &Tensor) -> bool {
+    let rows: usize = x.dims().iter().rev().skip(1).product();
+    x.device().is_cuda() && rows >= GEMM_MIN_ROWS && crate::cuda_options::get().gemm
 }
 
 struct FastMatMul<'a> {

@@ -1,0 +1,58 @@
+# Shared set-up of the one-call GPU scripts (gpu-prefill.sh, gpu-gemm.sh, gpu-depth.sh),
+# sourced after they set `pack` (the pack folder), `out` (the output folder) and `here` (the
+# repository root).
+#   gpu_start DIR         unpacks PACK/bins.tar.xz into DIR; starts llama.cpp's build there in
+#                         the background (PACK/llama-src.tar.xz; PEER=0 skips it), its pid in
+#                         $llama_build; prints the GPU
+#   gpu_models DIR        the 8B-shaped Q4_0 file ($m, context 8,192) and the SmolLM2-shaped
+#                         Q8_0 one ($s) under /tmp/gf/models, made with DIR/shard-node if missing
+#   gpu_same_text WHAT A B  says whether two greedy outputs are equal
+#   llama_wait            waits for the build and says how it went
+run() { bash "$here/scripts/on-device.sh" "$@"; }
+gpu_start() {
+  mkdir -p "$out" "$1" /tmp/gf/models
+  tar xJf "$pack/bins.tar.xz" -C "$1"
+  llama_build=
+  if [ -f "$pack/llama-src.tar.xz" ] && [ "${PEER:-1}" != 0 ]; then
+    bash "$here/scripts/build-llama-bench.sh" "$pack/llama-src.tar.xz" /tmp/gf \
+      > "$out/llama-build.log" 2>&1 &
+    llama_build=$!
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+}
+gpu_models() {
+  m=/tmp/gf/models/8b-q4_0.gguf
+  s=/tmp/gf/models/smol-q8_0.gguf
+  [ -f "$m" ] || run "$1/shard-node" synth-model --quant q4_0 --context 8192 \
+    --tokenizer-from "$pack/tok.gguf" --out "$m" > /dev/null || exit 1
+  [ -f "$s" ] || run "$1/shard-node" synth-model --layers 30 --hidden 576 --ffn 1536 --heads 9 \
+    --kv-heads 3 --quant q8_0 --context 2048 --tokenizer-from "$pack/tok.gguf" --out "$s" \
+    > /dev/null || exit 1
+}
+gpu_same_text() {
+  if cmp -s "$2" "$3"; then
+    echo "greedy text $1: equal"
+  else
+    echo "greedy text $1: DIFFERS"; head -c 300 "$2" "$3"
+  fi
+}
+llama_wait() {
+  if [ -n "$llama_build" ]; then
+    wait "$llama_build"
+    echo "llama.cpp build rc=$?"
+  fi
+}
+# llama_bench ARGS...: llama.cpp's llama-bench (once built) on the GPU with ARGS, one line a
+# test: prompt, generated tokens and depth, and tok/s of each repetition
+llama_bench() {
+  local lb=/tmp/gf/llama.cpp/build/bin/llama-bench
+  [ -x "$lb" ] || return 0
+  run "$lb" "$@" -ngl 99 -o jsonl 2>> "$out/llama-bench.log" | python3 -c "
+import json, sys
+for l in sys.stdin:
+    if l.strip():
+        j = json.loads(l)
+        print('llama-bench prompt', j['n_prompt'], 'gen', j['n_gen'], 'depth', j.get('n_depth', 0),
+              [round(x, 1) for x in j['samples_ts']], 'tok/s')
+"
+}
