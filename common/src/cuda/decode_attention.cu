@@ -17,6 +17,8 @@
 //                     rows are split over up to 32 CTAs a head (flash-decoding), whose
 //                     partial results the last of them to finish combines, so that long
 //                     contexts are read by many CTAs at once instead of 16 warps a head.
+//   decode_attention_hd128_g{2,4,8}: the same for heads of 128 values, one CTA for the 2, 4
+//                     or 8 query heads of a key/value head (see `attention_grouped`).
 //
 // Rounding: keys and values are f16 (the cache); queries, scores, softmax and accumulation are
 // f32, as candle's own path on an f16 cache computes them.
@@ -77,6 +79,54 @@ extern "C" __global__ void rope_kv_write(
     const float* vr = v + b * v_stride + h * hd;
     vc[h * hd + j] = __float2half(vr[j]);
     vc[h * hd + j + half] = __float2half(vr[j + half]);
+}
+
+// Writes value d of head h of session b: as f32 to `out`, or, when `out` is null, into the
+// Q8_1 blocks of `out_q8` (whole warps take whole blocks of 32 values, lane = d % 32).
+__device__ __forceinline__ void put(float a, float* __restrict__ out,
+                                    block_q8_1* __restrict__ out_q8, int out_q8_stride, int b,
+                                    int heads, int hd, int h, int d, int lane)
+{
+    if (out != nullptr) {
+        out[(long long)b * heads * hd + h * hd + d] = a;
+    } else {
+        quantize_block(a, out_q8 + (long long)b * out_q8_stride + (h * hd + d - lane) / QK, lane);
+    }
+}
+
+// Counts this CTA's partials in (at `c`) once they are visible; true in every thread of the
+// CTA that comes last, which combines the splits. The counter is left zero for the next
+// layer's launch.
+__device__ __forceinline__ bool last_split(unsigned* c, int splits)
+{
+    __threadfence();
+    __syncthreads();
+    __shared__ bool last;
+    if (threadIdx.x == 0) {
+        last = atomicAdd(c, 1u) == (unsigned)splits - 1;
+        if (last) *c = 0;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
+// Value d of a head's output from its splits' partials `all` (`[splits, hd + 2]`: the running
+// max, the sum, then the unnormalized values).
+__device__ __forceinline__ float combine_splits(const float* all, int splits, int hd, int d)
+{
+    float gmx = -CUDART_INF_F;
+    for (int t = 0; t < splits; t++) gmx = fmaxf(gmx, __ldcg(all + t * (hd + 2)));
+    float gtotal = 0.f, a = 0.f;
+    for (int t = 0; t < splits; t++) {
+        const float mt = __ldcg(all + t * (hd + 2));
+        if (mt != -CUDART_INF_F) {
+            const float f = expf(mt - gmx);
+            gtotal += __ldcg(all + t * (hd + 2) + 1) * f;
+            a += __ldcg(all + t * (hd + 2) + 2 + d) * f;
+        }
+    }
+    return a / gtotal;
 }
 
 template <int PER>
@@ -198,40 +248,11 @@ __device__ __forceinline__ void attention(
             mine[0] = mx;
             mine[1] = total;
         }
-        __threadfence();  // this CTA's partials are visible before it is counted
-        __syncthreads();
-        __shared__ bool last;
-        if (threadIdx.x == 0) {
-            unsigned* c = count + (long long)b * heads + h;
-            last = atomicAdd(c, 1u) == (unsigned)splits - 1;
-            if (last) *c = 0;  // left zero for the next layer's launch
-        }
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
+        if (!last_split(count + (long long)b * heads + h, splits)) return;
         const float* all = part + ((long long)b * heads + h) * splits * (hd + 2);
-        float gmx = -CUDART_INF_F;
-        for (int t = 0; t < splits; t++) gmx = fmaxf(gmx, __ldcg(all + t * (hd + 2)));
-        float gtotal = 0.f;
-        for (int t = 0; t < splits; t++) {
-            const float mt = __ldcg(all + t * (hd + 2));
-            if (mt != -CUDART_INF_F) gtotal += __ldcg(all + t * (hd + 2) + 1) * expf(mt - gmx);
-        }
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-            float a = 0.f;
-            for (int t = 0; t < splits; t++) {
-                const float mt = __ldcg(all + t * (hd + 2));
-                if (mt != -CUDART_INF_F) a += __ldcg(all + t * (hd + 2) + 2 + d) * expf(mt - gmx);
-            }
-            a /= gtotal;
-            if (out != nullptr) {
-                out[(long long)b * heads * hd + h * hd + d] = a;
-            } else {
-                quantize_block(a,
-                               out_q8 + (long long)b * out_q8_stride + (h * hd + d - lane) / QK,
-                               lane);
-            }
-        }
+        for (int d = threadIdx.x; d < hd; d += blockDim.x)
+            put(combine_splits(all, splits, hd, d), out, out_q8, out_q8_stride, b, heads, hd, h,
+                d, lane);
         return;
     }
     // Whole warps take whole blocks of 32 values (hd is a multiple of 32 for Q8_1 output),
@@ -239,15 +260,179 @@ __device__ __forceinline__ void attention(
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.f;
         for (int w = 0; w < WARPS; w++) a += sacc[w][d] * f[w];
-        a /= total;
-        if (out != nullptr) {
-            out[(long long)b * heads * hd + h * hd + d] = a;
-        } else {
-            quantize_block(a, out_q8 + (long long)b * out_q8_stride + (h * hd + d - lane) / QK,
-                           lane);
-        }
+        put(a / total, out, out_q8, out_q8_stride, b, heads, hd, h, d, lane);
     }
 }
+
+// The grouped kernel for heads of 128 values: one CTA takes the G query heads that share a
+// key/value head, so each cached row is read once for all of them (the kernel above reads it
+// once per query head), and each lane loads 4 consecutive values of a row in one 8-byte load
+// (a warp reads a row's 256 bytes at once). Grid: (kv_heads, sessions, splits); GW warps of
+// ROWS rows an iteration. Partial results and counters are laid out as above, a group's at
+// its first head.
+#define GW 8
+
+__device__ __forceinline__ void load4(const __half* p, bool vec, float* x)
+{
+    if (vec) {
+        const uint2 u = *reinterpret_cast<const uint2*>(p);
+        const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+        const float2 c = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+        x[0] = a.x;
+        x[1] = a.y;
+        x[2] = c.x;
+        x[3] = c.y;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; e++) x[e] = __half2float(p[e]);
+    }
+}
+
+template <int G>
+__device__ __forceinline__ void attention_grouped(
+    const float* __restrict__ q, const unsigned long long* __restrict__ ptrs,
+    const int* __restrict__ pos, float* __restrict__ out, block_q8_1* __restrict__ out_q8,
+    int out_q8_stride, float* __restrict__ part, unsigned* __restrict__ count, int sessions,
+    int heads, int kv_heads, float scale)
+{
+    constexpr int HD = 128;
+    pdl_trigger();
+    pdl_wait();  // the rotated queries and the cache rows come from rope_kv_write
+    const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const int h0 = kvh * G;
+    const int kvw = kv_heads * HD;
+    const int len = pos[b] + 1;
+    const int chunk = (len + splits - 1) / splits;
+    const int lo = min(len, split * chunk), hi = min(len, lo + chunk);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const __half* kb = reinterpret_cast<const __half*>(ptrs[b]) + kvh * HD + 4 * lane;
+    const __half* vb = reinterpret_cast<const __half*>(ptrs[sessions + b]) + kvh * HD + 4 * lane;
+    // rows are kv_heads * 256 bytes apart: aligned rows start aligned
+    const bool vec = ((reinterpret_cast<unsigned long long>(kb) |
+                       reinterpret_cast<unsigned long long>(vb)) & 7) == 0;
+    float qv[G][4], acc[G][4], m[G], l[G];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        const float* qh = q + (long long)b * heads * HD + (h0 + g) * HD + 4 * lane;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            qv[g][e] = qh[e];
+            acc[g][e] = 0.f;
+        }
+        m[g] = -CUDART_INF_F;
+        l[g] = 0.f;
+    }
+    for (int j0 = lo + warp * ROWS; j0 < hi; j0 += GW * ROWS) {
+        float kx[ROWS][4], vx[ROWS][4];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const long long j = min(j0 + r, hi - 1);  // rows past the end: loaded, dropped
+            load4(kb + j * kvw, vec, kx[r]);
+            load4(vb + j * kvw, vec, vx[r]);
+        }
+        float sc[G][ROWS];
+#pragma unroll
+        for (int g = 0; g < G; g++)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                float t = 0.f;
+#pragma unroll
+                for (int e = 0; e < 4; e++) t += qv[g][e] * kx[r][e];
+                sc[g][r] = t;
+            }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int g = 0; g < G; g++)
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r)
+                    sc[g][r] += __shfl_xor_sync(0xffffffff, sc[g][r], o);
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float mn = m[g];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                sc[g][r] = j0 + r < hi ? sc[g][r] * scale : -CUDART_INF_F;
+                mn = fmaxf(mn, sc[g][r]);
+            }
+            const float cor = expf(m[g] - mn);
+            float p[ROWS];
+            l[g] *= cor;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                p[r] = j0 + r < hi ? expf(sc[g][r] - mn) : 0.f;
+                l[g] += p[r];
+            }
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float x = acc[g][e] * cor;
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) x += p[r] * vx[r][e];
+                acc[g][e] = x;
+            }
+            m[g] = mn;
+        }
+    }
+    __shared__ float sm[GW][G], sl[GW][G];
+    __shared__ float sacc[GW][G][HD];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        if (lane == 0) {
+            sm[warp][g] = m[g];
+            sl[warp][g] = l[g];
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) sacc[warp][g][4 * lane + e] = acc[g][e];
+    }
+    __syncthreads();
+    // Thread t takes value d of head g for t = g * HD + d (and so on, blockDim apart): whole
+    // warps take whole blocks of 32 values, as the Q8_1 output needs. With splits, this CTA's
+    // (max, sum, unnormalized values) go to the scratch, and the last CTA of the group to
+    // finish combines every split's.
+    for (int t = threadIdx.x; t < G * HD; t += blockDim.x) {
+        const int g = t / HD, d = t % HD, h = h0 + g;
+        float mx = -CUDART_INF_F;
+        for (int w = 0; w < GW; w++) mx = fmaxf(mx, sm[w][g]);
+        float a = 0.f, total = 0.f;
+        for (int w = 0; w < GW; w++) {
+            const float f = sm[w][g] == -CUDART_INF_F ? 0.f : expf(sm[w][g] - mx);
+            a += sacc[w][g][d] * f;
+            total += sl[w][g] * f;
+        }
+        if (splits == 1) {
+            put(a / total, out, out_q8, out_q8_stride, b, heads, HD, h, d, lane);
+            continue;
+        }
+        float* mine = part + (((long long)b * heads + h) * splits + split) * (HD + 2);
+        mine[2 + d] = a;
+        if (d == 0) {
+            mine[0] = mx;
+            mine[1] = total;
+        }
+    }
+    if (splits == 1 || !last_split(count + (long long)b * heads + h0, splits)) return;
+    for (int t = threadIdx.x; t < G * HD; t += blockDim.x) {
+        const int g = t / HD, d = t % HD, h = h0 + g;
+        const float* all = part + ((long long)b * heads + h) * splits * (HD + 2);
+        put(combine_splits(all, splits, HD, d), out, out_q8, out_q8_stride, b, heads, HD, h, d,
+            lane);
+    }
+}
+
+#define GROUPED(name, G)                                                                     \
+    extern "C" __global__ void __launch_bounds__(GW * 32) name(                              \
+        const float* __restrict__ q, const unsigned long long* __restrict__ ptrs,            \
+        const int* __restrict__ pos, float* __restrict__ out, block_q8_1* __restrict__ out_q8, \
+        int out_q8_stride, float* __restrict__ part, unsigned* __restrict__ count,           \
+        int sessions, int heads, int kv_heads, int hd, float scale)                          \
+    {                                                                                        \
+        attention_grouped<G>(q, ptrs, pos, out, out_q8, out_q8_stride, part, count, sessions, \
+                             heads, kv_heads, scale);                                        \
+    }
+
+GROUPED(decode_attention_hd128_g2, 2)
+GROUPED(decode_attention_hd128_g4, 4)
+GROUPED(decode_attention_hd128_g8, 8)
 
 // PER: values of a head a lane holds (head width / 32, rounded up). The generic kernel takes
 // any width up to MAX_HD; the ones for widths of 64 and 128 hold only what those need, so

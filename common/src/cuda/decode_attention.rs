@@ -30,6 +30,8 @@ const MODULE: &str = "llm_cluster_decode_attention";
 const MAX_HEAD_DIM: usize = 256;
 /// Warps per attention block (`WARPS` in the kernel).
 const WARPS: u32 = 16;
+/// Warps per block of the grouped kernel (`GW` in the kernel).
+const GROUPED_WARPS: u32 = 8;
 /// Rows a warp takes per iteration (`ROWS` in the kernel).
 const ROWS: usize = 4;
 /// The most CTAs a head's rows are split over.
@@ -448,6 +450,9 @@ pub(crate) struct AttnFuncs {
     /// Heads of 64 and of 128 values.
     decode_attention_hd64: CudaFunction,
     decode_attention_hd128: CudaFunction,
+    /// Heads of 128 values in groups of 2, 4 or 8 query heads a key/value head, one CTA a
+    /// group.
+    grouped_hd128: [CudaFunction; 3],
 }
 
 impl AttnFuncs {
@@ -463,6 +468,11 @@ impl AttnFuncs {
             decode_attention: f("decode_attention")?,
             decode_attention_hd64: f("decode_attention_hd64")?,
             decode_attention_hd128: f("decode_attention_hd128")?,
+            grouped_hd128: [
+                f("decode_attention_hd128_g2")?,
+                f("decode_attention_hd128_g4")?,
+                f("decode_attention_hd128_g8")?,
+            ],
         })
     }
 }
@@ -515,10 +525,24 @@ pub(crate) unsafe fn launch(fs: &AttnFuncs, a: &RawAttn) -> candle_core::Result<
         .map_err(|e| err("rope_kv_write", e))?;
 
     let mut scale = 1.0 / (s.head_dim as f32).sqrt();
-    let cfg = LaunchConfig {
-        grid_dim: (s.heads as u32, a.sessions as u32, a.splits.max(1) as u32),
-        block_dim: (32 * WARPS, 1, 1),
-        shared_mem_bytes: 0,
+    // Heads of 128 in groups of 2, 4 or 8 take the grouped kernel: one CTA a key/value head.
+    let grouped = match (s.head_dim, s.heads % s.kv_heads, s.heads / s.kv_heads) {
+        (128, 0, 2) => Some(&fs.grouped_hd128[0]),
+        (128, 0, 4) => Some(&fs.grouped_hd128[1]),
+        (128, 0, 8) => Some(&fs.grouped_hd128[2]),
+        _ => None,
+    };
+    let cfg = match grouped {
+        Some(_) => LaunchConfig {
+            grid_dim: (s.kv_heads as u32, a.sessions as u32, a.splits.max(1) as u32),
+            block_dim: (32 * GROUPED_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        None => LaunchConfig {
+            grid_dim: (s.heads as u32, a.sessions as u32, a.splits.max(1) as u32),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        },
     };
     let mut params = [
         arg(&mut a.q_rot),
@@ -536,10 +560,11 @@ pub(crate) unsafe fn launch(fs: &AttnFuncs, a: &RawAttn) -> candle_core::Result<
         arg(&mut scale),
     ];
     // SAFETY: as above; each session's cache holds rows `0..=pos`.
-    let attention = match s.head_dim {
-        64 => &fs.decode_attention_hd64,
-        128 => &fs.decode_attention_hd128,
-        _ => &fs.decode_attention,
+    let attention = match (grouped, s.head_dim) {
+        (Some(f), _) => f,
+        (None, 64) => &fs.decode_attention_hd64,
+        (None, 128) => &fs.decode_attention_hd128,
+        (None, _) => &fs.decode_attention,
     };
     unsafe { pdl::launch(&fs.stream, attention, cfg, &mut params, true) }
         .map_err(|e| err("decode_attention", e))?;
@@ -657,17 +682,21 @@ mod tests {
 
     fn compare_on(dev: &Device) -> Result<()> {
         let dev = dev.clone();
-        // Widths of 64 and 128 take their own kernels, 96 the generic one; past 64 cached
-        // rows a head's rows are split over CTAs (the deepest sessions here take 11 splits,
-        // the shallow ones leave most of theirs empty).
-        for (style, hd) in [
-            (RopeStyle::Halves, 64),
-            (RopeStyle::Interleaved, 128),
-            (RopeStyle::Halves, 96),
+        // Widths of 64 and 128 take their own kernels, 96 the generic one, and heads of 128 in
+        // groups of 2, 4 or 8 the grouped kernel (8 query heads over 8 key/value heads keep
+        // the per-head one); past 64 cached rows a head's rows are split over CTAs (the
+        // deepest sessions here take 11 splits, the shallow ones leave most of theirs empty).
+        for (style, hd, kv_heads) in [
+            (RopeStyle::Halves, 64, 2),
+            (RopeStyle::Interleaved, 128, 2),
+            (RopeStyle::Halves, 128, 4),
+            (RopeStyle::Halves, 128, 1),
+            (RopeStyle::Halves, 128, 8),
+            (RopeStyle::Halves, 96, 2),
         ] {
             let s = AttnShape {
                 heads: 8,
-                kv_heads: 2,
+                kv_heads,
                 head_dim: hd,
             };
             let (width, kvw) = (s.heads * hd, s.kv_heads * hd);
