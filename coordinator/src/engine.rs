@@ -401,20 +401,37 @@ struct RemoteChain<'c> {
     client: ShardNodeClient,
     /// The last stage, where each step's token is collected, when it answers directly
     /// (several stages and `--replies direct`).
-    last: Option<(&'c str, ShardNodeClient)>,
+    last: Option<Direct<'c>>,
     session: SessionId,
     /// The one `untraced` span of the request's steps left out of its trace (made once: a
     /// span per step cost the exporter's layer a span to build and drop every token).
     quiet: tracing::Span,
 }
 
+/// What the first stage answers a step.
+type ChainReply =
+    std::result::Result<std::result::Result<ForwardReply, ShardError>, tarpc::client::RpcError>;
+
+/// The last stage of a chain whose tokens are collected there.
+struct Direct<'c> {
+    addr: &'c str,
+    client: ShardNodeClient,
+    /// The session's key: only a step sent with it answers `collect`.
+    key: ReplyKey,
+    /// The chain's answer to the last step, still on its way back when its token came.
+    ack: Option<tokio::task::JoinHandle<ChainReply>>,
+}
+
 impl<'c> RemoteChain<'c> {
     /// The chain of `session` on `cluster`'s stages.
     fn new(cluster: &'c Cluster, session: SessionId) -> Result<Self> {
         let last = match &cluster.nodes[..] {
-            [_, .., last] if DIRECT_REPLIES.load(Ordering::Relaxed) => {
-                Some((last.addr.as_str(), last.client()?))
-            }
+            [_, .., last] if DIRECT_REPLIES.load(Ordering::Relaxed) => Some(Direct {
+                addr: last.addr.as_str(),
+                client: last.client()?,
+                key: ReplyKey(rand::random()),
+                ack: None,
+            }),
             _ => None,
         };
         Ok(RemoteChain {
@@ -425,22 +442,42 @@ impl<'c> RemoteChain<'c> {
             quiet: common::telemetry::untraced_span(),
         })
     }
+}
 
-    /// The outcome of the one item the first stage answered for.
-    fn only(&self, reply: ForwardReply) -> Result<ForwardOutput> {
-        let addr = &self.cluster.nodes[0].addr;
-        match reply.outputs.into_iter().next() {
-            Some(Ok(o)) => Ok(o),
-            Some(Err(err)) => Err(CoordError::Shard {
-                addr: addr.clone(),
-                err,
-            }),
-            None => Err(CoordError::NodeDown {
-                addr: addr.clone(),
-                detail: "empty reply".into(),
-            }),
+impl Drop for RemoteChain<'_> {
+    fn drop(&mut self) {
+        // The request is over: the last acknowledgement is not waited for.
+        if let Some(ack) = self.last.as_mut().and_then(|d| d.ack.take()) {
+            ack.abort();
         }
     }
+}
+
+/// The outcome of the one item the first stage (at `addr`) answered for.
+fn only(addr: &str, reply: ForwardReply) -> Result<ForwardOutput> {
+    match reply.outputs.into_iter().next() {
+        Some(Ok(o)) => Ok(o),
+        Some(Err(err)) => Err(CoordError::Shard {
+            addr: addr.to_string(),
+            err,
+        }),
+        None => Err(CoordError::NodeDown {
+            addr: addr.to_string(),
+            detail: "empty reply".into(),
+        }),
+    }
+}
+
+/// What the first stage's answer says of a step: nothing if it ran everywhere.
+fn chain_outcome(
+    addr: &str,
+    joined: std::result::Result<ChainReply, tokio::task::JoinError>,
+) -> Result<()> {
+    let reply = joined.map_err(|e| CoordError::NodeDown {
+        addr: addr.to_string(),
+        detail: format!("the step's call failed: {e}"),
+    })?;
+    only(addr, rpc(addr, reply)?).map(drop)
 }
 
 impl StageChain for RemoteChain<'_> {
@@ -457,8 +494,8 @@ impl StageChain for RemoteChain<'_> {
             input: StageInput::Tokens(ids.to_vec()),
             pick,
             want_logits: false,
-            reply: match self.last {
-                Some(_) => ReplyRoute::Collect,
+            reply: match &self.last {
+                Some(d) => ReplyRoute::Collect(d.key),
                 None => ReplyRoute::Chain,
             },
         };
@@ -474,35 +511,40 @@ impl StageChain for RemoteChain<'_> {
         } else {
             (untraced_ctx(TIMEOUTS.step), self.quiet.clone())
         };
-        let out = match &self.last {
+        let out = match &mut self.last {
             None => {
                 let reply = self.client.forward(call, req).instrument(span).await;
-                self.only(rpc(addr, reply)?)?
+                only(addr, rpc(addr, reply)?)?
             }
-            Some((last_addr, last)) => {
+            Some(d) => {
+                // The last step's acknowledgement, if it has come back: a stage that failed
+                // after the token was collected fails the request here.
+                if let Some(ack) = d.ack.take_if(|a| a.is_finished()) {
+                    chain_outcome(addr, ack.await)?;
+                }
                 // The chain's answer only says the step was handed on (or why it failed); it
                 // is left to come in the background once the token is here.
                 let client = self.client.clone();
                 let mut chain = tokio::spawn(
                     async move { client.forward(call, req).await }.instrument(span.clone()),
                 );
-                let collect = last
-                    .collect(call, self.session, start as u32)
+                let collect = d
+                    .client
+                    .collect(call, self.session, start as u32, d.key)
                     .instrument(span);
                 let mut collect = std::pin::pin!(collect);
                 let collected = tokio::select! {
-                    c = &mut collect => c,
+                    c = &mut collect => {
+                        d.ack = Some(chain);
+                        c
+                    }
                     j = &mut chain => {
-                        let reply = j.map_err(|e| CoordError::NodeDown {
-                            addr: addr.clone(),
-                            detail: format!("the step's call failed: {e}"),
-                        })?;
                         // an error anywhere down the chain, or an ack ahead of the token
-                        self.only(rpc(addr, reply)?)?;
+                        chain_outcome(addr, j)?;
                         collect.await
                     }
                 };
-                rpc(last_addr, collected)?
+                rpc(d.addr, collected)?
             }
         };
         Ok(out.pick.map(|p| Pick {

@@ -28,6 +28,11 @@ id!(
     /// A client's lease on a node: every buffer it creates belongs to it.
     LeaseId(u64)
 );
+id!(
+    /// A session's secret for `collect`: random, made by the coordinator, sent only down the
+    /// chain with the steps, so that a step another client slips in cannot answer it.
+    ReplyKey(u64)
+);
 
 /// A half-open range of blocks `[start, end)` as it travels; checked on arrival.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -26,7 +26,7 @@ pub mod tensor;
 
 pub use connect::{connect, handshake, transport, ConnectError};
 pub use error::{ErrorCode, ShardError};
-pub use ids::{LeaseId, PlanEpoch, SessionId, WireLayerRange};
+pub use ids::{LeaseId, PlanEpoch, ReplyKey, SessionId, WireLayerRange};
 pub use limits::{MAX_FRAME_BYTES, PROTOCOL_VERSION};
 pub use messages::*;
 pub use service::{ShardNode, ShardNodeClient};

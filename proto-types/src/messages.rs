@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ShardError;
-use crate::ids::{LeaseId, PlanEpoch, SessionId, WireLayerRange};
+use crate::ids::{LeaseId, PlanEpoch, ReplyKey, SessionId, WireLayerRange};
 use crate::tensor::WireTensor;
 
 /// First call of a connection.
@@ -211,10 +211,10 @@ pub struct ForwardItem {
 pub enum ReplyRoute {
     /// Back along the chain: each stage's `forward` returns it to the stage before.
     Chain,
-    /// To whoever awaits it with `collect` on the last stage (the coordinator, one hop away);
-    /// the chain's replies carry an empty output and only say the step was handed on. No
-    /// logits go this way: an item that asks for them takes the chain.
-    Collect,
+    /// To whoever awaits it with `collect` on the last stage (the coordinator, one hop away)
+    /// with the same key; the chain's replies carry an empty output and only say the step
+    /// was handed on. No logits go this way: an item that asks for them takes the chain.
+    Collect(ReplyKey),
 }
 
 /// A forward step for one or more sessions (decode steps of many sessions batch together).

@@ -1,7 +1,7 @@
 //! The shard-node tarpc service.
 
 use crate::error::ShardError;
-use crate::ids::{LeaseId, PlanEpoch, SessionId};
+use crate::ids::{LeaseId, PlanEpoch, ReplyKey, SessionId};
 use crate::messages::*;
 
 /// What a shard node serves. Every call but `handshake` is made on a connection that has
@@ -26,9 +26,13 @@ pub trait ShardNode {
     /// stage sampled.
     async fn forward(req: ForwardRequest) -> Result<ForwardReply, ShardError>;
     /// On the last stage: the outcome of `session`'s step at `start` sent with
-    /// [`ReplyRoute::Collect`], once it is there (it may be asked for before the step
-    /// arrives). Only the session's owner may collect it.
-    async fn collect(session: SessionId, start: u32) -> Result<ForwardOutput, ShardError>;
+    /// [`ReplyRoute::Collect`] and `key`, once it is there (it may be asked for before the
+    /// step arrives). Only the session's owner may collect it.
+    async fn collect(
+        session: SessionId,
+        start: u32,
+        key: ReplyKey,
+    ) -> Result<ForwardOutput, ShardError>;
     /// Renews a lease.
     async fn heartbeat(lease: LeaseId) -> Result<LeaseStatus, ShardError>;
     /// Sessions, epoch and memory.

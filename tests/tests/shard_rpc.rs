@@ -327,8 +327,9 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
     // keeps its token for the session's owner, whether the collect comes after the step or
     // before it.
     open(SessionId(7), WireSampling::default()).await?;
+    let key = ReplyKey(0x5eed);
     let direct = |start: usize, ids: &[u32]| ForwardItem {
-        reply: ReplyRoute::Collect,
+        reply: ReplyRoute::Collect(key),
         ..item(SessionId(7), start, ids, true)
     };
     let only = |r: ForwardReply| {
@@ -347,12 +348,22 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
         ack.pick, None,
         "the token does not come back along the chain"
     );
-    let first = clients[2].collect(ctx(), SessionId(7), 0).await??;
+    // another key (a step someone else slipped in carries one) gets nothing: it waits
+    let mut brief = context::current();
+    brief.deadline = Instant::now() + Duration::from_millis(300);
+    assert!(
+        clients[2]
+            .collect(brief, SessionId(7), 0, ReplyKey(1))
+            .await
+            .is_err(),
+        "the deadline passes"
+    );
+    let first = clients[2].collect(ctx(), SessionId(7), 0, key).await??;
     assert_eq!(first.pick.map(|p| p.token), Some(got[0][0]));
     let at = prompt.len();
     let early = {
         let last = clients[2].clone();
-        tokio::spawn(async move { last.collect(ctx(), SessionId(7), at as u32).await })
+        tokio::spawn(async move { last.collect(ctx(), SessionId(7), at as u32, key).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     let items = vec![direct(at, &[got[0][0]])];
@@ -362,13 +373,21 @@ async fn three_nodes_match_local_generation_and_free_on_disconnect() -> anyhow::
     let second = early.await???;
     assert_eq!(second.pick.map(|p| p.token), Some(got[0][1]));
     assert_eq!(
-        code(clients[2].collect(ctx(), SessionId(7), 0).await?),
+        code(
+            clients[2]
+                .collect(ctx(), SessionId(7), at as u32, key)
+                .await?
+        ),
         ErrorCode::InvalidArgument,
         "a step collected already"
     );
     let (stranger, _) = connect(&nodes[2].addr).await?;
     assert_eq!(
-        code(stranger.collect(ctx(), SessionId(7), at as u32 + 1).await?),
+        code(
+            stranger
+                .collect(ctx(), SessionId(7), at as u32 + 1, key)
+                .await?
+        ),
         ErrorCode::UnknownSession,
         "another connection's session cannot be collected"
     );

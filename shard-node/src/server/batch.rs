@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::Metrics;
 use super::wire::{candle_err, shard_err, to_tensor, to_wire, wire_pick};
+use crate::node::outbox::Ticket;
 use crate::node::{lock, now_ms, Charge, SessionEntry, Slice};
 
 /// Most token rows in one batch: the longest prefill chunk (a GPU pipeline's) plus 256 decode
@@ -168,7 +169,7 @@ pub fn execute(
             let mut groups: HashMap<String, Onward> = HashMap::new();
             for (p, out) in pendings.into_iter().zip(outs) {
                 match out {
-                    Out::Done(o) if p.item.reply == ReplyRoute::Collect => {
+                    Out::Done(o) if matches!(p.item.reply, ReplyRoute::Collect(_)) => {
                         // The outcome waits for the coordinator's `collect`; the chain only
                         // hears that the step ran. The charge goes first, as in `finish`:
                         // whoever has the token finds the bytes returned.
@@ -185,7 +186,13 @@ pub fn execute(
                             pick: None,
                             logits: None,
                         };
-                        lock(&session.outbox).deliver(item.start, Ok(o));
+                        if let ReplyRoute::Collect(key) = item.reply {
+                            let ticket = Ticket {
+                                start: item.start,
+                                key,
+                            };
+                            lock(&session.outbox).deliver(ticket, Ok(o));
+                        }
                         metrics.direct_replies.fetch_add(1, Ordering::Relaxed);
                         let _ = reply.send(Ok(ack));
                     }

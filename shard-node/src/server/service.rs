@@ -349,7 +349,7 @@ impl ShardNode for Conn {
                 )));
                 continue;
             }
-            if item.reply == ReplyRoute::Collect && item.want_logits {
+            if matches!(item.reply, ReplyRoute::Collect(_)) && item.want_logits {
                 let _ = reply.send(Err(err(
                     ErrorCode::InvalidArgument,
                     "logits come back along the chain: send them with ReplyRoute::Chain",
@@ -398,6 +398,7 @@ impl ShardNode for Conn {
         _: Context,
         session: SessionId,
         start: u32,
+        key: ReplyKey,
     ) -> Result<ForwardOutput, ShardError> {
         let lease = self.coordinator_lease("collect")?;
         let entry = self.node().session(session)?;
@@ -409,7 +410,7 @@ impl ShardNode for Conn {
             }
             .into());
         }
-        let taken = lock(&entry.outbox).take(start);
+        let taken = lock(&entry.outbox).take(crate::node::outbox::Ticket { start, key });
         // Only the receiver waits: the session may close meanwhile, which answers it.
         drop(entry);
         match taken {
