@@ -57,10 +57,12 @@ pub struct RawServeConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Replies {
     /// Straight from the last stage: the coordinator awaits it there (`collect`) while the
-    /// step goes down the chain, one hop instead of one per stage.
-    #[default]
+    /// step goes down the chain, one hop instead of one per stage. Faster for one stream
+    /// (5–10 % on two nodes sharing an H100); with 16 streams on 3 CPU stages it cost a third
+    /// of the throughput (docs/benchmarks.md), so it is not the default yet.
     Direct,
-    /// Back along the chain, through every stage (protocol 6's way; for comparison).
+    /// Back along the chain, through every stage.
+    #[default]
     Chain,
 }
 
@@ -141,7 +143,7 @@ impl RawServeConfig {
             etcd_ttl_secs: 5,
             drain_secs: 30,
             prefix_cache_bytes: crate::engine::prefix::DEFAULT_BUDGET,
-            replies: Replies::Direct,
+            replies: Replies::Chain,
             failpoint: None,
             api_keys: Vec::new(),
             api_key_file: None,

@@ -388,7 +388,7 @@ async fn decode(
 }
 
 /// Whether steps' tokens come straight from the last stage (see [`set_replies`]).
-static DIRECT_REPLIES: AtomicBool = AtomicBool::new(true);
+static DIRECT_REPLIES: AtomicBool = AtomicBool::new(false);
 
 /// How the chains made from now on have their tokens come back (`serve --replies`).
 pub fn set_replies(r: crate::config::Replies) {

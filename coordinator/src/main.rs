@@ -127,9 +127,10 @@ struct ServeArgs {
     /// them again; least recently used first out; 0 turns the prefix cache off.
     #[arg(long, default_value_t = coordinator::engine::prefix::DEFAULT_BUDGET)]
     prefix_cache_bytes: u64,
-    /// How each step's token comes back from the last stage: `direct` (the coordinator
-    /// awaits it on the last stage, one hop) or `chain` (back through every stage).
-    #[arg(long, value_enum, default_value_t = Replies::Direct)]
+    /// How each step's token comes back from the last stage: `chain` (back through every
+    /// stage) or `direct` (the coordinator awaits it on the last stage, one hop: faster for
+    /// a single stream, slower so far under many concurrent streams).
+    #[arg(long, value_enum, default_value_t = Replies::Chain)]
     replies: Replies,
     /// Export traces over OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317` (Jaeger);
     /// wins over `OTEL_EXPORTER_OTLP_ENDPOINT`. Without either, nothing is exported.

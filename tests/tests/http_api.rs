@@ -270,9 +270,9 @@ fn each_stage_sends_activations_at_its_precision() -> anyhow::Result<()> {
     assert!(!text.trim().is_empty());
     for (i, bytes) in [(0, 2.0), (1, 4.0)] {
         let at = c.nodes[i].metrics.clone().unwrap_or_default();
-        // A hop's bytes count once the next stage has acknowledged it, and the token of the
-        // last step reaches the client straight from the last stage, a moment before that
-        // acknowledgement walks back: wait for it.
+        // A hop's bytes count once the next stage has acknowledged it; with `--replies
+        // direct` the last token reaches the client a moment before that acknowledgement
+        // walks back: wait for it.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let (_, m) = get(&format!("http://{at}/metrics"))?;
@@ -292,9 +292,9 @@ fn each_stage_sends_activations_at_its_precision() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// By default the last stage hands each step's token straight to the coordinator (it waits
-/// there with `collect`), one hop instead of one per stage; `--replies chain` sends it back
-/// through every stage. Both give the single process's greedy text.
+/// With `--replies direct` the last stage hands each step's token straight to the coordinator
+/// (it waits there with `collect`), one hop instead of one per stage; `--replies chain`, the
+/// default, sends it back through every stage. Both give the single process's greedy text.
 #[test]
 fn tokens_come_straight_from_the_last_stage() -> anyhow::Result<()> {
     let _one = ONE_CLUSTER_AT_A_TIME
