@@ -24,18 +24,24 @@ const METRICS: [&str; 2] = ["--metrics-listen", "127.0.0.1:0"];
 
 /// The first node serving metrics.
 fn cluster() -> anyhow::Result<Cluster> {
-    cluster_with([&METRICS, &[], &[]])
+    cluster_with([&METRICS, &[], &[]], &[])
 }
 
-/// Each node started with its own extra flags.
-fn cluster_with(flags: [&[&str]; 3]) -> anyhow::Result<Cluster> {
+/// Each node started with its own extra flags, and the coordinator with `coord`.
+fn cluster_with(flags: [&[&str]; 3], coord: &[&str]) -> anyhow::Result<Cluster> {
     let model = default_model();
     let dir = model.parent().ok_or_else(|| anyhow::anyhow!("no folder"))?;
     let nodes: Vec<ShardProcess> = flags
         .iter()
         .map(|f| ShardProcess::spawn(dir, f))
         .collect::<Result<_, _>>()?;
-    let coord = CoordinatorProcess::spawn(&model, &nodes.iter().collect::<Vec<_>>())?;
+    let list: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let list = list.join(",");
+    let args: Vec<&str> = ["--nodes", list.as_str()]
+        .into_iter()
+        .chain(coord.iter().copied())
+        .collect();
+    let coord = CoordinatorProcess::spawn_with(&model, &args)?;
     Ok(Cluster {
         url: coord.url.clone(),
         model,
@@ -265,7 +271,7 @@ fn each_stage_sends_activations_at_its_precision() -> anyhow::Result<()> {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let half = [METRICS[0], METRICS[1], "--activations", "f16"];
-    let c = cluster_with([&half, &METRICS, &[]])?;
+    let c = cluster_with([&half, &METRICS, &[]], &[])?;
     let text = completion(&c.url, PROMPT, 16, false)?;
     assert!(!text.trim().is_empty());
     for (i, bytes) in [(0, 2.0), (1, 4.0)] {
@@ -300,26 +306,11 @@ fn tokens_come_straight_from_the_last_stage() -> anyhow::Result<()> {
     let _one = ONE_CLUSTER_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let model = default_model();
-    let want = generate(&model, PROMPT, 16)?;
-    let dir = model.parent().ok_or_else(|| anyhow::anyhow!("no folder"))?;
+    let want = generate(&default_model(), PROMPT, 16)?;
     for replies in ["direct", "chain"] {
-        let flags: [&[&str]; 3] = [&[], &[], &METRICS];
-        let nodes: Vec<ShardProcess> = flags
-            .iter()
-            .map(|f| ShardProcess::spawn(dir, f))
-            .collect::<Result<_, _>>()?;
-        let list: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
-        let coord = CoordinatorProcess::spawn_with(
-            &model,
-            &["--nodes", &list.join(","), "--replies", replies],
-        )?;
-        assert_eq!(
-            completion(&coord.url, PROMPT, 16, false)?,
-            want,
-            "{replies}"
-        );
-        let at = nodes[2].metrics.clone().unwrap_or_default();
+        let c = cluster_with([&[], &[], &METRICS], &["--replies", replies])?;
+        assert_eq!(completion(&c.url, PROMPT, 16, false)?, want, "{replies}");
+        let at = c.nodes[2].metrics.clone().unwrap_or_default();
         let (_, m) = get(&format!("http://{at}/metrics"))?;
         let direct = metric(&m, "shard_direct_replies_total")?;
         match replies {

@@ -66,6 +66,31 @@ impl Pending {
         let _ = reply.send(r);
     }
 
+    /// Leaves the outcome `o` in the session's outbox for the `collect` with `key`, and
+    /// answers the chain with an empty output (the step ran). The charge goes first, as in
+    /// [`Pending::finish`]: whoever has the token finds the bytes returned.
+    pub fn finish_collected(self, key: ReplyKey, o: ForwardOutput) {
+        let Pending {
+            item,
+            session,
+            reply,
+            charge,
+            ..
+        } = self;
+        drop(charge);
+        let ack = ForwardOutput {
+            session: o.session,
+            pick: None,
+            logits: None,
+        };
+        let ticket = Ticket {
+            start: item.start,
+            key,
+        };
+        lock(&session.outbox).deliver(ticket, Ok(o));
+        let _ = reply.send(Ok(ack));
+    }
+
     /// Whether `other` may run in the same pass: same slice, another session.
     pub fn joins(&self, batch: &[Pending]) -> bool {
         batch
@@ -169,34 +194,13 @@ pub fn execute(
             let mut groups: HashMap<String, Onward> = HashMap::new();
             for (p, out) in pendings.into_iter().zip(outs) {
                 match out {
-                    Out::Done(o) if matches!(p.item.reply, ReplyRoute::Collect(_)) => {
-                        // The outcome waits for the coordinator's `collect`; the chain only
-                        // hears that the step ran. The charge goes first, as in `finish`:
-                        // whoever has the token finds the bytes returned.
-                        let Pending {
-                            item,
-                            session,
-                            reply,
-                            charge,
-                            ..
-                        } = p;
-                        drop(charge);
-                        let ack = ForwardOutput {
-                            session: o.session,
-                            pick: None,
-                            logits: None,
-                        };
-                        if let ReplyRoute::Collect(key) = item.reply {
-                            let ticket = Ticket {
-                                start: item.start,
-                                key,
-                            };
-                            lock(&session.outbox).deliver(ticket, Ok(o));
+                    Out::Done(o) => match p.item.reply {
+                        ReplyRoute::Collect(key) => {
+                            metrics.direct_replies.fetch_add(1, Ordering::Relaxed);
+                            p.finish_collected(key, o);
                         }
-                        metrics.direct_replies.fetch_add(1, Ordering::Relaxed);
-                        let _ = reply.send(Ok(ack));
-                    }
-                    Out::Done(o) => p.finish(Ok(o)),
+                        ReplyRoute::Chain => p.finish(Ok(o)),
+                    },
                     Out::Next(addr, hidden) => {
                         // The activations going on are the next stage's to account for.
                         let Pending {
