@@ -12,10 +12,7 @@
 #   2. ROUNDS (2) rounds of `shard-node bench --prompt-tokens P --gen-tokens 64` for each P
 #      (and each build), then `llama-bench -p 0 -n 64 -d 512,4096,8000`.
 set -uo pipefail
-pack=$(cd "${1:?pack folder}" && pwd)
-out=${2:?output folder}
-here=$(cd "$(dirname "$0")/.." && pwd)
-. "$here/scripts/gpu-lib.sh"
+. "$(dirname "$0")/gpu-lib.sh" "$@"
 gpu_start /tmp/gd/now
 builds=now
 if [ -f "$pack/bins-before.tar.xz" ]; then
@@ -31,7 +28,6 @@ gpu_models /tmp/gd/now
 # the fused decode step on the GPU against the CPU, teacher-forced (`shard-node compare`), on
 # small 128-wide-head models whose query heads come in groups of 2, 4, 8 and 1 (the grouped
 # attention kernels and the per-head one), after a 60-sentence prompt (splits past 64 rows)
-prompt=$(python3 -c "print(' '.join(f'Sentence {i} says that the number {i} is {i*i % 97}.' for i in range(60)))")
 for kv in 4 2 1 8; do
   f=/tmp/gf/models/gqa-$kv.gguf
   [ -f "$f" ] || run /tmp/gd/now/shard-node synth-model --layers 4 --hidden 1024 --ffn 2816 \

@@ -12,20 +12,10 @@
 #      off, then `llama-bench -p 512,4096 -n 0` (built in the background meanwhile);
 #   3. (PROFILE=1) ncu's time per kernel of a 4,096-token prompt with them on.
 set -uo pipefail
-pack=$(cd "${1:?pack folder}" && pwd)
-out=${2:?output folder}
-here=$(cd "$(dirname "$0")/.." && pwd)
-. "$here/scripts/gpu-lib.sh"
+. "$(dirname "$0")/gpu-lib.sh" "$@"
 gpu_start /tmp/gf
 gpu_models /tmp/gf
-prompt=$(python3 -c "print(' '.join(f'Sentence {i} says that the number {i} is {i*i % 97}.' for i in range(60)))")
-for f in "$s" "$m"; do
-  for g in on off; do
-    run /tmp/gf/shard-node generate --model "$f" --device cuda:0 --cuda-gemm $g \
-      --prompt "$prompt" --max-tokens 32 2>/dev/null > "$out/gen-$(basename "$f")-$g.txt"
-  done
-  gpu_same_text "$(basename "$f"), f16 products on and off" "$out/gen-$(basename "$f")-"{on,off}.txt
-done
+gpu_text_on_off "f16 products" 32 --cuda-gemm
 llama_wait
 for r in $(seq "${ROUNDS:-2}"); do
   for p in 512 4096; do
@@ -37,7 +27,6 @@ for r in $(seq "${ROUNDS:-2}"); do
   done
   llama_bench -m "$m" -p 512,4096 -n 0 -r 1
 done
-ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [ "${PROFILE:-0}" != 0 ] && [ -n "$ncu" ]; then
   run "$ncu" --metrics gpu__time_duration.sum --csv --launch-skip 600 --launch-count 3000 \
     /tmp/gf/shard-node bench --model "$m" --device cuda:0 --cuda-gemm on --prompt-tokens 4096 \

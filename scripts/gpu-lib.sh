@@ -1,6 +1,8 @@
-# Shared set-up of the one-call GPU scripts (gpu-prefill.sh, gpu-gemm.sh, gpu-depth.sh),
-# sourced after they set `pack` (the pack folder), `out` (the output folder) and `here` (the
-# repository root).
+# Shared set-up of the one-call GPU scripts (gpu-prefill.sh, gpu-gemm.sh, gpu-depth.sh,
+# gpu-graphs.sh, gpu-quants.sh), sourced with their arguments:
+#   . "$(dirname "$0")/gpu-lib.sh" "$@"
+# sets `pack` (the pack folder, $1), `out` (the output folder, $2), `here` (the repository
+# root), `prompt` (a 60-sentence prompt) and `ncu` (ncu's path, empty without it), and defines
 #   gpu_start DIR         unpacks PACK/bins.tar.xz into DIR; starts llama.cpp's build there in
 #                         the background (PACK/llama-src.tar.xz; PEER=0 skips it), its pid in
 #                         $llama_build; prints the GPU
@@ -8,6 +10,13 @@
 #                         Q8_0 one ($s) under /tmp/gf/models, made with DIR/shard-node if missing
 #   gpu_same_text WHAT A B  says whether two greedy outputs are equal
 #   llama_wait            waits for the build and says how it went
+#   gpu_text_on_off WHAT TOKENS FLAG...  greedy text of $s and $m (TOKENS new tokens after
+#                         $prompt) with each FLAG on, then off; says whether they are equal
+pack=$(cd "${1:?pack folder}" && pwd)
+out=${2:?output folder}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+prompt=$(python3 -c "print(' '.join(f'Sentence {i} says that the number {i} is {i*i % 97}.' for i in range(60)))")
+ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 run() { bash "$here/scripts/on-device.sh" "$@"; }
 gpu_start() {
   mkdir -p "$out" "$1" /tmp/gf/models
@@ -35,6 +44,19 @@ gpu_same_text() {
   else
     echo "greedy text $1: DIFFERS"; head -c 300 "$2" "$3"
   fi
+}
+gpu_text_on_off() {
+  local what=$1 tokens=$2 f v flags
+  shift 2
+  for f in "$s" "$m"; do
+    for v in on off; do
+      flags=()
+      for flag in "$@"; do flags+=("$flag" "$v"); done
+      run /tmp/gf/shard-node generate --model "$f" --device cuda:0 "${flags[@]}" \
+        --prompt "$prompt" --max-tokens "$tokens" 2>/dev/null > "$out/gen-$(basename "$f")-$v.txt"
+    done
+    gpu_same_text "$(basename "$f"), $what on and off" "$out/gen-$(basename "$f")-"{on,off}.txt
+  done
 }
 llama_wait() {
   if [ -n "$llama_build" ]; then

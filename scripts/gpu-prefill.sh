@@ -18,23 +18,13 @@
 #      during steps 1-4).
 # Output on stdout; logs and ncu's CSV under OUT.
 set -uo pipefail
-pack=$(cd "${1:?pack folder}" && pwd)
-out=${2:?output folder}
-here=$(cd "$(dirname "$0")/.." && pwd)
-. "$here/scripts/gpu-lib.sh"
+. "$(dirname "$0")/gpu-lib.sh" "$@"
 gpu_start /tmp/gf
 if [ -x /tmp/gf/common-tests ]; then
   run /tmp/gf/common-tests cuda::prefill_attention cuda::gate_mul --nocapture --test-threads 1 2>&1 | tail -12
 fi
 gpu_models /tmp/gf
-prompt=$(python3 -c "print(' '.join(f'Sentence {i} says that the number {i} is {i*i % 97}.' for i in range(60)))")
-for f in "$s" "$m"; do
-  for p in on off; do
-    run /tmp/gf/shard-node generate --model "$f" --device cuda:0 --cuda-prefill $p --cuda-gate $p \
-      --prompt "$prompt" --max-tokens 32 2>/dev/null > "$out/gen-$(basename "$f")-$p.txt"
-  done
-  gpu_same_text "$(basename "$f"), kernels on and off" "$out/gen-$(basename "$f")-"{on,off}.txt
-done
+gpu_text_on_off kernels 32 --cuda-prefill --cuda-gate
 for p in 512 4096; do
   for v in "on 512" "on 256" "off 256"; do
     set -- $v
@@ -45,7 +35,6 @@ for p in 512 4096; do
 done
 # Where a prefill goes: ncu's duration of every kernel of a 512-token prompt (kernel on;
 # the load's, the warm-up's and the run's kernels; ncu serializes kernels).
-ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [ "${PROFILE:-1}" != 0 ] && [ -n "$ncu" ]; then
   run "$ncu" --metrics gpu__time_duration.sum --csv --launch-count ${NCU_KERNELS:-4000} \
     /tmp/gf/shard-node bench --model "$m" --device cuda:0 --cuda-gate on --prompt-tokens 512 --gen-tokens 1 \

@@ -28,6 +28,10 @@ pub struct CudaOptions {
     /// Prompt chunks' quantized products as cuBLAS products of f16 activations with the
     /// weight dequantized to f16 (`LLMC_CUDA_GEMM`); off: candle's MMQ (int8 tensor cores).
     pub gemm: bool,
+    /// Fused decode steps of up to 8 rows replayed from CUDA graphs captured once per batch
+    /// size (`LLMC_CUDA_GRAPHS`); off: launched kernel by kernel each step. Off until they
+    /// are measured on a GPU.
+    pub graphs: bool,
 }
 
 impl Default for CudaOptions {
@@ -41,6 +45,7 @@ impl Default for CudaOptions {
             prefill: true,
             gate: true,
             gemm: false,
+            graphs: false,
         }
     }
 }
@@ -53,7 +58,7 @@ impl CudaOptions {
     }
 
     /// Each switch by name, for logs and metrics.
-    pub fn named(&self) -> [(&'static str, bool); 8] {
+    pub fn named(&self) -> [(&'static str, bool); 9] {
         [
             ("attention", self.attention),
             ("mixed", self.mixed),
@@ -63,6 +68,7 @@ impl CudaOptions {
             ("prefill", self.prefill),
             ("gate", self.gate),
             ("gemm", self.gemm),
+            ("graphs", self.graphs),
         ]
     }
 }
@@ -98,7 +104,11 @@ mod tests {
             ..o
         }
         .fused_step());
-        // every switch on but the f16 products, which wait for their measurement
-        assert!(o.named().iter().all(|&(name, on)| on == (name != "gemm")));
+        // every switch on but the f16 products and the graphs, which wait for their
+        // measurements
+        assert!(o
+            .named()
+            .iter()
+            .all(|&(name, on)| on != ["gemm", "graphs"].contains(&name)));
     }
 }

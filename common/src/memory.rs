@@ -130,6 +130,16 @@ pub fn in_use(device: &Device) -> u64 {
     }
 }
 
+/// Device bytes this process keeps between steps outside any session: the buffers of the
+/// CUDA decode graphs (`cuda::decode_graph`), which a node frees once no session is left.
+/// 0 on CPU and without the `cuda` feature.
+pub fn step_scratch_bytes() -> u64 {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::decode_graph::held_bytes();
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 /// A `NAME: N kB` line of a /proc file, in bytes.
 fn kib(text: &str, name: &str) -> Option<u64> {
     text.lines()

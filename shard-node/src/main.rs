@@ -61,6 +61,11 @@ struct CudaArgs {
     #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_GEMM", default_value = "off",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_gemm: bool,
+    /// Decode steps of up to 8 sessions replayed from CUDA graphs, one captured per batch
+    /// size (needs the fused step).
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_GRAPHS", default_value = "off",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    cuda_graphs: bool,
 }
 
 impl From<&CudaArgs> for CudaOptions {
@@ -74,6 +79,7 @@ impl From<&CudaArgs> for CudaOptions {
             prefill: a.cuda_prefill,
             gate: a.cuda_gate,
             gemm: a.cuda_gemm,
+            graphs: a.cuda_graphs,
         }
     }
 }

@@ -391,7 +391,11 @@ async fn killed_after_prepare_of_a_load_the_nodes_free_what_it_prepared() -> any
         // the slices are as before; what the killed coordinator's lease held (its prefix
         // cache, present or not when `served` was read) is gone with it
         assert_eq!(weights(&s), weights(before), "{s:?}");
-        assert_eq!(s.leases.iter().map(|l| l.prefix_cache).sum::<u64>(), 0, "{s:?}");
+        assert_eq!(
+            s.leases.iter().map(|l| l.prefix_cache).sum::<u64>(),
+            0,
+            "{s:?}"
+        );
         assert_eq!(s.epoch, before.epoch);
     }
     assert!(killed.elapsed() >= Duration::from_millis(1000));

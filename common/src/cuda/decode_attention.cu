@@ -14,9 +14,10 @@
 //                     writes f32, or Q8_1 for the next quantized product (the fused decode
 //                     path).
 //                     Grid: (heads, sessions, splits): past 64 cached rows, each session's
-//                     rows are split over up to 32 CTAs a head (flash-decoding), whose
-//                     partial results the last of them to finish combines, so that long
-//                     contexts are read by many CTAs at once instead of 16 warps a head.
+//                     rows are split over up to 32 CTAs a head (flash-decoding; the host
+//                     may set another limit), whose partial results the last of them to
+//                     finish combines, so that long contexts are read by many CTAs at once
+//                     instead of 16 warps a head.
 //   decode_attention_hd128_g{2,4,8}: the same for heads of 128 values, one CTA for the 2, 4
 //                     or 8 query heads of a key/value head (see `attention_grouped`).
 //
@@ -288,7 +289,9 @@ __device__ __forceinline__ void load4(const __half* p, bool vec, float* x)
     }
 }
 
-template <int G>
+// PF: each warp loads its next rows before it computes the current ones, so that a warp
+// has loads in flight while it computes (twice the registers for rows).
+template <int G, bool PF>
 __device__ __forceinline__ void attention_grouped(
     const float* __restrict__ q, const unsigned long long* __restrict__ ptrs,
     const int* __restrict__ pos, float* __restrict__ out, block_q8_1* __restrict__ out_q8,
@@ -322,13 +325,23 @@ __device__ __forceinline__ void attention_grouped(
         m[g] = -CUDART_INF_F;
         l[g] = 0.f;
     }
-    for (int j0 = lo + warp * ROWS; j0 < hi; j0 += GW * ROWS) {
-        float kx[ROWS][4], vx[ROWS][4];
+    // Rows j0 .. j0 + ROWS - 1 (clamped: rows past the end are loaded and dropped).
+    auto load_rows = [&](int j0, float (*kx)[4], float (*vx)[4]) {
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            const long long j = min(j0 + r, hi - 1);  // rows past the end: loaded, dropped
+            const long long j = min(j0 + r, hi - 1);
             load4(kb + j * kvw, vec, kx[r]);
             load4(vb + j * kvw, vec, vx[r]);
+        }
+    };
+    float kx[ROWS][4], vx[ROWS][4];
+    if (PF && lo + warp * ROWS < hi) load_rows(lo + warp * ROWS, kx, vx);
+    for (int j0 = lo + warp * ROWS; j0 < hi; j0 += GW * ROWS) {
+        float kn[ROWS][4], vn[ROWS][4];
+        if (!PF) {
+            load_rows(j0, kx, vx);
+        } else if (j0 + GW * ROWS < hi) {
+            load_rows(j0 + GW * ROWS, kn, vn);
         }
         float sc[G][ROWS];
 #pragma unroll
@@ -371,6 +384,15 @@ __device__ __forceinline__ void attention_grouped(
                 acc[g][e] = x;
             }
             m[g] = mn;
+        }
+        if (PF) {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    kx[r][e] = kn[r][e];
+                    vx[r][e] = vn[r][e];
+                }
         }
     }
     __shared__ float sm[GW][G], sl[GW][G];
@@ -419,20 +441,23 @@ __device__ __forceinline__ void attention_grouped(
     }
 }
 
-#define GROUPED(name, G)                                                                     \
+#define GROUPED(name, G, PF)                                                                 \
     extern "C" __global__ void __launch_bounds__(GW * 32) name(                              \
         const float* __restrict__ q, const unsigned long long* __restrict__ ptrs,            \
         const int* __restrict__ pos, float* __restrict__ out, block_q8_1* __restrict__ out_q8, \
         int out_q8_stride, float* __restrict__ part, unsigned* __restrict__ count,           \
         int sessions, int heads, int kv_heads, int hd, float scale)                          \
     {                                                                                        \
-        attention_grouped<G>(q, ptrs, pos, out, out_q8, out_q8_stride, part, count, sessions, \
-                             heads, kv_heads, scale);                                        \
+        attention_grouped<G, PF>(q, ptrs, pos, out, out_q8, out_q8_stride, part, count,       \
+                                 sessions, heads, kv_heads, scale);                          \
     }
 
-GROUPED(decode_attention_hd128_g2, 2)
-GROUPED(decode_attention_hd128_g4, 4)
-GROUPED(decode_attention_hd128_g8, 8)
+GROUPED(decode_attention_hd128_g2, 2, false)
+GROUPED(decode_attention_hd128_g4, 4, false)
+GROUPED(decode_attention_hd128_g8, 8, false)
+GROUPED(decode_attention_hd128_g2_pf, 2, true)
+GROUPED(decode_attention_hd128_g4_pf, 4, true)
+GROUPED(decode_attention_hd128_g8_pf, 8, true)
 
 // PER: values of a head a lane holds (head width / 32, rounded up). The generic kernel takes
 // any width up to MAX_HD; the ones for widths of 64 and 128 hold only what those need, so

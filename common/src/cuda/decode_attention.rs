@@ -34,13 +34,39 @@ const WARPS: u32 = 16;
 const GROUPED_WARPS: u32 = 8;
 /// Rows a warp takes per iteration (`ROWS` in the kernel).
 const ROWS: usize = 4;
-/// The most CTAs a head's rows are split over.
+/// The most CTAs a head's rows are split over, unless `LLMC_CUDA_MAX_SPLITS` says otherwise.
 const MAX_SPLITS: usize = 32;
+/// The most `LLMC_CUDA_MAX_SPLITS` may ask for.
+const MAX_SPLITS_LIMIT: usize = 256;
+
+/// The most CTAs a head's rows are split over: [`MAX_SPLITS`], or `LLMC_CUDA_MAX_SPLITS`
+/// (1 to 256, read once; a measurement knob for long contexts).
+pub(crate) fn max_splits() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("LLMC_CUDA_MAX_SPLITS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map_or(MAX_SPLITS, |v| v.clamp(1, MAX_SPLITS_LIMIT))
+    })
+}
+
+/// Whether the grouped kernels load a warp's next rows before computing its current ones
+/// (`LLMC_CUDA_ATTN_PREFETCH=1`, read once; a measurement knob, off by default).
+pub(crate) fn prefetch() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("LLMC_CUDA_ATTN_PREFETCH")
+            .is_ok_and(|v| matches!(v.trim(), "1" | "on" | "true"))
+    })
+}
 
 /// CTAs a head for a step whose longest session attends to `max_len` rows: one per 64 rows
-/// (one iteration of the block's 16 warps of 4 rows), at most [`MAX_SPLITS`].
+/// (one iteration of the block's 16 warps of 4 rows), at most [`max_splits`].
 pub(crate) fn splits_for(max_len: usize) -> usize {
-    max_len.div_ceil(WARPS as usize * ROWS).clamp(1, MAX_SPLITS)
+    max_len
+        .div_ceil(WARPS as usize * ROWS)
+        .clamp(1, max_splits())
 }
 
 /// The split attention's scratch for a step, where it has more than one split: the partial
@@ -65,15 +91,23 @@ impl SplitScratch {
             .map(|&p| p.max(0) as usize + 1)
             .max()
             .unwrap_or(1);
-        let splits = splits_for(max_len);
-        if splits == 1 {
+        Self::with_splits(stream, s, pos.len(), splits_for(max_len))
+    }
+
+    /// Scratch for `n` sessions and up to `splits` CTAs a head.
+    pub(crate) fn with_splits(
+        stream: &Arc<CudaStream>,
+        s: AttnShape,
+        n: usize,
+        splits: usize,
+    ) -> candle_core::Result<Self> {
+        if splits <= 1 {
             return Ok(SplitScratch {
-                splits,
+                splits: 1,
                 part: None,
                 count: None,
             });
         }
-        let n = pos.len();
         // SAFETY: every CTA writes its partials before the combining CTA reads them.
         let part = unsafe { stream.alloc::<f32>(n * s.heads * splits * (s.head_dim + 2)) }
             .map_err(|e| err("alloc", e))?;
@@ -85,6 +119,12 @@ impl SplitScratch {
             part: Some(part),
             count: Some(count),
         })
+    }
+
+    /// Device bytes of the scratch.
+    pub(crate) fn bytes(&self) -> usize {
+        self.part.as_ref().map_or(0, |p| p.len() * 4)
+            + self.count.as_ref().map_or(0, |c| c.len() * 4)
     }
 
     /// The addresses [`RawAttn`] takes: (splits, part, count).
@@ -394,7 +434,7 @@ impl CustomOp1 for DecodeAttn<'_> {
             // `[rows, kvw]` f16 with room at `pos`, q/k/v hold `n` rows of their widths, the
             // rope tables are `[max_pos, hd / 2]` and cover `pos` (all checked in `attend`);
             // `q_rot` and `out` hold `n` rows of `width`.
-            unsafe { launch(&AttnFuncs::load(dev)?, &raw)? };
+            unsafe { launch(&stream, &AttnFuncs::load(dev)?, &raw)? };
         }
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -443,7 +483,6 @@ pub(crate) struct RawAttn {
 
 /// Both kernels, looked up once for many launches.
 pub(crate) struct AttnFuncs {
-    stream: Arc<CudaStream>,
     rope_kv_write: CudaFunction,
     /// Any head width up to [`MAX_HEAD_DIM`].
     decode_attention: CudaFunction,
@@ -456,23 +495,30 @@ pub(crate) struct AttnFuncs {
 }
 
 impl AttnFuncs {
-    /// The kernels, launched on `dev`'s stream.
+    /// The kernels, loaded into `dev`.
     pub(crate) fn load(dev: &CudaDevice) -> candle_core::Result<Self> {
         let f = |name| {
             dev.get_or_load_custom_func(name, MODULE, PTX)
                 .map(|f| f.into_cuda_function())
         };
         Ok(AttnFuncs {
-            stream: dev.cuda_stream(),
             rope_kv_write: f("rope_kv_write")?,
             decode_attention: f("decode_attention")?,
             decode_attention_hd64: f("decode_attention_hd64")?,
             decode_attention_hd128: f("decode_attention_hd128")?,
-            grouped_hd128: [
-                f("decode_attention_hd128_g2")?,
-                f("decode_attention_hd128_g4")?,
-                f("decode_attention_hd128_g8")?,
-            ],
+            grouped_hd128: if prefetch() {
+                [
+                    f("decode_attention_hd128_g2_pf")?,
+                    f("decode_attention_hd128_g4_pf")?,
+                    f("decode_attention_hd128_g8_pf")?,
+                ]
+            } else {
+                [
+                    f("decode_attention_hd128_g2")?,
+                    f("decode_attention_hd128_g4")?,
+                    f("decode_attention_hd128_g8")?,
+                ]
+            },
         })
     }
 }
@@ -485,7 +531,11 @@ impl AttnFuncs {
 /// `pos` must lie inside the rope tables, and the heads must fit the kernels (see [`applies`]).
 /// The caches are written through these addresses without a write event, which is sound
 /// because candle runs every kernel of a device on its one stream.
-pub(crate) unsafe fn launch(fs: &AttnFuncs, a: &RawAttn) -> candle_core::Result<()> {
+pub(crate) unsafe fn launch(
+    stream: &CudaStream,
+    fs: &AttnFuncs,
+    a: &RawAttn,
+) -> candle_core::Result<()> {
     let s = a.shape;
     let (sessions, heads, kv_heads, hd) = (
         a.sessions as i32,
@@ -521,7 +571,7 @@ pub(crate) unsafe fn launch(fs: &AttnFuncs, a: &RawAttn) -> candle_core::Result<
     ];
     // SAFETY: the arguments match the kernel's signature; the caller vouches for the
     // addresses; the kernel waits for its predecessor first.
-    unsafe { pdl::launch(&fs.stream, &fs.rope_kv_write, cfg, &mut params, true) }
+    unsafe { pdl::launch(stream, &fs.rope_kv_write, cfg, &mut params, true) }
         .map_err(|e| err("rope_kv_write", e))?;
 
     let mut scale = 1.0 / (s.head_dim as f32).sqrt();
@@ -566,7 +616,7 @@ pub(crate) unsafe fn launch(fs: &AttnFuncs, a: &RawAttn) -> candle_core::Result<
         (None, 128) => &fs.decode_attention_hd128,
         (None, _) => &fs.decode_attention,
     };
-    unsafe { pdl::launch(&fs.stream, attention, cfg, &mut params, true) }
+    unsafe { pdl::launch(stream, attention, cfg, &mut params, true) }
         .map_err(|e| err("decode_attention", e))?;
     Ok(())
 }

@@ -20,19 +20,20 @@
 //! `--cuda-fused off` (or `LLMC_CUDA_FUSED=0`) turns it off, so one run can compare both paths.
 #![allow(unsafe_code)]
 
-use std::ffi::c_void;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
-use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-use super::decode_attention::{self, address, checked_caches, AttnFuncs, RawAttn, SplitScratch};
-use super::matvec::{MatvecFuncs, MatvecType, Q8_1_BYTES};
+use super::decode_attention::{self, address, checked_caches, RawAttn};
+use super::fused_products::{Products, Weight, MMVQ_MAX_BATCH};
+use super::matvec::MatvecFuncs;
 use super::pdl::{self, arg};
+use super::step_buffers::{StepBuffers, StepKernels};
 use crate::error::{Error, Result};
 use crate::gguf::RopeStyle;
+use crate::model::attention::AttnShape;
 use crate::model::block::{Block, FusedParts, Segment};
 use crate::model::rope::Rope;
 
@@ -40,152 +41,11 @@ pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_decod
 pub(crate) const MODULE: &str = "llm_cluster_fused_decode";
 /// Rows of Q8_1 activations are padded to this many values (candle's `MATRIX_ROW_PADDING`).
 const ROW_PADDING: usize = 512;
-/// The most rows one mmvq launch takes; larger steps launch it per chunk.
-const MMVQ_MAX_BATCH: usize = 8;
-
-/// candle's launcher of an mmvq kernel with f32 output.
-type Mmvq = unsafe extern "C" fn(
-    *const c_void,
-    *const c_void,
-    *mut c_void,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    *mut c_void,
-);
-
-fn mmvq_for(t: GgmlDType) -> Option<Mmvq> {
-    use candle_core::cuda_backend::kernels::ffi;
-    let f: Mmvq = match t {
-        GgmlDType::Q4_0 => ffi::launch_mmvq_gguf_q4_0_f32_plain,
-        GgmlDType::Q4_1 => ffi::launch_mmvq_gguf_q4_1_f32_plain,
-        GgmlDType::Q5_0 => ffi::launch_mmvq_gguf_q5_0_f32_plain,
-        GgmlDType::Q5_1 => ffi::launch_mmvq_gguf_q5_1_f32_plain,
-        GgmlDType::Q8_0 => ffi::launch_mmvq_gguf_q8_0_f32_plain,
-        GgmlDType::Q2K => ffi::launch_mmvq_gguf_q2_k_f32_plain,
-        GgmlDType::Q3K => ffi::launch_mmvq_gguf_q3_k_f32_plain,
-        GgmlDType::Q4K => ffi::launch_mmvq_gguf_q4_k_f32_plain,
-        GgmlDType::Q5K => ffi::launch_mmvq_gguf_q5_k_f32_plain,
-        GgmlDType::Q6K => ffi::launch_mmvq_gguf_q6_k_f32_plain,
-        _ => return None,
-    };
-    Some(f)
-}
 
 /// Whether the fused path is on ([`crate::cuda_options::CudaOptions::fused_step`]): off too
 /// with our attention kernels off, so that switch still selects candle's ops throughout.
 pub fn enabled() -> bool {
     crate::cuda_options::get().fused_step()
-}
-
-/// candle's launcher of mmq's activation quantizer.
-type MmqQuantize = unsafe extern "C" fn(
-    *const c_void,
-    *const i32,
-    *mut c_void,
-    i32,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    *mut c_void,
-);
-
-/// candle's launcher of an mmq kernel.
-type MmqLaunch = unsafe extern "C" fn(
-    *mut c_void,
-    *const c_void,
-    *const c_void,
-    *mut c_void,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i32,
-    i32,
-    i64,
-    i32,
-    *mut c_void,
-);
-
-/// The mmq kernel of a weight type, the quantizer of the layout it reads, and its block size.
-#[derive(Clone, Copy)]
-struct Mmq {
-    quantize: MmqQuantize,
-    launch: MmqLaunch,
-    qk: usize,
-}
-
-fn mmq_for(t: GgmlDType) -> Option<Mmq> {
-    use candle_core::cuda_backend::kernels::ffi;
-    // The activation layouts and block sizes candle's `fast_mmq` pairs with each type.
-    let (d4, ds4, d2s6): (MmqQuantize, MmqQuantize, MmqQuantize) = (
-        ffi::launch_mmq_quantize_q8_1_D4,
-        ffi::launch_mmq_quantize_q8_1_DS4,
-        ffi::launch_mmq_quantize_q8_1_D2S6,
-    );
-    let (quantize, launch, qk): (MmqQuantize, MmqLaunch, usize) = match t {
-        GgmlDType::Q4_0 => (ds4, ffi::launch_mmq_gguf_q4_0, 32),
-        GgmlDType::Q4_1 => (ds4, ffi::launch_mmq_gguf_q4_1, 32),
-        GgmlDType::Q5_0 => (d4, ffi::launch_mmq_gguf_q5_0, 32),
-        GgmlDType::Q5_1 => (ds4, ffi::launch_mmq_gguf_q5_1, 32),
-        GgmlDType::Q8_0 => (d4, ffi::launch_mmq_gguf_q8_0, 32),
-        GgmlDType::Q2K => (d2s6, ffi::launch_mmq_gguf_q2_k, 256),
-        GgmlDType::Q3K => (d4, ffi::launch_mmq_gguf_q3_k, 256),
-        GgmlDType::Q4K => (ds4, ffi::launch_mmq_gguf_q4_k, 256),
-        GgmlDType::Q5K => (ds4, ffi::launch_mmq_gguf_q5_k, 256),
-        GgmlDType::Q6K => (d4, ffi::launch_mmq_gguf_q6_k, 256),
-        _ => return None,
-    };
-    Some(Mmq {
-        quantize,
-        launch,
-        qk,
-    })
-}
-
-/// A quantized weight as the kernels take it.
-#[derive(Clone, Copy)]
-struct Weight {
-    ptr: u64,
-    mmvq: Mmvq,
-    mmq: Mmq,
-    /// Our matrix-vector kernels' type, where they take this weight (else candle's mmvq).
-    own: Option<MatvecType>,
-    rows: usize,
-    cols: usize,
-}
-
-impl Weight {
-    fn of(l: &crate::model::linear::QLinear, rows: usize, cols: usize) -> Result<Option<Self>> {
-        let w = l.weight();
-        let (Some(mmvq), Some(mmq)) = (mmvq_for(w.dtype()), mmq_for(w.dtype())) else {
-            return Ok(None);
-        };
-        if l.out_features() != rows || l.in_features() != cols {
-            return Err(Error::InvalidInput(format!(
-                "fused decode: a weight of [{}, {}], expected [{rows}, {cols}]",
-                l.out_features(),
-                l.in_features()
-            )));
-        }
-        let ptr = w.device_ptr()? as u64;
-        Ok(Some(Weight {
-            ptr,
-            mmvq,
-            mmq,
-            own: MatvecType::of(w.dtype(), cols, ptr),
-            rows,
-            cols,
-        }))
-    }
 }
 
 /// One block's addresses.
@@ -201,12 +61,12 @@ struct LayerPtrs {
 }
 
 /// Widths of a stage's blocks.
-#[derive(Clone, Copy)]
-struct Dims {
-    hidden: usize,
-    q: usize,
-    kv: usize,
-    ffn: usize,
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dims {
+    pub hidden: usize,
+    pub q: usize,
+    pub kv: usize,
+    pub ffn: usize,
 }
 
 /// Runs `blocks` on `x: [n, hidden]`, one decode row per segment, when the fused path takes
@@ -217,6 +77,17 @@ pub fn forward(
     x: &Tensor,
     segs: &mut [Segment<'_>],
     rope: &Rope,
+) -> Result<Option<Tensor>> {
+    forward_with(blocks, x, segs, rope, crate::cuda_options::get().graphs)
+}
+
+/// [`forward`], replaying steps of up to 8 rows from graphs where `graphs`.
+fn forward_with(
+    blocks: &[Block],
+    x: &Tensor,
+    segs: &mut [Segment<'_>],
+    rope: &Rope,
+    graphs: bool,
 ) -> Result<Option<Tensor>> {
     if !enabled() || blocks.is_empty() || x.dtype() != DType::F32 {
         return Ok(None);
@@ -332,6 +203,7 @@ pub fn forward(
         dims: d,
         shape: s,
         interleaved: rope.style() == RopeStyle::Interleaved,
+        graphs,
     };
     Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?))
 }
@@ -340,7 +212,8 @@ pub(crate) fn vector_address(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     Ok(address::<f32>(&t.reshape((1, t.elem_count()))?, stream)?.0)
 }
 
-struct FusedDecode {
+/// One fused decode step, as the kernels take it.
+pub(crate) struct FusedDecode {
     layers: Vec<LayerPtrs>,
     /// Per layer: the sessions' key-cache addresses, then their value-cache addresses.
     table: Vec<u64>,
@@ -348,8 +221,11 @@ struct FusedDecode {
     cos: u64,
     sin: u64,
     dims: Dims,
-    shape: crate::model::attention::AttnShape,
+    shape: AttnShape,
     interleaved: bool,
+    /// Whether steps of up to [`MMVQ_MAX_BATCH`] rows are replayed from captured graphs
+    /// ([`super::decode_graph`]).
+    graphs: bool,
 }
 
 /// `dev`'s stream with its context bound to this thread: a node runs forward passes on its
@@ -390,268 +266,112 @@ pub(crate) fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     s.device_ptr(stream).0
 }
 
-/// The device's figures candle's mmq launchers take.
-#[derive(Clone, Copy)]
-struct DeviceInfo {
-    cc: i32,
-    nsm: i32,
-    smpbo: i64,
-    warp_size: i32,
-}
-
-impl DeviceInfo {
-    fn of(stream: &CudaStream) -> Self {
-        use candle_core::cuda_backend::cudarc::driver::{result, sys::CUdevice_attribute as A};
-        let d = stream.context().cu_device();
-        // SAFETY: plain attribute queries of a live device.
-        let get = |a, or: i32| unsafe { result::device::get_attribute(d, a) }.unwrap_or(or);
-        DeviceInfo {
-            cc: get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, 8) * 100
-                + get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, 0) * 10,
-            nsm: get(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, 1),
-            smpbo: i64::from(get(
-                A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-                49152,
-            )),
-            warp_size: get(A::CU_DEVICE_ATTRIBUTE_WARP_SIZE, 32),
-        }
-    }
-}
-
-/// mmq's quantized activations: rows padded to a multiple of 512 (and of 128), 144 bytes per
-/// 128 values, plus room for one more tile.
-fn mmq_scratch_bytes(n: usize, k: usize) -> usize {
-    (n * padded(k) / 128 + 128) * 144
-}
-
-/// How a step's products run: up to [`MMVQ_MAX_BATCH`] rows through mmvq, reading Q8_1
-/// written by our kernels; more through mmq, which reads f32 and quantizes it itself.
-enum Products {
-    Mmvq {
-        /// `[n, padded(kmax) / 32]` Q8_1 blocks.
-        xq: u64,
-        /// Our kernels for `n` rows, where some weight takes them.
-        own: Option<MatvecFuncs>,
-    },
-    Mmq {
-        /// `[n, kmax]` f32 activations.
-        act: u64,
-        /// mmq's quantized activations.
-        scratch: u64,
-        /// mmq's stream-k fixup buffer.
-        fixup: u64,
-        info: DeviceInfo,
-    },
-}
-
-impl Products {
-    /// `out = w · x` for the `n` rows produced for this product. For mmq, `x` is the f32 input
-    /// (`[n, w.cols]`, contiguous); for mmvq, the Q8_1 rows already written.
-    ///
-    /// # Safety
-    /// The buffers must hold `n` rows of their widths and `out` room for `n` rows of
-    /// `out_stride` f32 (this product writes the first `w.rows` of each).
-    unsafe fn matvec(
-        &self,
-        w: &Weight,
-        x: u64,
-        out: u64,
-        out_stride: usize,
-        n: usize,
-        stream: &CudaStream,
-    ) -> candle_core::Result<()> {
-        let s = stream.cu_stream() as *mut c_void;
-        match self {
-            Products::Mmvq { xq, own } => {
-                let blocks_per_row = padded(w.cols) / 32;
-                if let (Some(t), Some(f)) = (w.own, own) {
-                    // SAFETY: n <= MAX_COLS rows of padded Q8_1 (16-byte aligned, 16 blocks
-                    // a padding unit), `out` as above, `t` from `MatvecType::of` for `w`.
-                    return unsafe {
-                        f.launch(
-                            stream,
-                            t,
-                            w.ptr,
-                            *xq,
-                            out,
-                            (w.rows, w.cols),
-                            (blocks_per_row, out_stride),
-                        )
-                    };
-                }
-                let mut at = 0;
-                while at < n {
-                    let b = (n - at).min(MMVQ_MAX_BATCH);
-                    let y = xq + (at * blocks_per_row * Q8_1_BYTES) as u64;
-                    let dst = out + (at * out_stride * 4) as u64;
-                    // SAFETY: candle's launcher, with the arguments its own fast path passes.
-                    unsafe {
-                        (w.mmvq)(
-                            w.ptr as *const c_void,
-                            y as *const c_void,
-                            dst as *mut c_void,
-                            w.cols as i32,
-                            w.rows as i32,
-                            blocks_per_row as i32,
-                            out_stride as i32,
-                            b as i32,
-                            s,
-                        );
-                    }
-                    at += b;
-                }
-            }
-            Products::Mmq {
-                scratch,
-                fixup,
-                info,
-                ..
-            } => {
-                let k = w.cols as i64;
-                // SAFETY: candle's launchers, with the arguments its own fast path passes.
-                unsafe {
-                    (w.mmq.quantize)(
-                        x as *const c_void,
-                        std::ptr::null(),
-                        *scratch as *mut c_void,
-                        0,
-                        k,
-                        k,
-                        0,
-                        0,
-                        padded(w.cols) as i64,
-                        n as i64,
-                        1,
-                        1,
-                        s,
-                    );
-                    (w.mmq.launch)(
-                        *fixup as *mut c_void,
-                        w.ptr as *const c_void,
-                        *scratch as *const c_void,
-                        out as *mut c_void,
-                        k,
-                        w.rows as i64,
-                        n as i64,
-                        (w.cols / w.mmq.qk) as i64,
-                        out_stride as i64,
-                        info.cc,
-                        info.nsm,
-                        info.smpbo,
-                        info.warp_size,
-                        s,
-                    );
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl CustomOp1 for FusedDecode {
-    fn name(&self) -> &'static str {
-        "fused-decode"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("fused decode runs on CUDA only")
-    }
-
-    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev: &CudaDevice = &xs.device;
-        let stream = bound_stream(dev)?;
+impl FusedDecode {
+    /// Everything a captured step depends on besides its buffers: the weights' and norms'
+    /// addresses and kernels, the rope tables, the widths and the number of rows. Two steps
+    /// with the same signature launch the same kernels with the same arguments.
+    pub(crate) fn signature(&self) -> Vec<u64> {
         let d = self.dims;
-        let n = self.pos.len();
-        if xl.dims() != [n, d.hidden] {
-            candle_core::bail!(
-                "fused decode: input {:?}, expected [{n}, {}]",
-                xl.dims(),
-                d.hidden
-            );
+        let s = self.shape;
+        let mut sig = vec![
+            self.pos.len() as u64,
+            d.hidden as u64,
+            d.q as u64,
+            d.kv as u64,
+            d.ffn as u64,
+            s.heads as u64,
+            s.kv_heads as u64,
+            s.head_dim as u64,
+            u64::from(self.interleaved),
+            self.cos,
+            self.sin,
+        ];
+        for l in &self.layers {
+            sig.extend([l.attn_norm, l.ffn_norm, u64::from(l.eps.to_bits())]);
+            for w in l.qkv.iter().chain([&l.o, &l.gate_up, &l.down]) {
+                sig.extend(w.signature());
+            }
         }
-        let x_in = input_address(xs, xl, &stream, "fused decode")?;
-        let kmax = [d.hidden, d.q, d.ffn].into_iter().max().unwrap_or(0);
-        // SAFETY (all scratch buffers): each is written by a kernel before it is read.
-        let alloc = |len: usize| -> candle_core::Result<CudaSlice<f32>> {
-            unsafe { stream.alloc::<f32>(len) }.map_err(|e| err("alloc", e))
-        };
-        let alloc_bytes = |len: usize| -> candle_core::Result<CudaSlice<u8>> {
-            unsafe { stream.alloc::<u8>(len) }.map_err(|e| err("alloc", e))
-        };
+        sig
+    }
+
+    /// Whether some weight takes our matrix-vector kernels.
+    fn own_matvec(&self) -> bool {
+        self.layers.iter().any(|l| {
+            l.qkv
+                .iter()
+                .chain([&l.o, &l.gate_up, &l.down])
+                .any(|w| w.own.is_some())
+        })
+    }
+
+    /// The widths and heads of the blocks, and how many there are.
+    pub(crate) fn shape(&self) -> (Dims, AttnShape, usize) {
+        (self.dims, self.shape, self.layers.len())
+    }
+
+    /// The step's rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.pos.len()
+    }
+
+    /// The attention's CTAs a head for this step.
+    pub(crate) fn splits(&self) -> usize {
+        let max_len = self
+            .pos
+            .iter()
+            .map(|&p| p.max(0) as usize + 1)
+            .max()
+            .unwrap_or(1);
+        decode_attention::splits_for(max_len)
+    }
+
+    /// New buffers for this step (`input`: with an input buffer, for a graph), with room for
+    /// `splits` CTAs a head.
+    pub(crate) fn buffers(
+        &self,
+        dev: &CudaDevice,
+        stream: &Arc<CudaStream>,
+        splits: usize,
+        input: bool,
+    ) -> candle_core::Result<StepBuffers> {
+        StepBuffers::new(
+            dev,
+            stream,
+            self.shape(),
+            self.rows(),
+            splits,
+            self.own_matvec(),
+            input,
+        )
+    }
+
+    /// Copies this step's cache-address table and positions into `b`.
+    pub(crate) fn upload(
+        &self,
+        stream: &Arc<CudaStream>,
+        b: &mut StepBuffers,
+    ) -> candle_core::Result<()> {
+        b.upload(stream, &self.table, &self.pos)
+    }
+
+    /// Launches the whole step on `stream`: reads `x_in` (`[n, hidden]` f32), the table and
+    /// positions in `b`, and runs attention over `splits` CTAs a head (at most what `b` has
+    /// room for). Returns the address of the residual buffer of `b` that holds the output.
+    /// Launches only: it allocates and loads nothing, so it can be captured in a graph.
+    pub(crate) fn launch_step(
+        &self,
+        stream: &Arc<CudaStream>,
+        k: &StepKernels,
+        b: &StepBuffers,
+        x_in: u64,
+        splits: usize,
+    ) -> candle_core::Result<u64> {
+        let d = self.dims;
+        let n = b.n;
         let wide = n > MMVQ_MAX_BATCH;
-        let mut held_u8 = Vec::new();
-        let mut held_f32 = Vec::new();
-        let products = if wide {
-            let info = DeviceInfo::of(&stream);
-            let act = alloc(n * kmax)?;
-            let scratch = alloc_bytes(mmq_scratch_bytes(n, kmax))?;
-            // Stream-k: up to one 128 x 128 f32 tile per multiprocessor.
-            let fixup = alloc_bytes(info.nsm.max(1) as usize * 128 * 128 * 4)?;
-            let p = Products::Mmq {
-                act: ptr(&act, &stream),
-                scratch: ptr(&scratch, &stream),
-                fixup: ptr(&fixup, &stream),
-                info,
-            };
-            held_f32.push(act);
-            held_u8.extend([scratch, fixup]);
-            p
-        } else {
-            let xq = alloc_bytes(n * padded(kmax) / 32 * Q8_1_BYTES)?;
-            let ours = self.layers.iter().any(|l| {
-                l.qkv
-                    .iter()
-                    .chain([&l.o, &l.gate_up, &l.down])
-                    .any(|w| w.own.is_some())
-            });
-            let p = Products::Mmvq {
-                xq: ptr(&xq, &stream),
-                own: if ours {
-                    Some(MatvecFuncs::load(dev, n)?)
-                } else {
-                    None
-                },
-            };
-            held_u8.push(xq);
-            p
-        };
-        // The residual stream, in two buffers: each norm reads one and writes the other (its
-        // CTAs all read the row it comes from).
-        let xa = alloc(n * d.hidden)?;
-        let xb = alloc(n * d.hidden)?;
-        let qkv = alloc(n * (d.q + 2 * d.kv))?;
-        let q_rot = alloc(n * d.q)?;
-        // The attention output in f32, only for mmq: for mmvq the attention kernel writes the
-        // output projection's Q8_1 input itself.
-        let attn = if wide { Some(alloc(n * d.q)?) } else { None };
-        let delta = alloc(n * d.hidden)?;
-        let gu = alloc(n * 2 * d.ffn)?;
-        let table = stream.clone_htod(&self.table).map_err(|e| err("copy", e))?;
-        let pos = stream.clone_htod(&self.pos).map_err(|e| err("copy", e))?;
-        let split = SplitScratch::new(&stream, self.shape, &self.pos)?;
-        let (splits, partp, countp) = split.raw(&stream);
-        let (xap, xbp, qkvp, q_rotp, attnp, deltap, gup, tablep, posp) = (
-            ptr(&xa, &stream),
-            ptr(&xb, &stream),
-            ptr(&qkv, &stream),
-            ptr(&q_rot, &stream),
-            attn.as_ref().map_or(0, |a| ptr(a, &stream)),
-            ptr(&delta, &stream),
-            ptr(&gu, &stream),
-            ptr(&table, &stream),
-            ptr(&pos, &stream),
-        );
-        let func = |name| {
-            dev.get_or_load_custom_func(name, MODULE, PTX)
-                .map(|f| f.into_cuda_function())
-        };
-        let (norm, silu) = if wide {
-            (func("add_rmsnorm_f32")?, func("silu_mul_f32")?)
-        } else {
-            (func("add_rmsnorm_q8_1")?, func("silu_mul_q8_1")?)
-        };
-        let add = func("add_into")?;
-        let attn_fs = AttnFuncs::load(dev)?;
+        let p = b.p;
+        let products = &b.products;
         let (hidden, hpad) = (d.hidden as i32, padded(d.hidden) as i32);
         // 1024 threads a CTA: each reads the row once (see `row_sum_sq`), then writes its
         // chunk (32 blocks of 32 Q8_1 values, or 1024 f32).
@@ -675,7 +395,7 @@ impl CustomOp1 for FusedDecode {
             shared_mem_bytes: 0,
         };
         // Where the products' input goes: Q8_1 rows for mmvq, f32 rows for mmq.
-        let (act_out, act_in) = match &products {
+        let (act_out, act_in) = match products {
             Products::Mmvq { xq, .. } => (*xq, 0u64),
             Products::Mmq { act, .. } => (*act, *act),
         };
@@ -699,7 +419,7 @@ impl CustomOp1 for FusedDecode {
                 // SAFETY: x_in, x_out and delta are [n, hidden] f32 (x_out apart from x_in), w
                 // [hidden] f32; the output holds n rows of kmax >= hidden values (f32, or Q8_1
                 // padded); the kernel waits for its predecessor first.
-                unsafe { pdl::launch(&stream, &norm, norm_cfg, &mut params, true) }
+                unsafe { pdl::launch(stream, &k.norm, norm_cfg, &mut params, true) }
                     .map_err(|e| err("add_rmsnorm", e))
             };
         let null = 0u64;
@@ -711,9 +431,9 @@ impl CustomOp1 for FusedDecode {
         let mut next = || {
             in_b = !in_b;
             if in_b {
-                xbp
+                p.xb
             } else {
-                xap
+                p.xa
             }
         };
         for (li, l) in self.layers.iter().enumerate() {
@@ -722,37 +442,37 @@ impl CustomOp1 for FusedDecode {
             launch_norm(
                 cur,
                 out,
-                if li == 0 { null } else { deltap },
+                if li == 0 { null } else { p.delta },
                 l.attn_norm,
                 l.eps,
             )?;
             cur = out;
-            // SAFETY (the products below): the buffers were allocated above for n rows of
-            // their widths.
+            // SAFETY (the products below): the buffers were allocated for n rows of their
+            // widths.
             let mut at = 0u64;
             for w in &l.qkv {
                 // SAFETY: as above; each part writes its columns of the qkv rows.
                 unsafe {
-                    products.matvec(w, act_in, qkvp + at * 4, qkv_stride as usize, n, &stream)
+                    products.matvec(w, act_in, p.qkv + at * 4, qkv_stride as usize, n, stream)
                 }?;
                 at += w.rows as u64;
             }
             let raw = RawAttn {
-                q: qkvp,
+                q: p.qkv,
                 q_stride: qkv_stride,
-                k: qkvp + kv_off,
+                k: p.qkv + kv_off,
                 k_stride: qkv_stride,
-                v: qkvp + v_off,
+                v: p.qkv + v_off,
                 v_stride: qkv_stride,
-                q_rot: q_rotp,
-                out: attnp,
+                q_rot: p.q_rot,
+                out: p.attn,
                 out_q8: if wide { 0 } else { act_out },
                 out_q8_stride: (padded(d.q) / 32) as i32,
                 splits,
-                part: partp,
-                count: countp,
-                table: tablep + (li * 2 * n * 8) as u64,
-                pos: posp,
+                part: p.part,
+                count: p.count,
+                table: p.table + (li * 2 * n * 8) as u64,
+                pos: p.pos,
                 cos: self.cos,
                 sin: self.sin,
                 sessions: n,
@@ -760,15 +480,16 @@ impl CustomOp1 for FusedDecode {
                 interleaved: self.interleaved,
             };
             // SAFETY: the caches were checked in `forward` (contiguous f16, room at pos, pos
-            // inside the rope tables), the rest are the buffers above.
-            unsafe { decode_attention::launch(&attn_fs, &raw)? };
-            unsafe { products.matvec(&l.o, attnp, deltap, l.o.rows, n, &stream) }?;
+            // inside the rope tables), the rest are the buffers of `b`, whose split scratch
+            // has room for `splits`.
+            unsafe { decode_attention::launch(stream, &k.attn, &raw)? };
+            unsafe { products.matvec(&l.o, p.attn, p.delta, l.o.rows, n, stream) }?;
             let out = next();
-            launch_norm(cur, out, deltap, l.ffn_norm, l.eps)?;
+            launch_norm(cur, out, p.delta, l.ffn_norm, l.eps)?;
             cur = out;
-            unsafe { products.matvec(&l.gate_up, act_in, gup, l.gate_up.rows, n, &stream) }?;
+            unsafe { products.matvec(&l.gate_up, act_in, p.gu, l.gate_up.rows, n, stream) }?;
             let (mut f, mut fpad) = (d.ffn as i32, padded(d.ffn) as i32);
-            let (mut gu_in, mut act) = (gup, act_out);
+            let (mut gu_in, mut act) = (p.gu, act_out);
             let mut params = vec![arg(&mut gu_in), arg(&mut act), arg(&mut f)];
             let cfg = if wide {
                 LaunchConfig {
@@ -782,11 +503,11 @@ impl CustomOp1 for FusedDecode {
             };
             // SAFETY: gu is [n, 2 ffn] f32, the output n rows of kmax >= ffn values; the
             // kernel waits for its predecessor first.
-            unsafe { pdl::launch(&stream, &silu, cfg, &mut params, true) }
+            unsafe { pdl::launch(stream, &k.silu, cfg, &mut params, true) }
                 .map_err(|e| err("silu_mul", e))?;
-            unsafe { products.matvec(&l.down, act_in, deltap, l.down.rows, n, &stream) }?;
+            unsafe { products.matvec(&l.down, act_in, p.delta, l.down.rows, n, stream) }?;
         }
-        let (mut x, mut dl, mut len) = (cur, deltap, (n * d.hidden) as i64);
+        let (mut x, mut dl, mut len) = (cur, p.delta, (n * d.hidden) as i64);
         let cfg = LaunchConfig {
             grid_dim: ((n * d.hidden).div_ceil(256) as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -795,21 +516,59 @@ impl CustomOp1 for FusedDecode {
         // SAFETY: both are [n, hidden] f32; the kernel waits for its predecessor first.
         unsafe {
             pdl::launch(
-                &stream,
-                &add,
+                stream,
+                &k.add,
                 cfg,
                 &mut [arg(&mut x), arg(&mut dl), arg(&mut len)],
                 true,
             )
         }
         .map_err(|e| err("add_into", e))?;
-        // The scratch buffers are freed stream-ordered, after the kernels that use them.
-        let (x, spare) = if cur == xbp { (xb, xa) } else { (xa, xb) };
-        drop((
-            held_u8, held_f32, spare, qkv, q_rot, attn, delta, gu, table, pos, split,
-        ));
+        Ok(cur)
+    }
+}
+
+impl CustomOp1 for FusedDecode {
+    fn name(&self) -> &'static str {
+        "fused-decode"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("fused decode runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev: &CudaDevice = &xs.device;
+        let stream = bound_stream(dev)?;
+        let d = self.dims;
+        let n = self.rows();
+        if xl.dims() != [n, d.hidden] {
+            candle_core::bail!(
+                "fused decode: input {:?}, expected [{n}, {}]",
+                xl.dims(),
+                d.hidden
+            );
+        }
+        let Some((o1, o2)) = xl.contiguous_offsets() else {
+            candle_core::bail!("fused decode: the input is not contiguous");
+        };
+        let x = xs.as_cuda_slice::<f32>()?.slice(o1..o2);
+        if self.graphs && n <= MMVQ_MAX_BATCH {
+            if let Some(y) = super::decode_graph::step(self, dev, &stream, &x)? {
+                return Ok((
+                    CudaStorage::wrap_cuda_slice(y, dev.clone()),
+                    Shape::from((n, d.hidden)),
+                ));
+            }
+        }
+        let x_in = x.device_ptr(&stream).0;
+        let splits = self.splits();
+        let kernels = StepKernels::load(dev, n > MMVQ_MAX_BATCH)?;
+        let mut b = self.buffers(dev, &stream, splits, false)?;
+        self.upload(&stream, &mut b)?;
+        let out = self.launch_step(&stream, &kernels, &b, x_in, splits)?;
         Ok((
-            CudaStorage::wrap_cuda_slice(x, dev.clone()),
+            CudaStorage::wrap_cuda_slice(b.into_output(out), dev.clone()),
             Shape::from((n, d.hidden)),
         ))
     }
@@ -844,6 +603,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
+    use crate::cuda::decode_graph;
     use crate::gguf::GgufFile;
     use crate::model::{KvCache, KvDtype, LayerRange, Stage};
 
@@ -922,6 +682,116 @@ mod tests {
         Ok(())
     }
 
+    /// One decode row for each cache of `set` whose index is in `who` (ascending), with room
+    /// reserved.
+    fn decode_segments<'a>(set: &'a mut [KvCache], who: &[usize]) -> Result<Vec<Segment<'a>>> {
+        let mut segs: Vec<Segment<'a>> = set
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| who.contains(i))
+            .map(|(_, c)| {
+                let start = c.len();
+                Segment {
+                    cache: c,
+                    start,
+                    len: 1,
+                }
+            })
+            .collect();
+        for g in segs.iter_mut() {
+            g.cache.reserve(1)?;
+        }
+        Ok(segs)
+    }
+
+    /// Decode steps replayed from graphs against the same steps launched kernel by kernel,
+    /// on the first two blocks of the default model: batches of 1 to 6 sessions, coming and
+    /// going between steps, whose longest context crosses 64 rows (the attention's second
+    /// split, so a bucket is captured again). The same kernels run on the same inputs, so
+    /// every output must be the same to the bit. Needs a GPU.
+    #[test]
+    fn graph_steps_match_launched_steps() -> Result<()> {
+        let file = GgufFile::open(default_model())?;
+        let dev = Device::new_cuda(0)?;
+        let stage = Stage::load(&file, LayerRange::new(0, 2)?, &dev, 256)?;
+        let (blocks, rope) = stage.parts();
+        let n = 6;
+        let mut caches: [Vec<KvCache>; 2] = [Vec::new(), Vec::new()];
+        for i in 0..n {
+            let prompt: Vec<u32> = (0..58 + i)
+                .map(|t| ((t * 29 + i * 7) % 900 + 20) as u32)
+                .collect();
+            let x = stage.embed(&prompt)?;
+            for set in caches.iter_mut() {
+                let mut c = stage.new_cache(256, KvDtype::F16)?;
+                stage.forward(&x, &mut c, 0)?;
+                set.push(c);
+            }
+        }
+        let before = decode_graph::stats();
+        let schedules: Vec<Vec<usize>> = vec![
+            (0..n).collect(),
+            vec![2],
+            vec![0, 1, 2],
+            (0..n).collect(),
+            vec![2],
+            vec![5],
+            (0..n).collect(),
+            vec![0, 3, 5],
+            (0..n).collect(),
+            (0..n).collect(),
+            vec![5],
+        ];
+        let mut steps = 0;
+        for (step, who) in schedules.iter().enumerate() {
+            let ids: Vec<u32> = who
+                .iter()
+                .map(|&i| (i * 41 + step * 13 + 3) as u32)
+                .collect();
+            let x = stage.embed(&ids)?;
+            let mut outs = Vec::new();
+            for (set, graphs) in caches.iter_mut().zip([true, false]) {
+                let mut segs = decode_segments(set, who)?;
+                let y = forward_with(blocks, &x, &mut segs, rope, graphs)?.ok_or_else(|| {
+                    Error::InvalidInput("the fused path did not take a decode step".into())
+                })?;
+                for g in segs.iter_mut() {
+                    g.cache.advance(1);
+                }
+                outs.push(y.flatten_all()?.to_vec1::<f32>()?);
+            }
+            steps += 1;
+            let differ = outs[0]
+                .iter()
+                .zip(&outs[1])
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            eprintln!("step {step}, sessions {who:?}: {differ} values differ");
+            if differ > 0 {
+                return Err(Error::InvalidInput(format!(
+                    "step {step}: {differ} of {} values differ between the graph and the launches",
+                    outs[0].len()
+                )));
+            }
+        }
+        let after = decode_graph::stats();
+        eprintln!("graphs: {before:?} -> {after:?}");
+        // Batches of 6, 1 and 3 rows, and the second split for the ones that ran past 64 rows.
+        if after.replays - before.replays != steps || after.captures - before.captures < 4 {
+            return Err(Error::InvalidInput(format!(
+                "expected {steps} replays and at least 4 captures: {before:?} -> {after:?}"
+            )));
+        }
+        decode_graph::release();
+        let released = decode_graph::stats();
+        if released.buckets != 0 || released.bytes != 0 {
+            return Err(Error::InvalidInput(format!(
+                "buckets left after release: {released:?}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Decode steps as described above; fails where the median row's relative error passes
     /// `median_limit` or any row's passes 0.1.
     fn check_fused_steps(path: &str, median_limit: f32) -> Result<()> {
@@ -965,22 +835,7 @@ mod tests {
             let x = stage.embed(&ids)?;
             // `who` is ascending, so the segments come in its order.
             let run = |set: &mut Vec<KvCache>, fuse: bool| -> Result<Tensor> {
-                let mut segs: Vec<Segment<'_>> = set
-                    .iter_mut()
-                    .enumerate()
-                    .filter(|(i, _)| who.contains(i))
-                    .map(|(_, c)| {
-                        let start = c.len();
-                        Segment {
-                            cache: c,
-                            start,
-                            len: 1,
-                        }
-                    })
-                    .collect();
-                for g in segs.iter_mut() {
-                    g.cache.reserve(1)?;
-                }
+                let mut segs = decode_segments(set, who)?;
                 let y = if fuse {
                     forward(blocks, &x, &mut segs, rope)?.ok_or_else(|| {
                         Error::InvalidInput("the fused path did not take a decode step".into())

@@ -19,11 +19,14 @@ thread_local! {
     static PRODUCT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Frees the CPU products' scratch buffers held by the calling thread (a node's compute
-/// thread, once its last session is gone), so that an idle process holds none of it.
-pub fn release_host_scratch() {
+/// Frees the scratch held by the calling thread (a node's compute thread, once its last
+/// session is gone), so that an idle process holds none of it: the CPU products' buffers,
+/// and on CUDA the decode graphs with their buffers.
+pub fn release_thread_scratch() {
     PRODUCT.with(|p| *p.borrow_mut() = Vec::new());
     kernels::matmul::release_scratch();
+    #[cfg(feature = "cuda")]
+    crate::cuda::decode_graph::release();
 }
 
 /// A quantized `y = x · Wᵀ (+ b)` with `W: [out, in]`.

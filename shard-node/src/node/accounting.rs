@@ -18,7 +18,9 @@ pub struct Report {
     pub rss: u64,
     /// The runtime's own bytes at start-up.
     pub baseline: u64,
-    /// In use less attributed less baseline.
+    /// Device scratch kept between steps while sessions exist (CUDA decode graphs' buffers).
+    pub step_scratch: u64,
+    /// In use less attributed less baseline less step scratch.
     pub unattributed: i64,
 }
 
@@ -28,6 +30,7 @@ pub fn report(node: &Node) -> Report {
     let attributed: u64 = held.iter().map(Held::total).sum();
     let (device_free, device_total) = common::memory::device_memory(&node.device).unwrap_or((0, 0));
     let in_use = common::memory::in_use(&node.device);
+    let step_scratch = common::memory::step_scratch_bytes();
     Report {
         held,
         attributed,
@@ -35,6 +38,10 @@ pub fn report(node: &Node) -> Report {
         device_free,
         rss: common::memory::process_rss().unwrap_or(0),
         baseline: node.baseline(),
-        unattributed: in_use as i64 - attributed as i64 - node.baseline() as i64,
+        step_scratch,
+        unattributed: in_use as i64
+            - attributed as i64
+            - node.baseline() as i64
+            - step_scratch as i64,
     }
 }

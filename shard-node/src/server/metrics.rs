@@ -160,6 +160,13 @@ pub fn render(node: &Node, m: &Metrics) -> String {
         "The runtime's own bytes at start-up.",
         r.baseline,
     );
+    line(
+        &mut out,
+        "shard_step_scratch_bytes",
+        "gauge",
+        "Device scratch kept between steps while sessions exist: the CUDA decode graphs' buffers, freed once no session is left.",
+        r.step_scratch,
+    );
     if let Some(handles) = common::device::cuda_handles(&node.device) {
         line(
             &mut out,
@@ -196,7 +203,7 @@ pub fn render(node: &Node, m: &Metrics) -> String {
     }
     let _ = writeln!(
         out,
-        "# HELP shard_unattributed_bytes In use less attributed less baseline.\n# TYPE shard_unattributed_bytes gauge\nshard_unattributed_bytes {}",
+        "# HELP shard_unattributed_bytes In use less attributed less baseline less step scratch.\n# TYPE shard_unattributed_bytes gauge\nshard_unattributed_bytes {}",
         r.unattributed
     );
     let _ = writeln!(

@@ -43,9 +43,10 @@ fn reap(s: &Server, trim_until: Option<Instant>) -> Option<Instant> {
     if node.take_freed() {
         until = Some(now + TRIM_WINDOW);
         if node.session_count() == 0 {
-            // The compute thread's scratch buffers (head logits, products) are kept between
-            // steps; with no session left they go too, before the trims below.
-            s.compute.post(common::model::linear::release_host_scratch);
+            // The compute thread's scratch buffers (head logits, products, decode graphs) are
+            // kept between steps; with no session left they go too, before the trims below.
+            s.compute
+                .post(common::model::linear::release_thread_scratch);
         }
     }
     match until {
