@@ -385,7 +385,7 @@ __device__ __forceinline__ void attention_grouped(
             }
             m[g] = mn;
         }
-        if (PF) {
+        if (PF && j0 + GW * ROWS < hi) {
 #pragma unroll
             for (int r = 0; r < ROWS; ++r)
 #pragma unroll

@@ -11,13 +11,15 @@
 //!   before each replay in one copy: the sessions' positions and the table of their KV-cache
 //!   addresses (so sessions may come, go and grow their caches between replays);
 //! - the attention's grid depends on the longest context (one CTA a head per 64 rows, at
-//!   most 32 by default), so a bucket is captured again when that count changes: every 64
-//!   tokens up to 2,048, then never.
+//!   most 32 by default), so a bucket keeps a graph per split count it has met (up to
+//!   [`MAX_GRAPHS`], the least recently used dropped first). A split count is launched
+//!   directly the first time it is met and captured the second, so that a count a batch only
+//!   passes through costs no capture, and every kernel has run once before any capture.
 //!
-//! Captures run on a stream of their own, never on the stream the steps run on: other
-//! threads enqueue work there too (a session dropped on another thread frees its cache
-//! stream-ordered), and work enqueued on a stream while it is captured would become part of
-//! the graph. The graph is then replayed on the steps' stream.
+//! Captures run on the steps' own stream, in thread-local mode. candle gives each thread
+//! its own stream (the per-thread default stream), so another thread's work, such as a
+//! session's cache freed stream-ordered on the thread that drops it, never lands in a
+//! capture.
 //!
 //! A bucket is keyed by the step's signature (the weights', norms' and rope tables' addresses
 //! and kernels, the widths and the batch size), so a stage loaded at other addresses gets
@@ -41,8 +43,11 @@ use super::decode_attention::max_splits;
 use super::fused_decode::{err, ptr, FusedDecode};
 use super::step_buffers::{StepBuffers, StepKernels};
 
-/// The most buckets a thread keeps (one per batch size of one stage).
-pub const MAX_BUCKETS: usize = 8;
+/// The most buckets a thread keeps (one per batch size and stage; a node may serve a stage
+/// of several models).
+pub const MAX_BUCKETS: usize = 24;
+/// The most graphs a bucket keeps (one per attention split count).
+pub const MAX_GRAPHS: usize = 8;
 
 /// Set once a capture failed: graphs are off for the rest of the process.
 static BROKEN: AtomicBool = AtomicBool::new(false);
@@ -59,13 +64,17 @@ struct Captured {
     /// The residual buffer that holds the step's output.
     out: u64,
     graph: CudaGraph,
+    /// When it was last replayed, on [`Graphs::clock`].
+    used: u64,
 }
 
 struct Bucket {
     signature: Vec<u64>,
     buffers: StepBuffers,
     kernels: StepKernels,
-    captured: Option<Captured>,
+    graphs: Vec<Captured>,
+    /// Split counts launched directly once, not captured yet.
+    seen: Vec<usize>,
     /// When it was last used, on [`Graphs::clock`].
     used: u64,
 }
@@ -77,7 +86,8 @@ impl Bucket {
             signature,
             buffers,
             kernels,
-            captured: None,
+            graphs: Vec::new(),
+            seen: Vec::new(),
             used: 0,
         }
     }
@@ -93,8 +103,6 @@ impl Drop for Bucket {
 #[derive(Default)]
 struct Graphs {
     buckets: Vec<Bucket>,
-    /// The stream captures run on (of the context of the steps' stream).
-    capture: Option<Arc<CudaStream>>,
     clock: u64,
     stats: GraphStats,
 }
@@ -102,18 +110,20 @@ struct Graphs {
 /// What the calling thread's graphs did since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GraphStats {
-    /// Graphs captured (a bucket's first step, or a new attention split count).
+    /// Graphs captured.
     pub captures: u64,
     /// Steps replayed from a graph.
     pub replays: u64,
+    /// Steps launched directly on a bucket (the first of a split count).
+    pub direct: u64,
     /// Buckets held now.
     pub buckets: usize,
     /// Device bytes of their buffers.
     pub bytes: usize,
 }
 
-/// Runs `op` on `x` from a graph: `Some(output)`, or `None` where graphs are off for good
-/// (the caller launches the step itself).
+/// Runs `op` on `x` through a bucket: `Some(output)`, or `None` where graphs are off for
+/// good (the caller launches the step itself).
 pub(crate) fn step(
     op: &FusedDecode,
     dev: &CudaDevice,
@@ -129,11 +139,7 @@ pub(crate) fn step(
 /// Frees the calling thread's buckets (buffers and graphs), stream-ordered after the steps
 /// that use them.
 pub fn release() {
-    GRAPHS.with(|g| {
-        let mut g = g.borrow_mut();
-        g.buckets.clear();
-        g.capture = None;
-    });
+    GRAPHS.with(|g| g.borrow_mut().buckets.clear());
 }
 
 /// Device bytes that every thread's buckets hold now (scratch kept between steps).
@@ -153,6 +159,11 @@ pub fn stats() -> GraphStats {
     })
 }
 
+/// The index of the least recently used of `items`.
+fn oldest<T>(items: &[T], used: impl Fn(&T) -> u64) -> Option<usize> {
+    (0..items.len()).min_by_key(|&i| used(&items[i]))
+}
+
 impl Graphs {
     fn step(
         &mut self,
@@ -163,14 +174,13 @@ impl Graphs {
     ) -> candle_core::Result<Option<CudaSlice<f32>>> {
         let signature = op.signature();
         self.clock += 1;
+        let clock = self.clock;
         let at = match self.buckets.iter().position(|b| b.signature == signature) {
             Some(at) => at,
             None => {
                 if self.buckets.len() >= MAX_BUCKETS {
-                    if let Some(oldest) =
-                        (0..self.buckets.len()).min_by_key(|&i| self.buckets[i].used)
-                    {
-                        self.buckets.swap_remove(oldest);
+                    if let Some(i) = oldest(&self.buckets, |b| b.used) {
+                        self.buckets.swap_remove(i);
                     }
                 }
                 self.buckets.push(Bucket::new(
@@ -182,9 +192,9 @@ impl Graphs {
             }
         };
         let b = &mut self.buckets[at];
-        b.used = self.clock;
+        b.used = clock;
         let splits = op.splits();
-        // The inputs, ordered on the stream after the bucket's last replay.
+        // The inputs, ordered on the stream after the bucket's last step.
         let input = b
             .buffers
             .input
@@ -199,78 +209,116 @@ impl Graphs {
         }
         stream.memcpy_dtod(x, input).map_err(|e| err("copy", e))?;
         op.upload(stream, &mut b.buffers)?;
-        if b.captured.as_ref().map(|c| c.splits) != Some(splits) {
-            b.captured = None;
-            let on = match &self.capture {
-                Some(c) if c.context().cu_ctx() == stream.context().cu_ctx() => c.clone(),
-                _ => {
-                    let c = stream
-                        .context()
-                        .new_stream()
-                        .map_err(|e| err("capture stream", e))?;
-                    self.capture = Some(c.clone());
-                    c
-                }
-            };
-            match capture(op, stream, &on, b, splits) {
-                Ok(c) => {
-                    self.stats.captures += 1;
-                    tracing::debug!(rows = op.rows(), splits, "captured a decode step's graph");
-                    b.captured = Some(c);
-                }
-                Err(e) => {
-                    BROKEN.store(true, Ordering::Relaxed);
-                    tracing::warn!(
-                        error = %e,
-                        "capturing a decode step in a CUDA graph failed; launching steps \
-                         kernel by kernel from now on"
-                    );
-                    self.buckets.clear();
-                    return Ok(None);
-                }
+        let input = b
+            .buffers
+            .input
+            .as_ref()
+            .map(|i| ptr(i, stream))
+            .unwrap_or_default();
+        let out = match b.graphs.iter().position(|c| c.splits == splits) {
+            Some(i) => {
+                let c = &mut b.graphs[i];
+                c.used = clock;
+                // SAFETY: a live graph, on the stream it was captured on, after the copies of
+                // its inputs.
+                unsafe { result::graph::launch(c.graph.cu_graph_exec(), stream.cu_stream()) }
+                    .map_err(|e| err("graph launch", e))?;
+                self.stats.replays += 1;
+                c.out
             }
-        }
-        let Some(c) = b.captured.as_ref() else {
-            return Ok(None);
+            None if !b.seen.contains(&splits) => {
+                // The first step of this split count: launched directly, on the same buffers.
+                b.seen.push(splits);
+                self.stats.direct += 1;
+                op.launch_step(stream, &b.kernels, &b.buffers, input, splits)?
+            }
+            None => {
+                b.seen.retain(|&s| s != splits);
+                let c = match capture(op, stream, b, input, splits) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        BROKEN.store(true, Ordering::Relaxed);
+                        tracing::warn!(
+                            error = %e,
+                            "capturing a decode step in a CUDA graph failed; launching steps \
+                             kernel by kernel from now on"
+                        );
+                        self.buckets.clear();
+                        return Ok(None);
+                    }
+                };
+                self.stats.captures += 1;
+                tracing::debug!(rows = op.rows(), splits, "captured a decode step's graph");
+                if b.graphs.len() >= MAX_GRAPHS {
+                    if let Some(i) = oldest(&b.graphs, |c| c.used) {
+                        b.graphs.swap_remove(i);
+                    }
+                }
+                // SAFETY: as above.
+                unsafe { result::graph::launch(c.graph.cu_graph_exec(), stream.cu_stream()) }
+                    .map_err(|e| err("graph launch", e))?;
+                self.stats.replays += 1;
+                let out = c.out;
+                b.graphs.push(Captured { used: clock, ..c });
+                out
+            }
         };
-        // SAFETY: a live graph, on the steps' stream, after the copies of its inputs.
-        unsafe { result::graph::launch(c.graph.cu_graph_exec(), stream.cu_stream()) }
-            .map_err(|e| err("graph launch", e))?;
-        self.stats.replays += 1;
         // SAFETY: written by the copy below before anything reads it.
         let mut y = unsafe { stream.alloc::<f32>(x.len()) }.map_err(|e| err("alloc", e))?;
         stream
-            .memcpy_dtod(b.buffers.residual(c.out), &mut y)
+            .memcpy_dtod(b.buffers.residual(out), &mut y)
             .map_err(|e| err("copy", e))?;
         Ok(Some(y))
     }
 }
 
-/// Captures `op`'s launches on `b`'s buffers for `splits` attention CTAs a head, on the
-/// stream `on` (not the steps' `stream`). The capture is always ended, so `on` is left as it
-/// was whatever fails.
+/// Ends a capture that is still open when dropped (a panic while capturing), so that the
+/// stream is not left capturing.
+struct Capturing<'a> {
+    stream: &'a Arc<CudaStream>,
+    open: bool,
+}
+
+impl Capturing<'_> {
+    fn end(mut self) -> candle_core::Result<CudaGraph> {
+        self.open = false;
+        self.stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(|e| err("end capture", e))?
+            .ok_or_else(|| err("end capture", "an empty graph"))
+    }
+}
+
+impl Drop for Capturing<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            let _ = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        }
+    }
+}
+
+/// Captures `op`'s launches on `b`'s buffers, reading its input at `input`, for `splits`
+/// attention CTAs a head. The capture is always ended, so the stream is left as it was
+/// whatever fails. Addresses are taken before: with event tracking on, taking one records an
+/// event on the stream, which a capture must not contain.
 fn capture(
     op: &FusedDecode,
     stream: &Arc<CudaStream>,
-    on: &Arc<CudaStream>,
     b: &Bucket,
+    input: u64,
     splits: usize,
 ) -> candle_core::Result<Captured> {
-    // Addresses are taken before the capture: with event tracking on, taking one records an
-    // event on the stream, which a capture must not contain.
-    let input = b
-        .buffers
-        .input
-        .as_ref()
-        .map(|i| ptr(i, stream))
-        .ok_or_else(|| err("graph", "a bucket without an input buffer"))?;
-    on.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| err("begin capture", e))?;
-    let launched = op.launch_step(on, &b.kernels, &b.buffers, input, splits);
-    let ended = on.end_capture(sys::CUgraphInstantiate_flags(0));
+    let capturing = Capturing { stream, open: true };
+    let launched = op.launch_step(stream, &b.kernels, &b.buffers, input, splits);
+    let graph = capturing.end();
     let out = launched?;
-    let graph = ended
-        .map_err(|e| err("end capture", e))?
-        .ok_or_else(|| err("end capture", "an empty graph"))?;
-    Ok(Captured { splits, out, graph })
+    Ok(Captured {
+        splits,
+        out,
+        graph: graph?,
+        used: 0,
+    })
 }

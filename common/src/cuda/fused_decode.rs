@@ -707,7 +707,7 @@ mod tests {
     /// Decode steps replayed from graphs against the same steps launched kernel by kernel,
     /// on the first two blocks of the default model: batches of 1 to 6 sessions, coming and
     /// going between steps, whose longest context crosses 64 rows (the attention's second
-    /// split, so a bucket is captured again). The same kernels run on the same inputs, so
+    /// split, so a bucket captures a second graph). The same kernels run on the same inputs, so
     /// every output must be the same to the bit. Needs a GPU.
     #[test]
     fn graph_steps_match_launched_steps() -> Result<()> {
@@ -776,10 +776,16 @@ mod tests {
         }
         let after = decode_graph::stats();
         eprintln!("graphs: {before:?} -> {after:?}");
-        // Batches of 6, 1 and 3 rows, and the second split for the ones that ran past 64 rows.
-        if after.replays - before.replays != steps || after.captures - before.captures < 4 {
+        // Batches of 6, 1 and 3 rows, each split count launched directly the first time and
+        // captured the second: 3 captures, 5 replays, 6 direct steps.
+        let (replays, direct, captures) = (
+            after.replays - before.replays,
+            after.direct - before.direct,
+            after.captures - before.captures,
+        );
+        if replays + direct != steps || captures < 3 || replays < 5 {
             return Err(Error::InvalidInput(format!(
-                "expected {steps} replays and at least 4 captures: {before:?} -> {after:?}"
+                "expected {steps} steps, at least 3 captures and 5 replays: {before:?} -> {after:?}"
             )));
         }
         decode_graph::release();
