@@ -40,7 +40,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::CudaDevice;
 
 use super::decode_attention::max_splits;
-use super::fused_decode::{err, ptr, FusedDecode};
+use super::fused_decode::{err, FusedDecode};
 use super::step_buffers::{StepBuffers, StepKernels};
 
 /// The most buckets a thread keeps (one per batch size and stage; a node may serve a stage
@@ -209,14 +209,45 @@ impl Graphs {
         }
         stream.memcpy_dtod(x, input).map_err(|e| err("copy", e))?;
         op.upload(stream, &mut b.buffers)?;
-        let input = b
-            .buffers
-            .input
-            .as_ref()
-            .map(|i| ptr(i, stream))
-            .unwrap_or_default();
+        // Taken once, when the buffers were made: taking an address records an event (with
+        // event tracking on), which a capture must not contain.
+        let input = b.buffers.p.input;
         let out = match b.graphs.iter().position(|c| c.splits == splits) {
-            Some(i) => {
+            None if !b.seen.contains(&splits) => {
+                // The first step of this split count: launched directly, on the same buffers.
+                b.seen.push(splits);
+                self.stats.direct += 1;
+                op.launch_step(stream, &b.kernels, &b.buffers, input, splits)?
+            }
+            found => {
+                let i = match found {
+                    Some(i) => i,
+                    None => {
+                        b.seen.retain(|&s| s != splits);
+                        let c = match capture(op, stream, b, input, splits) {
+                            Ok(c) => c,
+                            Err(e) => {
+                                BROKEN.store(true, Ordering::Relaxed);
+                                tracing::warn!(
+                                    error = %e,
+                                    "capturing a decode step in a CUDA graph failed; launching \
+                                     steps kernel by kernel from now on"
+                                );
+                                self.buckets.clear();
+                                return Ok(None);
+                            }
+                        };
+                        self.stats.captures += 1;
+                        tracing::debug!(rows = op.rows(), splits, "captured a decode step's graph");
+                        if b.graphs.len() >= MAX_GRAPHS {
+                            if let Some(old) = oldest(&b.graphs, |c| c.used) {
+                                b.graphs.swap_remove(old);
+                            }
+                        }
+                        b.graphs.push(c);
+                        b.graphs.len() - 1
+                    }
+                };
                 let c = &mut b.graphs[i];
                 c.used = clock;
                 // SAFETY: a live graph, on the stream it was captured on, after the copies of
@@ -225,42 +256,6 @@ impl Graphs {
                     .map_err(|e| err("graph launch", e))?;
                 self.stats.replays += 1;
                 c.out
-            }
-            None if !b.seen.contains(&splits) => {
-                // The first step of this split count: launched directly, on the same buffers.
-                b.seen.push(splits);
-                self.stats.direct += 1;
-                op.launch_step(stream, &b.kernels, &b.buffers, input, splits)?
-            }
-            None => {
-                b.seen.retain(|&s| s != splits);
-                let c = match capture(op, stream, b, input, splits) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        BROKEN.store(true, Ordering::Relaxed);
-                        tracing::warn!(
-                            error = %e,
-                            "capturing a decode step in a CUDA graph failed; launching steps \
-                             kernel by kernel from now on"
-                        );
-                        self.buckets.clear();
-                        return Ok(None);
-                    }
-                };
-                self.stats.captures += 1;
-                tracing::debug!(rows = op.rows(), splits, "captured a decode step's graph");
-                if b.graphs.len() >= MAX_GRAPHS {
-                    if let Some(i) = oldest(&b.graphs, |c| c.used) {
-                        b.graphs.swap_remove(i);
-                    }
-                }
-                // SAFETY: as above.
-                unsafe { result::graph::launch(c.graph.cu_graph_exec(), stream.cu_stream()) }
-                    .map_err(|e| err("graph launch", e))?;
-                self.stats.replays += 1;
-                let out = c.out;
-                b.graphs.push(Captured { used: clock, ..c });
-                out
             }
         };
         // SAFETY: written by the copy below before anything reads it.
@@ -299,8 +294,7 @@ impl Drop for Capturing<'_> {
 
 /// Captures `op`'s launches on `b`'s buffers, reading its input at `input`, for `splits`
 /// attention CTAs a head. The capture is always ended, so the stream is left as it was
-/// whatever fails. Addresses are taken before: with event tracking on, taking one records an
-/// event on the stream, which a capture must not contain.
+/// whatever fails.
 fn capture(
     op: &FusedDecode,
     stream: &Arc<CudaStream>,

@@ -33,6 +33,8 @@ pub(crate) struct StepPtrs {
     /// The split attention's partial results and counters (0 where it has one split).
     pub part: u64,
     pub count: u64,
+    /// The step's input buffer, where the buffers have one (graphs), else 0.
+    pub input: u64,
 }
 
 /// A step's scratch buffers for `n` rows, and their addresses.
@@ -49,7 +51,7 @@ pub(crate) struct StepBuffers {
     /// Every other buffer, kept alive while the addresses above are in use.
     held_f32: Vec<CudaSlice<f32>>,
     held_u8: Vec<CudaSlice<u8>>,
-    _split: SplitScratch,
+    split: SplitScratch,
 }
 
 impl StepBuffers {
@@ -133,6 +135,7 @@ impl StepBuffers {
             pos: ptr(&meta, stream) + table_bytes as u64,
             part,
             count,
+            input: input.as_ref().map_or(0, |i| ptr(i, stream)),
         };
         held_f32.extend([qkv, q_rot, delta, gu]);
         held_f32.extend(attn);
@@ -146,7 +149,7 @@ impl StepBuffers {
             meta,
             held_f32,
             held_u8,
-            _split: split,
+            split,
         })
     }
 
@@ -205,7 +208,7 @@ impl StepBuffers {
         f32s * 4
             + self.held_u8.iter().map(CudaSlice::len).sum::<usize>()
             + self.meta.len()
-            + self._split.bytes()
+            + self.split.bytes()
     }
 }
 
