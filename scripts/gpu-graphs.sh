@@ -20,15 +20,13 @@
 set -uo pipefail
 . "$(dirname "$0")/gpu-lib.sh" "$@"
 gpu_start /tmp/gf
+gpu_models /tmp/gf
+gpu_tests cuda::fused_decode cuda::decode_attention
 if [ -x /tmp/gf/common-tests ]; then
-  run /tmp/gf/common-tests cuda::fused_decode cuda::decode_attention --test-threads 1 \
-    --nocapture > "$out/tests.log" 2>&1
-  grep -E "^test |test result|values differ|graphs:" "$out/tests.log" | tail -30
   echo "the attention tests again, with the grouped kernels' prefetch:"
   LLMC_CUDA_ATTN_PREFETCH=1 run /tmp/gf/common-tests cuda::decode_attention --test-threads 1 \
     2>&1 | grep -E "^test |test result"
 fi
-gpu_models /tmp/gf
 gpu_text_on_off graphs 48 --cuda-graphs
 llama_wait
 bench() {

@@ -8,6 +8,9 @@
 #                         $llama_build; prints the GPU
 #   gpu_models DIR        the 8B-shaped Q4_0 file ($m, context 8,192) and the SmolLM2-shaped
 #                         Q8_0 one ($s) under /tmp/gf/models, made with DIR/shard-node if missing
+#   gpu_tests FILTER...   the `common` crate's CUDA unit tests (PACK's common-tests) matching
+#                         the filters, one at a time, into OUT/tests.log; prints their results
+#                         (tests that read a model take $s: models/ is not carried)
 #   gpu_same_text WHAT A B  says whether two greedy outputs are equal
 #   llama_wait            waits for the build and says how it went
 #   gpu_text_on_off WHAT TOKENS FLAG...  greedy text of $s and $m (TOKENS new tokens after
@@ -37,6 +40,12 @@ gpu_models() {
   [ -f "$s" ] || run "$1/shard-node" synth-model --layers 30 --hidden 576 --ffn 1536 --heads 9 \
     --kv-heads 3 --quant q8_0 --context 2048 --tokenizer-from "$pack/tok.gguf" --out "$s" \
     > /dev/null || exit 1
+}
+gpu_tests() {
+  [ -x /tmp/gf/common-tests ] || { echo "no common-tests in the pack"; return 0; }
+  LLMC_TEST_MODEL=$s run /tmp/gf/common-tests "$@" --test-threads 1 --nocapture \
+    > "$out/tests.log" 2>&1
+  grep -E "^test |test result|values differ|graphs:|start .* rows" "$out/tests.log" | tail -30
 }
 gpu_same_text() {
   if cmp -s "$2" "$3"; then

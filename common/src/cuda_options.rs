@@ -25,6 +25,9 @@ pub struct CudaOptions {
     /// Prompt chunks' gate `act(gate) * up` in one kernel (`LLMC_CUDA_GATE`); off: two
     /// candle ops.
     pub gate: bool,
+    /// Prompt chunks' RoPE and KV-cache write in one kernel (`LLMC_CUDA_ROPE`); off: eleven
+    /// candle ops. Off until it is measured on a GPU.
+    pub rope: bool,
     /// Prompt chunks' quantized products as cuBLAS products of f16 activations with the
     /// weight dequantized to f16 (`LLMC_CUDA_GEMM`); off: candle's MMQ (int8 tensor cores).
     pub gemm: bool,
@@ -44,6 +47,7 @@ impl Default for CudaOptions {
             pdl: true,
             prefill: true,
             gate: true,
+            rope: false,
             gemm: false,
             graphs: false,
         }
@@ -58,7 +62,7 @@ impl CudaOptions {
     }
 
     /// Each switch by name, for logs and metrics.
-    pub fn named(&self) -> [(&'static str, bool); 9] {
+    pub fn named(&self) -> [(&'static str, bool); 10] {
         [
             ("attention", self.attention),
             ("mixed", self.mixed),
@@ -67,6 +71,7 @@ impl CudaOptions {
             ("pdl", self.pdl),
             ("prefill", self.prefill),
             ("gate", self.gate),
+            ("rope", self.rope),
             ("gemm", self.gemm),
             ("graphs", self.graphs),
         ]
@@ -104,11 +109,11 @@ mod tests {
             ..o
         }
         .fused_step());
-        // every switch on but the f16 products and the graphs, which wait for their
-        // measurements
+        // every switch on but the f16 products, the chunk's RoPE kernel and the graphs, which
+        // wait for their measurements
         assert!(o
             .named()
             .iter()
-            .all(|&(name, on)| on != ["gemm", "graphs"].contains(&name)));
+            .all(|&(name, on)| on != ["gemm", "rope", "graphs"].contains(&name)));
     }
 }

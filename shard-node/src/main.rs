@@ -56,6 +56,10 @@ struct CudaArgs {
     #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_GATE", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_gate: bool,
+    /// Prompt chunks' RoPE and KV-cache write in one kernel (off: eleven candle ops).
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_ROPE", default_value = "off",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    cuda_rope: bool,
     /// Prompt chunks' quantized products through cuBLAS on the weight dequantized to f16
     /// (off: candle's MMQ on int8 tensor cores).
     #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_GEMM", default_value = "off",
@@ -78,6 +82,7 @@ impl From<&CudaArgs> for CudaOptions {
             pdl: a.cuda_pdl,
             prefill: a.cuda_prefill,
             gate: a.cuda_gate,
+            rope: a.cuda_rope,
             gemm: a.cuda_gemm,
             graphs: a.cuda_graphs,
         }

@@ -6,7 +6,8 @@
 //
 //   rope_kv_write:    RoPE of the queries (into q_out) and of the keys; keys and values are
 //                     written into each session's cache at its position. Grid: (sessions,
-//                     heads + kv_heads), one thread per rotated pair.
+//                     heads + kv_heads), one thread per rotated pair. (rope_kv_write_chunk
+//                     does the same for the rows of one session's prompt chunk.)
 //   decode_attention: causal grouped-query attention of each query head against its
 //                     session's cache, flash-decoding style: each warp keeps a running max,
 //                     sum and weighted values over a share of the cached rows (16 warps, 4
@@ -32,6 +33,44 @@
 #define WARPS 16
 #define ROWS 4
 
+// RoPE of one row's query head or key head y (y >= heads: key head y - heads, whose value
+// head is copied too) at position p, thread j taking pair j: the rotated query into q_out,
+// the rotated key and the value into the cache rows kc and vc as f16.
+__device__ __forceinline__ void rope_kv_row(
+    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+    float* __restrict__ q_out, __half* __restrict__ kc, __half* __restrict__ vc, int p,
+    const float* __restrict__ cos_t, const float* __restrict__ sin_t, int heads, int hd,
+    int interleaved, int y, int j)
+{
+    const int half = hd / 2;
+    if (j >= half) return;
+    const float c = cos_t[(long long)p * half + j];
+    const float s = sin_t[(long long)p * half + j];
+    const bool is_q = y < heads;
+    const int h = is_q ? y : y - heads;
+    int i0, i1;
+    if (interleaved) {
+        i0 = h * hd + 2 * j;
+        i1 = i0 + 1;
+    } else {
+        i0 = h * hd + j;
+        i1 = i0 + half;
+    }
+    const float* x = is_q ? q : k;
+    const float x0 = x[i0], x1 = x[i1];
+    const float y0 = x0 * c - x1 * s;
+    const float y1 = x0 * s + x1 * c;
+    if (is_q) {
+        q_out[i0] = y0;
+        q_out[i1] = y1;
+        return;
+    }
+    kc[i0] = __float2half(y0);
+    kc[i1] = __float2half(y1);
+    vc[h * hd + j] = __float2half(v[h * hd + j]);
+    vc[h * hd + j + half] = __float2half(v[h * hd + j + half]);
+}
+
 extern "C" __global__ void rope_kv_write(
     const float* __restrict__ q, long long q_stride,
     const float* __restrict__ k, long long k_stride,
@@ -46,40 +85,32 @@ extern "C" __global__ void rope_kv_write(
     // head y - heads into the cache and copies that value head. One thread per pair.
     pdl_trigger();  // the attention kernel may launch (it waits for this one first)
     pdl_wait();     // q, k and v come from the kernel before
-    const int b = blockIdx.x, y = blockIdx.y, j = threadIdx.x;
-    const int half = hd / 2;
-    if (j >= half) return;
+    const int b = blockIdx.x;
     const int p = pos[b];
-    const float c = cos_t[(long long)p * half + j];
-    const float s = sin_t[(long long)p * half + j];
-    const bool is_q = y < heads;
-    const int h = is_q ? y : y - heads;
-    int i0, i1;
-    if (interleaved) {
-        i0 = h * hd + 2 * j;
-        i1 = i0 + 1;
-    } else {
-        i0 = h * hd + j;
-        i1 = i0 + half;
-    }
-    const float* x = is_q ? q + b * q_stride : k + b * k_stride;
-    const float x0 = x[i0], x1 = x[i1];
-    const float y0 = x0 * c - x1 * s;
-    const float y1 = x0 * s + x1 * c;
-    if (is_q) {
-        float* qo = q_out + (long long)b * heads * hd;
-        qo[i0] = y0;
-        qo[i1] = y1;
-        return;
-    }
     const long long row = (long long)p * kv_heads * hd;
-    __half* kc = reinterpret_cast<__half*>(ptrs[b]) + row;
-    __half* vc = reinterpret_cast<__half*>(ptrs[sessions + b]) + row;
-    kc[i0] = __float2half(y0);
-    kc[i1] = __float2half(y1);
-    const float* vr = v + b * v_stride + h * hd;
-    vc[h * hd + j] = __float2half(vr[j]);
-    vc[h * hd + j + half] = __float2half(vr[j + half]);
+    rope_kv_row(q + b * q_stride, k + b * k_stride, v + b * v_stride,
+                q_out + (long long)b * heads * hd,
+                reinterpret_cast<__half*>(ptrs[b]) + row,
+                reinterpret_cast<__half*>(ptrs[sessions + b]) + row, p, cos_t, sin_t, heads,
+                hd, interleaved, blockIdx.y, threadIdx.x);
+}
+
+// The same for the n rows of one session's prompt chunk at positions start..start + n, whose
+// cache rows are those positions (not a ring): grid (n, heads + kv_heads), hd / 2 threads.
+extern "C" __global__ void rope_kv_write_chunk(
+    const float* __restrict__ q, long long q_stride,
+    const float* __restrict__ k, long long k_stride,
+    const float* __restrict__ v, long long v_stride,
+    float* __restrict__ q_out, __half* __restrict__ kc, __half* __restrict__ vc, int start,
+    const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+    int heads, int kv_heads, int hd, int interleaved)
+{
+    const long long r = blockIdx.x;
+    const int p = start + (int)r;
+    const long long row = (long long)p * kv_heads * hd;
+    rope_kv_row(q + r * q_stride, k + r * k_stride, v + r * v_stride,
+                q_out + r * heads * hd, kc + row, vc + row, p, cos_t, sin_t, heads, hd,
+                interleaved, blockIdx.y, threadIdx.x);
 }
 
 // Writes value d of head h of session b: as f32 to `out`, or, when `out` is null, into the

@@ -24,8 +24,8 @@ use crate::model::attention::{attend_each, AttnShape, StepRows};
 use crate::model::block::Segment;
 use crate::model::rope::Rope;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
-const MODULE: &str = "llm_cluster_decode_attention";
+pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
+pub(crate) const MODULE: &str = "llm_cluster_decode_attention";
 /// The kernel's register arrays hold heads up to this width.
 const MAX_HEAD_DIM: usize = 256;
 /// Warps per attention block (`WARPS` in the kernel).

@@ -12,6 +12,7 @@
 //! - [`matvec`]: Q4_0 and Q8_0 matrix-vector products for those steps, in place of candle's
 //!   mmvq where they apply.
 //! - [`prefill_attention`]: a prompt chunk's attention on tensor cores, one launch a layer.
+//! - [`rope_chunk`]: a prompt chunk's RoPE and KV-cache write, one launch a layer.
 //! - [`pdl`]: launches that overlap the kernel before (programmatic dependent launch).
 
 pub mod argmax;
@@ -24,4 +25,5 @@ pub mod gate_mul;
 pub mod matvec;
 pub(crate) mod pdl;
 pub mod prefill_attention;
+pub mod rope_chunk;
 pub(crate) mod step_buffers;

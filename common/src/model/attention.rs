@@ -136,9 +136,29 @@ pub(crate) fn windowed_ops(
     Ok(out.reshape((n, s.heads * hd))?)
 }
 
+/// RoPE of a segment's queries and keys and its cache write in one CUDA kernel
+/// ([`crate::cuda::rope_chunk`]); the rotated queries, or `None` where it does not apply.
+fn rope_and_write(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: &Rope,
+    s: AttnShape,
+    seg: &mut Segment<'_>,
+    li: usize,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::rope_chunk::rotate_and_write(q, k, v, rope, s, seg.cache, li, seg.start);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, rope, s, seg, li);
+        Ok(None)
+    }
+}
+
 /// Attention on device caches with candle ops, one segment after the other: RoPE, the cache
-/// write, then [`attention`] against the segment's cache. `rows` holds the segments' rows one
-/// segment after the other.
+/// write (both one CUDA kernel where it applies), then [`attention`] against the segment's
+/// cache. `rows` holds the segments' rows one segment after the other.
 pub fn attend_each(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tensor> {
     let StepRows {
         q,
@@ -153,9 +173,15 @@ pub fn attend_each(rows: StepRows<'_>, segs: &mut [Segment<'_>]) -> Result<Tenso
     let mut at = 0;
     for seg in segs.iter_mut() {
         let rows = |t: &Tensor| t.narrow(0, at, seg.len);
-        let q = rope.apply(&rows(q)?, s.heads, seg.start)?;
-        let k = rope.apply(&rows(k)?, s.kv_heads, seg.start)?;
-        seg.cache.write(li, seg.start, &k, &rows(v)?)?;
+        let (qr, kr, vr) = (rows(q)?, rows(k)?, rows(v)?);
+        let q = match rope_and_write(&qr, &kr, &vr, rope, s, seg, li)? {
+            Some(q) => q,
+            None => {
+                let k = rope.apply(&kr, s.kv_heads, seg.start)?;
+                seg.cache.write(li, seg.start, &k, &vr)?;
+                rope.apply(&qr, s.heads, seg.start)?
+            }
+        };
         let (kc, vc) = seg.cache.buffers(li)?;
         let end = seg.start + seg.len;
         // The keys the first query still sees; a ring holds them in at most two runs.
