@@ -110,6 +110,17 @@ impl Demo {
     /// As [`Demo::settled`]; with `idle` false, sessions and their caches may be open (a
     /// client is streaming).
     fn planned(&self, live: &[&str], after: u64, idle: bool) -> anyhow::Result<u64> {
+        self.try_planned(live, after, idle).map_err(|e| {
+            // both coordinators' last lines (one of them leads the planning), to tell why
+            e.context(format!(
+                "coordinator-1:\n{}\ncoordinator-2:\n{}",
+                self.c.logs("coordinator-1"),
+                self.c.logs("coordinator-2")
+            ))
+        })
+    }
+
+    fn try_planned(&self, live: &[&str], after: u64, idle: bool) -> anyhow::Result<u64> {
         eventually(Duration::from_secs(60), || {
             let mut epochs = Vec::new();
             for n in live {
