@@ -41,8 +41,16 @@ pub fn rotate_and_write(
     layer: usize,
     start: usize,
 ) -> Result<Option<Tensor>> {
-    let f32_cuda = |t: &Tensor| t.device().is_cuda() && t.dtype() == DType::F32;
-    if !enabled() || cache.is_host() || ![q, k, v].iter().all(|t| f32_cuda(t)) {
+    // f32 rows on the GPU, each row contiguous (the kernel takes a row stride)
+    let f32_rows = |t: &Tensor| {
+        t.device().is_cuda() && t.dtype() == DType::F32 && t.rank() == 2 && t.stride()[1] == 1
+    };
+    let (cos, sin) = rope.tables();
+    if !enabled()
+        || cache.is_host()
+        || ![q, k, v].iter().all(|t| f32_rows(t))
+        || ![cos, sin].iter().all(|t| f32_rows(t) && t.is_contiguous())
+    {
         return Ok(None);
     }
     let (n, width) = q.dims2()?;
@@ -72,7 +80,6 @@ pub fn rotate_and_write(
     if !layout_ok(kc) || !layout_ok(vc) {
         return Ok(None);
     }
-    let (cos, sin) = rope.tables();
     let op = RopeChunk {
         k,
         v,
