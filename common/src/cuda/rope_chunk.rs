@@ -41,12 +41,28 @@ pub fn rotate_and_write(
     layer: usize,
     start: usize,
 ) -> Result<Option<Tensor>> {
+    rotate_and_write_with(q, k, v, rope, s, cache, layer, start, enabled())
+}
+
+/// [`rotate_and_write`] with the switch given (`on`), for tests.
+#[allow(clippy::too_many_arguments)]
+fn rotate_and_write_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: &Rope,
+    s: AttnShape,
+    cache: &mut KvCache,
+    layer: usize,
+    start: usize,
+    on: bool,
+) -> Result<Option<Tensor>> {
     // f32 rows on the GPU, each row contiguous (the kernel takes a row stride)
     let f32_rows = |t: &Tensor| {
         t.device().is_cuda() && t.dtype() == DType::F32 && t.rank() == 2 && t.stride()[1] == 1
     };
     let (cos, sin) = rope.tables();
-    if !enabled()
+    if !on
         || cache.is_host()
         || ![q, k, v].iter().all(|t| f32_rows(t))
         || ![cos, sin].iter().all(|t| f32_rows(t) && t.is_contiguous())
@@ -66,12 +82,19 @@ pub fn rotate_and_write(
     {
         return Ok(None);
     }
-    // the chunk's cache rows must be its positions, in one run
-    let [a, b] = cache.spans(layer, start, start + n);
-    if a != (start..start + n) || !b.is_empty() {
+    // the chunk's cache rows must be its positions: they lie below the layer's rows (a ring
+    // that has wrapped maps them elsewhere)
+    if start + n > cache.layer_rows(layer) {
         return Ok(None);
     }
     let (kc, vc) = cache.buffers(layer)?;
+    let dev = q.device();
+    if ![k, v, kc, vc, cos, sin]
+        .iter()
+        .all(|t| t.device().same_device(dev))
+    {
+        return Ok(None);
+    }
     let layout_ok = |c: &Tensor| {
         c.dtype() == DType::F16
             && c.is_contiguous()
@@ -192,7 +215,7 @@ mod tests {
 
     fn noise(len: usize, seed: f32) -> Vec<f32> {
         (0..len)
-            .map(|i| ((i as f32 * 0.7310 + seed).sin() * 43758.547).fract() * 4.0 - 2.0)
+            .map(|i| ((i as f32 * 0.7310 + seed).sin() * 43758.547).rem_euclid(1.0) * 4.0 - 2.0)
             .collect()
     }
 
@@ -237,7 +260,7 @@ mod tests {
             let mut theirs = KvCache::new(2, kvw, 256, KvDtype::F16, &dev)?;
             ours.reserve(start + n)?;
             theirs.reserve(start + n)?;
-            let got = rotate_and_write(&q, &k, &v, &rope, s, &mut ours, 1, start)?
+            let got = rotate_and_write_with(&q, &k, &v, &rope, s, &mut ours, 1, start, true)?
                 .ok_or_else(|| crate::Error::Config("the kernel did not take the chunk".into()))?;
             let want = rope.apply(&q, s.heads, start)?;
             theirs.write(1, start, &rope.apply(&k, s.kv_heads, start)?, &v)?;
@@ -250,8 +273,9 @@ mod tests {
                 max_diff(&rows(ov)?, &rows(tv)?)?,
             );
             eprintln!("{style:?} start {start} rows {n}: q {dq:.2e}, k {dk:.2e}, v {dv:.2e}");
-            // the same f32 arithmetic; keys and values rounded to f16 alike (a last-bit
-            // difference in a rotated key may round across an f16 step of 2^-10 at |x| < 2)
+            // the same f32 arithmetic on values in [-2, 2), so rotated ones below 2.9; keys and
+            // values rounded to f16 alike (a last-bit difference in a rotated key may round
+            // across one f16 step, 2^-9 below 4)
             assert!(dq <= 1e-6, "{style:?}: queries differ by {dq}");
             assert!(dk <= 2e-3, "{style:?}: keys differ by {dk}");
             assert!(dv == 0.0, "{style:?}: values differ by {dv}");
@@ -274,7 +298,17 @@ mod tests {
         ring.advance(200);
         ring.reserve(100)?;
         let t = |w| Tensor::zeros((100, w), DType::F32, &dev);
-        let taken = rotate_and_write(&t(qw)?, &t(kvw)?, &t(kvw)?, &rope, s, &mut ring, 0, 200)?;
+        let taken = rotate_and_write_with(
+            &t(qw)?,
+            &t(kvw)?,
+            &t(kvw)?,
+            &rope,
+            s,
+            &mut ring,
+            0,
+            200,
+            true,
+        )?;
         assert!(
             taken.is_none(),
             "a wrapped ring must be left to candle's ops"
