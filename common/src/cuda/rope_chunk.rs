@@ -29,24 +29,10 @@ pub fn enabled() -> bool {
 /// `layer` of `cache` as f16; returns the rotated queries, contiguous. `None` where the kernel
 /// does not take the call (it is off, a tensor is not f32 on a CUDA device, the cache is not
 /// f16 on the device, the chunk's rows are not its positions, as in a windowed layer's ring,
-/// or the rope tables do not cover them); the caller then takes candle's ops.
+/// or the rope tables do not cover them); the caller then takes candle's ops. `on` is the
+/// switch ([`enabled`] in a node; tests pass `true`).
 #[allow(clippy::too_many_arguments)]
 pub fn rotate_and_write(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    rope: &Rope,
-    s: AttnShape,
-    cache: &mut KvCache,
-    layer: usize,
-    start: usize,
-) -> Result<Option<Tensor>> {
-    rotate_and_write_with(q, k, v, rope, s, cache, layer, start, enabled())
-}
-
-/// [`rotate_and_write`] with the switch given (`on`), for tests.
-#[allow(clippy::too_many_arguments)]
-fn rotate_and_write_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -260,7 +246,7 @@ mod tests {
             let mut theirs = KvCache::new(2, kvw, 256, KvDtype::F16, &dev)?;
             ours.reserve(start + n)?;
             theirs.reserve(start + n)?;
-            let got = rotate_and_write_with(&q, &k, &v, &rope, s, &mut ours, 1, start, true)?
+            let got = rotate_and_write(&q, &k, &v, &rope, s, &mut ours, 1, start, true)?
                 .ok_or_else(|| crate::Error::Config("the kernel did not take the chunk".into()))?;
             let want = rope.apply(&q, s.heads, start)?;
             theirs.write(1, start, &rope.apply(&k, s.kv_heads, start)?, &v)?;
@@ -298,7 +284,7 @@ mod tests {
         ring.advance(200);
         ring.reserve(100)?;
         let t = |w| Tensor::zeros((100, w), DType::F32, &dev);
-        let taken = rotate_and_write_with(
+        let taken = rotate_and_write(
             &t(qw)?,
             &t(kvw)?,
             &t(kvw)?,

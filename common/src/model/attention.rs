@@ -148,7 +148,10 @@ fn rope_and_write(
     li: usize,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
-    return crate::cuda::rope_chunk::rotate_and_write(q, k, v, rope, s, seg.cache, li, seg.start);
+    {
+        use crate::cuda::rope_chunk::{enabled, rotate_and_write};
+        rotate_and_write(q, k, v, rope, s, seg.cache, li, seg.start, enabled())
+    }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (q, k, v, rope, s, seg, li);
