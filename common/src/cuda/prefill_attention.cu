@@ -1,14 +1,21 @@
 // Prefill attention on tensor cores, flash-attention style: the queries of a prompt chunk
 // against one session's f16 key and value rows, without the [heads, n, keys] score matrix or
-// a mask built on the host.
+// a mask built on the host. Both kernels take, for one head, 64 query rows a CTA of 4 warps,
+// 16 rows a warp, and walk the tiles of 64 keys the CTA may see: tiles past its last query, or
+// before the first key the window lets any of its queries see, are skipped.
 //
-//   prefill_attention_hd{64,128,256}: grid (ceil(n / 64), heads), 4 warps. A CTA takes 64
-//   query rows of one head; each warp 16 of them. For each tile of 64 keys the CTA may see,
-//   it loads the keys and values into shared memory, and each warp computes its 16 x 64
-//   scores (WMMA, f16 in, f32 out), masks them (causal, and the sliding window), updates its
-//   rows' running max and sum (online softmax), rescales its rows of the f32 output and
-//   adds P V (WMMA again, P in f16). Tiles past the last query, or before the first key the
-//   window lets any of the CTA's queries see, are skipped.
+//   prefill_flash_hd{64,128} (sm_80 and later): everything a warp computes stays in its
+//   registers. Its queries are loaded once as mma.sync operands; each tile's scores S = Q K^T
+//   (m16n8k16, f16 in, f32 out) are masked only where the tile crosses the diagonal, the
+//   window or the end of the keys, the online softmax runs on them in place, and their
+//   probabilities become, with no trip through shared memory, the A operand of O += P V
+//   (the accumulator layout of two 16 x 8 tiles is the operand layout of one 16 x 16). Keys
+//   and values come through shared memory by cp.async, the next tile loading while this one
+//   is used; ldmatrix (transposed for V) feeds the products. The CTAs with the most keys (the
+//   last rows) start first.
+//
+//   prefill_attention_hd{64,128,256} (WMMA): S, P and O go through shared memory; it serves
+//   heads of 256 (whose registers would not hold a warp's O and Q) and builds for sm_75.
 //
 // Inputs: q [n, heads * hd] f32 (rotated); k and v [total, kv_heads * hd] f16, rows of
 // positions lo .. lo + total; query i sits at position start + i and sees key j when
@@ -187,3 +194,275 @@ __device__ __forceinline__ void prefill_attention(
 PREFILL_ATTENTION(64)
 PREFILL_ATTENTION(128)
 PREFILL_ATTENTION(256)
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+
+template <int D>
+struct FaLayout {
+    static constexpr int LD = D + 8;      // halves a row of a K or V tile (16-byte rows that
+                                          // ldmatrix reads without bank conflicts)
+    static constexpr int TILE = BK * LD;  // halves a tile
+    static constexpr int BYTES = 2 * 2 * TILE * 2;  // two stages of K and V
+};
+
+__device__ __forceinline__ unsigned shared_address(const void* p)
+{
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes from global to shared memory, asynchronously; zeros when !valid.
+__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool valid)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)),
+                 "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const __half* p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const __half* p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(p)));
+}
+
+// c += a b for a 16 x 16 f16 A (row major), a 16 x 8 f16 B (column major), f32 C.
+__device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                          unsigned b1)
+{
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as the halves of one register, the first in the low half.
+__device__ __forceinline__ unsigned pack_halves(float lo, float hi)
+{
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+}
+
+__device__ __forceinline__ float exp2_approx(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+template <int D>
+__device__ __forceinline__ void prefill_flash(
+    const float* __restrict__ q, long long q_stride,
+    const __half* __restrict__ k, const __half* __restrict__ v, long long kv_stride,
+    float* __restrict__ out, long long out_stride,
+    int n, int total, int start, int lo, int reach, int heads, int kv_heads, float scale)
+{
+    using L = FaLayout<D>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __half* tiles = reinterpret_cast<__half*>(smem);  // [stage][K, V][BK][LD]
+
+    const int h = blockIdx.y;
+    const int kvh = h / (heads / kv_heads);
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4;  // this lane's rows g and g + 8, columns 2t, 2t + 1
+    const int w0 = q0 + warp * 16;         // the warp's first row
+
+    // The warp's queries, scaled, as the A operands of S = Q K^T: qf[kk] covers head values
+    // 16 kk .. 16 kk + 15 of rows w0 .. w0 + 15.
+    unsigned qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int part = 0; part < 4; ++part) {
+            const int row = w0 + g + (part % 2) * 8;
+            const int col = kk * 16 + (part / 2) * 8 + 2 * t;
+            float x0 = 0.f, x1 = 0.f;
+            if (row < n) {
+                const float* at = q + (long long)row * q_stride + (long long)h * D + col;
+                x0 = at[0] * scale;
+                x1 = at[1] * scale;
+            }
+            qf[kk][part] = pack_halves(x0, x1);
+        }
+    }
+
+    // The keys any query of this CTA may see: [j_begin, j_end), in tiles [t_begin, t_end).
+    const int last_row = min(n, q0 + BQ) - 1;
+    const int j_end = min(total, start + last_row - lo + 1);
+    int j_begin = 0;
+    if (reach < 0x7fffffff) j_begin = max(0, start + q0 - reach + 1 - lo);
+    const int t_begin = j_begin / BK, t_end = (j_end + BK - 1) / BK;
+
+    constexpr int V8 = D / 8;  // 16-byte pieces a row
+    auto load_tile = [&](int tile, int stage) {
+        const int j0 = tile * BK;
+        __half* ks = tiles + stage * 2 * L::TILE;
+        __half* vs = ks + L::TILE;
+        for (int i = tid; i < BK * V8; i += 32 * PA_WARPS) {
+            const int rr = i / V8, c8 = i % V8;
+            const bool ok = j0 + rr < total;
+            const long long at =
+                (long long)(ok ? j0 + rr : 0) * kv_stride + (long long)kvh * D + c8 * 8;
+            copy16_async(ks + rr * L::LD + c8 * 8, k + at, ok);
+            copy16_async(vs + rr * L::LD + c8 * 8, v + at, ok);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
+    float m[2] = {-CUDART_INF_F, -CUDART_INF_F};  // rows g, g + 8: running max, in log2 units
+    float l[2] = {0.f, 0.f};                      // and this lane's part of the running sum
+    const int qa = start + w0 + g;                // the position of row g
+    constexpr float LOG2E = 1.4426950408889634f;
+
+    load_tile(t_begin, 0);
+    for (int tile = t_begin; tile < t_end; ++tile) {
+        const int stage = (tile - t_begin) % 2;
+        if (tile + 1 < t_end) {
+            load_tile(tile + 1, stage ^ 1);
+            asm volatile("cp.async.wait_group 1;\n" ::);
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::);
+        }
+        __syncthreads();  // this tile is in shared memory for every warp
+
+        const int j0 = tile * BK;
+        const int ka0 = lo + j0;  // the tile's first key position
+        // Nothing for this warp when the tile's first key comes after its last row, or its
+        // last key is out of the window of its first row.
+        const bool idle = ka0 > qa + 15 - g || (reach < 0x7fffffff && qa - g - (ka0 + BK - 1) >= reach);
+        if (!idle) {
+            const __half* ks = tiles + stage * 2 * L::TILE;
+            const __half* vs = ks + L::TILE;
+
+            float s[BK / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+                for (int np = 0; np < BK / 16; ++np) {
+                    // keys 16 np .. + 15 against head values 16 kk .. + 15: the B operands
+                    // of two 8-key tiles
+                    unsigned b[4];
+                    ldmatrix_x4(b, ks + (np * 16 + (lane / 16) * 8 + lane % 8) * L::LD +
+                                       kk * 16 + ((lane / 8) % 2) * 8);
+                    mma_16816(s[2 * np], qf[kk], b[0], b[1]);
+                    mma_16816(s[2 * np + 1], qf[kk], b[2], b[3]);
+                }
+            }
+
+            // The mask, only on tiles that cross the diagonal, the window or the last key.
+            const bool masked = ka0 + BK - 1 > qa - g || j0 + BK > total ||
+                                (reach < 0x7fffffff && qa + 15 - g - ka0 >= reach);
+            if (masked) {
+#pragma unroll
+                for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int j = j0 + nt * 8 + 2 * t + e % 2;
+                        const int ka = lo + j;
+                        const int qe = qa + (e / 2) * 8;
+                        if (!(j < total && ka <= qe && qe - ka < reach)) s[nt][e] = -CUDART_INF_F;
+                    }
+                }
+            }
+
+            // Online softmax of rows g and g + 8 (the four lanes of a quad share a row).
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = -CUDART_INF_F;
+#pragma unroll
+                for (int nt = 0; nt < BK / 8; ++nt)
+                    mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m[r], mx * LOG2E);
+                // all masked so far: nothing to rescale, and every probability 0
+                const float alpha = m_new == -CUDART_INF_F ? 1.f : exp2_approx(m[r] - m_new);
+                const float base = m_new == -CUDART_INF_F ? 0.f : m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+                    for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                        const float p = exp2_approx(fmaf(s[nt][e], LOG2E, -base));
+                        s[nt][e] = p;
+                        sum += p;
+                    }
+                }
+                l[r] = l[r] * alpha + sum;
+                m[r] = m_new;
+#pragma unroll
+                for (int dn = 0; dn < D / 8; ++dn) {
+                    o[dn][2 * r] *= alpha;
+                    o[dn][2 * r + 1] *= alpha;
+                }
+            }
+
+            // O += P V: the probabilities of 8-key tiles 2 kk and 2 kk + 1 are the A operand
+            // of keys 16 kk .. + 15.
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                const unsigned pa[4] = {
+                    pack_halves(s[2 * kk][0], s[2 * kk][1]),
+                    pack_halves(s[2 * kk][2], s[2 * kk][3]),
+                    pack_halves(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                    pack_halves(s[2 * kk + 1][2], s[2 * kk + 1][3]),
+                };
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    // keys 16 kk .. + 15 against head values 16 dp .. + 15, transposed: the
+                    // B operands of two 8-value tiles
+                    unsigned b[4];
+                    ldmatrix_x4_trans(b, vs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * L::LD +
+                                             dp * 16 + (lane / 16) * 8);
+                    mma_16816(o[2 * dp], pa, b[0], b[1]);
+                    mma_16816(o[2 * dp + 1], pa, b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before it is loaded again
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = l[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const int row = w0 + g + r * 8;
+        if (row < n) {
+            float* at = out + (long long)row * out_stride + (long long)h * D + 2 * t;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; ++dn) {
+                at[dn * 8] = o[dn][2 * r] * inv;
+                at[dn * 8 + 1] = o[dn][2 * r + 1] * inv;
+            }
+        }
+    }
+}
+
+#define PREFILL_FLASH(D)                                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * PA_WARPS) prefill_flash_hd##D(          \
+        const float* __restrict__ q, long long q_stride, const __half* __restrict__ k,         \
+        const __half* __restrict__ v, long long kv_stride, float* __restrict__ out,            \
+        long long out_stride, int n, int total, int start, int lo, int reach, int heads,       \
+        int kv_heads, float scale)                                                             \
+    {                                                                                          \
+        prefill_flash<D>(q, q_stride, k, v, kv_stride, out, out_stride, n, total, start, lo,   \
+                         reach, heads, kv_heads, scale);                                       \
+    }
+
+PREFILL_FLASH(64)
+PREFILL_FLASH(128)
+
+#endif

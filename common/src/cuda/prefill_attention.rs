@@ -30,9 +30,19 @@ pub fn enabled() -> bool {
     crate::cuda_options::get().prefill
 }
 
-/// The dynamic shared memory of a CTA for heads of `d` values (`PaLayout<D>::BYTES`).
+/// Whether heads of `d` values take the register-resident kernel (`prefill_flash_hd*`, in the
+/// PTX when it is built for sm_80 or later) rather than the WMMA one.
+fn flash(d: usize) -> bool {
+    matches!(d, 64 | 128) && env!("LLMC_CUDA_PTX_ARCH").parse::<u32>().unwrap_or(0) >= 80
+}
+
+/// The dynamic shared memory of a CTA for heads of `d` values: two stages of key and value
+/// tiles (`FaLayout<D>::BYTES`), or for the WMMA kernel `PaLayout<D>::BYTES`.
 fn smem_bytes(d: usize) -> usize {
     let ldq = d + 8;
+    if flash(d) {
+        return 2 * 2 * BK * ldq * 2;
+    }
     BQ * ldq * 2 + 2 * BK * ldq * 2 + BQ * (BK + 4) * 4 + BQ * (BK + 8) * 2 + BQ * (d + 4) * 4
 }
 
@@ -112,6 +122,14 @@ fn int(v: usize, what: &str) -> candle_core::Result<i32> {
     i32::try_from(v).map_err(|_| err(what, v))
 }
 
+fn kernel_name(d: usize) -> String {
+    if flash(d) {
+        format!("prefill_flash_hd{d}")
+    } else {
+        format!("prefill_attention_hd{d}")
+    }
+}
+
 impl CustomOp1 for PrefillAttn<'_> {
     fn name(&self) -> &'static str {
         "prefill-attention"
@@ -133,7 +151,7 @@ impl CustomOp1 for PrefillAttn<'_> {
         // SAFETY: the kernel writes every row of it below before anything reads it.
         let out = unsafe { stream.alloc::<f32>(n * width) }.map_err(|e| err("alloc", e))?;
         let f: CudaFunction = dev
-            .get_or_load_custom_func(&format!("prefill_attention_hd{d}"), MODULE, PTX)?
+            .get_or_load_custom_func(&kernel_name(d), MODULE, PTX)?
             .into_cuda_function();
         let smem = smem_bytes(d);
         // Past 48 KiB a kernel must ask for its dynamic shared memory.
@@ -204,8 +222,8 @@ mod tests {
         Ok(Tensor::from_vec(v, (rows, width), dev)?)
     }
 
-    /// The kernel against candle's ops on the same f16 keys and values, for every head width
-    /// it takes, prompt chunks that start at 0 and further on, ragged tiles, and a window.
+    /// The kernels against candle's ops on the same f16 keys and values, for every head width
+    /// they take, prompt chunks that start at 0 and further on, ragged tiles, and windows.
     #[test]
     fn kernel_matches_candle_ops() -> Result<()> {
         let Ok(dev) = Device::new_cuda(0) else {
@@ -220,6 +238,12 @@ mod tests {
             (4, 1, 256, 0, 130, 0, None),
             (4, 1, 256, 200, 64, 200 + 1 - 96, Some(96)),
             (8, 8, 64, 500, 1, 0, None),
+            // many tiles (the copy of the next overlapping this one), a first key off the
+            // tile grid, and a window across tiles
+            (32, 8, 128, 1500, 512, 0, None),
+            (8, 2, 128, 700, 150, 37, None),
+            (8, 2, 128, 1000, 200, 1000 + 1 - 300, Some(300)),
+            (6, 2, 64, 90, 33, 90 + 1 - 40, Some(40)),
         ];
         for (i, &(heads, kv_heads, hd, start, n, lo, window)) in cases.iter().enumerate() {
             let s = AttnShape {
@@ -242,7 +266,10 @@ mod tests {
                 .max(0)?
                 .to_scalar::<f32>()?;
             let scale = theirs.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            eprintln!("case {i}: max |ours - candle| {diff:.2e} (largest value {scale:.2e})");
+            eprintln!(
+                "case {i} ({}): max |ours - candle| {diff:.2e} (largest value {scale:.2e})",
+                kernel_name(hd)
+            );
             assert!(diff <= 4e-3 * scale.max(1.0), "case {i}: {diff} off");
         }
         Ok(())
