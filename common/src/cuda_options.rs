@@ -26,14 +26,13 @@ pub struct CudaOptions {
     /// candle ops.
     pub gate: bool,
     /// Prompt chunks' RoPE and KV-cache write in one kernel (`LLMC_CUDA_ROPE`); off: eleven
-    /// candle ops. Off until it is measured on a GPU.
+    /// candle ops.
     pub rope: bool,
     /// Prompt chunks' quantized products as cuBLAS products of f16 activations with the
     /// weight dequantized to f16 (`LLMC_CUDA_GEMM`); off: candle's MMQ (int8 tensor cores).
     pub gemm: bool,
     /// Fused decode steps of up to 8 rows replayed from CUDA graphs captured once per batch
-    /// size (`LLMC_CUDA_GRAPHS`); off: launched kernel by kernel each step. Measured 3–18 %
-    /// faster on an H100; off until their bit-for-bit unit test has run on a GPU.
+    /// size (`LLMC_CUDA_GRAPHS`); off: launched kernel by kernel each step.
     pub graphs: bool,
 }
 
@@ -47,9 +46,9 @@ impl Default for CudaOptions {
             pdl: true,
             prefill: true,
             gate: true,
-            rope: false,
+            rope: true,
             gemm: false,
-            graphs: false,
+            graphs: true,
         }
     }
 }
@@ -109,11 +108,10 @@ mod tests {
             ..o
         }
         .fused_step());
-        // every switch on but the f16 products, the chunk's RoPE kernel and the graphs, which
-        // wait for their measurements
+        // every switch on but the f16 products, which measured slower
         assert!(o
             .named()
             .iter()
-            .all(|&(name, on)| on != ["gemm", "rope", "graphs"].contains(&name)));
+            .all(|&(name, on)| on != ["gemm"].contains(&name)));
     }
 }

@@ -57,7 +57,7 @@ struct CudaArgs {
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_gate: bool,
     /// Prompt chunks' RoPE and KV-cache write in one kernel (off: eleven candle ops).
-    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_ROPE", default_value = "off",
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_ROPE", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_rope: bool,
     /// Prompt chunks' quantized products through cuBLAS on the weight dequantized to f16
@@ -67,7 +67,7 @@ struct CudaArgs {
     cuda_gemm: bool,
     /// Decode steps of up to 8 sessions replayed from CUDA graphs, one captured per batch
     /// size (needs the fused step).
-    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_GRAPHS", default_value = "off",
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_GRAPHS", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_graphs: bool,
 }
