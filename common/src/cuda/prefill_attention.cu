@@ -15,7 +15,8 @@
 //   last rows) start first.
 //
 //   prefill_attention_hd{64,128,256} (WMMA): S, P and O go through shared memory; it serves
-//   heads of 256 (whose registers would not hold a warp's O and Q) and builds for sm_75.
+//   heads of 256 (whose registers would not hold a warp's O and Q) and PTX built for sm_75
+//   (the host falls back to candle's ops where its shared memory does not fit the device).
 //
 // Inputs: q [n, heads * hd] f32 (rotated); k and v [total, kv_heads * hd] f16, rows of
 // positions lo .. lo + total; query i sits at position start + i and sees key j when
@@ -323,7 +324,7 @@ __device__ __forceinline__ void prefill_flash(
     const int qa = start + w0 + g;                // the position of row g
     constexpr float LOG2E = 1.4426950408889634f;
 
-    load_tile(t_begin, 0);
+    if (t_begin < t_end) load_tile(t_begin, 0);
     for (int tile = t_begin; tile < t_end; ++tile) {
         const int stage = (tile - t_begin) % 2;
         if (tile + 1 < t_end) {
@@ -336,9 +337,11 @@ __device__ __forceinline__ void prefill_flash(
 
         const int j0 = tile * BK;
         const int ka0 = lo + j0;  // the tile's first key position
-        // Nothing for this warp when the tile's first key comes after its last row, or its
-        // last key is out of the window of its first row.
-        const bool idle = ka0 > qa + 15 - g || (reach < 0x7fffffff && qa - g - (ka0 + BK - 1) >= reach);
+        // Nothing for this warp when its rows are all past the chunk's, when the tile's first
+        // key comes after its last row, or when its last key is out of the window of its first
+        // row.
+        const bool idle = w0 >= n || ka0 > qa + 15 - g ||
+                          (reach < 0x7fffffff && qa - g - (ka0 + BK - 1) >= reach);
         if (!idle) {
             const __half* ks = tiles + stage * 2 * L::TILE;
             const __half* vs = ks + L::TILE;

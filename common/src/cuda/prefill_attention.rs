@@ -56,8 +56,8 @@ pub fn takes(s: AttnShape) -> bool {
 /// `start..start + n`) against `k`, `v`: `[total, kv_heads * hd]` f16 rows of positions
 /// `lo..lo + total`, on the GPU; each query sees the keys at or before its position and, with
 /// a `window`, the `window` latest of them. `None` when the kernel does not take this call
-/// (it is off, the tensors are not f16 on a CUDA device, or the heads do not fit
-/// [`takes`]); the caller then uses candle's ops.
+/// (it is off, the tensors are not f16 on a CUDA device, the heads do not fit [`takes`], or
+/// its shared memory does not fit the device); the caller then uses candle's ops.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -90,6 +90,12 @@ pub fn attention(
     let aligned =
         |t: &Tensor| t.layout().start_offset().is_multiple_of(8) && t.stride()[0].is_multiple_of(8);
     if !aligned(k) || !aligned(v) || k.stride() != v.stride() || k.stride()[1] != 1 {
+        return Ok(None);
+    }
+    // A CTA's shared memory must fit the device's: the WMMA kernel's 110 KiB for heads of 128
+    // do not on sm_86 and sm_89 (99 KiB), nor its 190 KiB for heads of 256 below sm_90.
+    let stream = super::fused_decode::bound_stream(q.device().as_cuda_device()?)?;
+    if smem_bytes(s.head_dim) as i64 > super::fused_products::DeviceInfo::of(&stream).smpbo {
         return Ok(None);
     }
     let op = PrefillAttn {
