@@ -144,18 +144,40 @@ __device__ __forceinline__ bool last_split(unsigned* c, int splits)
 }
 
 // Value d of a head's output from its splits' partials `all` (`[splits, hd + 2]`: the running
-// max, the sum, then the unnormalized values).
+// max, the sum, then the unnormalized values). The last CTA of a head runs this alone while
+// the next kernel waits, so its loads go out CS at a time, independent of each other: a
+// few round trips to L2 where a loop that used each load at once (and branched on the max
+// before loading the rest) waited one or two a split, up to 64 at 32 splits.
+#define CS 8
 __device__ __forceinline__ float combine_splits(const float* all, int splits, int hd, int d)
 {
     float gmx = -CUDART_INF_F;
-    for (int t = 0; t < splits; t++) gmx = fmaxf(gmx, __ldcg(all + t * (hd + 2)));
+    for (int t0 = 0; t0 < splits; t0 += CS) {
+        float mt[CS];
+        // past the last split: its row loaded again (unconditional loads), then dropped
+#pragma unroll
+        for (int u = 0; u < CS; u++) mt[u] = __ldcg(all + min(t0 + u, splits - 1) * (hd + 2));
+#pragma unroll
+        for (int u = 0; u < CS; u++) gmx = t0 + u < splits ? fmaxf(gmx, mt[u]) : gmx;
+    }
     float gtotal = 0.f, a = 0.f;
-    for (int t = 0; t < splits; t++) {
-        const float mt = __ldcg(all + t * (hd + 2));
-        if (mt != -CUDART_INF_F) {
-            const float f = expf(mt - gmx);
-            gtotal += __ldcg(all + t * (hd + 2) + 1) * f;
-            a += __ldcg(all + t * (hd + 2) + 2 + d) * f;
+    for (int t0 = 0; t0 < splits; t0 += CS) {
+        float mt[CS], st[CS], vt[CS];
+#pragma unroll
+        for (int u = 0; u < CS; u++) {
+            const float* p = all + min(t0 + u, splits - 1) * (hd + 2);
+            mt[u] = __ldcg(p);
+            st[u] = __ldcg(p + 1);
+            vt[u] = __ldcg(p + 2 + d);
+        }
+        // in the order of the splits, skipping those that saw no row, as before
+#pragma unroll
+        for (int u = 0; u < CS; u++) {
+            if (t0 + u < splits && mt[u] != -CUDART_INF_F) {
+                const float f = expf(mt[u] - gmx);
+                gtotal += st[u] * f;
+                a += vt[u] * f;
+            }
         }
     }
     return a / gtotal;
