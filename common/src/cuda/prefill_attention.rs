@@ -94,8 +94,7 @@ pub fn attention(
     }
     // A CTA's shared memory must fit the device's: the WMMA kernel's 110 KiB for heads of 128
     // do not on sm_86 and sm_89 (99 KiB), nor its 190 KiB for heads of 256 below sm_90.
-    let stream = super::fused_decode::bound_stream(q.device().as_cuda_device()?)?;
-    if smem_bytes(s.head_dim) as i64 > super::fused_products::DeviceInfo::of(&stream).smpbo {
+    if smem_bytes(s.head_dim) as i64 > smem_limit(q.device().as_cuda_device()?) {
         return Ok(None);
     }
     let op = PrefillAttn {
@@ -126,6 +125,31 @@ fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
 
 fn int(v: usize, what: &str) -> candle_core::Result<i32> {
     i32::try_from(v).map_err(|_| err(what, v))
+}
+
+/// The most dynamic shared memory a block of the device may ask for, queried once per device
+/// (a driver call, kept off the per-layer path).
+fn smem_limit(dev: &candle_core::cuda_backend::CudaDevice) -> i64 {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys::CUdevice_attribute as A};
+    static LIMITS: std::sync::Mutex<Vec<(usize, i64)>> = std::sync::Mutex::new(Vec::new());
+    let ctx = dev.cuda_stream().context().clone();
+    let mut known = LIMITS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(&(_, limit)) = known.iter().find(|(o, _)| *o == ctx.ordinal()) {
+        return limit;
+    }
+    // SAFETY: a plain attribute query of a live device. The 48 KiB every block may have
+    // stands in if it fails.
+    let limit = unsafe {
+        result::device::get_attribute(
+            ctx.cu_device(),
+            A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )
+    }
+    .map_or(48 * 1024, i64::from);
+    known.push((ctx.ordinal(), limit));
+    limit
 }
 
 fn kernel_name(d: usize) -> String {
