@@ -60,12 +60,25 @@ impl EtcdProcess {
     fn spawn_and_wait(
         tls: Option<&EtcdTlsFiles>,
     ) -> anyhow::Result<std::result::Result<Self, Early>> {
-        let dir = tempfile::tempdir()?;
-        let (client, peer, metrics) = (free_port()?, free_port()?, free_port()?);
+        let ports = Ports::free()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let url = format!("{scheme}://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let health = format!("http://127.0.0.1:{metrics}");
+        let cluster = format!("test={}", ports.peer_url());
+        let mut etcd = Self::spawn("test", &ports, scheme, &cluster, tls)?;
+        Ok(etcd.wait_healthy()?.map(|()| etcd))
+    }
+
+    /// Starts member `name` of the cluster `initial` (`name=peer-url,...`) on `ports`.
+    fn spawn(
+        name: &str,
+        ports: &Ports,
+        scheme: &str,
+        initial: &str,
+        tls: Option<&EtcdTlsFiles>,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let url = format!("{scheme}://127.0.0.1:{}", ports.client);
+        let peer_url = ports.peer_url();
+        let health = format!("http://127.0.0.1:{}", ports.metrics);
         let mut cmd = std::process::Command::new("etcd");
         if let Some(t) = tls {
             cmd.arg("--cert-file")
@@ -78,7 +91,7 @@ impl EtcdProcess {
         }
         let child = cmd
             .args(["--listen-metrics-urls", &health])
-            .args(["--name", "test", "--data-dir"])
+            .args(["--name", name, "--data-dir"])
             .arg(dir.path().join("data"))
             .args([
                 "--listen-client-urls",
@@ -90,7 +103,7 @@ impl EtcdProcess {
                 "--initial-advertise-peer-urls",
                 &peer_url,
                 "--initial-cluster",
-                &format!("test={peer_url}"),
+                initial,
                 "--log-level",
                 "error",
             ])
@@ -98,21 +111,25 @@ impl EtcdProcess {
             .stderr(std::fs::File::create(dir.path().join("etcd.err"))?)
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting etcd (apt-get install etcd-server): {e}"))?;
-        let mut etcd = EtcdProcess {
+        Ok(EtcdProcess {
             child,
             url,
             health,
             _dir: dir,
-        };
+        })
+    }
+
+    /// Waits until it is healthy: `Ok(Err(_))` when it exited first.
+    fn wait_healthy(&mut self) -> anyhow::Result<std::result::Result<(), Early>> {
         let start = std::time::Instant::now();
         loop {
-            let health = crate::http::get(&format!("{}/health", etcd.health));
+            let health = crate::http::get(&format!("{}/health", self.health));
             if health.is_ok_and(|(_, body)| body.contains("true")) {
-                return Ok(Ok(etcd));
+                return Ok(Ok(()));
             }
-            if let Some(status) = etcd.child.try_wait()? {
+            if let Some(status) = self.child.try_wait()? {
                 let log =
-                    std::fs::read_to_string(etcd._dir.path().join("etcd.err")).unwrap_or_default();
+                    std::fs::read_to_string(self._dir.path().join("etcd.err")).unwrap_or_default();
                 let tail: String = log.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
                 return Ok(Err(Early(format!("{status}: {tail}"))));
             }
@@ -127,6 +144,99 @@ impl EtcdProcess {
     /// A registry client for cluster `cluster`.
     pub async fn registry(&self, cluster: &str) -> anyhow::Result<cluster_registry::Registry> {
         Ok(cluster_registry::Registry::connect(&self.url, cluster).await?)
+    }
+}
+
+/// A member's ports, found free (and released before etcd binds them).
+struct Ports {
+    client: u16,
+    peer: u16,
+    metrics: u16,
+}
+
+impl Ports {
+    fn free() -> anyhow::Result<Self> {
+        Ok(Ports {
+            client: free_port()?,
+            peer: free_port()?,
+            metrics: free_port()?,
+        })
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer)
+    }
+}
+
+/// A real etcd cluster of several members on loopback, each killed on drop.
+pub struct EtcdCluster {
+    /// Its members, `None` once killed.
+    members: Vec<Option<EtcdProcess>>,
+    urls: Vec<String>,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until each is healthy (the whole cluster is started
+    /// again on fresh ports, up to 3 tries, when a member exits at start).
+    pub fn start(n: usize) -> anyhow::Result<Self> {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let ports: Vec<Ports> = (0..n)
+                .map(|_| Ports::free())
+                .collect::<anyhow::Result<_>>()?;
+            let initial: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .map(|(i, p)| format!("m{i}={}", p.peer_url()))
+                .collect();
+            let initial = initial.join(",");
+            let mut members = Vec::with_capacity(n);
+            for (i, p) in ports.iter().enumerate() {
+                members.push(EtcdProcess::spawn(
+                    &format!("m{i}"),
+                    p,
+                    "http",
+                    &initial,
+                    None,
+                )?);
+            }
+            let mut early = None;
+            for m in &mut members {
+                if let Err(Early(status)) = m.wait_healthy()? {
+                    early = Some(status);
+                    break;
+                }
+            }
+            match early {
+                None => {
+                    let urls = members.iter().map(|m| m.url.clone()).collect();
+                    return Ok(EtcdCluster {
+                        members: members.into_iter().map(Some).collect(),
+                        urls,
+                    });
+                }
+                Some(status) => {
+                    eprintln!("an etcd member exited at start ({status}), probably a port taken: retrying");
+                    last = status;
+                }
+            }
+        }
+        anyhow::bail!("etcd cluster: a member exited at start: {last}")
+    }
+
+    /// Every member's client URL, comma-separated, in member order.
+    pub fn urls(&self) -> String {
+        self.urls.join(",")
+    }
+
+    /// Member `i`'s client URL.
+    pub fn url(&self, i: usize) -> &str {
+        &self.urls[i]
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        self.members[i] = None;
     }
 }
 

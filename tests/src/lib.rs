@@ -4,7 +4,7 @@
 //! # Layout
 //! - [`process`]: `shard-node serve` and `coordinator serve` processes, the binaries' paths.
 //! - [`compose`]: Docker Compose projects of the cluster's images (several hosts).
-//! - [`etcd`]: a real etcd server.
+//! - [`etcd`]: a real etcd server, or a cluster of several members.
 //! - [`http`]: HTTP requests, OpenAI SSE streams, streams running in the background.
 //! - [`otlp`]: a real OTLP trace receiver.
 //! - [`rpc`]: a node's status and leases over tarpc.
@@ -22,7 +22,7 @@ pub mod rpc;
 pub mod tls;
 
 pub use common::testing::{default_model, gemma3_model, workspace_root};
-pub use etcd::{EtcdProcess, EtcdTlsFiles};
+pub use etcd::{EtcdCluster, EtcdProcess, EtcdTlsFiles};
 pub use http::{
     all_at_once, call_with, completion, completion_with, get, get_json, metric, post, post_with,
     sse_text, BackgroundStream,

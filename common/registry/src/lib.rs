@@ -10,9 +10,11 @@
 //!
 //! # Layout
 //! - [`Registry`]: the connection and its calls (this file).
+//! - [`endpoints`]: one client per etcd member, calls pinned to one and failed over.
 //! - [`models`]: the plans of models loaded at run time, and their unloads.
 //! - [`error`]: its error type, [`RegistryError`].
 
+mod endpoints;
 pub mod error;
 pub mod models;
 pub mod tls;
@@ -26,24 +28,21 @@ pub use tls::EtcdTlsArgs;
 /// one lapses on a scheduling hiccup.
 pub const MIN_TTL_SECS: i64 = 2;
 
+use std::sync::Arc;
+
+use endpoints::{Endpoints, Op};
 use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn,
-    TxnOp, TxnOpResponse,
+    Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
 };
 use proto_types::registry::*;
 use proto_types::PlanEpoch;
 use serde::de::DeserializeOwned;
 
-/// gRPC's status code `UNAVAILABLE`.
-const GRPC_UNAVAILABLE: i32 = 14;
-
 /// A connection to etcd, scoped to one cluster's keys.
 #[derive(Clone)]
 pub struct Registry {
-    client: Client,
-    /// For the election's campaign, which waits as long as another leads: the same endpoints
-    /// without the per-request timeout (a dead connection is found by HTTP/2 keep-alives).
-    election: Client,
+    endpoints: Arc<Endpoints>,
     cluster: String,
 }
 
@@ -51,6 +50,7 @@ impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
             .field("cluster", &self.cluster)
+            .field("pinned", &self.endpoints.pinned())
             .finish()
     }
 }
@@ -81,14 +81,24 @@ pub(crate) fn epoch_key(epoch: PlanEpoch) -> String {
 }
 
 impl Registry {
-    /// Connects to etcd at `url` (e.g. `http://127.0.0.1:2379`; several comma-separated).
+    /// Connects to etcd at `url` (e.g. `http://127.0.0.1:2379`; several comma-separated, the
+    /// nearest first: calls go to one member and move to the next when it fails).
     pub async fn connect(url: &str, cluster: &str) -> Result<Self> {
         if !valid_name(cluster) {
             return Err(RegistryError::Invalid(format!(
                 "cluster name `{cluster}`: use letters, digits, '-', '_', '.' or ':'"
             )));
         }
-        let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+        let urls: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Err(RegistryError::Invalid(format!(
+                "no etcd endpoint in `{url}`: give one or more URLs, comma-separated"
+            )));
+        }
         let mut waiting = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(3))
             .with_keep_alive(
@@ -99,14 +109,9 @@ impl Registry {
         if let Some(tls) = tls::options() {
             waiting = waiting.with_tls(tls);
         }
-        let opts = waiting
-            .clone()
-            .with_timeout(std::time::Duration::from_secs(5));
-        let client = Client::connect(urls.clone(), Some(opts)).await?;
-        let election = Client::connect(urls, Some(waiting)).await?;
+        let endpoints = Endpoints::new(&urls, waiting, std::time::Duration::from_secs(5)).await?;
         let r = Registry {
-            client,
-            election,
+            endpoints: Arc::new(endpoints),
             cluster: cluster.to_string(),
         };
         // Fail now, not at the first use, when nothing answers.
@@ -124,26 +129,31 @@ impl Registry {
         format!("/{}/{rest}", self.cluster)
     }
 
-    /// A read, tried up to three times while the call is `Unavailable`: the client spreads
-    /// calls over the endpoints, and one that is down (a lost member, whose name may no
-    /// longer resolve) fails the calls sent to it though the others answer.
+    /// A call that only reads (tried on the next member when one fails).
     async fn read<T, F, Fut>(&self, f: F) -> Result<T>
     where
-        F: Fn(Client) -> Fut,
+        F: Fn(etcd_client::Client) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        let mut tries = 0;
-        loop {
-            match f(self.client.clone()).await {
-                Err(etcd_client::Error::GRpcStatus(s))
-                    if tries < 2 && i32::from(s.code()) == GRPC_UNAVAILABLE =>
-                {
-                    tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-                r => return Ok(r?),
-            }
-        }
+        self.endpoints.call(Op::Read, f).await
+    }
+
+    /// A call that writes (tried on the next member only when it was never sent).
+    pub(crate) async fn write<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn(etcd_client::Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        self.endpoints.call(Op::Write, f).await
+    }
+
+    /// A guarded transaction (a write).
+    pub(crate) async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse> {
+        self.write(|mut c| {
+            let t = txn.clone();
+            async move { c.txn(t).await }
+        })
+        .await
     }
 
     pub(crate) async fn get_one(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
@@ -176,17 +186,22 @@ impl Registry {
 
     /// Grants an etcd lease of `ttl_secs`.
     pub async fn grant(&self, ttl_secs: i64) -> Result<i64> {
-        Ok(self.client.clone().lease_grant(ttl_secs, None).await?.id())
+        let r = self
+            .write(|mut c| async move { c.lease_grant(ttl_secs, None).await })
+            .await?;
+        Ok(r.id())
     }
 
     /// Starts keeping `lease` alive: send with the keeper, read answers from the stream.
     pub async fn keep_alive(&self, lease: i64) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
-        Ok(self.client.clone().lease_keep_alive(lease).await?)
+        self.read(|mut c| async move { c.lease_keep_alive(lease).await })
+            .await
     }
 
     /// Revokes `lease`, deleting every key under it.
     pub async fn revoke(&self, lease: i64) -> Result<()> {
-        self.client.clone().lease_revoke(lease).await?;
+        self.write(|mut c| async move { c.lease_revoke(lease).await })
+            .await?;
         Ok(())
     }
 
@@ -210,7 +225,7 @@ impl Registry {
                 Some(PutOptions::new().with_lease(lease)),
             )])
             .or_else([TxnOp::get(key.as_str(), None)]);
-        let r = self.client.clone().txn(txn).await?;
+        let r = self.txn(txn).await?;
         if r.succeeded() {
             return Ok(());
         }
@@ -233,10 +248,12 @@ impl Registry {
 
     /// Removes node `id`'s record.
     pub async fn deregister(&self, id: &str) -> Result<()> {
-        self.client
-            .clone()
-            .delete(self.key(&format!("nodes/{id}")), None)
-            .await?;
+        let key = self.key(&format!("nodes/{id}"));
+        self.write(|mut c| {
+            let key = key.clone();
+            async move { c.delete(key, None).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -335,7 +352,7 @@ impl Registry {
                     rev,
                 )])
                 .and_then([TxnOp::put(counter.as_str(), json(&next)?, None)]);
-            if self.client.clone().txn(txn).await?.succeeded() {
+            if self.txn(txn).await?.succeeded() {
                 return Ok(next);
             }
             // another plan change reserved one meanwhile: read again
@@ -371,7 +388,7 @@ impl Registry {
                 TxnOp::put(txn_key.as_str(), json(&rec)?, None),
                 TxnOp::put(plan_key.as_str(), json(plan)?, None),
             ]);
-        if self.client.clone().txn(txn).await?.succeeded() {
+        if self.txn(txn).await?.succeeded() {
             return Ok(rec);
         }
         match self.decision(plan.epoch).await? {
@@ -395,7 +412,7 @@ impl Registry {
         let txn = Txn::new()
             .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.as_str(), json(&rec)?, None)]);
-        if self.client.clone().txn(txn).await?.succeeded() {
+        if self.txn(txn).await?.succeeded() {
             return Ok(rec);
         }
         self.decision(epoch).await?.ok_or_else(|| {
@@ -407,10 +424,12 @@ impl Registry {
 
     /// Asks node `id` to leave, finishing its sessions by `deadline_unix_ms`.
     pub async fn request_leave(&self, id: &str, rec: &LeaveRecord) -> Result<()> {
-        self.client
-            .clone()
-            .put(self.key(&format!("leaving/{id}")), json(rec)?, None)
-            .await?;
+        let (key, value) = (self.key(&format!("leaving/{id}")), json(rec)?);
+        self.write(|mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.put(key, value, None).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -436,10 +455,12 @@ impl Registry {
 
     /// Removes node `id`'s drain request.
     pub async fn clear_leave(&self, id: &str) -> Result<()> {
-        self.client
-            .clone()
-            .delete(self.key(&format!("leaving/{id}")), None)
-            .await?;
+        let key = self.key(&format!("leaving/{id}"));
+        self.write(|mut c| {
+            let key = key.clone();
+            async move { c.delete(key, None).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -448,16 +469,24 @@ impl Registry {
     /// Waits until this caller (`who`, under its etcd leader lease `lease`) leads the election
     /// of the coordinator that runs re-plans.
     pub async fn campaign(&self, who: &str, lease: i64) -> Result<()> {
-        self.election
-            .clone()
-            .campaign(self.key("election"), who, lease)
+        let key = self.key("election");
+        self.endpoints
+            .call_waiting(Op::Write, |mut c| {
+                let key = key.clone();
+                async move { c.campaign(key, who, lease).await }
+            })
             .await?;
         Ok(())
     }
 
     /// Writes a raw value (tests and repair tools).
     pub async fn put_raw(&self, rest: &str, value: &[u8]) -> Result<()> {
-        self.client.clone().put(self.key(rest), value, None).await?;
+        let key = self.key(rest);
+        self.write(|mut c| {
+            let key = key.clone();
+            async move { c.put(key, value, None).await }
+        })
+        .await?;
         Ok(())
     }
 }

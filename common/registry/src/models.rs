@@ -114,7 +114,7 @@ impl Registry {
                 TxnOp::delete(key.as_str(), None),
                 TxnOp::put(gone.as_str(), json(&rec)?, None),
             ]);
-        if self.client.clone().txn(txn).await?.succeeded() {
+        if self.txn(txn).await?.succeeded() {
             Ok(rec)
         } else {
             Err(RegistryError::Conflict(format!(

@@ -1,0 +1,174 @@
+//! [`Endpoints`]: one etcd client per listed member, calls pinned to one of them and moved
+//! to the next when it fails.
+//!
+//! etcd-client given several endpoints spreads calls over them and keeps sending to a member
+//! that is gone: with one of three members lost, about a third of the calls fail with
+//! `dns error` or `tcp connect error` though two members answer, and a plan change, which
+//! makes a dozen calls, rarely gets through. Here every call goes to the pinned member;
+//! when the connection to it fails the pin moves on and the call is tried on the next one:
+//! - a call that was never sent (the connection could not be made) is retried, read or write;
+//! - a call whose connection broke or timed out after it was sent is retried if it only reads,
+//!   and returned to the caller if it writes (it may have been applied);
+//! - an answer from etcd (a refusal, a missing lease) is returned as it is.
+//!
+//! The first listed member is preferred: list the nearest first.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+
+use crate::Result;
+
+/// What a call does, which decides whether a call that may have been sent is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// Reads only: safe to send twice.
+    Read,
+    /// Writes: sent again only when the first try never left this process.
+    Write,
+}
+
+/// How a call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// No connection to the member could be made: nothing was sent.
+    NotSent,
+    /// The connection broke or timed out during the call: it may have been applied.
+    Broken,
+    /// etcd answered with an error.
+    Answer,
+}
+
+fn failure(e: &etcd_client::Error) -> Failure {
+    let etcd_client::Error::GRpcStatus(s) = e else {
+        return match e {
+            etcd_client::Error::TransportError(_) => Failure::NotSent,
+            _ => Failure::Answer,
+        };
+    };
+    let mut source = std::error::Error::source(s);
+    let mut local = false;
+    while let Some(err) = source {
+        if err.downcast_ref::<tonic_etcd::ConnectError>().is_some() {
+            return Failure::NotSent;
+        }
+        if err.downcast_ref::<tonic_etcd::TimeoutExpired>().is_some() {
+            return Failure::Broken;
+        }
+        local = true;
+        source = err.source();
+    }
+    match s.code() {
+        // etcd without a leader, a refused stream, an expired HTTP/2 ping
+        tonic_etcd::Code::Unavailable => Failure::Broken,
+        // a transport error in this process (a status etcd sends has no source)
+        tonic_etcd::Code::Unknown if local => Failure::Broken,
+        _ => Failure::Answer,
+    }
+}
+
+/// The members' clients and the pin.
+pub(crate) struct Endpoints {
+    urls: Vec<String>,
+    /// Per member, with the per-request timeout.
+    clients: Vec<Client>,
+    /// Per member, without it: for the election's campaign, which waits as long as another
+    /// leads (a dead connection is found by HTTP/2 keep-alives).
+    waiting: Vec<Client>,
+    pinned: AtomicUsize,
+}
+
+impl Endpoints {
+    /// Clients of `urls` (none connects before its first call).
+    pub(crate) async fn new(
+        urls: &[&str],
+        waiting: ConnectOptions,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let quick = waiting.clone().with_timeout(timeout);
+        let mut clients = Vec::with_capacity(urls.len());
+        let mut slow = Vec::with_capacity(urls.len());
+        for url in urls {
+            clients.push(Client::connect([*url], Some(quick.clone())).await?);
+            slow.push(Client::connect([*url], Some(waiting.clone())).await?);
+        }
+        Ok(Endpoints {
+            urls: urls.iter().map(|u| u.to_string()).collect(),
+            clients,
+            waiting: slow,
+            pinned: AtomicUsize::new(0),
+        })
+    }
+
+    /// The member calls go to now.
+    pub(crate) fn pinned(&self) -> &str {
+        &self.urls[self.pinned.load(Ordering::Relaxed) % self.urls.len()]
+    }
+
+    /// Moves the pin past member `from` unless another call already did.
+    fn fail_over(&self, from: usize, e: &etcd_client::Error) {
+        let next = (from + 1) % self.urls.len();
+        if next != from
+            && self
+                .pinned
+                .compare_exchange(from, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                failed = self.urls[from],
+                now = self.urls[next],
+                "etcd member unreachable ({e}): moving to the next"
+            );
+        }
+    }
+
+    /// Runs `f` on the pinned member's client, failing over as the module says. Every member
+    /// is tried at least once, and a lone member three times, 50 ms apart.
+    pub(crate) async fn call<T, F, Fut>(&self, op: Op, f: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        self.run(op, &self.clients, f).await
+    }
+
+    /// [`Endpoints::call`] on the clients without a per-request timeout.
+    pub(crate) async fn call_waiting<T, F, Fut>(&self, op: Op, f: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        self.run(op, &self.waiting, f).await
+    }
+
+    async fn run<T, F, Fut>(&self, op: Op, clients: &[Client], f: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let tries = clients.len().max(3);
+        let mut tried = 0;
+        loop {
+            let at = self.pinned.load(Ordering::Relaxed) % clients.len();
+            let e = match f(clients[at].clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            tried += 1;
+            let kind = failure(&e);
+            if kind == Failure::Answer {
+                return Err(e.into());
+            }
+            self.fail_over(at, &e);
+            if tried >= tries || (kind == Failure::Broken && op == Op::Write) {
+                return Err(e.into());
+            }
+            if tried % clients.len() == 0 {
+                // every member failed once: a short pause before the next round
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
