@@ -141,6 +141,25 @@ impl EtcdProcess {
         }
     }
 
+    /// Stops the server (SIGSTOP) without closing its connections: an etcd that answers
+    /// nothing, as in an outage.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        let st = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(st.success(), "kill {sig} etcd: {st}");
+        Ok(())
+    }
+
     /// A registry client for cluster `cluster`.
     pub async fn registry(&self, cluster: &str) -> anyhow::Result<cluster_registry::Registry> {
         Ok(cluster_registry::Registry::connect(&self.url, cluster).await?)

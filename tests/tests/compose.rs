@@ -318,7 +318,7 @@ fn partitioned_node_is_planned_around_and_rejoins() -> anyhow::Result<()> {
     let healed = d.heal(&d.coord[0], fault)?;
     let two = d.settled(&["node-a", "node-b"], before)?;
     eprintln!("heal: node cut off -> first success after {healed:.1} s (epoch {before} -> {two})");
-    // well past the TTL (4 s) and the plan owner's lease (5 s): its slice is freed
+    // well past the TTL (4 s): planned around; its slice retires once it reads etcd again
     std::thread::sleep(Duration::from_secs(6));
     let back = Instant::now();
     d.c.reconnect("node-c")?;

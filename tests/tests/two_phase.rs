@@ -8,7 +8,9 @@
 //!     and a restarted coordinator resumes the plan from etcd;
 //! (e) `shard-node leave` during a stream: the stream completes, the node ends holding 0;
 //! (f) after each, every node of the plan reports the same epoch;
-//! (g) bad input in etcd or over RPC is refused and changes nothing.
+//! (g) bad input in etcd or over RPC is refused and changes nothing;
+//! (h) etcd answers nothing for longer than every TTL: serving goes on through it and after
+//!     it, and no node frees its slice.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -57,6 +59,19 @@ async fn wait_members(reg: &Registry, n: usize) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
+}
+
+/// etcd, nodes `a` and `b`, and a coordinator serving epoch 1 over them.
+async fn two_nodes_serving(
+) -> anyhow::Result<(EtcdProcess, Registry, [ShardProcess; 2], CoordinatorProcess)> {
+    let etcd = EtcdProcess::start()?;
+    let reg = etcd.registry("llm").await?;
+    let a = node(&etcd, "a", &[])?;
+    let b = node(&etcd, "b", &[])?;
+    wait_members(&reg, 2).await?;
+    let coord = coordinator(&etcd, &["--min-nodes", "2"])?;
+    wait_serving(&coord.url, 1, 2).await?;
+    Ok((etcd, reg, [a, b], coord))
 }
 
 /// Waits until the coordinator serves `epoch` over `stages` nodes.
@@ -118,13 +133,7 @@ fn finish(s: BackgroundStream) -> anyhow::Result<String> {
 /// (a), (e), (f): a node joins while a stream runs, then leaves while another runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_and_leave_during_streams() -> anyhow::Result<()> {
-    let etcd = EtcdProcess::start()?;
-    let reg = etcd.registry("llm").await?;
-    let a = node(&etcd, "a", &[])?;
-    let b = node(&etcd, "b", &[])?;
-    wait_members(&reg, 2).await?;
-    let coord = coordinator(&etcd, &["--min-nodes", "2"])?;
-    wait_serving(&coord.url, 1, 2).await?;
+    let (etcd, reg, [a, b], coord) = two_nodes_serving().await?;
     let reference = completion_with(&coord.url, long_request(200, false))?;
 
     // (a) join during a stream
@@ -461,4 +470,73 @@ async fn one_driver_at_a_time() -> anyhow::Result<()> {
     wait_same_epoch(&[&a, &b], 2).await?;
     assert_eq!(completion(&survivor.url, PROMPT, 12, false)?, expected);
     Ok(())
+}
+
+/// (h) etcd paused for longer than the nodes' registration TTL (3 s) and the lease of their
+/// plan owner (1.5 s): a node cannot tell an etcd outage from its own isolation, and keeps its
+/// slice; requests are served throughout, and after etcd answers again, with every node
+/// holding exactly one committed slice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_stops_no_request() -> anyhow::Result<()> {
+    let (etcd, _reg, [a, b], coord) = two_nodes_serving().await?;
+    let reference = completion_with(&coord.url, long_request(8, false))?;
+    let before = wait_same_epoch(&[&a, &b], 1).await?;
+
+    etcd.pause()?;
+    let during = serve_for(
+        &coord.url,
+        &reference,
+        Duration::from_secs(8),
+        "into the outage",
+    )
+    .await?;
+    for (n, was) in [&a, &b].iter().zip(&before) {
+        let s = node_status(&n.addr).await?;
+        assert_eq!(s.epoch, was.epoch, "node {} during the outage", n.addr);
+        assert_eq!(s.slices.len(), 1, "node {}: {:?}", n.addr, s.slices);
+    }
+    etcd.resume()?;
+
+    // the registrations lapsed in etcd meanwhile: the nodes register again, and whatever plan
+    // the driver commits then, every node ends on one epoch with one slice, and serves
+    let after = serve_for(
+        &coord.url,
+        &reference,
+        Duration::from_secs(6),
+        "after the outage",
+    )
+    .await?;
+    let epoch = node_status(&a.addr).await?.epoch.map_or(0, |e| e.0);
+    let settled = wait_same_epoch(&[&a, &b], epoch).await?;
+    for s in &settled {
+        assert_eq!(s.slices.len(), 1, "{:?}", s.slices);
+    }
+    eprintln!(
+        "served {during} requests during a {:.1} s outage, {after} after it",
+        8.0
+    );
+    Ok(())
+}
+
+/// Sends a request every 500 ms for `span`, each expected to answer `reference`; how many.
+async fn serve_for(
+    url: &str,
+    reference: &str,
+    span: Duration,
+    when: &str,
+) -> anyhow::Result<usize> {
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < span {
+        let at = start.elapsed().as_secs_f64();
+        let text = tokio::task::block_in_place(|| completion_with(url, long_request(8, false)))
+            .map_err(|e| e.context(format!("a request {at:.1} s {when}")))?;
+        anyhow::ensure!(
+            text == reference,
+            "{at:.1} s {when}: {text:?}, not {reference:?}"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(n)
 }

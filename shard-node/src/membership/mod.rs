@@ -3,9 +3,11 @@
 //! ([`resolve`]), and drains and deregisters when asked to leave ([`drain`]).
 //!
 //! The node's committed slices belong to its *plan owner* (a connection lease the node grants
-//! itself, renewed by each keepalive of the etcd *registration lease*): they belong to the
-//! plan, not to the coordinator that loaded them, so a coordinator crash does not unload the
-//! cluster. Losing the etcd registration for longer than the lease TTL frees them.
+//! itself and renews while it is a member): they belong to the plan, not to the coordinator
+//! that loaded them, so a coordinator crash does not unload the cluster. Nor does an etcd
+//! outage: a node that cannot reach etcd keeps its slices, and once it reads etcd again each
+//! slice whose model has a committed plan without this node retires ([`resolve`]); leaving
+//! frees them all ([`drain`]).
 
 pub mod drain;
 pub mod register;

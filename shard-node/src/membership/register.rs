@@ -72,9 +72,13 @@ pub async fn join(m: &Member, addr: &str, ttl: i64) -> anyhow::Result<Registrati
     })
 }
 
-/// Keeps the etcd registration lease alive and renews the plan owner with each answer. When the
-/// etcd lease is lost (etcd was unreachable for a TTL), registers again; the membership
-/// owner expires on its own TTL meanwhile, freeing what it held.
+/// Keeps the etcd registration lease alive, and the plan owner with it: the plan owner is
+/// renewed on its own clock, whether etcd answers or not. A node cut off from etcd cannot
+/// tell an etcd outage (nothing can re-plan, and its slices are still the plan's) from its
+/// own isolation (the cluster re-plans without it once its registration lapses); it keeps its
+/// slices, serves what it is asked to, and once it reads etcd again `super::resolve` retires
+/// each slice whose model has a committed plan without this node. When the registration lease
+/// is lost (etcd was unreachable for a TTL), it registers again.
 pub async fn keep_alive(
     m: Member,
     reg: Registration,
@@ -85,6 +89,28 @@ pub async fn keep_alive(
     // The plan owner lives --lease-ttl-ms past its last renewal: renew it at least as often as
     // the node asks its own clients to.
     let every = (reg.ttl / 3).min(m.node.cfg.heartbeat_interval);
+    let owner = async {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            renew_plan_owner(&m);
+        }
+    };
+    tokio::select! {
+        _ = owner => {}
+        _ = registration(&m, &reg, &addr, &stop, &left) => {}
+    }
+}
+
+/// The registration lease's keepalive, and registering again when it is lost.
+async fn registration(
+    m: &Member,
+    reg: &Registration,
+    addr: &str,
+    stop: &CancellationToken,
+    left: &CancellationToken,
+) {
+    let every = (reg.ttl / 3).min(m.node.cfg.heartbeat_interval);
     loop {
         let lease = *lock(&reg.etcd_lease);
         let alive = async {
@@ -92,7 +118,7 @@ pub async fn keep_alive(
             loop {
                 keeper.keep_alive().await?;
                 match stream.message().await? {
-                    Some(r) if r.ttl() > 0 => renew_plan_owner(&m),
+                    Some(r) if r.ttl() > 0 => {}
                     _ => return Ok::<(), cluster_registry::RegistryError>(()),
                 }
                 tokio::time::sleep(every).await;
@@ -118,11 +144,10 @@ pub async fn keep_alive(
                 }
             }
             let ttl = reg.ttl.as_secs() as i64;
-            match register(&m, &addr, ttl).await {
+            match register(m, addr, ttl).await {
                 Ok(l) => {
                     *lock(&reg.etcd_lease) = l;
                     tracing::info!(etcd_lease = l, "registered again");
-                    renew_plan_owner(&m);
                     break;
                 }
                 Err(e) => {
