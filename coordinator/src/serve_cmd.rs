@@ -151,6 +151,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         requests: AtomicU64::new(0),
         stats: Default::default(),
         changing: Default::default(),
+        etcd: etcd.as_ref().map(|(r, _)| r.clone()),
     });
     if let Some((registry, _)) = etcd {
         // every coordinator serves the models loaded at run time that etcd holds

@@ -254,12 +254,12 @@ pub fn run(o: ServeOptions) -> anyhow::Result<()> {
         // Membership runs beside the server; if joining fails, the node shuts down with
         // that error.
         let joined = {
-            let (node, stop) = (node.clone(), shutdown.clone());
+            let (node, stop, metrics) = (node.clone(), shutdown.clone(), server.metrics.clone());
             tokio::spawn(async move {
                 let (Ok(bound), Some(join)) = (bound_rx.await, join) else {
                     return Ok(());
                 };
-                let r = membership::run(node, join, bound, stop.clone()).await;
+                let r = membership::run(node, join, bound, stop.clone(), metrics).await;
                 if let Err(e) = &r {
                     tracing::error!("joining the cluster: {e}");
                     stop.cancel();

@@ -109,6 +109,10 @@ async fn losing_the_member_in_use_fails_no_call() -> anyhow::Result<()> {
         !shown.contains(cluster.url(0)),
         "still pinned to the dead member: {shown}"
     );
+    let stats = reg.etcd_stats();
+    assert_eq!(stats.failovers, 1, "{stats:?}");
+    assert!(stats.not_sent >= 1, "{stats:?}");
+    assert!(!stats.members[0].1, "{stats:?}");
     for round in 1..=20 {
         every_kind_of_call(&reg, round)
             .await

@@ -66,8 +66,9 @@ async fn two_nodes_serving(
 ) -> anyhow::Result<(EtcdProcess, Registry, [ShardProcess; 2], CoordinatorProcess)> {
     let etcd = EtcdProcess::start()?;
     let reg = etcd.registry("llm").await?;
-    let a = node(&etcd, "a", &[])?;
-    let b = node(&etcd, "b", &[])?;
+    let metrics = ["--metrics-listen", "127.0.0.1:0"];
+    let a = node(&etcd, "a", &metrics)?;
+    let b = node(&etcd, "b", &metrics)?;
     wait_members(&reg, 2).await?;
     let coord = coordinator(&etcd, &["--min-nodes", "2"])?;
     wait_serving(&coord.url, 1, 2).await?;
@@ -511,8 +512,31 @@ async fn an_etcd_outage_stops_no_request() -> anyhow::Result<()> {
     for s in &settled {
         assert_eq!(s.slices.len(), 1, "{:?}", s.slices);
     }
+    // the outage shows on /metrics, the coordinator's and the nodes': calls that timed out or
+    // broke on the connection
+    let mut failed = 0.0;
+    for (url, prefix) in [
+        (coord.url.clone(), "coordinator"),
+        (
+            format!("http://{}", a.metrics.as_deref().unwrap_or("?")),
+            "shard",
+        ),
+    ] {
+        let text = get(&format!("{url}/metrics"))?.1;
+        let member = format!("{prefix}_etcd_member_in_use{{member=\"{}\"}}", etcd.url);
+        assert_eq!(metric(&text, &member)?, 1.0, "{text}");
+        let count = |kind: &str| {
+            metric(
+                &text,
+                &format!("{prefix}_etcd_connection_failures_total{{kind=\"{kind}\"}}"),
+            )
+        };
+        let n = count("broken")? + count("not_sent")?;
+        assert!(n > 0.0, "no failed etcd call counted: {text}");
+        failed += n;
+    }
     eprintln!(
-        "served {during} requests during a {:.1} s outage, {after} after it",
+        "served {during} requests during a {:.1} s outage, {after} after it; {failed} etcd calls failed",
         8.0
     );
     Ok(())

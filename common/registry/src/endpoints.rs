@@ -14,7 +14,7 @@
 //! The first listed member is preferred: list the nearest first.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions};
@@ -78,6 +78,25 @@ pub(crate) struct Endpoints {
     /// leads (a dead connection is found by HTTP/2 keep-alives).
     waiting: Vec<Client>,
     pinned: AtomicUsize,
+    /// Times the pin moved.
+    failovers: AtomicU64,
+    /// Calls that failed before they were sent.
+    not_sent: AtomicU64,
+    /// Calls whose connection broke or timed out after they were sent.
+    broken: AtomicU64,
+}
+
+/// What [`Endpoints`] counted, for `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdStats {
+    /// Every listed member, and whether calls go to it now.
+    pub members: Vec<(String, bool)>,
+    /// Times calls moved to the next member.
+    pub failovers: u64,
+    /// Calls that failed before they were sent (no connection could be made).
+    pub not_sent: u64,
+    /// Calls whose connection broke or timed out after they were sent.
+    pub broken: u64,
 }
 
 impl Endpoints {
@@ -99,12 +118,28 @@ impl Endpoints {
             clients,
             waiting: slow,
             pinned: AtomicUsize::new(0),
+            failovers: AtomicU64::new(0),
+            not_sent: AtomicU64::new(0),
+            broken: AtomicU64::new(0),
         })
     }
 
     /// The member calls go to now.
     pub(crate) fn pinned(&self) -> &str {
         &self.urls[self.pinned.load(Ordering::Relaxed) % self.urls.len()]
+    }
+
+    /// The counts so far.
+    pub(crate) fn stats(&self) -> EtcdStats {
+        let pinned = self.pinned.load(Ordering::Relaxed) % self.urls.len();
+        EtcdStats {
+            members: (self.urls.iter().enumerate())
+                .map(|(i, u)| (u.clone(), i == pinned))
+                .collect(),
+            failovers: self.failovers.load(Ordering::Relaxed),
+            not_sent: self.not_sent.load(Ordering::Relaxed),
+            broken: self.broken.load(Ordering::Relaxed),
+        }
     }
 
     /// Moves the pin past member `from` unless another call already did.
@@ -116,6 +151,7 @@ impl Endpoints {
                 .compare_exchange(from, next, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
+            self.failovers.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 failed = self.urls[from],
                 now = self.urls[next],
@@ -158,9 +194,11 @@ impl Endpoints {
             };
             tried += 1;
             let kind = failure(&e);
-            if kind == Failure::Answer {
-                return Err(e.into());
-            }
+            match kind {
+                Failure::Answer => return Err(e.into()),
+                Failure::NotSent => self.not_sent.fetch_add(1, Ordering::Relaxed),
+                Failure::Broken => self.broken.fetch_add(1, Ordering::Relaxed),
+            };
             self.fail_over(at, &e);
             if tried >= tries || (kind == Failure::Broken && op == Op::Write) {
                 return Err(e.into());

@@ -11,11 +11,13 @@
 //! # Layout
 //! - [`Registry`]: the connection and its calls (this file).
 //! - [`endpoints`]: one client per etcd member, calls pinned to one and failed over.
+//! - [`metrics`]: its counts as Prometheus text.
 //! - [`models`]: the plans of models loaded at run time, and their unloads.
 //! - [`error`]: its error type, [`RegistryError`].
 
 mod endpoints;
 pub mod error;
+pub mod metrics;
 pub mod models;
 pub mod tls;
 
@@ -117,6 +119,11 @@ impl Registry {
         // Fail now, not at the first use, when nothing answers.
         r.read(|mut c| async move { c.status().await }).await?;
         Ok(r)
+    }
+
+    /// What the client counted: the member in use, failovers, failed calls.
+    pub fn etcd_stats(&self) -> metrics::EtcdStats {
+        self.endpoints.stats()
     }
 
     /// The cluster's name.

@@ -79,6 +79,8 @@ pub struct AppState {
     pub requests: AtomicU64,
     /// Latency histograms and token counters, for /metrics.
     pub stats: Arc<stats::RequestStats>,
+    /// The etcd client, with etcd membership (its counts go to /metrics).
+    pub etcd: Option<cluster_registry::Registry>,
 }
 
 /// The router: `/v1/*`, `/tokenize` and `/detokenize` behind `api_keys`, `/metrics` behind
@@ -398,6 +400,9 @@ async fn metrics(State(st): State<Arc<AppState>>) -> String {
             .map_or(0, |e| e.0),
     );
     st.stats.encode(&mut out);
+    if let Some(etcd) = &st.etcd {
+        etcd.etcd_stats().encode("coordinator", &mut out);
+    }
     // the nodes of the default model's plan (the models share the nodes)
     let Some(c) = st.model(None).ok().and_then(|m| m.serving.current().ok()) else {
         return out;

@@ -128,8 +128,10 @@ pub async fn run(
     o: JoinConfig,
     bound: SocketAddr,
     stop: CancellationToken,
+    metrics: Arc<crate::server::metrics::Metrics>,
 ) -> anyhow::Result<()> {
     let registry = Registry::connect(&o.etcd, &o.cluster).await?;
+    let _ = metrics.etcd.set(registry.clone());
     let addr = o.advertise.clone().unwrap_or_else(|| bound.to_string());
     let id = o.node_id.clone().unwrap_or_else(|| addr.clone());
     let member = Member {

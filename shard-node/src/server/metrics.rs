@@ -63,6 +63,8 @@ pub struct Metrics {
     pub activation_bytes: AtomicU64,
     /// Outcomes this (last) stage left for `collect` instead of sending back along the chain.
     pub direct_replies: AtomicU64,
+    /// The etcd client, once the node has joined a cluster.
+    pub etcd: std::sync::OnceLock<cluster_registry::Registry>,
 }
 
 impl Metrics {
@@ -307,6 +309,9 @@ pub fn render(node: &Node, m: &Metrics) -> String {
          away, instead of sending it back along the chain.",
         get(&m.direct_replies),
     );
+    if let Some(etcd) = m.etcd.get() {
+        etcd.etcd_stats().encode("shard", &mut out);
+    }
     let mut text = String::new();
     if prometheus_client::encoding::text::encode(&mut text, &m.latency.registry).is_ok() {
         out.push_str(&text);
