@@ -155,7 +155,8 @@ impl Endpoints {
             tracing::warn!(
                 failed = self.urls[from],
                 now = self.urls[next],
-                "etcd member unreachable ({e}): moving to the next"
+                "etcd member unreachable ({}): moving to the next",
+                crate::error::brief(e)
             );
         }
     }

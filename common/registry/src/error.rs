@@ -4,8 +4,21 @@
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// etcd could not be reached, or refused a call.
-    #[error("etcd: {0}")]
+    #[error("etcd: {}", brief(.0))]
     Etcd(#[source] Box<etcd_client::Error>),
+    /// No listed member answered when connecting.
+    #[error(
+        "no etcd member answered at {urls}: {}. Is etcd running there, and does --etcd name \
+         its client URLs (http://HOST:2379, several comma-separated)?",
+        brief(.source)
+    )]
+    Unreachable {
+        /// The endpoints tried.
+        urls: String,
+        /// The last failure.
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
     /// A record in etcd is malformed or does not fit (it is ignored, never half-applied).
     #[error("etcd record {key}: {reason}")]
     BadRecord {
@@ -29,6 +42,15 @@ pub enum RegistryError {
 impl From<etcd_client::Error> for RegistryError {
     fn from(e: etcd_client::Error) -> Self {
         RegistryError::Etcd(Box::new(e))
+    }
+}
+
+/// An etcd error in one line: a gRPC status as its message and code, without the empty
+/// details and metadata its own text prints.
+pub(crate) fn brief(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => format!("{} ({:?})", s.message(), s.code()),
+        other => other.to_string(),
     }
 }
 

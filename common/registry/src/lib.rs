@@ -117,8 +117,14 @@ impl Registry {
             cluster: cluster.to_string(),
         };
         // Fail now, not at the first use, when nothing answers.
-        r.read(|mut c| async move { c.status().await }).await?;
-        Ok(r)
+        match r.read(|mut c| async move { c.status().await }).await {
+            Ok(_) => Ok(r),
+            Err(RegistryError::Etcd(source)) => Err(RegistryError::Unreachable {
+                urls: urls.join(","),
+                source,
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// What the client counted: the member in use, failovers, failed calls.
