@@ -116,7 +116,9 @@ async fn losing_the_member_in_use_fails_no_call() -> anyhow::Result<()> {
         "still pinned to the dead member: {shown}"
     );
     let stats = reg.etcd_stats();
-    assert_eq!(stats.failovers, 1, "{stats:?}");
+    // once off the dead member; an election among the two left answers `Unavailable`,
+    // which is retried but moves nothing
+    assert!(stats.failovers >= 1, "{stats:?}");
     assert!(stats.not_sent >= 1, "{stats:?}");
     assert!(!stats.members[0].1, "{stats:?}");
     for round in 1..=20 {

@@ -310,10 +310,13 @@ async fn a_load_that_does_not_fit_is_refused_and_leaves_nothing_prepared() -> an
     let etcd = EtcdProcess::start()?;
     let reg = etcd.registry("llm").await?;
     let (nodes, coord) = cluster(&etcd, &["--memory-limit", &limit], &[]).await?;
+    // once the session of the request that found the base model served is closed (its
+    // cache is freed just after the answer)
     let before: Vec<u64> = {
         let mut v = Vec::new();
         for n in &nodes {
-            v.push(node_status(&n.addr).await?.attributed_bytes);
+            let (s, _) = wait_status(&n.addr, Duration::from_secs(5), |s| s.sessions == 0).await?;
+            v.push(s.attributed_bytes);
         }
         v
     };

@@ -7,11 +7,16 @@
 //! makes a dozen calls, rarely gets through. Here every call goes to the pinned member;
 //! when the connection to it fails the pin moves on and the call is tried on the next one:
 //! - a call that was never sent (the connection could not be made) is retried, read or write;
-//! - a call whose connection broke or timed out after it was sent is retried if it only reads,
-//!   and returned to the caller if it writes (it may have been applied);
-//! - an answer from etcd (a refusal, a missing lease) is returned as it is.
+//! - a call whose connection broke, closed or timed out after it was sent is retried if it
+//!   only reads, and returned to the caller if it writes (it may have been applied); a try
+//!   that has not answered within the connect timeout plus the request timeout counts as
+//!   timed out, connecting included;
+//! - `Unavailable` from etcd itself (a leader election, no quorum) is retried on the same
+//!   member if the call only reads, and does not move the pin;
+//! - any other answer from etcd (a refusal, a missing lease) is returned as it is.
 //!
-//! The first listed member is preferred: list the nearest first.
+//! Calls start on the first listed member, and stay on the member they moved to: list the
+//! nearest first.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -35,9 +40,13 @@ pub(crate) enum Op {
 enum Failure {
     /// No connection to the member could be made: nothing was sent.
     NotSent,
-    /// The connection broke or timed out during the call: it may have been applied.
+    /// The connection broke, closed or timed out during the call (any error raised in this
+    /// process rather than sent by etcd): it may have been applied.
     Broken,
-    /// etcd answered with an error.
+    /// etcd answered `Unavailable` (a leader election, no quorum): worth a read's retry,
+    /// but the connection is fine.
+    Busy,
+    /// etcd answered with another error.
     Answer,
 }
 
@@ -48,23 +57,20 @@ fn failure(e: &etcd_client::Error) -> Failure {
             _ => Failure::Answer,
         };
     };
+    // A status etcd sends carries no source; one made in this process from a transport
+    // error (hyper's closed connection, an h2 GOAWAY, a timeout) does.
     let mut source = std::error::Error::source(s);
     let mut local = false;
     while let Some(err) = source {
         if err.downcast_ref::<tonic_etcd::ConnectError>().is_some() {
             return Failure::NotSent;
         }
-        if err.downcast_ref::<tonic_etcd::TimeoutExpired>().is_some() {
-            return Failure::Broken;
-        }
         local = true;
         source = err.source();
     }
     match s.code() {
-        // etcd without a leader, a refused stream, an expired HTTP/2 ping
-        tonic_etcd::Code::Unavailable => Failure::Broken,
-        // a transport error in this process (a status etcd sends has no source)
-        tonic_etcd::Code::Unknown if local => Failure::Broken,
+        _ if local => Failure::Broken,
+        tonic_etcd::Code::Unavailable => Failure::Busy,
         _ => Failure::Answer,
     }
 }
@@ -84,6 +90,12 @@ pub(crate) struct Endpoints {
     not_sent: AtomicU64,
     /// Calls whose connection broke or timed out after they were sent.
     broken: AtomicU64,
+    /// How long one try of a call on `clients` may take in all, connecting included (the
+    /// per-request timeout starts only once a connection is up, and a TLS handshake with a
+    /// frozen member has no limit of its own).
+    attempt: Duration,
+    /// Woken when the pin moves.
+    moved: tokio::sync::Notify,
 }
 
 /// What [`Endpoints`] counted, for `/metrics`.
@@ -100,10 +112,12 @@ pub struct EtcdStats {
 }
 
 impl Endpoints {
-    /// Clients of `urls` (none connects before its first call).
+    /// Clients of `urls` (none connects before its first call); `waiting` has the connect
+    /// timeout `connect`, and calls but the campaign get the request timeout `timeout`.
     pub(crate) async fn new(
         urls: &[&str],
         waiting: ConnectOptions,
+        connect: Duration,
         timeout: Duration,
     ) -> Result<Self> {
         let quick = waiting.clone().with_timeout(timeout);
@@ -121,6 +135,8 @@ impl Endpoints {
             failovers: AtomicU64::new(0),
             not_sent: AtomicU64::new(0),
             broken: AtomicU64::new(0),
+            attempt: connect + timeout,
+            moved: tokio::sync::Notify::new(),
         })
     }
 
@@ -142,6 +158,12 @@ impl Endpoints {
         }
     }
 
+    /// Woken when the pin moves (a call that waits long, the election's campaign, starts
+    /// again on the new member).
+    pub(crate) fn moved(&self) -> &tokio::sync::Notify {
+        &self.moved
+    }
+
     /// Moves the pin past member `from` unless another call already did.
     fn fail_over(&self, from: usize, e: &etcd_client::Error) {
         let next = (from + 1) % self.urls.len();
@@ -152,6 +174,7 @@ impl Endpoints {
                 .is_ok()
         {
             self.failovers.fetch_add(1, Ordering::Relaxed);
+            self.moved.notify_waiters();
             tracing::warn!(
                 failed = self.urls[from],
                 now = self.urls[next],
@@ -168,7 +191,7 @@ impl Endpoints {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        self.run(op, &self.clients, f).await
+        self.run(op, &self.clients, Some(self.attempt), f).await
     }
 
     /// [`Endpoints::call`] on the clients without a per-request timeout.
@@ -177,10 +200,16 @@ impl Endpoints {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        self.run(op, &self.waiting, f).await
+        self.run(op, &self.waiting, None, f).await
     }
 
-    async fn run<T, F, Fut>(&self, op: Op, clients: &[Client], f: F) -> Result<T>
+    async fn run<T, F, Fut>(
+        &self,
+        op: Op,
+        clients: &[Client],
+        limit: Option<Duration>,
+        f: F,
+    ) -> Result<T>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
@@ -189,14 +218,33 @@ impl Endpoints {
         let mut tried = 0;
         loop {
             let at = self.pinned.load(Ordering::Relaxed) % clients.len();
-            let e = match f(clients[at].clone()).await {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
+            let attempt = f(clients[at].clone());
+            let r = match limit {
+                Some(d) => tokio::time::timeout(d, attempt).await.map_err(|_| d),
+                None => Ok(attempt.await),
+            };
+            let (e, kind) = match r {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    let kind = failure(&e);
+                    (e, kind)
+                }
+                Err(d) => {
+                    let why = format!("no answer from {} within {d:?}", self.urls[at]);
+                    let status = tonic_etcd::Status::deadline_exceeded(why);
+                    (etcd_client::Error::GRpcStatus(status), Failure::Broken)
+                }
             };
             tried += 1;
-            let kind = failure(&e);
             match kind {
                 Failure::Answer => return Err(e.into()),
+                Failure::Busy => {
+                    if op == Op::Write || tried >= tries {
+                        return Err(e.into());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
                 Failure::NotSent => self.not_sent.fetch_add(1, Ordering::Relaxed),
                 Failure::Broken => self.broken.fetch_add(1, Ordering::Relaxed),
             };

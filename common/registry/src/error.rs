@@ -34,6 +34,9 @@ pub enum RegistryError {
     /// A name or record this side would write is unusable.
     #[error("{0}")]
     Invalid(String),
+    /// The etcd member in use changed during a call that waits (the election's campaign).
+    #[error("the etcd member in use changed during the campaign; campaigning again")]
+    MemberChanged,
     /// A record could not be encoded.
     #[error("encoding a record: {0}")]
     Encode(#[from] serde_json::Error),

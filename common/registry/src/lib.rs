@@ -103,6 +103,7 @@ impl Registry {
         }
         let mut waiting = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(3))
+            .with_tcp_keepalive(std::time::Duration::from_secs(10))
             .with_keep_alive(
                 std::time::Duration::from_secs(2),
                 std::time::Duration::from_secs(2),
@@ -111,7 +112,13 @@ impl Registry {
         if let Some(tls) = tls::options() {
             waiting = waiting.with_tls(tls);
         }
-        let endpoints = Endpoints::new(&urls, waiting, std::time::Duration::from_secs(5)).await?;
+        let endpoints = Endpoints::new(
+            &urls,
+            waiting,
+            std::time::Duration::from_secs(3),
+            std::time::Duration::from_secs(5),
+        )
+        .await?;
         let r = Registry {
             endpoints: Arc::new(endpoints),
             cluster: cluster.to_string(),
@@ -483,12 +490,19 @@ impl Registry {
     /// of the coordinator that runs re-plans.
     pub async fn campaign(&self, who: &str, lease: i64) -> Result<()> {
         let key = self.key("election");
-        self.endpoints
-            .call_waiting(Op::Write, |mut c| {
-                let key = key.clone();
-                async move { c.campaign(key, who, lease).await }
-            })
-            .await?;
+        // A campaign waits as long as another leads, on the member in use when it began:
+        // when the pin moves (that member failed a call), it is ended to start again there.
+        let moved = self.endpoints.moved().notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        let campaign = self.endpoints.call_waiting(Op::Write, |mut c| {
+            let key = key.clone();
+            async move { c.campaign(key, who, lease).await }
+        });
+        tokio::select! {
+            r = campaign => r?,
+            _ = moved => return Err(RegistryError::MemberChanged),
+        };
         Ok(())
     }
 

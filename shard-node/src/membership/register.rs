@@ -142,6 +142,13 @@ async fn registration(
                     // The record is still there: the old lease lives; keep it alive again.
                     break;
                 }
+                // Another node took this id while this one was cut off: the plans that name
+                // the id mean that node now, so this one holds nothing for them.
+                let why = format!("node id {} is registered at {} now", m.id, r.addr);
+                tracing::error!("{why}: leaving the cluster, freeing every slice");
+                m.node.leave(&why);
+                left.cancel();
+                return;
             }
             let ttl = reg.ttl.as_secs() as i64;
             match register(m, addr, ttl).await {
