@@ -98,7 +98,7 @@ pub async fn keep_alive(
     };
     tokio::select! {
         _ = owner => {}
-        _ = registration(&m, &reg, &addr, &stop, &left) => {}
+        _ = registration(&m, &reg, &addr, every, &stop, &left) => {}
     }
 }
 
@@ -107,10 +107,10 @@ async fn registration(
     m: &Member,
     reg: &Registration,
     addr: &str,
+    every: Duration,
     stop: &CancellationToken,
     left: &CancellationToken,
 ) {
-    let every = (reg.ttl / 3).min(m.node.cfg.heartbeat_interval);
     loop {
         let lease = *lock(&reg.etcd_lease);
         let alive = async {

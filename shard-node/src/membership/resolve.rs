@@ -24,7 +24,8 @@ const EVERY: Duration = Duration::from_millis(300);
 /// A prepared slice is left to its coordinator's COMMIT for this long before etcd is read.
 const GRACE: Duration = Duration::from_secs(1);
 
-/// Runs until `stop`, or until the node has left (then cancels `left`).
+/// Runs until `stop`, or until the node has left (it cancels `left` after a drain; the
+/// registration cancels it when another node has taken this id).
 pub async fn run(m: Member, reg: Registration, stop: CancellationToken, left: CancellationToken) {
     let mut drain = Drain::default();
     let mut bad_plan: Option<String> = None;
@@ -32,6 +33,9 @@ pub async fn run(m: Member, reg: Registration, stop: CancellationToken, left: Ca
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
+            // left by another way (its id taken by another node): nothing more to resolve,
+            // and a drain request for the id is the other node's
+            _ = left.cancelled() => return,
             _ = tick.tick() => {}
         }
         let mut read_all = true;
