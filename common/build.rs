@@ -33,6 +33,7 @@ fn main() {
     let kernels: &[&str] = &[
         "argmax",
         "decode_attention",
+        "dequant_f16",
         "fused_decode",
         "gate_mul",
         "matvec",

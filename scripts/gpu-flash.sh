@@ -10,9 +10,7 @@
 #      and off, rope kernel on and off, graphs on and off;
 #   3. ROUNDS (2) rounds of `shard-node bench --gen-tokens 16` after prompts of 512 and 4,096
 #      tokens on the 8B file, rope kernel on then off; then `llama-bench -p 512,4096 -n 0`;
-#   4. (GEMM=1, the default) a 4,096-token prompt with the MMQ and with f16 cuBLAS products
-#      (`--cuda-gemm`), in chunks of 512, 2,048 and 4,096 tokens (`--prefill-chunk`);
-#   5. (PROFILE=1, the default) ncu at the GPU's own clocks of a 1,024-token prompt.
+#   4. (PROFILE=1, the default) ncu at the GPU's own clocks of a 1,024-token prompt.
 set -uo pipefail
 . "$(dirname "$0")/gpu-lib.sh" "$@"
 gpu_start /tmp/gf
@@ -32,15 +30,6 @@ for r in $(seq "${ROUNDS:-2}"); do
   done
 done
 llama_bench -m "$m" -p 512,4096 -n 0 -r 2
-if [ "${GEMM:-1}" != 0 ]; then
-  for c in 512 2048 4096; do
-    for v in off on; do
-      echo -n "8B, prompt 4096 in chunks of $c, f16 cuBLAS products $v: "
-      run /tmp/gf/shard-node bench --model "$m" --device cuda:0 --cuda-rope on --cuda-gemm $v \
-        --prefill-chunk $c --prompt-tokens 4096 --gen-tokens 16 --runs 1 2>> "$out/bench.log" | tail -1
-    done
-  done
-fi
 if [ "${PROFILE:-1}" != 0 ] && [ -n "$ncu" ]; then
   [ "$SECONDS" -lt 420 ] || { echo "ncu skipped: ${SECONDS} s into the call"; exit 0; }
   run "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \

@@ -29,7 +29,8 @@ pub struct CudaOptions {
     /// candle ops.
     pub rope: bool,
     /// Prompt chunks' quantized products as cuBLAS products of f16 activations with the
-    /// weight dequantized to f16 (`LLMC_CUDA_GEMM`); off: candle's MMQ (int8 tensor cores).
+    /// weight dequantized to f16 (`LLMC_CUDA_GEMM`, [`crate::cuda::f16_gemm`]); off:
+    /// candle's MMQ (int8 tensor cores) for every product.
     pub gemm: bool,
     /// Fused decode steps of up to 8 rows replayed from CUDA graphs captured once per batch
     /// size (`LLMC_CUDA_GRAPHS`); off: launched kernel by kernel each step.
@@ -47,7 +48,7 @@ impl Default for CudaOptions {
             prefill: true,
             gate: true,
             rope: true,
-            gemm: false,
+            gemm: true,
             graphs: true,
         }
     }
@@ -108,10 +109,7 @@ mod tests {
             ..o
         }
         .fused_step());
-        // every switch on but the f16 products, which measured slower
-        assert!(o
-            .named()
-            .iter()
-            .all(|&(name, on)| on != ["gemm"].contains(&name)));
+        // every switch on by default
+        assert!(o.named().iter().all(|&(_, on)| on));
     }
 }

@@ -22,9 +22,16 @@ use crate::error::Result;
 /// feed-forward width of the models served).
 pub const WARM_MAX_K: usize = 32768;
 
-/// Most token rows of one forward pass the workspaces are sized for (a prompt chunk plus
-/// batched decode steps).
-pub const WARM_MAX_ROWS: usize = 512;
+/// Most token rows of one product on candle's MMQ, whose workspaces grow with the rows: a
+/// pass's products from [`crate::model::linear::GEMM_MIN_ROWS`] rows take the f16 products
+/// instead, unless those are off, and then a whole pass's rows.
+pub fn warm_max_rows() -> usize {
+    if cfg!(feature = "cuda") && crate::cuda_options::get().gemm {
+        crate::model::linear::GEMM_MIN_ROWS
+    } else {
+        crate::generate::GPU_MAX_PASS_ROWS
+    }
+}
 
 /// Runs every kind of kernel a forward pass uses once on `device`, at the largest sizes, so
 /// that candle's lazily kept device memory is allocated now. A no-op on CPU.
@@ -32,7 +39,7 @@ pub fn warm_up(device: &Device) -> Result<()> {
     if device.is_cpu() {
         return Ok(());
     }
-    exercise(device, WARM_MAX_K, WARM_MAX_ROWS)
+    exercise(device, WARM_MAX_K, warm_max_rows())
 }
 
 fn exercise(device: &Device, max_k: usize, max_rows: usize) -> Result<()> {
@@ -64,6 +71,7 @@ fn exercise(device: &Device, max_k: usize, max_rows: usize) -> Result<()> {
     if device.is_cuda() {
         crate::cuda::decode_attention::warm_up(device)?;
         crate::cuda::fused_decode::warm_up(device)?;
+        crate::cuda::f16_gemm::warm_up(device)?;
     }
     device.synchronize()?;
     Ok(())

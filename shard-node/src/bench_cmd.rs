@@ -61,6 +61,9 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<()> {
             common::device::disable_event_tracking(&device);
         }
     }
+    // As a node does before it loads anything: every kind of kernel once (cuBLAS's f16
+    // product included), candle's workspaces at their largest.
+    common::warmup::warm_up(&device)?;
     let file = GgufFile::open(&o.model)?;
     let cfg = file.config()?;
     let tok = TextTokenizer::from_gguf(&file)?;

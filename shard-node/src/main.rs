@@ -60,9 +60,9 @@ struct CudaArgs {
     #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_ROPE", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_rope: bool,
-    /// Prompt chunks' quantized products through cuBLAS on the weight dequantized to f16
-    /// (off: candle's MMQ on int8 tensor cores).
-    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_GEMM", default_value = "off",
+    /// Products of 256 rows and more (prompt chunks) on f16 tensor cores, the weight
+    /// dequantized to f16 for cuBLAS (off: candle's MMQ on int8 tensor cores).
+    #[arg(long, global = true, help_heading = "CUDA kernels", hide_possible_values = true, env = "LLMC_CUDA_GEMM", default_value = "on",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     cuda_gemm: bool,
     /// Decode steps of up to 8 sessions replayed from CUDA graphs, one captured per batch

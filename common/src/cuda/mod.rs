@@ -5,6 +5,7 @@
 //! - [`decode_graph`]: fused decode steps replayed from CUDA graphs, one per batch size.
 //! - [`decode_attention`]: RoPE, the KV-cache write and attention for every decoding session
 //!   of a step, in two kernels per layer instead of ~20 candle kernels per session.
+//! - [`f16_gemm`]: a prompt chunk's quantized products on f16 tensor cores (`--cuda-gemm`).
 //! - [`fused_decode`]: a stage's whole decode step, nine launches a block, from raw addresses.
 //! - [`gate_mul`]: a prompt chunk's `act(gate) * up` in one kernel.
 //! - `fused_products` and `step_buffers`: that step's products, buffers and kernels.
@@ -18,6 +19,7 @@
 pub mod argmax;
 pub mod decode_attention;
 pub mod decode_graph;
+pub mod f16_gemm;
 pub mod fused_decode;
 pub mod fused_head;
 pub(crate) mod fused_products;

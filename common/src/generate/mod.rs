@@ -28,10 +28,15 @@ use crate::tokenizer::{TextStream, TextTokenizer};
 /// decode steps batched beside it, so it stays short there.
 pub const PREFILL_CHUNK: usize = 256;
 
-/// Prompt tokens per prefill chunk when every stage runs on a GPU: the quantized products
-/// (candle's MMQ) fill more of the GPU with tiles, and read each weight once for twice the
-/// tokens, while a chunk still takes tens of milliseconds.
-pub const GPU_PREFILL_CHUNK: usize = 512;
+/// Prompt tokens per prefill chunk when every stage runs on a GPU: a chunk's products
+/// dequantize every weight to f16 once ([`crate::cuda::f16_gemm`]), so longer chunks share
+/// that cost among more tokens, while a chunk of an 8B model still takes about 0.1 s.
+pub const GPU_PREFILL_CHUNK: usize = 2048;
+
+/// Most token rows of one forward pass on a GPU node: the longest prefill chunk plus 256
+/// decode steps, so that the decode steps queued beside a chunk run in its pass instead of
+/// waiting for the next one.
+pub const GPU_MAX_PASS_ROWS: usize = GPU_PREFILL_CHUNK + 256;
 
 /// The prefill chunk for stages whose devices are GPUs or not (`gpu`, one a stage).
 pub fn prefill_chunk(gpu: impl IntoIterator<Item = bool>) -> usize {

@@ -216,10 +216,11 @@ fn gpu_stages_get_longer_prefill_chunks() {
 fn the_prompt_goes_in_the_chains_chunks() {
     let tok = tokenizer();
     let ids = tok.encode(" one two").expect("encode");
-    let prompt = vec![1u32; 1100];
+    let c = GPU_PREFILL_CHUNK;
+    let prompt = vec![1u32; 2 * c + 76];
     let mut chain = Scripted::new(ids);
-    chain.chunk = Some(GPU_PREFILL_CHUNK);
+    chain.chunk = Some(c);
     let (_, _, chain) = run_chain(&tok, &prompt, chain, &params(1, &[]));
-    assert_eq!(chain.steps, [(0, 512), (512, 512), (1024, 76)]);
+    assert_eq!(chain.steps, [(0, c), (c, c), (2 * c, 76)]);
     assert_eq!(chain.picks, [false, false, true]);
 }

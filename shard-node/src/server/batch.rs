@@ -24,10 +24,8 @@ use super::wire::{candle_err, shard_err, to_tensor, to_wire, wire_pick};
 use crate::node::outbox::Ticket;
 use crate::node::{lock, now_ms, Charge, SessionEntry, Slice};
 
-/// Most token rows in one batch: the longest prefill chunk (a GPU pipeline's) plus 256 decode
-/// steps, so that the decode steps queued beside a chunk run in its pass instead of waiting
-/// for the next one.
-pub const MAX_BATCH_ROWS: usize = common::generate::GPU_PREFILL_CHUNK + 256;
+/// Most token rows in one batch ([`common::generate::GPU_MAX_PASS_ROWS`]).
+pub const MAX_BATCH_ROWS: usize = common::generate::GPU_MAX_PASS_ROWS;
 
 /// Where an item's outcome goes.
 pub type Reply = oneshot::Sender<Result<ForwardOutput, ShardError>>;
