@@ -78,6 +78,8 @@ pub struct ModelRef {
     pub first_extra: u64,
     /// Bytes the last stage holds besides its layers (norm and head).
     pub last_extra: u64,
+    /// Width of the activations between stages (the model's hidden size).
+    pub hidden: usize,
     /// Served beside other models: its slices retire only older slices of the same model
     /// (see [`LoadSlice::beside`]).
     pub beside: bool,
@@ -99,6 +101,7 @@ impl ModelRef {
             layer_bytes,
             first_extra,
             last_extra,
+            hidden: file.config()?.hidden,
             beside: false,
         })
     }
@@ -297,11 +300,23 @@ fn layer_bytes(file: &GgufFile) -> Result<(Vec<u64>, u64, u64)> {
     Ok((layers, embd, head))
 }
 
+/// `chunk`, cut so that a pass of it and 256 decode rows of `hidden`-wide activations fits a
+/// frame between stages ([`proto_types::rows_per_frame`]).
+fn frame_capped(chunk: usize, hidden: usize) -> usize {
+    chunk
+        .min(proto_types::rows_per_frame(hidden).saturating_sub(256))
+        .max(1)
+}
+
 impl Cluster {
     /// Prompt tokens a prefill step takes: longer chunks when every stage is on a GPU
-    /// ([`common::generate::prefill_chunk`]).
+    /// ([`common::generate::prefill_chunk`]), short enough that a node's pass (the chunk and
+    /// 256 decode steps beside it) goes on to the next stage in one frame.
     pub fn prefill_chunk(&self) -> usize {
-        common::generate::prefill_chunk(self.nodes.iter().map(|n| n.device.starts_with("cuda")))
+        let chunk = common::generate::prefill_chunk(
+            self.nodes.iter().map(|n| n.device.starts_with("cuda")),
+        );
+        frame_capped(chunk, self.model.hidden)
     }
 
     /// The cluster of connected nodes given their stages (their slices loaded or committed).
@@ -515,4 +530,23 @@ async fn load(
 pub fn stage_range(s: &StageRecord) -> Result<LayerRange> {
     LayerRange::new(s.start, s.end)
         .map_err(|e| CoordError::Plan(format!("stage on {}: {e}", s.node)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frame_capped;
+    use common::generate::{GPU_PREFILL_CHUNK, PREFILL_CHUNK};
+
+    #[test]
+    fn chunks_are_cut_to_fit_a_frame() {
+        // an 8B model's 4,096-wide rows take whole chunks
+        assert_eq!(frame_capped(GPU_PREFILL_CHUNK, 4096), GPU_PREFILL_CHUNK);
+        assert_eq!(frame_capped(PREFILL_CHUNK, 4096), PREFILL_CHUNK);
+        // a 70B model's 8,192-wide ones: 1,792 rows a frame, less the 256 decode rows
+        assert_eq!(frame_capped(GPU_PREFILL_CHUNK, 8192), 1536);
+        let c = frame_capped(GPU_PREFILL_CHUNK, 8192);
+        assert!((c + 256) * 8192 * 4 < proto_types::MAX_FRAME_BYTES);
+        // never nothing
+        assert_eq!(frame_capped(GPU_PREFILL_CHUNK, 1 << 30), 1);
+    }
 }

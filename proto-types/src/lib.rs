@@ -8,7 +8,7 @@
 //! - [`error`]: [`ShardError`], a stable code plus a detail string.
 //! - [`service`]: the [`ShardNode`] tarpc service.
 //! - [`registry`]: the records a cluster keeps in etcd (nodes, plan, decisions, drains).
-//! - [`limits`]: the protocol version and frame size limit.
+//! - [`limits`]: the protocol version, the frame size limit and the rows a frame carries.
 //! - [`connect`]: the client side: TCP, frame limit, handshake.
 //!
 //! bincode encodes enum variants by position: only ever append variants, and bump
@@ -27,7 +27,7 @@ pub mod tensor;
 pub use connect::{connect, handshake, transport, ConnectError};
 pub use error::{ErrorCode, ShardError};
 pub use ids::{LeaseId, PlanEpoch, ReplyKey, SessionId, WireLayerRange};
-pub use limits::{MAX_FRAME_BYTES, PROTOCOL_VERSION};
+pub use limits::{rows_per_frame, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 pub use messages::*;
 pub use service::{ShardNode, ShardNodeClient};
 pub use tensor::{WireDType, WireTensor};

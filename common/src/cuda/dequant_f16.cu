@@ -216,13 +216,17 @@ extern "C" __global__ void dequant_q6_k_f16(const uint8_t* __restrict__ w, __hal
 }
 
 // f32 activations to f16, 8 values a thread (n a multiple of 8; `x` needs only 4-byte
-// alignment, a view's rows may start anywhere)
+// alignment, a view's rows may start anywhere). Values beyond f16's range are clamped to its
+// largest (65,504) rather than made infinite; NaN stays NaN.
 extern "C" __global__ void f32_to_f16_x8(const float* __restrict__ x, __half* __restrict__ out,
                                          u64 eights) {
     const u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= eights) return;
     float v[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = x[8 * t + i];
+    for (int i = 0; i < 8; ++i) {
+        const float f = x[8 * t + i];
+        v[i] = isnan(f) ? f : fminf(fmaxf(f, -65504.0f), 65504.0f);
+    }
     store8(out + 8 * t, v);
 }

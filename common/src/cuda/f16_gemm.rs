@@ -55,8 +55,9 @@ pub fn product(w: &QTensor, rows: usize, k: usize, x: &Tensor) -> Result<Option<
     Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?))
 }
 
-/// Loads the kernels and runs cuBLAS's f16 product once on `device` when the products are on
-/// ([`crate::cuda_options::CudaOptions::gemm`]), so that a first prompt does not pay for it.
+/// Loads our kernels and runs a small cuBLAS f16 product once on `device` when the products
+/// are on ([`crate::cuda_options::CudaOptions::gemm`]). The kernels cuBLAS picks for a
+/// prompt's larger shapes still load on their first use.
 pub fn warm_up(device: &candle_core::Device) -> Result<()> {
     if !device.is_cuda() || !crate::cuda_options::get().gemm {
         return Ok(());
@@ -68,6 +69,7 @@ pub fn warm_up(device: &candle_core::Device) -> Result<()> {
         GgmlDType::Q4_1,
         GgmlDType::Q8_0,
         GgmlDType::Q4K,
+        GgmlDType::Q5K,
         GgmlDType::Q6K,
     ] {
         let q = QTensor::quantize(&w, dtype)?;
@@ -248,6 +250,21 @@ mod tests {
             eprintln!("{dtype:?}: max difference {diff:.2e} of {scale:.2}");
             assert!(diff <= 2e-3 * scale, "{dtype:?}: {diff} of {scale}");
         }
+        // an activation past f16's range is clamped, not made infinite
+        let mut big = vec![0f32; n * k];
+        big[0] = 1e6;
+        let big = Tensor::from_vec(big, (n, k), &dev)?;
+        let q = QTensor::quantize_onto(&w32, GgmlDType::Q8_0, &dev)?;
+        let y = product(&q, rows, k, &big)?
+            .ok_or_else(|| crate::Error::Config("Q8_0 not taken".into()))?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert!(y.iter().all(|v| v.is_finite()), "an infinite product");
+        assert!(
+            y[..rows].iter().any(|v| v.abs() > 1000.0),
+            "the large row got lost"
+        );
         Ok(())
     }
 }

@@ -247,16 +247,22 @@ impl QLinear {
         })
     }
 
-    /// The product on f16 tensor cores ([`crate::cuda::f16_gemm`]), or candle's
-    /// `forward_via_f16` for weight types without a dequantization kernel of ours.
+    /// The product on f16 tensor cores ([`crate::cuda::f16_gemm`]); for quantized types
+    /// without a dequantization kernel of ours, candle's `forward_via_f16`; full-precision
+    /// weights it does not take keep their own product (an f16 copy would round F32 weights
+    /// and could overflow BF16 ones).
     fn forward_f16(&self, x: &Tensor) -> Result<Tensor> {
+        use candle_core::quantized::GgmlDType;
         #[cfg(feature = "cuda")]
         if let Some(y) =
             crate::cuda::f16_gemm::product(&self.weight, self.out_features, self.in_features, x)?
         {
             return Ok(y);
         }
-        Ok(self.generic.forward_via_f16(x)?)
+        Ok(match self.weight.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => self.generic.forward(x)?,
+            _ => self.generic.forward_via_f16(x)?,
+        })
     }
 }
 

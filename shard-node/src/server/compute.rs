@@ -45,11 +45,15 @@ fn gather(
     deferred: &mut VecDeque<Work>,
     expect: usize,
 ) -> Vec<Pending> {
+    // the pass's activations go on to the next stage in one frame
+    let cap = MAX_BATCH_ROWS.min(proto_types::rows_per_frame(
+        first.slice.stage.config().hidden,
+    ));
     let mut rows = first.rows();
     let mut batch = vec![first];
     let mut later = VecDeque::new();
     let mut take = |w: Work, batch: &mut Vec<Pending>, later: &mut VecDeque<Work>| match w {
-        Work::Forward(p) if rows + p.rows() <= MAX_BATCH_ROWS && p.joins(batch) => {
+        Work::Forward(p) if rows + p.rows() <= cap && p.joins(batch) => {
             rows += p.rows();
             batch.push(p);
         }
