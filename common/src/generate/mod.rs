@@ -38,6 +38,20 @@ pub const GPU_PREFILL_CHUNK: usize = 2048;
 /// waiting for the next one.
 pub const GPU_MAX_PASS_ROWS: usize = GPU_PREFILL_CHUNK + 256;
 
+/// Most token rows of one forward pass on a CPU node: two chunks and 256 decode steps, what
+/// every node took before GPU chunks grew. More would make the decode steps batched beside
+/// them wait longer (SmolLM2 on 2 cores runs about 500 prompt tokens a second).
+pub const CPU_MAX_PASS_ROWS: usize = 2 * PREFILL_CHUNK + 256;
+
+/// [`GPU_MAX_PASS_ROWS`] or [`CPU_MAX_PASS_ROWS`].
+pub fn max_pass_rows(gpu: bool) -> usize {
+    if gpu {
+        GPU_MAX_PASS_ROWS
+    } else {
+        CPU_MAX_PASS_ROWS
+    }
+}
+
 /// The prefill chunk for stages whose devices are GPUs or not (`gpu`, one a stage).
 pub fn prefill_chunk(gpu: impl IntoIterator<Item = bool>) -> usize {
     let mut gpu = gpu.into_iter().peekable();

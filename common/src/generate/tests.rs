@@ -210,6 +210,10 @@ fn gpu_stages_get_longer_prefill_chunks() {
     assert_eq!(prefill_chunk([true, true, true]), GPU_PREFILL_CHUNK);
     assert_eq!(prefill_chunk([true, false]), PREFILL_CHUNK);
     assert_eq!(prefill_chunk([false]), PREFILL_CHUNK);
+    // a pass has room for a whole chunk and 256 decode steps beside it
+    assert!(max_pass_rows(true) >= GPU_PREFILL_CHUNK + 256);
+    assert!(max_pass_rows(false) >= PREFILL_CHUNK + 256);
+    assert!(max_pass_rows(false) < max_pass_rows(true));
 }
 
 #[test]

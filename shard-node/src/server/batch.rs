@@ -24,9 +24,6 @@ use super::wire::{candle_err, shard_err, to_tensor, to_wire, wire_pick};
 use crate::node::outbox::Ticket;
 use crate::node::{lock, now_ms, Charge, SessionEntry, Slice};
 
-/// Most token rows in one batch ([`common::generate::GPU_MAX_PASS_ROWS`]).
-pub const MAX_BATCH_ROWS: usize = common::generate::GPU_MAX_PASS_ROWS;
-
 /// Where an item's outcome goes.
 pub type Reply = oneshot::Sender<Result<ForwardOutput, ShardError>>;
 

@@ -13,7 +13,7 @@ use common::kernels::pool;
 use proto_types::WireDType;
 use tokio::sync::oneshot;
 
-use super::batch::{self, Onward, Pending, MAX_BATCH_ROWS};
+use super::batch::{self, Onward, Pending};
 use super::metrics::Metrics;
 
 /// How long a pass may wait for the steps it expects (see [`gather`]).
@@ -45,10 +45,11 @@ fn gather(
     deferred: &mut VecDeque<Work>,
     expect: usize,
 ) -> Vec<Pending> {
-    // the pass's activations go on to the next stage in one frame
-    let cap = MAX_BATCH_ROWS.min(proto_types::rows_per_frame(
-        first.slice.stage.config().hidden,
-    ));
+    // a pass's rows: as many as the device takes at once, and no more than its activations
+    // can carry on to the next stage in one frame
+    let stage = &first.slice.stage;
+    let cap = common::generate::max_pass_rows(stage.device().is_cuda())
+        .min(proto_types::rows_per_frame(stage.config().hidden));
     let mut rows = first.rows();
     let mut batch = vec![first];
     let mut later = VecDeque::new();
