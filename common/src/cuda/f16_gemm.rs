@@ -20,6 +20,16 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequant_f16.ptx"));
 const MODULE: &str = "llm_cluster_dequant_f16";
 const THREADS: u32 = 256;
 
+/// The quantized types our kernels dequantize.
+const QUANTIZED: [GgmlDType; 6] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
 /// Our dequantization kernel for `dtype`: its name and how many values one thread writes.
 fn kernel_for(dtype: GgmlDType) -> Option<(&'static str, usize)> {
     Some(match dtype {
@@ -64,14 +74,7 @@ pub fn warm_up(device: &candle_core::Device) -> Result<()> {
     }
     let w = Tensor::zeros((256, 256), candle_core::DType::F32, device)?;
     let x = Tensor::zeros((128, 256), candle_core::DType::F32, device)?;
-    for dtype in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ] {
+    for dtype in QUANTIZED {
         let q = QTensor::quantize(&w, dtype)?;
         product(&q, 256, 256, &x)?;
     }
@@ -92,14 +95,34 @@ fn int(what: &str, v: usize) -> candle_core::Result<i32> {
     i32::try_from(v).map_err(|_| err(what, v))
 }
 
-fn grid(threads: usize) -> candle_core::Result<LaunchConfig> {
+/// Launches kernel `name` of `dequant_f16.cu` (arguments: source, destination, thread
+/// count) over `threads` threads.
+///
+/// # Safety
+/// `src` and `dst` must hold what the kernel reads and writes for `threads` threads.
+unsafe fn launch(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
+    name: &str,
+    src: u64,
+    dst: u64,
+    threads: usize,
+) -> candle_core::Result<()> {
+    let f = dev
+        .get_or_load_custom_func(name, MODULE, PTX)?
+        .into_cuda_function();
     let blocks =
         u32::try_from(threads.div_ceil(THREADS as usize)).map_err(|_| err("grid", threads))?;
-    Ok(LaunchConfig {
+    let cfg = LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
-    })
+    };
+    let (mut src, mut dst, mut count) = (src, dst, threads as u64);
+    let mut params = [arg(&mut src), arg(&mut dst), arg(&mut count)];
+    // SAFETY: the three arguments match the kernel's signature; the caller vouches for the
+    // buffers. The kernels do not wait for their predecessor, so no overlap.
+    unsafe { pdl::launch(stream, &f, cfg, &mut params, false) }
 }
 
 impl CustomOp1 for F16Product<'_> {
@@ -121,33 +144,37 @@ impl CustomOp1 for F16Product<'_> {
         // queued on the same stream, before anything reads it.
         let xh = unsafe { stream.alloc::<u16>(n * k) }.map_err(|e| err("alloc", e))?;
         let out = unsafe { stream.alloc::<f32>(n * rows) }.map_err(|e| err("alloc", e))?;
-        let cast = dev
-            .get_or_load_custom_func("f32_to_f16_x8", MODULE, PTX)?
-            .into_cuda_function();
-        {
-            let (mut src, mut dst) = (x, xh.device_ptr(&stream).0);
-            let mut eights = ((n * k) / 8) as u64;
-            let mut params = [arg(&mut src), arg(&mut dst), arg(&mut eights)];
-            // SAFETY: `src` holds `n k` f32 and `dst` (a pool allocation, 16-byte aligned)
-            // room for as many f16; `n k` is a multiple of 8, as `k` is.
-            unsafe { pdl::launch(&stream, &cast, grid(n * k / 8)?, &mut params, false) }?;
-        }
+        // SAFETY: `x` holds `n k` f32 and `xh` (a pool allocation, 16-byte aligned) room for
+        // as many f16, 8 a thread; `n k` is a multiple of 8, as `k` is.
+        unsafe {
+            launch(
+                dev,
+                &stream,
+                "f32_to_f16_x8",
+                x,
+                xh.device_ptr(&stream).0,
+                n * k / 8,
+            )
+        }?;
         let dequantized = match kernel_for(self.w.dtype()) {
             None => None,
             Some((name, per_thread)) => {
                 // SAFETY: see above.
                 let wh = unsafe { stream.alloc::<u16>(rows * k) }.map_err(|e| err("alloc", e))?;
-                let f = dev
-                    .get_or_load_custom_func(name, MODULE, PTX)?
-                    .into_cuda_function();
                 let (src, _g) = self.w.device_ptr_with_guard(&stream)?;
-                let (mut src, mut dst) = (src as u64, wh.device_ptr(&stream).0);
-                let mut threads = ((rows * k) / per_thread) as u64;
-                let mut params = [arg(&mut src), arg(&mut dst), arg(&mut threads)];
                 // SAFETY: `src` holds the weight's `rows k` values in blocks of its type (a
                 // whole number of blocks: the element count is checked in `product` and the
-                // tensor's own shape is whole blocks), `dst` room for `rows k` f16.
-                unsafe { pdl::launch(&stream, &f, grid(threads as usize)?, &mut params, false) }?;
+                // tensor's own shape is whole blocks), `wh` room for `rows k` f16.
+                unsafe {
+                    launch(
+                        dev,
+                        &stream,
+                        name,
+                        src as u64,
+                        wh.device_ptr(&stream).0,
+                        rows * k / per_thread,
+                    )
+                }?;
                 Some(wh)
             }
         };
@@ -226,15 +253,7 @@ mod tests {
         let w32 = Tensor::from_vec(wv, (rows, k), &Device::Cpu)?;
         let x_cpu = Tensor::from_vec(xv, (n, k), &Device::Cpu)?;
         let x = x_cpu.to_device(&dev)?;
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-            GgmlDType::F16,
-        ] {
+        for dtype in QUANTIZED.into_iter().chain([GgmlDType::F16]) {
             let q_cpu = QTensor::quantize(&w32, dtype)?;
             let reference = x_cpu.matmul(&q_cpu.dequantize(&Device::Cpu)?.t()?)?;
             let q = QTensor::quantize_onto(&w32, dtype, &dev)?;
