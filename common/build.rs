@@ -30,6 +30,7 @@ fn main() {
     // for sm_90 or later; `matvec.rs` launches them that way only then.
     println!("cargo:rustc-env=LLMC_CUDA_PTX_ARCH={cap}");
     println!("cargo:rerun-if-changed=src/cuda/q8_1.cuh");
+    println!("cargo:rerun-if-changed=src/cuda/decode_attention_grouped.cuh");
     let kernels: &[&str] = &[
         "argmax",
         "decode_attention",

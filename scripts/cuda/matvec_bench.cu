@@ -10,9 +10,12 @@
 // one before still runs), cycling over copies of the weight that together exceed the L2
 // cache; then a chain of 32 layers of the four products, each layer's own weights (3.9 GB).
 // Last, the whole fused decode step of one session (the kernels of fused_decode.cu and
-// decode_attention.cu between the products) at three cache depths, with attention unsplit
-// and with each kind of small kernel left out in turn, to show what each costs. Bandwidth is
-// weight bytes over time; the copy bandwidth printed first is the roofline's.
+// decode_attention.cu between the products) at cache depths 160, 1,000, 4,000 and 8,000,
+// with variants of the grouped attention kernel (each checked against the unsplit per-head
+// kernel first), with each kind of small kernel left out in turn, and attention alone (its
+// cache bytes over its time), to show what each costs. Bandwidth is weight bytes over time;
+// the copy bandwidth printed first is the roofline's. Variants tried and dropped are in this
+// file's history and their figures in docs/benchmarks-journal.md.
 #include "../../common/src/cuda/matvec.cu"
 #include "../../common/src/cuda/decode_attention.cu"
 #include "../../common/src/cuda/fused_decode.cu"
@@ -45,6 +48,26 @@ extern "C" __global__ void __launch_bounds__(128, 5)
 {
     matvec<Q4_0, 1, 4, 2>(w, y, dst, ncols_x, nrows_x, stride_col_y, stride_col_dst);
 }
+
+// The grouped attention kernel for the 8B shape (4 query heads a key/value head) in other
+// shapes: MINB caps the registers for 2 CTAs a multiprocessor; pf: next rows loaded ahead;
+// r8: 8 rows a warp an iteration; e: first rows loaded before the wait; o: one-pass combine.
+GROUPED_SHAPE(att_g4_pf_m2, 4, true, 2, 4, false, false)
+GROUPED_SHAPE(att_g4_e, 4, false, 1, 4, true, false)
+GROUPED_SHAPE(att_g4_o, 4, false, 1, 4, false, true)
+GROUPED_SHAPE(att_g4_eo, 4, false, 1, 4, true, true)
+GROUPED_SHAPE(att_g4_pf_eo_m2, 4, true, 2, 4, true, true)
+GROUPED_SHAPE(att_g4_r8_eo_m2, 4, false, 2, 8, true, true)
+// A lane a row for the scores (`attention_rowlane`).
+GROUPED_ROWLANE(att_g4_rl, 4, 2, false)
+GROUPED_ROWLANE(att_g4_rl_o, 4, 2, true)
+GROUPED_ROWLANE(att_g4_rl_m1, 4, 1, false)
+// ... and with RoPE and the cache write folded in (no rope_kv_write launch).
+GROUPED_ROPE(att_g4_rope, 4, false, 1, 4, false, false)
+GROUPED_ROPE(att_g4_rope_eo, 4, false, 1, 4, true, true)
+typedef void (*AttnR)(const float*, long long, const float*, long long, const float*, long long,
+                      const unsigned long long*, const int*, const float*, const float*, float*,
+                      block_q8_1*, int, float*, unsigned*, int, int, int, int, float, int);
 
 // ---- Host ------------------------------------------------------------------------------
 typedef void (*Kernel)(const uint8_t*, const uint8_t*, float*, int, int, int, int);
@@ -288,8 +311,8 @@ int main(int argc, char** argv)
     // show what each costs.
     {
         const int hidden = 4096, heads = 32, kvh = 8, hd = 128, ffn = 14336;
-        const int ctx = 2048;
-        for (int pos : {160, 1000, 2000}) {
+        const int ctx = 8192;
+        for (int pos : {160, 1000, 4000, 8000}) {
         float *xa, *xb, *wn, *qkv, *qrot, *delta, *gu, *cosb, *sinb;
         uint8_t* act;
         int* posd;
@@ -338,10 +361,10 @@ int main(int argc, char** argv)
         typedef void (*AttnK)(const float*, const unsigned long long*, const int*, float*,
                               block_q8_1*, int, float*, unsigned*, int, int, int, int, float);
         // The split attention's scratch (decode_attention.rs: SplitScratch).
-        const int splits = std::min(32, (pos + 1 + 63) / 64);
+        auto splits_of = [&](int most) { return std::min(most, (pos + 1 + 63) / 64); };
         float* part;
         unsigned* count;
-        CK(cudaMalloc(&part, (size_t)heads * 32 * (hd + 2) * 4));
+        CK(cudaMalloc(&part, (size_t)heads * 64 * (hd + 2) * 4));
         CK(cudaMalloc(&count, heads * 4));
         CK(cudaMemset(count, 0, heads * 4));
         struct Case {
@@ -350,20 +373,46 @@ int main(int argc, char** argv)
             size_t variant;
             AttnK attn;
             int threads;
-            bool split;
+            int max_splits;  // 1: unsplit
+            int gx;  // CTAs of the grid's x: query heads, or key/value heads (grouped)
+            AttnR fused = nullptr;  // instead of rope_kv_write and `attn`
         };
         const int ALL = NORM | ROPE | ATTN | SILU | PROD;
+                const int T = GW * 32;
+        const AttnK P = decode_attention_hd128_g4;
         std::vector<Case> cases = {
-            {"full step", ALL, 0, decode_attention_hd128, 512, true},
-            {"full, products 4 warps x 2", ALL, 1, decode_attention_hd128, 512, true},
-            {"full, attention unsplit", ALL, 0, decode_attention_hd128, 512, false},
-            {"full, attention any width", ALL, 0, decode_attention, 512, true},
-            {"no norms", ALL & ~NORM, 0, decode_attention_hd128, 512, true},
-            {"no rope", ALL & ~ROPE, 0, decode_attention_hd128, 512, true},
-            {"no attention kernel", ALL & ~ATTN, 0, decode_attention_hd128, 512, true},
-            {"no silu", ALL & ~SILU, 0, decode_attention_hd128, 512, true},
-            {"products only", PROD, 0, decode_attention_hd128, 512, true},
-            {"small kernels only", ALL & ~PROD, 0, decode_attention_hd128, 512, true},
+            {"full step", ALL, 0, P, T, 32, kvh},
+            {"full, attention early", ALL, 0, att_g4_e, T, 32, kvh},
+            {"full, attention one pass", ALL, 0, att_g4_o, T, 32, kvh},
+            {"full, attention early+1pass", ALL, 0, att_g4_eo, T, 32, kvh},
+            {"full, att e+1p pf", ALL, 0, att_g4_pf_eo_m2, T, 32, kvh},
+            {"full, att e+1p 8 rows", ALL, 0, att_g4_r8_eo_m2, T, 32, kvh},
+            {"full, attention pf", ALL, 0, att_g4_pf_m2, T, 32, kvh},
+            {"full, attention a lane a row", ALL, 0, att_g4_rl, T, 32, kvh},
+            {"full, rope in attention", ALL, 0, P, T, 32, kvh, att_g4_rope},
+            {"full, rope in att, e+1p", ALL, 0, P, T, 32, kvh, att_g4_rope_eo},
+            {"no norms", ALL & ~NORM, 0, P, T, 32, kvh},
+            {"no rope", ALL & ~ROPE, 0, P, T, 32, kvh},
+            {"no attention kernel", ALL & ~ATTN, 0, P, T, 32, kvh},
+            {"no silu", ALL & ~SILU, 0, P, T, 32, kvh},
+            {"products only", PROD, 0, P, T, 32, kvh},
+            {"small kernels only", ALL & ~PROD, 0, P, T, 32, kvh},
+            {"attention only", ATTN, 0, P, T, 32, kvh},
+            {"attn only, early", ATTN, 0, att_g4_e, T, 32, kvh},
+            {"attn only, one pass", ATTN, 0, att_g4_o, T, 32, kvh},
+            {"attn only, early+1pass", ATTN, 0, att_g4_eo, T, 32, kvh},
+            {"attn only, e+1p pf", ATTN, 0, att_g4_pf_eo_m2, T, 32, kvh},
+            {"attn only, e+1p 8 rows", ATTN, 0, att_g4_r8_eo_m2, T, 32, kvh},
+            {"attn only, e+1p 8 rows/64", ATTN, 0, att_g4_r8_eo_m2, T, 64, kvh},
+            {"attn only, e+1p/64", ATTN, 0, att_g4_eo, T, 64, kvh},
+            {"attn only, a lane a row", ATTN, 0, att_g4_rl, T, 32, kvh},
+            {"attn only, a lane a row, 1p", ATTN, 0, att_g4_rl_o, T, 32, kvh},
+            {"attn only, a lane a row, 1 CTA", ATTN, 0, att_g4_rl_m1, T, 32, kvh},
+            {"attn only, a lane a row/16", ATTN, 0, att_g4_rl, T, 16, kvh},
+            {"attn only, a lane a row/64", ATTN, 0, att_g4_rl, T, 64, kvh},
+            {"rope+attn", ATTN | ROPE, 0, P, T, 32, kvh},
+            {"rope+attn, fused", ATTN | ROPE, 0, P, T, 32, kvh, att_g4_rope},
+            {"rope+attn, fused e+1p", ATTN | ROPE, 0, P, T, 32, kvh, att_g4_rope_eo},
         };
         // The attention variants against decode_attention.cu's, f32 output.
         {
@@ -382,14 +431,51 @@ int main(int argc, char** argv)
             std::vector<float> a(hidden), b(hidden);
             CK(cudaMemcpy(a.data(), o1, hidden * 4, cudaMemcpyDeviceToHost));
             for (auto& c : cases) {
-                const int z = c.split ? splits : 1;
-                c.attn<<<dim3(heads, 1, z), c.threads, 0, s>>>(qrot, tables, posd, o2, nullptr, st,
+                if (c.fused != nullptr) continue;
+                const int z = splits_of(c.max_splits);
+                c.attn<<<dim3(c.gx, 1, z), c.threads, 0, s>>>(qrot, tables, posd, o2, nullptr, st,
                                                                part, count, one, H, K, D, scale);
                 CK(cudaStreamSynchronize(s));
                 CK(cudaMemcpy(b.data(), o2, hidden * 4, cudaMemcpyDeviceToHost));
                 double worst = 0;
                 for (int i = 0; i < hidden; ++i) worst = std::max(worst, (double)fabsf(a[i] - b[i]));
                 printf("attention of %-28s: worst difference %.2e\n", c.name, worst);
+            }
+            // The fused kernels against rope_kv_write then the unsplit kernel, from the same
+            // q, k and v before RoPE, both pair layouts.
+            std::vector<float> raw(6144);
+            for (int i = 0; i < 6144; ++i) raw[i] = cosf(i * 0.013f) * 0.8f;
+            std::vector<float> cs2(ctx * hd / 2), sn2(ctx * hd / 2);
+            for (int i = 0; i < ctx * hd / 2; ++i) {
+                cs2[i] = cosf(i * 0.001f);
+                sn2[i] = sinf(i * 0.001f);
+            }
+            CK(cudaMemcpy(cosb, cs2.data(), cs2.size() * 4, cudaMemcpyHostToDevice));
+            CK(cudaMemcpy(sinb, sn2.data(), sn2.size() * 4, cudaMemcpyHostToDevice));
+            for (int il = 0; il < 2; ++il) {
+                CK(cudaMemcpy(qkv, raw.data(), 6144 * 4, cudaMemcpyHostToDevice));
+                long long qs = 6144;
+                rope_kv_write<<<dim3(1, heads + kvh), hd / 2, 0, s>>>(
+                    qkv, qs, qkv + 4096, qs, qkv + 5120, qs, qrot, tables, posd, cosb, sinb, one,
+                    H, K, D, il);
+                decode_attention_hd128<<<dim3(heads, 1, 1), 512, 0, s>>>(
+                    qrot, tables, posd, o1, nullptr, st, part, count, one, H, K, D, scale);
+                CK(cudaStreamSynchronize(s));
+                CK(cudaMemcpy(a.data(), o1, hidden * 4, cudaMemcpyDeviceToHost));
+                for (auto& c : cases) {
+                    if (c.fused == nullptr) continue;
+                    const int z = splits_of(c.max_splits);
+                    c.fused<<<dim3(c.gx, 1, z), c.threads, 0, s>>>(
+                        qkv, qs, qkv + 4096, qs, qkv + 5120, qs, tables, posd, cosb, sinb, o2,
+                        nullptr, st, part, count, one, H, K, D, scale, il);
+                    CK(cudaStreamSynchronize(s));
+                    CK(cudaMemcpy(b.data(), o2, hidden * 4, cudaMemcpyDeviceToHost));
+                    double worst = 0;
+                    for (int i = 0; i < hidden; ++i)
+                        worst = std::max(worst, (double)fabsf(a[i] - b[i]));
+                    printf("attention of %-28s (pairs %s): worst difference %.2e\n", c.name,
+                           il ? "interleaved" : "halves", worst);
+                }
             }
         }
         printf("\ndecode step emulation, 32 layers, position %d: ms a step\n", pos);
@@ -411,7 +497,22 @@ int main(int argc, char** argv)
                     const uint8_t* const* lwp = &lw[l * 4];
                     if (c.parts & PROD) launch(v, lwp[0], act, qkv, 6144, 4096, s, true);
                     int one = 1, H = heads, K = kvh, D = hd, il = 0;
-                    if (c.parts & ROPE) {
+                    if (c.fused != nullptr && (c.parts & ATTN)) {
+                        const int z = splits_of(c.max_splits);
+                        auto cf2 = cfg_of(dim3(c.gx, 1, z), dim3(c.threads), 0, at);
+                        long long qs = 6144;
+                        int stride = hidden / 32, il = 0;
+                        float scale = 0.088f;
+                        CK(cudaLaunchKernelEx(&cf2, c.fused, (const float*)qkv, qs,
+                                              (const float*)(qkv + 4096), qs,
+                                              (const float*)(qkv + 5120), qs,
+                                              (const unsigned long long*)(tables + 2 * l),
+                                              (const int*)posd, (const float*)cosb,
+                                              (const float*)sinb, (float*)nullptr,
+                                              (block_q8_1*)act, stride, part, count, one, H, K,
+                                              D, scale, il));
+                    }
+                    if ((c.parts & ROPE) && c.fused == nullptr) {
                         auto cf = cfg_of(dim3(1, heads + kvh), dim3(hd / 2), 0, at);
                         long long qs = 6144;
                         CK(cudaLaunchKernelEx(&cf, rope_kv_write, (const float*)qkv, qs,
@@ -421,9 +522,9 @@ int main(int argc, char** argv)
                                               (const int*)posd, (const float*)cosb,
                                               (const float*)sinb, one, H, K, D, il));
                     }
-                    if (c.parts & ATTN) {
-                        const int z = c.split ? splits : 1;
-                        auto cf2 = cfg_of(dim3(heads, 1, z), dim3(c.threads), 0, at);
+                    if ((c.parts & ATTN) && c.fused == nullptr) {
+                        const int z = splits_of(c.max_splits);
+                        auto cf2 = cfg_of(dim3(c.gx, 1, z), dim3(c.threads), 0, at);
                         int stride = hidden / 32;
                         float scale = 0.088f;
                         CK(cudaLaunchKernelEx(&cf2, c.attn, (const float*)qrot,
@@ -462,7 +563,11 @@ int main(int argc, char** argv)
             float ms;
             CK(cudaEventElapsedTime(&ms, e0, e1));
             const double host = std::chrono::duration<double, std::milli>(t1 - t0).count();
-            printf("%-28s: %7.3f ms (host enqueue %.3f ms)\n", c.name, ms / reps, host / reps);
+            printf("%-28s: %7.3f ms (host enqueue %.3f ms)", c.name, ms / reps, host / reps);
+            if (c.parts == ATTN)  // the cache's bytes a step over its time
+                printf(", cache %.0f GB/s",
+                       (double)layers * 2 * (pos + 1) * kvh * hd * 2 / (ms / reps * 1e-3) / 1e9);
+            printf("\n");
             fflush(stdout);
         }
         }

@@ -21,6 +21,8 @@
 //                     instead of 16 warps a head.
 //   decode_attention_hd128_g{2,4,8}: the same for heads of 128 values, one CTA for the 2, 4
 //                     or 8 query heads of a key/value head (see `attention_grouped`).
+//   decode_attention_rope_hd128_g{2,4,8}: those with rope_kv_write's work folded in, one
+//                     launch a layer (`LLMC_CUDA_ATTN_ROPE=1`; not yet measured on a GPU).
 //
 // Rounding: keys and values are f16 (the cache); queries, scores, softmax and accumulation are
 // f32, as candle's own path on an f16 cache computes them.
@@ -318,199 +320,6 @@ __device__ __forceinline__ void attention(
     }
 }
 
-// The grouped kernel for heads of 128 values: one CTA takes the G query heads that share a
-// key/value head, so each cached row is read once for all of them (the kernel above reads it
-// once per query head), and each lane loads 4 consecutive values of a row in one 8-byte load
-// (a warp reads a row's 256 bytes at once). Grid: (kv_heads, sessions, splits); GW warps of
-// ROWS rows an iteration. Partial results and counters are laid out as above, a group's at
-// its first head.
-#define GW 8
-
-__device__ __forceinline__ void load4(const __half* p, bool vec, float* x)
-{
-    if (vec) {
-        const uint2 u = *reinterpret_cast<const uint2*>(p);
-        const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
-        const float2 c = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
-        x[0] = a.x;
-        x[1] = a.y;
-        x[2] = c.x;
-        x[3] = c.y;
-    } else {
-#pragma unroll
-        for (int e = 0; e < 4; e++) x[e] = __half2float(p[e]);
-    }
-}
-
-// PF: each warp loads its next rows before it computes the current ones, so that a warp
-// has loads in flight while it computes (twice the registers for rows).
-template <int G, bool PF>
-__device__ __forceinline__ void attention_grouped(
-    const float* __restrict__ q, const unsigned long long* __restrict__ ptrs,
-    const int* __restrict__ pos, float* __restrict__ out, block_q8_1* __restrict__ out_q8,
-    int out_q8_stride, float* __restrict__ part, unsigned* __restrict__ count, int sessions,
-    int heads, int kv_heads, float scale)
-{
-    constexpr int HD = 128;
-    pdl_trigger();
-    pdl_wait();  // the rotated queries and the cache rows come from rope_kv_write
-    const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
-    const int h0 = kvh * G;
-    const int kvw = kv_heads * HD;
-    const int len = pos[b] + 1;
-    const int chunk = (len + splits - 1) / splits;
-    const int lo = min(len, split * chunk), hi = min(len, lo + chunk);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const __half* kb = reinterpret_cast<const __half*>(ptrs[b]) + kvh * HD + 4 * lane;
-    const __half* vb = reinterpret_cast<const __half*>(ptrs[sessions + b]) + kvh * HD + 4 * lane;
-    // rows are kv_heads * 256 bytes apart: aligned rows start aligned
-    const bool vec = ((reinterpret_cast<unsigned long long>(kb) |
-                       reinterpret_cast<unsigned long long>(vb)) & 7) == 0;
-    float qv[G][4], acc[G][4], m[G], l[G];
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-        const float* qh = q + (long long)b * heads * HD + (h0 + g) * HD + 4 * lane;
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            qv[g][e] = qh[e];
-            acc[g][e] = 0.f;
-        }
-        m[g] = -CUDART_INF_F;
-        l[g] = 0.f;
-    }
-    // Rows j0 .. j0 + ROWS - 1 (clamped: rows past the end are loaded and dropped).
-    auto load_rows = [&](int j0, float (*kx)[4], float (*vx)[4]) {
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            const long long j = min(j0 + r, hi - 1);
-            load4(kb + j * kvw, vec, kx[r]);
-            load4(vb + j * kvw, vec, vx[r]);
-        }
-    };
-    float kx[ROWS][4], vx[ROWS][4];
-    if (PF && lo + warp * ROWS < hi) load_rows(lo + warp * ROWS, kx, vx);
-    for (int j0 = lo + warp * ROWS; j0 < hi; j0 += GW * ROWS) {
-        float kn[ROWS][4], vn[ROWS][4];
-        if (!PF) {
-            load_rows(j0, kx, vx);
-        } else if (j0 + GW * ROWS < hi) {
-            load_rows(j0 + GW * ROWS, kn, vn);
-        }
-        float sc[G][ROWS];
-#pragma unroll
-        for (int g = 0; g < G; g++)
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                float t = 0.f;
-#pragma unroll
-                for (int e = 0; e < 4; e++) t += qv[g][e] * kx[r][e];
-                sc[g][r] = t;
-            }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-            for (int g = 0; g < G; g++)
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r)
-                    sc[g][r] += __shfl_xor_sync(0xffffffff, sc[g][r], o);
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-            float mn = m[g];
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                sc[g][r] = j0 + r < hi ? sc[g][r] * scale : -CUDART_INF_F;
-                mn = fmaxf(mn, sc[g][r]);
-            }
-            const float cor = expf(m[g] - mn);
-            float p[ROWS];
-            l[g] *= cor;
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                p[r] = j0 + r < hi ? expf(sc[g][r] - mn) : 0.f;
-                l[g] += p[r];
-            }
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float x = acc[g][e] * cor;
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r) x += p[r] * vx[r][e];
-                acc[g][e] = x;
-            }
-            m[g] = mn;
-        }
-        if (PF && j0 + GW * ROWS < hi) {
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    kx[r][e] = kn[r][e];
-                    vx[r][e] = vn[r][e];
-                }
-        }
-    }
-    __shared__ float sm[GW][G], sl[GW][G];
-    __shared__ float sacc[GW][G][HD];
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-        if (lane == 0) {
-            sm[warp][g] = m[g];
-            sl[warp][g] = l[g];
-        }
-#pragma unroll
-        for (int e = 0; e < 4; e++) sacc[warp][g][4 * lane + e] = acc[g][e];
-    }
-    __syncthreads();
-    // Thread t takes value d of head g for t = g * HD + d (and so on, blockDim apart): whole
-    // warps take whole blocks of 32 values, as the Q8_1 output needs. With splits, this CTA's
-    // (max, sum, unnormalized values) go to the scratch, and the last CTA of the group to
-    // finish combines every split's.
-    for (int t = threadIdx.x; t < G * HD; t += blockDim.x) {
-        const int g = t / HD, d = t % HD, h = h0 + g;
-        float mx = -CUDART_INF_F;
-        for (int w = 0; w < GW; w++) mx = fmaxf(mx, sm[w][g]);
-        float a = 0.f, total = 0.f;
-        for (int w = 0; w < GW; w++) {
-            const float f = sm[w][g] == -CUDART_INF_F ? 0.f : expf(sm[w][g] - mx);
-            a += sacc[w][g][d] * f;
-            total += sl[w][g] * f;
-        }
-        if (splits == 1) {
-            put(a / total, out, out_q8, out_q8_stride, b, heads, HD, h, d, lane);
-            continue;
-        }
-        float* mine = part + (((long long)b * heads + h) * splits + split) * (HD + 2);
-        mine[2 + d] = a;
-        if (d == 0) {
-            mine[0] = mx;
-            mine[1] = total;
-        }
-    }
-    if (splits == 1 || !last_split(count + (long long)b * heads + h0, splits)) return;
-    for (int t = threadIdx.x; t < G * HD; t += blockDim.x) {
-        const int g = t / HD, d = t % HD, h = h0 + g;
-        const float* all = part + ((long long)b * heads + h) * splits * (HD + 2);
-        put(combine_splits(all, splits, HD, d), out, out_q8, out_q8_stride, b, heads, HD, h, d,
-            lane);
-    }
-}
-
-#define GROUPED(name, G, PF)                                                                 \
-    extern "C" __global__ void __launch_bounds__(GW * 32) name(                              \
-        const float* __restrict__ q, const unsigned long long* __restrict__ ptrs,            \
-        const int* __restrict__ pos, float* __restrict__ out, block_q8_1* __restrict__ out_q8, \
-        int out_q8_stride, float* __restrict__ part, unsigned* __restrict__ count,           \
-        int sessions, int heads, int kv_heads, int hd, float scale)                          \
-    {                                                                                        \
-        attention_grouped<G, PF>(q, ptrs, pos, out, out_q8, out_q8_stride, part, count,       \
-                                 sessions, heads, kv_heads, scale);                          \
-    }
-
-GROUPED(decode_attention_hd128_g2, 2, false)
-GROUPED(decode_attention_hd128_g4, 4, false)
-GROUPED(decode_attention_hd128_g8, 8, false)
-GROUPED(decode_attention_hd128_g2_pf, 2, true)
-GROUPED(decode_attention_hd128_g4_pf, 4, true)
-GROUPED(decode_attention_hd128_g8_pf, 8, true)
 
 // PER: values of a head a lane holds (head width / 32, rounded up). The generic kernel takes
 // any width up to MAX_HD; the ones for widths of 64 and 128 hold only what those need, so
@@ -529,3 +338,6 @@ GROUPED(decode_attention_hd128_g8_pf, 8, true)
 ATTENTION(decode_attention, MAX_HD / 32, 1)
 ATTENTION(decode_attention_hd64, 2, 2)
 ATTENTION(decode_attention_hd128, 4, 2)
+
+// The grouped kernels for heads of 128 values (`decode_attention_hd128_g*`).
+#include "decode_attention_grouped.cuh"

@@ -51,6 +51,16 @@ pub(crate) fn max_splits() -> usize {
     })
 }
 
+/// Whether the grouped kernels do RoPE and the cache write themselves, so that a layer's
+/// decode attention is one launch, not two (`LLMC_CUDA_ATTN_ROPE=1`, read once; a measurement
+/// knob, off until `scripts/gpu-attn.sh` has checked and timed it on a GPU).
+pub(crate) fn fused_rope() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("LLMC_CUDA_ATTN_ROPE").is_ok_and(|v| matches!(v.trim(), "1" | "on" | "true"))
+    })
+}
+
 /// Whether the grouped kernels load a warp's next rows before computing its current ones
 /// (`LLMC_CUDA_ATTN_PREFETCH=1`, read once; a measurement knob, off by default).
 pub(crate) fn prefetch() -> bool {
@@ -492,6 +502,8 @@ pub(crate) struct AttnFuncs {
     /// Heads of 128 values in groups of 2, 4 or 8 query heads a key/value head, one CTA a
     /// group.
     grouped_hd128: [CudaFunction; 3],
+    /// The same with `rope_kv_write`'s work done inside ([`fused_rope`]).
+    grouped_rope_hd128: [CudaFunction; 3],
 }
 
 impl AttnFuncs {
@@ -519,11 +531,17 @@ impl AttnFuncs {
                     f("decode_attention_hd128_g8")?,
                 ]
             },
+            grouped_rope_hd128: [
+                f("decode_attention_rope_hd128_g2")?,
+                f("decode_attention_rope_hd128_g4")?,
+                f("decode_attention_rope_hd128_g8")?,
+            ],
         })
     }
 }
 
-/// Launches `rope_kv_write` then `decode_attention` on `stream`.
+/// Launches `rope_kv_write` then `decode_attention` on `stream`, or, for heads of 128 in
+/// groups (and [`fused_rope`]), one grouped kernel that does both.
 ///
 /// # Safety
 /// Every address of `a` must point into a live device buffer of the size its field names, the
@@ -546,6 +564,56 @@ pub(crate) unsafe fn launch(
     let (mut sessions, mut heads, mut kv_heads, mut hd) = (sessions, heads, kv_heads, hd);
     let mut interleaved = i32::from(a.interleaved);
     let mut a = *a;
+    let mut scale = 1.0 / (s.head_dim as f32).sqrt();
+    // Heads of 128 in groups of 2, 4 or 8 take the grouped kernel: one CTA a key/value head.
+    let group = match (s.head_dim, s.heads % s.kv_heads, s.heads / s.kv_heads) {
+        (128, 0, 2) => Some(0),
+        (128, 0, 4) => Some(1),
+        (128, 0, 8) => Some(2),
+        _ => None,
+    };
+    let grouped_cfg = LaunchConfig {
+        grid_dim: (s.kv_heads as u32, a.sessions as u32, a.splits.max(1) as u32),
+        block_dim: (32 * GROUPED_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    if let Some(g) = group.filter(|_| fused_rope()) {
+        let mut params = [
+            arg(&mut a.q),
+            arg(&mut a.q_stride),
+            arg(&mut a.k),
+            arg(&mut a.k_stride),
+            arg(&mut a.v),
+            arg(&mut a.v_stride),
+            arg(&mut a.table),
+            arg(&mut a.pos),
+            arg(&mut a.cos),
+            arg(&mut a.sin),
+            arg(&mut a.out),
+            arg(&mut a.out_q8),
+            arg(&mut a.out_q8_stride),
+            arg(&mut a.part),
+            arg(&mut a.count),
+            arg(&mut sessions),
+            arg(&mut heads),
+            arg(&mut kv_heads),
+            arg(&mut hd),
+            arg(&mut scale),
+            arg(&mut interleaved),
+        ];
+        // SAFETY: the arguments match the kernel's signature; the caller vouches for the
+        // addresses; each session's cache holds rows `0..pos` and takes row `pos` here.
+        return unsafe {
+            pdl::launch(
+                stream,
+                &fs.grouped_rope_hd128[g],
+                grouped_cfg,
+                &mut params,
+                true,
+            )
+        }
+        .map_err(|e| err("decode_attention_rope", e));
+    }
     let cfg = LaunchConfig {
         grid_dim: (a.sessions as u32, (s.heads + s.kv_heads) as u32, 1),
         block_dim: ((s.head_dim / 2) as u32, 1, 1),
@@ -574,20 +642,9 @@ pub(crate) unsafe fn launch(
     unsafe { pdl::launch(stream, &fs.rope_kv_write, cfg, &mut params, true) }
         .map_err(|e| err("rope_kv_write", e))?;
 
-    let mut scale = 1.0 / (s.head_dim as f32).sqrt();
-    // Heads of 128 in groups of 2, 4 or 8 take the grouped kernel: one CTA a key/value head.
-    let grouped = match (s.head_dim, s.heads % s.kv_heads, s.heads / s.kv_heads) {
-        (128, 0, 2) => Some(&fs.grouped_hd128[0]),
-        (128, 0, 4) => Some(&fs.grouped_hd128[1]),
-        (128, 0, 8) => Some(&fs.grouped_hd128[2]),
-        _ => None,
-    };
+    let grouped = group.map(|g| &fs.grouped_hd128[g]);
     let cfg = match grouped {
-        Some(_) => LaunchConfig {
-            grid_dim: (s.kv_heads as u32, a.sessions as u32, a.splits.max(1) as u32),
-            block_dim: (32 * GROUPED_WARPS, 1, 1),
-            shared_mem_bytes: 0,
-        },
+        Some(_) => grouped_cfg,
         None => LaunchConfig {
             grid_dim: (s.heads as u32, a.sessions as u32, a.splits.max(1) as u32),
             block_dim: (32 * WARPS, 1, 1),
