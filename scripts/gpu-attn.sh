@@ -19,7 +19,7 @@ set -uo pipefail
 gpu_start /tmp/gf
 if [ -n "${MB:-}" ] && [ -x "$MB" ]; then
   "$MB" > "$out/mb.log" 2>&1
-  grep -E "copy bandwidth|pairs|worst difference [1-9]|decode step|^full|^no |^products|^small|^attn|^attention only|^rope" \
+  grep -E "copy bandwidth|pairs|worst difference [1-9]|norms folded:|decode step|^full|^no |^products|^small|^attn|^attention only|^rope" \
     "$out/mb.log"
 fi
 gpu_models /tmp/gf

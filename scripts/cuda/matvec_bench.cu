@@ -49,6 +49,44 @@ extern "C" __global__ void __launch_bounds__(128, 5)
     matvec<Q4_0, 1, 4, 2>(w, y, dst, ncols_x, nrows_x, stride_col_y, stride_col_dst);
 }
 
+// The RMSNorms folded into the products (matvec.cu's NormIn): the product before a norm (o,
+// down) takes 32 rows a CTA, 8 warps of 4, and then adds its 32 results to the residual
+// stream x in place, writes the Q8_1 block of x * w unscaled (its int8 values do not depend
+// on the norm's scale), the block's (scale, sum) to `side` and its sum of squares of x to
+// `part`; the product after it (q/k/v, gate/up) scales each block as it copies it in. No
+// norm kernel runs between them.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    mv_resid(const uint8_t* __restrict__ w, const uint8_t* __restrict__ y,
+             float* __restrict__ delta, int ncols_x, int nrows_x, int stride_col_y,
+             float* __restrict__ x, const float* __restrict__ nw, block_q8_1* __restrict__ out,
+             float2* __restrict__ side, float* __restrict__ part)
+{
+    matvec<Q4_0, 1, 8, 4>(w, y, delta, ncols_x, nrows_x, stride_col_y, nrows_x);
+    __syncthreads();  // this CTA's 32 results are in `delta`
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x, i = blockIdx.x * 32 + lane;
+    const float v = x[i] + __ldcg(delta + i);
+    x[i] = v;
+    const float vw = v * nw[i];
+    const float amax = warp_max(fabsf(vw)), sum = warp_sum(vw), ss = warp_sum(v * v);
+    const float d = amax / 127.0f;
+    out[blockIdx.x].qs[lane] = amax == 0.0f ? 0 : (int8_t)roundf(vw / d);
+    if (lane == 0) {
+        side[blockIdx.x] = make_float2(d, sum);
+        part[blockIdx.x] = ss;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 4)
+    mv_norm(const uint8_t* __restrict__ w, const uint8_t* __restrict__ y,
+            float* __restrict__ dst, int ncols_x, int nrows_x, int stride_col_y,
+            const float2* __restrict__ side, const float* __restrict__ part, int nparts,
+            float eps)
+{
+    matvec<Q4_0, 1, 8, 1, true>(w, y, dst, ncols_x, nrows_x, stride_col_y, nrows_x,
+                                NormIn{side, part, nparts, ncols_x, eps});
+}
+
 // The grouped attention kernel for the 8B shape (4 query heads a key/value head) in other
 // shapes: MINB caps the registers for 2 CTAs a multiprocessor; pf: next rows loaded ahead;
 // r8: 8 rows a warp an iteration; e: first rows loaded before the wait; o: one-pass combine.
@@ -326,6 +364,17 @@ int main(int argc, char** argv)
         CK(cudaMalloc(&cosb, ctx * hd / 2 * 4));
         CK(cudaMalloc(&sinb, ctx * hd / 2 * 4));
         CK(cudaMalloc(&act, ffn / 32 * 36));
+        // the folded norms' buffers: the normalized activation's blocks, their (scale, sum)
+        // and the partial sums of squares
+        uint8_t* act_b;
+        float2* nside;
+        float* npart;
+        CK(cudaMalloc(&act_b, hidden / 32 * 36));
+        CK(cudaMalloc(&nside, hidden / 32 * sizeof(float2)));
+        CK(cudaMalloc(&npart, hidden / 32 * sizeof(float)));
+        const size_t resid_smem = PASS * 36 + 32 * PASS * 18;
+        CK(cudaFuncSetAttribute(mv_resid, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)resid_smem));
         CK(cudaMalloc(&posd, 4));
         CK(cudaMemcpy(posd, &pos, 4, cudaMemcpyHostToDevice));
         std::vector<float> ones(hidden, 0.5f), cs(ctx * hd / 2, 0.7f);
@@ -376,6 +425,7 @@ int main(int argc, char** argv)
             int max_splits;  // 1: unsplit
             int gx;  // CTAs of the grid's x: query heads, or key/value heads (grouped)
             AttnR fused = nullptr;  // instead of rope_kv_write and `attn`
+            bool folded = false;    // the RMSNorms folded into the products (mv_resid, mv_norm)
         };
         const int ALL = NORM | ROPE | ATTN | SILU | PROD;
                 const int T = GW * 32;
@@ -389,6 +439,8 @@ int main(int argc, char** argv)
             {"full, att e+1p 8 rows", ALL, 0, att_g4_r8_eo_m2, T, 32, kvh},
             {"full, attention pf", ALL, 0, att_g4_pf_m2, T, 32, kvh},
             {"full, attention a lane a row", ALL, 0, att_g4_rl, T, 32, kvh},
+            {"full, norms folded", ALL, 0, P, T, 32, kvh, nullptr, true},
+            {"full, norms folded, rope in", ALL, 0, P, T, 32, kvh, att_g4_rope, true},
             {"full, rope in attention", ALL, 0, P, T, 32, kvh, att_g4_rope},
             {"full, rope in att, e+1p", ALL, 0, P, T, 32, kvh, att_g4_rope_eo},
             {"no norms", ALL & ~NORM, 0, P, T, 32, kvh},
@@ -438,7 +490,8 @@ int main(int argc, char** argv)
                 CK(cudaStreamSynchronize(s));
                 CK(cudaMemcpy(b.data(), o2, hidden * 4, cudaMemcpyDeviceToHost));
                 double worst = 0;
-                for (int i = 0; i < hidden; ++i) worst = std::max(worst, (double)fabsf(a[i] - b[i]));
+                for (int i = 0; i < hidden; ++i)
+                    worst = std::max(worst, (double)fabsf(a[i] - b[i]));
                 printf("attention of %-28s: worst difference %.2e\n", c.name, worst);
             }
             // The fused kernels against rope_kv_write then the unsplit kernel, from the same
@@ -481,21 +534,78 @@ int main(int argc, char** argv)
         printf("\ndecode step emulation, 32 layers, position %d: ms a step\n", pos);
         for (auto& c : cases) {
             const Variant& v = vs[c.variant];
+            // the folded norms' products: `resid` before a norm, `normed` after one
+            auto resid = [&](const uint8_t* w, const uint8_t* y, int cols, float* x) {
+                cudaLaunchAttribute at[1];
+                auto cf = cfg_of(dim3(hidden / 32), dim3(256), resid_smem, at);
+                int sy = (cols + 511) / 512 * 16, rows = hidden;
+                CK(cudaLaunchKernelEx(&cf, mv_resid, w, y, delta, cols, rows, sy, x,
+                                      (const float*)wn, (block_q8_1*)act_b, nside, npart));
+            };
+            auto normed = [&](const uint8_t* w, float* dst, int rows) {
+                cudaLaunchAttribute at[1];
+                auto cf = cfg_of(dim3(rows / CTA_ROWS), dim3(256), smem_cur(hidden), at);
+                int sy = (hidden + 511) / 512 * 16, cols = hidden, np = hidden / 32;
+                float eps = 1e-5f;
+                CK(cudaLaunchKernelEx(&cf, mv_norm, w, (const uint8_t*)act_b, dst, cols, rows,
+                                      sy, (const float2*)nside, (const float*)npart, np, eps));
+            };
+            if (c.folded && pos == 160) {
+                // One layer's o then gate/up, folded against the norm kernel between them.
+                std::vector<float> x0(hidden);
+                for (int i = 0; i < hidden; ++i) x0[i] = sinf(i * 0.7f) * 3.0f;
+                const uint8_t* const* lwp = &lw[4];
+                CK(cudaMemcpy(xa, x0.data(), hidden * 4, cudaMemcpyHostToDevice));
+                // an activation of valid Q8_1 blocks, kept in act_b
+                fill<<<64, 256, 0, s>>>(act_b, hidden / 32 * 36, 5);
+                fix_scales<<<64, 256, 0, s>>>(act_b, hidden / 32, 36, 1);
+                // the reference: o, the norm kernel, gate/up
+                launch(vs[0], lwp[1], act_b, delta, 4096, 4096, s, false);
+                add_rmsnorm_q8_1<<<dim3(4, 1), 1024, 0, s>>>(xa, delta, xb, wn,
+                                                             (block_q8_1*)act, hidden, hidden,
+                                                             1e-5f);
+                launch(vs[0], lwp[2], act, gu, 28672, 4096, s, false);
+                std::vector<float> ref(28672), got(28672), xr(hidden), xf(hidden);
+                CK(cudaMemcpyAsync(ref.data(), gu, 28672 * 4, cudaMemcpyDeviceToHost, s));
+                CK(cudaMemcpyAsync(xr.data(), xb, hidden * 4, cudaMemcpyDeviceToHost, s));
+                CK(cudaStreamSynchronize(s));
+                // folded: o writes x in place and the unscaled blocks, gate/up scales them
+                CK(cudaMemcpy(xa, x0.data(), hidden * 4, cudaMemcpyHostToDevice));
+                CK(cudaMemcpyAsync(act, act_b, hidden / 32 * 36, cudaMemcpyDeviceToDevice, s));
+                resid(lwp[1], act, 4096, xa);
+                normed(lwp[2], gu, 28672);
+                CK(cudaMemcpyAsync(got.data(), gu, 28672 * 4, cudaMemcpyDeviceToHost, s));
+                CK(cudaMemcpyAsync(xf.data(), xa, hidden * 4, cudaMemcpyDeviceToHost, s));
+                CK(cudaStreamSynchronize(s));
+                double worst = 0, mag = 0, xd = 0;
+                for (int i = 0; i < 28672; ++i) {
+                    worst = std::max(worst, (double)fabsf(ref[i] - got[i]));
+                    mag = std::max(mag, (double)fabsf(ref[i]));
+                }
+                for (int i = 0; i < hidden; ++i) xd = std::max(xd, (double)fabsf(xr[i] - xf[i]));
+                printf("norms folded: gate/up differs by %.2e of its largest %.2e, the residual by "
+                       "%.2e\n", worst, mag, xd);
+            }
             auto step = [&]() {
                 float *cur = xa, *nxt = xb;
                 for (int l = 0; l < layers; ++l) {
                     cudaLaunchAttribute at[1];
                     float eps = 1e-5f;
                     int h = hidden, hp = hidden;
-                    if (c.parts & NORM) {
+                    if ((c.parts & NORM) && (!c.folded || l == 0)) {
                         auto cf = cfg_of(dim3(4, 1), dim3(1024), 0, at);
                         const float* dl = l == 0 ? nullptr : delta;
+                        block_q8_1* o = (block_q8_1*)(c.folded ? act_b : act);
                         CK(cudaLaunchKernelEx(&cf, add_rmsnorm_q8_1, (const float*)cur, dl, nxt,
-                                              (const float*)wn, (block_q8_1*)act, h, hp, eps));
+                                              (const float*)wn, o, h, hp, eps));
                         std::swap(cur, nxt);
                     }
                     const uint8_t* const* lwp = &lw[l * 4];
-                    if (c.parts & PROD) launch(v, lwp[0], act, qkv, 6144, 4096, s, true);
+                    if ((c.parts & PROD) && c.folded && l > 0) {
+                        normed(lwp[0], qkv, 6144);
+                    } else if (c.parts & PROD) {
+                        launch(v, lwp[0], c.folded ? act_b : act, qkv, 6144, 4096, s, true);
+                    }
                     int one = 1, H = heads, K = kvh, D = hd, il = 0;
                     if (c.fused != nullptr && (c.parts & ATTN)) {
                         const int z = splits_of(c.max_splits);
@@ -533,22 +643,32 @@ int main(int argc, char** argv)
                                               (block_q8_1*)act, stride, part, count, one, H, K,
                                               D, scale));
                     }
-                    if (c.parts & PROD) launch(v, lwp[1], act, delta, 4096, 4096, s, true);
-                    if (c.parts & NORM) {
-                        auto cf = cfg_of(dim3(4, 1), dim3(1024), 0, at);
-                        CK(cudaLaunchKernelEx(&cf, add_rmsnorm_q8_1, (const float*)cur,
-                                              (const float*)delta, nxt, (const float*)wn,
-                                              (block_q8_1*)act, h, hp, eps));
-                        std::swap(cur, nxt);
+                    if (c.folded) {
+                        // o, then gate/up on its normalized output, no norm kernel between
+                        resid(lwp[1], act, 4096, cur);
+                        normed(lwp[2], gu, 28672);
+                    } else {
+                        if (c.parts & PROD) launch(v, lwp[1], act, delta, 4096, 4096, s, true);
+                        if (c.parts & NORM) {
+                            auto cf = cfg_of(dim3(4, 1), dim3(1024), 0, at);
+                            CK(cudaLaunchKernelEx(&cf, add_rmsnorm_q8_1, (const float*)cur,
+                                                  (const float*)delta, nxt, (const float*)wn,
+                                                  (block_q8_1*)act, h, hp, eps));
+                            std::swap(cur, nxt);
+                        }
+                        if (c.parts & PROD) launch(v, lwp[2], act, gu, 28672, 4096, s, true);
                     }
-                    if (c.parts & PROD) launch(v, lwp[2], act, gu, 28672, 4096, s, true);
                     if (c.parts & SILU) {
                         auto cf = cfg_of(dim3(56, 1), dim3(256), 0, at);
                         int f = ffn, fp = ffn;
                         CK(cudaLaunchKernelEx(&cf, silu_mul_q8_1, (const float*)gu,
                                               (block_q8_1*)act, f, fp));
                     }
-                    if (c.parts & PROD) launch(v, lwp[3], act, delta, 4096, 14336, s, true);
+                    if (c.folded) {
+                        resid(lwp[3], act, 14336, cur);  // the next layer's q/k/v normalizes it
+                    } else if (c.parts & PROD) {
+                        launch(v, lwp[3], act, delta, 4096, 14336, s, true);
+                    }
                 }
             };
             step();

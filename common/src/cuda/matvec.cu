@@ -253,13 +253,26 @@ struct Q6_K {
 };
 
 // ---- The product ------------------------------------------------------------------------
-// Grid: ceil(nrows / CTA_ROWS) CTAs of W warps, with the dynamic shared memory `smem_bytes`
-// (`matvec.rs`) gives.
-template <class F, int NCOLS, int W, int R>
+// An RMSNorm left to the product that reads its output (an experiment of
+// scripts/cuda/matvec_bench.cu, not used by the production kernels): the kernel before wrote
+// the Q8_1 blocks of v * w, unscaled, with each block's (scale, sum) in `side` and partial
+// sums of squares of v in `part` (`nparts` of them); the product multiplies each block's
+// (scale, sum) by the norm's rsqrt(sum / n + eps) as it copies the blocks in.
+struct NormIn {
+    const float2* side;
+    const float* part;
+    int nparts, n;
+    float eps;
+};
+
+// Grid: ceil(nrows / (W * R)) CTAs of W warps, with the dynamic shared memory `smem_bytes`
+// (`matvec.rs`) gives; the production kernels take CTA_ROWS rows a CTA. With NORM, one
+// activation row whose blocks are normalized as `NormIn` says.
+template <class F, int NCOLS, int W, int R, bool NORM = false>
 __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
                                        const uint8_t* __restrict__ y, float* __restrict__ dst,
                                        int ncols_x, int nrows_x, int stride_col_y,
-                                       int stride_col_dst)
+                                       int stride_col_dst, NormIn norm = NormIn{})
 {
     constexpr int ROW_U4 = PASS / 8 * F::G8 / 16;  // a row's pass of weights, 16-byte words
     constexpr int ACT_U4 = PASS * 36 / 16;
@@ -267,7 +280,7 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
     uint4* act = smem;                     // [NCOLS][ACT_U4]
     pdl_trigger();  // the kernel after this waits for this one before it reads anything
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    static_assert(W * R == CTA_ROWS, "a CTA takes CTA_ROWS rows");
+    static_assert(!NORM || NCOLS == 1, "a normalized activation is one row");
     uint4* wts = smem + NCOLS * ACT_U4 + warp * R * ROW_U4;  // [R][ROW_U4]
     const int row0 = (blockIdx.x * W + warp) * R;
     const bool active = row0 < nrows_x;    // every warp takes part in the CTA's barriers
@@ -303,6 +316,17 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
     // The activations come from the kernel before: wait for it (a no-op where this kernel was
     // launched the ordinary way).
     pdl_wait();
+    __shared__ float norm_scale;
+    if (NORM) {
+        // every CTA sums the partials in the same order, so all get the same scale
+        if (warp == 0) {
+            float t = 0.0f;
+            for (int i = lane; i < norm.nparts; i += 32) t += norm.part[i];
+            t = warp_sum(t);
+            if (lane == 0) norm_scale = rsqrtf(t / (float)norm.n + norm.eps);
+        }
+        __syncthreads();
+    }
 
     for (int kb = 0; kb < nb; kb += PASS) {
         const int cb = min(PASS, nb - kb);  // a multiple of 8 blocks
@@ -311,6 +335,14 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
         for (int i = threadIdx.x; i < NCOLS * au4; i += W * 32) {
             const int c = i / au4, o = i - c * au4;
             act[c * ACT_U4 + o] = reinterpret_cast<const uint4*>(y + c * y_bytes + kb * 36LL)[o];
+        }
+        if (NORM) {
+            __syncthreads();
+            for (int i = threadIdx.x; i < cb; i += W * 32) {
+                const float2 ds = norm.side[kb + i];
+                *reinterpret_cast<half2*>(reinterpret_cast<uint8_t*>(act) + i * 36) =
+                    make_half2(__float2half(ds.x * norm_scale), __float2half(ds.y * norm_scale));
+            }
         }
         if (active) {
             const int wu4 = cb / 8 * F::G8 / 16;
@@ -385,6 +417,7 @@ __device__ __forceinline__ void matvec(const uint8_t* __restrict__ w,
              float* __restrict__ dst, int ncols_x, int nrows_x, int stride_col_y,             \
              int stride_col_dst)                                                              \
     {                                                                                         \
+        static_assert(W * R == CTA_ROWS, "matvec.rs launches CTA_ROWS rows a CTA");          \
         matvec<F, NCOLS, W, R>(w, y, dst, ncols_x, nrows_x, stride_col_y, stride_col_dst);    \
     }
 
