@@ -6,12 +6,14 @@
 # PACK holds bins.tar.xz (shard-node, and common-tests, the `common` crate's CUDA test
 # binary), tok.gguf (a tokenizer) and llama-src.tar.xz (PEER=0 skips llama.cpp); MB, if set,
 # is the path of `.gpu/mb/matvec-bench` (scripts/cuda/build-matvec-bench.sh). Steps:
-#   1. the step emulation of matvec-bench (attention variants, each against the reference);
-#   2. the decode kernels' unit tests against candle's ops, and `shard-node compare` (GPU
-#      against CPU) on models with groups of 2, 4, 8 and 1 query heads a key/value head;
+#   1. the step emulation of matvec-bench (attention variants and the folded norms, each
+#      checked against the production path first);
+#   2. the decode kernels' and the f16 products' unit tests, the decode ones again with the
+#      folded kernel, and `shard-node compare` (GPU against CPU), with and without it, on
+#      models with groups of 2, 4, 8 and 1 query heads a key/value head;
 #   3. ROUNDS (2) rounds of `shard-node bench --prompt-tokens P --gen-tokens 64` for P in 512,
-#      4,096 and 8,000, with the folded kernel (the default) and without
-#      (LLMC_CUDA_ATTN_ROPE=0), then `llama-bench -p 0 -n 64 -d 512,4096,8000`;
+#      4,096 and 8,000, with the folded kernel (LLMC_CUDA_ATTN_ROPE=1) and without (the
+#      default), then `llama-bench -p 0 -n 64 -d 512,4096,8000`;
 #   4. if time is left, ncu's time per kernel (at the GPU's own clocks, serialized) of a few
 #      decode steps.
 set -uo pipefail
@@ -23,7 +25,14 @@ if [ -n "${MB:-}" ] && [ -x "$MB" ]; then
     "$out/mb.log"
 fi
 gpu_models /tmp/gf
-gpu_tests cuda::decode_attention cuda::fused_decode cuda::decode_graph
+gpu_tests cuda::decode_attention cuda::fused_decode cuda::decode_graph cuda::f16_gemm
+if [ -x /tmp/gf/common-tests ]; then
+  # the same decode tests through the folded kernel (the switch is read once a process)
+  LLMC_CUDA_ATTN_ROPE=1 LLMC_TEST_MODEL=$s run /tmp/gf/common-tests cuda::decode_attention \
+    cuda::fused_decode cuda::decode_graph --test-threads 1 > "$out/tests-folded.log" 2>&1
+  echo "with LLMC_CUDA_ATTN_ROPE=1:"
+  grep -E "^test |test result|values differ|graphs:" "$out/tests-folded.log" | tail -20
+fi
 for kv in 4 2 1 8; do
   f=/tmp/gf/models/gqa-$kv.gguf
   [ -f "$f" ] || run /tmp/gf/shard-node synth-model --layers 4 --hidden 1024 --ffn 2816 \

@@ -515,19 +515,63 @@ int main(int argc, char** argv)
                     qrot, tables, posd, o1, nullptr, st, part, count, one, H, K, D, scale);
                 CK(cudaStreamSynchronize(s));
                 CK(cudaMemcpy(a.data(), o1, hidden * 4, cudaMemcpyDeviceToHost));
+                // the newest cache rows rope_kv_write wrote (layer 0's caches), and a way to
+                // spoil them (all ones: NaN halves) so that a kernel must write them itself
+                const size_t row_off = (size_t)pos * kvh * hd, row_bytes = (size_t)kvh * hd * 2;
+                std::vector<uint8_t> kref(row_bytes), vref(row_bytes), kgot(row_bytes),
+                    vgot(row_bytes);
+                __half* kc0 = (__half*)th[0] + row_off;
+                __half* vc0 = (__half*)th[1] + row_off;
+                CK(cudaMemcpy(kref.data(), kc0, row_bytes, cudaMemcpyDeviceToHost));
+                CK(cudaMemcpy(vref.data(), vc0, row_bytes, cudaMemcpyDeviceToHost));
+                auto spoil = [&]() {
+                    CK(cudaMemsetAsync(kc0, 0xff, row_bytes, s));
+                    CK(cudaMemsetAsync(vc0, 0xff, row_bytes, s));
+                };
+                auto report = [&](const char* name, const char* how) {
+                    CK(cudaStreamSynchronize(s));
+                    CK(cudaMemcpy(b.data(), o2, hidden * 4, cudaMemcpyDeviceToHost));
+                    CK(cudaMemcpy(kgot.data(), kc0, row_bytes, cudaMemcpyDeviceToHost));
+                    CK(cudaMemcpy(vgot.data(), vc0, row_bytes, cudaMemcpyDeviceToHost));
+                    double worst = 0;
+                    for (int i = 0; i < hidden; ++i) {
+                        const double d = fabsf(a[i] - b[i]);
+                        worst = d == d ? std::max(worst, d) : INFINITY;  // NaN: wrong
+                    }
+                    const bool same = kgot == kref && vgot == vref;
+                    printf("attention of %-28s (pairs %s, %s): worst difference %.2e, newest "
+                           "cache row %s\n", name, il ? "interleaved" : "halves", how, worst,
+                           same ? "equal" : "DIFFERS");
+                };
                 for (auto& c : cases) {
                     if (c.fused == nullptr) continue;
                     const int z = splits_of(c.max_splits);
+                    spoil();
                     c.fused<<<dim3(c.gx, 1, z), c.threads, 0, s>>>(
                         qkv, qs, qkv + 4096, qs, qkv + 5120, qs, tables, posd, cosb, sinb, o2,
                         nullptr, st, part, count, one, H, K, D, scale, il);
-                    CK(cudaStreamSynchronize(s));
-                    CK(cudaMemcpy(b.data(), o2, hidden * 4, cudaMemcpyDeviceToHost));
-                    double worst = 0;
-                    for (int i = 0; i < hidden; ++i)
-                        worst = std::max(worst, (double)fabsf(a[i] - b[i]));
-                    printf("attention of %-28s (pairs %s): worst difference %.2e\n", c.name,
-                           il ? "interleaved" : "halves", worst);
+                    report(c.name, "folded");
+                }
+                // The kernels that load their first rows before the wait, launched to overlap
+                // rope_kv_write as in a step, the newest row spoiled before it: they must reload
+                // it once rope_kv_write has written it.
+                for (AttnK early : {att_g4_e, att_g4_eo}) {
+                    spoil();
+                    cudaLaunchAttribute at[1];
+                    auto cf = cfg_of(dim3(1, heads + kvh), dim3(hd / 2), 0, at);
+                    CK(cudaLaunchKernelEx(&cf, rope_kv_write, (const float*)qkv, qs,
+                                          (const float*)(qkv + 4096), qs,
+                                          (const float*)(qkv + 5120), qs, qrot,
+                                          (const unsigned long long*)tables, (const int*)posd,
+                                          (const float*)cosb, (const float*)sinb, one, H, K, D,
+                                          il));
+                    auto cf2 = cfg_of(dim3(kvh, 1, splits_of(32)), dim3(GW * 32), 0, at);
+                    CK(cudaLaunchKernelEx(&cf2, early, (const float*)qrot,
+                                          (const unsigned long long*)tables, (const int*)posd, o2,
+                                          (block_q8_1*)nullptr, st, part, count, one, H, K, D,
+                                          scale));
+                    report(early == att_g4_e ? "first rows early" : "early + one-pass",
+                           "overlapping rope_kv_write");
                 }
             }
         }
@@ -535,6 +579,7 @@ int main(int argc, char** argv)
         for (auto& c : cases) {
             const Variant& v = vs[c.variant];
             // the folded norms' products: `resid` before a norm, `normed` after one
+            static_assert(hidden % 32 == 0, "mv_resid takes 32 rows a CTA");
             auto resid = [&](const uint8_t* w, const uint8_t* y, int cols, float* x) {
                 cudaLaunchAttribute at[1];
                 auto cf = cfg_of(dim3(hidden / 32), dim3(256), resid_smem, at);
@@ -690,6 +735,13 @@ int main(int argc, char** argv)
             printf("\n");
             fflush(stdout);
         }
+        // this depth's caches (a GB) and buffers
+        for (auto p : th) CK(cudaFree((void*)p));
+        for (void* p : {(void*)xa, (void*)xb, (void*)wn, (void*)qkv, (void*)qrot, (void*)delta,
+                        (void*)gu, (void*)cosb, (void*)sinb, (void*)act, (void*)posd,
+                        (void*)tables, (void*)part, (void*)count, (void*)act_b, (void*)nside,
+                        (void*)npart})
+            CK(cudaFree(p));
         }
     }
     return 0;

@@ -35,6 +35,13 @@
 #define WARPS 16
 #define ROWS 4
 
+// A pair (x0, x1) rotated by the angle whose cosine and sine are c and s: one function for
+// every kernel that rotates, so that all round alike.
+__device__ __forceinline__ float2 rope_rot(float x0, float x1, float c, float s)
+{
+    return make_float2(x0 * c - x1 * s, x0 * s + x1 * c);
+}
+
 // RoPE of one row's query head or key head y (y >= heads: key head y - heads, whose value
 // head is copied too) at position p, thread j taking pair j: the rotated query into q_out,
 // the rotated key and the value into the cache rows kc and vc as f16.
@@ -59,9 +66,8 @@ __device__ __forceinline__ void rope_kv_row(
         i1 = i0 + half;
     }
     const float* x = is_q ? q : k;
-    const float x0 = x[i0], x1 = x[i1];
-    const float y0 = x0 * c - x1 * s;
-    const float y1 = x0 * s + x1 * c;
+    const float2 rot = rope_rot(x[i0], x[i1], c, s);
+    const float y0 = rot.x, y1 = rot.y;
     if (is_q) {
         q_out[i0] = y0;
         q_out[i1] = y1;

@@ -101,9 +101,9 @@ __device__ __forceinline__ void rope4(float (&x)[4], const float* __restrict__ c
         for (int e = 0; e < 4; e += 2) {
             const int j = (4 * lane + e) / 2;
             const float c = cos_t[(long long)p * 64 + j], s = sin_t[(long long)p * 64 + j];
-            const float x0 = x[e], x1 = x[e + 1];
-            x[e] = x0 * c - x1 * s;
-            x[e + 1] = x0 * s + x1 * c;
+            const float2 y = rope_rot(x[e], x[e + 1], c, s);
+            x[e] = y.x;
+            x[e + 1] = y.y;
         }
     } else {
 #pragma unroll
@@ -111,7 +111,7 @@ __device__ __forceinline__ void rope4(float (&x)[4], const float* __restrict__ c
             const int j = (4 * lane + e) & 63;
             const float c = cos_t[(long long)p * 64 + j], s = sin_t[(long long)p * 64 + j];
             const float other = __shfl_xor_sync(0xffffffff, x[e], 16);
-            x[e] = lane < 16 ? x[e] * c - other * s : other * s + x[e] * c;
+            x[e] = lane < 16 ? rope_rot(x[e], other, c, s).x : rope_rot(other, x[e], c, s).y;
         }
     }
 }
@@ -384,7 +384,8 @@ __device__ __forceinline__ float4 lds4(const float4* p)
     const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
     asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
                  : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "r"(a));
+                 : "r"(a)
+                 : "memory");
     return v;
 }
 
