@@ -441,6 +441,7 @@ int main(int argc, char** argv)
             {"full, attention a lane a row", ALL, 0, att_g4_rl, T, 32, kvh},
             {"full, norms folded", ALL, 0, P, T, 32, kvh, nullptr, true},
             {"full, norms folded, rope in", ALL, 0, P, T, 32, kvh, att_g4_rope, true},
+            {"full, folded, rope in, e+1p", ALL, 0, P, T, 32, kvh, att_g4_rope_eo, true},
             {"full, rope in attention", ALL, 0, P, T, 32, kvh, att_g4_rope},
             {"full, rope in att, e+1p", ALL, 0, P, T, 32, kvh, att_g4_rope_eo},
             {"no norms", ALL & ~NORM, 0, P, T, 32, kvh},
