@@ -3,6 +3,9 @@
 # grouped kernel (one launch a layer instead of two), checked and timed against the two-launch
 # path and against llama.cpp's `llama-bench -d` in the same call.
 #   bash scripts/gpu-attn.sh PACK OUT
+#   e.g. MB=.gpu/mb/matvec-bench bash scripts/gpu-attn.sh .gpu/pack "$OUT/r" | tee "$OUT/run.log"
+#   (carrying .gpu/pack and .gpu/mb; about 8 minutes, most of it llama.cpp's build and the
+#   benches)
 # PACK holds bins.tar.xz (shard-node, and common-tests, the `common` crate's CUDA test
 # binary), tok.gguf (a tokenizer) and llama-src.tar.xz (PEER=0 skips llama.cpp); MB, if set,
 # is the path of `.gpu/mb/matvec-bench` (scripts/cuda/build-matvec-bench.sh). Steps:
