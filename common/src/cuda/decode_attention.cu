@@ -155,12 +155,16 @@ __device__ __forceinline__ bool last_split(unsigned* c, int splits)
 // max, the sum, then the unnormalized values). The last CTA of a head runs this alone while
 // the next kernel waits, so its loads go out CS at a time, independent of each other: a
 // few round trips to L2 where a loop that used each load at once (and branched on the max
-// before loading the rest) waited one or two a split, up to 64 at 32 splits.
+// before loading the rest) waited one or two a split, up to 64 at 32 splits. ONEPASS (an
+// experiment of scripts/cuda/matvec_bench.cu): no first pass for the max; each batch is
+// folded into a running max, rescaling what was summed when it grows, so one round trip a
+// batch, not two.
 #define CS 8
+template <bool ONEPASS = false>
 __device__ __forceinline__ float combine_splits(const float* all, int splits, int hd, int d)
 {
     float gmx = -CUDART_INF_F;
-    for (int t0 = 0; t0 < splits; t0 += CS) {
+    for (int t0 = 0; !ONEPASS && t0 < splits; t0 += CS) {
         float mt[CS];
         // past the last split: its row loaded again (unconditional loads), then dropped
 #pragma unroll
@@ -182,6 +186,12 @@ __device__ __forceinline__ float combine_splits(const float* all, int splits, in
 #pragma unroll
         for (int u = 0; u < CS; u++) {
             if (t0 + u < splits && mt[u] != -CUDART_INF_F) {
+                if (ONEPASS && mt[u] > gmx) {
+                    const float f = expf(gmx - mt[u]);  // 0 for the first split that saw rows
+                    gtotal *= f;
+                    a *= f;
+                    gmx = mt[u];
+                }
                 const float f = expf(mt[u] - gmx);
                 gtotal += st[u] * f;
                 a += vt[u] * f;
@@ -326,16 +336,21 @@ __device__ __forceinline__ void attention(
     }
 }
 
+// The parameters of every decode attention kernel launched after rope_kv_write (the order
+// decode_attention.rs passes them in).
+#define ATTN_PARAMS                                                                          \
+    const float* __restrict__ q, const unsigned long long* __restrict__ ptrs,                \
+        const int* __restrict__ pos, float* __restrict__ out,                                \
+        block_q8_1* __restrict__ out_q8, int out_q8_stride, float* __restrict__ part,        \
+        unsigned* __restrict__ count, int sessions, int heads, int kv_heads, int hd,         \
+        float scale
 
 // PER: values of a head a lane holds (head width / 32, rounded up). The generic kernel takes
 // any width up to MAX_HD; the ones for widths of 64 and 128 hold only what those need, so
 // their registers leave room for more CTAs a multiprocessor.
 #define ATTENTION(name, PER, MINB)                                                           \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) name(                     \
-        const float* __restrict__ q, const unsigned long long* __restrict__ ptrs,            \
-        const int* __restrict__ pos, float* __restrict__ out, block_q8_1* __restrict__ out_q8, \
-        int out_q8_stride, float* __restrict__ part, unsigned* __restrict__ count,           \
-        int sessions, int heads, int kv_heads, int hd, float scale)                          \
+        ATTN_PARAMS)                                                                         \
     {                                                                                        \
         attention<PER>(q, ptrs, pos, out, out_q8, out_q8_stride, part, count, sessions,      \
                        heads, kv_heads, hd, scale);                                          \

@@ -4,40 +4,6 @@
 // splits and their scratch.
 #pragma once
 
-// The same as `combine_splits` for heads of 128 values, in one pass: each batch of CS
-// splits' (max, sum, value) is loaded at once and folded into a running max, rescaling what
-// was summed when the max grows, so the last CTA waits for one round trip a batch, not two.
-__device__ __forceinline__ float combine_splits_online(const float* all, int splits, int d)
-{
-    constexpr int HD = 128;
-    float gmx = -CUDART_INF_F, gtotal = 0.f, a = 0.f;
-    for (int t0 = 0; t0 < splits; t0 += CS) {
-        float mt[CS], st[CS], vt[CS];
-#pragma unroll
-        for (int u = 0; u < CS; u++) {
-            const float* p = all + min(t0 + u, splits - 1) * (HD + 2);
-            mt[u] = __ldcg(p);
-            st[u] = __ldcg(p + 1);
-            vt[u] = __ldcg(p + 2 + d);
-        }
-#pragma unroll
-        for (int u = 0; u < CS; u++) {
-            if (t0 + u < splits && mt[u] != -CUDART_INF_F) {
-                if (mt[u] > gmx) {
-                    const float f = expf(gmx - mt[u]);  // 0 for the first split that saw rows
-                    gtotal *= f;
-                    a *= f;
-                    gmx = mt[u];
-                }
-                const float f = expf(mt[u] - gmx);
-                gtotal += st[u] * f;
-                a += vt[u] * f;
-            }
-        }
-    }
-    return a / gtotal;
-}
-
 // The grouped kernel for heads of 128 values: one CTA takes the G query heads that share a
 // key/value head, so each cached row is read once for all of them (decode_attention.cu's
 // per-head kernels read it once per query head), and each lane loads 4 consecutive values
@@ -70,7 +36,7 @@ __device__ __forceinline__ void unpack4(uint2 u, float* x)
 // has loads in flight while it computes (twice the registers for rows). EARLY: each warp
 // loads its first rows before it waits for the kernel before, which writes only the newest
 // row (reloaded after the wait). ONEPASS: the last CTA combines the splits in one pass
-// (`combine_splits_online`). RW: rows a warp an iteration; rows wait in registers as f16
+// (`combine_splits`' ONEPASS). RW: rows a warp an iteration; rows wait in registers as f16
 // until they are used.
 //
 // With `Rope` (`rope`'s fields set), this kernel also does `rope_kv_write`'s work for its
@@ -334,10 +300,7 @@ __device__ __forceinline__ void attention_grouped(
 // iteration; EARLY, ONEPASS as `attention_grouped` takes them.
 #define GROUPED_SHAPE(name, G, PF, MINB, RW, EARLY, ONEPASS)                                 \
     extern "C" __global__ void __launch_bounds__(GW * 32, MINB) name(                        \
-        const float* __restrict__ q, const unsigned long long* __restrict__ ptrs,            \
-        const int* __restrict__ pos, float* __restrict__ out, block_q8_1* __restrict__ out_q8, \
-        int out_q8_stride, float* __restrict__ part, unsigned* __restrict__ count,           \
-        int sessions, int heads, int kv_heads, int hd, float scale)                          \
+        ATTN_PARAMS)                                                                         \
     {                                                                                        \
         attention_grouped<G, PF, EARLY, ONEPASS, RW>(q, ptrs, pos, out, out_q8, out_q8_stride, \
                                                      part, count, sessions, heads, kv_heads,  \
@@ -494,10 +457,7 @@ __device__ __forceinline__ void attention_rowlane(
 
 #define GROUPED_ROWLANE(name, G, MINB, ONEPASS)                                              \
     extern "C" __global__ void __launch_bounds__(GW * 32, MINB) name(                        \
-        const float* __restrict__ q, const unsigned long long* __restrict__ ptrs,            \
-        const int* __restrict__ pos, float* __restrict__ out, block_q8_1* __restrict__ out_q8, \
-        int out_q8_stride, float* __restrict__ part, unsigned* __restrict__ count,           \
-        int sessions, int heads, int kv_heads, int hd, float scale)                          \
+        ATTN_PARAMS)                                                                         \
     {                                                                                        \
         attention_rowlane<G, ONEPASS>(q, ptrs, pos, out, out_q8, out_q8_stride, part, count,  \
                                       sessions, heads, kv_heads, scale);                      \
@@ -556,8 +516,7 @@ __device__ __forceinline__ void grouped_finish(const Span& c, const float (&m)[G
     for (int t = threadIdx.x; t < G * HD; t += blockDim.x) {
         const int g = t / HD, d = t % HD, h = c.h0 + g;
         const float* all = part + ((long long)c.b * heads + h) * c.splits * (HD + 2);
-        const float v = ONEPASS ? combine_splits_online(all, c.splits, d)
-                                : combine_splits(all, c.splits, HD, d);
-        put(v, out, out_q8, out_q8_stride, c.b, heads, HD, h, d, c.lane);
+        put(combine_splits<ONEPASS>(all, c.splits, HD, d), out, out_q8, out_q8_stride, c.b,
+            heads, HD, h, d, c.lane);
     }
 }

@@ -19,19 +19,12 @@ static __device__ __forceinline__ float f16_at(const uint8_t* p) {
     return __half2float(*reinterpret_cast<const __half*>(p));
 }
 
-// Q4_0, 18 bytes a block of 32: f16 d, then 16 bytes; value j is d * (low nibble of byte j - 8),
-// value j + 16 is d * (high nibble - 8). One thread a block.
-extern "C" __global__ void dequant_q4_0_f16(const uint8_t* __restrict__ w, __half* __restrict__ out,
-                                            u64 blocks) {
-    const u64 b = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (b >= blocks) return;
-    const uint8_t* p = w + b * 18;
-    const float d = f16_at(p);
-    uint8_t q[16];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) *reinterpret_cast<uint16_t*>(q + 2 * i) =
-        *reinterpret_cast<const uint16_t*>(p + 2 + 2 * i);
-    __half* o = out + b * 32;
+// The 32 values of a block whose 16 bytes of nibbles are `q` (value j: the low nibble of byte j,
+// value j + 16: its high nibble), as 16-byte stores to `o`: d * (nibble - 8) (Q4_0), or, MIN,
+// d * nibble + m (Q4_1).
+template <bool MIN>
+static __device__ __forceinline__ void store_nibbles(const uint8_t (&q)[16], float d, float m,
+                                                     __half* o) {
     float v[8];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -40,39 +33,40 @@ extern "C" __global__ void dequant_q4_0_f16(const uint8_t* __restrict__ w, __hal
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 const int byte = q[r * 8 + i];
-                v[i] = d * (float)((h ? byte >> 4 : byte & 15) - 8);
+                const int n = h ? byte >> 4 : byte & 15;
+                v[i] = MIN ? d * (float)n + m : d * (float)(n - 8);
             }
             store8(o + h * 16 + r * 8, v);
         }
     }
 }
 
-// Q4_1, 20 bytes a block of 32: f16 d, f16 m, 16 bytes of nibbles laid out as Q4_0's;
-// value = d * nibble + m.
+// Q4_0, 18 bytes a block of 32: f16 d, then 16 bytes of nibbles (`store_nibbles`), read two
+// at a time (blocks are only 2-byte aligned). One thread a block.
+extern "C" __global__ void dequant_q4_0_f16(const uint8_t* __restrict__ w, __half* __restrict__ out,
+                                            u64 blocks) {
+    const u64 b = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= blocks) return;
+    const uint8_t* p = w + b * 18;
+    uint8_t q[16];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) *reinterpret_cast<uint16_t*>(q + 2 * i) =
+        *reinterpret_cast<const uint16_t*>(p + 2 + 2 * i);
+    store_nibbles<false>(q, f16_at(p), 0.0f, out + b * 32);
+}
+
+// Q4_1, 20 bytes a block of 32: f16 d, f16 m, then 16 bytes of nibbles as Q4_0's, read four
+// at a time.
 extern "C" __global__ void dequant_q4_1_f16(const uint8_t* __restrict__ w, __half* __restrict__ out,
                                             u64 blocks) {
     const u64 b = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= blocks) return;
     const uint8_t* p = w + b * 20;
-    const float d = f16_at(p), m = f16_at(p + 2);
     uint8_t q[16];
 #pragma unroll
     for (int i = 0; i < 4; ++i) *reinterpret_cast<uint32_t*>(q + 4 * i) =
         *reinterpret_cast<const uint32_t*>(p + 4 + 4 * i);
-    __half* o = out + b * 32;
-    float v[8];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const int byte = q[r * 8 + i];
-                v[i] = d * (float)(h ? byte >> 4 : byte & 15) + m;
-            }
-            store8(o + h * 16 + r * 8, v);
-        }
-    }
+    store_nibbles<true>(q, f16_at(p), f16_at(p + 2), out + b * 32);
 }
 
 // Q8_0, 34 bytes a block of 32: f16 d, then 32 signed bytes; value = d * q.
